@@ -1,0 +1,1 @@
+//! The vibebox command line: runs the platform (vibebox up) and drives it.

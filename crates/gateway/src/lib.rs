@@ -1,0 +1,1 @@
+//! The gateway: the only public entry; authenticates, authorizes, clears and audits every call.

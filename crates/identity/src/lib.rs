@@ -1,0 +1,1 @@
+//! The identity service: users, teams, roles, biscuit tokens, revocation and authorization decisions.

@@ -1,0 +1,1 @@
+//! The orchestrator: the only holder of a Docker connection; creates only what policy cleared.

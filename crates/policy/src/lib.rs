@@ -1,0 +1,1 @@
+//! The policy service: judges, hardens and signs every container spec.

@@ -1,0 +1,1 @@
+//! Biscuit tokens: minting, offline attenuation and verification of VibeBox API tokens.
