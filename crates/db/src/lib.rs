@@ -1,1 +1,245 @@
-//! Database connections for VibeBox services: SQLite (WAL, busy timeout) by default, PostgreSQL in production.
+//! Database connections for VibeBox services.
+//!
+//! SQLite is the embedded default: it is opened in WAL mode with a busy
+//! timeout, foreign keys on and `synchronous=FULL`, so that a committed write
+//! survives a crash and concurrent writers wait instead of failing with
+//! "database is locked". PostgreSQL URLs are used as they are.
+//!
+//! [`testing`] hands storage tests every database they must pass on: a fresh
+//! SQLite file always, and a fresh PostgreSQL database when
+//! `VIBEBOX_TEST_POSTGRES_URL` is set.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+
+/// Errors opening a database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL scheme in {0:?} (use sqlite:// or postgres://)")]
+    UnsupportedUrl(String),
+    #[error("cannot create the directory for {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] sea_orm::DbErr),
+}
+
+/// Which database engine a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+impl DbKind {
+    /// The engine of a database URL.
+    pub fn of(url: &str) -> Result<Self, DbError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(DbError::UnsupportedUrl(redact(url)))
+        }
+    }
+}
+
+/// The default SQLite URL for a file.
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Opens a connection pool for `url`.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options.sqlx_logging(false);
+    match DbKind::of(url)? {
+        DbKind::Sqlite => {
+            let url = if url.contains("mode=") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            if let Some(path) = sqlite_path(&url)
+                && let Some(parent) = std::path::Path::new(&path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
+            }
+            options = ConnectOptions::new(url);
+            options
+                .sqlx_logging(false)
+                .max_connections(8)
+                .min_connections(1)
+                .map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Full)
+                        .busy_timeout(Duration::from_secs(10))
+                        .foreign_keys(true)
+                        .create_if_missing(true)
+                });
+        }
+        DbKind::Postgres => {
+            options.max_connections(16).min_connections(1);
+        }
+    }
+    Ok(Database::connect(options).await?)
+}
+
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| path.to_owned())
+}
+
+/// A URL with its password replaced, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub mod testing {
+    //! Databases for storage tests: each test gets fresh ones.
+
+    use super::{DbKind, connect};
+    use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+    /// The environment variable naming a PostgreSQL server for tests, for
+    /// example `postgres://postgres:postgres@127.0.0.1:5432/postgres`.
+    pub const POSTGRES_ENV: &str = "VIBEBOX_TEST_POSTGRES_URL";
+
+    /// A fresh, empty database for one test.
+    pub struct TestDb {
+        pub url: String,
+        pub kind: DbKind,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    impl TestDb {
+        /// Opens a pool on this database.
+        pub async fn connect(&self) -> DatabaseConnection {
+            connect(&self.url)
+                .await
+                .expect("connecting to the test database")
+        }
+    }
+
+    /// A fresh SQLite database in a temporary directory.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = super::sqlite_url(&dir.path().join("test.db"));
+        TestDb {
+            url,
+            kind: DbKind::Sqlite,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh PostgreSQL database, when `VIBEBOX_TEST_POSTGRES_URL` is set.
+    pub async fn postgres() -> Option<TestDb> {
+        let admin_url = std::env::var(POSTGRES_ENV).ok().filter(|u| !u.is_empty())?;
+        let admin = connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but unusable: {e}"));
+        let name = format!("vibebox_test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating the test database");
+        let base = match admin_url.rfind('/') {
+            Some(slash) if slash > admin_url.find("://").map_or(0, |i| i + 2) => {
+                &admin_url[..slash]
+            }
+            _ => admin_url.as_str(),
+        };
+        Some(TestDb {
+            url: format!("{base}/{name}"),
+            kind: DbKind::Postgres,
+            _dir: None,
+        })
+    }
+
+    /// Every database a storage test must pass on: SQLite always, PostgreSQL
+    /// when configured.
+    pub async fn databases() -> Vec<TestDb> {
+        let mut all = vec![sqlite()];
+        all.extend(postgres().await);
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, Statement};
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn rejects_unknown_schemes() {
+        assert!(matches!(
+            DbKind::of("mysql://x"),
+            Err(DbError::UnsupportedUrl(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn sqlite_opens_in_wal_mode() {
+        let db = testing::sqlite();
+        let conn = db.connect().await;
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                conn.get_database_backend(),
+                "PRAGMA journal_mode",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let mode: String = row.try_get_by_index(0).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn every_test_database_accepts_writes() {
+        for db in testing::databases().await {
+            let conn = db.connect().await;
+            conn.execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+                .await
+                .unwrap();
+            conn.execute_unprepared("INSERT INTO t (id) VALUES (1)")
+                .await
+                .unwrap();
+        }
+    }
+}

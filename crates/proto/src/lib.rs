@@ -45,7 +45,10 @@ pub mod vibebox {
         }
         pub mod clearance {
             pub mod v1 {
-                include!(concat!(env!("OUT_DIR"), "/vibebox.internal.clearance.v1.rs"));
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/vibebox.internal.clearance.v1.rs"
+                ));
             }
         }
         pub mod audit {
@@ -64,12 +67,12 @@ pub mod vibebox {
 pub use vibebox::audit::v1 as audit;
 pub use vibebox::environment::v1 as environment;
 pub use vibebox::identity::v1 as identity;
-pub use vibebox::policy::v1 as policy;
 pub use vibebox::internal::audit::v1 as audit_ingest;
 pub use vibebox::internal::authz::v1 as authz;
 pub use vibebox::internal::clearance::v1 as clearance;
 pub use vibebox::internal::runtime::v1 as runtime;
 pub use vibebox::kit::v1 as kit;
+pub use vibebox::policy::v1 as policy;
 
 /// Fully-qualified names of the services the gateway may expose publicly.
 pub const PUBLIC_SERVICES: &[&str] = &[

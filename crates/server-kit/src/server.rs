@@ -1,0 +1,156 @@
+//! [`ServerBuilder`]: the one way a VibeBox service serves gRPC.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{LimitArgs, ServerArgs};
+use crate::error::KitError;
+use crate::layer::{KitLayer, Shared};
+use crate::tls::TlsMaterial;
+
+/// Collects a service's handlers and serves them with everything the kit
+/// provides (see the crate docs).
+pub struct ServerBuilder {
+    service: &'static str,
+    tls: Option<TlsMaterial>,
+    allowed_callers: Option<Vec<String>>,
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    limits: LimitArgs,
+    timeout: std::time::Duration,
+}
+
+/// Binds a listener, naming the address on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, KitError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| KitError::Bind { addr, source })
+}
+
+impl ServerBuilder {
+    /// A builder for `service` (its name in logs and refusals).
+    pub fn new(service: &'static str, args: &ServerArgs) -> Self {
+        Self {
+            service,
+            tls: None,
+            allowed_callers: None,
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            limits: args.limits.clone(),
+            timeout: args.request_timeout(),
+        }
+    }
+
+    /// Serve over TLS with this material, requesting client certificates.
+    /// `None` serves plaintext, which is only allowed without
+    /// [`allow_callers`](Self::allow_callers).
+    pub fn tls(mut self, material: Option<TlsMaterial>) -> Self {
+        self.tls = material;
+        self
+    }
+
+    /// Only callers presenting a CA-signed certificate of one of these
+    /// services may call (health and reflection excepted).
+    pub fn allow_callers(mut self, callers: &[&str]) -> Self {
+        self.allowed_callers = Some(callers.iter().map(|c| (*c).to_owned()).collect());
+        self
+    }
+
+    /// Overrides the concurrency limit.
+    pub fn max_concurrency(mut self, limit: usize) -> Self {
+        self.limits.max_concurrency = limit;
+        self
+    }
+
+    /// Registers a generated tonic service.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Error = std::convert::Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then drains.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), KitError> {
+        crate::telemetry::ensure_initialized();
+        if self.allowed_callers.is_some() && self.tls.is_none() {
+            return Err(KitError::Tls(format!(
+                "{} restricts its callers and therefore needs TLS material",
+                self.service
+            )));
+        }
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in &self.names {
+            reporter
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        let mut v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(vibebox_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        let mut v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(vibebox_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for name in &self.names {
+            v1 = v1.with_service_name(*name);
+            v1alpha = v1alpha.with_service_name(*name);
+        }
+        self.routes
+            .add_service(health)
+            .add_service(v1.build_v1()?)
+            .add_service(v1alpha.build_v1alpha()?);
+
+        let layer = KitLayer {
+            shared: Arc::new(Shared {
+                allowed_callers: self.allowed_callers.clone(),
+                permits: Arc::new(Semaphore::new(self.limits.max_concurrency.max(1))),
+                service: self.service,
+            }),
+        };
+        let mut server = Server::builder().timeout(self.timeout);
+        if let Some(material) = &self.tls {
+            server = server.tls_config(material.server_config().client_auth_optional(true))?;
+        }
+        let local = listener.local_addr().ok();
+        tracing::info!(service = self.service, addr = ?local, tls = self.tls.is_some(), "serving");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let token = shutdown.clone();
+        let result = server
+            .layer(layer)
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, async move { token.cancelled().await })
+            .await;
+        for name in &self.names {
+            reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!(service = self.service, "stopped");
+        Ok(result?)
+    }
+}

@@ -1,0 +1,73 @@
+//! gRPC statuses with google.rpc error details, so that clients (grpcurl
+//! included) see which rule or field was at fault.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// FAILED_PRECONDITION listing each broken rule: `(rule_id, subject, description)`.
+pub fn precondition_failure(message: &str, violations: &[(&str, &str, &str)]) -> Status {
+    let mut details = ErrorDetails::new();
+    for (rule, subject, description) in violations {
+        details.add_precondition_failure_violation(*rule, *subject, *description);
+    }
+    Status::with_error_details(Code::FailedPrecondition, message, details)
+}
+
+/// INVALID_ARGUMENT listing each bad field: `(field, description)`.
+pub fn bad_request(message: &str, fields: &[(&str, &str)]) -> Status {
+    let mut details = ErrorDetails::new();
+    for (field, description) in fields {
+        details.add_bad_request_violation(*field, *description);
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// INVALID_ARGUMENT for one bad field.
+pub fn invalid_field(field: &str, description: &str) -> Status {
+    bad_request(
+        &format!("invalid {field}: {description}"),
+        &[(field, description)],
+    )
+}
+
+/// INTERNAL without internals: the error is logged, the client sees a
+/// generic message (and the request id in the response headers).
+pub fn internal(error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(%error, "internal error");
+    Status::internal("internal error")
+}
+
+/// UNAVAILABLE naming the dependency that could not be reached.
+pub fn unavailable(dependency: &str, error: &dyn std::fmt::Display) -> Status {
+    tracing::warn!(%dependency, %error, "dependency unavailable");
+    Status::unavailable(format!("{dependency} is unavailable, retry later"))
+}
+
+/// The rule ids in a status's PreconditionFailure details.
+pub fn violated_rules(status: &Status) -> Vec<String> {
+    status
+        .get_details_precondition_failure()
+        .map(|pf| pf.violations.into_iter().map(|v| v.r#type).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precondition_failures_round_trip_rule_ids() {
+        let status = precondition_failure(
+            "denied",
+            &[
+                ("privileged", "spec.privileged", "no"),
+                ("mount.docker_socket", "spec.mounts[0]", "no"),
+            ],
+        );
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            violated_rules(&status),
+            ["privileged", "mount.docker_socket"]
+        );
+    }
+}
