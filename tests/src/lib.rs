@@ -1,1 +1,223 @@
-//! Shared harness for the end-to-end tests under `tests/tests/`.
+//! Harness for the end-to-end tests under `tests/tests/`: starts the real
+//! `vibebox up` binary on a fresh data directory and an ephemeral gateway
+//! port, hands out authenticated gRPC clients, and removes exactly the Docker
+//! objects of its own installation when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use vibebox_proto::audit::audit_service_client::AuditServiceClient;
+use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
+use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
+use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
+use vibebox_server_kit::GrpcChannel;
+
+/// Path of a binary built by this workspace (`target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// Builds (once, idempotently) the busybox development image and returns its tag.
+pub fn dev_image() -> String {
+    let tag = "vibebox/devbox:1";
+    let status = Command::new("bash")
+        .arg(repo_root().join("scripts/dev-image.sh"))
+        .arg(tag)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running scripts/dev-image.sh");
+    assert!(status.success(), "building {tag} failed");
+    tag.to_owned()
+}
+
+/// A running platform (`vibebox up`).
+pub struct Platform {
+    child: Child,
+    data_dir: tempfile::TempDir,
+    pub gateway: String,
+}
+
+impl Platform {
+    /// Starts `vibebox up` and waits until it reports the gateway address.
+    pub fn start() -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(data_dir)
+    }
+
+    /// Starts `vibebox up` on an existing data directory.
+    pub fn start_in(data_dir: tempfile::TempDir) -> Self {
+        let mut child = Command::new(binary("vibebox"))
+            .args(["up", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("VIBEBOX_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning vibebox up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(rest) = line.trim().strip_prefix("gateway listening on ") {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let gateway = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("vibebox up reported its gateway address");
+        Self {
+            child,
+            data_dir,
+            gateway,
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// The bootstrap admin's token.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("admin token file")
+            .trim()
+            .to_owned()
+    }
+
+    /// This installation's id (labels every Docker object it creates).
+    pub fn installation_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir().join("installation-id"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    fn channel(&self) -> GrpcChannel {
+        vibebox_server_kit::connect_plaintext(&format!("http://{}", self.gateway))
+            .expect("gateway channel")
+    }
+
+    pub fn environments(&self, token: &str) -> EnvironmentServiceClient<Authed> {
+        EnvironmentServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+    }
+
+    pub fn identity(&self, token: &str) -> IdentityServiceClient<Authed> {
+        IdentityServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+    }
+
+    pub fn audit(&self, token: &str) -> AuditServiceClient<Authed> {
+        AuditServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+    }
+
+    pub fn policy(&self, token: &str) -> PolicyServiceClient<Authed> {
+        PolicyServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+    }
+
+    /// Stops the platform with SIGTERM (as Ctrl-C would) and waits for it.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.terminate();
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.data_dir, dir)
+    }
+
+    fn terminate(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Removes every Docker object labelled with this installation's id.
+    pub fn remove_docker_objects(&self) {
+        let Some(id) = self.installation_id() else { return };
+        let filter = format!("label=vibebox.installation={id}");
+        let out = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+            .expect("docker ps");
+        for c in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", "-v", c]).output();
+        }
+        let out = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter", &filter])
+            .output()
+            .expect("docker network ls");
+        for n in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["network", "rm", n]).output();
+        }
+        let out = Command::new("docker")
+            .args(["volume", "ls", "-q", "--filter", &filter])
+            .output()
+            .expect("docker volume ls");
+        for v in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["volume", "rm", "-f", v]).output();
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.terminate();
+        self.remove_docker_objects();
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().ok())
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A gateway channel that authenticates as one user.
+pub type Authed = tonic::codegen::InterceptedService<GrpcChannel, Bearer>;
+
+/// A Docker client for inspecting what the platform created.
+pub fn docker() -> bollard::Docker {
+    bollard::Docker::connect_with_local_defaults().expect("docker")
+}

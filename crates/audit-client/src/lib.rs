@@ -1,1 +1,355 @@
-//! The producers' audit client: a durable local outbox delivered in order, exactly once, to the audit service.
+//! The producers' audit client: a durable local outbox delivered in order,
+//! exactly once, to the audit service.
+//!
+//! [`AuditClient::record`] completes each event (id, time, source service,
+//! trace id), appends it to an `fsync`ed outbox file and only then returns:
+//! a mutating operation whose event cannot be written must fail (fail
+//! closed). A background task delivers the outbox in order, in batches, to
+//! `vibebox.internal.audit.v1.AuditIngestService.AppendEvents` over mTLS,
+//! retrying with backoff while the audit service is unreachable. The service
+//! ignores event ids it already holds, so redelivery after a crash never
+//! duplicates: every event is recorded exactly once.
+
+mod outbox;
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use vibebox_proto::audit::AuditEvent;
+use vibebox_proto::audit_ingest::AppendEventsRequest;
+use vibebox_proto::audit_ingest::audit_ingest_service_client::AuditIngestServiceClient;
+
+use outbox::Pos;
+
+/// Events per `AppendEvents` call.
+const BATCH_MAX: usize = 500;
+/// Encoded bytes per `AppendEvents` call (well under tonic's 4 MiB limit).
+const BATCH_BYTES_MAX: u64 = 2 * 1024 * 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where the outbox lives and where it is delivered.
+#[derive(Clone)]
+pub struct AuditClientConfig {
+    /// Directory of this producer's outbox, e.g. `<data-dir>/outbox/<service>/`.
+    /// Only one client may use a directory at a time.
+    pub outbox_dir: PathBuf,
+    /// URL of the audit service's ingest endpoint, e.g. `https://127.0.0.1:7704`.
+    pub audit_url: String,
+    /// This producer's mTLS material (its certificate is its identity).
+    pub tls: vibebox_server_kit::TlsMaterial,
+    /// Name recorded as `source_service` when an event leaves it empty.
+    pub source_service: String,
+}
+
+/// Errors of the audit client.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditClientError {
+    /// The outbox directory could not be opened or recovered.
+    #[error("cannot open the audit outbox {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Another client (in this or another process) holds the outbox.
+    #[error("the audit outbox {0} is in use by another client")]
+    Locked(String),
+    /// No tokio runtime to run the delivery task on.
+    #[error("the audit client must be opened inside a tokio runtime")]
+    NoRuntime,
+    /// The channel to the audit service could not be set up.
+    #[error("cannot set up the audit service channel: {0}")]
+    Connect(String),
+    /// The event is not acceptable (for example no action).
+    #[error("invalid audit event: {0}")]
+    InvalidEvent(&'static str),
+    /// Writing the event to the outbox failed: the event is NOT recorded.
+    #[error("cannot write the audit event to the outbox: {0}")]
+    Write(std::io::Error),
+    /// The outbox failed earlier (a failed fsync) and refuses further events.
+    #[error("the audit outbox is unusable after an earlier write failure")]
+    Poisoned,
+    /// `flush` did not see every event delivered in time.
+    #[error("audit events still undelivered after {0:?}")]
+    FlushTimeout(Duration),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = AuditClientError> = std::result::Result<T, E>;
+
+struct WriteRequest {
+    record: Vec<u8>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+struct Inner {
+    tx: mpsc::UnboundedSender<WriteRequest>,
+    written: watch::Receiver<Pos>,
+    delivered: watch::Receiver<Pos>,
+    source_service: String,
+}
+
+/// A cheap-to-clone handle on a producer's audit outbox.
+#[derive(Clone)]
+pub struct AuditClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AuditClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditClient")
+            .field("source_service", &self.inner.source_service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditClient {
+    /// Opens (creating or recovering) the outbox and starts delivering it.
+    /// Must be called inside a tokio runtime. Events left undelivered by an
+    /// earlier run are delivered first.
+    pub fn open(config: AuditClientConfig) -> Result<AuditClient> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| AuditClientError::NoRuntime)?;
+        let dir = config.outbox_dir.clone();
+        let open_err = |source| AuditClientError::Open {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(open_err)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(open_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AuditClientError::Locked(dir.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
+        }
+        let lock = Arc::new(lock);
+        let (writer, end, cursor) = outbox::Writer::open(&dir).map_err(open_err)?;
+        let channel = vibebox_server_kit::connect(&config.audit_url, &config.tls)
+            .map_err(|e| AuditClientError::Connect(e.to_string()))?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (written_tx, written) = watch::channel(end);
+        let (delivered_tx, delivered) = watch::channel(cursor);
+        let writer_lock = Arc::clone(&lock);
+        std::thread::Builder::new()
+            .name("audit-outbox".into())
+            .spawn(move || write_loop(writer, rx, written_tx, writer_lock))
+            .map_err(open_err)?;
+        runtime.spawn(deliver_loop(
+            dir,
+            AuditIngestServiceClient::new(channel),
+            written.clone(),
+            delivered_tx,
+            cursor,
+            lock,
+        ));
+        Ok(AuditClient {
+            inner: Arc::new(Inner {
+                tx,
+                written,
+                delivered,
+                source_service: config.source_service,
+            }),
+        })
+    }
+
+    /// Completes `event` (a UUID v7 id, the current time, this producer's
+    /// service name and the current trace id, where empty) and returns once
+    /// it is durable in the outbox. An error means the event is NOT recorded
+    /// and the operation it describes must fail.
+    pub async fn record(&self, mut event: AuditEvent) -> Result<()> {
+        if event.action.is_empty() {
+            return Err(AuditClientError::InvalidEvent("action is empty"));
+        }
+        if event.id.is_empty() {
+            event.id = uuid::Uuid::now_v7().to_string();
+        }
+        if event.time.is_none() {
+            event.time = Some(prost_types::Timestamp::from(SystemTime::now()));
+        }
+        if event.source_service.is_empty() {
+            event.source_service.clone_from(&self.inner.source_service);
+        }
+        if event.trace_id.is_empty() {
+            event.trace_id = vibebox_server_kit::trace_id();
+        }
+        // The service assigns these.
+        event.sequence = 0;
+        event.hash.clear();
+        event.prev_hash.clear();
+        let mut record = Vec::new();
+        outbox::encode_record(&event, &mut record);
+        let (reply, done) = oneshot::channel();
+        self.inner
+            .tx
+            .send(WriteRequest { record, reply })
+            .map_err(|_| AuditClientError::Poisoned)?;
+        done.await.map_err(|_| AuditClientError::Poisoned)?
+    }
+
+    /// Waits until every event recorded before this call has been
+    /// acknowledged by the audit service, or `timeout` passes.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let target = *self.inner.written.borrow();
+        let mut delivered = self.inner.delivered.clone();
+        tokio::time::timeout(timeout, delivered.wait_for(|pos| *pos >= target))
+            .await
+            .map_err(|_| AuditClientError::FlushTimeout(timeout))?
+            .map(|_| ())
+            .map_err(|_| AuditClientError::FlushTimeout(timeout))
+    }
+
+    /// Whether some recorded event still waits for the audit service's
+    /// acknowledgement.
+    pub fn has_pending(&self) -> bool {
+        *self.inner.delivered.borrow() < *self.inner.written.borrow()
+    }
+}
+
+/// The writer thread: group-commits whatever requests are queued with one
+/// write and one fsync, then acknowledges them.
+fn write_loop(
+    mut writer: outbox::Writer,
+    mut rx: mpsc::UnboundedReceiver<WriteRequest>,
+    written: watch::Sender<Pos>,
+    _lock: Arc<File>,
+) {
+    let mut poisoned = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        if poisoned {
+            for request in batch {
+                let _ = request.reply.send(Err(AuditClientError::Poisoned));
+            }
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(batch.iter().map(|r| r.record.len()).sum());
+        for request in &batch {
+            bytes.extend_from_slice(&request.record);
+        }
+        match writer.append(&bytes) {
+            Ok(end) => {
+                written.send_replace(end);
+                for request in batch {
+                    let _ = request.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                // After a failed write or fsync the file's state is unknown:
+                // refuse everything from now on rather than guess.
+                tracing::error!(error = %e, "audit outbox write failed; refusing further events");
+                poisoned = true;
+                let kind = e.kind();
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(AuditClientError::Write(std::io::Error::new(
+                            kind,
+                            e.to_string(),
+                        ))));
+                }
+            }
+        }
+    }
+}
+
+/// The delivery task: sends durable, undelivered records in order and
+/// advances the cursor after each acknowledged batch.
+async fn deliver_loop(
+    dir: PathBuf,
+    mut client: AuditIngestServiceClient<vibebox_server_kit::GrpcChannel>,
+    mut written: watch::Receiver<Pos>,
+    delivered: watch::Sender<Pos>,
+    mut cursor: Pos,
+    _lock: Arc<File>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let end = *written.borrow_and_update();
+        if cursor >= end {
+            if written.changed().await.is_err() {
+                return; // every client handle is gone
+            }
+            continue;
+        }
+        let read_dir = dir.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            outbox::read_batch(&read_dir, cursor, end, BATCH_MAX, BATCH_BYTES_MAX)
+        })
+        .await;
+        let (events, next) = match batch {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading the audit outbox failed");
+                if wait_or_closed(&mut written, &mut backoff).await {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        if events.is_empty() {
+            // Nothing readable before `end`: should not happen; avoid spinning.
+            tracing::error!(
+                ?cursor,
+                ?end,
+                "audit outbox has no readable record before its end"
+            );
+            if wait_or_closed(&mut written, &mut backoff).await {
+                return;
+            }
+            continue;
+        }
+        let count = events.len();
+        match client.append_events(AppendEventsRequest { events }).await {
+            Ok(_) => {
+                backoff = BACKOFF_MIN;
+                cursor = next;
+                let commit_dir = dir.clone();
+                match tokio::task::spawn_blocking(move || outbox::commit_cursor(&commit_dir, next))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "saving the audit outbox cursor failed")
+                    }
+                    Err(_) => return,
+                }
+                delivered.send_replace(cursor);
+                tracing::debug!(count, "delivered audit events");
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), count,
+                    "audit service unavailable; will retry");
+                if wait_or_closed(&mut written, &mut backoff).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for the current backoff (doubling it); true when every client
+/// handle is gone.
+async fn wait_or_closed(written: &mut watch::Receiver<Pos>, backoff: &mut Duration) -> bool {
+    let delay = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::time::sleep(delay).await;
+    written.has_changed().is_err()
+}

@@ -1,1 +1,223 @@
-//! The audit service: an append-only, hash-chained audit log with queries, a live watch stream and alert rules.
+//! The audit service: an append-only, hash-chained audit log with queries,
+//! a live watch stream and alert rules.
+//!
+//! Code map: [`entity`] + [`store`] (sea-orm storage), [`log`] (the single
+//! writer: batching, sequences, hashes, checkpoints, alerts), [`alerts`]
+//! (rules), [`filter`] (event filters), [`service`] (query / verify /
+//! export), [`grpc`] (the two gRPC services). The chain format itself lives
+//! in `vibebox-audit-chain`.
+
+pub mod alerts;
+pub mod entity;
+pub mod filter;
+pub mod grpc;
+pub mod log;
+pub mod service;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use vibebox_audit_chain::CheckpointSigner;
+use vibebox_proto::audit::audit_service_server::AuditServiceServer;
+use vibebox_proto::audit_ingest::audit_ingest_service_server::AuditIngestServiceServer;
+use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
+
+use crate::alerts::AlertConfig;
+use crate::grpc::{AuditHandler, INGEST_CALLERS, IngestHandler};
+use crate::log::Log;
+use crate::store::Store;
+
+/// The service name (certificate identity, logs).
+pub const SERVICE_NAME: &str = "audit";
+/// Default port on loopback.
+pub const DEFAULT_PORT: u16 = 7704;
+
+/// Configuration of the audit service.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "vibebox-audit",
+    version,
+    about = "VibeBox audit service: append-only, hash-chained audit log"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Database URL (sqlite://... or postgres://...); default sqlite://<data-dir>/audit.db.
+    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Checkpoint signing key (Ed25519, PKCS#8 PEM), created if missing;
+    /// default <data-dir>/keys/audit-checkpoint.pem (public key beside it, .pub.pem).
+    #[arg(long, env = "VIBEBOX_AUDIT_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Sign a checkpoint of the chain head every this many events.
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_CHECKPOINT_INTERVAL",
+        default_value_t = 1000
+    )]
+    pub checkpoint_interval: u64,
+    /// Alert when one user performs more than this many Docker operations in an hour (0 = off).
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_ALERT_USER_OPS_PER_HOUR",
+        default_value_t = 100
+    )]
+    pub alert_user_ops_per_hour: usize,
+    /// Alert when more than this many environment creations fail in an hour (0 = off).
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_ALERT_FAILED_CREATES_PER_HOUR",
+        default_value_t = 10
+    )]
+    pub alert_failed_creates_per_hour: usize,
+    /// Policy rule ids whose appearance in an event's details raises a critical alert at once.
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_ALERT_CRITICAL_RULES",
+        value_delimiter = ',',
+        default_values_t = ["mount.docker_socket".to_owned(), "privileged".to_owned()]
+    )]
+    pub alert_critical_rules: Vec<String>,
+}
+
+impl ServiceConfig for Config {
+    fn server_args(&self) -> &ServerArgs {
+        &self.server
+    }
+}
+
+impl Config {
+    /// A configuration with every default, around `server`.
+    pub fn new(server: ServerArgs) -> Self {
+        Self {
+            server,
+            database_url: None,
+            signing_key: None,
+            checkpoint_interval: 1000,
+            alert_user_ops_per_hour: 100,
+            alert_failed_creates_per_hour: 10,
+            alert_critical_rules: vec!["mount.docker_socket".into(), "privileged".into()],
+        }
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| vibebox_db::sqlite_url(&self.server.data_dir.join("audit.db")))
+    }
+
+    /// The signing key path in effect.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key.clone().unwrap_or_else(|| {
+            self.server
+                .data_dir
+                .join("keys")
+                .join("audit-checkpoint.pem")
+        })
+    }
+
+    /// Where the checkpoint public key is written (for offline verifiers).
+    pub fn public_key_path(&self) -> PathBuf {
+        self.signing_key_path().with_extension("pub.pem")
+    }
+
+    fn alert_config(&self) -> AlertConfig {
+        AlertConfig {
+            user_ops_threshold: self.alert_user_ops_per_hour,
+            failed_creates_threshold: self.alert_failed_creates_per_hour,
+            critical_rules: self.alert_critical_rules.clone(),
+            ..AlertConfig::default()
+        }
+    }
+}
+
+/// Loads the checkpoint key, creating it (mode 0600) on first start, and
+/// (re)writes its public key beside it.
+pub fn load_or_create_signer(path: &Path, public_path: &Path) -> anyhow::Result<CheckpointSigner> {
+    let signer = match std::fs::read_to_string(path) {
+        Ok(pem) => CheckpointSigner::from_pkcs8_pem(&pem)
+            .with_context(|| format!("reading the checkpoint key {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = CheckpointSigner::generate();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let pem = signer.to_pkcs8_pem()?;
+            write_private(path, pem.as_bytes())
+                .with_context(|| format!("writing the checkpoint key {}", path.display()))?;
+            tracing::info!(key_id = signer.key_id(), "created the audit checkpoint key");
+            signer
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    std::fs::write(public_path, signer.public_key_pem()?)
+        .with_context(|| format!("writing {}", public_path.display()))?;
+    Ok(signer)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Runs the service on its configured address until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
+    run_with_listener(config, listener, shutdown).await
+}
+
+/// Runs the service on `listener` until `shutdown` (tests pass a listener on
+/// an ephemeral port). Every event acknowledged before shutdown is committed.
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = config
+        .server
+        .tls_material(SERVICE_NAME)
+        .context("loading the audit service's TLS material")?;
+    let signer = Arc::new(load_or_create_signer(
+        &config.signing_key_path(),
+        &config.public_key_path(),
+    )?);
+    let url = config.database_url();
+    let store = Store::open(&url)
+        .await
+        .with_context(|| format!("opening the audit database {}", vibebox_db::redact(&url)))?;
+    let (log, writer) = Log::start(
+        store,
+        signer,
+        config.alert_config(),
+        config.checkpoint_interval,
+    )
+    .await?;
+    let served = ServerBuilder::new(SERVICE_NAME, &config.server)
+        .tls(Some(tls))
+        .allow_callers(INGEST_CALLERS)
+        .add_service(AuditIngestServiceServer::new(IngestHandler::new(
+            log.clone(),
+        )))
+        .add_service(AuditServiceServer::new(AuditHandler::new(
+            log.clone(),
+            shutdown.clone(),
+        )))
+        .serve(listener, shutdown)
+        .await;
+    drop(log);
+    // The server (and its handler clones) is gone: the writer drains and ends.
+    let _ = writer.await;
+    Ok(served?)
+}

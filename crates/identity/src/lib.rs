@@ -1,1 +1,175 @@
-//! The identity service: users, teams, roles, biscuit tokens, revocation and authorization decisions.
+//! The identity service: users, teams, roles, biscuit tokens, revocation and
+//! authorization decisions.
+//!
+//! It serves `vibebox.identity.v1.IdentityService` and the internal
+//! `vibebox.internal.authz.v1.AuthorizationService` to the gateway only
+//! (mutual TLS). Module map:
+//! - [`model`]: roles, users, teams and name/password rules;
+//! - [`entity`] / [`migration`] / [`store`]: the database;
+//! - [`keys`]: token signing keys (files + table, rotation, retirement);
+//! - [`rbac`]: the role rules; [`service`]: the logic; [`grpc`]: adapters;
+//! - [`ratelimit`]: failed-login limits; [`audit`]: audit events;
+//! - [`bootstrap`]: first-start admin, default team and admin token file.
+
+pub mod audit;
+pub mod bootstrap;
+pub mod entity;
+pub mod error;
+pub mod grpc;
+pub mod keys;
+pub mod migration;
+pub mod model;
+pub mod ratelimit;
+pub mod rbac;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sea_orm_migration::MigratorTrait;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use vibebox_audit_client::{AuditClient, AuditClientConfig};
+use vibebox_proto::authz::authorization_service_server::AuthorizationServiceServer;
+use vibebox_proto::identity::identity_service_server::IdentityServiceServer;
+use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
+
+pub use crate::error::{Error, Result};
+pub use crate::service::{Identity, Settings};
+
+/// Name of this service (certificates, logs, audit source).
+pub const SERVICE_NAME: &str = "identity";
+/// Default port on 127.0.0.1.
+pub const DEFAULT_PORT: u16 = 7701;
+/// The mTLS identities allowed to call this service.
+pub const ALLOWED_CALLERS: &[&str] = &["gateway"];
+
+/// Configuration of the identity service.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "vibebox-identity", version, about = "VibeBox identity service: users, teams, roles, tokens and authorization")]
+pub struct Config {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Database URL (sqlite:// or postgres://); default sqlite://<data-dir>/identity.db.
+    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// URL of the audit service's ingest endpoint.
+    #[arg(long, env = "VIBEBOX_AUDIT_URL", default_value = "https://127.0.0.1:7704")]
+    pub audit_url: String,
+    /// Lifetime of login session tokens, in seconds.
+    #[arg(long, env = "VIBEBOX_SESSION_TTL_SECS", default_value_t = 12 * 3600)]
+    pub session_ttl_secs: u64,
+    /// Failed logins allowed per minute per username before logins for it are refused.
+    #[arg(long, env = "VIBEBOX_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
+    pub login_failures_per_user: u32,
+    /// Failed logins allowed per minute per source address before its logins are refused.
+    #[arg(long, env = "VIBEBOX_LOGIN_FAILURES_PER_SOURCE", default_value_t = 20)]
+    pub login_failures_per_source: u32,
+    /// Create a new token signing key at start; older keys keep verifying until retired.
+    #[arg(long, env = "VIBEBOX_ROTATE_TOKEN_KEY")]
+    pub rotate_token_key: bool,
+    /// Retire these token signing key ids at start: tokens they signed stop working.
+    #[arg(long, env = "VIBEBOX_RETIRE_TOKEN_KEYS", value_delimiter = ',')]
+    pub retire_token_key: Vec<u32>,
+}
+
+impl ServiceConfig for Config {
+    fn server_args(&self) -> &ServerArgs {
+        &self.server
+    }
+}
+
+impl Config {
+    /// A configuration with defaults around `server`.
+    pub fn new(server: ServerArgs) -> Self {
+        Self {
+            server,
+            database_url: None,
+            audit_url: "https://127.0.0.1:7704".into(),
+            session_ttl_secs: 12 * 3600,
+            login_failures_per_user: 5,
+            login_failures_per_source: 20,
+            rotate_token_key: false,
+            retire_token_key: Vec::new(),
+        }
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            vibebox_db::sqlite_url(&self.server.data_dir.join(format!("{SERVICE_NAME}.db")))
+        })
+    }
+}
+
+/// Opens (and migrates) the database, loads the keys, opens the audit
+/// client, bootstraps an empty database and returns the service.
+pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<Identity>> {
+    let url = config.database_url();
+    let db = vibebox_db::connect(&url)
+        .await
+        .with_context(|| format!("opening {}", vibebox_db::redact(&url)))?;
+    migration::Migrator::up(&db, None)
+        .await
+        .context("migrating the identity database")?;
+    let keys = keys::KeyStore::open(&db, &config.server.data_dir.join("keys"))
+        .await
+        .context("loading token signing keys")?;
+    if config.rotate_token_key {
+        let id = keys.rotate(&db).await.context("rotating the token key")?;
+        tracing::info!(key_id = id, "rotated the token signing key");
+    }
+    for key_id in &config.retire_token_key {
+        keys.retire(&db, *key_id)
+            .await
+            .with_context(|| format!("retiring token key {key_id}"))?;
+        tracing::info!(key_id, "retired a token signing key");
+    }
+    let settings = Settings {
+        session_ttl: Duration::from_secs(config.session_ttl_secs.max(60)),
+        login_failures_per_user: config.login_failures_per_user,
+        login_failures_per_source: config.login_failures_per_source,
+    };
+    let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));
+    bootstrap::bootstrap(&identity, &config.server.data_dir)
+        .await
+        .context("bootstrapping the identity database")?;
+    Ok(identity)
+}
+
+/// Runs the service on its configured address until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
+    run_with_listener(config, listener, shutdown).await
+}
+
+/// Runs the service on `listener` (tests bind 127.0.0.1:0) until `shutdown`.
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = config
+        .server
+        .tls_material(SERVICE_NAME)
+        .context("loading the identity TLS material")?;
+    let audit_client = AuditClient::open(AuditClientConfig {
+        outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
+        audit_url: config.audit_url.clone(),
+        tls: tls.clone(),
+        source_service: SERVICE_NAME.into(),
+    })
+    .context("opening the audit outbox")?;
+    let identity = open(&config, audit::Auditor::new(audit_client)).await?;
+    let handlers = grpc::Handlers::new(identity);
+    ServerBuilder::new(SERVICE_NAME, &config.server)
+        .tls(Some(tls))
+        .allow_callers(ALLOWED_CALLERS)
+        .add_service(IdentityServiceServer::new(handlers.clone()))
+        .add_service(AuthorizationServiceServer::new(handlers))
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,1 +1,293 @@
-//! The orchestrator: the only holder of a Docker connection; creates only what policy cleared.
+//! The orchestrator: the only holder of a Docker connection; creates only what
+//! policy cleared.
+//!
+//! Code map:
+//! - [`service`]: lifecycle and admission (clearance, replay, quotas, subnet);
+//! - [`streams`]: logs, exec, stats;
+//! - [`reconcile`]: orphans, lost containers, drift, interrupted operations;
+//! - [`docker`]: spec -> hardened Docker objects, and the drift comparison;
+//! - [`store`]: records and used clearances (sea-orm);
+//! - [`subnet`]: the environment address pool;
+//! - [`keys`]: clearance verification keys (file and policy service);
+//! - [`audit`]: audit events; [`grpc`]: the RuntimeService adapter;
+//! - [`testkit`]: test image, signed clearances and a loopback harness.
+
+pub mod audit;
+pub mod docker;
+pub mod grpc;
+pub mod keys;
+pub mod reconcile;
+pub mod service;
+pub mod store;
+pub mod streams;
+pub mod subnet;
+pub mod testkit;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use vibebox_audit_client::{AuditClient, AuditClientConfig};
+use vibebox_proto::runtime::runtime_service_server::RuntimeServiceServer;
+use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
+
+pub use service::{CrashPoint, Orchestrator};
+
+/// The service name (mTLS identity, audit source, logs).
+pub const SERVICE_NAME: &str = "orchestrator";
+/// Default port on 127.0.0.1.
+pub const DEFAULT_PORT: u16 = 7703;
+
+/// Orchestrator configuration.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "vibebox-orchestrator",
+    about = "VibeBox orchestrator: the only holder of Docker"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Database URL (default sqlite://<data-dir>/orchestrator.db).
+    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Policy service URL, for the clearance verification keys (empty: keys only from the file).
+    #[arg(
+        long,
+        env = "VIBEBOX_POLICY_URL",
+        default_value = "https://127.0.0.1:7702"
+    )]
+    pub policy_url: String,
+    /// Audit service URL (ingest endpoint).
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_URL",
+        default_value = "https://127.0.0.1:7704"
+    )]
+    pub audit_url: String,
+    /// File of trusted clearance public keys (hex or base64 Ed25519, one a line), in addition to the policy service's.
+    #[arg(long, env = "VIBEBOX_CLEARANCE_PUBLIC_KEY_FILE")]
+    pub clearance_public_key_file: Option<PathBuf>,
+    /// Minimum seconds between key fetches triggered by unknown key ids.
+    #[arg(long, env = "VIBEBOX_KEY_REFRESH_SECONDS", default_value_t = 10)]
+    pub key_refresh_seconds: u64,
+    /// This installation's id, carried in a label on every Docker object (default: generated once and kept in <data-dir>/installation-id).
+    #[arg(long, env = "VIBEBOX_INSTALLATION_ID")]
+    pub installation_id: Option<String>,
+    /// Seconds between reconcile passes (0: only at start).
+    #[arg(long, env = "VIBEBOX_RECONCILE_INTERVAL", default_value_t = 30)]
+    pub reconcile_interval: u64,
+    /// Address pool environment networks get their subnets from.
+    #[arg(long, env = "VIBEBOX_SUBNET_POOL", default_value = "10.213.0.0/16")]
+    pub subnet_pool: String,
+    /// Prefix length of each environment's subnet.
+    #[arg(long, env = "VIBEBOX_SUBNET_PREFIX", default_value_t = 28)]
+    pub subnet_prefix: u8,
+    /// Maximum environments per team (not counting deleted or failed ones).
+    #[arg(long, env = "VIBEBOX_TEAM_MAX_ENVIRONMENTS", default_value_t = 10)]
+    pub team_max_environments: u32,
+    /// Maximum total CPU cores per team.
+    #[arg(long, env = "VIBEBOX_TEAM_MAX_CPU", default_value_t = 16.0)]
+    pub team_max_cpu: f64,
+    /// Maximum total memory per team, in MiB.
+    #[arg(long, env = "VIBEBOX_TEAM_MAX_MEMORY_MB", default_value_t = 32768)]
+    pub team_max_memory_mb: i64,
+    /// Share of the host's memory that all environments together may reserve.
+    #[arg(long, env = "VIBEBOX_HOST_MEMORY_SHARE", default_value_t = 0.8)]
+    pub host_memory_share: f64,
+    /// Health check command run in every environment (exec form, space separated).
+    #[arg(long, env = "VIBEBOX_HEALTH_CMD", default_value = "true")]
+    pub health_cmd: String,
+    /// Seconds a stop waits before killing, when the request sets none.
+    #[arg(long, env = "VIBEBOX_STOP_TIMEOUT", default_value_t = 10)]
+    pub stop_timeout: u32,
+    /// Extra labels (key=value) on every Docker object this installation creates.
+    #[arg(
+        long = "docker-label",
+        env = "VIBEBOX_DOCKER_LABELS",
+        value_delimiter = ','
+    )]
+    pub docker_labels: Vec<String>,
+}
+
+impl ServiceConfig for Config {
+    fn server_args(&self) -> &ServerArgs {
+        &self.server
+    }
+}
+
+impl Config {
+    /// A configuration with every default, state under `server.data_dir`.
+    pub fn with_server(server: ServerArgs) -> Self {
+        use clap::Parser;
+        let mut c = Config::parse_from(["vibebox-orchestrator"]);
+        c.server = server;
+        c
+    }
+}
+
+/// The installation id: the flag, or the one kept in the data dir (created once).
+pub fn installation_id(config: &Config) -> anyhow::Result<String> {
+    if let Some(id) = &config.installation_id {
+        return Ok(id.clone());
+    }
+    let path = config.server.data_dir.join("installation-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    std::fs::create_dir_all(&config.server.data_dir)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+fn database_url(config: &Config) -> String {
+    config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| vibebox_db::sqlite_url(&config.server.data_dir.join("orchestrator.db")))
+}
+
+fn outbox_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("outbox").join(SERVICE_NAME)
+}
+
+/// Opens storage, Docker, keys and the audit outbox, and builds the
+/// orchestrator (without serving or reconciling).
+pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
+    let tls = config
+        .server
+        .tls_material(SERVICE_NAME)
+        .context("loading TLS material")?;
+    let store = store::Store::open(&database_url(config))
+        .await
+        .context("opening the database")?;
+    let docker = bollard::Docker::connect_with_defaults().context("connecting to Docker")?;
+    let mut static_keys = Vec::new();
+    if let Some(path) = &config.clearance_public_key_file {
+        static_keys = keys::load_key_file(path)?;
+    }
+    let policy = if config.policy_url.is_empty() {
+        None
+    } else {
+        Some(vibebox_server_kit::connect(&config.policy_url, &tls)?)
+    };
+    let keys = keys::ClearanceKeys::new(
+        static_keys,
+        policy,
+        Duration::from_secs(config.key_refresh_seconds),
+    );
+    let audit_client = AuditClient::open(AuditClientConfig {
+        outbox_dir: outbox_dir(&config.server.data_dir),
+        audit_url: config.audit_url.clone(),
+        tls,
+        source_service: SERVICE_NAME.into(),
+    })
+    .context("opening the audit outbox")?;
+    let extra_labels = config
+        .docker_labels
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--docker-label {l:?} is not key=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = service::Settings {
+        installation: installation_id(config)?,
+        subnet_pool: config.subnet_pool.parse()?,
+        subnet_prefix: config.subnet_prefix,
+        quotas: service::Quotas {
+            max_environments: config.team_max_environments,
+            max_cpu_nanos: (config.team_max_cpu * 1e9) as i64,
+            max_memory_bytes: config.team_max_memory_mb * 1024 * 1024,
+        },
+        host_memory_share: config.host_memory_share,
+        health_cmd: config
+            .health_cmd
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        extra_labels,
+        default_stop_timeout: config.stop_timeout,
+    };
+    Ok(Orchestrator::new(
+        docker,
+        store,
+        keys,
+        audit::Audit::new(audit_client),
+        settings,
+    )
+    .await?)
+}
+
+/// Reconciles once now, then every `interval` (if non-zero) until shutdown.
+pub fn spawn_reconciler(
+    orchestrator: Orchestrator,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match orchestrator.reconcile().await {
+                Ok(r) => tracing::debug!(?r, "reconcile pass"),
+                Err(e) => tracing::warn!(error = %e, "reconcile pass failed"),
+            }
+            if interval.is_zero() {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    })
+}
+
+/// Serves an orchestrator's RuntimeService (gateway callers only) on
+/// `listener` until shutdown.
+pub async fn serve(
+    orchestrator: Orchestrator,
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = config.server.tls_material(SERVICE_NAME)?;
+    ServerBuilder::new(SERVICE_NAME, &config.server)
+        .tls(Some(tls))
+        .allow_callers(&["gateway"])
+        .add_service(RuntimeServiceServer::new(grpc::RuntimeHandler::new(
+            orchestrator,
+        )))
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Runs the orchestrator on `listener` until shutdown (for tests and `vibebox up`).
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let orchestrator = build(&config).await?;
+    let reconciler = spawn_reconciler(
+        orchestrator.clone(),
+        Duration::from_secs(config.reconcile_interval),
+        shutdown.clone(),
+    );
+    let result = serve(orchestrator, &config, listener, shutdown).await;
+    reconciler.abort();
+    result
+}
+
+/// Runs the orchestrator on its configured address until shutdown.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
+    run_with_listener(config, listener, shutdown).await
+}

@@ -1,1 +1,702 @@
-//! Biscuit tokens: minting, offline attenuation and verification of VibeBox API tokens.
+//! VibeBox API tokens: biscuit-auth tokens minted by the identity service,
+//! attenuated offline by their holders, verified against a key ring and
+//! authorized for one operation on one resource.
+//!
+//! Token layout (the contract every service follows):
+//! - the biscuit's `root_key_id` names the identity root key that signed it;
+//! - the authority block holds `user("<uid>")`, `token_id("<tid>")` and
+//!   `check if time($t), $t < <expiry>`;
+//! - attenuation blocks (added by [`attenuate`], no service call) add checks on
+//!   `team($t)`, `environment($e)`, `operation($op)` and `time($t)`;
+//! - an authorizer provides `time(now)`, `operation("<op>")` and, when known,
+//!   `team("<id>")` and `environment("<id>")`, so a token restricted to a team
+//!   or an environment is useless for requests that do not name it.
+//!
+//! ```
+//! use vibebox_token::{attenuate, mint, AuthzRequest, Claims, KeyRing, Restriction, RootKey};
+//! let root = RootKey::generate(1);
+//! let mut ring = KeyRing::new();
+//! ring.insert(1, &root.public_key_bytes()).unwrap();
+//! let claims = Claims::new("user-1", "token-1", chrono::Utc::now() + chrono::Duration::hours(1));
+//! let token = mint(&root, &claims).unwrap();
+//! let narrow = attenuate(&token, &Restriction::default().team("team-a")).unwrap();
+//! let verified = ring.verify(&narrow).unwrap();
+//! assert_eq!(verified.user_id(), "user-1");
+//! assert!(verified.authorize(&AuthzRequest::new("environment.list").team("team-a")).is_ok());
+//! assert!(verified.authorize(&AuthzRequest::new("environment.list").team("team-b")).is_err());
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, UNIX_EPOCH};
+
+use biscuit_auth::builder::{Algorithm, AuthorizerBuilder, BlockBuilder, Term, date, fact, string};
+use biscuit_auth::error::{Format, Token as BiscuitError};
+use biscuit_auth::{Biscuit, KeyPair, PrivateKey, PublicKey, RootKeyProvider};
+use chrono::{DateTime, Utc};
+
+/// Errors of minting, attenuating, verifying and authorizing tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The token is not a well-formed biscuit (bad base64, bad encoding).
+    #[error("malformed token")]
+    Malformed,
+    /// The token names no key id or a key id that is not (or no longer) in the ring.
+    #[error("token signed by an unknown key")]
+    UnknownKey,
+    /// A signature does not verify (tampered token or wrong key).
+    #[error("invalid token signature")]
+    InvalidSignature,
+    /// The authority block lacks the user or token id facts.
+    #[error("token lacks required claims")]
+    MissingClaims,
+    /// A check of the token (expiry, attenuation) or the policy failed.
+    #[error("token does not allow this request")]
+    Denied,
+    /// A restriction or claim value is not acceptable (empty, bad characters).
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// Key material could not be parsed.
+    #[error("invalid key material")]
+    InvalidKey,
+    /// An unexpected biscuit failure (datalog limits, internal errors).
+    #[error("token processing failed: {0}")]
+    Internal(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = TokenError> = std::result::Result<T, E>;
+
+fn classify(err: BiscuitError) -> TokenError {
+    match err {
+        BiscuitError::Format(
+            Format::UnknownPublicKey | Format::UnknownExternalKey | Format::UnknownSymbol(_),
+        ) => TokenError::UnknownKey,
+        BiscuitError::Format(
+            Format::Signature(_) | Format::SealedSignature | Format::InvalidSignatureSize(_),
+        ) => TokenError::InvalidSignature,
+        BiscuitError::Format(_) | BiscuitError::Base64(_) => TokenError::Malformed,
+        BiscuitError::FailedLogic(_) => TokenError::Denied,
+        other => TokenError::Internal(other.to_string()),
+    }
+}
+
+/// An identity root key pair (Ed25519) with its key id.
+pub struct RootKey {
+    key_id: u32,
+    keypair: KeyPair,
+}
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootKey")
+            .field("key_id", &self.key_id)
+            .field("public_key", &hex::encode(self.public_key_bytes()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RootKey {
+    /// A fresh random key with the given id.
+    pub fn generate(key_id: u32) -> Self {
+        Self {
+            key_id,
+            keypair: KeyPair::new(),
+        }
+    }
+
+    /// Restores a key from its 32 private key bytes.
+    pub fn from_private_bytes(key_id: u32, bytes: &[u8]) -> Result<Self> {
+        let private = PrivateKey::from_bytes(bytes, Algorithm::Ed25519)
+            .map_err(|_| TokenError::InvalidKey)?;
+        Ok(Self {
+            key_id,
+            keypair: KeyPair::from(&private),
+        })
+    }
+
+    /// The 32 private key bytes (store with mode 0600, never log).
+    pub fn private_key_bytes(&self) -> Vec<u8> {
+        self.keypair.private().to_bytes().to_vec()
+    }
+
+    /// The 32 Ed25519 public key bytes.
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.keypair.public().to_bytes()
+    }
+
+    /// This key's id (written into every token's `root_key_id`).
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+}
+
+/// Public keys that verify tokens, by key id. Holds the current key and old
+/// keys until they are retired (removed).
+#[derive(Clone, Debug, Default)]
+pub struct KeyRing {
+    keys: BTreeMap<u32, PublicKey>,
+}
+
+impl KeyRing {
+    /// An empty ring (verifies nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the Ed25519 public key for `key_id`.
+    pub fn insert(&mut self, key_id: u32, public_key: &[u8]) -> Result<()> {
+        let key = PublicKey::from_bytes(public_key, Algorithm::Ed25519)
+            .map_err(|_| TokenError::InvalidKey)?;
+        self.keys.insert(key_id, key);
+        Ok(())
+    }
+
+    /// Removes a retired key: tokens signed by it stop verifying.
+    pub fn remove(&mut self, key_id: u32) {
+        self.keys.remove(&key_id);
+    }
+
+    /// Key ids in the ring.
+    pub fn key_ids(&self) -> Vec<u32> {
+        self.keys.keys().copied().collect()
+    }
+
+    /// Whether the ring holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Verifies a token's signatures against the key its `root_key_id`
+    /// names and extracts its claims. Does not evaluate checks: call
+    /// [`VerifiedToken::authorize`] for that.
+    pub fn verify(&self, token: &str) -> Result<VerifiedToken> {
+        let biscuit = Biscuit::from_base64(token.trim(), self).map_err(classify)?;
+        let key_id = biscuit.root_key_id().ok_or(TokenError::UnknownKey)?;
+        let mut authorizer = AuthorizerBuilder::new().build(&biscuit).map_err(classify)?;
+        let users: Vec<(String,)> = authorizer
+            .query("claim_user($u) <- user($u)")
+            .map_err(classify)?;
+        let ids: Vec<(String,)> = authorizer
+            .query("claim_token($t) <- token_id($t)")
+            .map_err(classify)?;
+        let (user_id, token_id) = match (users.as_slice(), ids.as_slice()) {
+            ([(u,)], [(t,)]) => (u.clone(), t.clone()),
+            _ => return Err(TokenError::MissingClaims),
+        };
+        Ok(VerifiedToken {
+            biscuit,
+            key_id,
+            user_id,
+            token_id,
+        })
+    }
+}
+
+impl RootKeyProvider for &KeyRing {
+    fn choose(&self, key_id: Option<u32>) -> std::result::Result<PublicKey, Format> {
+        key_id
+            .and_then(|id| self.keys.get(&id).cloned())
+            .ok_or(Format::UnknownPublicKey)
+    }
+}
+
+/// What the identity service puts into a token's authority block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// The user the token acts for.
+    pub user_id: String,
+    /// The token's id (revocation handle; shared by tokens attenuated from it).
+    pub token_id: String,
+    /// When the token stops working.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Claims {
+    /// Claims for `user_id` / `token_id` expiring at `expires_at`.
+    pub fn new(
+        user_id: impl Into<String>,
+        token_id: impl Into<String>,
+        expires_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            user_id: user_id.into(),
+            token_id: token_id.into(),
+            expires_at,
+        }
+    }
+}
+
+fn epoch_secs(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp()).unwrap_or(0)
+}
+
+fn check_value(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > 128 {
+        return Err(TokenError::Invalid {
+            field,
+            reason: "must be 1 to 128 characters",
+        });
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(TokenError::Invalid {
+            field,
+            reason: "allowed characters: letters, digits, '-', '_', '.', ':'",
+        });
+    }
+    Ok(())
+}
+
+fn block_code(
+    builder: BlockBuilder,
+    code: &str,
+    params: HashMap<String, Term>,
+) -> Result<BlockBuilder> {
+    builder
+        .code_with_params(code, params, HashMap::new())
+        .map_err(|e| TokenError::Internal(e.to_string()))
+}
+
+/// Mints a token for `claims`, signed by `root` (base64url text).
+pub fn mint(root: &RootKey, claims: &Claims) -> Result<String> {
+    check_value("user_id", &claims.user_id)?;
+    check_value("token_id", &claims.token_id)?;
+    let params = HashMap::from([
+        ("user".to_owned(), Term::Str(claims.user_id.clone())),
+        ("tid".to_owned(), Term::Str(claims.token_id.clone())),
+        ("exp".to_owned(), Term::Date(epoch_secs(claims.expires_at))),
+    ]);
+    let biscuit = Biscuit::builder()
+        .code_with_params(
+            "user({user}); token_id({tid}); check if time($t), $t < {exp};",
+            params,
+            HashMap::new(),
+        )
+        .map_err(|e| TokenError::Internal(e.to_string()))?
+        .root_key_id(root.key_id)
+        .build(&root.keypair)
+        .map_err(classify)?;
+    biscuit.to_base64().map_err(classify)
+}
+
+/// Restrictions a holder adds to a token offline. Every restriction can only
+/// narrow what the token allows (biscuit checks are conjunctive).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restriction {
+    /// Only requests on this team.
+    pub team: Option<String>,
+    /// Only requests on this environment.
+    pub environment: Option<String>,
+    /// Only these operations (empty: no restriction).
+    pub operations: Vec<String>,
+    /// An earlier expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Restriction {
+    /// Restricts to one team.
+    pub fn team(mut self, team_id: impl Into<String>) -> Self {
+        self.team = Some(team_id.into());
+        self
+    }
+    /// Restricts to one environment.
+    pub fn environment(mut self, environment_id: impl Into<String>) -> Self {
+        self.environment = Some(environment_id.into());
+        self
+    }
+    /// Restricts to these operations.
+    pub fn operations<I, S>(mut self, operations: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.operations = operations.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Restricts to an earlier expiry.
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+    /// Whether nothing is restricted.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Attenuates a token offline (no key and no service call needed): appends
+/// a block whose checks restrict team, environment, operations and expiry.
+pub fn attenuate(token: &str, restriction: &Restriction) -> Result<String> {
+    if restriction.is_empty() {
+        return Err(TokenError::Invalid {
+            field: "restriction",
+            reason: "at least one restriction is required",
+        });
+    }
+    let unverified =
+        biscuit_auth::UnverifiedBiscuit::from_base64(token.trim()).map_err(classify)?;
+    let mut block = BlockBuilder::new();
+    if let Some(team) = &restriction.team {
+        check_value("team", team)?;
+        block = block_code(
+            block,
+            "check if team({team});",
+            HashMap::from([("team".to_owned(), Term::Str(team.clone()))]),
+        )?;
+    }
+    if let Some(env) = &restriction.environment {
+        check_value("environment", env)?;
+        block = block_code(
+            block,
+            "check if environment({env});",
+            HashMap::from([("env".to_owned(), Term::Str(env.clone()))]),
+        )?;
+    }
+    if !restriction.operations.is_empty() {
+        let mut params = HashMap::new();
+        let mut alternatives = Vec::new();
+        for (i, op) in restriction.operations.iter().enumerate() {
+            check_value("operations", op)?;
+            params.insert(format!("op{i}"), Term::Str(op.clone()));
+            alternatives.push(format!("operation({{op{i}}})"));
+        }
+        let code = format!("check if {};", alternatives.join(" or "));
+        block = block_code(block, &code, params)?;
+    }
+    if let Some(at) = restriction.expires_at {
+        block = block_code(
+            block,
+            "check if time($t), $t < {exp};",
+            HashMap::from([("exp".to_owned(), Term::Date(epoch_secs(at)))]),
+        )?;
+    }
+    let attenuated = unverified.append(block).map_err(classify)?;
+    attenuated.to_base64().map_err(classify)
+}
+
+/// A request to authorize a verified token for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzRequest {
+    /// Operation name, e.g. `environment.create`.
+    pub operation: String,
+    /// The resource's team, when known.
+    pub team: Option<String>,
+    /// The resource's environment, when known.
+    pub environment: Option<String>,
+    /// The time to check expiries against (defaults to now).
+    pub now: DateTime<Utc>,
+}
+
+impl AuthzRequest {
+    /// A request for `operation` now.
+    pub fn new(operation: impl Into<String>) -> Self {
+        Self {
+            operation: operation.into(),
+            team: None,
+            environment: None,
+            now: Utc::now(),
+        }
+    }
+    /// The resource's team.
+    pub fn team(mut self, team_id: impl Into<String>) -> Self {
+        self.team = Some(team_id.into());
+        self
+    }
+    /// The resource's environment.
+    pub fn environment(mut self, environment_id: impl Into<String>) -> Self {
+        self.environment = Some(environment_id.into());
+        self
+    }
+    /// Evaluates at another time (tests, clock skew handling).
+    pub fn at(mut self, now: DateTime<Utc>) -> Self {
+        self.now = now;
+        self
+    }
+}
+
+/// A token whose signatures verified against the key ring.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    biscuit: Biscuit,
+    key_id: u32,
+    user_id: String,
+    token_id: String,
+}
+
+impl VerifiedToken {
+    /// The user the token acts for.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+    /// The token id (shared by every token attenuated from the same mint).
+    pub fn token_id(&self) -> &str {
+        &self.token_id
+    }
+    /// The id of the root key that signed it.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+    /// Number of attenuation blocks.
+    pub fn attenuation_blocks(&self) -> usize {
+        self.biscuit.block_count().saturating_sub(1)
+    }
+
+    /// Runs the biscuit authorizer: every check of every block (expiry,
+    /// attenuation to team / environment / operations / earlier expiry)
+    /// must pass for the request. Role rules are the caller's business.
+    pub fn authorize(&self, request: &AuthzRequest) -> Result<()> {
+        let secs = epoch_secs(request.now);
+        let mut builder = AuthorizerBuilder::new()
+            .fact(fact(
+                "time",
+                &[date(&(UNIX_EPOCH + Duration::from_secs(secs)))],
+            ))
+            .and_then(|b| b.fact(fact("operation", &[string(&request.operation)])))
+            .map_err(classify)?;
+        if let Some(team) = &request.team {
+            builder = builder
+                .fact(fact("team", &[string(team)]))
+                .map_err(classify)?;
+        }
+        if let Some(env) = &request.environment {
+            builder = builder
+                .fact(fact("environment", &[string(env)]))
+                .map_err(classify)?;
+        }
+        let mut authorizer = builder
+            .policy("allow if true")
+            .map_err(classify)?
+            .build(&self.biscuit)
+            .map_err(classify)?;
+        authorizer.authorize().map(|_| ()).map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration as ChronoDuration;
+
+    fn setup() -> (RootKey, KeyRing, String) {
+        let root = RootKey::generate(7);
+        let mut ring = KeyRing::new();
+        ring.insert(7, &root.public_key_bytes()).unwrap();
+        let claims = Claims::new("u1", "t1", Utc::now() + ChronoDuration::hours(1));
+        let token = mint(&root, &claims).unwrap();
+        (root, ring, token)
+    }
+
+    #[test]
+    fn mint_and_verify_roundtrip() {
+        let (_, ring, token) = setup();
+        let v = ring.verify(&token).unwrap();
+        assert_eq!((v.user_id(), v.token_id(), v.key_id()), ("u1", "t1", 7));
+        v.authorize(&AuthzRequest::new("identity.whoami")).unwrap();
+    }
+
+    #[test]
+    fn expired_token_is_denied() {
+        let root = RootKey::generate(1);
+        let mut ring = KeyRing::new();
+        ring.insert(1, &root.public_key_bytes()).unwrap();
+        let token = mint(
+            &root,
+            &Claims::new("u", "t", Utc::now() - ChronoDuration::seconds(5)),
+        )
+        .unwrap();
+        let v = ring.verify(&token).unwrap();
+        assert!(matches!(
+            v.authorize(&AuthzRequest::new("identity.whoami")),
+            Err(TokenError::Denied)
+        ));
+        // Valid before its expiry.
+        v.authorize(
+            &AuthzRequest::new("identity.whoami").at(Utc::now() - ChronoDuration::minutes(1)),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn attenuation_restricts_team_environment_operations_and_expiry() {
+        let (_, ring, token) = setup();
+        let narrowed = attenuate(
+            &token,
+            &Restriction::default()
+                .team("team-a")
+                .environment("env-1")
+                .operations(["environment.get", "environment.logs"]),
+        )
+        .unwrap();
+        let v = ring.verify(&narrowed).unwrap();
+        assert_eq!(v.attenuation_blocks(), 1);
+        assert_eq!(v.token_id(), "t1");
+        let ok = AuthzRequest::new("environment.get")
+            .team("team-a")
+            .environment("env-1");
+        v.authorize(&ok).unwrap();
+        // Beyond the restriction: other operation, team, environment, or no team.
+        for bad in [
+            AuthzRequest::new("environment.exec")
+                .team("team-a")
+                .environment("env-1"),
+            AuthzRequest::new("environment.get")
+                .team("team-b")
+                .environment("env-1"),
+            AuthzRequest::new("environment.get")
+                .team("team-a")
+                .environment("env-2"),
+            AuthzRequest::new("environment.get"),
+        ] {
+            assert!(
+                matches!(v.authorize(&bad), Err(TokenError::Denied)),
+                "{bad:?}"
+            );
+        }
+        // Earlier expiry.
+        let short = attenuate(
+            &token,
+            &Restriction::default().expires_at(Utc::now() + ChronoDuration::minutes(1)),
+        )
+        .unwrap();
+        let v = ring.verify(&short).unwrap();
+        v.authorize(&AuthzRequest::new("identity.whoami")).unwrap();
+        assert!(
+            v.authorize(
+                &AuthzRequest::new("identity.whoami").at(Utc::now() + ChronoDuration::minutes(2))
+            )
+            .is_err()
+        );
+        // A later expiry in an attenuation cannot extend the token.
+        let long = attenuate(
+            &token,
+            &Restriction::default().expires_at(Utc::now() + ChronoDuration::days(30)),
+        )
+        .unwrap();
+        let v = ring.verify(&long).unwrap();
+        assert!(
+            v.authorize(
+                &AuthzRequest::new("identity.whoami").at(Utc::now() + ChronoDuration::hours(2))
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn attenuation_cannot_widen_by_adding_facts() {
+        // Re-attenuating narrows further: both blocks' checks apply.
+        let (_, ring, token) = setup();
+        let a = attenuate(&token, &Restriction::default().team("team-a")).unwrap();
+        let b = attenuate(&a, &Restriction::default().team("team-b")).unwrap();
+        let v = ring.verify(&b).unwrap();
+        assert_eq!(v.attenuation_blocks(), 2);
+        assert!(
+            v.authorize(&AuthzRequest::new("environment.list").team("team-a"))
+                .is_err()
+        );
+        assert!(
+            v.authorize(&AuthzRequest::new("environment.list").team("team-b"))
+                .is_err()
+        );
+        // A block that asserts another user is ignored for the claims.
+        let forged = biscuit_auth::UnverifiedBiscuit::from_base64(&token)
+            .unwrap()
+            .append(
+                BlockBuilder::new()
+                    .code("user(\"admin\"); token_id(\"x\");")
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let v = ring.verify(&forged).unwrap();
+        assert_eq!((v.user_id(), v.token_id()), ("u1", "t1"));
+    }
+
+    #[test]
+    fn attenuation_rejects_bad_values() {
+        let (_, _, token) = setup();
+        assert!(attenuate(&token, &Restriction::default()).is_err());
+        assert!(matches!(
+            attenuate(
+                &token,
+                &Restriction::default().team("a\"); check if false; (\"")
+            ),
+            Err(TokenError::Invalid { field: "team", .. })
+        ));
+        assert!(matches!(
+            attenuate("not a token", &Restriction::default().team("a")),
+            Err(TokenError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn tampered_token_is_rejected() {
+        let (_, ring, token) = setup();
+        use base64::Engine as _;
+        let engine = base64::engine::general_purpose::URL_SAFE;
+        let mut bytes = engine.decode(&token).unwrap();
+        // Flip a byte inside the authority block payload.
+        let mid = bytes.len() / 3;
+        bytes[mid] ^= 0x01;
+        let tampered = engine.encode(&bytes);
+        assert!(ring.verify(&tampered).is_err());
+        // Garbage is malformed.
+        assert!(matches!(ring.verify("abc"), Err(TokenError::Malformed)));
+    }
+
+    #[test]
+    fn token_from_another_key_is_rejected() {
+        let (_, ring, _) = setup();
+        // Same key id, different key.
+        let other = RootKey::generate(7);
+        let forged = mint(
+            &other,
+            &Claims::new("u1", "t1", Utc::now() + ChronoDuration::hours(1)),
+        )
+        .unwrap();
+        assert!(matches!(
+            ring.verify(&forged),
+            Err(TokenError::InvalidSignature)
+        ));
+        // Unknown key id.
+        let unknown = RootKey::generate(99);
+        let t = mint(
+            &unknown,
+            &Claims::new("u1", "t1", Utc::now() + ChronoDuration::hours(1)),
+        )
+        .unwrap();
+        assert!(matches!(ring.verify(&t), Err(TokenError::UnknownKey)));
+    }
+
+    #[test]
+    fn rotation_keeps_old_keys_until_retired() {
+        let old = RootKey::generate(1);
+        let new = RootKey::generate(2);
+        let mut ring = KeyRing::new();
+        ring.insert(1, &old.public_key_bytes()).unwrap();
+        ring.insert(2, &new.public_key_bytes()).unwrap();
+        let exp = Utc::now() + ChronoDuration::hours(1);
+        let t_old = mint(&old, &Claims::new("u", "a", exp)).unwrap();
+        let t_new = mint(&new, &Claims::new("u", "b", exp)).unwrap();
+        assert_eq!(ring.verify(&t_old).unwrap().key_id(), 1);
+        assert_eq!(ring.verify(&t_new).unwrap().key_id(), 2);
+        ring.remove(1);
+        assert!(matches!(ring.verify(&t_old), Err(TokenError::UnknownKey)));
+        ring.verify(&t_new).unwrap();
+    }
+
+    #[test]
+    fn root_key_roundtrips_through_bytes() {
+        let k = RootKey::generate(3);
+        let back = RootKey::from_private_bytes(3, &k.private_key_bytes()).unwrap();
+        assert_eq!(k.public_key_bytes(), back.public_key_bytes());
+        assert!(!format!("{k:?}").contains(&hex::encode(k.private_key_bytes())));
+    }
+}

@@ -1,1 +1,0 @@
-//! The vibebox command line: runs the platform (vibebox up) and drives it.

@@ -1,0 +1,397 @@
+//! Authentication and authorization of end users.
+//!
+//! Tokens are verified locally against identity's public keys (a key ring
+//! fetched with `AuthorizationService.GetTokenKeys`, refreshed periodically
+//! and when a token names an unknown key id). Decisions come from identity's
+//! `Authorize` and are cached for at most `cache_ttl_ms` (never more than one
+//! second), which keeps a revoked token working for at most about one second
+//! through the gateway, inside the platform's two-second revocation bound.
+//! The token's own biscuit checks (expiry, attenuation) are evaluated locally
+//! too: both must allow.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use vibebox_proto::authz::authorization_service_client::AuthorizationServiceClient;
+use vibebox_proto::authz::{
+    AuthorizeRequest, AuthorizeResponse, GetTokenKeysRequest, ListCallerScopesRequest,
+    ListCallerScopesResponse, Resource,
+};
+use vibebox_server_kit::GrpcChannel;
+use vibebox_token::{AuthzRequest, KeyRing, TokenError, VerifiedToken};
+
+/// The upper bound on caching one decision, whatever identity says.
+pub(crate) const MAX_DECISION_TTL: Duration = Duration::from_secs(1);
+/// Least time between two key refreshes triggered by unknown key ids.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Cached decisions kept before the cache is swept.
+const MAX_CACHE_ENTRIES: usize = 50_000;
+/// Deadline of calls to identity made while authenticating.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a caller was not let through.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AuthError {
+    /// No usable token: missing, malformed, forged, expired or revoked.
+    #[error("invalid token: {0}")]
+    Unauthenticated(&'static str),
+    /// The token is fine but does not allow this operation on this resource.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// Identity could not be asked.
+    #[error("identity unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A caller whose token verified against the key ring.
+#[derive(Clone, Debug)]
+pub(crate) struct Principal {
+    pub(crate) token: String,
+    pub(crate) verified: VerifiedToken,
+}
+
+impl Principal {
+    pub(crate) fn user_id(&self) -> &str {
+        self.verified.user_id()
+    }
+    pub(crate) fn token_id(&self) -> &str {
+        self.verified.token_id()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CacheKey {
+    token: String,
+    operation: String,
+    kind: String,
+    team_id: String,
+    environment_id: String,
+    owner_id: String,
+    id: String,
+}
+
+impl CacheKey {
+    fn new(token: &str, operation: &str, resource: &Resource) -> Self {
+        Self {
+            token: token.to_owned(),
+            operation: operation.to_owned(),
+            kind: resource.kind.clone(),
+            team_id: resource.team_id.clone(),
+            environment_id: resource.environment_id.clone(),
+            owner_id: resource.owner_id.clone(),
+            id: resource.id.clone(),
+        }
+    }
+}
+
+/// A short-lived cache of identity's decisions.
+pub(crate) struct DecisionCache {
+    max_ttl: Duration,
+    entries: Mutex<HashMap<CacheKey, (AuthorizeResponse, Instant)>>,
+}
+
+impl DecisionCache {
+    /// A cache keeping decisions at most `max_ttl` (capped at one second).
+    pub(crate) fn new(max_ttl: Duration) -> Self {
+        Self {
+            max_ttl: max_ttl.min(MAX_DECISION_TTL),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<AuthorizeResponse> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(key)
+            .filter(|(_, expires)| Instant::now() < *expires)
+            .map(|(decision, _)| decision.clone())
+    }
+
+    fn put(&self, key: CacheKey, decision: &AuthorizeResponse) {
+        let ttl = Duration::from_millis(u64::from(decision.cache_ttl_ms)).min(self.max_ttl);
+        if ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_CACHE_ENTRIES {
+            entries.retain(|_, (_, expires)| now < *expires);
+            if entries.len() >= MAX_CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (decision.clone(), now + ttl));
+    }
+}
+
+/// Verifies tokens and asks identity for decisions.
+pub(crate) struct Authenticator {
+    ring: RwLock<KeyRing>,
+    last_refresh: tokio::sync::Mutex<Option<Instant>>,
+    client: AuthorizationServiceClient<GrpcChannel>,
+    cache: DecisionCache,
+}
+
+impl Authenticator {
+    pub(crate) fn new(channel: GrpcChannel, max_ttl: Duration) -> Self {
+        Self {
+            ring: RwLock::new(KeyRing::new()),
+            last_refresh: tokio::sync::Mutex::new(None),
+            client: AuthorizationServiceClient::new(channel),
+            cache: DecisionCache::new(max_ttl),
+        }
+    }
+
+    /// Fetches identity's token keys and replaces the ring (retired keys are
+    /// dropped: tokens they signed stop verifying).
+    pub(crate) async fn refresh_keys(&self) -> Result<usize, AuthError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(GetTokenKeysRequest {});
+        request.set_timeout(IDENTITY_TIMEOUT);
+        let keys = client
+            .get_token_keys(request)
+            .await
+            .map_err(|s| AuthError::Unavailable(format!("GetTokenKeys: {s}")))?
+            .into_inner()
+            .keys;
+        let mut ring = KeyRing::new();
+        for key in keys.iter().filter(|k| !k.retired) {
+            match key.key_id.parse::<u32>() {
+                Ok(id) => {
+                    if ring.insert(id, &key.public_key).is_err() {
+                        tracing::warn!(key_id = %key.key_id, "ignoring an unparsable token key");
+                    }
+                }
+                Err(_) => tracing::warn!(key_id = %key.key_id, "ignoring a non-numeric token key id"),
+            }
+        }
+        let count = ring.key_ids().len();
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
+        tracing::debug!(keys = count, "token keys refreshed");
+        Ok(count)
+    }
+
+    /// Refreshes the keys unless that happened less than a second ago
+    /// (so that forged key ids cannot hammer identity).
+    async fn refresh_throttled(&self) -> Result<(), AuthError> {
+        let mut last = self.last_refresh.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MIN_REFRESH_INTERVAL) {
+            return Ok(());
+        }
+        let result = self.refresh_keys().await;
+        *last = Some(Instant::now());
+        result.map(|_| ())
+    }
+
+    fn verify_locally(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        self.ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .verify(token)
+    }
+
+    /// Verifies `token`'s signatures and claims against the key ring.
+    pub(crate) async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let verified = match self.verify_locally(token) {
+            Err(TokenError::UnknownKey) => {
+                // Rotation: identity may have a key we have not seen yet.
+                let refreshed = self.refresh_throttled().await;
+                match self.verify_locally(token) {
+                    Err(TokenError::UnknownKey) => {
+                        refreshed?;
+                        return Err(AuthError::Unauthenticated("token signed by an unknown key"));
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        match verified {
+            Ok(verified) => Ok(Principal {
+                token: token.to_owned(),
+                verified,
+            }),
+            Err(error) => Err(AuthError::Unauthenticated(reason(&error))),
+        }
+    }
+
+    /// Decides whether `principal` may perform `operation` on `resource`:
+    /// the token's own checks (locally) and identity's decision must both
+    /// allow.
+    pub(crate) async fn authorize(
+        &self,
+        principal: &Principal,
+        operation: &str,
+        resource: &Resource,
+    ) -> Result<AuthorizeResponse, AuthError> {
+        let mut local = AuthzRequest::new(operation);
+        if !resource.team_id.is_empty() {
+            local = local.team(&resource.team_id);
+        }
+        if !resource.environment_id.is_empty() {
+            local = local.environment(&resource.environment_id);
+        }
+        let locally_allowed = principal.verified.authorize(&local).is_ok();
+
+        let key = CacheKey::new(&principal.token, operation, resource);
+        let decision = match self.cache.get(&key) {
+            Some(decision) => decision,
+            None => {
+                let decision = self.ask_identity(principal, operation, resource).await?;
+                self.cache.put(key, &decision);
+                decision
+            }
+        };
+        if !decision.allowed && decision.user_id.is_empty() {
+            // Identity could not authenticate the token (revoked, disabled
+            // user, expired): an answer, not an error.
+            return Err(AuthError::Unauthenticated("token rejected by identity"));
+        }
+        if !decision.allowed {
+            let reason = if decision.reason.is_empty() {
+                "permission denied".to_owned()
+            } else {
+                decision.reason.clone()
+            };
+            return Err(AuthError::Denied(reason));
+        }
+        if !locally_allowed {
+            return Err(AuthError::Denied("the token does not allow this request".into()));
+        }
+        Ok(decision)
+    }
+
+    async fn ask_identity(
+        &self,
+        principal: &Principal,
+        operation: &str,
+        resource: &Resource,
+    ) -> Result<AuthorizeResponse, AuthError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(AuthorizeRequest {
+            token: principal.token.clone(),
+            operation: operation.to_owned(),
+            resource: Some(resource.clone()),
+        });
+        request.set_timeout(IDENTITY_TIMEOUT);
+        match client.authorize(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(classify_identity_status(&status)),
+        }
+    }
+
+    /// The teams (with roles) of the token's user, from identity.
+    pub(crate) async fn caller_scopes(
+        &self,
+        principal: &Principal,
+    ) -> Result<ListCallerScopesResponse, AuthError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(ListCallerScopesRequest {
+            token: principal.token.clone(),
+        });
+        request.set_timeout(IDENTITY_TIMEOUT);
+        match client.list_caller_scopes(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(classify_identity_status(&status)),
+        }
+    }
+}
+
+fn classify_identity_status(status: &tonic::Status) -> AuthError {
+    match status.code() {
+        Code::Unauthenticated => AuthError::Unauthenticated("token rejected by identity"),
+        Code::PermissionDenied => AuthError::Denied(status.message().to_owned()),
+        _ => AuthError::Unavailable(format!("{}: {}", status.code(), status.message())),
+    }
+}
+
+/// A short, non-secret description of a verification failure (for logs and
+/// audit details, never the token itself).
+fn reason(error: &TokenError) -> &'static str {
+    match error {
+        TokenError::Malformed => "malformed token",
+        TokenError::UnknownKey => "token signed by an unknown key",
+        TokenError::InvalidSignature => "invalid token signature",
+        TokenError::MissingClaims => "token lacks required claims",
+        TokenError::Denied => "token checks failed",
+        TokenError::Invalid { .. } => "invalid token",
+        TokenError::InvalidKey => "invalid key material",
+        TokenError::Internal(_) => "token processing failed",
+    }
+}
+
+/// The bearer token of `authorization: Bearer <token>`, if any.
+pub(crate) fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(allowed: bool, ttl_ms: u32) -> AuthorizeResponse {
+        AuthorizeResponse {
+            allowed,
+            cache_ttl_ms: ttl_ms,
+            user_id: "u".into(),
+            ..Default::default()
+        }
+    }
+
+    fn key(op: &str, team: &str) -> CacheKey {
+        CacheKey::new(
+            "tok",
+            op,
+            &Resource {
+                kind: "team".into(),
+                team_id: team.into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn cache_keys_differ_by_operation_and_resource() {
+        let cache = DecisionCache::new(Duration::from_secs(1));
+        cache.put(key("environment.list", "a"), &decision(true, 1000));
+        assert!(cache.get(&key("environment.list", "a")).unwrap().allowed);
+        assert!(cache.get(&key("environment.list", "b")).is_none());
+        assert!(cache.get(&key("environment.create", "a")).is_none());
+    }
+
+    #[test]
+    fn cache_honours_zero_ttl_and_caps_at_one_second() {
+        let cache = DecisionCache::new(Duration::from_secs(60));
+        assert_eq!(cache.max_ttl, MAX_DECISION_TTL);
+        cache.put(key("op", "a"), &decision(true, 0));
+        assert!(cache.get(&key("op", "a")).is_none(), "ttl 0 must not be cached");
+    }
+
+    #[test]
+    fn cached_decisions_expire() {
+        let cache = DecisionCache::new(Duration::from_millis(20));
+        cache.put(key("op", "a"), &decision(false, 1000));
+        assert!(!cache.get(&key("op", "a")).unwrap().allowed);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(cache.get(&key("op", "a")).is_none());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(bearer_token(&md), None);
+        md.insert("authorization", "Bearer abc.def".parse().unwrap());
+        assert_eq!(bearer_token(&md), Some("abc.def"));
+        md.insert("authorization", "bearer   xyz ".parse().unwrap());
+        assert_eq!(bearer_token(&md), Some("xyz"));
+        md.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer_token(&md), None);
+        md.insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(bearer_token(&md), None);
+    }
+}

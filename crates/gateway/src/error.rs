@@ -1,0 +1,146 @@
+//! The gateway's errors and their one mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::validate::FieldViolation;
+
+/// The answer given for a missing environment and for another team's
+/// environment alike (no existence oracle).
+pub(crate) const ENVIRONMENT_DENIED: &str = "environment not found or access denied";
+
+/// Why the gateway refused or failed a call.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GatewayError {
+    #[error("missing bearer token")]
+    MissingToken,
+    #[error("invalid token ({0})")]
+    InvalidToken(&'static str),
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error("{ENVIRONMENT_DENIED}")]
+    EnvironmentDenied,
+    #[error("rate limit exceeded")]
+    RateLimited,
+    #[error("invalid argument {0}")]
+    Invalid(#[from] FieldViolation),
+    /// A dependency could not be reached.
+    #[error("{service} unavailable: {detail}")]
+    Unavailable {
+        service: &'static str,
+        detail: String,
+    },
+    /// A dependency's answer, passed through (details included).
+    #[error("{service} answered {}", .status.code())]
+    Upstream {
+        service: &'static str,
+        status: Status,
+    },
+}
+
+pub(crate) type Result<T, E = GatewayError> = std::result::Result<T, E>;
+
+impl GatewayError {
+    /// Wraps a status returned by `service`.
+    pub(crate) fn upstream(service: &'static str) -> impl FnOnce(Status) -> Self {
+        move |status| GatewayError::Upstream { service, status }
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::MissingToken => {
+                Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")
+            }
+            GatewayError::InvalidToken(_) => Status::unauthenticated("invalid or expired token"),
+            GatewayError::Denied(_) => Status::permission_denied("permission denied"),
+            GatewayError::EnvironmentDenied => Status::permission_denied(ENVIRONMENT_DENIED),
+            GatewayError::RateLimited => {
+                Status::resource_exhausted("rate limit exceeded, retry later")
+            }
+            GatewayError::Invalid(v) => {
+                vibebox_server_kit::status::invalid_field(&v.field, &v.description)
+            }
+            GatewayError::Unavailable { service, detail } => {
+                vibebox_server_kit::status::unavailable(service, &detail)
+            }
+            GatewayError::Upstream { service, status } => match status.code() {
+                // Transport failures and internal errors carry text not meant
+                // for end users: log it, answer generically.
+                Code::Unavailable => vibebox_server_kit::status::unavailable(service, &status),
+                Code::Unknown | Code::Internal | Code::DataLoss => {
+                    vibebox_server_kit::status::internal(&format_args!("{service}: {status}"))
+                }
+                Code::Ok
+                | Code::Cancelled
+                | Code::InvalidArgument
+                | Code::DeadlineExceeded
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::ResourceExhausted
+                | Code::FailedPrecondition
+                | Code::Aborted
+                | Code::OutOfRange
+                | Code::Unimplemented
+                | Code::Unauthenticated => status,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn codes() {
+        let s: Status = GatewayError::MissingToken.into();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        let s: Status = GatewayError::InvalidToken("x").into();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        let s: Status = GatewayError::Denied("secret reason".into()).into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(!s.message().contains("secret"));
+        let s: Status = GatewayError::EnvironmentDenied.into();
+        assert_eq!((s.code(), s.message()), (Code::PermissionDenied, ENVIRONMENT_DENIED));
+        let s: Status = GatewayError::RateLimited.into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn invalid_fields_carry_bad_request_details() {
+        let s: Status = GatewayError::Invalid(FieldViolation {
+            field: "spec.image".into(),
+            description: "is required".into(),
+        })
+        .into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let br = s.get_details_bad_request().expect("bad request details");
+        assert_eq!(br.field_violations[0].field, "spec.image");
+    }
+
+    #[test]
+    fn upstream_denials_pass_through_unchanged_but_internals_do_not_leak() {
+        let denial = vibebox_server_kit::status::precondition_failure(
+            "denied by policy",
+            &[("privileged", "spec.privileged", "privileged containers are not allowed")],
+        );
+        let s: Status = GatewayError::Upstream {
+            service: "policy",
+            status: denial,
+        }
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(vibebox_server_kit::status::violated_rules(&s), ["privileged"]);
+
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: Status::internal("db at /var/secret exploded"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret"));
+    }
+}

@@ -1,0 +1,456 @@
+//! The gateway's shared core: upstream clients, the authentication and
+//! rate-limit steps every call goes through, trusted metadata for forwarded
+//! calls, and the audit of refused calls.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::{Code, Request};
+use vibebox_audit_client::AuditClient;
+use vibebox_proto::audit::audit_service_client::AuditServiceClient;
+use vibebox_proto::audit::{Actor, AuditEvent, Outcome, Severity};
+use vibebox_proto::authz::{AuthorizeResponse, Resource};
+use vibebox_proto::clearance::clearance_service_client::ClearanceServiceClient;
+use vibebox_proto::environment::Environment;
+use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
+use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
+use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
+use vibebox_proto::runtime::{Caller, GetEnvironmentRequest};
+use vibebox_server_kit::{GrpcChannel, meta};
+
+use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
+use crate::error::{GatewayError, Result};
+use crate::ratelimit::UserRateLimiter;
+use crate::validate;
+
+pub(crate) const IDENTITY: &str = "identity";
+pub(crate) const POLICY: &str = "policy";
+pub(crate) const ORCHESTRATOR: &str = "orchestrator";
+pub(crate) const AUDIT: &str = "audit";
+
+/// Channels to the internal services (mutual TLS, the gateway's identity).
+pub(crate) struct Upstreams {
+    pub(crate) identity: GrpcChannel,
+    pub(crate) policy: GrpcChannel,
+    pub(crate) orchestrator: GrpcChannel,
+    pub(crate) audit: GrpcChannel,
+}
+
+/// Knobs of the shared core.
+pub(crate) struct Settings {
+    pub(crate) rate_per_second: u32,
+    pub(crate) rate_burst: u32,
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) decision_cache_ttl: Duration,
+}
+
+/// State shared by every handler.
+pub(crate) struct Gateway {
+    pub(crate) auth: Authenticator,
+    limiter: UserRateLimiter,
+    /// Limits unauthenticated traffic (Login, refused tokens) per client address.
+    anonymous_limiter: UserRateLimiter,
+    audit_log: AuditClient,
+    pub(crate) runtime: RuntimeServiceClient<GrpcChannel>,
+    pub(crate) clearance: ClearanceServiceClient<GrpcChannel>,
+    pub(crate) identity: IdentityServiceClient<GrpcChannel>,
+    pub(crate) policy: PolicyServiceClient<GrpcChannel>,
+    pub(crate) audit: AuditServiceClient<GrpcChannel>,
+    upstream_timeout: Duration,
+}
+
+/// What is known about a call before it is authenticated.
+pub(crate) struct CallInfo {
+    pub(crate) method: &'static str,
+    pub(crate) request_id: String,
+    pub(crate) client_address: String,
+    pub(crate) timeout: Duration,
+    authorization: Option<AsciiMetadataValue>,
+    token: Option<String>,
+}
+
+impl CallInfo {
+    /// Reads what the gateway needs from an incoming request.
+    pub(crate) fn of<T>(
+        method: &'static str,
+        request: &Request<T>,
+        max_timeout: Duration,
+    ) -> Self {
+        let metadata = request.metadata();
+        let request_id = vibebox_server_kit::request_id(request)
+            .or_else(|| {
+                metadata
+                    .get(meta::REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .filter(|id| validate::optional_id("request_id", id).is_ok() && !id.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let client_address = request
+            .remote_addr()
+            .map(|a: SocketAddr| a.to_string())
+            .unwrap_or_default();
+        let timeout = client_timeout(metadata)
+            .map_or(max_timeout, |t| t.min(max_timeout));
+        Self {
+            method,
+            request_id,
+            client_address,
+            timeout,
+            authorization: metadata.get("authorization").cloned(),
+            token: bearer_token(metadata).map(str::to_owned),
+        }
+    }
+}
+
+/// An authenticated call.
+pub(crate) struct Call {
+    pub(crate) info: CallInfo,
+    pub(crate) principal: Principal,
+}
+
+impl Call {
+    pub(crate) fn user_id(&self) -> &str {
+        self.principal.user_id()
+    }
+
+    /// Who asked, for the orchestrator's audit records.
+    pub(crate) fn caller(&self) -> Caller {
+        Caller {
+            user_id: self.principal.user_id().to_owned(),
+            token_id: self.principal.token_id().to_owned(),
+            request_id: self.info.request_id.clone(),
+            client_address: self.info.client_address.clone(),
+        }
+    }
+
+    /// A request to an internal service carrying the trusted caller
+    /// metadata and the call's deadline.
+    pub(crate) fn forward<T>(&self, message: T) -> Request<T> {
+        let mut request = self.forward_stream(message);
+        request.set_timeout(self.info.timeout);
+        request
+    }
+
+    /// Like [`forward`](Self::forward) without a deadline (long-lived streams).
+    pub(crate) fn forward_stream<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        let md = request.metadata_mut();
+        insert(md, meta::USER_ID, self.principal.user_id());
+        insert(md, meta::TOKEN_ID, self.principal.token_id());
+        insert(md, meta::REQUEST_ID, &self.info.request_id);
+        insert(md, meta::CLIENT_ADDRESS, &self.info.client_address);
+        request
+    }
+
+    /// A request to identity: trusted metadata plus the raw authorization header.
+    pub(crate) fn forward_identity<T>(&self, message: T) -> Request<T> {
+        let mut request = self.forward(message);
+        if let Some(value) = &self.info.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        request
+    }
+}
+
+fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
+    if let Ok(value) = value.parse::<AsciiMetadataValue>() {
+        md.insert(key, value);
+    }
+}
+
+/// The client's `grpc-timeout`, if any.
+fn client_timeout(md: &MetadataMap) -> Option<Duration> {
+    let value = md.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl Gateway {
+    pub(crate) fn new(upstreams: Upstreams, audit_log: AuditClient, settings: &Settings) -> Self {
+        Self {
+            auth: Authenticator::new(upstreams.identity.clone(), settings.decision_cache_ttl),
+            limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
+            anonymous_limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
+            audit_log,
+            runtime: RuntimeServiceClient::new(upstreams.orchestrator),
+            clearance: ClearanceServiceClient::new(upstreams.policy.clone()),
+            identity: IdentityServiceClient::new(upstreams.identity),
+            policy: PolicyServiceClient::new(upstreams.policy),
+            audit: AuditServiceClient::new(upstreams.audit),
+            upstream_timeout: settings.upstream_timeout,
+        }
+    }
+
+    /// Periodic housekeeping: key refresh and rate-limiter shrinking.
+    pub(crate) async fn maintain(
+        self: Arc<Self>,
+        key_refresh: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(key_refresh);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(error) = self.auth.refresh_keys().await {
+                        tracing::debug!(%error, "token key refresh failed; will retry");
+                    }
+                    self.limiter.shrink();
+                    self.anonymous_limiter.shrink();
+                }
+            }
+        }
+    }
+
+    /// Reads the call's metadata.
+    pub(crate) fn info<T>(&self, method: &'static str, request: &Request<T>) -> CallInfo {
+        CallInfo::of(method, request, self.upstream_timeout)
+    }
+
+    /// Authenticates the bearer token and applies the caller's rate limit.
+    pub(crate) async fn authenticate(&self, info: CallInfo) -> Result<Call> {
+        let Some(token) = info.token.clone() else {
+            self.refuse_anonymous(&info, "missing bearer token");
+            return Err(GatewayError::MissingToken);
+        };
+        let principal = match self.auth.authenticate(&token).await {
+            Ok(principal) => principal,
+            Err(AuthError::Unauthenticated(reason)) => {
+                self.refuse_anonymous(&info, reason);
+                return Err(GatewayError::InvalidToken(reason));
+            }
+            Err(AuthError::Denied(reason)) => return Err(GatewayError::Denied(reason)),
+            Err(AuthError::Unavailable(detail)) => {
+                return Err(GatewayError::Unavailable {
+                    service: IDENTITY,
+                    detail,
+                });
+            }
+        };
+        let call = Call { info, principal };
+        if !self.limiter.check(call.user_id()) {
+            self.record(
+                &call.info,
+                Some(&call.principal),
+                "access.rate_limited",
+                Severity::Low,
+                "per-user rate limit exceeded",
+                None,
+            );
+            return Err(GatewayError::RateLimited);
+        }
+        Ok(call)
+    }
+
+    /// Rate limit for calls without a user (Login), by client address.
+    pub(crate) fn limit_anonymous(&self, info: &CallInfo) -> Result<()> {
+        let key = client_host(&info.client_address);
+        if self.anonymous_limiter.check(&key) {
+            Ok(())
+        } else {
+            self.record(
+                info,
+                None,
+                "access.rate_limited",
+                Severity::Low,
+                "per-address rate limit exceeded",
+                None,
+            );
+            Err(GatewayError::RateLimited)
+        }
+    }
+
+    fn refuse_anonymous(&self, info: &CallInfo, reason: &'static str) {
+        // A flood of bad tokens is audited only within the per-address budget
+        // (the refusals themselves are always counted in metrics).
+        let key = client_host(&info.client_address);
+        if self.anonymous_limiter.check(&key) {
+            self.record(info, None, "access.unauthenticated", Severity::Low, reason, None);
+        } else {
+            crate::metrics::record_access_event("access.unauthenticated");
+        }
+    }
+
+    /// Asks identity whether the call may perform `operation` on `resource`.
+    pub(crate) async fn authorize(
+        &self,
+        call: &Call,
+        operation: &'static str,
+        resource: Resource,
+    ) -> Result<AuthorizeResponse> {
+        match self.auth.authorize(&call.principal, operation, &resource).await {
+            Ok(decision) => Ok(decision),
+            Err(AuthError::Denied(reason)) => {
+                self.record_denied(call, operation, &reason, &resource);
+                Err(GatewayError::Denied(reason))
+            }
+            Err(AuthError::Unauthenticated(reason)) => {
+                self.refuse_anonymous(&call.info, reason);
+                Err(GatewayError::InvalidToken(reason))
+            }
+            Err(AuthError::Unavailable(detail)) => Err(GatewayError::Unavailable {
+                service: IDENTITY,
+                detail,
+            }),
+        }
+    }
+
+    fn record_denied(&self, call: &Call, operation: &str, reason: &str, resource: &Resource) {
+        let reason = format!("{operation}: {reason}");
+        self.record(
+            &call.info,
+            Some(&call.principal),
+            "access.denied",
+            Severity::Medium,
+            &reason,
+            Some(resource),
+        );
+    }
+
+    /// Loads an environment from the orchestrator and authorizes `operation`
+    /// on it. A missing environment and a forbidden one get the same answer.
+    pub(crate) async fn environment(
+        &self,
+        call: &Call,
+        operation: &'static str,
+        environment_id: &str,
+    ) -> Result<(Environment, AuthorizeResponse)> {
+        let mut runtime = self.runtime.clone();
+        let found = runtime
+            .get_environment(call.forward(GetEnvironmentRequest {
+                environment_id: environment_id.to_owned(),
+            }))
+            .await;
+        let environment = match found {
+            Ok(response) => response.into_inner().environment,
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(GatewayError::upstream(ORCHESTRATOR)(status)),
+        };
+        let Some(environment) = environment else {
+            let resource = Resource {
+                kind: "environment".into(),
+                environment_id: environment_id.to_owned(),
+                ..Default::default()
+            };
+            self.record_denied(call, operation, "environment not found", &resource);
+            return Err(GatewayError::EnvironmentDenied);
+        };
+        let resource = Resource {
+            kind: "environment".into(),
+            team_id: environment.team_id.clone(),
+            environment_id: environment.id.clone(),
+            owner_id: environment.owner_id.clone(),
+            id: environment.id.clone(),
+        };
+        match self.authorize(call, operation, resource).await {
+            Ok(decision) => Ok((environment, decision)),
+            Err(GatewayError::Denied(_)) => Err(GatewayError::EnvironmentDenied),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Records an access event in the background (a refusal never waits on
+    /// the audit outbox; failures are logged).
+    fn record(
+        &self,
+        info: &CallInfo,
+        principal: Option<&Principal>,
+        action: &'static str,
+        severity: Severity,
+        reason: &str,
+        resource: Option<&Resource>,
+    ) {
+        crate::metrics::record_access_event(action);
+        tracing::info!(action, method = info.method, reason, "call refused");
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("method".to_owned(), string_value(info.method));
+        fields.insert("reason".to_owned(), string_value(reason));
+        let (resource_type, resource_id, team_id) = resource
+            .map(|r| {
+                let id = [&r.environment_id, &r.id, &r.team_id]
+                    .into_iter()
+                    .find(|s| !s.is_empty())
+                    .cloned()
+                    .unwrap_or_default();
+                (r.kind.clone(), id, r.team_id.clone())
+            })
+            .unwrap_or_default();
+        let event = AuditEvent {
+            actor: Some(Actor {
+                user_id: principal.map(|p| p.user_id().to_owned()).unwrap_or_default(),
+                token_id: principal.map(|p| p.token_id().to_owned()).unwrap_or_default(),
+                service: String::new(),
+            }),
+            team_id,
+            action: action.to_owned(),
+            resource_type,
+            resource_id,
+            outcome: Outcome::Denied as i32,
+            severity: severity as i32,
+            details: Some(prost_types::Struct { fields }),
+            trace_id: vibebox_server_kit::trace_id(),
+            request_id: info.request_id.clone(),
+            client_address: info.client_address.clone(),
+            ..Default::default()
+        };
+        let audit_log = self.audit_log.clone();
+        tokio::spawn(async move {
+            if let Err(error) = audit_log.record(event).await {
+                tracing::error!(%error, action, "cannot record an access audit event");
+            }
+        });
+    }
+}
+
+fn string_value(s: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// The host part of `ip:port` (rate limits apply per address, not per connection).
+fn client_host(address: &str) -> String {
+    address
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| address.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_parsing() {
+        let mut md = MetadataMap::new();
+        assert_eq!(client_timeout(&md), None);
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(client_timeout(&md), Some(Duration::from_millis(250)));
+        md.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(client_timeout(&md), Some(Duration::from_secs(3)));
+        md.insert("grpc-timeout", "xS".parse().unwrap());
+        assert_eq!(client_timeout(&md), None);
+    }
+
+    #[test]
+    fn hosts_strip_ports() {
+        assert_eq!(client_host("127.0.0.1:5555"), "127.0.0.1");
+        assert_eq!(client_host("[::1]:80"), "::1");
+        assert_eq!(client_host(""), "");
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics: the recorder, the per-call instruments and the scrape
+//! endpoint served on its own (loopback) listener.
+//!
+//! Series:
+//! - `vibebox_gateway_requests_total{method,code}`: finished calls by gRPC code;
+//! - `vibebox_gateway_request_duration_seconds{method}`: latency histogram
+//!   (time to the response headers for streams);
+//! - `vibebox_gateway_active_streams{method}`: open response streams;
+//! - `vibebox_gateway_access_events_total{action}`: refused calls
+//!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`).
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const REQUESTS: &str = "vibebox_gateway_requests_total";
+const DURATION: &str = "vibebox_gateway_request_duration_seconds";
+const ACTIVE_STREAMS: &str = "vibebox_gateway_active_streams";
+const ACCESS_EVENTS: &str = "vibebox_gateway_access_events_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus handle (the recorder is installed once; every
+/// gateway in the process shares it).
+pub(crate) fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets(&buckets)
+            .expect("static bucket list is not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a global metrics recorder was already installed; gateway metrics go there");
+        }
+        handle
+    })
+}
+
+/// Records one finished call.
+pub(crate) fn record_call(method: &'static str, code: tonic::Code, started: Instant) {
+    metrics::counter!(REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
+    metrics::histogram!(DURATION, "method" => method).record(started.elapsed().as_secs_f64());
+}
+
+/// Counts a refused call by its audit action.
+pub(crate) fn record_access_event(action: &'static str) {
+    metrics::counter!(ACCESS_EVENTS, "action" => action).increment(1);
+}
+
+/// Increments the active-stream gauge for as long as it lives.
+pub(crate) struct StreamGuard {
+    method: &'static str,
+}
+
+impl StreamGuard {
+    pub(crate) fn new(method: &'static str) -> Self {
+        metrics::gauge!(ACTIVE_STREAMS, "method" => method).increment(1.0);
+        Self { method }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(ACTIVE_STREAMS, "method" => self.method).decrement(1.0);
+    }
+}
+
+/// The canonical upper-snake name of a gRPC code (as in the gRPC spec).
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) in the Prometheus text format
+/// until `shutdown`; also runs the recorder's periodic upkeep.
+pub(crate) async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    let handle = handle();
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = upkeep.tick() => handle.run_upkeep(),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(respond(stream, handle));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn respond(mut stream: tokio::net::TcpStream, handle: &'static PrometheusHandle) {
+    // Read (and ignore) the request head; one scrape per connection.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > 16 * 1024 {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        return;
+    }
+    let (status, body) = if head.starts_with(b"GET ") {
+        ("200 OK", handle.render())
+    } else {
+        ("405 Method Not Allowed", String::new())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,459 @@
+//! `vibebox.environment.v1.EnvironmentService`: creates go through policy
+//! (a clearance for exactly the hardened spec) to the orchestrator; every
+//! other operation loads the environment, authorizes on its team and owner
+//! and forwards to the orchestrator.
+
+use std::sync::Arc;
+
+use futures::stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use vibebox_proto::authz::Resource;
+use vibebox_proto::clearance::IssueClearanceRequest;
+use vibebox_proto::environment::environment_service_server::EnvironmentService;
+use vibebox_proto::environment::{
+    CreateEnvironmentRequest, CreateEnvironmentResponse, DeleteEnvironmentRequest,
+    DeleteEnvironmentResponse, ExecRequest, ExecResponse, GetEnvironmentRequest,
+    GetEnvironmentResponse, ListEnvironmentsRequest, ListEnvironmentsResponse,
+    RestartEnvironmentRequest, RestartEnvironmentResponse, StartEnvironmentRequest,
+    StartEnvironmentResponse, StopEnvironmentRequest, StopEnvironmentResponse,
+    StreamLogsRequest, StreamLogsResponse, StreamStatsRequest, StreamStatsResponse, exec_request,
+};
+use vibebox_proto::runtime;
+
+use super::{ProxyStream, observe, relay};
+use crate::error::{GatewayError, Result};
+use crate::gateway::{Gateway, ORCHESTRATOR, POLICY};
+use crate::validate::{self, FieldViolation};
+
+/// The public environment service.
+pub(crate) struct Environments {
+    pub(crate) gateway: Arc<Gateway>,
+}
+
+fn upstream(status: Status) -> GatewayError {
+    GatewayError::upstream(ORCHESTRATOR)(status)
+}
+
+impl Environments {
+    async fn create(
+        &self,
+        request: Request<CreateEnvironmentRequest>,
+    ) -> Result<CreateEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/CreateEnvironment", &request)).await?;
+        let req = request.into_inner();
+        validate::optional_id("request_id", &req.request_id)?;
+        validate::id("team_id", &req.team_id)?;
+        validate::environment_name("name", &req.name)?;
+        validate::container_spec("spec", req.spec.as_ref())?;
+        let request_id = if req.request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            req.request_id
+        };
+        let environment_id = uuid::Uuid::new_v4().to_string();
+        let decision = gw
+            .authorize(
+                &call,
+                "environment.create",
+                Resource {
+                    kind: "environment".into(),
+                    team_id: req.team_id.clone(),
+                    environment_id: environment_id.clone(),
+                    owner_id: call.user_id().to_owned(),
+                    id: environment_id.clone(),
+                },
+            )
+            .await?;
+        let cleared = gw
+            .clearance
+            .clone()
+            .issue_clearance(call.forward(IssueClearanceRequest {
+                spec: req.spec,
+                environment_id: environment_id.clone(),
+                team_id: req.team_id.clone(),
+                user_id: call.user_id().to_owned(),
+                team_role: decision.team_role,
+            }))
+            .await
+            .map_err(GatewayError::upstream(POLICY))?
+            .into_inner();
+        let evaluation = cleared.evaluation.unwrap_or_default();
+        let created = gw
+            .runtime
+            .clone()
+            .create_environment(call.forward(runtime::CreateEnvironmentRequest {
+                caller: Some(call.caller()),
+                request_id,
+                environment_id,
+                team_id: req.team_id,
+                owner_id: call.user_id().to_owned(),
+                name: req.name,
+                spec: evaluation.hardened_spec,
+                clearance: cleared.clearance,
+                canonical_image: evaluation.canonical_image,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(CreateEnvironmentResponse {
+            environment: created.environment,
+        })
+    }
+
+    async fn get(&self, request: Request<GetEnvironmentRequest>) -> Result<GetEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/GetEnvironment", &request)).await?;
+        let id = &request.get_ref().environment_id;
+        validate::uuid("environment_id", id)?;
+        let (environment, _) = gw.environment(&call, "environment.get", id).await?;
+        Ok(GetEnvironmentResponse {
+            environment: Some(environment),
+        })
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListEnvironmentsRequest>,
+    ) -> Result<ListEnvironmentsResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/ListEnvironments", &request)).await?;
+        let req = request.into_inner();
+        validate::optional_id("team_id", &req.team_id)?;
+        validate::page_size("page_size", req.page_size)?;
+        validate::text("page_token", &req.page_token, 1024)?;
+        let team_ids = if req.team_id.is_empty() {
+            // Every team the caller belongs to (and the token allows).
+            let scopes = gw
+                .auth
+                .caller_scopes(&call.principal)
+                .await
+                .map_err(|e| GatewayError::Unavailable {
+                    service: crate::gateway::IDENTITY,
+                    detail: e.to_string(),
+                })?;
+            scopes
+                .teams
+                .into_iter()
+                .map(|t| t.team_id)
+                .filter(|team| {
+                    call.principal
+                        .verified
+                        .authorize(&vibebox_token::AuthzRequest::new("environment.list").team(team))
+                        .is_ok()
+                })
+                .collect::<Vec<_>>()
+        } else {
+            gw.authorize(
+                &call,
+                "environment.list",
+                Resource {
+                    kind: "team".into(),
+                    team_id: req.team_id.clone(),
+                    id: req.team_id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            vec![req.team_id]
+        };
+        if team_ids.is_empty() {
+            // An empty team list means "all teams" upstream: never send it
+            // on behalf of a user.
+            return Ok(ListEnvironmentsResponse::default());
+        }
+        let listed = gw
+            .runtime
+            .clone()
+            .list_environments(call.forward(runtime::ListEnvironmentsRequest {
+                team_ids,
+                page_size: req.page_size,
+                page_token: req.page_token,
+                show_deleted: req.show_deleted,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(ListEnvironmentsResponse {
+            environments: listed.environments,
+            next_page_token: listed.next_page_token,
+        })
+    }
+
+    async fn start(
+        &self,
+        request: Request<StartEnvironmentRequest>,
+    ) -> Result<StartEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/StartEnvironment", &request)).await?;
+        let id = request.into_inner().environment_id;
+        validate::uuid("environment_id", &id)?;
+        gw.environment(&call, "environment.start", &id).await?;
+        let response = gw
+            .runtime
+            .clone()
+            .start_environment(call.forward(runtime::StartEnvironmentRequest {
+                caller: Some(call.caller()),
+                environment_id: id,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(StartEnvironmentResponse {
+            environment: response.environment,
+        })
+    }
+
+    async fn stop(&self, request: Request<StopEnvironmentRequest>) -> Result<StopEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/StopEnvironment", &request)).await?;
+        let req = request.into_inner();
+        validate::uuid("environment_id", &req.environment_id)?;
+        timeout_seconds(req.timeout_seconds)?;
+        gw.environment(&call, "environment.stop", &req.environment_id)
+            .await?;
+        let response = gw
+            .runtime
+            .clone()
+            .stop_environment(call.forward(runtime::StopEnvironmentRequest {
+                caller: Some(call.caller()),
+                environment_id: req.environment_id,
+                timeout_seconds: req.timeout_seconds,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(StopEnvironmentResponse {
+            environment: response.environment,
+        })
+    }
+
+    async fn restart(
+        &self,
+        request: Request<RestartEnvironmentRequest>,
+    ) -> Result<RestartEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/RestartEnvironment", &request)).await?;
+        let req = request.into_inner();
+        validate::uuid("environment_id", &req.environment_id)?;
+        timeout_seconds(req.timeout_seconds)?;
+        gw.environment(&call, "environment.restart", &req.environment_id)
+            .await?;
+        let response = gw
+            .runtime
+            .clone()
+            .restart_environment(call.forward(runtime::RestartEnvironmentRequest {
+                caller: Some(call.caller()),
+                environment_id: req.environment_id,
+                timeout_seconds: req.timeout_seconds,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(RestartEnvironmentResponse {
+            environment: response.environment,
+        })
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteEnvironmentRequest>,
+    ) -> Result<DeleteEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/DeleteEnvironment", &request)).await?;
+        let id = request.into_inner().environment_id;
+        validate::uuid("environment_id", &id)?;
+        gw.environment(&call, "environment.delete", &id).await?;
+        let response = gw
+            .runtime
+            .clone()
+            .delete_environment(call.forward(runtime::DeleteEnvironmentRequest {
+                caller: Some(call.caller()),
+                environment_id: id,
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(DeleteEnvironmentResponse {
+            environment: response.environment,
+        })
+    }
+
+    async fn logs(&self, request: Request<StreamLogsRequest>) -> Result<ProxyStream<StreamLogsResponse>> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/StreamLogs", &request)).await?;
+        let req = request.into_inner();
+        validate::uuid("environment_id", &req.environment_id)?;
+        gw.environment(&call, "environment.logs", &req.environment_id)
+            .await?;
+        let upstream_stream = gw
+            .runtime
+            .clone()
+            .stream_logs(call.forward_stream(runtime::StreamLogsRequest { request: Some(req) }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(relay("EnvironmentService/StreamLogs", ORCHESTRATOR, upstream_stream, |m| m.chunk))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StreamStatsRequest>,
+    ) -> Result<ProxyStream<StreamStatsResponse>> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info("EnvironmentService/StreamStats", &request)).await?;
+        let req = request.into_inner();
+        validate::uuid("environment_id", &req.environment_id)?;
+        gw.environment(&call, "environment.stats", &req.environment_id)
+            .await?;
+        let upstream_stream = gw
+            .runtime
+            .clone()
+            .stream_stats(call.forward_stream(runtime::StreamStatsRequest { request: Some(req) }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(relay("EnvironmentService/StreamStats", ORCHESTRATOR, upstream_stream, |m| m.sample))
+    }
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<ProxyStream<ExecResponse>> {
+        let gw = &self.gateway;
+        let info = gw.info("EnvironmentService/Exec", &request);
+        let call = gw.authenticate(info).await?;
+        let mut inbound = request.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(status)) => return Err(GatewayError::Upstream { service: "client", status }),
+            None => return Err(violation("start", "the first message must be start")),
+        };
+        let Some(exec_request::Message::Start(start)) = &first.message else {
+            return Err(violation("start", "the first message must be start"));
+        };
+        let id = validate::exec_start(start)?.to_string();
+        gw.environment(&call, "environment.exec", &id).await?;
+
+        // The first message carries the caller; the rest are relayed as they
+        // come (a second `start` or a client error ends the input).
+        let rest = inbound
+            .take_while(|item| {
+                futures::future::ready(matches!(
+                    item,
+                    Ok(ExecRequest { message: Some(m) }) if !matches!(m, exec_request::Message::Start(_))
+                ))
+            })
+            .filter_map(|item| futures::future::ready(item.ok()))
+            .map(|request| runtime::ExecRequest {
+                caller: None,
+                request: Some(request),
+            });
+        let outbound = futures::stream::once(futures::future::ready(runtime::ExecRequest {
+            caller: Some(call.caller()),
+            request: Some(first),
+        }))
+        .chain(rest);
+        let upstream_stream = gw
+            .runtime
+            .clone()
+            .exec(call.forward_stream(outbound))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(relay("EnvironmentService/Exec", ORCHESTRATOR, upstream_stream, |m| m.response))
+    }
+}
+
+fn violation(field: &str, description: &str) -> GatewayError {
+    GatewayError::Invalid(FieldViolation {
+        field: field.to_owned(),
+        description: description.to_owned(),
+    })
+}
+
+fn timeout_seconds(value: Option<u32>) -> Result<()> {
+    match value {
+        Some(t) if t > 3600 => Err(violation("timeout_seconds", "must be at most 3600")),
+        _ => Ok(()),
+    }
+}
+
+#[tonic::async_trait]
+impl EnvironmentService for Environments {
+    async fn create_environment(
+        &self,
+        request: Request<CreateEnvironmentRequest>,
+    ) -> std::result::Result<Response<CreateEnvironmentResponse>, Status> {
+        observe("EnvironmentService/CreateEnvironment", self.create(request)).await
+    }
+
+    async fn get_environment(
+        &self,
+        request: Request<GetEnvironmentRequest>,
+    ) -> std::result::Result<Response<GetEnvironmentResponse>, Status> {
+        observe("EnvironmentService/GetEnvironment", self.get(request)).await
+    }
+
+    async fn list_environments(
+        &self,
+        request: Request<ListEnvironmentsRequest>,
+    ) -> std::result::Result<Response<ListEnvironmentsResponse>, Status> {
+        observe("EnvironmentService/ListEnvironments", self.list(request)).await
+    }
+
+    async fn start_environment(
+        &self,
+        request: Request<StartEnvironmentRequest>,
+    ) -> std::result::Result<Response<StartEnvironmentResponse>, Status> {
+        observe("EnvironmentService/StartEnvironment", self.start(request)).await
+    }
+
+    async fn stop_environment(
+        &self,
+        request: Request<StopEnvironmentRequest>,
+    ) -> std::result::Result<Response<StopEnvironmentResponse>, Status> {
+        observe("EnvironmentService/StopEnvironment", self.stop(request)).await
+    }
+
+    async fn restart_environment(
+        &self,
+        request: Request<RestartEnvironmentRequest>,
+    ) -> std::result::Result<Response<RestartEnvironmentResponse>, Status> {
+        observe("EnvironmentService/RestartEnvironment", self.restart(request)).await
+    }
+
+    async fn delete_environment(
+        &self,
+        request: Request<DeleteEnvironmentRequest>,
+    ) -> std::result::Result<Response<DeleteEnvironmentResponse>, Status> {
+        observe("EnvironmentService/DeleteEnvironment", self.delete(request)).await
+    }
+
+    type StreamLogsStream = ProxyStream<StreamLogsResponse>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> std::result::Result<Response<Self::StreamLogsStream>, Status> {
+        observe("EnvironmentService/StreamLogs", self.logs(request)).await
+    }
+
+    type ExecStream = ProxyStream<ExecResponse>;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> std::result::Result<Response<Self::ExecStream>, Status> {
+        observe("EnvironmentService/Exec", self.exec(request)).await
+    }
+
+    type StreamStatsStream = ProxyStream<StreamStatsResponse>;
+
+    async fn stream_stats(
+        &self,
+        request: Request<StreamStatsRequest>,
+    ) -> std::result::Result<Response<Self::StreamStatsStream>, Status> {
+        observe("EnvironmentService/StreamStats", self.stats(request)).await
+    }
+}

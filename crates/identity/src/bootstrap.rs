@@ -1,0 +1,106 @@
+//! First start: on an empty database, create the platform admin `admin`
+//! (random password, never shown), the team `default` with `admin` as its
+//! team admin, and an API token for `admin` written to
+//! `<data-dir>/admin.token` with mode 0600 (never logged).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sea_orm::TransactionTrait;
+use vibebox_proto::audit::{Outcome, Severity};
+
+use crate::audit::{Event, Origin};
+use crate::error::{Error, Result};
+use crate::model::{PlatformRole, TeamRole};
+use crate::service::{API_TOKEN_MAX_TTL, Identity, hash_password};
+use crate::store;
+
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The bootstrap admin's username.
+pub const ADMIN_USERNAME: &str = "admin";
+/// The bootstrap team's name.
+pub const DEFAULT_TEAM: &str = "default";
+
+/// Writes `contents` to `path` with mode 0600, atomically (temp + rename).
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Bootstraps an empty database. Returns the token file path when it did.
+pub async fn bootstrap(identity: &Identity, data_dir: &Path) -> Result<Option<PathBuf>> {
+    if store::count_users(identity.db()).await? > 0 {
+        return Ok(None);
+    }
+    // 256 random bits nobody will ever see: the admin uses the token file
+    // (and can be given a password by re-creating credentials later).
+    let password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let hash = hash_password(password).await?;
+    let txn = identity.db().begin().await?;
+    let admin = store::insert_user(
+        &txn,
+        store::NewUser {
+            username: ADMIN_USERNAME,
+            display_name: "Platform administrator",
+            password_hash: hash,
+            platform_role: PlatformRole::Admin,
+        },
+    )
+    .await?;
+    let team = store::insert_team(&txn, DEFAULT_TEAM, "Default team").await?;
+    store::add_member(&txn, &team.id, &admin.id, TeamRole::Admin).await?;
+    let issued = identity
+        .issue(&txn, &admin.id, None, "api", "bootstrap admin token", API_TOKEN_MAX_TTL)
+        .await?;
+    let origin = Origin::default();
+    for (action, rtype, rid, team_id) in [
+        ("user.create", "user", admin.id.as_str(), ""),
+        ("team.create", "team", team.id.as_str(), team.id.as_str()),
+        ("membership.add", "membership", admin.id.as_str(), team.id.as_str()),
+        ("token.create", "token", issued.token_id.as_str(), ""),
+    ] {
+        identity
+            .auditor()
+            .record(
+                &origin,
+                Event {
+                    action,
+                    resource_type: rtype,
+                    resource_id: rid,
+                    team_id,
+                    outcome: Outcome::Success,
+                    severity: Severity::Medium,
+                    details: &[("reason", "bootstrap")],
+                },
+            )
+            .await?;
+    }
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::Internal(format!("creating the data directory: {e}")))?;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    write_secret_file(&path, &issued.token)
+        .map_err(|e| Error::Internal(format!("writing the admin token file: {e}")))?;
+    txn.commit().await?;
+    tracing::info!(
+        path = %path.display(),
+        "bootstrapped: created platform admin 'admin' and team 'default'; admin token written"
+    );
+    Ok(Some(path))
+}

@@ -1,0 +1,106 @@
+//! The identity service's error type and its one mapping to gRPC statuses.
+
+use tonic::Status;
+
+/// Errors of the identity service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No, or an unusable, credential (bad token, wrong password).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not allowed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Unknown id, or a resource the caller may not see.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A duplicate name or membership.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// A request field is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field name as in the proto.
+        field: &'static str,
+        /// What is allowed.
+        reason: String,
+    },
+    /// The request conflicts with the current state (last admin, self-disable).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// Too many failed logins.
+    #[error("too many failed login attempts, retry later")]
+    RateLimited,
+    /// A database failure.
+    #[error("database error: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    /// The audit event could not be recorded (the operation is refused).
+    #[error("audit error: {0}")]
+    Audit(#[from] vibebox_audit_client::AuditClientError),
+    /// Token machinery failure.
+    #[error("token error: {0}")]
+    Token(#[from] vibebox_token::TokenError),
+    /// Anything else unexpected (key files, hashing).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the identity service.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An invalid-argument error for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
+            Error::InvalidArgument { field, reason } => {
+                vibebox_server_kit::status::bad_request(&format!("invalid {field}"), &[(field, &reason)])
+            }
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::RateLimited => {
+                Status::resource_exhausted("too many failed login attempts, retry later")
+            }
+            Error::Database(e) => vibebox_server_kit::status::internal(&e),
+            Error::Audit(e) => vibebox_server_kit::status::internal(&e),
+            Error::Token(e) => vibebox_server_kit::status::internal(&e),
+            Error::Internal(e) => vibebox_server_kit::status::internal(&e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn maps_to_codes_without_leaking_internals() {
+        let cases = [
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (Error::NotFound("team"), Code::NotFound),
+            (Error::AlreadyExists("user"), Code::AlreadyExists),
+            (Error::invalid("username", "bad"), Code::InvalidArgument),
+            (Error::FailedPrecondition("x".into()), Code::FailedPrecondition),
+            (Error::RateLimited, Code::ResourceExhausted),
+            (Error::Internal("secret path /x".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert!(!status.message().contains("secret"));
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The role rules: given who the caller is (platform role, role in the
+//! resource's team) and what they ask for, allow or deny with a reason.
+//! Pure functions; the caller's current roles come fresh from the database.
+
+use crate::model::{PlatformRole, TeamRole};
+
+/// The resource an operation targets (domain copy of the authz proto's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resource {
+    /// "platform", "team", "environment", "user", "token", "audit", "policy".
+    pub kind: String,
+    pub team_id: String,
+    pub environment_id: String,
+    /// Owner of the environment.
+    pub owner_id: String,
+    pub id: String,
+}
+
+/// Who is asking, as far as the rules care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub user_id: &'a str,
+    pub platform_role: PlatformRole,
+    /// Role in `resource.team_id`, if a member.
+    pub team_role: Option<TeamRole>,
+    /// Whether the user belongs to at least one team.
+    pub member_of_any_team: bool,
+}
+
+/// Allow or deny, with a short reason (returned to the gateway, audited).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow(&'static str),
+    Deny(String),
+}
+
+impl Decision {
+    /// Whether the decision allows.
+    pub fn allowed(&self) -> bool {
+        matches!(self, Self::Allow(_))
+    }
+}
+
+fn deny(reason: impl Into<String>) -> Decision {
+    Decision::Deny(reason.into())
+}
+
+/// Every operation name the rules know (anything else is denied).
+pub const OPERATIONS: &[&str] = &[
+    "environment.create",
+    "environment.get",
+    "environment.list",
+    "environment.start",
+    "environment.stop",
+    "environment.restart",
+    "environment.delete",
+    "environment.logs",
+    "environment.exec",
+    "environment.stats",
+    "identity.whoami",
+    "identity.user.create",
+    "identity.user.list",
+    "identity.user.disable",
+    "identity.team.create",
+    "identity.team.list",
+    "identity.member.add",
+    "identity.member.set_role",
+    "identity.member.remove",
+    "identity.member.list",
+    "identity.token.create",
+    "identity.token.revoke",
+    "audit.query",
+    "audit.watch",
+    "audit.verify",
+    "audit.export",
+    "policy.evaluate",
+    "policy.get",
+    "policy.reload",
+];
+
+/// Decides `operation` on `resource` for `subject`.
+pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> Decision {
+    let platform_admin = subject.platform_role == PlatformRole::Admin;
+    let auditor = subject.platform_role == PlatformRole::Auditor;
+    let role = subject.team_role;
+    let needs_team = || -> Option<Decision> {
+        resource
+            .team_id
+            .is_empty()
+            .then(|| deny("the resource's team is required"))
+    };
+    match operation {
+        "environment.create" => {
+            if let Some(d) = needs_team() {
+                return d;
+            }
+            match role {
+                Some(TeamRole::Admin | TeamRole::Developer) => Decision::Allow("team developer"),
+                Some(TeamRole::Viewer) => deny("viewers cannot create environments"),
+                None => deny("not a member of the team"),
+            }
+        }
+        "environment.list" if resource.team_id.is_empty() => {
+            Decision::Allow("scoped to the caller's teams")
+        }
+        "environment.get" | "environment.list" | "environment.logs" | "environment.stats" => {
+            if let Some(d) = needs_team() {
+                return d;
+            }
+            match role {
+                Some(_) => Decision::Allow("team member"),
+                None => deny("not a member of the team"),
+            }
+        }
+        "environment.start" | "environment.stop" | "environment.restart" | "environment.exec"
+        | "environment.delete" => {
+            if let Some(d) = needs_team() {
+                return d;
+            }
+            let owner = !resource.owner_id.is_empty() && resource.owner_id == subject.user_id;
+            match role {
+                Some(TeamRole::Admin) => Decision::Allow("team admin"),
+                Some(TeamRole::Developer) if owner => Decision::Allow("owner"),
+                Some(TeamRole::Developer) => deny("only the owner or a team admin may do this"),
+                Some(TeamRole::Viewer) => deny("viewers cannot change or exec into environments"),
+                None => deny("not a member of the team"),
+            }
+        }
+        "identity.whoami" | "identity.token.create" | "identity.token.revoke"
+        | "identity.team.list" => Decision::Allow("authenticated"),
+        "identity.user.create" | "identity.user.list" | "identity.user.disable"
+        | "identity.team.create" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else {
+                deny("platform admins only")
+            }
+        }
+        "identity.member.add" | "identity.member.set_role" | "identity.member.remove" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else if role == Some(TeamRole::Admin) {
+                Decision::Allow("team admin")
+            } else {
+                deny("team admins only")
+            }
+        }
+        "identity.member.list" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else if role.is_some() {
+                Decision::Allow("team member")
+            } else {
+                deny("not a member of the team")
+            }
+        }
+        "audit.query" | "audit.watch" | "audit.verify" | "audit.export" => {
+            if platform_admin || auditor {
+                Decision::Allow("platform audit access")
+            } else if matches!(operation, "audit.query" | "audit.watch")
+                && !resource.team_id.is_empty()
+                && role == Some(TeamRole::Admin)
+            {
+                Decision::Allow("team-scoped")
+            } else {
+                deny("platform admins and auditors only (team admins: their team's events)")
+            }
+        }
+        "policy.evaluate" | "policy.get" => {
+            if platform_admin || auditor || subject.member_of_any_team {
+                Decision::Allow("member")
+            } else {
+                deny("members only")
+            }
+        }
+        "policy.reload" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else {
+                deny("platform admins only")
+            }
+        }
+        _ => deny(format!("unknown operation {operation:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(owner: &str) -> Resource {
+        Resource {
+            kind: "environment".into(),
+            team_id: "t".into(),
+            environment_id: "e".into(),
+            owner_id: owner.into(),
+            id: String::new(),
+        }
+    }
+
+    fn subject(role: Option<TeamRole>) -> Subject<'static> {
+        Subject {
+            user_id: "me",
+            platform_role: PlatformRole::None,
+            team_role: role,
+            member_of_any_team: role.is_some(),
+        }
+    }
+
+    #[test]
+    fn owner_needs_to_still_be_a_developer() {
+        let d = decide("environment.exec", &subject(Some(TeamRole::Viewer)), &env("me"));
+        assert!(!d.allowed());
+        let d = decide("environment.exec", &subject(Some(TeamRole::Developer)), &env("me"));
+        assert!(d.allowed());
+        let d = decide("environment.exec", &subject(Some(TeamRole::Developer)), &env("other"));
+        assert!(!d.allowed());
+        let d = decide("environment.delete", &subject(Some(TeamRole::Admin)), &env("other"));
+        assert!(d.allowed());
+    }
+
+    #[test]
+    fn unknown_operations_and_missing_team_are_denied() {
+        assert!(!decide("environment.explode", &subject(Some(TeamRole::Admin)), &env("me")).allowed());
+        let mut r = env("me");
+        r.team_id.clear();
+        assert!(!decide("environment.get", &subject(Some(TeamRole::Admin)), &r).allowed());
+    }
+
+    #[test]
+    fn every_listed_operation_has_a_rule() {
+        let admin = Subject {
+            user_id: "me",
+            platform_role: PlatformRole::Admin,
+            team_role: Some(TeamRole::Admin),
+            member_of_any_team: true,
+        };
+        for op in OPERATIONS {
+            assert!(decide(op, &admin, &env("me")).allowed(), "{op}");
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Translation between a cleared `ContainerSpec` and Docker objects: names,
+//! platform labels, the hardened create body, the isolated network request,
+//! and the drift check that compares an inspected container with the body the
+//! spec produces.
+//!
+//! Invariant: the create body is a pure function of the cleared spec, the
+//! environment and the installation; drift detection re-derives it and
+//! compares, so what was cleared is what must be running.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, DeviceMapping, HealthConfig, HostConfig,
+    HostConfigLogConfig, Ipam, IpamConfig, Mount, MountTmpfsOptions, MountType,
+    NetworkCreateRequest, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use vibebox_proto::environment::{ContainerSpec, MountType as SpecMountType};
+
+use crate::subnet::Cidr;
+
+/// Label keys the platform puts on everything it creates.
+pub mod labels {
+    pub const MANAGED: &str = "vibebox.managed";
+    pub const INSTALLATION: &str = "vibebox.installation";
+    pub const ENVIRONMENT: &str = "vibebox.environment";
+    pub const TEAM: &str = "vibebox.team";
+    pub const OWNER: &str = "vibebox.owner";
+    pub const POLICY_DIGEST: &str = "vibebox.policy-digest";
+}
+
+/// Where the workspace volume is mounted when the spec names no volume mount.
+pub const DEFAULT_WORKSPACE: &str = "/workspace";
+
+/// A spec the orchestrator will not apply even though it was cleared (a floor
+/// under policy, never a bypass).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("privileged containers are never created")]
+    Privileged,
+    #[error("network mode {0:?} is not allowed; environments use their isolated network")]
+    NetworkMode(String),
+    #[error("published ports are not supported on isolated environment networks")]
+    Ports,
+    #[error("spec has no image")]
+    NoImage,
+    #[error("mount {0:?} has no type")]
+    MountType(String),
+}
+
+/// Identity of an environment's Docker objects.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub installation: &'a str,
+    pub environment_id: &'a str,
+    pub team_id: &'a str,
+    pub owner_id: &'a str,
+    pub policy_digest: &'a str,
+    /// Extra labels (for example `vibebox.test=<run>` in tests).
+    pub extra_labels: &'a [(String, String)],
+}
+
+/// Container name of an environment.
+pub fn container_name(env: &str) -> String {
+    format!("vibebox-{env}")
+}
+
+/// Network name of an environment.
+pub fn network_name(env: &str) -> String {
+    format!("vibebox-{env}")
+}
+
+/// Workspace volume name of an environment.
+pub fn volume_name(env: &str) -> String {
+    format!("vibebox-ws-{env}")
+}
+
+/// The platform labels of an environment's objects.
+pub fn platform_labels(t: &Target<'_>) -> HashMap<String, String> {
+    let mut l: HashMap<String, String> = t.extra_labels.iter().cloned().collect();
+    l.insert(labels::MANAGED.into(), "true".into());
+    l.insert(labels::INSTALLATION.into(), t.installation.into());
+    l.insert(labels::ENVIRONMENT.into(), t.environment_id.into());
+    l.insert(labels::TEAM.into(), t.team_id.into());
+    l.insert(labels::OWNER.into(), t.owner_id.into());
+    l.insert(labels::POLICY_DIGEST.into(), t.policy_digest.into());
+    l
+}
+
+/// The isolated network: internal (no route out), no inter-container traffic,
+/// on its own subnet.
+pub fn network_request(t: &Target<'_>, subnet: Cidr) -> NetworkCreateRequest {
+    NetworkCreateRequest {
+        name: network_name(t.environment_id),
+        driver: Some("bridge".into()),
+        internal: Some(true),
+        attachable: Some(false),
+        ipam: Some(Ipam {
+            driver: Some("default".into()),
+            config: Some(vec![IpamConfig {
+                subnet: Some(subnet.to_string()),
+                gateway: Some(subnet.gateway().to_string()),
+                ..Default::default()
+            }]),
+            options: None,
+        }),
+        options: Some(HashMap::from([(
+            "com.docker.network.bridge.enable_icc".to_string(),
+            "false".to_string(),
+        )])),
+        labels: Some(platform_labels(t)),
+        ..Default::default()
+    }
+}
+
+/// The workspace volume.
+pub fn volume_request(t: &Target<'_>) -> VolumeCreateRequest {
+    VolumeCreateRequest {
+        name: Some(volume_name(t.environment_id)),
+        driver: Some("local".into()),
+        labels: Some(platform_labels(t)),
+        ..Default::default()
+    }
+}
+
+const MIB: i64 = 1024 * 1024;
+
+/// Nano CPUs for a fractional core count.
+pub fn nano_cpus(spec: &ContainerSpec) -> i64 {
+    spec.cpu_limit
+        .map(|c| (c * 1e9).round() as i64)
+        .unwrap_or(0)
+}
+
+/// Memory limit in bytes.
+pub fn memory_bytes(spec: &ContainerSpec) -> i64 {
+    spec.memory_limit_mb.map(|m| m * MIB).unwrap_or(0)
+}
+
+fn norm_cap(c: &str) -> String {
+    let c = c.trim().to_ascii_uppercase();
+    c.strip_prefix("CAP_").map(str::to_owned).unwrap_or(c)
+}
+
+/// The hardened create body for a cleared spec. `health_cmd` is the health
+/// check command (exec form).
+pub fn container_body(
+    spec: &ContainerSpec,
+    image: &str,
+    t: &Target<'_>,
+    health_cmd: &[String],
+) -> Result<ContainerCreateBody, SpecError> {
+    if spec.privileged {
+        return Err(SpecError::Privileged);
+    }
+    if !spec.ports.is_empty() {
+        return Err(SpecError::Ports);
+    }
+    if image.is_empty() {
+        return Err(SpecError::NoImage);
+    }
+    let network_mode = match spec.network_mode.as_str() {
+        "" | "default" | "bridge" => network_name(t.environment_id),
+        "none" => "none".to_string(),
+        other => return Err(SpecError::NetworkMode(other.to_string())),
+    };
+
+    let mut cap_drop: Vec<String> = spec.cap_drop.iter().map(|c| norm_cap(c)).collect();
+    if !cap_drop.iter().any(|c| c == "ALL") {
+        cap_drop.insert(0, "ALL".into());
+    }
+    let cap_add: Vec<String> = spec.cap_add.iter().map(|c| norm_cap(c)).collect();
+    let mut security_opt = spec.security_opt.clone();
+    if !security_opt
+        .iter()
+        .any(|o| o == "no-new-privileges" || o == "no-new-privileges:true")
+    {
+        security_opt.push("no-new-privileges:true".into());
+    }
+
+    let mut mounts = Vec::new();
+    let mut has_workspace = false;
+    for m in &spec.mounts {
+        let kind = SpecMountType::try_from(m.r#type).unwrap_or(SpecMountType::Unspecified);
+        let mount = match kind {
+            SpecMountType::Bind => Mount {
+                typ: Some(MountType::BIND),
+                source: Some(m.source.clone()),
+                target: Some(m.target.clone()),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            },
+            SpecMountType::Volume => {
+                let source = if m.source.is_empty() {
+                    has_workspace = true;
+                    volume_name(t.environment_id)
+                } else {
+                    m.source.clone()
+                };
+                Mount {
+                    typ: Some(MountType::VOLUME),
+                    source: Some(source),
+                    target: Some(m.target.clone()),
+                    read_only: Some(m.read_only),
+                    ..Default::default()
+                }
+            }
+            SpecMountType::Tmpfs => Mount {
+                typ: Some(MountType::TMPFS),
+                target: Some(m.target.clone()),
+                read_only: Some(m.read_only),
+                tmpfs_options: m.size_mb.map(|s| MountTmpfsOptions {
+                    size_bytes: Some(s * MIB),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            SpecMountType::Unspecified => return Err(SpecError::MountType(m.target.clone())),
+        };
+        mounts.push(mount);
+    }
+    if !has_workspace {
+        mounts.push(Mount {
+            typ: Some(MountType::VOLUME),
+            source: Some(volume_name(t.environment_id)),
+            target: Some(DEFAULT_WORKSPACE.into()),
+            read_only: Some(false),
+            ..Default::default()
+        });
+    }
+
+    let mut labels: HashMap<String, String> = spec
+        .labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("vibebox."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.extend(platform_labels(t));
+
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let host_config = HostConfig {
+        privileged: Some(false),
+        cap_drop: Some(cap_drop),
+        cap_add: (!cap_add.is_empty()).then_some(cap_add),
+        security_opt: Some(security_opt),
+        readonly_rootfs: Some(spec.read_only_rootfs.unwrap_or(false)),
+        nano_cpus: spec.cpu_limit.map(|_| nano_cpus(spec)),
+        memory: spec.memory_limit_mb.map(|_| memory_bytes(spec)),
+        pids_limit: spec.pids_limit,
+        init: Some(true),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+            maximum_retry_count: None,
+        }),
+        network_mode: Some(network_mode),
+        mounts: Some(mounts),
+        devices: (!spec.devices.is_empty()).then(|| {
+            spec.devices
+                .iter()
+                .map(|d| DeviceMapping {
+                    path_on_host: Some(d.host_path.clone()),
+                    path_in_container: Some(d.container_path.clone()),
+                    cgroup_permissions: non_empty(&d.permissions),
+                })
+                .collect()
+        }),
+        pid_mode: non_empty(&spec.pid_mode),
+        ipc_mode: non_empty(&spec.ipc_mode),
+        uts_mode: non_empty(&spec.uts_mode),
+        userns_mode: non_empty(&spec.userns_mode),
+        sysctls: (!spec.sysctls.is_empty()).then(|| {
+            spec.sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), "10m".to_string()),
+                ("max-file".to_string(), "3".to_string()),
+            ])),
+        }),
+        ..Default::default()
+    };
+
+    Ok(ContainerCreateBody {
+        image: Some(image.to_string()),
+        user: spec.user.clone(),
+        cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        entrypoint: (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: non_empty(&spec.working_dir),
+        labels: Some(labels),
+        healthcheck: (!health_cmd.is_empty()).then(|| {
+            let mut test = vec!["CMD".to_string()];
+            test.extend(health_cmd.iter().cloned());
+            HealthConfig {
+                test: Some(test),
+                interval: Some(30_000_000_000),
+                timeout: Some(5_000_000_000),
+                retries: Some(3),
+                start_period: Some(5_000_000_000),
+                ..Default::default()
+            }
+        }),
+        host_config: Some(host_config),
+        ..Default::default()
+    })
+}
+
+fn set(v: &Option<Vec<String>>) -> BTreeSet<String> {
+    v.iter().flatten().map(|c| norm_cap(c)).collect()
+}
+
+fn mode_matches(expected: &Option<String>, actual: &Option<String>, defaults: &[&str]) -> bool {
+    let actual = actual.as_deref().unwrap_or("");
+    match expected.as_deref() {
+        None | Some("") => actual.is_empty() || defaults.contains(&actual),
+        Some(e) => e == actual,
+    }
+}
+
+fn positive(v: Option<i64>) -> i64 {
+    v.filter(|x| *x > 0).unwrap_or(0)
+}
+
+/// Differences between what `expected` asked for and what the engine reports
+/// for the container; empty when it matches.
+pub fn drift(expected: &ContainerCreateBody, actual: &ContainerInspectResponse) -> Vec<String> {
+    let mut out = Vec::new();
+    let eh = expected.host_config.clone().unwrap_or_default();
+    let ah = actual.host_config.clone().unwrap_or_default();
+    let ac = actual.config.clone().unwrap_or_default();
+
+    let e_user = expected.user.clone().unwrap_or_default();
+    let a_user = ac.user.clone().unwrap_or_default();
+    if e_user != a_user {
+        out.push(format!("user {a_user:?} != {e_user:?}"));
+    }
+    if ah.privileged.unwrap_or(false) {
+        out.push("privileged".into());
+    }
+    if set(&eh.cap_drop) != set(&ah.cap_drop) {
+        out.push(format!("cap_drop {:?}", ah.cap_drop.unwrap_or_default()));
+    }
+    if set(&eh.cap_add) != set(&ah.cap_add) {
+        out.push(format!("cap_add {:?}", ah.cap_add.unwrap_or_default()));
+    }
+    let eo: BTreeSet<_> = eh.security_opt.iter().flatten().cloned().collect();
+    let ao: BTreeSet<_> = ah.security_opt.iter().flatten().cloned().collect();
+    if eo != ao {
+        out.push(format!("security_opt {ao:?}"));
+    }
+    if eh.readonly_rootfs.unwrap_or(false) != ah.readonly_rootfs.unwrap_or(false) {
+        out.push("readonly_rootfs".into());
+    }
+    for (name, e, a) in [
+        ("memory", eh.memory, ah.memory),
+        ("nano_cpus", eh.nano_cpus, ah.nano_cpus),
+        ("pids_limit", eh.pids_limit, ah.pids_limit),
+    ] {
+        if positive(e) != positive(a) {
+            out.push(format!("{name} {} != {}", positive(a), positive(e)));
+        }
+    }
+    if !mode_matches(&eh.pid_mode, &ah.pid_mode, &[]) {
+        out.push(format!("pid_mode {:?}", ah.pid_mode));
+    }
+    if !mode_matches(&eh.ipc_mode, &ah.ipc_mode, &["private", "shareable"]) {
+        out.push(format!("ipc_mode {:?}", ah.ipc_mode));
+    }
+    if !mode_matches(&eh.uts_mode, &ah.uts_mode, &[]) {
+        out.push(format!("uts_mode {:?}", ah.uts_mode));
+    }
+    if !mode_matches(&eh.userns_mode, &ah.userns_mode, &[]) {
+        out.push(format!("userns_mode {:?}", ah.userns_mode));
+    }
+    if eh.network_mode != ah.network_mode {
+        out.push(format!("network_mode {:?}", ah.network_mode));
+    }
+    let a_nets: BTreeSet<String> = actual
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .map(|n| n.keys().cloned().collect())
+        .unwrap_or_default();
+    let e_nets: BTreeSet<String> = eh
+        .network_mode
+        .iter()
+        .filter(|m| m.as_str() != "none")
+        .cloned()
+        .collect();
+    if !e_nets.is_empty() && a_nets != e_nets {
+        out.push(format!("networks {a_nets:?}"));
+    }
+    if ah.binds.as_ref().is_some_and(|b| !b.is_empty()) {
+        out.push("binds".into());
+    }
+    let key = |m: &Mount| {
+        (
+            m.typ.map(|t| t.to_string()).unwrap_or_default(),
+            m.source.clone().unwrap_or_default(),
+            m.target.clone().unwrap_or_default(),
+            m.read_only.unwrap_or(false),
+        )
+    };
+    let em: BTreeSet<_> = eh.mounts.iter().flatten().map(key).collect();
+    let am: BTreeSet<_> = ah.mounts.iter().flatten().map(key).collect();
+    if em != am {
+        out.push(format!("mounts {am:?}"));
+    }
+    let targets: BTreeSet<String> = eh
+        .mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| m.target.clone())
+        .collect();
+    for mp in actual.mounts.iter().flatten() {
+        let d = mp.destination.clone().unwrap_or_default();
+        if !targets.contains(&d) {
+            out.push(format!("unexpected mount at {d:?}"));
+        }
+    }
+    let ed = eh.devices.as_ref().map_or(0, Vec::len);
+    let ad = ah.devices.as_ref().map_or(0, Vec::len);
+    if ed != ad {
+        out.push(format!("{ad} devices"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target<'static> {
+        Target {
+            installation: "inst",
+            environment_id: "env",
+            team_id: "team",
+            owner_id: "owner",
+            policy_digest: "digest",
+            extra_labels: &[],
+        }
+    }
+
+    #[test]
+    fn body_applies_the_floor_and_limits() {
+        let spec = ContainerSpec {
+            image: "x".into(),
+            user: Some("1000".into()),
+            cap_drop: vec!["all".into()],
+            cpu_limit: Some(0.5),
+            memory_limit_mb: Some(64),
+            pids_limit: Some(50),
+            read_only_rootfs: Some(true),
+            ..Default::default()
+        };
+        let b = container_body(&spec, "img:1", &target(), &["true".into()]).unwrap();
+        let h = b.host_config.as_ref().unwrap();
+        assert_eq!(h.cap_drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(h.nano_cpus, Some(500_000_000));
+        assert_eq!(h.memory, Some(64 * MIB));
+        assert!(
+            h.security_opt
+                .as_ref()
+                .unwrap()
+                .contains(&"no-new-privileges:true".into())
+        );
+        assert_eq!(h.network_mode.as_deref(), Some("vibebox-env"));
+        assert_eq!(b.labels.as_ref().unwrap()[labels::INSTALLATION], "inst");
+        let privileged = ContainerSpec {
+            privileged: true,
+            ..spec.clone()
+        };
+        assert_eq!(
+            container_body(&privileged, "img:1", &target(), &[]).unwrap_err(),
+            SpecError::Privileged
+        );
+        let host = ContainerSpec {
+            network_mode: "host".into(),
+            ..spec
+        };
+        assert!(container_body(&host, "img:1", &target(), &[]).is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The `vibebox.internal.runtime.v1.RuntimeService` adapter: converts wire
+//! messages into domain calls on [`Orchestrator`] and errors into statuses.
+//! Callers are restricted to the gateway by the server kit (mTLS identity).
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use vibebox_proto::environment as env_pb;
+use vibebox_proto::runtime::runtime_service_server::RuntimeService;
+use vibebox_proto::runtime::*;
+
+use crate::audit::Caller;
+use crate::service::{CreateRequest, Error, Orchestrator, Rejection};
+use crate::store::{EnvRecord, State};
+use crate::streams::{ExecInput, ExecOutput, ExecStart, LogOptions, Output};
+
+const DEFAULT_PAGE: u64 = 50;
+const MAX_PAGE: u64 = 500;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        use vibebox_server_kit::status;
+        match e {
+            Error::InvalidArgument { field, reason } => status::invalid_field(field, &reason),
+            Error::Clearance(why) => {
+                let rule = match &why {
+                    Rejection::Missing => "clearance.missing",
+                    Rejection::Replayed => "clearance.replayed",
+                    Rejection::Invalid(_) => "clearance.invalid",
+                };
+                let msg = format!("clearance refused: {why}");
+                if why.is_stale() {
+                    status::precondition_failure(&msg, &[(rule, "clearance", &why.to_string())])
+                } else {
+                    Status::permission_denied(msg)
+                }
+            }
+            Error::Spec(s) => status::precondition_failure(
+                "the cleared spec cannot be applied",
+                &[("orchestrator.spec", "spec", &s.to_string())],
+            ),
+            Error::NotFound => Status::not_found("environment not found"),
+            Error::AlreadyExists(id) => {
+                Status::already_exists(format!("environment id {id} is already in use"))
+            }
+            Error::Quota(m) => Status::resource_exhausted(format!("team quota exceeded: {m}")),
+            Error::Capacity(m) => {
+                Status::resource_exhausted(format!("host capacity exceeded: {m}"))
+            }
+            Error::SubnetsExhausted => {
+                Status::resource_exhausted("no free subnet left in the environment address pool")
+            }
+            e @ Error::BadState { .. } => Status::failed_precondition(e.to_string()),
+            e @ Error::ImageUnavailable { .. } => status::precondition_failure(
+                &e.to_string(),
+                &[("orchestrator.image", "image", "image not available")],
+            ),
+            Error::Docker(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                ..
+            }) => Status::failed_precondition("the environment's container is not running"),
+            e @ Error::Docker(_) => status::internal(&e),
+            e @ Error::Store(_) => status::internal(&e),
+            e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
+            e @ Error::SimulatedCrash => status::internal(&e),
+        }
+    }
+}
+
+fn ts_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn state_pb(s: &str) -> env_pb::EnvironmentState {
+    match State::parse(s) {
+        Ok(State::Creating) => env_pb::EnvironmentState::Creating,
+        Ok(State::Running) => env_pb::EnvironmentState::Running,
+        Ok(State::Stopped) => env_pb::EnvironmentState::Stopped,
+        Ok(State::Failed) => env_pb::EnvironmentState::Failed,
+        Ok(State::Deleting) => env_pb::EnvironmentState::Deleting,
+        Ok(State::Deleted) => env_pb::EnvironmentState::Deleted,
+        Ok(State::Quarantined) => env_pb::EnvironmentState::Quarantined,
+        Err(_) => env_pb::EnvironmentState::Unspecified,
+    }
+}
+
+/// The wire form of a record.
+pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
+    env_pb::Environment {
+        id: r.id.clone(),
+        team_id: r.team_id.clone(),
+        owner_id: r.owner_id.clone(),
+        name: r.name.clone(),
+        state: state_pb(&r.state) as i32,
+        spec: Some(Orchestrator::spec_of(r)),
+        policy_version: r.policy_version.clone(),
+        policy_digest: r.policy_digest.clone(),
+        create_time: Some(ts_ms(r.create_time_ms)),
+        update_time: Some(ts_ms(r.update_time_ms)),
+        failure_reason: r.failure_reason.clone(),
+        status_message: r.status_message.clone(),
+        canonical_image: r.canonical_image.clone(),
+    }
+}
+
+fn caller_of<T>(req: &Request<T>, c: Option<&vibebox_proto::runtime::Caller>) -> Caller {
+    let mut caller = c
+        .map(|c| Caller {
+            user_id: c.user_id.clone(),
+            token_id: c.token_id.clone(),
+            request_id: c.request_id.clone(),
+            client_address: c.client_address.clone(),
+        })
+        .unwrap_or_default();
+    if caller.request_id.is_empty() {
+        caller.request_id = vibebox_server_kit::request_id(req).unwrap_or_default();
+    }
+    caller
+}
+
+/// The RuntimeService handler.
+#[derive(Clone)]
+pub struct RuntimeHandler {
+    orchestrator: Orchestrator,
+}
+
+impl RuntimeHandler {
+    /// A handler over `orchestrator`.
+    pub fn new(orchestrator: Orchestrator) -> Self {
+        RuntimeHandler { orchestrator }
+    }
+}
+
+type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeHandler {
+    async fn create_environment(
+        &self,
+        request: Request<CreateEnvironmentRequest>,
+    ) -> Result<Response<CreateEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let r = request.into_inner();
+        let rec = self
+            .orchestrator
+            .create(CreateRequest {
+                caller,
+                request_id: r.request_id,
+                environment_id: r.environment_id,
+                team_id: r.team_id,
+                owner_id: r.owner_id,
+                name: r.name,
+                spec: r.spec,
+                clearance: r.clearance,
+                canonical_image: r.canonical_image,
+            })
+            .await?;
+        Ok(Response::new(CreateEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    async fn get_environment(
+        &self,
+        request: Request<GetEnvironmentRequest>,
+    ) -> Result<Response<GetEnvironmentResponse>, Status> {
+        let rec = self
+            .orchestrator
+            .get(&request.get_ref().environment_id)
+            .await?;
+        Ok(Response::new(GetEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    async fn list_environments(
+        &self,
+        request: Request<ListEnvironmentsRequest>,
+    ) -> Result<Response<ListEnvironmentsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.page_size {
+            n if n <= 0 => DEFAULT_PAGE,
+            n => (n as u64).min(MAX_PAGE),
+        };
+        let offset: u64 = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .map_err(|_| vibebox_server_kit::status::invalid_field("page_token", "malformed"))?
+        };
+        let mut recs = self
+            .orchestrator
+            .list(&r.team_ids, r.show_deleted, offset, limit + 1)
+            .await?;
+        let next = if recs.len() as u64 > limit {
+            recs.truncate(limit as usize);
+            (offset + limit).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListEnvironmentsResponse {
+            environments: recs.iter().map(environment_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn start_environment(
+        &self,
+        request: Request<StartEnvironmentRequest>,
+    ) -> Result<Response<StartEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let rec = self
+            .orchestrator
+            .start(&caller, &request.get_ref().environment_id)
+            .await?;
+        Ok(Response::new(StartEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    async fn stop_environment(
+        &self,
+        request: Request<StopEnvironmentRequest>,
+    ) -> Result<Response<StopEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let r = request.get_ref();
+        let rec = self
+            .orchestrator
+            .stop(&caller, &r.environment_id, r.timeout_seconds)
+            .await?;
+        Ok(Response::new(StopEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    async fn restart_environment(
+        &self,
+        request: Request<RestartEnvironmentRequest>,
+    ) -> Result<Response<RestartEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let r = request.get_ref();
+        let rec = self
+            .orchestrator
+            .restart(&caller, &r.environment_id, r.timeout_seconds)
+            .await?;
+        Ok(Response::new(RestartEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    async fn delete_environment(
+        &self,
+        request: Request<DeleteEnvironmentRequest>,
+    ) -> Result<Response<DeleteEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let rec = self
+            .orchestrator
+            .delete(&caller, &request.get_ref().environment_id)
+            .await?;
+        Ok(Response::new(DeleteEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
+    }
+
+    type StreamLogsStream = RpcStream<StreamLogsResponse>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let r = request.into_inner().request.unwrap_or_default();
+        let stream = self
+            .orchestrator
+            .logs(
+                &r.environment_id,
+                LogOptions {
+                    follow: r.follow,
+                    tail: r.tail_lines,
+                    since: r.since_time.map(|t| t.seconds),
+                    timestamps: r.timestamps,
+                    stdout: r.include_stdout,
+                    stderr: r.include_stderr,
+                },
+            )
+            .await?;
+        let out = stream.map(|item| {
+            let c = item?;
+            Ok(StreamLogsResponse {
+                chunk: Some(env_pb::StreamLogsResponse {
+                    stream: match c.stream {
+                        Output::Stdout => env_pb::OutputStream::Stdout,
+                        Output::Stderr => env_pb::OutputStream::Stderr,
+                    } as i32,
+                    data: c.data.to_vec(),
+                    time: c.time.map(|t| prost_types::Timestamp {
+                        seconds: t.timestamp(),
+                        nanos: t.timestamp_subsec_nanos() as i32,
+                    }),
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type ExecStream = RpcStream<ExecResponse>;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let request_id = vibebox_server_kit::request_id(&request).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| vibebox_server_kit::status::invalid_field("start", "missing"))?;
+        let mut caller = first
+            .caller
+            .map(|c| Caller {
+                user_id: c.user_id,
+                token_id: c.token_id,
+                request_id: c.request_id,
+                client_address: c.client_address,
+            })
+            .unwrap_or_default();
+        if caller.request_id.is_empty() {
+            caller.request_id = request_id;
+        }
+        let Some(env_pb::exec_request::Message::Start(start)) =
+            first.request.and_then(|r| r.message)
+        else {
+            return Err(vibebox_server_kit::status::invalid_field(
+                "start",
+                "the first message must be start",
+            ));
+        };
+        let size = start.terminal_size.map(|s| {
+            (
+                s.rows.min(u16::MAX.into()) as u16,
+                s.columns.min(u16::MAX.into()) as u16,
+            )
+        });
+        let input = inbound.filter_map(|m| async move {
+            match m.ok()?.request?.message? {
+                env_pb::exec_request::Message::Stdin(b) => Some(ExecInput::Stdin(b.into())),
+                env_pb::exec_request::Message::Resize(s) => Some(ExecInput::Resize(
+                    s.rows.min(u16::MAX.into()) as u16,
+                    s.columns.min(u16::MAX.into()) as u16,
+                )),
+                env_pb::exec_request::Message::CloseStdin(_) => Some(ExecInput::CloseStdin),
+                env_pb::exec_request::Message::Start(_) => None,
+            }
+        });
+        let stream = self
+            .orchestrator
+            .exec(
+                &caller,
+                ExecStart {
+                    environment_id: start.environment_id,
+                    command: start.command,
+                    tty: start.tty,
+                    env: start.env,
+                    working_dir: start.working_dir,
+                    size,
+                    stdin: start.stdin,
+                },
+                Box::pin(input),
+            )
+            .await?;
+        let out = stream.map(|item| {
+            let m = match item? {
+                ExecOutput::Stdout(b) => env_pb::exec_response::Message::Stdout(b.to_vec()),
+                ExecOutput::Stderr(b) => env_pb::exec_response::Message::Stderr(b.to_vec()),
+                ExecOutput::Exit(code) => {
+                    env_pb::exec_response::Message::Exit(env_pb::ExecExit { exit_code: code })
+                }
+            };
+            Ok(ExecResponse {
+                response: Some(env_pb::ExecResponse { message: Some(m) }),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type StreamStatsStream = RpcStream<StreamStatsResponse>;
+
+    async fn stream_stats(
+        &self,
+        request: Request<StreamStatsRequest>,
+    ) -> Result<Response<Self::StreamStatsStream>, Status> {
+        let r = request.into_inner().request.unwrap_or_default();
+        let stream = self
+            .orchestrator
+            .stats(&r.environment_id, r.one_shot)
+            .await?;
+        let out = stream.map(|item| {
+            let s = item?;
+            Ok(StreamStatsResponse {
+                sample: Some(env_pb::StreamStatsResponse {
+                    time: s.time.map(|t| prost_types::Timestamp {
+                        seconds: t.timestamp(),
+                        nanos: t.timestamp_subsec_nanos() as i32,
+                    }),
+                    cpu_percent: s.cpu_percent,
+                    memory_usage_bytes: s.memory_usage_bytes,
+                    memory_limit_bytes: s.memory_limit_bytes,
+                    pids: s.pids,
+                    network_rx_bytes: s.network_rx_bytes,
+                    network_tx_bytes: s.network_tx_bytes,
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}

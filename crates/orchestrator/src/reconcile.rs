@@ -1,0 +1,305 @@
+//! Level-triggered reconcile of this installation's Docker objects against
+//! the store: orphans removed, lost containers failed, drift quarantined,
+//! interrupted creates and deletes finished, desired run state converged.
+//!
+//! Invariant: only objects labelled with this installation's id are ever
+//! touched, so installations (and parallel test runs) can share an engine.
+
+use std::collections::{HashMap, HashSet};
+
+use bollard::query_parameters::{
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListVolumesOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
+};
+use vibebox_proto::audit::{Outcome, Severity};
+
+use crate::audit::Event;
+use crate::docker::{self, labels};
+use crate::service::{Orchestrator, Result};
+use crate::store::{EnvRecord, State};
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub orphans_removed: Vec<String>,
+    pub lost: Vec<String>,
+    pub quarantined: Vec<String>,
+    pub rolled_back: Vec<String>,
+    pub deletes_finished: Vec<String>,
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+struct Found {
+    id: String,
+    env: String,
+    running: bool,
+    restarting: bool,
+}
+
+impl Orchestrator {
+    /// One reconcile pass.
+    pub async fn reconcile(&self) -> Result<Report> {
+        let mut report = Report::default();
+        let docker = self.docker().clone();
+        let label = format!("{}={}", labels::INSTALLATION, self.installation());
+        let filters = HashMap::from([("label", vec![label.as_str()])]);
+
+        // Docker objects first, records second: a record is committed before
+        // any of its objects exists, so every listed object's record is seen.
+        let containers: Vec<Found> = docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|c| {
+                let env = c.labels.as_ref()?.get(labels::ENVIRONMENT)?.clone();
+                let state = c.state.map(|s| s.to_string()).unwrap_or_default();
+                Some(Found {
+                    id: c.id?,
+                    env,
+                    running: state == "running",
+                    restarting: state == "restarting",
+                })
+            })
+            .collect();
+        let networks: Vec<(String, String)> = docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::new().filters(&filters).build(),
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|n| Some((n.name?, n.labels?.get(labels::ENVIRONMENT)?.clone())))
+            .collect();
+        let volumes: Vec<(String, String)> = docker
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::new().filters(&filters).build(),
+            ))
+            .await?
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| Some((v.name, v.labels.get(labels::ENVIRONMENT)?.clone())))
+            .collect();
+
+        let records = self.store().live(self.installation()).await?;
+        let by_id: HashMap<&str, &EnvRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut busy = HashSet::new();
+
+        for rec in &records {
+            let Some(_guard) = self.try_lock_env(&rec.id) else {
+                busy.insert(rec.id.clone());
+                continue;
+            };
+            // Re-read under the lock: an operation may have just finished.
+            let Ok(rec) = self.get(&rec.id).await else {
+                continue;
+            };
+            if let Err(e) = self.reconcile_one(&rec, &containers, &mut report).await {
+                tracing::warn!(environment = %rec.id, error = %e, "reconcile of environment failed");
+            }
+        }
+
+        // Orphans: labelled objects without a live record.
+        let holds_objects = |env: &str| {
+            busy.contains(env)
+                || by_id
+                    .get(env)
+                    .is_some_and(|r| !matches!(State::parse(&r.state), Ok(State::Deleted)))
+        };
+        let rm = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        for c in containers.iter().filter(|c| !holds_objects(&c.env)) {
+            if self.remove_logged(docker.remove_container(&c.id, Some(rm.clone())).await) {
+                self.orphan(&c.env, "container", &c.id, &mut report).await?;
+            }
+        }
+        for (name, env) in networks.iter().filter(|(_, e)| !holds_objects(e)) {
+            if self.remove_logged(docker.remove_network(name).await) {
+                self.orphan(env, "network", name, &mut report).await?;
+            }
+        }
+        for (name, env) in volumes.iter().filter(|(_, e)| !holds_objects(e)) {
+            let opts = RemoveVolumeOptionsBuilder::new().force(true).build();
+            if self.remove_logged(docker.remove_volume(name, Some(opts)).await) {
+                self.orphan(env, "volume", name, &mut report).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn remove_logged(&self, r: std::result::Result<(), bollard::errors::Error>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot remove orphan");
+                false
+            }
+        }
+    }
+
+    async fn orphan(&self, env: &str, kind: &str, name: &str, report: &mut Report) -> Result<()> {
+        tracing::warn!(environment = env, kind, name, "removed orphan");
+        report.orphans_removed.push(format!("{kind}:{name}"));
+        self.audit()
+            .record(Event {
+                action: "reconcile.orphan_removed",
+                outcome: Outcome::Success,
+                severity: Severity::High,
+                caller: None,
+                team_id: "",
+                environment_id: env,
+                details: vec![("kind", kind.into()), ("name", name.into())],
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn reconcile_one(
+        &self,
+        rec: &EnvRecord,
+        containers: &[Found],
+        report: &mut Report,
+    ) -> Result<()> {
+        let state = State::parse(&rec.state)?;
+        let store = self.store();
+        match state {
+            State::Creating => {
+                // Interrupted create: roll back.
+                self.remove_objects(rec).await?;
+                store
+                    .set_state(
+                        &rec.id,
+                        State::Failed,
+                        Some("create was interrupted; rolled back by reconcile"),
+                        Some(""),
+                    )
+                    .await?;
+                store.set_subnet(&rec.id, None).await?;
+                report.rolled_back.push(rec.id.clone());
+                self.audit()
+                    .record(Event {
+                        action: "environment.create",
+                        outcome: Outcome::Failure,
+                        severity: Severity::Medium,
+                        caller: None,
+                        team_id: &rec.team_id,
+                        environment_id: &rec.id,
+                        details: vec![("reason", "interrupted; rolled back by reconcile".into())],
+                    })
+                    .await?;
+                return Ok(());
+            }
+            State::Deleting => {
+                self.delete_locked(rec).await?;
+                report.deletes_finished.push(rec.id.clone());
+                return Ok(());
+            }
+            State::Deleted | State::Failed => return Ok(()),
+            State::Running | State::Stopped | State::Quarantined => {}
+        }
+
+        let mine: Vec<&Found> = containers.iter().filter(|c| c.env == rec.id).collect();
+        let expected_id = rec.container_id.clone().unwrap_or_default();
+        let current = mine.iter().find(|c| c.id == expected_id);
+        let impostors: Vec<&&Found> = mine.iter().filter(|c| c.id != expected_id).collect();
+
+        let Some(current) = current else {
+            store
+                .set_state(
+                    &rec.id,
+                    State::Failed,
+                    Some("container vanished outside the platform"),
+                    Some(""),
+                )
+                .await?;
+            report.lost.push(rec.id.clone());
+            self.audit()
+                .record(Event {
+                    action: "reconcile.lost",
+                    outcome: Outcome::Failure,
+                    severity: Severity::High,
+                    caller: None,
+                    team_id: &rec.team_id,
+                    environment_id: &rec.id,
+                    details: vec![],
+                })
+                .await?;
+            return Ok(());
+        };
+
+        let mut drift = Vec::new();
+        let rm = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        for c in &impostors {
+            drift.push(format!(
+                "unexpected container {} with this environment's labels",
+                c.id
+            ));
+            if let Err(e) = self
+                .docker()
+                .remove_container(&c.id, Some(rm.clone()))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot remove impostor container");
+            }
+        }
+        if state != State::Quarantined {
+            let inspected = self.docker().inspect_container(&current.id, None).await?;
+            let expected = self.body_of(rec)?;
+            drift.extend(docker::drift(&expected, &inspected));
+        }
+
+        let stop = StopContainerOptionsBuilder::new().t(5).build();
+        if !drift.is_empty() {
+            let reason = format!("drift from the cleared spec: {}", drift.join("; "));
+            store
+                .set_state(&rec.id, State::Quarantined, Some(&reason), Some(""))
+                .await?;
+            if let Err(e) = self.docker().stop_container(&current.id, Some(stop)).await {
+                tracing::warn!(error = %e, "cannot stop drifted container");
+            }
+            report.quarantined.push(rec.id.clone());
+            self.audit()
+                .record(Event {
+                    action: "reconcile.drift",
+                    outcome: Outcome::Failure,
+                    severity: Severity::Critical,
+                    caller: None,
+                    team_id: &rec.team_id,
+                    environment_id: &rec.id,
+                    details: vec![("drift", drift.join("; "))],
+                })
+                .await?;
+            return Ok(());
+        }
+
+        // Converge the run state.
+        match state {
+            State::Running if !current.running && !current.restarting => {
+                if let Err(e) = self.docker().start_container(&current.id, None).await {
+                    tracing::warn!(environment = %rec.id, error = %e, "cannot start container");
+                } else {
+                    report.started.push(rec.id.clone());
+                }
+            }
+            State::Stopped | State::Quarantined if current.running || current.restarting => {
+                if let Err(e) = self.docker().stop_container(&current.id, Some(stop)).await {
+                    tracing::warn!(environment = %rec.id, error = %e, "cannot stop container");
+                } else {
+                    report.stopped.push(rec.id.clone());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

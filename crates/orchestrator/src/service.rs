@@ -1,0 +1,907 @@
+//! The orchestrator's business logic: environment lifecycle against Docker,
+//! admission (clearance, replay, idempotency, quotas, host capacity, subnet)
+//! as one serialized step, logs, exec and stats. No gRPC types here except
+//! the cleared `ContainerSpec` itself (the exact bytes a clearance binds).
+//!
+//! Invariants:
+//! - nothing is created in Docker for a request whose clearance did not
+//!   verify against exactly its spec, environment, team, expiry and a known
+//!   key, or whose clearance id was used before;
+//! - each state change is committed to the store before Docker is touched;
+//! - admission runs under one lock inside one transaction, so quotas hold
+//!   under concurrency.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListNetworksOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use vibebox_audit_client::AuditClientError;
+use vibebox_clearance::{Expected, VerifyError};
+use vibebox_proto::audit::{Outcome, Severity};
+use vibebox_proto::clearance::Clearance;
+use vibebox_proto::environment::ContainerSpec;
+
+use crate::audit::{Audit, Caller, Event};
+use crate::docker::{self, SpecError, Target};
+use crate::keys::ClearanceKeys;
+use crate::store::{self, EnvRecord, State, Store, StoreError};
+use crate::subnet::{self, Cidr};
+
+/// Errors of the orchestrator's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("clearance refused: {0}")]
+    Clearance(Rejection),
+    #[error("the spec cannot be applied: {0}")]
+    Spec(#[from] SpecError),
+    #[error("environment not found")]
+    NotFound,
+    #[error("environment id {0} is already in use")]
+    AlreadyExists(String),
+    #[error("team quota exceeded: {0}")]
+    Quota(String),
+    #[error("host capacity exceeded: {0}")]
+    Capacity(String),
+    #[error("no free subnet left in the environment address pool")]
+    SubnetsExhausted,
+    #[error("environment is {state}; cannot {operation}")]
+    BadState {
+        state: &'static str,
+        operation: &'static str,
+    },
+    #[error("image {image} is not available locally and could not be pulled: {reason}")]
+    ImageUnavailable { image: String, reason: String },
+    #[error("docker: {0}")]
+    Docker(#[from] DockerError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("audit: {0}")]
+    Audit(#[from] AuditClientError),
+    /// A create stopped at a test crash point (as if the process was killed).
+    #[error("simulated crash (test hook)")]
+    SimulatedCrash,
+}
+
+/// Result alias of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a clearance was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no clearance was presented")]
+    Missing,
+    #[error("{0}")]
+    Invalid(VerifyError),
+    #[error("clearance was already used")]
+    Replayed,
+}
+
+impl Rejection {
+    /// Whether the clearance is well-formed but no longer usable (expired,
+    /// replayed), as opposed to forged or for something else.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            Rejection::Replayed
+                | Rejection::Invalid(VerifyError::Expired | VerifyError::NotYetValid)
+        )
+    }
+}
+
+/// Per-team limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Quotas {
+    pub max_environments: u32,
+    pub max_cpu_nanos: i64,
+    pub max_memory_bytes: i64,
+}
+
+/// Runtime settings of an orchestrator.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub installation: String,
+    pub subnet_pool: Cidr,
+    pub subnet_prefix: u8,
+    pub quotas: Quotas,
+    /// Share of the host's memory all environments may reserve together.
+    pub host_memory_share: f64,
+    pub health_cmd: Vec<String>,
+    pub extra_labels: Vec<(String, String)>,
+    pub default_stop_timeout: u32,
+}
+
+/// A create, as the gateway asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub caller: Caller,
+    pub request_id: String,
+    pub environment_id: String,
+    pub team_id: String,
+    pub owner_id: String,
+    pub name: String,
+    pub spec: Option<ContainerSpec>,
+    pub clearance: Option<Clearance>,
+    pub canonical_image: String,
+}
+
+/// Test hook: where a create stops as if the process had been killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    AfterNetwork,
+    AfterContainer,
+}
+
+pub(crate) struct Inner {
+    pub(crate) docker: Docker,
+    pub(crate) store: Store,
+    pub(crate) keys: ClearanceKeys,
+    pub(crate) audit: Audit,
+    pub(crate) settings: Settings,
+    admission: Mutex<()>,
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    host_memory: i64,
+    crash: std::sync::Mutex<Option<CrashPoint>>,
+}
+
+/// The orchestrator (cheap to clone).
+#[derive(Clone)]
+pub struct Orchestrator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn docker_status(e: &DockerError) -> Option<u16> {
+    match e {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// Ignores "not found" (and "not modified") answers from Docker.
+fn tolerate(r: Result<(), DockerError>) -> Result<(), DockerError> {
+    match r {
+        Err(e) if matches!(docker_status(&e), Some(404 | 304)) => Ok(()),
+        other => other,
+    }
+}
+
+fn required(field: &'static str, v: &str) -> Result<()> {
+    if v.trim().is_empty() {
+        return Err(Error::InvalidArgument {
+            field,
+            reason: "must not be empty".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Orchestrator {
+    /// Builds an orchestrator over an engine, a store, keys and an auditor.
+    pub async fn new(
+        docker: Docker,
+        store: Store,
+        keys: ClearanceKeys,
+        audit: Audit,
+        settings: Settings,
+    ) -> Result<Self> {
+        let info = docker.info().await?;
+        Ok(Orchestrator {
+            inner: Arc::new(Inner {
+                docker,
+                store,
+                keys,
+                audit,
+                settings,
+                admission: Mutex::new(()),
+                locks: std::sync::Mutex::new(HashMap::new()),
+                host_memory: info.mem_total.unwrap_or(0),
+                crash: std::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The Docker client.
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The auditor.
+    pub fn audit(&self) -> &Audit {
+        &self.inner.audit
+    }
+
+    /// The installation id.
+    pub fn installation(&self) -> &str {
+        &self.inner.settings.installation
+    }
+
+    /// Test hook: make the next creates stop at `point` as if killed.
+    pub fn set_crash_point(&self, point: Option<CrashPoint>) {
+        *self.inner.crash.lock().unwrap_or_else(|p| p.into_inner()) = point;
+    }
+
+    pub(crate) async fn lock_env(&self, id: &str) -> OwnedMutexGuard<()> {
+        self.env_mutex(id).lock_owned().await
+    }
+
+    pub(crate) fn try_lock_env(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
+        self.env_mutex(id).try_lock_owned().ok()
+    }
+
+    fn env_mutex(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, m| Arc::strong_count(m) > 1 || m.try_lock().is_err());
+        Arc::clone(locks.entry(id.to_owned()).or_default())
+    }
+
+    pub(crate) fn target<'a>(&'a self, rec: &'a EnvRecord) -> Target<'a> {
+        Target {
+            installation: &self.inner.settings.installation,
+            environment_id: &rec.id,
+            team_id: &rec.team_id,
+            owner_id: &rec.owner_id,
+            policy_digest: &rec.policy_digest,
+            extra_labels: &self.inner.settings.extra_labels,
+        }
+    }
+
+    /// Decodes the cleared spec of a record.
+    pub(crate) fn spec_of(rec: &EnvRecord) -> ContainerSpec {
+        prost::Message::decode(rec.spec.as_slice()).unwrap_or_default()
+    }
+
+    pub(crate) fn body_of(&self, rec: &EnvRecord) -> Result<bollard::models::ContainerCreateBody> {
+        Ok(docker::container_body(
+            &Self::spec_of(rec),
+            &rec.canonical_image,
+            &self.target(rec),
+            &self.inner.settings.health_cmd,
+        )?)
+    }
+
+    /// A record of this installation.
+    pub async fn get(&self, id: &str) -> Result<EnvRecord> {
+        match self.inner.store.get(id).await? {
+            Some(r) if r.installation_id == self.inner.settings.installation => Ok(r),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    /// A page of records, newest first.
+    pub async fn list(
+        &self,
+        team_ids: &[String],
+        show_deleted: bool,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<EnvRecord>> {
+        Ok(self
+            .inner
+            .store
+            .list(
+                &self.inner.settings.installation,
+                team_ids,
+                show_deleted,
+                offset,
+                limit,
+            )
+            .await?)
+    }
+
+    async fn reject(&self, req: &CreateRequest, why: Rejection) -> Error {
+        let audited = self
+            .inner
+            .audit
+            .record(Event {
+                action: "clearance.rejected",
+                outcome: Outcome::Denied,
+                severity: Severity::Critical,
+                caller: Some(&req.caller),
+                team_id: &req.team_id,
+                environment_id: &req.environment_id,
+                details: vec![("reason", why.to_string())],
+            })
+            .await;
+        tracing::warn!(environment = %req.environment_id, reason = %why, "clearance rejected");
+        match audited {
+            Ok(()) => Error::Clearance(why),
+            Err(e) => Error::Audit(e),
+        }
+    }
+
+    async fn audit_op(
+        &self,
+        action: &str,
+        caller: Option<&Caller>,
+        rec: &EnvRecord,
+        result: &Result<EnvRecord>,
+    ) -> Result<()> {
+        let (outcome, severity, details) = match result {
+            Ok(_) => (Outcome::Success, Severity::Low, vec![]),
+            Err(e) => (
+                Outcome::Failure,
+                Severity::Medium,
+                vec![("error", e.to_string())],
+            ),
+        };
+        self.inner
+            .audit
+            .record(Event {
+                action,
+                outcome,
+                severity,
+                caller,
+                team_id: &rec.team_id,
+                environment_id: &rec.id,
+                details,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Creates and starts an environment for a cleared spec. Idempotent by
+    /// `(team_id, request_id)`.
+    pub async fn create(&self, req: CreateRequest) -> Result<EnvRecord> {
+        required("request_id", &req.request_id)?;
+        required("team_id", &req.team_id)?;
+        required("owner_id", &req.owner_id)?;
+        uuid::Uuid::parse_str(&req.environment_id).map_err(|_| Error::InvalidArgument {
+            field: "environment_id",
+            reason: "must be a UUID".into(),
+        })?;
+        if let Some(existing) =
+            Store::by_request(self.inner.store.db(), &req.team_id, &req.request_id).await?
+        {
+            return Ok(existing);
+        }
+        let Some(spec) = req.spec.clone() else {
+            return Err(Error::InvalidArgument {
+                field: "spec",
+                reason: "is required".into(),
+            });
+        };
+        let Some(clearance) = req.clearance.clone() else {
+            return Err(self.reject(&req, Rejection::Missing).await);
+        };
+        let ring = self.inner.keys.ring_for(&clearance.key_id).await;
+        let body = match vibebox_clearance::verify(
+            &clearance,
+            &ring,
+            Expected {
+                spec: &spec,
+                environment_id: &req.environment_id,
+                team_id: &req.team_id,
+            },
+            SystemTime::now(),
+        ) {
+            Ok(b) => b,
+            Err(e) => return Err(self.reject(&req, Rejection::Invalid(e)).await),
+        };
+        let image = if req.canonical_image.is_empty() {
+            spec.image.clone()
+        } else {
+            req.canonical_image.clone()
+        };
+        let now = store::now_ms();
+        let mut rec = EnvRecord {
+            id: req.environment_id.clone(),
+            installation_id: self.inner.settings.installation.clone(),
+            team_id: req.team_id.clone(),
+            owner_id: req.owner_id.clone(),
+            name: req.name.clone(),
+            request_id: req.request_id.clone(),
+            state: State::Creating.as_str().into(),
+            spec: prost::Message::encode_to_vec(&spec),
+            canonical_image: image,
+            policy_digest: body.policy_digest.clone(),
+            policy_version: body.policy_version.clone(),
+            clearance_id: body.clearance_id.clone(),
+            subnet: None,
+            container_id: None,
+            nano_cpus: docker::nano_cpus(&spec),
+            memory_bytes: docker::memory_bytes(&spec),
+            failure_reason: String::new(),
+            status_message: "admitted".into(),
+            create_time_ms: now,
+            update_time_ms: now,
+        };
+        // A spec the orchestrator refuses to apply fails before admission.
+        if let Err(e) = self.body_of(&rec) {
+            let result = Err(e);
+            self.audit_op("environment.create", Some(&req.caller), &rec, &result)
+                .await?;
+            return result;
+        }
+
+        let guard = self.lock_env(&rec.id).await;
+        match self.admit(&mut rec).await {
+            Ok(Some(existing)) => return Ok(existing),
+            Ok(None) => {}
+            Err(Error::Clearance(why)) => return Err(self.reject(&req, why).await),
+            Err(e) => {
+                let result = Err(e);
+                self.audit_op("environment.create", Some(&req.caller), &rec, &result)
+                    .await?;
+                return result;
+            }
+        }
+
+        let result = match self.provision(&rec).await {
+            Ok(()) => self.get(&rec.id).await,
+            Err(Error::SimulatedCrash) => {
+                // As if killed: leave everything as it is for reconcile.
+                drop(guard);
+                return Err(Error::SimulatedCrash);
+            }
+            Err(e) => {
+                tracing::warn!(environment = %rec.id, error = %e, "create failed; rolling back");
+                if let Err(re) = self.remove_objects(&rec).await {
+                    tracing::warn!(environment = %rec.id, error = %re, "rollback incomplete");
+                }
+                self.inner
+                    .store
+                    .set_state(&rec.id, State::Failed, Some(&e.to_string()), Some(""))
+                    .await?;
+                self.inner.store.set_subnet(&rec.id, None).await?;
+                Err(e)
+            }
+        };
+        drop(guard);
+        self.audit_op("environment.create", Some(&req.caller), &rec, &result)
+            .await?;
+        result
+    }
+
+    /// Admission: idempotency, replay, quota, capacity and subnet in one
+    /// serialized transaction. Returns an existing record for a retried
+    /// request.
+    async fn admit(&self, rec: &mut EnvRecord) -> Result<Option<EnvRecord>> {
+        let s = &self.inner.settings;
+        let _admission = self.inner.admission.lock().await;
+        let txn = self.inner.store.begin_immediate().await?;
+        if let Some(existing) = Store::by_request(&txn, &rec.team_id, &rec.request_id).await? {
+            return Ok(Some(existing));
+        }
+        if Store::clearance_used(&txn, &rec.clearance_id).await? {
+            return Err(Error::Clearance(Rejection::Replayed));
+        }
+        if self.inner.store.get(&rec.id).await?.is_some() {
+            return Err(Error::AlreadyExists(rec.id.clone()));
+        }
+        let live = Store::live_in(&txn, &s.installation).await?;
+        let holding: Vec<&EnvRecord> = live
+            .iter()
+            .filter(|r| !matches!(State::parse(&r.state), Ok(State::Failed)))
+            .collect();
+        let team: Vec<&&EnvRecord> = holding
+            .iter()
+            .filter(|r| r.team_id == rec.team_id)
+            .collect();
+        if team.len() as u64 >= u64::from(s.quotas.max_environments) {
+            return Err(Error::Quota(format!(
+                "team already has {} of {} environments",
+                team.len(),
+                s.quotas.max_environments
+            )));
+        }
+        let cpu: i64 = team.iter().map(|r| r.nano_cpus).sum::<i64>() + rec.nano_cpus;
+        if cpu > s.quotas.max_cpu_nanos {
+            return Err(Error::Quota(format!(
+                "CPU {:.2} cores over the team limit of {:.2}",
+                cpu as f64 / 1e9,
+                s.quotas.max_cpu_nanos as f64 / 1e9
+            )));
+        }
+        let mem: i64 = team.iter().map(|r| r.memory_bytes).sum::<i64>() + rec.memory_bytes;
+        if mem > s.quotas.max_memory_bytes {
+            return Err(Error::Quota(format!(
+                "memory {} MiB over the team limit of {} MiB",
+                mem / (1024 * 1024),
+                s.quotas.max_memory_bytes / (1024 * 1024)
+            )));
+        }
+        if self.inner.host_memory > 0 {
+            let all: i64 = holding.iter().map(|r| r.memory_bytes).sum::<i64>() + rec.memory_bytes;
+            let cap = (self.inner.host_memory as f64 * s.host_memory_share) as i64;
+            if all > cap {
+                return Err(Error::Capacity(format!(
+                    "environments would reserve {} MiB of the {} MiB allowed on this host",
+                    all / (1024 * 1024),
+                    cap / (1024 * 1024)
+                )));
+            }
+        }
+        let mut taken: Vec<Cidr> = live
+            .iter()
+            .filter_map(|r| r.subnet.as_deref()?.parse().ok())
+            .collect();
+        taken.extend(self.engine_subnets().await?);
+        let subnet = subnet::allocate(s.subnet_pool, s.subnet_prefix, &taken)
+            .ok_or(Error::SubnetsExhausted)?;
+        rec.subnet = Some(subnet.to_string());
+        Store::insert(&txn, rec.clone()).await?;
+        txn.commit().await.map_err(StoreError::from)?;
+        Ok(None)
+    }
+
+    /// Subnets of every network on the engine (ours and everybody else's).
+    async fn engine_subnets(&self) -> Result<Vec<Cidr>> {
+        let nets = self
+            .inner
+            .docker
+            .list_networks(Some(ListNetworksOptionsBuilder::new().build()))
+            .await?;
+        Ok(nets
+            .iter()
+            .filter_map(|n| n.ipam.as_ref()?.config.as_ref())
+            .flatten()
+            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+            .collect())
+    }
+
+    /// Moves a record to a fresh subnet after the engine refused its current
+    /// one (another installation took it meanwhile).
+    async fn reallocate_subnet(&self, rec: &mut EnvRecord, refused: &[Cidr]) -> Result<Cidr> {
+        let s = &self.inner.settings;
+        let _admission = self.inner.admission.lock().await;
+        let live = self.inner.store.live(&s.installation).await?;
+        let mut taken: Vec<Cidr> = live
+            .iter()
+            .filter(|r| r.id != rec.id)
+            .filter_map(|r| r.subnet.as_deref()?.parse().ok())
+            .collect();
+        taken.extend(self.engine_subnets().await?);
+        taken.extend_from_slice(refused);
+        let subnet = subnet::allocate(s.subnet_pool, s.subnet_prefix, &taken)
+            .ok_or(Error::SubnetsExhausted)?;
+        self.inner
+            .store
+            .set_subnet(&rec.id, Some(&subnet.to_string()))
+            .await?;
+        rec.subnet = Some(subnet.to_string());
+        Ok(subnet)
+    }
+
+    fn crash_at(&self, point: CrashPoint) -> Result<()> {
+        if *self.inner.crash.lock().unwrap_or_else(|p| p.into_inner()) == Some(point) {
+            return Err(Error::SimulatedCrash);
+        }
+        Ok(())
+    }
+
+    /// Image, network, volume, container, start; the record is `creating`
+    /// throughout and `running` (committed) just before the start.
+    async fn provision(&self, rec: &EnvRecord) -> Result<()> {
+        let docker = &self.inner.docker;
+        let mut rec = rec.clone();
+        self.ensure_image(&rec).await?;
+
+        self.inner
+            .store
+            .set_status_message(&rec.id, "creating network")
+            .await?;
+        // The engine may refuse a subnet another installation took (or one
+        // it has not released yet): move on, remembering every refusal.
+        let mut refused = Vec::new();
+        loop {
+            let subnet: Cidr = rec
+                .subnet
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .ok_or(Error::SubnetsExhausted)?;
+            match docker
+                .create_network(docker::network_request(&self.target(&rec), subnet))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if docker_status(&e) == Some(409) => break,
+                Err(e)
+                    if refused.len() < 32
+                        && docker_message(&e).to_ascii_lowercase().contains("overlap") =>
+                {
+                    tracing::debug!(%subnet, "engine refused subnet; allocating another");
+                    refused.push(subnet);
+                    self.reallocate_subnet(&mut rec, &refused).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.crash_at(CrashPoint::AfterNetwork)?;
+
+        self.inner
+            .store
+            .set_status_message(&rec.id, "creating container")
+            .await?;
+        docker
+            .create_volume(docker::volume_request(&self.target(&rec)))
+            .await?;
+        let body = self.body_of(&rec)?;
+        let name = docker::container_name(&rec.id);
+        let id = match docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
+                body,
+            )
+            .await
+        {
+            Ok(r) => r.id,
+            Err(e) if docker_status(&e) == Some(409) => {
+                let existing = docker.inspect_container(&name, None).await?;
+                existing.id.unwrap_or(name.clone())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.inner.store.set_container(&rec.id, &id).await?;
+        self.crash_at(CrashPoint::AfterContainer)?;
+
+        self.inner
+            .store
+            .set_state(&rec.id, State::Running, None, Some("starting"))
+            .await?;
+        tolerate_304(docker.start_container(&id, None).await)?;
+        self.inner.store.set_status_message(&rec.id, "").await?;
+        Ok(())
+    }
+
+    /// Makes sure the image exists, pulling it through the engine otherwise
+    /// (progress goes to the record's status message).
+    async fn ensure_image(&self, rec: &EnvRecord) -> Result<()> {
+        let docker = &self.inner.docker;
+        let image = &rec.canonical_image;
+        match docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if docker_status(&e) == Some(404) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.inner
+            .store
+            .set_status_message(&rec.id, &format!("pulling image {image}"))
+            .await?;
+        let mut pull = docker.create_image(
+            Some(CreateImageOptionsBuilder::new().from_image(image).build()),
+            None,
+            None,
+        );
+        let mut last = Instant::now();
+        while let Some(item) = pull.next().await {
+            match item {
+                Ok(info) => {
+                    if last.elapsed() >= Duration::from_millis(500) {
+                        last = Instant::now();
+                        let progress = info
+                            .progress_detail
+                            .and_then(|p| Some(format!(" {}/{}", p.current?, p.total?)))
+                            .unwrap_or_default();
+                        let msg = format!(
+                            "pulling image {image}: {}{progress}",
+                            info.status.unwrap_or_default(),
+                        );
+                        self.inner.store.set_status_message(&rec.id, &msg).await?;
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::ImageUnavailable {
+                        image: image.clone(),
+                        reason: docker_message(&e),
+                    });
+                }
+            }
+        }
+        match docker.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::ImageUnavailable {
+                image: image.clone(),
+                reason: docker_message(&e),
+            }),
+        }
+    }
+
+    /// Removes the container, network and volume of an environment (found by
+    /// name and by label), tolerating ones already gone.
+    pub(crate) async fn remove_objects(&self, rec: &EnvRecord) -> Result<()> {
+        let docker = &self.inner.docker;
+        let rm = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        if let Some(id) = &rec.container_id {
+            tolerate(docker.remove_container(id, Some(rm.clone())).await)?;
+        }
+        tolerate(
+            docker
+                .remove_container(&docker::container_name(&rec.id), Some(rm))
+                .await,
+        )?;
+        tolerate(docker.remove_network(&docker::network_name(&rec.id)).await)?;
+        tolerate(
+            docker
+                .remove_volume(
+                    &docker::volume_name(&rec.id),
+                    Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
+                )
+                .await,
+        )?;
+        Ok(())
+    }
+
+    fn state_of(rec: &EnvRecord) -> Result<State> {
+        Ok(State::parse(&rec.state)?)
+    }
+
+    /// Starts a stopped environment.
+    pub async fn start(&self, caller: &Caller, id: &str) -> Result<EnvRecord> {
+        let _g = self.lock_env(id).await;
+        let rec = self.get(id).await?;
+        let result = self.start_locked(&rec).await;
+        self.audit_op("environment.start", Some(caller), &rec, &result)
+            .await?;
+        result
+    }
+
+    async fn start_locked(&self, rec: &EnvRecord) -> Result<EnvRecord> {
+        match Self::state_of(rec)? {
+            State::Running | State::Stopped => {}
+            other => {
+                return Err(Error::BadState {
+                    state: other.as_str(),
+                    operation: "start",
+                });
+            }
+        }
+        let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+        self.inner
+            .store
+            .set_state(&rec.id, State::Running, None, None)
+            .await?;
+        tolerate_304(self.inner.docker.start_container(&cid, None).await)?;
+        self.get(&rec.id).await
+    }
+
+    /// Stops an environment: SIGTERM, then SIGKILL after the timeout.
+    pub async fn stop(&self, caller: &Caller, id: &str, timeout: Option<u32>) -> Result<EnvRecord> {
+        let _g = self.lock_env(id).await;
+        let rec = self.get(id).await?;
+        let result = self.stop_locked(&rec, timeout).await;
+        self.audit_op("environment.stop", Some(caller), &rec, &result)
+            .await?;
+        result
+    }
+
+    async fn stop_locked(&self, rec: &EnvRecord, timeout: Option<u32>) -> Result<EnvRecord> {
+        match Self::state_of(rec)? {
+            State::Running | State::Stopped => {}
+            other => {
+                return Err(Error::BadState {
+                    state: other.as_str(),
+                    operation: "stop",
+                });
+            }
+        }
+        let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+        self.inner
+            .store
+            .set_state(&rec.id, State::Stopped, None, None)
+            .await?;
+        let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
+        let opts = StopContainerOptionsBuilder::new()
+            .t(i32::try_from(t).unwrap_or(i32::MAX))
+            .build();
+        tolerate_304(self.inner.docker.stop_container(&cid, Some(opts)).await)?;
+        self.get(&rec.id).await
+    }
+
+    /// Restarts an environment.
+    pub async fn restart(
+        &self,
+        caller: &Caller,
+        id: &str,
+        timeout: Option<u32>,
+    ) -> Result<EnvRecord> {
+        let _g = self.lock_env(id).await;
+        let rec = self.get(id).await?;
+        let result = async {
+            match Self::state_of(&rec)? {
+                State::Running | State::Stopped => {}
+                other => {
+                    return Err(Error::BadState {
+                        state: other.as_str(),
+                        operation: "restart",
+                    });
+                }
+            }
+            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+            self.inner
+                .store
+                .set_state(&rec.id, State::Running, None, None)
+                .await?;
+            let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
+            let opts = RestartContainerOptionsBuilder::new()
+                .t(i32::try_from(t).unwrap_or(i32::MAX))
+                .build();
+            self.inner
+                .docker
+                .restart_container(&cid, Some(opts))
+                .await?;
+            self.get(&rec.id).await
+        }
+        .await;
+        self.audit_op("environment.restart", Some(caller), &rec, &result)
+            .await?;
+        result
+    }
+
+    /// Deletes an environment's container, network and volume; the record
+    /// stays as `deleted`.
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<EnvRecord> {
+        let _g = self.lock_env(id).await;
+        let rec = self.get(id).await?;
+        if Self::state_of(&rec)? == State::Deleted {
+            return Ok(rec);
+        }
+        let result = self.delete_locked(&rec).await;
+        self.audit_op("environment.delete", Some(caller), &rec, &result)
+            .await?;
+        result
+    }
+
+    pub(crate) async fn delete_locked(&self, rec: &EnvRecord) -> Result<EnvRecord> {
+        self.inner
+            .store
+            .set_state(&rec.id, State::Deleting, None, Some("deleting"))
+            .await?;
+        self.remove_objects(rec).await?;
+        self.inner
+            .store
+            .set_state(&rec.id, State::Deleted, None, Some(""))
+            .await?;
+        self.inner.store.set_subnet(&rec.id, None).await?;
+        self.get(&rec.id).await
+    }
+
+    /// The container id of an environment that has one, for logs, exec and
+    /// stats.
+    pub async fn container_of(&self, id: &str) -> Result<String> {
+        let rec = self.get(id).await?;
+        match Self::state_of(&rec)? {
+            State::Deleted | State::Deleting => Err(Error::BadState {
+                state: "deleted",
+                operation: "attach",
+            }),
+            _ => rec.container_id.ok_or(Error::BadState {
+                state: "creating",
+                operation: "attach",
+            }),
+        }
+    }
+}
+
+fn tolerate_304(r: Result<(), DockerError>) -> Result<(), DockerError> {
+    match r {
+        Err(e) if docker_status(&e) == Some(304) => Ok(()),
+        other => other,
+    }
+}
+
+/// The engine's message of a Docker error, without transport details.
+pub(crate) fn docker_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}

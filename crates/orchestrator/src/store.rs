@@ -1,0 +1,347 @@
+//! Durable state of the orchestrator: environment records (with the cleared
+//! spec, the allocated subnet and the lifecycle state) and used clearance ids.
+//!
+//! Every state transition is written here before it is acted on in Docker, so
+//! that reconcile can finish or roll back whatever a crash interrupted.
+
+use sea_orm::sea_query::{Expr, Index};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("cannot open the database: {0}")]
+    Open(#[from] vibebox_db::DbError),
+    #[error("stored state {0:?} is unknown")]
+    BadState(String),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Lifecycle state of an environment (mirrors the proto enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Creating,
+    Running,
+    Stopped,
+    Failed,
+    Deleting,
+    Deleted,
+    Quarantined,
+}
+
+impl State {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Creating => "creating",
+            State::Running => "running",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+            State::Deleting => "deleting",
+            State::Deleted => "deleted",
+            State::Quarantined => "quarantined",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "creating" => State::Creating,
+            "running" => State::Running,
+            "stopped" => State::Stopped,
+            "failed" => State::Failed,
+            "deleting" => State::Deleting,
+            "deleted" => State::Deleted,
+            "quarantined" => State::Quarantined,
+            other => return Err(StoreError::BadState(other.to_owned())),
+        })
+    }
+}
+
+/// The environments table.
+pub mod environment {
+    use sea_orm::entity::prelude::*;
+
+    /// One environment record.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "orchestrator_environments")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub installation_id: String,
+        pub team_id: String,
+        pub owner_id: String,
+        pub name: String,
+        pub request_id: String,
+        pub state: String,
+        /// Encoded hardened `ContainerSpec` exactly as cleared.
+        pub spec: Vec<u8>,
+        pub canonical_image: String,
+        pub policy_digest: String,
+        pub policy_version: String,
+        pub clearance_id: String,
+        /// CIDR of the environment's network while it holds one.
+        #[sea_orm(nullable)]
+        pub subnet: Option<String>,
+        #[sea_orm(nullable)]
+        pub container_id: Option<String>,
+        pub nano_cpus: i64,
+        pub memory_bytes: i64,
+        pub failure_reason: String,
+        pub status_message: String,
+        /// Milliseconds since the Unix epoch.
+        pub create_time_ms: i64,
+        pub update_time_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Clearance ids already used (replay protection).
+pub mod used_clearance {
+    use sea_orm::entity::prelude::*;
+
+    /// One used clearance.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "orchestrator_used_clearances")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub clearance_id: String,
+        pub environment_id: String,
+        pub used_time_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub use environment::Model as EnvRecord;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The orchestrator's database.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Connects and creates the tables when missing.
+    pub async fn open(url: &str) -> Result<Self> {
+        let db = vibebox_db::connect(url).await?;
+        let store = Store { db };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let backend = self.db.get_database_backend();
+        let schema = Schema::new(backend);
+        let mut t = schema.create_table_from_entity(environment::Entity);
+        self.db.execute(t.if_not_exists()).await?;
+        let mut t = schema.create_table_from_entity(used_clearance::Entity);
+        self.db.execute(t.if_not_exists()).await?;
+        let idx = Index::create()
+            .if_not_exists()
+            .name("orchestrator_environments_request")
+            .table(environment::Entity)
+            .col(environment::Column::TeamId)
+            .col(environment::Column::RequestId)
+            .unique()
+            .to_owned();
+        self.db.execute(&idx).await?;
+        let idx = Index::create()
+            .if_not_exists()
+            .name("orchestrator_environments_subnet")
+            .table(environment::Entity)
+            .col(environment::Column::InstallationId)
+            .col(environment::Column::Subnet)
+            .unique()
+            .to_owned();
+        self.db.execute(&idx).await?;
+        Ok(())
+    }
+
+    /// The connection.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Starts a write transaction that holds the write lock from its first
+    /// statement (`BEGIN IMMEDIATE` on SQLite), so a count-then-insert inside
+    /// it cannot race another writer.
+    pub async fn begin_immediate(&self) -> Result<DatabaseTransaction> {
+        let mut options = TransactionOptions::default();
+        if self.db.get_database_backend() == DbBackend::Sqlite {
+            options.sqlite_transaction_mode = Some(SqliteTransactionMode::Immediate);
+        }
+        Ok(self.db.begin_with_options(options).await?)
+    }
+
+    /// The record of an environment.
+    pub async fn get(&self, id: &str) -> Result<Option<EnvRecord>> {
+        Ok(environment::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// The record created by `(team, request_id)`.
+    pub async fn by_request(
+        conn: &impl ConnectionTrait,
+        team_id: &str,
+        request_id: &str,
+    ) -> Result<Option<EnvRecord>> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::TeamId.eq(team_id))
+            .filter(environment::Column::RequestId.eq(request_id))
+            .one(conn)
+            .await?)
+    }
+
+    /// Whether a clearance id was used before.
+    pub async fn clearance_used(conn: &impl ConnectionTrait, clearance_id: &str) -> Result<bool> {
+        Ok(used_clearance::Entity::find_by_id(clearance_id.to_owned())
+            .one(conn)
+            .await?
+            .is_some())
+    }
+
+    /// Records of this installation that are not deleted.
+    pub async fn live(&self, installation: &str) -> Result<Vec<EnvRecord>> {
+        Self::live_in(&self.db, installation).await
+    }
+
+    /// Records of this installation that are not deleted, on a connection.
+    pub async fn live_in(
+        conn: &impl ConnectionTrait,
+        installation: &str,
+    ) -> Result<Vec<EnvRecord>> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::InstallationId.eq(installation))
+            .filter(environment::Column::State.ne(State::Deleted.as_str()))
+            .all(conn)
+            .await?)
+    }
+
+    /// A page of environments, newest first.
+    pub async fn list(
+        &self,
+        installation: &str,
+        team_ids: &[String],
+        show_deleted: bool,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<EnvRecord>> {
+        let mut q = environment::Entity::find()
+            .filter(environment::Column::InstallationId.eq(installation));
+        if !team_ids.is_empty() {
+            q = q.filter(environment::Column::TeamId.is_in(team_ids.iter().cloned()));
+        }
+        if !show_deleted {
+            q = q.filter(environment::Column::State.ne(State::Deleted.as_str()));
+        }
+        Ok(q.order_by_desc(environment::Column::CreateTimeMs)
+            .order_by_desc(environment::Column::Id)
+            .offset(offset)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Number of records (for tests and metrics).
+    pub async fn count(&self, installation: &str) -> Result<u64> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::InstallationId.eq(installation))
+            .count(&self.db)
+            .await?)
+    }
+
+    /// Inserts a new record together with its used clearance, in `txn`.
+    pub async fn insert(txn: &DatabaseTransaction, rec: EnvRecord) -> Result<()> {
+        let used = used_clearance::ActiveModel {
+            clearance_id: Set(rec.clearance_id.clone()),
+            environment_id: Set(rec.id.clone()),
+            used_time_ms: Set(now_ms()),
+        };
+        used.insert(txn).await?;
+        let am: environment::ActiveModel = rec.into();
+        let am = sea_orm::ActiveModelTrait::reset_all(am);
+        am.insert(txn).await?;
+        Ok(())
+    }
+
+    /// Sets the state (and optionally reason/message) of a record.
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: State,
+        failure_reason: Option<&str>,
+        status_message: Option<&str>,
+    ) -> Result<()> {
+        let mut q = environment::Entity::update_many()
+            .col_expr(environment::Column::State, Expr::value(state.as_str()))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
+        if let Some(r) = failure_reason {
+            q = q.col_expr(environment::Column::FailureReason, Expr::value(r));
+        }
+        if let Some(m) = status_message {
+            q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
+        }
+        q.filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the progress message of a record.
+    pub async fn set_status_message(&self, id: &str, message: &str) -> Result<()> {
+        environment::Entity::update_many()
+            .col_expr(environment::Column::StatusMessage, Expr::value(message))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the container id of an environment.
+    pub async fn set_container(&self, id: &str, container_id: &str) -> Result<()> {
+        environment::Entity::update_many()
+            .col_expr(environment::Column::ContainerId, Expr::value(container_id))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the subnet of a record (`None` releases it).
+    pub async fn set_subnet(&self, id: &str, subnet: Option<&str>) -> Result<()> {
+        environment::Entity::update_many()
+            .col_expr(
+                environment::Column::Subnet,
+                Expr::value(subnet.map(str::to_owned)),
+            )
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,568 @@
+//! Table tests for every rule (spelling variants included), hardening, and
+//! property tests that no spec holding a forbidden element is ever allowed.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use vibebox_proto::environment::{ContainerSpec, Device, Mount, MountType, PortMapping};
+
+use crate::document::Policy;
+use crate::engine::{Outcome, evaluate};
+use crate::rules::{Rule, Severity};
+
+fn benign() -> ContainerSpec {
+    ContainerSpec {
+        image: "python:3.12".into(),
+        command: vec!["sleep".into(), "infinity".into()],
+        env: BTreeMap::from([("LANG".into(), "C.UTF-8".into())]),
+        labels: BTreeMap::from([("project".into(), "demo".into())]),
+        ..Default::default()
+    }
+}
+
+fn eval(spec: &ContainerSpec) -> Outcome {
+    evaluate(Policy::builtin().rules_for(""), spec)
+}
+
+fn eval_with(policy: &str, team: &str, spec: &ContainerSpec) -> Outcome {
+    evaluate(Policy::from_toml(policy).unwrap().rules_for(team), spec)
+}
+
+fn bind(source: &str) -> Mount {
+    Mount {
+        r#type: MountType::Bind as i32,
+        source: source.into(),
+        target: "/mnt/x".into(),
+        read_only: false,
+        size_mb: None,
+    }
+}
+
+fn ids(o: &Outcome) -> Vec<&'static str> {
+    o.violations.iter().map(|v| v.rule.id()).collect()
+}
+
+#[track_caller]
+fn assert_denied(spec: &ContainerSpec, rule: Rule) {
+    let o = eval(spec);
+    assert!(!o.allowed(), "expected {rule} for {spec:?}");
+    assert!(o.has(rule), "expected {rule}, got {:?} for {spec:?}", ids(&o));
+    assert!(o.hardened.is_none());
+}
+
+#[test]
+fn benign_spec_is_allowed_and_hardened() {
+    let o = eval(&benign());
+    assert!(o.allowed(), "{:?}", o.violations);
+    let h = o.hardened.unwrap();
+    assert_eq!(h.image, "docker.io/library/python:3.12");
+    assert_eq!(o.canonical_image.as_deref(), Some("docker.io/library/python:3.12"));
+    assert_eq!(h.user.as_deref(), Some("1000:1000"));
+    assert_eq!(h.cap_drop, vec!["ALL"]);
+    assert!(h.cap_add.is_empty());
+    assert_eq!(h.security_opt, vec!["no-new-privileges"]);
+    assert_eq!(h.cpu_limit, Some(2.0));
+    assert_eq!(h.memory_limit_mb, Some(4096));
+    assert_eq!(h.pids_limit, Some(1024));
+    assert_eq!(h.read_only_rootfs, Some(false));
+    assert!(!h.privileged);
+    assert_eq!(h.mounts.len(), 1);
+    assert_eq!(h.mounts[0].target, "/workspace");
+    assert_eq!(h.mounts[0].source, "");
+    assert_eq!(h.mounts[0].r#type, MountType::Volume as i32);
+    assert_eq!(h.command, benign().command);
+    assert_eq!(h.labels, benign().labels);
+    // Hardening is idempotent: the hardened spec is allowed and unchanged.
+    let again = eval(&h);
+    assert!(again.allowed());
+    assert_eq!(again.hardened.unwrap(), h);
+}
+
+#[test]
+fn read_only_profile_adds_tmpfs() {
+    let o = eval_with("[filesystem]\nread_only_root = true", "", &benign());
+    let h = o.hardened.unwrap();
+    assert_eq!(h.read_only_rootfs, Some(true));
+    let tmp = h.mounts.iter().find(|m| m.target == "/tmp").unwrap();
+    assert_eq!(tmp.r#type, MountType::Tmpfs as i32);
+    assert_eq!(tmp.size_mb, Some(512));
+    let mut writable = benign();
+    writable.read_only_rootfs = Some(false);
+    let o = eval_with("[filesystem]\nread_only_root = true", "", &writable);
+    assert!(o.has(Rule::RootfsWritable));
+}
+
+#[test]
+fn images() {
+    for image in [
+        "docker:24-dind",
+        "docker",
+        "DOCKER:24-DIND",
+        "docker:latest",
+        "library/docker:24",
+        "docker.io/library/docker:24-dind",
+        "index.docker.io/library/docker:24",
+        "docker.io/docker:dind",
+        "mirror.local:5000/library/docker:24-dind",
+        "dind:1",
+        "acme/dind:2",
+        "python",
+        "python:latest",
+        "ghcr.io/acme/app",
+    ] {
+        let spec = ContainerSpec { image: image.into(), ..benign() };
+        assert_denied(&spec, Rule::ImageDenied);
+    }
+    for image in ["", " python:3", "Python:3 ", "python:", "py//thon:1", "python@sha256:xyz", "bad host/x:1"] {
+        let spec = ContainerSpec { image: image.into(), ..benign() };
+        assert_denied(&spec, Rule::ImageInvalid);
+    }
+    let team = "[teams.acme]\nallow_images = [\"ghcr.io/acme/*\"]\ndeny_images = [\"node:*\"]";
+    let spec = ContainerSpec { image: "python:3.12".into(), ..benign() };
+    assert!(eval_with(team, "acme", &spec).has(Rule::ImageNotAllowed));
+    assert!(eval_with(team, "other", &spec).allowed());
+    let spec = ContainerSpec { image: "ghcr.io/acme/app:1".into(), ..benign() };
+    assert!(eval_with(team, "acme", &spec).allowed());
+    let spec = ContainerSpec { image: "node:20".into(), ..benign() };
+    assert!(eval_with(team, "acme", &spec).has(Rule::ImageDenied));
+    let base = "[images]\nallow = [\"python:*\"]";
+    let spec = ContainerSpec { image: "ruby:3".into(), ..benign() };
+    assert!(eval_with(base, "", &spec).has(Rule::ImageNotAllowed));
+}
+
+#[test]
+fn docker_socket_mounts_in_every_spelling() {
+    for source in [
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "//var//run//docker.sock",
+        "/var/run/docker.sock/",
+        "/var/./run/docker.sock",
+        "/var/lib/../run/docker.sock",
+        "/tmp/../../var/run/docker.sock",
+        "/VAR/RUN/DOCKER.SOCK",
+        "/var/run",
+        "/var/run/",
+        "/run",
+        "/var",
+        "/",
+        "/var/run/docker",
+        "/run/containerd/containerd.sock",
+        "/home/dev/docker.sock",
+        "/srv/podman.sock",
+    ] {
+        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+        assert_denied(&spec, Rule::MountDockerSocket);
+        let o = eval(&spec);
+        assert_eq!(o.severity(), Some(Severity::Critical), "{source}");
+        let v = &o.violations[0];
+        assert_eq!(v.field, "spec.mounts[0].source");
+        assert_eq!(v.cis, "5.31");
+    }
+    // Even when bind mounts are allowed under a prefix that contains it.
+    let policy = "[mounts]\nallow_bind_prefixes = [\"/home\"]";
+    let spec = ContainerSpec { mounts: vec![bind("/home/dev/../dev/docker.sock")], ..benign() };
+    assert!(eval_with(policy, "", &spec).has(Rule::MountDockerSocket));
+}
+
+#[test]
+fn sensitive_and_unlisted_bind_mounts() {
+    for source in ["/etc", "/etc/", "/ETC/shadow", "/proc/1/root", "/sys", "/dev", "/boot", "/lib", "/usr/bin", "/var/lib/docker", "/var/lib/docker/volumes", "/root/.ssh", "/var/lib", "/usr/../etc"] {
+        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+        assert_denied(&spec, Rule::MountSensitivePath);
+    }
+    let spec = ContainerSpec { mounts: vec![bind("/home/dev/project")], ..benign() };
+    assert_denied(&spec, Rule::MountBindNotAllowed);
+    let policy = "[mounts]\nallow_bind_prefixes = [\"/home/dev\"]\nextra_sensitive_paths = [\"/home/dev/secrets\"]";
+    let o = eval_with(policy, "", &spec);
+    assert!(o.allowed(), "{:?}", o.violations);
+    let spec = ContainerSpec { mounts: vec![bind("/home/dev/../other")], ..benign() };
+    assert!(eval_with(policy, "", &spec).has(Rule::MountBindNotAllowed));
+    let spec = ContainerSpec { mounts: vec![bind("/home/dev/secrets/x")], ..benign() };
+    assert!(eval_with(policy, "", &spec).has(Rule::MountSensitivePath));
+    let spec = ContainerSpec { mounts: vec![bind("/home/developer")], ..benign() };
+    assert!(eval_with(policy, "", &spec).has(Rule::MountBindNotAllowed));
+    // Normalized source in the hardened spec.
+    let spec = ContainerSpec { mounts: vec![bind("/home/dev//project/")], ..benign() };
+    let h = eval_with(policy, "", &spec).hardened.unwrap();
+    assert_eq!(h.mounts[0].source, "/home/dev/project");
+    for source in ["relative/path", "", "/a\0b"] {
+        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+        assert_denied(&spec, Rule::MountInvalid);
+    }
+}
+
+#[test]
+fn volumes_tmpfs_and_mount_shape() {
+    let vol = |source: &str| Mount {
+        r#type: MountType::Volume as i32,
+        source: source.into(),
+        target: "/data".into(),
+        read_only: false,
+        size_mb: None,
+    };
+    assert!(eval(&ContainerSpec { mounts: vec![vol("cache")], ..benign() }).allowed());
+    for s in ["vibebox-env-123-workspace", "VibeBox_x"] {
+        assert_denied(&ContainerSpec { mounts: vec![vol(s)], ..benign() }, Rule::MountVolumeReserved);
+    }
+    for s in ["/etc", "../x", "-x"] {
+        assert_denied(&ContainerSpec { mounts: vec![vol(s)], ..benign() }, Rule::MountInvalid);
+    }
+    let tmpfs = |size: Option<i64>| Mount {
+        r#type: MountType::Tmpfs as i32,
+        source: String::new(),
+        target: "/scratch".into(),
+        read_only: false,
+        size_mb: size,
+    };
+    let h = eval(&ContainerSpec { mounts: vec![tmpfs(None)], ..benign() }).hardened.unwrap();
+    assert_eq!(h.mounts[0].size_mb, Some(512));
+    for size in [0, -1, 100_000] {
+        assert_denied(&ContainerSpec { mounts: vec![tmpfs(Some(size))], ..benign() }, Rule::MountTmpfsSize);
+    }
+    let unspecified = Mount { r#type: 0, ..vol("x") };
+    assert_denied(&ContainerSpec { mounts: vec![unspecified], ..benign() }, Rule::MountInvalid);
+    let unknown = Mount { r#type: 42, ..vol("x") };
+    assert_denied(&ContainerSpec { mounts: vec![unknown], ..benign() }, Rule::MountInvalid);
+    for target in ["", "/", "relative", "/.."] {
+        let m = Mount { target: target.into(), ..vol("x") };
+        assert_denied(&ContainerSpec { mounts: vec![m], ..benign() }, Rule::MountInvalid);
+    }
+    let dup = vec![vol("a"), Mount { target: "/data/".into(), ..vol("b") }];
+    assert_denied(&ContainerSpec { mounts: dup, ..benign() }, Rule::MountInvalid);
+    let many = (0..17).map(|i| Mount { target: format!("/d{i}"), ..vol("x") }).collect();
+    assert_denied(&ContainerSpec { mounts: many, ..benign() }, Rule::MountTooMany);
+}
+
+#[test]
+fn privileged_is_critical() {
+    let spec = ContainerSpec { privileged: true, ..benign() };
+    assert_denied(&spec, Rule::Privileged);
+    let o = eval(&spec);
+    assert_eq!(o.severity(), Some(Severity::Critical));
+    assert_eq!(o.violations[0].cis, "5.4");
+    assert_eq!(o.violations[0].pss, "Privileged Containers");
+}
+
+#[test]
+fn capabilities() {
+    for cap in ["SYS_ADMIN", "sys_admin", "CAP_SYS_ADMIN", "cap_sys_admin", " Sys_Admin ", "ALL", "all", "NET_ADMIN", ""] {
+        let spec = ContainerSpec { cap_add: vec![cap.into()], ..benign() };
+        assert_denied(&spec, Rule::CapabilityAdd);
+    }
+    let policy = "[capabilities]\nallow_add = [\"NET_BIND_SERVICE\"]";
+    let spec = ContainerSpec { cap_add: vec!["cap_net_bind_service".into()], ..benign() };
+    let h = eval_with(policy, "", &spec).hardened.unwrap();
+    assert_eq!(h.cap_add, vec!["NET_BIND_SERVICE"]);
+    assert_eq!(h.cap_drop, vec!["ALL"]);
+    let spec = ContainerSpec { cap_add: vec!["ALL".into()], ..benign() };
+    assert!(eval_with(policy, "", &spec).has(Rule::CapabilityAdd));
+    // A user's cap_drop cannot replace ALL.
+    let spec = ContainerSpec { cap_drop: vec!["NET_RAW".into()], ..benign() };
+    assert_eq!(eval(&spec).hardened.unwrap().cap_drop, vec!["ALL"]);
+}
+
+#[test]
+fn users() {
+    for user in ["root", "ROOT", "0", "00", "0:0", "0:1000", "1000:0", "root:root", "1000:root", "dev:0"] {
+        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+        assert_denied(&spec, Rule::UserRoot);
+    }
+    for user in ["dev", "dev:dev", "1000:staff"] {
+        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+        assert_denied(&spec, Rule::UserName);
+    }
+    for user in [":", "1000:", ":1000", "-1", "99999999999", "a b", "1:2:3", "+0"] {
+        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+        assert_denied(&spec, Rule::UserInvalid);
+    }
+    let harden = |user: Option<&str>| {
+        eval(&ContainerSpec { user: user.map(str::to_owned), ..benign() }).hardened.unwrap().user.unwrap()
+    };
+    assert_eq!(harden(None), "1000:1000");
+    assert_eq!(harden(Some("")), "1000:1000");
+    assert_eq!(harden(Some("1001")), "1001:1000");
+    assert_eq!(harden(Some("01001:02000")), "1001:2000");
+    let named = "[user]\nallow_names = true";
+    let spec = ContainerSpec { user: Some("dev:staff".into()), ..benign() };
+    assert_eq!(eval_with(named, "", &spec).hardened.unwrap().user.as_deref(), Some("dev:staff"));
+    let spec = ContainerSpec { user: Some("Root".into()), ..benign() };
+    assert!(eval_with(named, "", &spec).has(Rule::UserRoot));
+}
+
+#[test]
+fn namespaces_and_network() {
+    type Setter = fn(&mut ContainerSpec, &str);
+    let cases: [(Setter, Rule, &[&str]); 6] = [
+        (|s, v| s.network_mode = v.into(), Rule::NetworkMode, &["host", "HOST", "bridge", "container:abc", "none", "default", " "]),
+        (|s, v| s.pid_mode = v.into(), Rule::NamespacePid, &["host", "Host", "container:abc", "private "]),
+        (|s, v| s.ipc_mode = v.into(), Rule::NamespaceIpc, &["host", "shareable", "container:abc"]),
+        (|s, v| s.uts_mode = v.into(), Rule::NamespaceUts, &["host", "HOST"]),
+        (|s, v| s.userns_mode = v.into(), Rule::NamespaceUserns, &["host", "Host"]),
+        (|s, v| s.cgroupns_mode = v.into(), Rule::NamespaceCgroupns, &["host", "HOST"]),
+    ];
+    for (set, rule, values) in cases {
+        for value in values {
+            let mut spec = benign();
+            set(&mut spec, value);
+            assert_denied(&spec, rule);
+        }
+    }
+    for ok in ["private", "none"] {
+        let spec = ContainerSpec { ipc_mode: ok.into(), ..benign() };
+        assert!(eval(&spec).allowed());
+    }
+}
+
+#[test]
+fn security_options() {
+    for opt in [
+        "seccomp=unconfined",
+        "seccomp:unconfined",
+        "SECCOMP=UNCONFINED",
+        " seccomp = unconfined ",
+        "apparmor=unconfined",
+        "apparmor:unconfined",
+        "label=disable",
+        "label:disable",
+        "systempaths=unconfined",
+    ] {
+        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
+        assert_denied(&spec, Rule::SecurityOptUnconfined);
+    }
+    for opt in ["no-new-privileges=false", "no-new-privileges:false", "seccomp=/tmp/profile.json", "label=type:spc_t", "apparmor=custom", "bogus"] {
+        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
+        assert_denied(&spec, Rule::SecurityOptNotAllowed);
+    }
+    for opt in ["no-new-privileges", "no-new-privileges=true", "no-new-privileges:true"] {
+        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
+        assert_eq!(eval(&spec).hardened.unwrap().security_opt, vec!["no-new-privileges"]);
+    }
+}
+
+#[test]
+fn devices_sysctls_labels_env() {
+    let dev = Device { host_path: "/dev/fuse".into(), container_path: "/dev/fuse".into(), permissions: "rwm".into() };
+    assert_denied(&ContainerSpec { devices: vec![dev], ..benign() }, Rule::Device);
+    let sysctls = BTreeMap::from([("net.ipv4.ip_forward".to_string(), "1".to_string())]);
+    assert_denied(&ContainerSpec { sysctls: sysctls.clone(), ..benign() }, Rule::Sysctl);
+    let policy = "[sysctls]\nallow = [\"net.ipv4.ip_forward\"]";
+    assert!(eval_with(policy, "", &ContainerSpec { sysctls, ..benign() }).allowed());
+    for key in ["vibebox.owner", "VIBEBOX.team", " vibebox.managed", "vibebox"] {
+        let labels = BTreeMap::from([(key.to_string(), "x".to_string())]);
+        assert_denied(&ContainerSpec { labels, ..benign() }, Rule::LabelReserved);
+    }
+    let labels = BTreeMap::from([("vibeboxer".to_string(), "x".to_string())]);
+    assert!(eval(&ContainerSpec { labels, ..benign() }).allowed());
+    for key in ["", "A=B", "A\0"] {
+        let env = BTreeMap::from([(key.to_string(), "x".to_string())]);
+        assert_denied(&ContainerSpec { env, ..benign() }, Rule::EnvInvalid);
+    }
+    assert_denied(&ContainerSpec { working_dir: "relative".into(), ..benign() }, Rule::WorkingDirInvalid);
+}
+
+#[test]
+fn ports() {
+    let port = |host: u32, ip: &str, proto: &str| PortMapping {
+        container_port: 8080,
+        host_port: host,
+        host_ip: ip.into(),
+        protocol: proto.into(),
+    };
+    assert_denied(&ContainerSpec { ports: vec![port(8080, "", "")], ..benign() }, Rule::PortPublish);
+    let policy = "[network]\nallow_published_ports = true";
+    let o = eval_with(policy, "", &ContainerSpec { ports: vec![port(8080, "", "TCP")], ..benign() });
+    let h = o.hardened.unwrap();
+    assert_eq!(h.ports[0].host_ip, "127.0.0.1");
+    assert_eq!(h.ports[0].protocol, "tcp");
+    for p in [port(80, "", ""), port(22, "0.0.0.0", "tcp")] {
+        assert!(eval_with(policy, "", &ContainerSpec { ports: vec![p], ..benign() }).has(Rule::PortPrivileged));
+    }
+    for p in [port(70000, "", ""), port(8080, "nope", ""), port(8080, "", "sctp"), PortMapping { container_port: 0, ..port(8080, "", "") }] {
+        assert!(eval_with(policy, "", &ContainerSpec { ports: vec![p], ..benign() }).has(Rule::PortInvalid));
+    }
+}
+
+#[test]
+fn resources() {
+    let cases: [(ContainerSpec, Rule); 11] = [
+        (ContainerSpec { cpu_limit: Some(0.0), ..benign() }, Rule::ResourcesUnlimited),
+        (ContainerSpec { cpu_limit: Some(-1.0), ..benign() }, Rule::ResourcesUnlimited),
+        (ContainerSpec { cpu_limit: Some(64.0), ..benign() }, Rule::ResourcesCeiling),
+        (ContainerSpec { cpu_limit: Some(f64::NAN), ..benign() }, Rule::ResourcesInvalid),
+        (ContainerSpec { cpu_limit: Some(f64::INFINITY), ..benign() }, Rule::ResourcesInvalid),
+        (ContainerSpec { memory_limit_mb: Some(0), ..benign() }, Rule::ResourcesUnlimited),
+        (ContainerSpec { memory_limit_mb: Some(-1), ..benign() }, Rule::ResourcesUnlimited),
+        (ContainerSpec { memory_limit_mb: Some(1 << 40), ..benign() }, Rule::ResourcesCeiling),
+        (ContainerSpec { memory_limit_mb: Some(2), ..benign() }, Rule::ResourcesInvalid),
+        (ContainerSpec { pids_limit: Some(-1), ..benign() }, Rule::ResourcesUnlimited),
+        (ContainerSpec { pids_limit: Some(1_000_000), ..benign() }, Rule::ResourcesCeiling),
+    ];
+    for (spec, rule) in cases {
+        assert_denied(&spec, rule);
+    }
+    let spec = ContainerSpec { cpu_limit: Some(1.5), memory_limit_mb: Some(1024), pids_limit: Some(100), ..benign() };
+    let h = eval(&spec).hardened.unwrap();
+    assert_eq!((h.cpu_limit, h.memory_limit_mb, h.pids_limit), (Some(1.5), Some(1024), Some(100)));
+    // Team ceilings apply, and lower the defaults.
+    let team = "[teams.small]\nmax_cpus = 1.0\nmax_memory_mb = 512";
+    assert!(eval_with(team, "small", &ContainerSpec { cpu_limit: Some(2.0), ..benign() }).has(Rule::ResourcesCeiling));
+    let h = eval_with(team, "small", &benign()).hardened.unwrap();
+    assert_eq!((h.cpu_limit, h.memory_limit_mb), (Some(1.0), Some(512)));
+}
+
+#[test]
+fn every_violation_is_reported() {
+    let spec = ContainerSpec {
+        image: "docker:24-dind".into(),
+        privileged: true,
+        mounts: vec![bind("/var/run/docker.sock")],
+        cap_add: vec!["SYS_ADMIN".into()],
+        network_mode: "host".into(),
+        user: Some("0".into()),
+        ..benign()
+    };
+    let o = eval(&spec);
+    for rule in [Rule::ImageDenied, Rule::Privileged, Rule::MountDockerSocket, Rule::CapabilityAdd, Rule::NetworkMode, Rule::UserRoot] {
+        assert!(o.has(rule), "{rule}: {:?}", ids(&o));
+    }
+    assert!(!o.only_invalid());
+}
+
+#[test]
+fn rule_ids_are_unique_and_dotted() {
+    let mut seen = std::collections::HashSet::new();
+    for r in Rule::ALL {
+        assert!(seen.insert(r.id()), "duplicate {}", r.id());
+        assert!(r.id().bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+    }
+    assert_eq!(Rule::MountDockerSocket.severity(), Severity::Critical);
+    assert_eq!(Rule::Privileged.severity(), Severity::Critical);
+}
+
+/// One forbidden element, and a rule that must catch it.
+fn forbidden() -> impl Strategy<Value = (Rule, fn(&mut ContainerSpec, &str), String)> {
+    type Apply = fn(&mut ContainerSpec, &str);
+    let socket: Apply = |s, v| s.mounts.push(bind(v));
+    let image: Apply = |s, v| s.image = v.into();
+    let privileged: Apply = |s, _| s.privileged = true;
+    let cap: Apply = |s, v| s.cap_add.push(v.into());
+    let user: Apply = |s, v| s.user = Some(v.into());
+    let pid: Apply = |s, v| s.pid_mode = v.into();
+    let net: Apply = |s, v| s.network_mode = v.into();
+    let opt: Apply = |s, v| s.security_opt.push(v.into());
+    let label: Apply = |s, v| {
+        s.labels.insert(v.into(), "x".into());
+    };
+    let mem: Apply = |s, v| s.memory_limit_mb = Some(v.parse().unwrap());
+    let device: Apply = |s, v| {
+        s.devices.push(Device { host_path: v.into(), ..Default::default() });
+    };
+    prop_oneof![
+        (prop::sample::select(vec!["/var/run/docker.sock", "/run/docker.sock", "/var/run", "/"]), "[/]{1,3}", prop::bool::ANY)
+            .prop_map(move |(p, slashes, trailing)| {
+                let spelled = format!("{}{}", p.replace('/', &slashes), if trailing { "/" } else { "" });
+                (Rule::MountDockerSocket, socket, spelled)
+            }),
+        (prop::sample::select(vec!["docker", "DOCKER", "library/docker", "docker.io/library/docker", "index.docker.io/library/docker", "dind", "x.io/y/dind"]), "[a-z0-9][a-z0-9.-]{0,8}")
+            .prop_map(move |(name, tag)| (Rule::ImageDenied, image, format!("{name}:{tag}"))),
+        Just((Rule::Privileged, privileged, String::new())),
+        prop::sample::select(vec!["SYS_ADMIN", "cap_sys_admin", "Net_Admin", "ALL", "sys_ptrace"])
+            .prop_map(move |c| (Rule::CapabilityAdd, cap, c.to_string())),
+        prop::sample::select(vec!["root", "0", "0:0", "000", "1000:0", "root:1000"])
+            .prop_map(move |u| (Rule::UserRoot, user, u.to_string())),
+        prop::sample::select(vec!["host", "HOST", "container:x"]).prop_map(move |v| (Rule::NamespacePid, pid, v.to_string())),
+        prop::sample::select(vec!["host", "bridge", "container:x"]).prop_map(move |v| (Rule::NetworkMode, net, v.to_string())),
+        prop::sample::select(vec!["seccomp=unconfined", "apparmor:unconfined", "label=disable"])
+            .prop_map(move |v| (Rule::SecurityOptUnconfined, opt, v.to_string())),
+        "vibebox\\.[a-z]{1,8}".prop_map(move |k| (Rule::LabelReserved, label, k)),
+        prop::sample::select(vec!["0", "-1", "999999999"]).prop_map(move |m| {
+            let rule = if m == "999999999" { Rule::ResourcesCeiling } else { Rule::ResourcesUnlimited };
+            (rule, mem, m.to_string())
+        }),
+        Just((Rule::Device, device, "/dev/sda".to_string())),
+    ]
+}
+
+/// Arbitrary (mostly benign, sometimes odd) surrounding content.
+fn noise() -> impl Strategy<Value = ContainerSpec> {
+    (
+        prop::sample::select(vec!["python:3.12", "ghcr.io/acme/app:1", "busybox:1.36", "ubuntu:24.04"]),
+        prop::collection::btree_map("[A-Z_]{1,8}", ".{0,12}", 0..4),
+        prop::collection::btree_map("[a-z.]{1,12}", "[a-z]{0,6}", 0..3),
+        prop::option::of(0.01f64..8.0),
+        prop::option::of(6i64..16384),
+        prop::option::of(prop::sample::select(vec!["1000", "1000:1000", "4242:4242", ""])),
+        prop::collection::vec(".{0,16}", 0..3),
+        prop::option::of(prop::bool::ANY),
+    )
+        .prop_map(|(image, env, labels, cpu, mem, user, command, ro)| ContainerSpec {
+            image: image.into(),
+            env,
+            labels,
+            cpu_limit: cpu,
+            memory_limit_mb: mem,
+            user: user.map(str::to_owned),
+            command,
+            read_only_rootfs: ro,
+            ..Default::default()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_spec_with_a_forbidden_element_is_allowed(
+        spec in noise(),
+        extras in prop::collection::vec(forbidden(), 0..3),
+        (rule, apply, value) in forbidden(),
+    ) {
+        let mut spec = spec;
+        for (_, f, v) in &extras {
+            f(&mut spec, v);
+        }
+        apply(&mut spec, &value);
+        let o = eval(&spec);
+        prop_assert!(!o.allowed());
+        prop_assert!(o.hardened.is_none());
+        prop_assert!(o.has(rule), "{} not in {:?} for {:?}", rule, ids(&o), value);
+    }
+
+    #[test]
+    fn allowed_specs_are_always_hardened(spec in noise()) {
+        let o = eval(&spec);
+        if let Some(h) = o.hardened {
+            prop_assert_eq!(h.cap_drop, vec!["ALL".to_string()]);
+            prop_assert_eq!(h.security_opt, vec!["no-new-privileges".to_string()]);
+            prop_assert!(!h.privileged);
+            let user = h.user.unwrap();
+            prop_assert!(!user.starts_with("0:") && !user.ends_with(":0"));
+            prop_assert!(h.cpu_limit.is_some() && h.memory_limit_mb.is_some() && h.pids_limit.is_some());
+            prop_assert!(h.mounts.iter().any(|m| m.target == "/workspace"));
+        } else {
+            prop_assert!(!o.violations.is_empty());
+        }
+    }
+
+    #[test]
+    fn evaluation_never_panics(
+        image in ".{0,40}",
+        user in prop::option::of(".{0,12}"),
+        source in ".{0,30}",
+        opt in ".{0,20}",
+        mode in ".{0,10}",
+        ty in 0i32..5,
+    ) {
+        let spec = ContainerSpec {
+            image,
+            user,
+            security_opt: vec![opt],
+            ipc_mode: mode,
+            mounts: vec![Mount { r#type: ty, source, target: "/x".into(), read_only: false, size_mb: None }],
+            ..Default::default()
+        };
+        let o = eval(&spec);
+        prop_assert_eq!(o.allowed(), o.hardened.is_some());
+    }
+}

@@ -1,0 +1,41 @@
+# The project's commands. CI (.ci/run) calls the same ones the README shows.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+tools := env_var_or_default("VIBEBOX_TOOLS_DIR", env_var("HOME") + "/.vibebox-tools")
+export PATH := tools + "/bin:" + env_var("PATH")
+
+# list recipes
+default:
+    @just --list
+
+# run the whole platform on this machine (embedded defaults)
+up *ARGS:
+    cargo run --release -p vibebox -- up {{ARGS}}
+
+# every test: unit, service, end-to-end (real Docker; PostgreSQL when VIBEBOX_TEST_POSTGRES_URL is set)
+test *ARGS:
+    bash tests/run.sh {{ARGS}}
+
+# formatting, clippy, buf lint, chart lint
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    buf lint
+    if [ -d helm/vibebox ]; then helm-lite lint helm/vibebox --strict; fi
+
+# breaking-change check of the protos against the previous commit
+breaking:
+    buf breaking --against '.git#ref=HEAD~1'
+
+# format the code
+fmt:
+    cargo fmt --all
+
+# benchmarks (numbers and ratios next to baselines measured in the same run)
+bench:
+    bash scripts/bench.sh
+
+# install grpcurl, buf, just, helm-lite and kubernetes-validate into a virtualenv
+tools:
+    bash scripts/install-tools.sh {{tools}}
