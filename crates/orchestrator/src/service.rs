@@ -152,7 +152,12 @@ pub(crate) struct Inner {
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     host_memory: i64,
     crash: std::sync::Mutex<Option<CrashPoint>>,
+    abort_at: Option<CrashPoint>,
 }
+
+/// Environment variable that makes the process abort at a crash point
+/// (`network` or `container`), to test recovery from a killed process.
+pub const ABORT_ENV: &str = "VIBEBOX_TEST_ABORT_AFTER";
 
 /// The orchestrator (cheap to clone).
 #[derive(Clone)]
@@ -206,6 +211,11 @@ impl Orchestrator {
                 locks: std::sync::Mutex::new(HashMap::new()),
                 host_memory: info.mem_total.unwrap_or(0),
                 crash: std::sync::Mutex::new(None),
+                abort_at: match std::env::var(ABORT_ENV).as_deref() {
+                    Ok("network") => Some(CrashPoint::AfterNetwork),
+                    Ok("container") => Some(CrashPoint::AfterContainer),
+                    _ => None,
+                },
             }),
         })
     }
@@ -578,6 +588,10 @@ impl Orchestrator {
     }
 
     fn crash_at(&self, point: CrashPoint) -> Result<()> {
+        if self.inner.abort_at == Some(point) {
+            tracing::error!(?point, "{ABORT_ENV} is set: aborting the process");
+            std::process::abort();
+        }
         if *self.inner.crash.lock().unwrap_or_else(|p| p.into_inner()) == Some(point) {
             return Err(Error::SimulatedCrash);
         }

@@ -776,9 +776,19 @@ async fn drift_and_lost_containers_are_caught() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn team_quota_holds_under_concurrency() {
-    let h = Harness::start(|c| c.team_max_environments = 5)
-        .await
-        .unwrap();
+    // On every test database (SQLite; PostgreSQL when configured).
+    for db in vibebox_db::testing::databases().await {
+        quota_under_concurrency(&db.url).await;
+    }
+}
+
+async fn quota_under_concurrency(database_url: &str) {
+    let h = Harness::start(|c| {
+        c.team_max_environments = 5;
+        c.database_url = Some(database_url.to_owned());
+    })
+    .await
+    .unwrap();
     let spec = hardened_spec(&["sleep", "3600"]);
     let mut tasks = Vec::new();
     for _ in 0..50 {

@@ -1,0 +1,179 @@
+//! A real `vibebox-orchestrator` process killed in the middle of a create
+//! (it aborts right after creating the network, or right after creating the
+//! container) leaves nothing behind once the restarted process has
+//! reconciled, and the environment is reported failed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tonic::Code;
+use vibebox_clearance::ClearanceSigner;
+use vibebox_orchestrator::testkit::{self, hardened_spec, labelled_objects, remove_labelled};
+use vibebox_proto::environment::EnvironmentState;
+use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
+use vibebox_proto::runtime::{CreateEnvironmentRequest, GetEnvironmentRequest};
+use vibebox_server_kit::testing::TestPki;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(
+    pki: &TestPki,
+    data_dir: &std::path::Path,
+    key_file: &std::path::Path,
+    installation: &str,
+    port: u16,
+    abort_after: Option<&str>,
+) -> Proc {
+    let dir = pki.pki_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vibebox-orchestrator"));
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls-ca")
+        .arg(dir.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(dir.join("orchestrator.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("orchestrator-key.pem"))
+        .arg("--policy-url=")
+        .arg("--audit-url=https://127.0.0.1:9")
+        .arg("--clearance-public-key-file")
+        .arg(key_file)
+        .arg("--installation-id")
+        .arg(installation)
+        .arg("--reconcile-interval=0")
+        .arg(format!(
+            "--docker-label={}={installation}",
+            testkit::TEST_LABEL
+        ))
+        .env_remove(vibebox_orchestrator::service::ABORT_ENV)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(point) = abort_after {
+        cmd.env(vibebox_orchestrator::service::ABORT_ENV, point);
+    }
+    Proc(cmd.spawn().expect("spawn orchestrator"))
+}
+
+async fn client(pki: &TestPki, port: u16) -> RuntimeServiceClient<vibebox_server_kit::GrpcChannel> {
+    let ch = vibebox_server_kit::connect(
+        &format!("https://127.0.0.1:{port}"),
+        &pki.material("gateway"),
+    )
+    .unwrap();
+    RuntimeServiceClient::new(ch)
+}
+
+async fn wait_serving(pki: &TestPki, port: u16) {
+    for _ in 0..200 {
+        let mut c = client(pki, port).await;
+        match c
+            .get_environment(GetEnvironmentRequest {
+                environment_id: "probe".into(),
+            })
+            .await
+        {
+            Err(s) if s.code() == Code::NotFound => return,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("orchestrator did not come up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_create_leaves_nothing_after_restart() {
+    testkit::ensure_test_image().unwrap();
+    for point in ["network", "container"] {
+        let pki = TestPki::new();
+        let data_dir = pki.path().join("data");
+        let signer = ClearanceSigner::generate();
+        let key_file = pki.path().join("clearance.pub");
+        std::fs::write(&key_file, hex::encode(signer.verifying_key().to_bytes())).unwrap();
+        let installation = format!("test-killed-{}", uuid::Uuid::new_v4());
+        let port = free_port();
+
+        let mut first = spawn(&pki, &data_dir, &key_file, &installation, port, Some(point));
+        wait_serving(&pki, port).await;
+        let spec = hardened_spec(&["sleep", "3600"]);
+        let env = uuid::Uuid::new_v4().to_string();
+        let err = client(&pki, port)
+            .await
+            .create_environment(CreateEnvironmentRequest {
+                request_id: env.clone(),
+                environment_id: env.clone(),
+                team_id: "team".into(),
+                owner_id: "owner".into(),
+                clearance: Some(testkit::clearance(
+                    &signer,
+                    &spec,
+                    &env,
+                    "team",
+                    Duration::from_secs(60),
+                )),
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal
+            ),
+            "{err:?}"
+        );
+        let status = first.0.wait().unwrap();
+        assert!(!status.success(), "the process died");
+        assert!(
+            !labelled_objects(&installation).is_empty(),
+            "the killed create left objects behind"
+        );
+
+        // Restart: reconcile at start rolls the interrupted create back.
+        let port = free_port();
+        let _second = spawn(&pki, &data_dir, &key_file, &installation, port, None);
+        wait_serving(&pki, port).await;
+        let mut left = labelled_objects(&installation);
+        for _ in 0..100 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = labelled_objects(&installation);
+        }
+        let got = client(&pki, port)
+            .await
+            .get_environment(GetEnvironmentRequest {
+                environment_id: env.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .environment
+            .unwrap();
+        remove_labelled(&installation);
+        assert!(left.is_empty(), "after {point}: left behind {left:?}");
+        assert_eq!(got.state, EnvironmentState::Failed as i32);
+        assert!(
+            got.failure_reason.contains("interrupted"),
+            "{}",
+            got.failure_reason
+        );
+    }
+}
