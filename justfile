@@ -39,3 +39,7 @@ bench:
 # install grpcurl, buf, just, helm-lite and kubernetes-validate into a virtualenv
 tools:
     bash scripts/install-tools.sh {{tools}}
+
+# build the service images vibebox/<service>:dev from release binaries (no registry needed)
+images *ARGS:
+    bash scripts/images.sh {{ARGS}}

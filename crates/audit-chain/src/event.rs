@@ -209,10 +209,52 @@ impl Event {
         }
     }
 
-    /// RFC 8785 bytes of [`Event::canonical_view`].
+    /// RFC 8785 bytes of [`Event::canonical_view`]: byte for byte what
+    /// `serde_jcs::to_vec(&self.canonical_view())` yields (tested), written
+    /// directly because verification hashes millions of events.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        // Serializing plain strings, integers and a JSON map cannot fail.
-        serde_jcs::to_vec(&self.canonical_view()).unwrap_or_default()
+        let mut out = Vec::with_capacity(512);
+        let v = self.canonical_view();
+        // Keys in RFC 8785 order (all ASCII, so byte order is UTF-16 order).
+        out.push(b'{');
+        field(&mut out, "action", false);
+        jcs_str(&mut out, v.action);
+        field(&mut out, "actor_service", true);
+        jcs_str(&mut out, v.actor_service);
+        field(&mut out, "actor_token_id", true);
+        jcs_str(&mut out, v.actor_token_id);
+        field(&mut out, "actor_user_id", true);
+        jcs_str(&mut out, v.actor_user_id);
+        field(&mut out, "client_address", true);
+        jcs_str(&mut out, v.client_address);
+        field(&mut out, "details", true);
+        jcs_object(&mut out, v.details);
+        field(&mut out, "id", true);
+        jcs_str(&mut out, v.id);
+        field(&mut out, "outcome", true);
+        jcs_str(&mut out, v.outcome);
+        field(&mut out, "request_id", true);
+        jcs_str(&mut out, v.request_id);
+        field(&mut out, "resource_id", true);
+        jcs_str(&mut out, v.resource_id);
+        field(&mut out, "resource_type", true);
+        jcs_str(&mut out, v.resource_type);
+        field(&mut out, "sequence", true);
+        jcs_u64(&mut out, v.sequence);
+        field(&mut out, "severity", true);
+        jcs_str(&mut out, v.severity);
+        field(&mut out, "source_service", true);
+        jcs_str(&mut out, v.source_service);
+        field(&mut out, "team_id", true);
+        jcs_str(&mut out, v.team_id);
+        field(&mut out, "time", true);
+        jcs_str(&mut out, &v.time);
+        field(&mut out, "trace_id", true);
+        jcs_str(&mut out, v.trace_id);
+        field(&mut out, "v", true);
+        jcs_u64(&mut out, u64::from(v.v));
+        out.push(b'}');
+        out
     }
 
     /// The hash this event must carry given its `prev_hash`.
@@ -230,6 +272,63 @@ impl Event {
     /// The details as JSON text (what `EventFilter.text` searches).
     pub fn details_text(&self) -> String {
         serde_json::to_string(&self.details).unwrap_or_default()
+    }
+}
+
+fn field(out: &mut Vec<u8>, key: &str, comma: bool) {
+    if comma {
+        out.push(b',');
+    }
+    jcs_str(out, key);
+    out.push(b':');
+}
+
+/// A JSON string with RFC 8785 escaping (the same as serde_json's).
+fn jcs_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn jcs_u64(out: &mut Vec<u8>, n: u64) {
+    if n <= 1 << 53 {
+        out.extend_from_slice(n.to_string().as_bytes());
+    } else {
+        let _ = serde_jcs::to_writer(&mut *out, &n);
+    }
+}
+
+fn jcs_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    // RFC 8785 sorts keys by UTF-16 code units.
+    entries.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        field(out, k, i > 0);
+        jcs_value(out, v);
+    }
+    out.push(b'}');
+}
+
+fn jcs_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => {
+            let _ = serde_jcs::to_writer(&mut *out, n);
+        }
+        Value::String(s) => jcs_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                jcs_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => jcs_object(out, map),
     }
 }
 
@@ -392,6 +491,7 @@ impl From<&Event> for pb::AuditEvent {
 pub(crate) mod tests {
     use super::*;
     use crate::GENESIS_HASH;
+    use serde_json::json;
 
     pub(crate) fn sample(n: u64) -> Event {
         let mut details = Map::new();
@@ -431,6 +531,34 @@ pub(crate) mod tests {
             text,
             r#"{"action":"environment.create","actor_service":"","actor_token_id":"t1","actor_user_id":"u1","client_address":"127.0.0.1","details":{"cpus":1.5,"image":"busybox:latest","n":1},"id":"01900000-0000-7000-8000-000000000001","outcome":"success","request_id":"req","resource_id":"env-1","resource_type":"environment","sequence":0,"severity":"low","source_service":"orchestrator","team_id":"team-a","time":"2026-09-21T14:13:21.123456789Z","trace_id":"abc","v":1}"#
         );
+    }
+
+    #[test]
+    fn the_fast_encoding_is_exactly_serde_jcs() {
+        let mut e = sample(3);
+        e.id = "quote\" back\\ ctl\u{1}\u{1f}\t\n\u{7f} é 𝄞 \u{e000}".into();
+        e.sequence = (1 << 53) + 7;
+        e.details.insert("𝄞 supplementary".into(), json!("a"));
+        e.details.insert("\u{e000} private".into(), json!("b"));
+        e.details.insert("Z".into(), json!(null));
+        e.details.insert(
+            "nested".into(),
+            json!({"b": [1, 2.5, -0.0, 1e21, 1e-7, true, {"y": 1, "x": "s"}], "a": false}),
+        );
+        e.details.insert("big".into(), json!(u64::MAX));
+        e.details.insert("neg".into(), json!(-42));
+        let slow = serde_jcs::to_vec(&e.canonical_view()).unwrap();
+        assert_eq!(
+            String::from_utf8(e.canonical_bytes()).unwrap(),
+            String::from_utf8(slow).unwrap()
+        );
+        for n in 0..50 {
+            let e = sample(n);
+            assert_eq!(
+                e.canonical_bytes(),
+                serde_jcs::to_vec(&e.canonical_view()).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -228,48 +228,64 @@ impl Verifier {
 /// link, every checkpoint signature against `key`, and that the last event is
 /// covered by a signed checkpoint (so nothing can be cut or appended
 /// unnoticed after it).
-pub fn verify_export(reader: impl BufRead, key: &VerifyingKey) -> Result<Report, ExportError> {
+pub fn verify_export(
+    reader: impl BufRead + Send,
+    key: &VerifyingKey,
+) -> Result<Report, ExportError> {
     let mut verifier = Verifier::new(*key);
-    let mut lines = reader.lines();
-    let mut line_no = 0u64;
-    loop {
-        let mut chunk = Vec::with_capacity(CHUNK);
-        for line in lines.by_ref() {
-            let line = line?;
-            line_no += 1;
-            if line.trim().is_empty() {
-                continue;
+    // A reader thread splits lines while the chunk before is parsed and hashed.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<(u64, String)>, std::io::Error>>(2);
+    std::thread::scope(|scope| -> Result<(), ExportError> {
+        scope.spawn(move || {
+            let mut lines = reader.lines();
+            let mut line_no = 0u64;
+            loop {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                for line in lines.by_ref() {
+                    line_no += 1;
+                    match line {
+                        Ok(line) if line.trim().is_empty() => continue,
+                        Ok(line) => chunk.push((line_no, line)),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if chunk.len() >= CHUNK {
+                        break;
+                    }
+                }
+                if chunk.is_empty() || tx.send(Ok(chunk)).is_err() {
+                    return;
+                }
             }
-            chunk.push((line_no, line));
-            if chunk.len() >= CHUNK {
-                break;
-            }
-        }
-        if chunk.is_empty() {
-            break;
-        }
-        let parsed = par_map(&chunk, |(no, text)| {
-            serde_json::from_str::<ExportLine>(text)
-                .map(|line| {
-                    let hash = match &line {
-                        ExportLine::Event(e) => Some(e.compute_hash()),
-                        ExportLine::Checkpoint(_) => None,
-                    };
-                    (line, hash)
-                })
-                .map_err(|e| ExportError::Parse {
-                    line: *no,
-                    message: e.to_string(),
-                })
         });
-        for item in parsed {
-            let (line, hash) = item?;
-            verifier.link(line, hash);
+        for chunk in rx {
+            let chunk = chunk?;
+            let parsed = par_map(&chunk, |(no, text)| {
+                serde_json::from_str::<ExportLine>(text)
+                    .map(|line| {
+                        let hash = match &line {
+                            ExportLine::Event(e) => Some(e.compute_hash()),
+                            ExportLine::Checkpoint(_) => None,
+                        };
+                        (line, hash)
+                    })
+                    .map_err(|e| ExportError::Parse {
+                        line: *no,
+                        message: e.to_string(),
+                    })
+            });
+            for item in parsed {
+                let (line, hash) = item?;
+                verifier.link(line, hash);
+            }
+            if verifier.is_broken() {
+                break; // dropping the receiver stops the reader
+            }
         }
-        if verifier.is_broken() {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     let mut report = verifier.finish();
     if report.ok && report.signed_through < report.head_sequence {
         report.ok = false;

@@ -32,6 +32,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Rows per insert statement (well under every backend's bind limit).
 const INSERT_CHUNK: usize = 500;
+/// Ids per lookup statement (SQLite allows 32766 bind variables, PostgreSQL 65535).
+const LOOKUP_CHUNK: usize = 5000;
 
 /// The audit database.
 #[derive(Clone)]
@@ -223,7 +225,7 @@ impl Store {
     /// Sequences of the ids already recorded.
     pub async fn existing(&self, ids: &[String]) -> Result<HashMap<String, u64>> {
         let mut found = HashMap::new();
-        for chunk in ids.chunks(INSERT_CHUNK) {
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
             let rows: Vec<(String, i64)> = event::Entity::find()
                 .select_only()
                 .column(event::Column::EventId)

@@ -136,7 +136,12 @@ impl KeyRing {
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len() - self.keys.keys().filter(|k| self.retired.contains(*k)).count()
+        self.keys.len()
+            - self
+                .keys
+                .keys()
+                .filter(|k| self.retired.contains(*k))
+                .count()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -118,8 +118,8 @@ pub fn verify(
     now: SystemTime,
 ) -> Result<ClearanceBody, VerifyError> {
     keys.verify_signature(&clearance.key_id, &clearance.body, &clearance.signature)?;
-    let body = ClearanceBody::decode(clearance.body.as_slice())
-        .map_err(|_| VerifyError::MalformedBody)?;
+    let body =
+        ClearanceBody::decode(clearance.body.as_slice()).map_err(|_| VerifyError::MalformedBody)?;
     if body.spec_digest.as_slice() != spec_digest(expected.spec).as_slice() {
         return Err(VerifyError::SpecMismatch);
     }

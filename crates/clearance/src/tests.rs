@@ -75,7 +75,13 @@ fn valid_clearance_verifies_and_returns_body() {
     let signer = ClearanceSigner::generate();
     let s = spec();
     let c = issue(&signer, &s);
-    let body = verify(&c, &ring(&signer), expected(&s), now() + Duration::from_secs(5)).unwrap();
+    let body = verify(
+        &c,
+        &ring(&signer),
+        expected(&s),
+        now() + Duration::from_secs(5),
+    )
+    .unwrap();
     assert_eq!(body.environment_id, ENV);
     assert_eq!(body.team_id, TEAM);
     assert_eq!(body.user_id, "user-1");
@@ -127,26 +133,41 @@ fn tampered_body_or_signature_fails() {
         team_id: "team-b",
         ..expected(&s)
     };
-    assert_eq!(verify(&forged, &r, exp, now()), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify(&forged, &r, exp, now()),
+        Err(VerifyError::BadSignature)
+    );
 
     // Flip one byte of the body.
     let mut flipped = c.clone();
     flipped.body[3] ^= 1;
-    assert_eq!(verify(&flipped, &r, expected(&s), now()), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify(&flipped, &r, expected(&s), now()),
+        Err(VerifyError::BadSignature)
+    );
 
     // Flip one byte of the signature, truncate it.
     let mut bad = c.clone();
     bad.signature[0] ^= 1;
-    assert_eq!(verify(&bad, &r, expected(&s), now()), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify(&bad, &r, expected(&s), now()),
+        Err(VerifyError::BadSignature)
+    );
     let mut short = c.clone();
     short.signature.truncate(10);
-    assert_eq!(verify(&short, &r, expected(&s), now()), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify(&short, &r, expected(&s), now()),
+        Err(VerifyError::BadSignature)
+    );
 
     // Signed by another key that claims the real key id.
     let other = ClearanceSigner::generate();
     let mut impostor = other.sign(&ClearanceBody::decode(c.body.as_slice()).unwrap());
     impostor.key_id = signer.key_id().into();
-    assert_eq!(verify(&impostor, &r, expected(&s), now()), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify(&impostor, &r, expected(&s), now()),
+        Err(VerifyError::BadSignature)
+    );
 }
 
 #[test]
@@ -179,7 +200,10 @@ fn wrong_environment_or_team_fails() {
         environment_id: "another",
         ..expected(&s)
     };
-    assert_eq!(verify(&c, &r, e, now()), Err(VerifyError::EnvironmentMismatch));
+    assert_eq!(
+        verify(&c, &r, e, now()),
+        Err(VerifyError::EnvironmentMismatch)
+    );
     let e = Expected {
         team_id: "team-b",
         ..expected(&s)
@@ -193,7 +217,15 @@ fn expiry_and_future_issue_fail() {
     let s = spec();
     let c = issue(&signer, &s);
     let r = ring(&signer);
-    assert!(verify(&c, &r, expected(&s), now() + DEFAULT_TTL - Duration::from_millis(1)).is_ok());
+    assert!(
+        verify(
+            &c,
+            &r,
+            expected(&s),
+            now() + DEFAULT_TTL - Duration::from_millis(1)
+        )
+        .is_ok()
+    );
     assert_eq!(
         verify(&c, &r, expected(&s), now() + DEFAULT_TTL),
         Err(VerifyError::Expired)
@@ -253,7 +285,10 @@ fn key_store_generates_persists_rotates_and_retires() {
     assert!(verify(&new_clearance, &ring, expected(&s), now()).is_ok());
 
     // Retiring the active key is refused; retiring the old one sticks across reopen.
-    assert!(matches!(store.retire(&second_id), Err(StoreError::RetireActive(_))));
+    assert!(matches!(
+        store.retire(&second_id),
+        Err(StoreError::RetireActive(_))
+    ));
     store.retire(&first_id).unwrap();
     drop(store);
     let store = KeyStore::open_or_init(&path).unwrap();
@@ -271,5 +306,8 @@ fn key_store_generates_persists_rotates_and_retires() {
 fn corrupt_key_file_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("junk.pem"), "not a key").unwrap();
-    assert!(matches!(KeyStore::open_or_init(dir.path()), Err(StoreError::BadKey(_))));
+    assert!(matches!(
+        KeyStore::open_or_init(dir.path()),
+        Err(StoreError::BadKey(_))
+    ));
 }

@@ -18,6 +18,8 @@ pub struct Origin {
     pub token_id: String,
     pub client_address: String,
     pub request_id: String,
+    /// Set when the service acts on its own (bootstrap).
+    pub service: String,
 }
 
 /// One event to record.
@@ -68,11 +70,7 @@ impl Auditor {
             actor: Some(Actor {
                 user_id: origin.user_id.clone(),
                 token_id: origin.token_id.clone(),
-                service: if origin.user_id.is_empty() {
-                    "identity".into()
-                } else {
-                    String::new()
-                },
+                service: origin.service.clone(),
             }),
             team_id: event.team_id.to_owned(),
             action: event.action.to_owned(),

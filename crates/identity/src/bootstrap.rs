@@ -67,13 +67,28 @@ pub async fn bootstrap(identity: &Identity, data_dir: &Path) -> Result<Option<Pa
     let team = store::insert_team(&txn, DEFAULT_TEAM, "Default team").await?;
     store::add_member(&txn, &team.id, &admin.id, TeamRole::Admin).await?;
     let issued = identity
-        .issue(&txn, &admin.id, None, "api", "bootstrap admin token", API_TOKEN_MAX_TTL)
+        .issue(
+            &txn,
+            &admin.id,
+            None,
+            "api",
+            "bootstrap admin token",
+            API_TOKEN_MAX_TTL,
+        )
         .await?;
-    let origin = Origin::default();
+    let origin = Origin {
+        service: crate::SERVICE_NAME.into(),
+        ..Origin::default()
+    };
     for (action, rtype, rid, team_id) in [
         ("user.create", "user", admin.id.as_str(), ""),
         ("team.create", "team", team.id.as_str(), team.id.as_str()),
-        ("membership.add", "membership", admin.id.as_str(), team.id.as_str()),
+        (
+            "membership.add",
+            "membership",
+            admin.id.as_str(),
+            team.id.as_str(),
+        ),
         ("token.create", "token", issued.token_id.as_str(), ""),
     ] {
         identity

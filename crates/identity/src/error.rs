@@ -65,9 +65,10 @@ impl From<Error> for Status {
             Error::PermissionDenied(msg) => Status::permission_denied(msg),
             Error::NotFound(what) => Status::not_found(format!("{what} not found")),
             Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
-            Error::InvalidArgument { field, reason } => {
-                vibebox_server_kit::status::bad_request(&format!("invalid {field}"), &[(field, &reason)])
-            }
+            Error::InvalidArgument { field, reason } => vibebox_server_kit::status::bad_request(
+                &format!("invalid {field}"),
+                &[(field, &reason)],
+            ),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::RateLimited => {
                 Status::resource_exhausted("too many failed login attempts, retry later")
@@ -93,7 +94,10 @@ mod tests {
             (Error::NotFound("team"), Code::NotFound),
             (Error::AlreadyExists("user"), Code::AlreadyExists),
             (Error::invalid("username", "bad"), Code::InvalidArgument),
-            (Error::FailedPrecondition("x".into()), Code::FailedPrecondition),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
             (Error::RateLimited, Code::ResourceExhausted),
             (Error::Internal("secret path /x".into()), Code::Internal),
         ];

@@ -15,7 +15,7 @@ use vibebox_server_kit::meta;
 use crate::error::Error;
 use crate::model::{Membership, PlatformRole, Team, TeamRole, User};
 use crate::rbac::Resource;
-use crate::service::{Caller, Identity, Page, RequestContext, timestamp};
+use crate::service::{Caller, Identity, Page, RequestContext};
 
 /// Both services share one `Identity`.
 #[derive(Clone)]
@@ -30,7 +30,8 @@ impl Handlers {
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let token = bearer(request).ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        let token =
+            bearer(request).ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
         Ok(self.identity.authenticate(token).await?)
     }
 }
@@ -50,6 +51,13 @@ fn context<T>(request: &Request<T>) -> RequestContext {
             .unwrap_or_default()
             .to_owned(),
         request_id: vibebox_server_kit::request_id(request).unwrap_or_default(),
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -120,10 +128,16 @@ fn membership_to_pb(m: Membership) -> pb::Membership {
 
 #[tonic::async_trait]
 impl IdentityService for Handlers {
-    async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
         let ctx = context(&request);
         let req = request.into_inner();
-        let (issued, user) = self.identity.login(&req.username, &req.password, &ctx).await?;
+        let (issued, user) = self
+            .identity
+            .login(&req.username, &req.password, &ctx)
+            .await?;
         Ok(Response::new(pb::LoginResponse {
             token: issued.token,
             token_id: issued.token_id,
@@ -132,7 +146,10 @@ impl IdentityService for Handlers {
         }))
     }
 
-    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let caller = self.caller(&request).await?;
         let (user, memberships) = self.identity.whoami(&caller).await?;
         Ok(Response::new(pb::WhoAmIResponse {
@@ -152,14 +169,24 @@ impl IdentityService for Handlers {
         let role = platform_role_from_pb(req.platform_role)?;
         let user = self
             .identity
-            .create_user(&caller, &ctx, &req.username, &req.display_name, &req.password, role)
+            .create_user(
+                &caller,
+                &ctx,
+                &req.username,
+                &req.display_name,
+                &req.password,
+                role,
+            )
             .await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user_to_pb(user)),
         }))
     }
 
-    async fn list_users(&self, request: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let page = Page {
@@ -205,7 +232,10 @@ impl IdentityService for Handlers {
         }))
     }
 
-    async fn list_teams(&self, request: Request<pb::ListTeamsRequest>) -> Result<Response<pb::ListTeamsResponse>, Status> {
+    async fn list_teams(
+        &self,
+        request: Request<pb::ListTeamsRequest>,
+    ) -> Result<Response<pb::ListTeamsResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let page = Page {
@@ -287,7 +317,12 @@ impl IdentityService for Handlers {
         let req = request.into_inner();
         let issued = self
             .identity
-            .create_api_token(&caller, &ctx, &req.description, req.ttl_seconds.map(Duration::from_secs))
+            .create_api_token(
+                &caller,
+                &ctx,
+                &req.description,
+                req.ttl_seconds.map(Duration::from_secs),
+            )
             .await?;
         Ok(Response::new(pb::CreateApiTokenResponse {
             token: issued.token,
@@ -303,7 +338,9 @@ impl IdentityService for Handlers {
         let caller = self.caller(&request).await?;
         let ctx = context(&request);
         let req = request.into_inner();
-        self.identity.revoke_token(&caller, &ctx, &req.token_id).await?;
+        self.identity
+            .revoke_token(&caller, &ctx, &req.token_id)
+            .await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 }

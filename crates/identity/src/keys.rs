@@ -141,7 +141,12 @@ impl KeyStore {
     /// Adds a new signing key and makes it current; older keys keep
     /// verifying until retired. Returns the new key id.
     pub async fn rotate(&self, db: &impl ConnectionTrait) -> Result<u32> {
-        let next = self.keys().iter().map(|k| k.key_id).max().map_or(1, |m| m + 1);
+        let next = self
+            .keys()
+            .iter()
+            .map(|k| k.key_id)
+            .max()
+            .map_or(1, |m| m + 1);
         Self::create(db, &self.dir, next).await?;
         let reloaded = Self::load(db, &self.dir).await?;
         *self.keys.write().expect("key lock") = reloaded;
@@ -178,5 +183,60 @@ impl KeyStore {
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         let ring = self.keys.read().expect("key lock").ring.clone();
         ring.verify(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm_migration::MigratorTrait;
+    use vibebox_token::{Claims, mint};
+
+    #[tokio::test]
+    async fn keys_persist_rotate_and_retire_on_every_database() {
+        for test_db in vibebox_db::testing::databases().await {
+            let db = test_db.connect().await;
+            crate::migration::Migrator::up(&db, None).await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let store = KeyStore::open(&db, dir.path()).await.unwrap();
+            let first = store.current();
+            assert_eq!(first.key_id(), 1);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(key_path(dir.path(), 1))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+            // Reopening loads the same key rather than making a new one.
+            let again = KeyStore::open(&db, dir.path()).await.unwrap();
+            assert_eq!(again.current().public_key_bytes(), first.public_key_bytes());
+            assert_eq!(again.keys().len(), 1);
+
+            let exp = Utc::now() + chrono::Duration::hours(1);
+            let old_token = mint(&first, &Claims::new("u", "t1", exp)).unwrap();
+            let new_id = store.rotate(&db).await.unwrap();
+            assert_eq!(new_id, 2);
+            assert_eq!(store.current().key_id(), 2);
+            store.verify(&old_token).unwrap();
+            assert!(matches!(
+                store.retire(&db, 2).await,
+                Err(Error::FailedPrecondition(_))
+            ));
+            store.retire(&db, 1).await.unwrap();
+            assert!(matches!(
+                store.verify(&old_token),
+                Err(TokenError::UnknownKey)
+            ));
+            let keys = store.keys();
+            assert_eq!(keys.len(), 2);
+            assert!(keys[0].retired && !keys[1].retired);
+            // A restart keeps the retirement and the current key.
+            let reopened = KeyStore::open(&db, dir.path()).await.unwrap();
+            assert_eq!(reopened.current().key_id(), 2);
+            assert!(reopened.verify(&old_token).is_err());
+        }
     }
 }

@@ -48,7 +48,11 @@ pub const ALLOWED_CALLERS: &[&str] = &["gateway"];
 
 /// Configuration of the identity service.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "vibebox-identity", version, about = "VibeBox identity service: users, teams, roles, tokens and authorization")]
+#[command(
+    name = "vibebox-identity",
+    version,
+    about = "VibeBox identity service: users, teams, roles, tokens and authorization"
+)]
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
@@ -56,7 +60,11 @@ pub struct Config {
     #[arg(long, env = "VIBEBOX_DATABASE_URL")]
     pub database_url: Option<String>,
     /// URL of the audit service's ingest endpoint.
-    #[arg(long, env = "VIBEBOX_AUDIT_URL", default_value = "https://127.0.0.1:7704")]
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_URL",
+        default_value = "https://127.0.0.1:7704"
+    )]
     pub audit_url: String,
     /// Lifetime of login session tokens, in seconds.
     #[arg(long, env = "VIBEBOX_SESSION_TTL_SECS", default_value_t = 12 * 3600)]
@@ -132,11 +140,38 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
         login_failures_per_user: config.login_failures_per_user,
         login_failures_per_source: config.login_failures_per_source,
     };
+    service::warm_up().await;
     let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));
     bootstrap::bootstrap(&identity, &config.server.data_dir)
         .await
         .context("bootstrapping the identity database")?;
     Ok(identity)
+}
+
+/// Opens the audit outbox. A previous instance in this process (a restart)
+/// releases the outbox lock shortly after its shutdown, so a locked outbox is
+/// retried for a few seconds before giving up.
+async fn open_audit_client(
+    config: &Config,
+    tls: &vibebox_server_kit::TlsMaterial,
+) -> anyhow::Result<AuditClient> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let opened = AuditClient::open(AuditClientConfig {
+            outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
+            audit_url: config.audit_url.clone(),
+            tls: tls.clone(),
+            source_service: SERVICE_NAME.into(),
+        });
+        match opened {
+            Err(vibebox_audit_client::AuditClientError::Locked(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.context("opening the audit outbox"),
+        }
+    }
 }
 
 /// Runs the service on its configured address until `shutdown`.
@@ -155,13 +190,7 @@ pub async fn run_with_listener(
         .server
         .tls_material(SERVICE_NAME)
         .context("loading the identity TLS material")?;
-    let audit_client = AuditClient::open(AuditClientConfig {
-        outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-        audit_url: config.audit_url.clone(),
-        tls: tls.clone(),
-        source_service: SERVICE_NAME.into(),
-    })
-    .context("opening the audit outbox")?;
+    let audit_client = open_audit_client(&config, &tls).await?;
     let identity = open(&config, audit::Auditor::new(audit_client)).await?;
     let handlers = grpc::Handlers::new(identity);
     ServerBuilder::new(SERVICE_NAME, &config.server)

@@ -158,10 +158,24 @@ mod tests {
 
     #[test]
     fn names() {
-        for good in ["abc", "alice", "a.b_c-1", "a2345678901234567890123456789012"] {
+        for good in [
+            "abc",
+            "alice",
+            "a.b_c-1",
+            "a2345678901234567890123456789012",
+        ] {
             validate_name("username", good).unwrap();
         }
-        for bad in ["ab", "Alice", "1abc", "-abc", "a b c", "a23456789012345678901234567890123", "ali€e", ""] {
+        for bad in [
+            "ab",
+            "Alice",
+            "1abc",
+            "-abc",
+            "a b c",
+            "a23456789012345678901234567890123",
+            "ali€e",
+            "",
+        ] {
             assert!(validate_name("username", bad).is_err(), "{bad}");
         }
     }

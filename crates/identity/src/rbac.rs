@@ -112,7 +112,10 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
                 None => deny("not a member of the team"),
             }
         }
-        "environment.start" | "environment.stop" | "environment.restart" | "environment.exec"
+        "environment.start"
+        | "environment.stop"
+        | "environment.restart"
+        | "environment.exec"
         | "environment.delete" => {
             if let Some(d) = needs_team() {
                 return d;
@@ -126,9 +129,13 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
                 None => deny("not a member of the team"),
             }
         }
-        "identity.whoami" | "identity.token.create" | "identity.token.revoke"
+        "identity.whoami"
+        | "identity.token.create"
+        | "identity.token.revoke"
         | "identity.team.list" => Decision::Allow("authenticated"),
-        "identity.user.create" | "identity.user.list" | "identity.user.disable"
+        "identity.user.create"
+        | "identity.user.list"
+        | "identity.user.disable"
         | "identity.team.create" => {
             if platform_admin {
                 Decision::Allow("platform admin")
@@ -209,19 +216,42 @@ mod tests {
 
     #[test]
     fn owner_needs_to_still_be_a_developer() {
-        let d = decide("environment.exec", &subject(Some(TeamRole::Viewer)), &env("me"));
+        let d = decide(
+            "environment.exec",
+            &subject(Some(TeamRole::Viewer)),
+            &env("me"),
+        );
         assert!(!d.allowed());
-        let d = decide("environment.exec", &subject(Some(TeamRole::Developer)), &env("me"));
+        let d = decide(
+            "environment.exec",
+            &subject(Some(TeamRole::Developer)),
+            &env("me"),
+        );
         assert!(d.allowed());
-        let d = decide("environment.exec", &subject(Some(TeamRole::Developer)), &env("other"));
+        let d = decide(
+            "environment.exec",
+            &subject(Some(TeamRole::Developer)),
+            &env("other"),
+        );
         assert!(!d.allowed());
-        let d = decide("environment.delete", &subject(Some(TeamRole::Admin)), &env("other"));
+        let d = decide(
+            "environment.delete",
+            &subject(Some(TeamRole::Admin)),
+            &env("other"),
+        );
         assert!(d.allowed());
     }
 
     #[test]
     fn unknown_operations_and_missing_team_are_denied() {
-        assert!(!decide("environment.explode", &subject(Some(TeamRole::Admin)), &env("me")).allowed());
+        assert!(
+            !decide(
+                "environment.explode",
+                &subject(Some(TeamRole::Admin)),
+                &env("me")
+            )
+            .allowed()
+        );
         let mut r = env("me");
         r.team_id.clear();
         assert!(!decide("environment.get", &subject(Some(TeamRole::Admin)), &r).allowed());

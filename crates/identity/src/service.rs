@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use argon2::password_hash::PasswordHasher;
 use argon2::{Argon2, PasswordVerifier};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use vibebox_proto::audit::{Outcome, Severity};
 use vibebox_token::{AuthzRequest, Claims, VerifiedToken};
@@ -73,6 +73,7 @@ impl Caller {
             token_id: self.token_id.clone(),
             client_address: client_address.to_owned(),
             request_id: request_id.to_owned(),
+            service: String::new(),
         }
     }
 }
@@ -142,6 +143,12 @@ static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     hash_password_blocking("dummy password for timing").unwrap_or_default()
 });
 
+/// Computes the dummy hash on the blocking pool, so the first failed login
+/// for an unknown user does not stall a runtime thread.
+pub async fn warm_up() {
+    let _ = tokio::task::spawn_blocking(|| DUMMY_HASH.len()).await;
+}
+
 fn hash_password_blocking(password: &str) -> Result<String> {
     Argon2::default()
         .hash_password(password.as_bytes())
@@ -177,7 +184,12 @@ pub struct Identity {
 
 impl Identity {
     /// Builds the service over an opened, migrated database.
-    pub fn new(db: DatabaseConnection, keys: Arc<KeyStore>, audit: Auditor, settings: Settings) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        keys: Arc<KeyStore>,
+        audit: Auditor,
+        settings: Settings,
+    ) -> Self {
         Self {
             limiter: LoginLimiter::new(
                 settings.login_failures_per_user,
@@ -251,7 +263,11 @@ impl Identity {
                     resource_id: "",
                     team_id: "",
                     outcome: Outcome::Failure,
-                    severity: Severity::Medium,
+                    severity: if reason == "rate_limited" {
+                        Severity::High
+                    } else {
+                        Severity::Medium
+                    },
                     details: &[("username", username), ("reason", reason)],
                 },
             )
@@ -272,7 +288,8 @@ impl Identity {
             ..Origin::default()
         };
         if self.limiter.is_blocked(username, source) {
-            self.login_failure(&origin, username, "rate_limited").await?;
+            self.login_failure(&origin, username, "rate_limited")
+                .await?;
             return Err(Error::RateLimited);
         }
         let found = if username.is_empty() || username.len() > 64 {
@@ -307,7 +324,14 @@ impl Identity {
         };
         let txn = self.db.begin().await?;
         let issued = self
-            .issue(&txn, &user.id, None, "session", "login", self.settings.session_ttl)
+            .issue(
+                &txn,
+                &user.id,
+                None,
+                "session",
+                "login",
+                self.settings.session_ttl,
+            )
             .await?;
         origin.user_id = user.id.clone();
         origin.token_id = issued.token_id.clone();
@@ -336,10 +360,14 @@ impl Identity {
         if token.is_empty() {
             return Err(unauth("missing token"));
         }
+        use vibebox_token::TokenError as T;
         let verified = self.keys.verify(token).map_err(|e| match e {
-            vibebox_token::TokenError::UnknownKey => unauth("token signed by an unknown key"),
-            vibebox_token::TokenError::InvalidSignature => unauth("invalid token signature"),
-            _ => unauth("malformed token"),
+            T::UnknownKey => unauth("token signed by an unknown key"),
+            T::InvalidSignature => unauth("invalid token signature"),
+            T::Malformed | T::MissingClaims | T::Denied | T::Invalid { .. } => {
+                unauth("malformed token")
+            }
+            e @ (T::InvalidKey | T::Internal(_)) => Error::Token(e),
         })?;
         let record = store::token_by_id(&self.db, verified.token_id())
             .await?
@@ -381,11 +409,17 @@ impl Identity {
         if !resource.environment_id.is_empty() {
             request = request.environment(&resource.environment_id);
         }
-        if caller.token.authorize(&request).is_err() {
-            return Ok((
-                Decision::Deny("the token does not allow this request (expired or attenuated)".into()),
-                None,
-            ));
+        match caller.token.authorize(&request) {
+            Ok(()) => {}
+            Err(e @ vibebox_token::TokenError::Internal(_)) => return Err(Error::Token(e)),
+            Err(_) => {
+                return Ok((
+                    Decision::Deny(
+                        "the token does not allow this request (expired or attenuated)".into(),
+                    ),
+                    None,
+                ));
+            }
         }
         let roles = store::roles_of(&self.db, &caller.user.id).await?;
         let team_role = roles
@@ -402,7 +436,12 @@ impl Identity {
     }
 
     /// Like `decide`, as an error when denied.
-    async fn require(&self, caller: &Caller, operation: &str, resource: &Resource) -> Result<Option<TeamRole>> {
+    async fn require(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        resource: &Resource,
+    ) -> Result<Option<TeamRole>> {
         match self.decide(caller, operation, resource).await? {
             (Decision::Allow(_), role) => Ok(role),
             (Decision::Deny(reason), _) => Err(Error::PermissionDenied(reason)),
@@ -411,7 +450,12 @@ impl Identity {
 
     /// The gateway's question: may this token do `operation` on `resource`?
     /// Denials (bad token included) are answers, not errors.
-    pub async fn authorize(&self, token: &str, operation: &str, resource: &Resource) -> Result<AuthzDecision> {
+    pub async fn authorize(
+        &self,
+        token: &str,
+        operation: &str,
+        resource: &Resource,
+    ) -> Result<AuthzDecision> {
         let caller = match self.authenticate(token).await {
             Ok(c) => c,
             Err(Error::Unauthenticated(reason)) => {
@@ -456,7 +500,8 @@ impl Identity {
 
     /// The caller and their memberships.
     pub async fn whoami(&self, caller: &Caller) -> Result<(User, Vec<Membership>)> {
-        self.require(caller, "identity.whoami", &Resource::default()).await?;
+        self.require(caller, "identity.whoami", &Resource::default())
+            .await?;
         let memberships = store::memberships_of_user(&self.db, &caller.user.id).await?;
         Ok((caller.user.clone(), memberships))
     }
@@ -471,7 +516,8 @@ impl Identity {
         password: &str,
         platform_role: PlatformRole,
     ) -> Result<User> {
-        self.require(caller, "identity.user.create", &Resource::default()).await?;
+        self.require(caller, "identity.user.create", &Resource::default())
+            .await?;
         validate_name("username", username)?;
         validate_display_name("display_name", display_name)?;
         validate_password(password)?;
@@ -481,7 +527,11 @@ impl Identity {
             &txn,
             store::NewUser {
                 username,
-                display_name: if display_name.is_empty() { username } else { display_name },
+                display_name: if display_name.is_empty() {
+                    username
+                } else {
+                    display_name
+                },
                 password_hash: hash,
                 platform_role,
             },
@@ -497,7 +547,10 @@ impl Identity {
                     team_id: "",
                     outcome: Outcome::Success,
                     severity: Severity::Medium,
-                    details: &[("username", username), ("platform_role", platform_role.as_str())],
+                    details: &[
+                        ("username", username),
+                        ("platform_role", platform_role.as_str()),
+                    ],
                 },
             )
             .await?;
@@ -507,7 +560,8 @@ impl Identity {
 
     /// Users, paged (platform admins).
     pub async fn list_users(&self, caller: &Caller, page: &Page) -> Result<(Vec<User>, String)> {
-        self.require(caller, "identity.user.list", &Resource::default()).await?;
+        self.require(caller, "identity.user.list", &Resource::default())
+            .await?;
         let (offset, size) = page.bounds()?;
         let users = store::list_users(&self.db, offset, size).await?;
         let next = next_token(offset, size, users.len());
@@ -522,10 +576,13 @@ impl Identity {
         user_id: &str,
         disabled: bool,
     ) -> Result<User> {
-        self.require(caller, "identity.user.disable", &Resource::default()).await?;
+        self.require(caller, "identity.user.disable", &Resource::default())
+            .await?;
         validate_id("user_id", user_id)?;
         if user_id == caller.user.id && disabled {
-            return Err(Error::FailedPrecondition("you cannot disable yourself".into()));
+            return Err(Error::FailedPrecondition(
+                "you cannot disable yourself".into(),
+            ));
         }
         let txn = self.db.begin().await?;
         let user = store::set_user_disabled(&txn, user_id, disabled)
@@ -535,7 +592,11 @@ impl Identity {
             .record(
                 &caller.origin(&ctx.client_address, &ctx.request_id),
                 Event {
-                    action: if disabled { "user.disable" } else { "user.enable" },
+                    action: if disabled {
+                        "user.disable"
+                    } else {
+                        "user.enable"
+                    },
                     resource_type: "user",
                     resource_id: &user.id,
                     team_id: "",
@@ -557,11 +618,21 @@ impl Identity {
         name: &str,
         display_name: &str,
     ) -> Result<Team> {
-        self.require(caller, "identity.team.create", &Resource::default()).await?;
+        self.require(caller, "identity.team.create", &Resource::default())
+            .await?;
         validate_name("name", name)?;
         validate_display_name("display_name", display_name)?;
         let txn = self.db.begin().await?;
-        let team = store::insert_team(&txn, name, if display_name.is_empty() { name } else { display_name }).await?;
+        let team = store::insert_team(
+            &txn,
+            name,
+            if display_name.is_empty() {
+                name
+            } else {
+                display_name
+            },
+        )
+        .await?;
         store::add_member(&txn, &team.id, &caller.user.id, TeamRole::Admin).await?;
         self.audit
             .record(
@@ -583,7 +654,8 @@ impl Identity {
 
     /// Teams the caller belongs to (every team for platform admins).
     pub async fn list_teams(&self, caller: &Caller, page: &Page) -> Result<(Vec<Team>, String)> {
-        self.require(caller, "identity.team.list", &Resource::default()).await?;
+        self.require(caller, "identity.team.list", &Resource::default())
+            .await?;
         let (offset, size) = page.bounds()?;
         let only = if caller.user.platform_role == PlatformRole::Admin {
             None
@@ -605,9 +677,13 @@ impl Identity {
     /// anyone else gets NOT_FOUND, as for an unknown id (no existence oracle).
     async fn visible_team(&self, caller: &Caller, team_id: &str) -> Result<Team> {
         validate_id("team_id", team_id)?;
-        let team = store::team_by_id(&self.db, team_id).await?.ok_or(Error::NotFound("team"))?;
+        let team = store::team_by_id(&self.db, team_id)
+            .await?
+            .ok_or(Error::NotFound("team"))?;
         if caller.user.platform_role == PlatformRole::Admin
-            || store::role_in(&self.db, team_id, &caller.user.id).await?.is_some()
+            || store::role_in(&self.db, team_id, &caller.user.id)
+                .await?
+                .is_some()
         {
             Ok(team)
         } else {
@@ -625,7 +701,6 @@ impl Identity {
 
     async fn membership_event(
         &self,
-        txn: &sea_orm::DatabaseTransaction,
         caller: &Caller,
         ctx: &RequestContext,
         action: &str,
@@ -633,7 +708,6 @@ impl Identity {
         user_id: &str,
         role: &str,
     ) -> Result<()> {
-        let _ = txn;
         self.audit
             .record(
                 &caller.origin(&ctx.client_address, &ctx.request_id),
@@ -660,14 +734,24 @@ impl Identity {
         role: Option<TeamRole>,
     ) -> Result<Membership> {
         self.visible_team(caller, team_id).await?;
-        self.require(caller, "identity.member.add", &Self::team_resource(team_id)).await?;
+        self.require(caller, "identity.member.add", &Self::team_resource(team_id))
+            .await?;
         let role = role.ok_or_else(|| Error::invalid("role", "a team role is required"))?;
         validate_id("user_id", user_id)?;
-        store::user_by_id(&self.db, user_id).await?.ok_or(Error::NotFound("user"))?;
+        store::user_by_id(&self.db, user_id)
+            .await?
+            .ok_or(Error::NotFound("user"))?;
         let txn = self.db.begin().await?;
         store::add_member(&txn, team_id, user_id, role).await?;
-        self.membership_event(&txn, caller, ctx, "membership.add", team_id, user_id, role.as_str())
-            .await?;
+        self.membership_event(
+            caller,
+            ctx,
+            "membership.add",
+            team_id,
+            user_id,
+            role.as_str(),
+        )
+        .await?;
         txn.commit().await?;
         store::membership(&self.db, team_id, user_id)
             .await?
@@ -685,19 +769,36 @@ impl Identity {
         role: Option<TeamRole>,
     ) -> Result<Membership> {
         self.visible_team(caller, team_id).await?;
-        self.require(caller, "identity.member.set_role", &Self::team_resource(team_id)).await?;
+        self.require(
+            caller,
+            "identity.member.set_role",
+            &Self::team_resource(team_id),
+        )
+        .await?;
         let role = role.ok_or_else(|| Error::invalid("role", "a team role is required"))?;
         validate_id("user_id", user_id)?;
         let txn = self.db.begin().await?;
         let current = store::role_in(&txn, team_id, user_id)
             .await?
             .ok_or(Error::NotFound("membership"))?;
-        if current == TeamRole::Admin && role != TeamRole::Admin && store::count_admins(&txn, team_id).await? <= 1 {
-            return Err(Error::FailedPrecondition("a team must keep at least one admin".into()));
+        if current == TeamRole::Admin
+            && role != TeamRole::Admin
+            && store::count_admins(&txn, team_id).await? <= 1
+        {
+            return Err(Error::FailedPrecondition(
+                "a team must keep at least one admin".into(),
+            ));
         }
         store::set_member_role(&txn, team_id, user_id, role).await?;
-        self.membership_event(&txn, caller, ctx, "membership.set_role", team_id, user_id, role.as_str())
-            .await?;
+        self.membership_event(
+            caller,
+            ctx,
+            "membership.set_role",
+            team_id,
+            user_id,
+            role.as_str(),
+        )
+        .await?;
         txn.commit().await?;
         store::membership(&self.db, team_id, user_id)
             .await?
@@ -714,18 +815,32 @@ impl Identity {
         user_id: &str,
     ) -> Result<()> {
         self.visible_team(caller, team_id).await?;
-        self.require(caller, "identity.member.remove", &Self::team_resource(team_id)).await?;
+        self.require(
+            caller,
+            "identity.member.remove",
+            &Self::team_resource(team_id),
+        )
+        .await?;
         validate_id("user_id", user_id)?;
         let txn = self.db.begin().await?;
         let current = store::role_in(&txn, team_id, user_id)
             .await?
             .ok_or(Error::NotFound("membership"))?;
         if current == TeamRole::Admin && store::count_admins(&txn, team_id).await? <= 1 {
-            return Err(Error::FailedPrecondition("a team must keep at least one admin".into()));
+            return Err(Error::FailedPrecondition(
+                "a team must keep at least one admin".into(),
+            ));
         }
         store::remove_member(&txn, team_id, user_id).await?;
-        self.membership_event(&txn, caller, ctx, "membership.remove", team_id, user_id, current.as_str())
-            .await?;
+        self.membership_event(
+            caller,
+            ctx,
+            "membership.remove",
+            team_id,
+            user_id,
+            current.as_str(),
+        )
+        .await?;
         txn.commit().await?;
         Ok(())
     }
@@ -733,7 +848,12 @@ impl Identity {
     /// A team's members (members, platform admins).
     pub async fn list_members(&self, caller: &Caller, team_id: &str) -> Result<Vec<Membership>> {
         self.visible_team(caller, team_id).await?;
-        self.require(caller, "identity.member.list", &Self::team_resource(team_id)).await?;
+        self.require(
+            caller,
+            "identity.member.list",
+            &Self::team_resource(team_id),
+        )
+        .await?;
         store::members_of_team(&self.db, team_id).await
     }
 
@@ -746,9 +866,13 @@ impl Identity {
         description: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedToken> {
-        self.require(caller, "identity.token.create", &Resource::default()).await?;
+        self.require(caller, "identity.token.create", &Resource::default())
+            .await?;
         if description.chars().count() > 256 || description.chars().any(char::is_control) {
-            return Err(Error::invalid("description", "at most 256 characters, no control characters"));
+            return Err(Error::invalid(
+                "description",
+                "at most 256 characters, no control characters",
+            ));
         }
         let ttl = ttl.unwrap_or(API_TOKEN_DEFAULT_TTL);
         if ttl.is_zero() || ttl > API_TOKEN_MAX_TTL {
@@ -756,7 +880,14 @@ impl Identity {
         }
         let txn = self.db.begin().await?;
         let issued = self
-            .issue(&txn, &caller.user.id, Some(&caller.token_id), "api", description, ttl)
+            .issue(
+                &txn,
+                &caller.user.id,
+                Some(&caller.token_id),
+                "api",
+                description,
+                ttl,
+            )
             .await?;
         self.audit
             .record(
@@ -778,8 +909,14 @@ impl Identity {
 
     /// Revokes a token of the caller's (any token for platform admins) and
     /// every token derived from it.
-    pub async fn revoke_token(&self, caller: &Caller, ctx: &RequestContext, token_id: &str) -> Result<()> {
-        self.require(caller, "identity.token.revoke", &Resource::default()).await?;
+    pub async fn revoke_token(
+        &self,
+        caller: &Caller,
+        ctx: &RequestContext,
+        token_id: &str,
+    ) -> Result<()> {
+        self.require(caller, "identity.token.revoke", &Resource::default())
+            .await?;
         validate_id("token_id", token_id)?;
         let record = store::token_by_id(&self.db, token_id)
             .await?
@@ -805,13 +942,5 @@ impl Identity {
             .await?;
         txn.commit().await?;
         Ok(())
-    }
-}
-
-/// Expiry of an issued token as a timestamp (helper for adapters).
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }

@@ -124,7 +124,11 @@ pub async fn set_user_disabled(
 }
 
 /// Inserts a team; a taken name is `AlreadyExists`.
-pub async fn insert_team(db: &impl ConnectionTrait, name: &str, display_name: &str) -> Result<Team> {
+pub async fn insert_team(
+    db: &impl ConnectionTrait,
+    name: &str,
+    display_name: &str,
+) -> Result<Team> {
     let model = team::ActiveModel {
         id: Set(uuid::Uuid::new_v4().to_string()),
         name: Set(name.to_owned()),
@@ -166,7 +170,11 @@ pub async fn list_teams(
 }
 
 /// A user's role in a team, if a member.
-pub async fn role_in(db: &impl ConnectionTrait, team_id: &str, user_id: &str) -> Result<Option<TeamRole>> {
+pub async fn role_in(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+) -> Result<Option<TeamRole>> {
     Ok(
         membership::Entity::find_by_id((team_id.to_owned(), user_id.to_owned()))
             .one(db)
@@ -187,7 +195,10 @@ pub async fn roles_of(db: &impl ConnectionTrait, user_id: &str) -> Result<Vec<(S
         .collect())
 }
 
-async fn decorate(db: &impl ConnectionTrait, rows: Vec<membership::Model>) -> Result<Vec<Membership>> {
+async fn decorate(
+    db: &impl ConnectionTrait,
+    rows: Vec<membership::Model>,
+) -> Result<Vec<Membership>> {
     let mut out = Vec::with_capacity(rows.len());
     for m in rows {
         let Some(role) = TeamRole::parse(&m.role) else {
@@ -215,7 +226,10 @@ async fn decorate(db: &impl ConnectionTrait, rows: Vec<membership::Model>) -> Re
 }
 
 /// A user's memberships with display names.
-pub async fn memberships_of_user(db: &impl ConnectionTrait, user_id: &str) -> Result<Vec<Membership>> {
+pub async fn memberships_of_user(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+) -> Result<Vec<Membership>> {
     let rows = membership::Entity::find()
         .filter(membership::Column::UserId.eq(user_id))
         .order_by_asc(membership::Column::TeamId)
@@ -235,7 +249,11 @@ pub async fn members_of_team(db: &impl ConnectionTrait, team_id: &str) -> Result
 }
 
 /// One membership with display names.
-pub async fn membership(db: &impl ConnectionTrait, team_id: &str, user_id: &str) -> Result<Option<Membership>> {
+pub async fn membership(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+) -> Result<Option<Membership>> {
     let rows: Vec<_> = membership::Entity::find_by_id((team_id.to_owned(), user_id.to_owned()))
         .one(db)
         .await?
@@ -245,7 +263,12 @@ pub async fn membership(db: &impl ConnectionTrait, team_id: &str, user_id: &str)
 }
 
 /// Adds a membership; an existing one is `AlreadyExists`.
-pub async fn add_member(db: &impl ConnectionTrait, team_id: &str, user_id: &str, role: TeamRole) -> Result<()> {
+pub async fn add_member(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+    role: TeamRole,
+) -> Result<()> {
     membership::ActiveModel {
         team_id: Set(team_id.to_owned()),
         user_id: Set(user_id.to_owned()),
@@ -259,7 +282,12 @@ pub async fn add_member(db: &impl ConnectionTrait, team_id: &str, user_id: &str,
 }
 
 /// Changes a member's role; false if not a member.
-pub async fn set_member_role(db: &impl ConnectionTrait, team_id: &str, user_id: &str, role: TeamRole) -> Result<bool> {
+pub async fn set_member_role(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+    role: TeamRole,
+) -> Result<bool> {
     let res = membership::Entity::update_many()
         .col_expr(membership::Column::Role, Expr::value(role.as_str()))
         .filter(membership::Column::TeamId.eq(team_id))
@@ -270,7 +298,11 @@ pub async fn set_member_role(db: &impl ConnectionTrait, team_id: &str, user_id: 
 }
 
 /// Removes a membership; false if not a member.
-pub async fn remove_member(db: &impl ConnectionTrait, team_id: &str, user_id: &str) -> Result<bool> {
+pub async fn remove_member(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+) -> Result<bool> {
     let res = membership::Entity::delete_by_id((team_id.to_owned(), user_id.to_owned()))
         .exec(db)
         .await?;
@@ -353,7 +385,11 @@ pub async fn token_keys(db: &impl ConnectionTrait) -> Result<Vec<token_key::Mode
 }
 
 /// Records a new signing key's public half.
-pub async fn insert_token_key(db: &impl ConnectionTrait, key_id: i64, public_key_hex: String) -> Result<()> {
+pub async fn insert_token_key(
+    db: &impl ConnectionTrait,
+    key_id: i64,
+    public_key_hex: String,
+) -> Result<()> {
     token_key::ActiveModel {
         key_id: Set(key_id),
         public_key: Set(public_key_hex),
@@ -366,7 +402,11 @@ pub async fn insert_token_key(db: &impl ConnectionTrait, key_id: i64, public_key
 }
 
 /// Retires a key; false if unknown.
-pub async fn retire_token_key(db: &impl ConnectionTrait, key_id: i64, now: DateTime<Utc>) -> Result<bool> {
+pub async fn retire_token_key(
+    db: &impl ConnectionTrait,
+    key_id: i64,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let res = token_key::Entity::update_many()
         .col_expr(token_key::Column::RetiredAt, Expr::value(now))
         .filter(token_key::Column::KeyId.eq(key_id))

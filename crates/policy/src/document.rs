@@ -14,9 +14,26 @@ use crate::path;
 /// and every directory above them, so `/` and `/var` are covered), whatever
 /// the document says.
 pub const SENSITIVE_PATHS: &[&str] = &[
-    "/etc", "/proc", "/sys", "/dev", "/boot", "/lib", "/lib32", "/lib64", "/libx32",
-    "/usr", "/bin", "/sbin", "/root", "/var/lib/docker", "/var/lib/containerd",
-    "/var/lib/kubelet", "/var/log", "/run", "/var/run", "/etc/docker",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/root",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/var/log",
+    "/run",
+    "/var/run",
+    "/etc/docker",
 ];
 
 /// The Docker socket's well-known locations.
@@ -70,7 +87,7 @@ pub struct MountSection {
     pub default_tmpfs_mb: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapabilitySection {
     /// Capabilities `cap_add` may name (without `CAP_`); all others are dropped.
@@ -87,14 +104,14 @@ pub struct UserSection {
     pub allow_names: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkSection {
     /// Allow published ports (non-privileged host ports only).
     pub allow_published_ports: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SysctlSection {
     /// Sysctl names a spec may set.
@@ -191,12 +208,6 @@ impl Default for MountSection {
     }
 }
 
-impl Default for CapabilitySection {
-    fn default() -> Self {
-        Self { allow_add: Vec::new() }
-    }
-}
-
 impl Default for UserSection {
     fn default() -> Self {
         Self {
@@ -204,20 +215,6 @@ impl Default for UserSection {
             default_gid: 1000,
             allow_names: false,
         }
-    }
-}
-
-impl Default for NetworkSection {
-    fn default() -> Self {
-        Self {
-            allow_published_ports: false,
-        }
-    }
-}
-
-impl Default for SysctlSection {
-    fn default() -> Self {
-        Self { allow: Vec::new() }
     }
 }
 
@@ -368,7 +365,11 @@ impl Policy {
     }
 }
 
-fn patterns(field: &str, list: &[String], kind: ListKind) -> Result<Vec<ImagePattern>, DocumentError> {
+fn patterns(
+    field: &str,
+    list: &[String],
+    kind: ListKind,
+) -> Result<Vec<ImagePattern>, DocumentError> {
     list.iter()
         .map(|p| {
             ImagePattern::new(p, kind).map_err(|source| DocumentError::ImagePattern {
@@ -397,11 +398,13 @@ pub(crate) fn normalize_capability(cap: &str) -> String {
 
 fn capabilities(field: &str, list: &[String]) -> Result<Vec<String>, DocumentError> {
     let mut out: Vec<String> = list.iter().map(|c| normalize_capability(c)).collect();
-    if let Some(bad) = out
-        .iter()
-        .find(|c| c.is_empty() || *c == "ALL" || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
-    {
-        return Err(invalid(field, format!("{bad:?} is not a capability that can be allowed")));
+    if let Some(bad) = out.iter().find(|c| {
+        c.is_empty() || *c == "ALL" || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    }) {
+        return Err(invalid(
+            field,
+            format!("{bad:?} is not a capability that can be allowed"),
+        ));
     }
     out.sort();
     out.dedup();
@@ -414,23 +417,35 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
         return Err(invalid("resources.max_cpus", "must be a positive number"));
     }
     if !(r.default_cpus.is_finite() && r.default_cpus > 0.0 && r.default_cpus <= r.max_cpus) {
-        return Err(invalid("resources.default_cpus", "must be positive and at most max_cpus"));
+        return Err(invalid(
+            "resources.default_cpus",
+            "must be positive and at most max_cpus",
+        ));
     }
     if r.max_memory_mb < crate::engine::MIN_MEMORY_MB {
         return Err(invalid("resources.max_memory_mb", "must be at least 6"));
     }
     if r.default_memory_mb < crate::engine::MIN_MEMORY_MB || r.default_memory_mb > r.max_memory_mb {
-        return Err(invalid("resources.default_memory_mb", "must be between 6 and max_memory_mb"));
+        return Err(invalid(
+            "resources.default_memory_mb",
+            "must be between 6 and max_memory_mb",
+        ));
     }
     if r.max_pids <= 0 {
         return Err(invalid("resources.max_pids", "must be positive"));
     }
     if r.default_pids <= 0 || r.default_pids > r.max_pids {
-        return Err(invalid("resources.default_pids", "must be positive and at most max_pids"));
+        return Err(invalid(
+            "resources.default_pids",
+            "must be positive and at most max_pids",
+        ));
     }
     let m = &doc.mounts;
     if m.max_tmpfs_mb <= 0 || m.default_tmpfs_mb <= 0 || m.default_tmpfs_mb > m.max_tmpfs_mb {
-        return Err(invalid("mounts.default_tmpfs_mb", "tmpfs sizes must be positive, default at most max"));
+        return Err(invalid(
+            "mounts.default_tmpfs_mb",
+            "tmpfs sizes must be positive, default at most max",
+        ));
     }
     if doc.user.default_uid == 0 || doc.user.default_gid == 0 {
         return Err(invalid("user", "the platform user must not be root"));
@@ -441,11 +456,17 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
         return Err(invalid("filesystem.workspace_path", "must not be /"));
     }
     if doc.images.allow.is_empty() {
-        return Err(invalid("images.allow", "empty: no image could ever be allowed"));
+        return Err(invalid(
+            "images.allow",
+            "empty: no image could ever be allowed",
+        ));
     }
     let bind_prefixes = normalized_paths("mounts.allow_bind_prefixes", &m.allow_bind_prefixes)?;
     let mut sensitive: Vec<String> = SENSITIVE_PATHS.iter().map(|s| (*s).to_owned()).collect();
-    sensitive.extend(normalized_paths("mounts.extra_sensitive_paths", &m.extra_sensitive_paths)?);
+    sensitive.extend(normalized_paths(
+        "mounts.extra_sensitive_paths",
+        &m.extra_sensitive_paths,
+    )?);
     let mut allow_sysctls = doc.sysctls.allow.clone();
     allow_sysctls.sort();
     allow_sysctls.dedup();
@@ -475,11 +496,7 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
     })
 }
 
-fn compile_overlay(
-    base: &Rules,
-    team: &str,
-    o: &TeamOverlay,
-) -> Result<Rules, DocumentError> {
+fn compile_overlay(base: &Rules, team: &str, o: &TeamOverlay) -> Result<Rules, DocumentError> {
     let loosens = |field: &'static str, message: String| DocumentError::Loosens {
         team: team.to_owned(),
         field,
@@ -488,72 +505,108 @@ fn compile_overlay(
     let mut rules = base.clone();
     if let Some(allow) = &o.allow_images {
         if allow.is_empty() {
-            return Err(loosens("allow_images", "empty list; omit it to keep the base list".into()));
+            return Err(loosens(
+                "allow_images",
+                "empty list; omit it to keep the base list".into(),
+            ));
         }
-        rules.team_allow = patterns(&format!("teams.{team}.allow_images"), allow, ListKind::Allow)?;
+        rules.team_allow = patterns(
+            &format!("teams.{team}.allow_images"),
+            allow,
+            ListKind::Allow,
+        )?;
     }
-    rules
-        .deny
-        .extend(patterns(&format!("teams.{team}.deny_images"), &o.deny_images, ListKind::Deny)?);
+    rules.deny.extend(patterns(
+        &format!("teams.{team}.deny_images"),
+        &o.deny_images,
+        ListKind::Deny,
+    )?);
     if let Some(prefixes) = &o.allow_bind_prefixes {
         let prefixes = normalized_paths(&format!("teams.{team}.allow_bind_prefixes"), prefixes)?;
         if let Some(p) = prefixes
             .iter()
             .find(|p| !base.bind_prefixes.iter().any(|b| path::is_within(p, b)))
         {
-            return Err(loosens("allow_bind_prefixes", format!("{p:?} is not within a base prefix")));
+            return Err(loosens(
+                "allow_bind_prefixes",
+                format!("{p:?} is not within a base prefix"),
+            ));
         }
         rules.bind_prefixes = prefixes;
     }
     if let Some(caps) = &o.allow_cap_add {
         let caps = capabilities(&format!("teams.{team}.allow_cap_add"), caps)?;
         if let Some(c) = caps.iter().find(|c| !base.allow_cap_add.contains(c)) {
-            return Err(loosens("allow_cap_add", format!("{c} is not allowed by the base policy")));
+            return Err(loosens(
+                "allow_cap_add",
+                format!("{c} is not allowed by the base policy"),
+            ));
         }
         rules.allow_cap_add = caps;
     }
     if let Some(sysctls) = &o.allow_sysctls {
         if let Some(s) = sysctls.iter().find(|s| !base.allow_sysctls.contains(s)) {
-            return Err(loosens("allow_sysctls", format!("{s} is not allowed by the base policy")));
+            return Err(loosens(
+                "allow_sysctls",
+                format!("{s} is not allowed by the base policy"),
+            ));
         }
         rules.allow_sysctls = sysctls.clone();
     }
     if let Some(ports) = o.allow_published_ports {
         if ports && !base.allow_published_ports {
-            return Err(loosens("allow_published_ports", "the base policy forbids them".into()));
+            return Err(loosens(
+                "allow_published_ports",
+                "the base policy forbids them".into(),
+            ));
         }
         rules.allow_published_ports = ports;
     }
     if let Some(ro) = o.read_only_root {
         if !ro && base.read_only_root {
-            return Err(loosens("read_only_root", "the base policy requires it".into()));
+            return Err(loosens(
+                "read_only_root",
+                "the base policy requires it".into(),
+            ));
         }
         rules.read_only_root = ro;
     }
     if let Some(v) = o.max_cpus {
         if !(v.is_finite() && v > 0.0 && v <= base.max_cpus) {
-            return Err(loosens("max_cpus", format!("must be in (0, {}]", base.max_cpus)));
+            return Err(loosens(
+                "max_cpus",
+                format!("must be in (0, {}]", base.max_cpus),
+            ));
         }
         rules.max_cpus = v;
         rules.default_cpus = rules.default_cpus.min(v);
     }
     if let Some(v) = o.max_memory_mb {
         if !(crate::engine::MIN_MEMORY_MB..=base.max_memory_mb).contains(&v) {
-            return Err(loosens("max_memory_mb", format!("must be in [6, {}]", base.max_memory_mb)));
+            return Err(loosens(
+                "max_memory_mb",
+                format!("must be in [6, {}]", base.max_memory_mb),
+            ));
         }
         rules.max_memory_mb = v;
         rules.default_memory_mb = rules.default_memory_mb.min(v);
     }
     if let Some(v) = o.max_pids {
         if !(1..=base.max_pids).contains(&v) {
-            return Err(loosens("max_pids", format!("must be in [1, {}]", base.max_pids)));
+            return Err(loosens(
+                "max_pids",
+                format!("must be in [1, {}]", base.max_pids),
+            ));
         }
         rules.max_pids = v;
         rules.default_pids = rules.default_pids.min(v);
     }
     if let Some(v) = o.max_mounts {
         if v as usize > base.max_mounts {
-            return Err(loosens("max_mounts", format!("must be at most {}", base.max_mounts)));
+            return Err(loosens(
+                "max_mounts",
+                format!("must be at most {}", base.max_mounts),
+            ));
         }
         rules.max_mounts = v as usize;
     }
@@ -584,9 +637,15 @@ mod tests {
             ("[images]\nallow = []", "images.allow"),
             ("[images]\ndeny = [\"bad pattern\"]", "images.deny"),
             ("[resources]\nmax_cpus = -1.0", "max_cpus"),
-            ("[resources]\ndefault_memory_mb = 999999", "default_memory_mb"),
+            (
+                "[resources]\ndefault_memory_mb = 999999",
+                "default_memory_mb",
+            ),
             ("[user]\ndefault_uid = 0", "root"),
-            ("[mounts]\nallow_bind_prefixes = [\"relative\"]", "allow_bind_prefixes"),
+            (
+                "[mounts]\nallow_bind_prefixes = [\"relative\"]",
+                "allow_bind_prefixes",
+            ),
             ("[capabilities]\nallow_add = [\"ALL\"]", "allow_add"),
             ("[filesystem]\nworkspace_path = \"/\"", "workspace_path"),
         ] {
@@ -634,7 +693,10 @@ mod tests {
                 "[mounts]\nallow_bind_prefixes = [\"/srv/projects\"]\n[teams.acme]\n{overlay}\n"
             );
             let err = Policy::from_toml(&doc).unwrap_err().to_string();
-            assert!(err.contains(field) && err.contains("tighten"), "{overlay}: {err}");
+            assert!(
+                err.contains(field) && err.contains("tighten"),
+                "{overlay}: {err}"
+            );
         }
         let strict = "[filesystem]\nread_only_root = true\n[teams.acme]\nread_only_root = false\n";
         assert!(Policy::from_toml(strict).is_err());

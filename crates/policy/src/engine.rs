@@ -34,7 +34,11 @@ pub struct Violation {
 }
 
 impl Violation {
-    fn new(rule: Rule, field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
+    fn new(
+        rule: Rule,
+        field: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             rule,
             field: field.into(),
@@ -78,7 +82,11 @@ impl Outcome {
 
     /// True when every violation is malformed input (no forbidden request).
     pub fn only_invalid(&self) -> bool {
-        !self.violations.is_empty() && self.violations.iter().all(|v| v.rule.kind() == Kind::Invalid)
+        !self.violations.is_empty()
+            && self
+                .violations
+                .iter()
+                .all(|v| v.rule.kind() == Kind::Invalid)
     }
 
     /// Whether a violation of `rule` was found.
@@ -92,7 +100,11 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     let mut v = Vec::new();
     let image = check_image(rules, &spec.image, &mut v);
     if spec.privileged {
-        v.push(Violation::new(Rule::Privileged, "spec.privileged", "privileged containers are not allowed"));
+        v.push(Violation::new(
+            Rule::Privileged,
+            "spec.privileged",
+            "privileged containers are not allowed",
+        ));
     }
     let cap_add = check_capabilities(rules, &spec.cap_add, &mut v);
     check_security_opts(&spec.security_opt, &mut v);
@@ -106,7 +118,11 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     check_namespaces(spec, &mut v);
     for key in spec.sysctls.keys() {
         if !rules.allow_sysctls.iter().any(|a| a == key) {
-            v.push(Violation::new(Rule::Sysctl, format!("spec.sysctls[{key}]"), "sysctl is not allowed by policy"));
+            v.push(Violation::new(
+                Rule::Sysctl,
+                format!("spec.sysctls[{key}]"),
+                "sysctl is not allowed by policy",
+            ));
         }
     }
     let user = check_user(rules, spec.user.as_deref(), &mut v);
@@ -132,11 +148,19 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains(['=', '\0']) {
-            v.push(Violation::new(Rule::EnvInvalid, "spec.env", "environment variable names must be non-empty without '=' or NUL"));
+            v.push(Violation::new(
+                Rule::EnvInvalid,
+                "spec.env",
+                "environment variable names must be non-empty without '=' or NUL",
+            ));
         }
     }
     if !spec.working_dir.is_empty() && path::normalize(&spec.working_dir).is_err() {
-        v.push(Violation::new(Rule::WorkingDirInvalid, "spec.working_dir", "working directory must be an absolute path"));
+        v.push(Violation::new(
+            Rule::WorkingDirInvalid,
+            "spec.working_dir",
+            "working directory must be an absolute path",
+        ));
     }
 
     let canonical_image = image.map(ImageRef::into_canonical);
@@ -161,7 +185,11 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     hardened.memory_limit_mb = Some(memory);
     hardened.pids_limit = Some(pids);
     hardened.mounts = mounts;
-    if !hardened.mounts.iter().any(|m| m.target == rules.workspace_path) {
+    if !hardened
+        .mounts
+        .iter()
+        .any(|m| m.target == rules.workspace_path)
+    {
         hardened.mounts.push(Mount {
             r#type: MountType::Volume as i32,
             source: String::new(),
@@ -199,7 +227,11 @@ fn check_image(rules: &Rules, raw: &str, v: &mut Vec<Violation>) -> Option<Image
     let image = match ImageRef::parse(raw) {
         Ok(i) => i,
         Err(e) => {
-            v.push(Violation::new(Rule::ImageInvalid, "spec.image", format!("invalid image reference: {e}")));
+            v.push(Violation::new(
+                Rule::ImageInvalid,
+                "spec.image",
+                format!("invalid image reference: {e}"),
+            ));
             return None;
         }
     };
@@ -225,7 +257,7 @@ fn check_capabilities(rules: &Rules, caps: &[String], v: &mut Vec<Violation>) ->
     let mut out = Vec::new();
     for (i, cap) in caps.iter().enumerate() {
         let c = normalize_capability(cap);
-        if !c.is_empty() && c != "ALL" && rules.allow_cap_add.iter().any(|a| *a == c) {
+        if !c.is_empty() && c != "ALL" && rules.allow_cap_add.contains(&c) {
             out.push(c);
         } else {
             v.push(Violation::new(
@@ -252,20 +284,36 @@ fn check_security_opts(opts: &[String], v: &mut Vec<Violation>) {
         match (key, value) {
             ("no-new-privileges", "" | "true") => {}
             ("seccomp", "unconfined") => v.push(
-                Violation::new(Rule::SecurityOptUnconfined, field(), "disabling seccomp is not allowed")
-                    .controls("5.21", "Seccomp"),
+                Violation::new(
+                    Rule::SecurityOptUnconfined,
+                    field(),
+                    "disabling seccomp is not allowed",
+                )
+                .controls("5.21", "Seccomp"),
             ),
             ("apparmor", "unconfined") => v.push(
-                Violation::new(Rule::SecurityOptUnconfined, field(), "disabling AppArmor is not allowed")
-                    .controls("5.1", "AppArmor"),
+                Violation::new(
+                    Rule::SecurityOptUnconfined,
+                    field(),
+                    "disabling AppArmor is not allowed",
+                )
+                .controls("5.1", "AppArmor"),
             ),
             ("label", "disable") => v.push(
-                Violation::new(Rule::SecurityOptUnconfined, field(), "disabling SELinux labels is not allowed")
-                    .controls("5.2", "SELinux"),
+                Violation::new(
+                    Rule::SecurityOptUnconfined,
+                    field(),
+                    "disabling SELinux labels is not allowed",
+                )
+                .controls("5.2", "SELinux"),
             ),
             ("systempaths", "unconfined") => v.push(
-                Violation::new(Rule::SecurityOptUnconfined, field(), "unmasking kernel paths is not allowed")
-                    .controls("", "Privileged Containers"),
+                Violation::new(
+                    Rule::SecurityOptUnconfined,
+                    field(),
+                    "unmasking kernel paths is not allowed",
+                )
+                .controls("", "Privileged Containers"),
             ),
             _ => v.push(Violation::new(
                 Rule::SecurityOptNotAllowed,
@@ -278,12 +326,32 @@ fn check_security_opts(opts: &[String], v: &mut Vec<Violation>) {
 
 fn check_namespaces(spec: &ContainerSpec, v: &mut Vec<Violation>) {
     let checks: [(&str, &'static str, Rule, &[&str]); 6] = [
-        (&spec.network_mode, "spec.network_mode", Rule::NetworkMode, &[""]),
+        (
+            &spec.network_mode,
+            "spec.network_mode",
+            Rule::NetworkMode,
+            &[""],
+        ),
         (&spec.pid_mode, "spec.pid_mode", Rule::NamespacePid, &[""]),
-        (&spec.ipc_mode, "spec.ipc_mode", Rule::NamespaceIpc, &["", "private", "none"]),
+        (
+            &spec.ipc_mode,
+            "spec.ipc_mode",
+            Rule::NamespaceIpc,
+            &["", "private", "none"],
+        ),
         (&spec.uts_mode, "spec.uts_mode", Rule::NamespaceUts, &[""]),
-        (&spec.userns_mode, "spec.userns_mode", Rule::NamespaceUserns, &[""]),
-        (&spec.cgroupns_mode, "spec.cgroupns_mode", Rule::NamespaceCgroupns, &["", "private"]),
+        (
+            &spec.userns_mode,
+            "spec.userns_mode",
+            Rule::NamespaceUserns,
+            &[""],
+        ),
+        (
+            &spec.cgroupns_mode,
+            "spec.cgroupns_mode",
+            Rule::NamespaceCgroupns,
+            &["", "private"],
+        ),
     ];
     for (value, field, rule, allowed) in checks {
         if !allowed.contains(&value) {
@@ -313,7 +381,9 @@ fn parse_id(s: &str) -> Id<'_> {
         Id::Bad
     } else if s.bytes().all(|b| b.is_ascii_digit()) {
         s.parse().map_or(Id::Bad, Id::Num)
-    } else if s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    } else if s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         && !s.starts_with('-')
     {
         Id::Name(s)
@@ -335,7 +405,11 @@ fn check_user(rules: &Rules, user: Option<&str>, v: &mut Vec<Violation>) -> Stri
     let gid = g.map(parse_id);
     let bad = matches!(uid, Id::Bad) || matches!(gid, Some(Id::Bad));
     if bad {
-        v.push(Violation::new(Rule::UserInvalid, "spec.user", "user must be uid, uid:gid, name or name:group"));
+        v.push(Violation::new(
+            Rule::UserInvalid,
+            "spec.user",
+            "user must be uid, uid:gid, name or name:group",
+        ));
         return default();
     }
     let is_root = |id: &Id<'_>| match id {
@@ -344,7 +418,11 @@ fn check_user(rules: &Rules, user: Option<&str>, v: &mut Vec<Violation>) -> Stri
         Id::Bad => false,
     };
     if is_root(&uid) || gid.as_ref().is_some_and(is_root) {
-        v.push(Violation::new(Rule::UserRoot, "spec.user", "containers must not run as root (uid 0 or group 0)"));
+        v.push(Violation::new(
+            Rule::UserRoot,
+            "spec.user",
+            "containers must not run as root (uid 0 or group 0)",
+        ));
         return default();
     }
     let named = matches!(uid, Id::Name(_)) || matches!(gid, Some(Id::Name(_)));
@@ -371,8 +449,13 @@ fn check_user(rules: &Rules, user: Option<&str>, v: &mut Vec<Violation>) -> Stri
 /// Whether a normalized host path is, contains, or lies in a Docker socket location.
 fn is_docker_socket(p: &str) -> bool {
     let lower = p.to_ascii_lowercase();
-    DOCKER_SOCKETS.iter().any(|s| path::overlaps_ignore_case(&lower, s))
-        || lower.rsplit('/').next().is_some_and(|name| name.ends_with(".sock"))
+    DOCKER_SOCKETS
+        .iter()
+        .any(|s| path::overlaps_ignore_case(&lower, s))
+        || lower
+            .rsplit('/')
+            .next()
+            .is_some_and(|name| name.ends_with(".sock"))
 }
 
 fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<Mount> {
@@ -398,7 +481,11 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
             }
         };
         if out.iter().any(|o: &Mount| o.target == target) {
-            v.push(Violation::new(Rule::MountInvalid, format!("spec.mounts[{i}].target"), "duplicate mount target"));
+            v.push(Violation::new(
+                Rule::MountInvalid,
+                format!("spec.mounts[{i}].target"),
+                "duplicate mount target",
+            ));
         }
         m.target = target;
         match MountType::try_from(m.r#type) {
@@ -407,7 +494,11 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
                 let source = match path::normalize(&m.source) {
                     Ok(s) => s,
                     Err(e) => {
-                        v.push(Violation::new(Rule::MountInvalid, field(), format!("bind source: {e}")));
+                        v.push(Violation::new(
+                            Rule::MountInvalid,
+                            field(),
+                            format!("bind source: {e}"),
+                        ));
                         continue;
                     }
                 };
@@ -417,13 +508,21 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
                         field(),
                         "mounting the Docker socket (or a directory holding it) is never allowed",
                     ));
-                } else if rules.sensitive.iter().any(|s| path::overlaps_ignore_case(&source, s)) {
+                } else if rules
+                    .sensitive
+                    .iter()
+                    .any(|s| path::overlaps_ignore_case(&source, s))
+                {
                     v.push(Violation::new(
                         Rule::MountSensitivePath,
                         field(),
                         format!("host path {source} is or contains a sensitive system path"),
                     ));
-                } else if !rules.bind_prefixes.iter().any(|p| path::is_within(&source, p)) {
+                } else if !rules
+                    .bind_prefixes
+                    .iter()
+                    .any(|p| path::is_within(&source, p))
+                {
                     v.push(Violation::new(
                         Rule::MountBindNotAllowed,
                         field(),
@@ -437,7 +536,8 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
                 let s = &m.source;
                 let valid = s.is_empty()
                     || (s.as_bytes()[0].is_ascii_alphanumeric()
-                        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')));
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')));
                 if !valid {
                     v.push(Violation::new(
                         Rule::MountInvalid,
@@ -455,20 +555,31 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
             }
             Ok(MountType::Tmpfs) => {
                 if !m.source.is_empty() {
-                    v.push(Violation::new(Rule::MountInvalid, format!("spec.mounts[{i}].source"), "tmpfs mounts take no source"));
+                    v.push(Violation::new(
+                        Rule::MountInvalid,
+                        format!("spec.mounts[{i}].source"),
+                        "tmpfs mounts take no source",
+                    ));
                 }
                 match m.size_mb {
                     None => m.size_mb = Some(rules.default_tmpfs_mb),
                     Some(s) if s <= 0 || s > rules.max_tmpfs_mb => v.push(Violation::new(
                         Rule::MountTmpfsSize,
                         format!("spec.mounts[{i}].size_mb"),
-                        format!("tmpfs size must be between 1 and {} MiB", rules.max_tmpfs_mb),
+                        format!(
+                            "tmpfs size must be between 1 and {} MiB",
+                            rules.max_tmpfs_mb
+                        ),
                     )),
                     Some(_) => {}
                 }
             }
             Ok(MountType::Unspecified) | Err(_) => {
-                v.push(Violation::new(Rule::MountInvalid, format!("spec.mounts[{i}].type"), "mount type must be bind, volume or tmpfs"));
+                v.push(Violation::new(
+                    Rule::MountInvalid,
+                    format!("spec.mounts[{i}].type"),
+                    "mount type must be bind, volume or tmpfs",
+                ));
             }
         }
         out.push(m);
@@ -480,15 +591,28 @@ fn check_ports(rules: &Rules, ports: &[PortMapping], v: &mut Vec<Violation>) {
     for (i, p) in ports.iter().enumerate() {
         let field = || format!("spec.ports[{i}]");
         if !rules.allow_published_ports {
-            v.push(Violation::new(Rule::PortPublish, field(), "publishing ports is not allowed by policy"));
+            v.push(Violation::new(
+                Rule::PortPublish,
+                field(),
+                "publishing ports is not allowed by policy",
+            ));
             continue;
         }
         let protocol_ok = matches!(p.protocol.to_ascii_lowercase().as_str(), "" | "tcp" | "udp");
         let ip_ok = p.host_ip.is_empty() || p.host_ip.parse::<std::net::IpAddr>().is_ok();
-        if !(1..=65535).contains(&p.container_port) || p.host_port > 65535 || !protocol_ok || !ip_ok {
-            v.push(Violation::new(Rule::PortInvalid, field(), "ports are 1-65535, protocol tcp or udp, host_ip an IP address"));
+        if !(1..=65535).contains(&p.container_port) || p.host_port > 65535 || !protocol_ok || !ip_ok
+        {
+            v.push(Violation::new(
+                Rule::PortInvalid,
+                field(),
+                "ports are 1-65535, protocol tcp or udp, host_ip an IP address",
+            ));
         } else if (1..1024).contains(&p.host_port) {
-            v.push(Violation::new(Rule::PortPrivileged, field(), "host ports below 1024 are not allowed"));
+            v.push(Violation::new(
+                Rule::PortPrivileged,
+                field(),
+                "host ports below 1024 are not allowed",
+            ));
         }
     }
 }
@@ -497,23 +621,47 @@ fn check_resources(rules: &Rules, spec: &ContainerSpec, v: &mut Vec<Violation>) 
     let cpu = match spec.cpu_limit {
         None => rules.default_cpus,
         Some(c) if !c.is_finite() => {
-            v.push(Violation::new(Rule::ResourcesInvalid, "spec.cpu_limit", "cpu_limit must be a number").controls("5.11", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesInvalid,
+                    "spec.cpu_limit",
+                    "cpu_limit must be a number",
+                )
+                .controls("5.11", ""),
+            );
             rules.default_cpus
         }
         Some(c) if c <= 0.0 => {
-            v.push(Violation::new(Rule::ResourcesUnlimited, "spec.cpu_limit", "an unlimited CPU share is not allowed").controls("5.11", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesUnlimited,
+                    "spec.cpu_limit",
+                    "an unlimited CPU share is not allowed",
+                )
+                .controls("5.11", ""),
+            );
             c
         }
         Some(c) if c < MIN_CPUS => {
-            v.push(Violation::new(Rule::ResourcesInvalid, "spec.cpu_limit", "cpu_limit must be at least 0.01").controls("5.11", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesInvalid,
+                    "spec.cpu_limit",
+                    "cpu_limit must be at least 0.01",
+                )
+                .controls("5.11", ""),
+            );
             c
         }
         Some(c) if c > rules.max_cpus => {
-            v.push(Violation::new(
-                Rule::ResourcesCeiling,
-                "spec.cpu_limit",
-                format!("cpu_limit {c} exceeds the ceiling of {}", rules.max_cpus),
-            ).controls("5.11", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesCeiling,
+                    "spec.cpu_limit",
+                    format!("cpu_limit {c} exceeds the ceiling of {}", rules.max_cpus),
+                )
+                .controls("5.11", ""),
+            );
             c
         }
         Some(c) => c,
@@ -521,19 +669,39 @@ fn check_resources(rules: &Rules, spec: &ContainerSpec, v: &mut Vec<Violation>) 
     let memory = match spec.memory_limit_mb {
         None => rules.default_memory_mb,
         Some(m) if m <= 0 => {
-            v.push(Violation::new(Rule::ResourcesUnlimited, "spec.memory_limit_mb", "unlimited memory is not allowed").controls("5.10", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesUnlimited,
+                    "spec.memory_limit_mb",
+                    "unlimited memory is not allowed",
+                )
+                .controls("5.10", ""),
+            );
             m
         }
         Some(m) if m < MIN_MEMORY_MB => {
-            v.push(Violation::new(Rule::ResourcesInvalid, "spec.memory_limit_mb", "memory_limit_mb must be at least 6").controls("5.10", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesInvalid,
+                    "spec.memory_limit_mb",
+                    "memory_limit_mb must be at least 6",
+                )
+                .controls("5.10", ""),
+            );
             m
         }
         Some(m) if m > rules.max_memory_mb => {
-            v.push(Violation::new(
-                Rule::ResourcesCeiling,
-                "spec.memory_limit_mb",
-                format!("memory_limit_mb {m} exceeds the ceiling of {}", rules.max_memory_mb),
-            ).controls("5.10", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesCeiling,
+                    "spec.memory_limit_mb",
+                    format!(
+                        "memory_limit_mb {m} exceeds the ceiling of {}",
+                        rules.max_memory_mb
+                    ),
+                )
+                .controls("5.10", ""),
+            );
             m
         }
         Some(m) => m,
@@ -541,15 +709,25 @@ fn check_resources(rules: &Rules, spec: &ContainerSpec, v: &mut Vec<Violation>) 
     let pids = match spec.pids_limit {
         None => rules.default_pids,
         Some(p) if p <= 0 => {
-            v.push(Violation::new(Rule::ResourcesUnlimited, "spec.pids_limit", "an unlimited PIDs limit is not allowed").controls("5.28", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesUnlimited,
+                    "spec.pids_limit",
+                    "an unlimited PIDs limit is not allowed",
+                )
+                .controls("5.28", ""),
+            );
             p
         }
         Some(p) if p > rules.max_pids => {
-            v.push(Violation::new(
-                Rule::ResourcesCeiling,
-                "spec.pids_limit",
-                format!("pids_limit {p} exceeds the ceiling of {}", rules.max_pids),
-            ).controls("5.28", ""));
+            v.push(
+                Violation::new(
+                    Rule::ResourcesCeiling,
+                    "spec.pids_limit",
+                    format!("pids_limit {p} exceeds the ceiling of {}", rules.max_pids),
+                )
+                .controls("5.28", ""),
+            );
             p
         }
         Some(p) => p,

@@ -46,7 +46,11 @@ fn ids(o: &Outcome) -> Vec<&'static str> {
 fn assert_denied(spec: &ContainerSpec, rule: Rule) {
     let o = eval(spec);
     assert!(!o.allowed(), "expected {rule} for {spec:?}");
-    assert!(o.has(rule), "expected {rule}, got {:?} for {spec:?}", ids(&o));
+    assert!(
+        o.has(rule),
+        "expected {rule}, got {:?} for {spec:?}",
+        ids(&o)
+    );
     assert!(o.hardened.is_none());
 }
 
@@ -56,7 +60,10 @@ fn benign_spec_is_allowed_and_hardened() {
     assert!(o.allowed(), "{:?}", o.violations);
     let h = o.hardened.unwrap();
     assert_eq!(h.image, "docker.io/library/python:3.12");
-    assert_eq!(o.canonical_image.as_deref(), Some("docker.io/library/python:3.12"));
+    assert_eq!(
+        o.canonical_image.as_deref(),
+        Some("docker.io/library/python:3.12")
+    );
     assert_eq!(h.user.as_deref(), Some("1000:1000"));
     assert_eq!(h.cap_drop, vec!["ALL"]);
     assert!(h.cap_add.is_empty());
@@ -110,23 +117,49 @@ fn images() {
         "python:latest",
         "ghcr.io/acme/app",
     ] {
-        let spec = ContainerSpec { image: image.into(), ..benign() };
+        let spec = ContainerSpec {
+            image: image.into(),
+            ..benign()
+        };
         assert_denied(&spec, Rule::ImageDenied);
     }
-    for image in ["", " python:3", "Python:3 ", "python:", "py//thon:1", "python@sha256:xyz", "bad host/x:1"] {
-        let spec = ContainerSpec { image: image.into(), ..benign() };
+    for image in [
+        "",
+        " python:3",
+        "Python:3 ",
+        "python:",
+        "py//thon:1",
+        "python@sha256:xyz",
+        "bad host/x:1",
+    ] {
+        let spec = ContainerSpec {
+            image: image.into(),
+            ..benign()
+        };
         assert_denied(&spec, Rule::ImageInvalid);
     }
     let team = "[teams.acme]\nallow_images = [\"ghcr.io/acme/*\"]\ndeny_images = [\"node:*\"]";
-    let spec = ContainerSpec { image: "python:3.12".into(), ..benign() };
+    let spec = ContainerSpec {
+        image: "python:3.12".into(),
+        ..benign()
+    };
     assert!(eval_with(team, "acme", &spec).has(Rule::ImageNotAllowed));
     assert!(eval_with(team, "other", &spec).allowed());
-    let spec = ContainerSpec { image: "ghcr.io/acme/app:1".into(), ..benign() };
+    let spec = ContainerSpec {
+        image: "ghcr.io/acme/app:1".into(),
+        ..benign()
+    };
     assert!(eval_with(team, "acme", &spec).allowed());
-    let spec = ContainerSpec { image: "node:20".into(), ..benign() };
+    let spec = ContainerSpec {
+        image: "node:20".into(),
+        ..benign()
+    };
     assert!(eval_with(team, "acme", &spec).has(Rule::ImageDenied));
     let base = "[images]\nallow = [\"python:*\"]";
-    let spec = ContainerSpec { image: "ruby:3".into(), ..benign() };
+    let spec = ContainerSpec {
+        image: "ruby:3".into(),
+        ..benign()
+    };
     assert!(eval_with(base, "", &spec).has(Rule::ImageNotAllowed));
 }
 
@@ -151,7 +184,10 @@ fn docker_socket_mounts_in_every_spelling() {
         "/home/dev/docker.sock",
         "/srv/podman.sock",
     ] {
-        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+        let spec = ContainerSpec {
+            mounts: vec![bind(source)],
+            ..benign()
+        };
         assert_denied(&spec, Rule::MountDockerSocket);
         let o = eval(&spec);
         assert_eq!(o.severity(), Some(Severity::Critical), "{source}");
@@ -161,33 +197,72 @@ fn docker_socket_mounts_in_every_spelling() {
     }
     // Even when bind mounts are allowed under a prefix that contains it.
     let policy = "[mounts]\nallow_bind_prefixes = [\"/home\"]";
-    let spec = ContainerSpec { mounts: vec![bind("/home/dev/../dev/docker.sock")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/dev/../dev/docker.sock")],
+        ..benign()
+    };
     assert!(eval_with(policy, "", &spec).has(Rule::MountDockerSocket));
 }
 
 #[test]
 fn sensitive_and_unlisted_bind_mounts() {
-    for source in ["/etc", "/etc/", "/ETC/shadow", "/proc/1/root", "/sys", "/dev", "/boot", "/lib", "/usr/bin", "/var/lib/docker", "/var/lib/docker/volumes", "/root/.ssh", "/var/lib", "/usr/../etc"] {
-        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+    for source in [
+        "/etc",
+        "/etc/",
+        "/ETC/shadow",
+        "/proc/1/root",
+        "/sys",
+        "/dev",
+        "/boot",
+        "/lib",
+        "/usr/bin",
+        "/var/lib/docker",
+        "/var/lib/docker/volumes",
+        "/root/.ssh",
+        "/var/lib",
+        "/usr/../etc",
+    ] {
+        let spec = ContainerSpec {
+            mounts: vec![bind(source)],
+            ..benign()
+        };
         assert_denied(&spec, Rule::MountSensitivePath);
     }
-    let spec = ContainerSpec { mounts: vec![bind("/home/dev/project")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/dev/project")],
+        ..benign()
+    };
     assert_denied(&spec, Rule::MountBindNotAllowed);
     let policy = "[mounts]\nallow_bind_prefixes = [\"/home/dev\"]\nextra_sensitive_paths = [\"/home/dev/secrets\"]";
     let o = eval_with(policy, "", &spec);
     assert!(o.allowed(), "{:?}", o.violations);
-    let spec = ContainerSpec { mounts: vec![bind("/home/dev/../other")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/dev/../other")],
+        ..benign()
+    };
     assert!(eval_with(policy, "", &spec).has(Rule::MountBindNotAllowed));
-    let spec = ContainerSpec { mounts: vec![bind("/home/dev/secrets/x")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/dev/secrets/x")],
+        ..benign()
+    };
     assert!(eval_with(policy, "", &spec).has(Rule::MountSensitivePath));
-    let spec = ContainerSpec { mounts: vec![bind("/home/developer")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/developer")],
+        ..benign()
+    };
     assert!(eval_with(policy, "", &spec).has(Rule::MountBindNotAllowed));
     // Normalized source in the hardened spec.
-    let spec = ContainerSpec { mounts: vec![bind("/home/dev//project/")], ..benign() };
+    let spec = ContainerSpec {
+        mounts: vec![bind("/home/dev//project/")],
+        ..benign()
+    };
     let h = eval_with(policy, "", &spec).hardened.unwrap();
     assert_eq!(h.mounts[0].source, "/home/dev/project");
     for source in ["relative/path", "", "/a\0b"] {
-        let spec = ContainerSpec { mounts: vec![bind(source)], ..benign() };
+        let spec = ContainerSpec {
+            mounts: vec![bind(source)],
+            ..benign()
+        };
         assert_denied(&spec, Rule::MountInvalid);
     }
 }
@@ -201,12 +276,30 @@ fn volumes_tmpfs_and_mount_shape() {
         read_only: false,
         size_mb: None,
     };
-    assert!(eval(&ContainerSpec { mounts: vec![vol("cache")], ..benign() }).allowed());
+    assert!(
+        eval(&ContainerSpec {
+            mounts: vec![vol("cache")],
+            ..benign()
+        })
+        .allowed()
+    );
     for s in ["vibebox-env-123-workspace", "VibeBox_x"] {
-        assert_denied(&ContainerSpec { mounts: vec![vol(s)], ..benign() }, Rule::MountVolumeReserved);
+        assert_denied(
+            &ContainerSpec {
+                mounts: vec![vol(s)],
+                ..benign()
+            },
+            Rule::MountVolumeReserved,
+        );
     }
     for s in ["/etc", "../x", "-x"] {
-        assert_denied(&ContainerSpec { mounts: vec![vol(s)], ..benign() }, Rule::MountInvalid);
+        assert_denied(
+            &ContainerSpec {
+                mounts: vec![vol(s)],
+                ..benign()
+            },
+            Rule::MountInvalid,
+        );
     }
     let tmpfs = |size: Option<i64>| Mount {
         r#type: MountType::Tmpfs as i32,
@@ -215,28 +308,92 @@ fn volumes_tmpfs_and_mount_shape() {
         read_only: false,
         size_mb: size,
     };
-    let h = eval(&ContainerSpec { mounts: vec![tmpfs(None)], ..benign() }).hardened.unwrap();
+    let h = eval(&ContainerSpec {
+        mounts: vec![tmpfs(None)],
+        ..benign()
+    })
+    .hardened
+    .unwrap();
     assert_eq!(h.mounts[0].size_mb, Some(512));
     for size in [0, -1, 100_000] {
-        assert_denied(&ContainerSpec { mounts: vec![tmpfs(Some(size))], ..benign() }, Rule::MountTmpfsSize);
+        assert_denied(
+            &ContainerSpec {
+                mounts: vec![tmpfs(Some(size))],
+                ..benign()
+            },
+            Rule::MountTmpfsSize,
+        );
     }
-    let unspecified = Mount { r#type: 0, ..vol("x") };
-    assert_denied(&ContainerSpec { mounts: vec![unspecified], ..benign() }, Rule::MountInvalid);
-    let unknown = Mount { r#type: 42, ..vol("x") };
-    assert_denied(&ContainerSpec { mounts: vec![unknown], ..benign() }, Rule::MountInvalid);
+    let unspecified = Mount {
+        r#type: 0,
+        ..vol("x")
+    };
+    assert_denied(
+        &ContainerSpec {
+            mounts: vec![unspecified],
+            ..benign()
+        },
+        Rule::MountInvalid,
+    );
+    let unknown = Mount {
+        r#type: 42,
+        ..vol("x")
+    };
+    assert_denied(
+        &ContainerSpec {
+            mounts: vec![unknown],
+            ..benign()
+        },
+        Rule::MountInvalid,
+    );
     for target in ["", "/", "relative", "/.."] {
-        let m = Mount { target: target.into(), ..vol("x") };
-        assert_denied(&ContainerSpec { mounts: vec![m], ..benign() }, Rule::MountInvalid);
+        let m = Mount {
+            target: target.into(),
+            ..vol("x")
+        };
+        assert_denied(
+            &ContainerSpec {
+                mounts: vec![m],
+                ..benign()
+            },
+            Rule::MountInvalid,
+        );
     }
-    let dup = vec![vol("a"), Mount { target: "/data/".into(), ..vol("b") }];
-    assert_denied(&ContainerSpec { mounts: dup, ..benign() }, Rule::MountInvalid);
-    let many = (0..17).map(|i| Mount { target: format!("/d{i}"), ..vol("x") }).collect();
-    assert_denied(&ContainerSpec { mounts: many, ..benign() }, Rule::MountTooMany);
+    let dup = vec![
+        vol("a"),
+        Mount {
+            target: "/data/".into(),
+            ..vol("b")
+        },
+    ];
+    assert_denied(
+        &ContainerSpec {
+            mounts: dup,
+            ..benign()
+        },
+        Rule::MountInvalid,
+    );
+    let many = (0..17)
+        .map(|i| Mount {
+            target: format!("/d{i}"),
+            ..vol("x")
+        })
+        .collect();
+    assert_denied(
+        &ContainerSpec {
+            mounts: many,
+            ..benign()
+        },
+        Rule::MountTooMany,
+    );
 }
 
 #[test]
 fn privileged_is_critical() {
-    let spec = ContainerSpec { privileged: true, ..benign() };
+    let spec = ContainerSpec {
+        privileged: true,
+        ..benign()
+    };
     assert_denied(&spec, Rule::Privileged);
     let o = eval(&spec);
     assert_eq!(o.severity(), Some(Severity::Critical));
@@ -246,47 +403,118 @@ fn privileged_is_critical() {
 
 #[test]
 fn capabilities() {
-    for cap in ["SYS_ADMIN", "sys_admin", "CAP_SYS_ADMIN", "cap_sys_admin", " Sys_Admin ", "ALL", "all", "NET_ADMIN", ""] {
-        let spec = ContainerSpec { cap_add: vec![cap.into()], ..benign() };
+    for cap in [
+        "SYS_ADMIN",
+        "sys_admin",
+        "CAP_SYS_ADMIN",
+        "cap_sys_admin",
+        " Sys_Admin ",
+        "ALL",
+        "all",
+        "NET_ADMIN",
+        "",
+    ] {
+        let spec = ContainerSpec {
+            cap_add: vec![cap.into()],
+            ..benign()
+        };
         assert_denied(&spec, Rule::CapabilityAdd);
     }
     let policy = "[capabilities]\nallow_add = [\"NET_BIND_SERVICE\"]";
-    let spec = ContainerSpec { cap_add: vec!["cap_net_bind_service".into()], ..benign() };
+    let spec = ContainerSpec {
+        cap_add: vec!["cap_net_bind_service".into()],
+        ..benign()
+    };
     let h = eval_with(policy, "", &spec).hardened.unwrap();
     assert_eq!(h.cap_add, vec!["NET_BIND_SERVICE"]);
     assert_eq!(h.cap_drop, vec!["ALL"]);
-    let spec = ContainerSpec { cap_add: vec!["ALL".into()], ..benign() };
+    let spec = ContainerSpec {
+        cap_add: vec!["ALL".into()],
+        ..benign()
+    };
     assert!(eval_with(policy, "", &spec).has(Rule::CapabilityAdd));
     // A user's cap_drop cannot replace ALL.
-    let spec = ContainerSpec { cap_drop: vec!["NET_RAW".into()], ..benign() };
+    let spec = ContainerSpec {
+        cap_drop: vec!["NET_RAW".into()],
+        ..benign()
+    };
     assert_eq!(eval(&spec).hardened.unwrap().cap_drop, vec!["ALL"]);
 }
 
 #[test]
 fn users() {
-    for user in ["root", "ROOT", "0", "00", "0:0", "0:1000", "1000:0", "root:root", "1000:root", "dev:0"] {
-        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+    for user in [
+        "root",
+        "ROOT",
+        "0",
+        "00",
+        "0:0",
+        "0:1000",
+        "1000:0",
+        "root:root",
+        "1000:root",
+        "dev:0",
+    ] {
+        let spec = ContainerSpec {
+            user: Some(user.into()),
+            ..benign()
+        };
         assert_denied(&spec, Rule::UserRoot);
     }
     for user in ["dev", "dev:dev", "1000:staff"] {
-        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+        let spec = ContainerSpec {
+            user: Some(user.into()),
+            ..benign()
+        };
         assert_denied(&spec, Rule::UserName);
     }
-    for user in [":", "1000:", ":1000", "-1", "99999999999", "a b", "1:2:3", "+0"] {
-        let spec = ContainerSpec { user: Some(user.into()), ..benign() };
+    for user in [
+        ":",
+        "1000:",
+        ":1000",
+        "-1",
+        "99999999999",
+        "a b",
+        "1:2:3",
+        "+0",
+    ] {
+        let spec = ContainerSpec {
+            user: Some(user.into()),
+            ..benign()
+        };
         assert_denied(&spec, Rule::UserInvalid);
     }
     let harden = |user: Option<&str>| {
-        eval(&ContainerSpec { user: user.map(str::to_owned), ..benign() }).hardened.unwrap().user.unwrap()
+        eval(&ContainerSpec {
+            user: user.map(str::to_owned),
+            ..benign()
+        })
+        .hardened
+        .unwrap()
+        .user
+        .unwrap()
     };
     assert_eq!(harden(None), "1000:1000");
     assert_eq!(harden(Some("")), "1000:1000");
     assert_eq!(harden(Some("1001")), "1001:1000");
     assert_eq!(harden(Some("01001:02000")), "1001:2000");
     let named = "[user]\nallow_names = true";
-    let spec = ContainerSpec { user: Some("dev:staff".into()), ..benign() };
-    assert_eq!(eval_with(named, "", &spec).hardened.unwrap().user.as_deref(), Some("dev:staff"));
-    let spec = ContainerSpec { user: Some("Root".into()), ..benign() };
+    let spec = ContainerSpec {
+        user: Some("dev:staff".into()),
+        ..benign()
+    };
+    assert_eq!(
+        eval_with(named, "", &spec)
+            .hardened
+            .unwrap()
+            .user
+            .as_deref(),
+        Some("dev:staff")
+    );
+    let spec = ContainerSpec {
+        user: Some("Root".into()),
+        ..benign()
+    };
     assert!(eval_with(named, "", &spec).has(Rule::UserRoot));
 }
 
@@ -294,12 +522,44 @@ fn users() {
 fn namespaces_and_network() {
     type Setter = fn(&mut ContainerSpec, &str);
     let cases: [(Setter, Rule, &[&str]); 6] = [
-        (|s, v| s.network_mode = v.into(), Rule::NetworkMode, &["host", "HOST", "bridge", "container:abc", "none", "default", " "]),
-        (|s, v| s.pid_mode = v.into(), Rule::NamespacePid, &["host", "Host", "container:abc", "private "]),
-        (|s, v| s.ipc_mode = v.into(), Rule::NamespaceIpc, &["host", "shareable", "container:abc"]),
-        (|s, v| s.uts_mode = v.into(), Rule::NamespaceUts, &["host", "HOST"]),
-        (|s, v| s.userns_mode = v.into(), Rule::NamespaceUserns, &["host", "Host"]),
-        (|s, v| s.cgroupns_mode = v.into(), Rule::NamespaceCgroupns, &["host", "HOST"]),
+        (
+            |s, v| s.network_mode = v.into(),
+            Rule::NetworkMode,
+            &[
+                "host",
+                "HOST",
+                "bridge",
+                "container:abc",
+                "none",
+                "default",
+                " ",
+            ],
+        ),
+        (
+            |s, v| s.pid_mode = v.into(),
+            Rule::NamespacePid,
+            &["host", "Host", "container:abc", "private "],
+        ),
+        (
+            |s, v| s.ipc_mode = v.into(),
+            Rule::NamespaceIpc,
+            &["host", "shareable", "container:abc"],
+        ),
+        (
+            |s, v| s.uts_mode = v.into(),
+            Rule::NamespaceUts,
+            &["host", "HOST"],
+        ),
+        (
+            |s, v| s.userns_mode = v.into(),
+            Rule::NamespaceUserns,
+            &["host", "Host"],
+        ),
+        (
+            |s, v| s.cgroupns_mode = v.into(),
+            Rule::NamespaceCgroupns,
+            &["host", "HOST"],
+        ),
     ];
     for (set, rule, values) in cases {
         for value in values {
@@ -309,7 +569,10 @@ fn namespaces_and_network() {
         }
     }
     for ok in ["private", "none"] {
-        let spec = ContainerSpec { ipc_mode: ok.into(), ..benign() };
+        let spec = ContainerSpec {
+            ipc_mode: ok.into(),
+            ..benign()
+        };
         assert!(eval(&spec).allowed());
     }
 }
@@ -327,28 +590,82 @@ fn security_options() {
         "label:disable",
         "systempaths=unconfined",
     ] {
-        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
+        let spec = ContainerSpec {
+            security_opt: vec![opt.into()],
+            ..benign()
+        };
         assert_denied(&spec, Rule::SecurityOptUnconfined);
     }
-    for opt in ["no-new-privileges=false", "no-new-privileges:false", "seccomp=/tmp/profile.json", "label=type:spc_t", "apparmor=custom", "bogus"] {
-        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
+    for opt in [
+        "no-new-privileges=false",
+        "no-new-privileges:false",
+        "seccomp=/tmp/profile.json",
+        "label=type:spc_t",
+        "apparmor=custom",
+        "bogus",
+    ] {
+        let spec = ContainerSpec {
+            security_opt: vec![opt.into()],
+            ..benign()
+        };
         assert_denied(&spec, Rule::SecurityOptNotAllowed);
     }
-    for opt in ["no-new-privileges", "no-new-privileges=true", "no-new-privileges:true"] {
-        let spec = ContainerSpec { security_opt: vec![opt.into()], ..benign() };
-        assert_eq!(eval(&spec).hardened.unwrap().security_opt, vec!["no-new-privileges"]);
+    for opt in [
+        "no-new-privileges",
+        "no-new-privileges=true",
+        "no-new-privileges:true",
+    ] {
+        let spec = ContainerSpec {
+            security_opt: vec![opt.into()],
+            ..benign()
+        };
+        assert_eq!(
+            eval(&spec).hardened.unwrap().security_opt,
+            vec!["no-new-privileges"]
+        );
     }
 }
 
 #[test]
 fn devices_sysctls_labels_env() {
-    let dev = Device { host_path: "/dev/fuse".into(), container_path: "/dev/fuse".into(), permissions: "rwm".into() };
-    assert_denied(&ContainerSpec { devices: vec![dev], ..benign() }, Rule::Device);
+    let dev = Device {
+        host_path: "/dev/fuse".into(),
+        container_path: "/dev/fuse".into(),
+        permissions: "rwm".into(),
+    };
+    assert_denied(
+        &ContainerSpec {
+            devices: vec![dev],
+            ..benign()
+        },
+        Rule::Device,
+    );
     let sysctls = BTreeMap::from([("net.ipv4.ip_forward".to_string(), "1".to_string())]);
-    assert_denied(&ContainerSpec { sysctls: sysctls.clone(), ..benign() }, Rule::Sysctl);
+    assert_denied(
+        &ContainerSpec {
+            sysctls: sysctls.clone(),
+            ..benign()
+        },
+        Rule::Sysctl,
+    );
     let policy = "[sysctls]\nallow = [\"net.ipv4.ip_forward\"]";
-    assert!(eval_with(policy, "", &ContainerSpec { sysctls, ..benign() }).allowed());
-    for key in ["vibebox.owner", "VIBEBOX.team", " vibebox.managed", "vibebox"] {
+    assert!(
+        eval_with(
+            policy,
+            "",
+            &ContainerSpec {
+                sysctls,
+                ..benign()
+            }
+        )
+        .allowed()
+    );
+    for key in [
+        "vibebox.owner",
+        "VIBEBOX.team",
+        " vibebox.managed",
+        "vibebox",
+    ] {
         let labels = BTreeMap::from([(key.to_string(), "x".to_string())]);
         assert_denied(&ContainerSpec { labels, ..benign() }, Rule::LabelReserved);
     }
@@ -358,7 +675,13 @@ fn devices_sysctls_labels_env() {
         let env = BTreeMap::from([(key.to_string(), "x".to_string())]);
         assert_denied(&ContainerSpec { env, ..benign() }, Rule::EnvInvalid);
     }
-    assert_denied(&ContainerSpec { working_dir: "relative".into(), ..benign() }, Rule::WorkingDirInvalid);
+    assert_denied(
+        &ContainerSpec {
+            working_dir: "relative".into(),
+            ..benign()
+        },
+        Rule::WorkingDirInvalid,
+    );
 }
 
 #[test]
@@ -369,44 +692,169 @@ fn ports() {
         host_ip: ip.into(),
         protocol: proto.into(),
     };
-    assert_denied(&ContainerSpec { ports: vec![port(8080, "", "")], ..benign() }, Rule::PortPublish);
+    assert_denied(
+        &ContainerSpec {
+            ports: vec![port(8080, "", "")],
+            ..benign()
+        },
+        Rule::PortPublish,
+    );
     let policy = "[network]\nallow_published_ports = true";
-    let o = eval_with(policy, "", &ContainerSpec { ports: vec![port(8080, "", "TCP")], ..benign() });
+    let o = eval_with(
+        policy,
+        "",
+        &ContainerSpec {
+            ports: vec![port(8080, "", "TCP")],
+            ..benign()
+        },
+    );
     let h = o.hardened.unwrap();
     assert_eq!(h.ports[0].host_ip, "127.0.0.1");
     assert_eq!(h.ports[0].protocol, "tcp");
     for p in [port(80, "", ""), port(22, "0.0.0.0", "tcp")] {
-        assert!(eval_with(policy, "", &ContainerSpec { ports: vec![p], ..benign() }).has(Rule::PortPrivileged));
+        assert!(
+            eval_with(
+                policy,
+                "",
+                &ContainerSpec {
+                    ports: vec![p],
+                    ..benign()
+                }
+            )
+            .has(Rule::PortPrivileged)
+        );
     }
-    for p in [port(70000, "", ""), port(8080, "nope", ""), port(8080, "", "sctp"), PortMapping { container_port: 0, ..port(8080, "", "") }] {
-        assert!(eval_with(policy, "", &ContainerSpec { ports: vec![p], ..benign() }).has(Rule::PortInvalid));
+    for p in [
+        port(70000, "", ""),
+        port(8080, "nope", ""),
+        port(8080, "", "sctp"),
+        PortMapping {
+            container_port: 0,
+            ..port(8080, "", "")
+        },
+    ] {
+        assert!(
+            eval_with(
+                policy,
+                "",
+                &ContainerSpec {
+                    ports: vec![p],
+                    ..benign()
+                }
+            )
+            .has(Rule::PortInvalid)
+        );
     }
 }
 
 #[test]
 fn resources() {
     let cases: [(ContainerSpec, Rule); 11] = [
-        (ContainerSpec { cpu_limit: Some(0.0), ..benign() }, Rule::ResourcesUnlimited),
-        (ContainerSpec { cpu_limit: Some(-1.0), ..benign() }, Rule::ResourcesUnlimited),
-        (ContainerSpec { cpu_limit: Some(64.0), ..benign() }, Rule::ResourcesCeiling),
-        (ContainerSpec { cpu_limit: Some(f64::NAN), ..benign() }, Rule::ResourcesInvalid),
-        (ContainerSpec { cpu_limit: Some(f64::INFINITY), ..benign() }, Rule::ResourcesInvalid),
-        (ContainerSpec { memory_limit_mb: Some(0), ..benign() }, Rule::ResourcesUnlimited),
-        (ContainerSpec { memory_limit_mb: Some(-1), ..benign() }, Rule::ResourcesUnlimited),
-        (ContainerSpec { memory_limit_mb: Some(1 << 40), ..benign() }, Rule::ResourcesCeiling),
-        (ContainerSpec { memory_limit_mb: Some(2), ..benign() }, Rule::ResourcesInvalid),
-        (ContainerSpec { pids_limit: Some(-1), ..benign() }, Rule::ResourcesUnlimited),
-        (ContainerSpec { pids_limit: Some(1_000_000), ..benign() }, Rule::ResourcesCeiling),
+        (
+            ContainerSpec {
+                cpu_limit: Some(0.0),
+                ..benign()
+            },
+            Rule::ResourcesUnlimited,
+        ),
+        (
+            ContainerSpec {
+                cpu_limit: Some(-1.0),
+                ..benign()
+            },
+            Rule::ResourcesUnlimited,
+        ),
+        (
+            ContainerSpec {
+                cpu_limit: Some(64.0),
+                ..benign()
+            },
+            Rule::ResourcesCeiling,
+        ),
+        (
+            ContainerSpec {
+                cpu_limit: Some(f64::NAN),
+                ..benign()
+            },
+            Rule::ResourcesInvalid,
+        ),
+        (
+            ContainerSpec {
+                cpu_limit: Some(f64::INFINITY),
+                ..benign()
+            },
+            Rule::ResourcesInvalid,
+        ),
+        (
+            ContainerSpec {
+                memory_limit_mb: Some(0),
+                ..benign()
+            },
+            Rule::ResourcesUnlimited,
+        ),
+        (
+            ContainerSpec {
+                memory_limit_mb: Some(-1),
+                ..benign()
+            },
+            Rule::ResourcesUnlimited,
+        ),
+        (
+            ContainerSpec {
+                memory_limit_mb: Some(1 << 40),
+                ..benign()
+            },
+            Rule::ResourcesCeiling,
+        ),
+        (
+            ContainerSpec {
+                memory_limit_mb: Some(2),
+                ..benign()
+            },
+            Rule::ResourcesInvalid,
+        ),
+        (
+            ContainerSpec {
+                pids_limit: Some(-1),
+                ..benign()
+            },
+            Rule::ResourcesUnlimited,
+        ),
+        (
+            ContainerSpec {
+                pids_limit: Some(1_000_000),
+                ..benign()
+            },
+            Rule::ResourcesCeiling,
+        ),
     ];
     for (spec, rule) in cases {
         assert_denied(&spec, rule);
     }
-    let spec = ContainerSpec { cpu_limit: Some(1.5), memory_limit_mb: Some(1024), pids_limit: Some(100), ..benign() };
+    let spec = ContainerSpec {
+        cpu_limit: Some(1.5),
+        memory_limit_mb: Some(1024),
+        pids_limit: Some(100),
+        ..benign()
+    };
     let h = eval(&spec).hardened.unwrap();
-    assert_eq!((h.cpu_limit, h.memory_limit_mb, h.pids_limit), (Some(1.5), Some(1024), Some(100)));
+    assert_eq!(
+        (h.cpu_limit, h.memory_limit_mb, h.pids_limit),
+        (Some(1.5), Some(1024), Some(100))
+    );
     // Team ceilings apply, and lower the defaults.
     let team = "[teams.small]\nmax_cpus = 1.0\nmax_memory_mb = 512";
-    assert!(eval_with(team, "small", &ContainerSpec { cpu_limit: Some(2.0), ..benign() }).has(Rule::ResourcesCeiling));
+    assert!(
+        eval_with(
+            team,
+            "small",
+            &ContainerSpec {
+                cpu_limit: Some(2.0),
+                ..benign()
+            }
+        )
+        .has(Rule::ResourcesCeiling)
+    );
     let h = eval_with(team, "small", &benign()).hardened.unwrap();
     assert_eq!((h.cpu_limit, h.memory_limit_mb), (Some(1.0), Some(512)));
 }
@@ -423,7 +871,14 @@ fn every_violation_is_reported() {
         ..benign()
     };
     let o = eval(&spec);
-    for rule in [Rule::ImageDenied, Rule::Privileged, Rule::MountDockerSocket, Rule::CapabilityAdd, Rule::NetworkMode, Rule::UserRoot] {
+    for rule in [
+        Rule::ImageDenied,
+        Rule::Privileged,
+        Rule::MountDockerSocket,
+        Rule::CapabilityAdd,
+        Rule::NetworkMode,
+        Rule::UserRoot,
+    ] {
         assert!(o.has(rule), "{rule}: {:?}", ids(&o));
     }
     assert!(!o.only_invalid());
@@ -434,7 +889,11 @@ fn rule_ids_are_unique_and_dotted() {
     let mut seen = std::collections::HashSet::new();
     for r in Rule::ALL {
         assert!(seen.insert(r.id()), "duplicate {}", r.id());
-        assert!(r.id().bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+        assert!(
+            r.id()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_')
+        );
     }
     assert_eq!(Rule::MountDockerSocket.severity(), Severity::Critical);
     assert_eq!(Rule::Privileged.severity(), Severity::Critical);
@@ -456,28 +915,81 @@ fn forbidden() -> impl Strategy<Value = (Rule, fn(&mut ContainerSpec, &str), Str
     };
     let mem: Apply = |s, v| s.memory_limit_mb = Some(v.parse().unwrap());
     let device: Apply = |s, v| {
-        s.devices.push(Device { host_path: v.into(), ..Default::default() });
+        s.devices.push(Device {
+            host_path: v.into(),
+            ..Default::default()
+        });
     };
     prop_oneof![
-        (prop::sample::select(vec!["/var/run/docker.sock", "/run/docker.sock", "/var/run", "/"]), "[/]{1,3}", prop::bool::ANY)
+        (
+            prop::sample::select(vec![
+                "/var/run/docker.sock",
+                "/run/docker.sock",
+                "/var/run",
+                "/"
+            ]),
+            "[/]{1,3}",
+            prop::bool::ANY
+        )
             .prop_map(move |(p, slashes, trailing)| {
-                let spelled = format!("{}{}", p.replace('/', &slashes), if trailing { "/" } else { "" });
+                let spelled = format!(
+                    "{}{}",
+                    p.replace('/', &slashes),
+                    if trailing { "/" } else { "" }
+                );
                 (Rule::MountDockerSocket, socket, spelled)
             }),
-        (prop::sample::select(vec!["docker", "DOCKER", "library/docker", "docker.io/library/docker", "index.docker.io/library/docker", "dind", "x.io/y/dind"]), "[a-z0-9][a-z0-9.-]{0,8}")
-            .prop_map(move |(name, tag)| (Rule::ImageDenied, image, format!("{name}:{tag}"))),
+        (
+            prop::sample::select(vec![
+                "docker",
+                "DOCKER",
+                "library/docker",
+                "docker.io/library/docker",
+                "index.docker.io/library/docker",
+                "dind",
+                "x.io/y/dind"
+            ]),
+            "[a-z0-9][a-z0-9.-]{0,8}"
+        )
+            .prop_map(move |(name, tag)| (
+                Rule::ImageDenied,
+                image,
+                format!("{name}:{tag}")
+            )),
         Just((Rule::Privileged, privileged, String::new())),
-        prop::sample::select(vec!["SYS_ADMIN", "cap_sys_admin", "Net_Admin", "ALL", "sys_ptrace"])
-            .prop_map(move |c| (Rule::CapabilityAdd, cap, c.to_string())),
+        prop::sample::select(vec![
+            "SYS_ADMIN",
+            "cap_sys_admin",
+            "Net_Admin",
+            "ALL",
+            "sys_ptrace"
+        ])
+        .prop_map(move |c| (Rule::CapabilityAdd, cap, c.to_string())),
         prop::sample::select(vec!["root", "0", "0:0", "000", "1000:0", "root:1000"])
             .prop_map(move |u| (Rule::UserRoot, user, u.to_string())),
-        prop::sample::select(vec!["host", "HOST", "container:x"]).prop_map(move |v| (Rule::NamespacePid, pid, v.to_string())),
-        prop::sample::select(vec!["host", "bridge", "container:x"]).prop_map(move |v| (Rule::NetworkMode, net, v.to_string())),
-        prop::sample::select(vec!["seccomp=unconfined", "apparmor:unconfined", "label=disable"])
-            .prop_map(move |v| (Rule::SecurityOptUnconfined, opt, v.to_string())),
+        prop::sample::select(vec!["host", "HOST", "container:x"]).prop_map(move |v| (
+            Rule::NamespacePid,
+            pid,
+            v.to_string()
+        )),
+        prop::sample::select(vec!["host", "bridge", "container:x"]).prop_map(move |v| (
+            Rule::NetworkMode,
+            net,
+            v.to_string()
+        )),
+        prop::sample::select(vec![
+            "seccomp=unconfined",
+            "apparmor:unconfined",
+            "label=disable"
+        ])
+        .prop_map(move |v| (Rule::SecurityOptUnconfined, opt, v.to_string())),
         "vibebox\\.[a-z]{1,8}".prop_map(move |k| (Rule::LabelReserved, label, k)),
         prop::sample::select(vec!["0", "-1", "999999999"]).prop_map(move |m| {
-            let rule = if m == "999999999" { Rule::ResourcesCeiling } else { Rule::ResourcesUnlimited };
+            let rule = if m == "999999999" {
+                Rule::ResourcesCeiling
+            } else {
+                Rule::ResourcesUnlimited
+            };
             (rule, mem, m.to_string())
         }),
         Just((Rule::Device, device, "/dev/sda".to_string())),
@@ -487,26 +999,38 @@ fn forbidden() -> impl Strategy<Value = (Rule, fn(&mut ContainerSpec, &str), Str
 /// Arbitrary (mostly benign, sometimes odd) surrounding content.
 fn noise() -> impl Strategy<Value = ContainerSpec> {
     (
-        prop::sample::select(vec!["python:3.12", "ghcr.io/acme/app:1", "busybox:1.36", "ubuntu:24.04"]),
+        prop::sample::select(vec![
+            "python:3.12",
+            "ghcr.io/acme/app:1",
+            "busybox:1.36",
+            "ubuntu:24.04",
+        ]),
         prop::collection::btree_map("[A-Z_]{1,8}", ".{0,12}", 0..4),
         prop::collection::btree_map("[a-z.]{1,12}", "[a-z]{0,6}", 0..3),
         prop::option::of(0.01f64..8.0),
         prop::option::of(6i64..16384),
-        prop::option::of(prop::sample::select(vec!["1000", "1000:1000", "4242:4242", ""])),
+        prop::option::of(prop::sample::select(vec![
+            "1000",
+            "1000:1000",
+            "4242:4242",
+            "",
+        ])),
         prop::collection::vec(".{0,16}", 0..3),
         prop::option::of(prop::bool::ANY),
     )
-        .prop_map(|(image, env, labels, cpu, mem, user, command, ro)| ContainerSpec {
-            image: image.into(),
-            env,
-            labels,
-            cpu_limit: cpu,
-            memory_limit_mb: mem,
-            user: user.map(str::to_owned),
-            command,
-            read_only_rootfs: ro,
-            ..Default::default()
-        })
+        .prop_map(
+            |(image, env, labels, cpu, mem, user, command, ro)| ContainerSpec {
+                image: image.into(),
+                env,
+                labels,
+                cpu_limit: cpu,
+                memory_limit_mb: mem,
+                user: user.map(str::to_owned),
+                command,
+                read_only_rootfs: ro,
+                ..Default::default()
+            },
+        )
 }
 
 proptest! {

@@ -187,7 +187,10 @@ fn validate_registry(registry: &str) -> Result<(), ImageError> {
         }
         match after {
             "" => return Ok(()),
-            p => (None, Some(p.strip_prefix(':').ok_or(ImageError::BadRegistry)?)),
+            p => (
+                None,
+                Some(p.strip_prefix(':').ok_or(ImageError::BadRegistry)?),
+            ),
         }
     } else {
         match registry.split_once(':') {
@@ -257,17 +260,24 @@ fn validate_tag(tag: &str) -> Result<(), ImageError> {
 fn validate_digest(d: &str) -> Result<(), ImageError> {
     let (alg, hex) = d.split_once(':').ok_or(ImageError::BadDigest)?;
     let alg_ok = !alg.is_empty()
-        && alg
-            .split(['+', '.', '_', '-'])
-            .all(|c| c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
-                && c.bytes().all(|b| b.is_ascii_alphanumeric()));
-    let lower_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        && alg.split(['+', '.', '_', '-']).all(|c| {
+            c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+                && c.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    let lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     let hex_ok = match alg {
         "sha256" => hex.len() == 64 && lower_hex(hex),
         "sha512" => hex.len() == 128 && lower_hex(hex),
         _ => hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
     };
-    if alg_ok && hex_ok { Ok(()) } else { Err(ImageError::BadDigest) }
+    if alg_ok && hex_ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadDigest)
+    }
 }
 
 /// Which part of a reference a pattern's name is compared with.
@@ -318,7 +328,10 @@ impl ImagePattern {
         };
         let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match name_tag[last_slash..].rfind(':') {
-            Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+            Some(i) => (
+                &name_tag[..last_slash + i],
+                Some(&name_tag[last_slash + i + 1..]),
+            ),
             None => (name_tag, None),
         };
         if name.is_empty() || tag == Some("") {
@@ -334,12 +347,22 @@ impl ImagePattern {
         } else {
             let (first, rest) = name.split_once('/').unwrap_or(("", &name));
             let is_registry = first.contains(['.', ':', '*', '?']) || first == "localhost";
-            let (registry, path) = if is_registry { (first, rest) } else { (DOCKER_HUB, name.as_str()) };
+            let (registry, path) = if is_registry {
+                (first, rest)
+            } else {
+                (DOCKER_HUB, name.as_str())
+            };
             let registry = match registry {
-                "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB,
+                "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+                    DOCKER_HUB
+                }
                 r => r,
             };
-            let library = if registry == DOCKER_HUB && !path.contains('/') { "library/" } else { "" };
+            let library = if registry == DOCKER_HUB && !path.contains('/') {
+                "library/"
+            } else {
+                ""
+            };
             (Scope::Name, format!("{registry}/{library}{path}"))
         };
         Ok(Self {
@@ -362,7 +385,10 @@ impl ImagePattern {
             Scope::Repository => image.repository(),
         };
         self.name.matches(name)
-            && self.tag.as_ref().is_none_or(|t| t.matches(image.tag().unwrap_or("")))
+            && self
+                .tag
+                .as_ref()
+                .is_none_or(|t| t.matches(image.tag().unwrap_or("")))
             && self
                 .digest
                 .as_ref()
@@ -383,19 +409,37 @@ mod tests {
             ("python:3.12", "docker.io/library/python:3.12"),
             ("library/python:3.12", "docker.io/library/python:3.12"),
             ("docker.io/python:3.12", "docker.io/library/python:3.12"),
-            ("index.docker.io/library/python:3.12", "docker.io/library/python:3.12"),
-            ("registry-1.docker.io/python:3", "docker.io/library/python:3"),
+            (
+                "index.docker.io/library/python:3.12",
+                "docker.io/library/python:3.12",
+            ),
+            (
+                "registry-1.docker.io/python:3",
+                "docker.io/library/python:3",
+            ),
             ("PYTHON:3.12", "docker.io/library/python:3.12"),
-            ("Docker.IO/Library/Python:3.12", "docker.io/library/python:3.12"),
+            (
+                "Docker.IO/Library/Python:3.12",
+                "docker.io/library/python:3.12",
+            ),
             ("acme/app:v1", "docker.io/acme/app:v1"),
             ("ghcr.io/acme/app", "ghcr.io/acme/app:latest"),
             ("localhost/app:1", "localhost/app:1"),
             ("localhost:5000/a/b/c:1.0", "localhost:5000/a/b/c:1.0"),
             ("10.0.0.1:5000/app:Tag_X", "10.0.0.1:5000/app:Tag_X"),
             ("[::1]:5000/app:1", "[::1]:5000/app:1"),
-            ("my-reg.example.com/a__b/c-d.e:1", "my-reg.example.com/a__b/c-d.e:1"),
-            (&format!("python@{DIGEST}"), &format!("docker.io/library/python@{DIGEST}")),
-            (&format!("python:3@{DIGEST}"), &format!("docker.io/library/python:3@{DIGEST}")),
+            (
+                "my-reg.example.com/a__b/c-d.e:1",
+                "my-reg.example.com/a__b/c-d.e:1",
+            ),
+            (
+                &format!("python@{DIGEST}"),
+                &format!("docker.io/library/python@{DIGEST}"),
+            ),
+            (
+                &format!("python:3@{DIGEST}"),
+                &format!("docker.io/library/python:3@{DIGEST}"),
+            ),
         ];
         for (input, want) in cases {
             let r = ImageRef::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -442,7 +486,10 @@ mod tests {
             "python\0",
         ];
         for input in bad {
-            assert!(ImageRef::parse(input).is_err(), "{input:?} should be invalid");
+            assert!(
+                ImageRef::parse(input).is_err(),
+                "{input:?} should be invalid"
+            );
         }
         let long = format!("{}:1", "a".repeat(300));
         assert_eq!(ImageRef::parse(&long), Err(ImageError::NameTooLong));

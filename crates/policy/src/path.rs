@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(normalize("~/x"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("/a\0b"), Err(PathError::BadCharacter));
         assert_eq!(normalize("/a\nb"), Err(PathError::BadCharacter));
-        assert_eq!(normalize(&format!("/{}", "a".repeat(5000))), Err(PathError::TooLong));
+        assert_eq!(
+            normalize(&format!("/{}", "a".repeat(5000))),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]
@@ -128,7 +131,10 @@ mod tests {
         assert!(is_within_ignore_case("/ETC/passwd", "/etc"));
         assert!(!is_within_ignore_case("/etcx", "/etc"));
         assert!(overlaps_ignore_case("/var", "/var/lib/docker"));
-        assert!(overlaps_ignore_case("/var/lib/docker/volumes", "/var/lib/docker"));
+        assert!(overlaps_ignore_case(
+            "/var/lib/docker/volumes",
+            "/var/lib/docker"
+        ));
         assert!(!overlaps_ignore_case("/home/dev", "/var/lib/docker"));
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use biscuit_auth::builder::{Algorithm, AuthorizerBuilder, BlockBuilder, Term, date, fact, string};
 use biscuit_auth::error::{Format, Token as BiscuitError};
-use biscuit_auth::{Biscuit, KeyPair, PrivateKey, PublicKey, RootKeyProvider};
+use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, PublicKey, RootKeyProvider};
 use chrono::{DateTime, Utc};
 
 /// Errors of minting, attenuating, verifying and authorizing tokens.
@@ -82,6 +82,15 @@ fn classify(err: BiscuitError) -> TokenError {
         BiscuitError::Format(_) | BiscuitError::Base64(_) => TokenError::Malformed,
         BiscuitError::FailedLogic(_) => TokenError::Denied,
         other => TokenError::Internal(other.to_string()),
+    }
+}
+
+/// Datalog limits: the library's default 1 ms budget is too tight for a
+/// loaded machine or a debug build, and a timeout must not read as a denial.
+fn limits() -> AuthorizerLimits {
+    AuthorizerLimits {
+        max_time: Duration::from_secs(1),
+        ..AuthorizerLimits::default()
     }
 }
 
@@ -454,6 +463,7 @@ impl VerifiedToken {
     pub fn authorize(&self, request: &AuthzRequest) -> Result<()> {
         let secs = epoch_secs(request.now);
         let mut builder = AuthorizerBuilder::new()
+            .set_limits(limits())
             .fact(fact(
                 "time",
                 &[date(&(UNIX_EPOCH + Duration::from_secs(secs)))],
