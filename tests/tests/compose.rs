@@ -104,7 +104,30 @@ impl Deployment {
                 String::from_utf8_lossy(&logs.stdout)
             );
         }
+        this.wait_healthy();
         this
+    }
+
+    /// Waits until every service's healthcheck (the gRPC health probe) passes.
+    fn wait_healthy(&self) {
+        for service in SERVICES {
+            let container = self.container(service);
+            let mut status = String::new();
+            for _ in 0..180 {
+                let out = run(Command::new("docker").args([
+                    "inspect",
+                    "--format",
+                    "{{.State.Health.Status}}",
+                    &container,
+                ]));
+                status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if status == "healthy" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            assert_eq!(status, "healthy", "{service} never became healthy");
+        }
     }
 
     fn container(&self, service: &str) -> String {

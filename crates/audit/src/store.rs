@@ -30,8 +30,12 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Rows per insert statement (well under every backend's bind limit).
-const INSERT_CHUNK: usize = 500;
+/// Rows per insert statement: as few statements as the bind limits allow
+/// (19 columns; SQLite allows 32766 bind variables, PostgreSQL 65535).
+/// Fewer statements matter on PostgreSQL: sqlx does not set TCP_NODELAY, so
+/// every multi-segment statement can wait ~40 ms for a delayed ACK.
+const SQLITE_INSERT_CHUNK: usize = 1500;
+const POSTGRES_INSERT_CHUNK: usize = 3000;
 /// Ids per lookup statement (SQLite allows 32766 bind variables, PostgreSQL 65535).
 const LOOKUP_CHUNK: usize = 5000;
 
@@ -241,8 +245,12 @@ impl Store {
 
     /// Inserts sealed events and checkpoints in one transaction.
     pub async fn append(&self, events: &[Event], checkpoints: &[Checkpoint]) -> Result<()> {
+        let rows = match self.db.get_database_backend() {
+            sea_orm::DatabaseBackend::Postgres => POSTGRES_INSERT_CHUNK,
+            _ => SQLITE_INSERT_CHUNK,
+        };
         let txn = self.db.begin().await?;
-        for chunk in events.chunks(INSERT_CHUNK) {
+        for chunk in events.chunks(rows) {
             event::Entity::insert_many(chunk.iter().map(to_row))
                 .exec_without_returning(&txn)
                 .await?;

@@ -224,7 +224,7 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
         _ = shutdown.cancelled() => {}
         Some(exited) = tasks.join_next() => {
             let (name, result) = exited?;
-            failure = Some(match result {
+            failure = (!shutdown.is_cancelled() || result.is_err()).then(|| match result {
                 Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
                 Err(e) => e.context(format!("{name} failed")),
             });

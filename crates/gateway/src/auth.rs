@@ -247,6 +247,7 @@ impl Authenticator {
         if !decision.allowed && decision.user_id.is_empty() {
             // Identity could not authenticate the token (revoked, disabled
             // user, expired): an answer, not an error.
+            tracing::warn!(reason = %decision.reason, "identity rejected the token");
             return Err(AuthError::Unauthenticated("token rejected by identity"));
         }
         if !decision.allowed {
@@ -300,6 +301,7 @@ impl Authenticator {
 }
 
 fn classify_identity_status(status: &tonic::Status) -> AuthError {
+    tracing::warn!(code = ?status.code(), message = status.message(), "identity answered with an error");
     match status.code() {
         Code::Unauthenticated => AuthError::Unauthenticated("token rejected by identity"),
         Code::PermissionDenied => AuthError::Denied(status.message().to_owned()),

@@ -376,7 +376,7 @@ impl Gateway {
         resource: Option<&Resource>,
     ) {
         crate::metrics::record_access_event(action);
-        tracing::info!(action, method = info.method, reason, "call refused");
+        tracing::warn!(action, method = info.method, reason, "call refused");
         let mut fields = std::collections::BTreeMap::new();
         fields.insert("method".to_owned(), string_value(info.method));
         fields.insert("reason".to_owned(), string_value(reason));
