@@ -46,13 +46,16 @@ port_of() {
 for s in "${services[@]}"; do port_of "$s" >/dev/null; done
 
 if [ "$build" = 1 ]; then
-  packages=(-p vibebox-pki-init)
+  packages=(-p vibebox-pki-init --bin vibebox-pki-init --bin vibebox-health-probe)
   for s in "${services[@]}"; do
-    [ "$s" = pki-init ] || packages+=(-p "vibebox-$s")
+    [ "$s" = pki-init ] || packages+=(-p "vibebox-$s" --bin "vibebox-$s")
   done
-  cargo_profile=(--release)
-  [ "$profile" = release ] || cargo_profile=(--profile "$profile")
-  (cd "$root" && cargo build "${cargo_profile[@]}" --bins "${packages[@]}")
+  case "$profile" in
+    release) cargo_profile=(--release) ;;
+    debug|dev) cargo_profile=(--profile dev) ;;
+    *) cargo_profile=(--profile "$profile") ;;
+  esac
+  (cd "$root" && cargo build "${cargo_profile[@]}" "${packages[@]}")
 fi
 
 # Copies a binary and every shared library it loads (as ldd resolves them on

@@ -22,9 +22,15 @@ const NAMESPACE: &str = "default";
 fn tool(name: &str) -> PathBuf {
     let dir = std::env::var_os("VIBEBOX_TOOLS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".vibebox-tools"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".vibebox-tools")
+        });
     let path = dir.join("bin").join(name);
-    assert!(path.exists(), "{} is missing: run `just tools`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `just tools`",
+        path.display()
+    );
     path
 }
 
@@ -65,7 +71,10 @@ fn render(sets: &[&str]) -> Vec<Value> {
         Command::new(tool("kubernetes-validate")).args(["--strict", "-k", "1.31.0", "-"]),
         yaml.as_bytes(),
     );
-    assert!(ok, "rendering with {sets:?} does not validate:\n{out}\n{err}");
+    assert!(
+        ok,
+        "rendering with {sets:?} does not validate:\n{out}\n{err}"
+    );
     let (ok, json, err) = pipe(
         Command::new(tool("python3")).args([
             "-c",
@@ -104,7 +113,11 @@ fn chart_lints_strictly() {
 
 #[test]
 fn values_schema_rejects_an_unknown_runtime_and_unknown_keys() {
-    for bad in ["dind.runtime=docker-socket", "gateway.replicaz=3", "containerSecurityContext.readOnlyRootFilesystem=false"] {
+    for bad in [
+        "dind.runtime=docker-socket",
+        "gateway.replicaz=3",
+        "containerSecurityContext.readOnlyRootFilesystem=false",
+    ] {
         let out = Command::new(tool("helm-lite"))
             .args(["template", "rel"])
             .arg(chart())
@@ -118,17 +131,42 @@ fn values_schema_rejects_an_unknown_runtime_and_unknown_keys() {
 fn assert_hardened_container(who: &str, pod: &Value, container: &Value) {
     let psc = &pod["securityContext"];
     assert_eq!(psc["runAsNonRoot"], true, "{who}: runAsNonRoot");
-    assert!(psc["runAsUser"].as_i64().unwrap_or(0) > 0, "{who}: non-root uid");
-    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault", "{who}: pod seccomp");
+    assert!(
+        psc["runAsUser"].as_i64().unwrap_or(0) > 0,
+        "{who}: non-root uid"
+    );
+    assert_eq!(
+        psc["seccompProfile"]["type"], "RuntimeDefault",
+        "{who}: pod seccomp"
+    );
     let sc = &container["securityContext"];
     assert_eq!(sc["readOnlyRootFilesystem"], true, "{who}: read-only root");
-    assert_eq!(sc["allowPrivilegeEscalation"], false, "{who}: no privilege escalation");
+    assert_eq!(
+        sc["allowPrivilegeEscalation"], false,
+        "{who}: no privilege escalation"
+    );
     assert_eq!(sc["privileged"], false, "{who}: not privileged");
-    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{who}: drops ALL");
-    assert!(sc["capabilities"]["add"].is_null(), "{who}: adds no capability");
-    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{who}: seccomp");
-    assert_eq!(pod["automountServiceAccountToken"], false, "{who}: no API token");
-    assert!(pod["hostNetwork"].is_null() && pod["hostPID"].is_null(), "{who}: no host namespaces");
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{who}: drops ALL"
+    );
+    assert!(
+        sc["capabilities"]["add"].is_null(),
+        "{who}: adds no capability"
+    );
+    assert_eq!(
+        sc["seccompProfile"]["type"], "RuntimeDefault",
+        "{who}: seccomp"
+    );
+    assert_eq!(
+        pod["automountServiceAccountToken"], false,
+        "{who}: no API token"
+    );
+    assert!(
+        pod["hostNetwork"].is_null() && pod["hostPID"].is_null(),
+        "{who}: no host namespaces"
+    );
     for volume in pod["volumes"].as_array().into_iter().flatten() {
         assert!(volume["hostPath"].is_null(), "{who}: no hostPath volume");
     }
@@ -145,7 +183,10 @@ fn platform_pods_run_hardened_with_grpc_health_probes_and_resources() {
         assert_hardened_container(service, pod, c);
         for kind in ["requests", "limits"] {
             for res in ["cpu", "memory"] {
-                assert!(!c["resources"][kind][res].is_null(), "{service}: {kind}.{res}");
+                assert!(
+                    !c["resources"][kind][res].is_null(),
+                    "{service}: {kind}.{res}"
+                );
             }
         }
         // Readiness through gRPC health: the kubelet's own probe for the
@@ -156,7 +197,10 @@ fn platform_pods_run_hardened_with_grpc_health_probes_and_resources() {
         } else {
             let cmd = readiness["exec"]["command"].as_array().expect("exec probe");
             assert_eq!(cmd[0], "/usr/local/bin/vibebox-health-probe");
-            assert!(cmd.iter().any(|a| a.as_str().is_some_and(|a| a.starts_with("https://127.0.0.1:"))));
+            assert!(cmd.iter().any(|a| {
+                a.as_str()
+                    .is_some_and(|a| a.starts_with("https://127.0.0.1:"))
+            }));
         }
         assert!(!c["livenessProbe"].is_null() && !c["startupProbe"].is_null());
         // mTLS material from a Secret.
@@ -166,24 +210,48 @@ fn platform_pods_run_hardened_with_grpc_health_probes_and_resources() {
             .iter()
             .find(|v| v["name"] == "tls")
             .expect("tls volume");
-        assert_eq!(tls["secret"]["secretName"], format!("rel-vibebox-{service}-tls"));
+        assert_eq!(
+            tls["secret"]["secretName"],
+            format!("rel-vibebox-{service}-tls")
+        );
         // Only the orchestrator is told where Docker is.
         let env = c["env"].as_array().expect("env");
         let docker_host = env.iter().find(|e| e["name"] == "DOCKER_HOST");
         if service == "orchestrator" {
-            assert_eq!(docker_host.expect("DOCKER_HOST")["value"], "tcp://rel-vibebox-dind:2376");
-            assert!(env.iter().any(|e| e["name"] == "DOCKER_TLS_VERIFY" && e["value"] == "1"));
+            assert_eq!(
+                docker_host.expect("DOCKER_HOST")["value"],
+                "tcp://rel-vibebox-dind:2376"
+            );
+            assert!(
+                env.iter()
+                    .any(|e| e["name"] == "DOCKER_TLS_VERIFY" && e["value"] == "1")
+            );
         } else {
             assert!(docker_host.is_none(), "{service} knows nothing of Docker");
         }
-        let pdb = find(&docs, "PodDisruptionBudget", &format!("rel-vibebox-{service}"));
+        let pdb = find(
+            &docs,
+            "PodDisruptionBudget",
+            &format!("rel-vibebox-{service}"),
+        );
         assert_eq!(
             pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
             service
         );
-        let labels = &find(&docs, "Deployment", &format!("rel-vibebox-{service}"))["metadata"]["labels"];
-        for key in ["name", "instance", "version", "component", "part-of", "managed-by"] {
-            assert!(labels[format!("app.kubernetes.io/{key}")].is_string(), "{service}: label {key}");
+        let labels =
+            &find(&docs, "Deployment", &format!("rel-vibebox-{service}"))["metadata"]["labels"];
+        for key in [
+            "name",
+            "instance",
+            "version",
+            "component",
+            "part-of",
+            "managed-by",
+        ] {
+            assert!(
+                labels[format!("app.kubernetes.io/{key}")].is_string(),
+                "{service}: label {key}"
+            );
         }
     }
     // The helm test hook calls the gateway's health, hardened as well.
@@ -193,7 +261,13 @@ fn platform_pods_run_hardened_with_grpc_health_probes_and_resources() {
         .expect("helm test pod");
     let c = &test["spec"]["containers"][0];
     assert_hardened_container("helm test", &test["spec"], c);
-    assert!(c["command"].as_array().expect("command").iter().any(|a| a == "http://rel-vibebox-gateway:7700"));
+    assert!(
+        c["command"]
+            .as_array()
+            .expect("command")
+            .iter()
+            .any(|a| a == "http://rel-vibebox-gateway:7700")
+    );
 }
 
 #[test]
@@ -224,9 +298,17 @@ fn every_runtime_option_renders_validates_and_isolates_the_daemon_as_chosen() {
             _ => unreachable!(),
         }
         // The daemon listens on TCP with mutual TLS only.
-        let args: Vec<&str> = c["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         assert!(args.contains(&"--tlsverify"), "{runtime}: {args:?}");
-        assert!(args.iter().all(|a| !a.starts_with("--host=unix") && !a.contains(":2375")));
+        assert!(
+            args.iter()
+                .all(|a| !a.starts_with("--host=unix") && !a.contains(":2375"))
+        );
         // The platform pods stay hardened whatever the daemon's runtime.
         for service in SERVICES {
             let p = pod_spec(&docs, service);
@@ -243,12 +325,45 @@ fn every_runtime_option_renders_validates_and_isolates_the_daemon_as_chosen() {
         "dind.storage.persistence=true",
     ]);
     for service in ["identity", "policy", "orchestrator", "audit"] {
-        let env = pod_spec(&docs, service)["containers"][0]["env"].as_array().expect("env").clone();
-        let db = env.iter().find(|e| e["name"] == "VIBEBOX_DATABASE_URL").expect("database url");
-        assert_eq!(db["valueFrom"]["secretKeyRef"]["name"], "vibebox-db", "{service}");
+        let env = pod_spec(&docs, service)["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .clone();
+        let db = env
+            .iter()
+            .find(|e| e["name"] == "VIBEBOX_DATABASE_URL")
+            .expect("database url");
+        assert_eq!(
+            db["valueFrom"]["secretKeyRef"]["name"], "vibebox-db",
+            "{service}"
+        );
     }
     find(&docs, "Ingress", "rel-vibebox-gateway");
     assert_isolation(&docs);
+
+    // cert-manager issues each service's identity (its CRD has no bundled
+    // schema: validation only warns about it).
+    let docs = render(&["tls.certManager.enabled=true"]);
+    for service in SERVICES {
+        let cert = find(&docs, "Certificate", &format!("rel-vibebox-{service}"));
+        assert_eq!(
+            cert["spec"]["uris"][0],
+            format!("spiffe://vibebox/{service}")
+        );
+        assert_eq!(
+            cert["spec"]["secretName"],
+            format!("rel-vibebox-{service}-tls")
+        );
+    }
+    let dind = find(&docs, "Certificate", "rel-vibebox-dind");
+    assert!(
+        dind["spec"]["dnsNames"]
+            .as_array()
+            .expect("dns names")
+            .iter()
+            .any(|n| n == "rel-vibebox-dind")
+    );
+    find(&docs, "Certificate", "rel-vibebox-dind-client");
 }
 
 // ---- NetworkPolicy evaluation -------------------------------------------------
@@ -268,14 +383,23 @@ fn platform_pod(component: &str, ip: u8) -> Pod {
         ("app.kubernetes.io/part-of", "vibebox"),
     ];
     Pod {
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        namespace_labels: BTreeMap::from([("kubernetes.io/metadata.name".into(), NAMESPACE.into())]),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        namespace_labels: BTreeMap::from([(
+            "kubernetes.io/metadata.name".into(),
+            NAMESPACE.into(),
+        )]),
         ip: Ipv4Addr::new(10, 244, 0, ip),
     }
 }
 
 fn matches_selector(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
-    assert!(selector["matchExpressions"].is_null(), "matchExpressions are not evaluated here");
+    assert!(
+        selector["matchExpressions"].is_null(),
+        "matchExpressions are not evaluated here"
+    );
     selector["matchLabels"]
         .as_object()
         .into_iter()
@@ -303,9 +427,16 @@ fn peer_matches(peer: &Value, pod: &Pod) -> bool {
     }
     let namespace_ok = match peer.get("namespaceSelector") {
         Some(sel) => matches_selector(sel, &pod.namespace_labels),
-        None => pod.namespace_labels.get("kubernetes.io/metadata.name").map(String::as_str) == Some(NAMESPACE),
+        None => {
+            pod.namespace_labels
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str)
+                == Some(NAMESPACE)
+        }
     };
-    let pod_ok = peer.get("podSelector").is_none_or(|sel| matches_selector(sel, &pod.labels));
+    let pod_ok = peer
+        .get("podSelector")
+        .is_none_or(|sel| matches_selector(sel, &pod.labels));
     namespace_ok && pod_ok
 }
 
@@ -313,7 +444,8 @@ fn rule_allows(rule: &Value, peers_key: &str, other: &Pod, port: u16) -> bool {
     let port_ok = match rule["ports"].as_array() {
         None => true,
         Some(ports) => ports.iter().any(|p| {
-            p["protocol"].as_str().unwrap_or("TCP") == "TCP" && p["port"].as_u64().is_none_or(|n| n == u64::from(port))
+            p["protocol"].as_str().unwrap_or("TCP") == "TCP"
+                && p["port"].as_u64().is_none_or(|n| n == u64::from(port))
         }),
     };
     let peer_ok = match rule[peers_key].as_array() {
@@ -325,8 +457,18 @@ fn rule_allows(rule: &Value, peers_key: &str, other: &Pod, port: u16) -> bool {
 
 /// Kubernetes semantics for one direction: if no policy of that direction
 /// selects `subject`, everything is allowed; otherwise some rule must allow.
-fn direction_allows(policies: &[&Value], subject: &Pod, direction: &str, other: &Pod, port: u16) -> bool {
-    let (rules_key, peers_key) = if direction == "Ingress" { ("ingress", "from") } else { ("egress", "to") };
+fn direction_allows(
+    policies: &[&Value],
+    subject: &Pod,
+    direction: &str,
+    other: &Pod,
+    port: u16,
+) -> bool {
+    let (rules_key, peers_key) = if direction == "Ingress" {
+        ("ingress", "from")
+    } else {
+        ("egress", "to")
+    };
     let selecting: Vec<&&Value> = policies
         .iter()
         .filter(|p| matches_selector(&p["spec"]["podSelector"], &subject.labels))
@@ -347,11 +489,15 @@ fn direction_allows(policies: &[&Value], subject: &Pod, direction: &str, other: 
 }
 
 fn connects(policies: &[&Value], from: &Pod, to: &Pod, port: u16) -> bool {
-    direction_allows(policies, from, "Egress", to, port) && direction_allows(policies, to, "Ingress", from, port)
+    direction_allows(policies, from, "Egress", to, port)
+        && direction_allows(policies, to, "Ingress", from, port)
 }
 
 fn assert_isolation(docs: &[Value]) {
-    let policies: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
     let ports: BTreeMap<&str, u16> = BTreeMap::from([
         ("gateway", 7700),
         ("identity", 7701),
@@ -360,7 +506,14 @@ fn assert_isolation(docs: &[Value]) {
         ("audit", 7704),
         ("dind", 2376),
     ]);
-    let components = ["gateway", "identity", "policy", "orchestrator", "audit", "dind"];
+    let components = [
+        "gateway",
+        "identity",
+        "policy",
+        "orchestrator",
+        "audit",
+        "dind",
+    ];
     let pods: BTreeMap<&str, Pod> = components
         .iter()
         .enumerate()
@@ -390,7 +543,7 @@ fn assert_isolation(docs: &[Value]) {
             if from == to {
                 continue;
             }
-            let expected = allowed.contains(&(from, to)) || to == "gateway" && from != "dind";
+            let expected = allowed.contains(&(from, to));
             assert_eq!(
                 connects(&policies, &pods[from], &pods[to], ports[to]),
                 expected,
@@ -400,26 +553,62 @@ fn assert_isolation(docs: &[Value]) {
         }
     }
     // Only orchestrator pods reach the daemon; only the gateway reaches the orchestrator.
-    assert!(!connects(&policies, &outsider, &pods["dind"], 2376), "outsider -> dind");
-    assert!(!connects(&policies, &outsider, &pods["orchestrator"], 7703), "outsider -> orchestrator");
-    assert!(connects(&policies, &outsider, &pods["gateway"], 7700), "the gateway is public");
+    assert!(
+        !connects(&policies, &outsider, &pods["dind"], 2376),
+        "outsider -> dind"
+    );
+    assert!(
+        !connects(&policies, &outsider, &pods["orchestrator"], 7703),
+        "outsider -> orchestrator"
+    );
+    assert!(
+        connects(&policies, &outsider, &pods["gateway"], 7700),
+        "the gateway is public"
+    );
     // User containers (behind the daemon pod) reach nothing of the platform,
     // no other pod nor the metadata service, only the outside world.
     for service in SERVICES {
-        assert!(!connects(&policies, &pods["dind"], &pods[service], ports[service]), "dind -> {service}");
+        assert!(
+            !connects(&policies, &pods["dind"], &pods[service], ports[service]),
+            "dind -> {service}"
+        );
     }
     let elsewhere = |ip: Ipv4Addr| Pod {
         labels: BTreeMap::new(),
         namespace_labels: BTreeMap::from([("kubernetes.io/metadata.name".into(), "other".into())]),
         ip,
     };
-    assert!(!connects(&policies, &pods["dind"], &outsider, 80), "dind -> another workload");
-    assert!(!connects(&policies, &pods["dind"], &elsewhere(Ipv4Addr::new(169, 254, 169, 254)), 80), "dind -> metadata");
-    assert!(connects(&policies, &pods["dind"], &elsewhere(Ipv4Addr::new(93, 184, 216, 34)), 443), "dind -> internet");
+    assert!(
+        !connects(&policies, &pods["dind"], &outsider, 80),
+        "dind -> another workload"
+    );
+    assert!(
+        !connects(
+            &policies,
+            &pods["dind"],
+            &elsewhere(Ipv4Addr::new(169, 254, 169, 254)),
+            80
+        ),
+        "dind -> metadata"
+    );
+    assert!(
+        connects(
+            &policies,
+            &pods["dind"],
+            &elsewhere(Ipv4Addr::new(93, 184, 216, 34)),
+            443
+        ),
+        "dind -> internet"
+    );
     // Platform services make no calls outside their graph (no internet).
     for service in SERVICES {
         assert!(
-            !connects(&policies, &pods[service], &elsewhere(Ipv4Addr::new(93, 184, 216, 34)), 443),
+            !connects(
+                &policies,
+                &pods[service],
+                &elsewhere(Ipv4Addr::new(93, 184, 216, 34)),
+                443
+            ),
             "{service} -> internet"
         );
     }

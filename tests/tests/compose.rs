@@ -29,7 +29,9 @@ use vibebox_tests::{Authed, Bearer, binary, dev_image, docker, repo_root};
 const SERVICES: [&str; 5] = ["gateway", "identity", "policy", "orchestrator", "audit"];
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -56,7 +58,10 @@ impl Deployment {
 
     /// `docker-compose` (v1) when installed, else the `docker compose` plugin.
     fn compose(&self) -> Command {
-        let v1 = Command::new("docker-compose").arg("version").output().is_ok_and(|o| o.status.success());
+        let v1 = Command::new("docker-compose")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
         let mut cmd = if v1 {
             Command::new("docker-compose")
         } else {
@@ -64,7 +69,9 @@ impl Deployment {
             c.arg("compose");
             c
         };
-        let gid = std::fs::metadata("/var/run/docker.sock").expect("docker socket").gid();
+        let gid = std::fs::metadata("/var/run/docker.sock")
+            .expect("docker socket")
+            .gid();
         cmd.arg("--project-name")
             .arg(&self.project)
             .arg("--file")
@@ -85,7 +92,10 @@ impl Deployment {
             scratch: tempfile::tempdir().expect("temp dir"),
             installation: None,
         };
-        let bin_dir = binary("vibebox-pki-init").parent().expect("bin dir").to_path_buf();
+        let bin_dir = binary("vibebox-pki-init")
+            .parent()
+            .expect("bin dir")
+            .to_path_buf();
         for s in SERVICES {
             binary(&format!("vibebox-{s}"));
         }
@@ -95,9 +105,17 @@ impl Deployment {
             .arg(&bin_dir)
             .arg("--tag")
             .arg(&this.tag));
-        let out = this.compose().args(["up", "-d"]).output().expect("compose up");
+        let out = this
+            .compose()
+            .args(["up", "-d"])
+            .output()
+            .expect("compose up");
         if !out.status.success() {
-            let logs = this.compose().args(["logs", "--no-color"]).output().expect("compose logs");
+            let logs = this
+                .compose()
+                .args(["logs", "--no-color"])
+                .output()
+                .expect("compose logs");
             panic!(
                 "compose up failed: {}\n{}",
                 String::from_utf8_lossy(&out.stderr),
@@ -150,7 +168,10 @@ impl Deployment {
                 .output()
                 .expect("docker cp");
             if copied.status.success() {
-                return std::fs::read_to_string(&dest).expect("copied file").trim().to_owned();
+                return std::fs::read_to_string(&dest)
+                    .expect("copied file")
+                    .trim()
+                    .to_owned();
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -161,7 +182,10 @@ impl Deployment {
     fn gateway(&self) -> String {
         let out = run(self.compose().args(["port", "gateway", "7700"]));
         let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(addr.starts_with("127.0.0.1:"), "gateway published on loopback only: {addr}");
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "gateway published on loopback only: {addr}"
+        );
         addr
     }
 
@@ -173,7 +197,11 @@ impl Deployment {
             (vec!["network", "ls", "-q"], vec!["network", "rm"]),
             (vec!["volume", "ls", "-q"], vec!["volume", "rm", "-f"]),
         ] {
-            let Ok(out) = Command::new("docker").args(&list).args(["--filter", &filter]).output() else {
+            let Ok(out) = Command::new("docker")
+                .args(&list)
+                .args(["--filter", &filter])
+                .output()
+            else {
                 continue;
             };
             for object in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -225,15 +253,30 @@ async fn assert_platform_hardened(d: &Deployment, service: &str) -> bollard::mod
     let inspect = inspect(&d.container(service)).await;
     let state = inspect.state.expect("state");
     assert_eq!(
-        state.health.and_then(|h| h.status).map(|s| s.to_string()).as_deref(),
+        state
+            .health
+            .and_then(|h| h.status)
+            .map(|s| s.to_string())
+            .as_deref(),
         Some("healthy"),
         "{service} is healthy through its gRPC health probe"
     );
     let config = inspect.config.expect("config");
-    assert_eq!(config.user.as_deref(), Some("65532:65532"), "{service} runs as non-root");
+    assert_eq!(
+        config.user.as_deref(),
+        Some("65532:65532"),
+        "{service} runs as non-root"
+    );
     let host = inspect.host_config.expect("host config");
-    assert_eq!(host.readonly_rootfs, Some(true), "{service} has a read-only root");
-    assert_eq!(host.cap_drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
+    assert_eq!(
+        host.readonly_rootfs,
+        Some(true),
+        "{service} has a read-only root"
+    );
+    assert_eq!(
+        host.cap_drop.clone().unwrap_or_default(),
+        vec!["ALL".to_string()]
+    );
     assert!(host.cap_add.clone().unwrap_or_default().is_empty());
     assert_ne!(host.privileged, Some(true));
     assert!(
@@ -249,7 +292,11 @@ async fn assert_platform_hardened(d: &Deployment, service: &str) -> bollard::mod
         .unwrap_or_default()
         .iter()
         .any(|m| m.source.as_deref() == Some("/var/run/docker.sock"));
-    assert_eq!(mounts_socket, service == "orchestrator", "only the orchestrator gets the Docker socket ({service})");
+    assert_eq!(
+        mounts_socket,
+        service == "orchestrator",
+        "only the orchestrator gets the Docker socket ({service})"
+    );
     let published = host
         .port_bindings
         .clone()
@@ -260,9 +307,16 @@ async fn assert_platform_hardened(d: &Deployment, service: &str) -> bollard::mod
         .map(|b| b.host_ip.clone().unwrap_or_default())
         .collect::<Vec<_>>();
     if service == "gateway" {
-        assert_eq!(published, vec!["127.0.0.1".to_string()], "gateway published on loopback only");
+        assert_eq!(
+            published,
+            vec!["127.0.0.1".to_string()],
+            "gateway published on loopback only"
+        );
     } else {
-        assert!(published.is_empty(), "{service} publishes nothing: {published:?}");
+        assert!(
+            published.is_empty(),
+            "{service} publishes nothing: {published:?}"
+        );
     }
     host
 }
@@ -288,10 +342,16 @@ async fn exec(gateway: &str, token: &str, env: &str, command: &[&str]) -> (Strin
             Some(exec_response::Message::Stderr(_)) | None => {}
         }
     }
-    (String::from_utf8_lossy(&out).into_owned(), code.expect("exit message"))
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        code.expect("exit message"),
+    )
 }
 
-fn ip_on_platform_network(inspect: &bollard::models::ContainerInspectResponse, project: &str) -> String {
+fn ip_on_platform_network(
+    inspect: &bollard::models::ContainerInspectResponse,
+    project: &str,
+) -> String {
     let networks = inspect
         .network_settings
         .as_ref()
@@ -325,7 +385,11 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         "{{.Internal}}",
         &format!("{}_platform", d.project),
     ]));
-    assert_eq!(String::from_utf8_lossy(&networks.stdout).trim(), "true", "platform network is internal");
+    assert_eq!(
+        String::from_utf8_lossy(&networks.stdout).trim(),
+        "true",
+        "platform network is internal"
+    );
 
     // The gateway is the way in: anonymous calls are refused.
     let anonymous = environments(&gateway, "")
@@ -400,7 +464,12 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         vec![format!("vibebox.environment={}", created.id)],
     )]);
     let listed = docker()
-        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .expect("list containers");
     assert_eq!(listed.len(), 1);
@@ -414,15 +483,30 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
     assert_eq!(host.cap_drop.unwrap_or_default(), vec!["ALL".to_string()]);
     assert!(host.cap_add.unwrap_or_default().is_empty());
     assert_ne!(host.privileged, Some(true));
-    assert!(host.security_opt.unwrap_or_default().iter().any(|o| o.starts_with("no-new-privileges")));
-    assert!(host.memory.unwrap_or(0) > 0 && host.nano_cpus.unwrap_or(0) > 0 && host.pids_limit.unwrap_or(0) > 0);
     assert!(
-        host.binds.unwrap_or_default().iter().all(|b| !b.contains("docker.sock")),
+        host.security_opt
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.starts_with("no-new-privileges"))
+    );
+    assert!(
+        host.memory.unwrap_or(0) > 0
+            && host.nano_cpus.unwrap_or(0) > 0
+            && host.pids_limit.unwrap_or(0) > 0
+    );
+    assert!(
+        host.binds
+            .unwrap_or_default()
+            .iter()
+            .all(|b| !b.contains("docker.sock")),
         "no Docker socket in an environment"
     );
     let network = host.network_mode.expect("network");
     let net = docker()
-        .inspect_network(&network, None::<bollard::query_parameters::InspectNetworkOptions>)
+        .inspect_network(
+            &network,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
         .await
         .expect("inspect network");
     assert_eq!(net.internal, Some(true), "environment network is internal");
@@ -430,10 +514,16 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
     // Inside: the unprivileged user, and no way to the platform services.
     let (out, code) = exec(&gateway, &dev, &created.id, &["id", "-u"]).await;
     assert_eq!((out.trim(), code), ("1000", 0));
-    let orchestrator_ip = ip_on_platform_network(&inspect(&d.container("orchestrator")).await, &d.project);
-    let probe = format!("nc -w 2 {orchestrator_ip} 7703 </dev/null && echo reached || echo isolated");
+    let orchestrator_ip =
+        ip_on_platform_network(&inspect(&d.container("orchestrator")).await, &d.project);
+    let probe =
+        format!("nc -w 2 {orchestrator_ip} 7703 </dev/null && echo reached || echo isolated");
     let (out, _) = exec(&gateway, &dev, &created.id, &["sh", "-c", &probe]).await;
-    assert_eq!(out.trim(), "isolated", "an environment cannot reach the orchestrator");
+    assert_eq!(
+        out.trim(),
+        "isolated",
+        "an environment cannot reach the orchestrator"
+    );
 
     environments(&gateway, &dev)
         .delete_environment(DeleteEnvironmentRequest {
@@ -442,7 +532,12 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         .await
         .expect("delete environment");
     let left = docker()
-        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .expect("list containers");
     assert!(left.is_empty(), "deleted environment's container is gone");

@@ -28,6 +28,8 @@ use outbox::Pos;
 const BATCH_MAX: usize = 500;
 /// Encoded bytes per `AppendEvents` call (well under tonic's 4 MiB limit).
 const BATCH_BYTES_MAX: u64 = 2 * 1024 * 1024;
+/// Largest accepted event (encoded).
+const EVENT_BYTES_MAX: u64 = 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -168,8 +170,31 @@ impl AuditClient {
     /// it is durable in the outbox. An error means the event is NOT recorded
     /// and the operation it describes must fail.
     pub async fn record(&self, mut event: AuditEvent) -> Result<()> {
-        if event.action.is_empty() {
-            return Err(AuditClientError::InvalidEvent("action is empty"));
+        // The audit service rejects what fails these checks, and a rejected
+        // event would block the outbox: refuse it here instead.
+        if event.action.is_empty() || event.action.len() > 128 {
+            return Err(AuditClientError::InvalidEvent(
+                "action must be 1 to 128 bytes",
+            ));
+        }
+        if event.id.len() > 128 {
+            return Err(AuditClientError::InvalidEvent(
+                "id is longer than 128 bytes",
+            ));
+        }
+        if vibebox_proto::audit::Outcome::try_from(event.outcome).is_err()
+            || vibebox_proto::audit::Severity::try_from(event.severity).is_err()
+        {
+            return Err(AuditClientError::InvalidEvent(
+                "unknown outcome or severity",
+            ));
+        }
+        if event
+            .time
+            .as_ref()
+            .is_some_and(|t| !(0..1_000_000_000).contains(&t.nanos))
+        {
+            return Err(AuditClientError::InvalidEvent("time is out of range"));
         }
         if event.id.is_empty() {
             event.id = uuid::Uuid::now_v7().to_string();
@@ -189,6 +214,9 @@ impl AuditClient {
         event.prev_hash.clear();
         let mut record = Vec::new();
         outbox::encode_record(&event, &mut record);
+        if record.len() as u64 > EVENT_BYTES_MAX {
+            return Err(AuditClientError::InvalidEvent("event is larger than 1 MiB"));
+        }
         let (reply, done) = oneshot::channel();
         self.inner
             .tx
@@ -352,4 +380,62 @@ async fn wait_or_closed(written: &mut watch::Receiver<Pos>, backoff: &mut Durati
     *backoff = (*backoff * 2).min(BACKOFF_MAX);
     tokio::time::sleep(delay).await;
     written.has_changed().is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pki: &vibebox_server_kit::testing::TestPki, dir: PathBuf) -> AuditClientConfig {
+        AuditClientConfig {
+            outbox_dir: dir,
+            // Nothing listens here: events must still be recorded.
+            audit_url: "https://127.0.0.1:9".into(),
+            tls: pki.material("orchestrator"),
+            source_service: "orchestrator".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_durably_without_a_service_and_locks_its_outbox() {
+        let pki = vibebox_server_kit::testing::TestPki::new();
+        let dir = pki.path().join("outbox");
+        let client = AuditClient::open(config(&pki, dir.clone())).unwrap();
+        client
+            .record(AuditEvent {
+                action: "environment.create".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(client.has_pending());
+        assert!(matches!(
+            AuditClient::open(config(&pki, dir.clone())),
+            Err(AuditClientError::Locked(_))
+        ));
+        // The record is on disk, completed by the client.
+        let end = *client.inner.written.borrow();
+        let cursor = *client.inner.delivered.borrow();
+        let (events, _) = outbox::read_batch(&dir, cursor, end, 10, u64::MAX).unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(uuid::Uuid::parse_str(&events[0].id).is_ok());
+        assert!(events[0].time.is_some());
+        assert_eq!(events[0].source_service, "orchestrator");
+    }
+
+    #[tokio::test]
+    async fn fails_closed() {
+        let pki = vibebox_server_kit::testing::TestPki::new();
+        let file = pki.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            AuditClient::open(config(&pki, file.join("outbox"))),
+            Err(AuditClientError::Open { .. })
+        ));
+        let client = AuditClient::open(config(&pki, pki.path().join("ok"))).unwrap();
+        assert!(matches!(
+            client.record(AuditEvent::default()).await,
+            Err(AuditClientError::InvalidEvent(_))
+        ));
+    }
 }

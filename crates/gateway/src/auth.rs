@@ -164,7 +164,9 @@ impl Authenticator {
                         tracing::warn!(key_id = %key.key_id, "ignoring an unparsable token key");
                     }
                 }
-                Err(_) => tracing::warn!(key_id = %key.key_id, "ignoring a non-numeric token key id"),
+                Err(_) => {
+                    tracing::warn!(key_id = %key.key_id, "ignoring a non-numeric token key id")
+                }
             }
         }
         let count = ring.key_ids().len();
@@ -247,7 +249,7 @@ impl Authenticator {
         if !decision.allowed && decision.user_id.is_empty() {
             // Identity could not authenticate the token (revoked, disabled
             // user, expired): an answer, not an error.
-            tracing::warn!(reason = %decision.reason, "identity rejected the token");
+            tracing::debug!(reason = %decision.reason, "identity rejected the token");
             return Err(AuthError::Unauthenticated("token rejected by identity"));
         }
         if !decision.allowed {
@@ -259,7 +261,9 @@ impl Authenticator {
             return Err(AuthError::Denied(reason));
         }
         if !locally_allowed {
-            return Err(AuthError::Denied("the token does not allow this request".into()));
+            return Err(AuthError::Denied(
+                "the token does not allow this request".into(),
+            ));
         }
         Ok(decision)
     }
@@ -301,11 +305,13 @@ impl Authenticator {
 }
 
 fn classify_identity_status(status: &tonic::Status) -> AuthError {
-    tracing::warn!(code = ?status.code(), message = status.message(), "identity answered with an error");
     match status.code() {
         Code::Unauthenticated => AuthError::Unauthenticated("token rejected by identity"),
         Code::PermissionDenied => AuthError::Denied(status.message().to_owned()),
-        _ => AuthError::Unavailable(format!("{}: {}", status.code(), status.message())),
+        _ => {
+            tracing::warn!(code = ?status.code(), message = status.message(), "identity failed to decide");
+            AuthError::Unavailable(format!("{}: {}", status.code(), status.message()))
+        }
     }
 }
 
@@ -371,7 +377,10 @@ mod tests {
         let cache = DecisionCache::new(Duration::from_secs(60));
         assert_eq!(cache.max_ttl, MAX_DECISION_TTL);
         cache.put(key("op", "a"), &decision(true, 0));
-        assert!(cache.get(&key("op", "a")).is_none(), "ttl 0 must not be cached");
+        assert!(
+            cache.get(&key("op", "a")).is_none(),
+            "ttl 0 must not be cached"
+        );
     }
 
     #[test]

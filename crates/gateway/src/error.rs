@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(s.code(), Code::PermissionDenied);
         assert!(!s.message().contains("secret"));
         let s: Status = GatewayError::EnvironmentDenied.into();
-        assert_eq!((s.code(), s.message()), (Code::PermissionDenied, ENVIRONMENT_DENIED));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::PermissionDenied, ENVIRONMENT_DENIED)
+        );
         let s: Status = GatewayError::RateLimited.into();
         assert_eq!(s.code(), Code::ResourceExhausted);
     }
@@ -125,7 +128,11 @@ mod tests {
     fn upstream_denials_pass_through_unchanged_but_internals_do_not_leak() {
         let denial = vibebox_server_kit::status::precondition_failure(
             "denied by policy",
-            &[("privileged", "spec.privileged", "privileged containers are not allowed")],
+            &[(
+                "privileged",
+                "spec.privileged",
+                "privileged containers are not allowed",
+            )],
         );
         let s: Status = GatewayError::Upstream {
             service: "policy",
@@ -133,7 +140,10 @@ mod tests {
         }
         .into();
         assert_eq!(s.code(), Code::FailedPrecondition);
-        assert_eq!(vibebox_server_kit::status::violated_rules(&s), ["privileged"]);
+        assert_eq!(
+            vibebox_server_kit::status::violated_rules(&s),
+            ["privileged"]
+        );
 
         let s: Status = GatewayError::Upstream {
             service: "orchestrator",

@@ -73,11 +73,7 @@ pub(crate) struct CallInfo {
 
 impl CallInfo {
     /// Reads what the gateway needs from an incoming request.
-    pub(crate) fn of<T>(
-        method: &'static str,
-        request: &Request<T>,
-        max_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn of<T>(method: &'static str, request: &Request<T>, max_timeout: Duration) -> Self {
         let metadata = request.metadata();
         let request_id = vibebox_server_kit::request_id(request)
             .or_else(|| {
@@ -92,8 +88,7 @@ impl CallInfo {
             .remote_addr()
             .map(|a: SocketAddr| a.to_string())
             .unwrap_or_default();
-        let timeout = client_timeout(metadata)
-            .map_or(max_timeout, |t| t.min(max_timeout));
+        let timeout = client_timeout(metadata).map_or(max_timeout, |t| t.min(max_timeout));
         Self {
             method,
             request_id,
@@ -149,7 +144,9 @@ impl Call {
     pub(crate) fn forward_identity<T>(&self, message: T) -> Request<T> {
         let mut request = self.forward(message);
         if let Some(value) = &self.info.authorization {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         request
     }
@@ -280,7 +277,14 @@ impl Gateway {
         // (the refusals themselves are always counted in metrics).
         let key = client_host(&info.client_address);
         if self.anonymous_limiter.check(&key) {
-            self.record(info, None, "access.unauthenticated", Severity::Low, reason, None);
+            self.record(
+                info,
+                None,
+                "access.unauthenticated",
+                Severity::Low,
+                reason,
+                None,
+            );
         } else {
             crate::metrics::record_access_event("access.unauthenticated");
         }
@@ -293,7 +297,11 @@ impl Gateway {
         operation: &'static str,
         resource: Resource,
     ) -> Result<AuthorizeResponse> {
-        match self.auth.authorize(&call.principal, operation, &resource).await {
+        match self
+            .auth
+            .authorize(&call.principal, operation, &resource)
+            .await
+        {
             Ok(decision) => Ok(decision),
             Err(AuthError::Denied(reason)) => {
                 self.record_denied(call, operation, &reason, &resource);
@@ -376,7 +384,7 @@ impl Gateway {
         resource: Option<&Resource>,
     ) {
         crate::metrics::record_access_event(action);
-        tracing::warn!(action, method = info.method, reason, "call refused");
+        tracing::debug!(action, method = info.method, reason, "call refused");
         let mut fields = std::collections::BTreeMap::new();
         fields.insert("method".to_owned(), string_value(info.method));
         fields.insert("reason".to_owned(), string_value(reason));
@@ -392,8 +400,12 @@ impl Gateway {
             .unwrap_or_default();
         let event = AuditEvent {
             actor: Some(Actor {
-                user_id: principal.map(|p| p.user_id().to_owned()).unwrap_or_default(),
-                token_id: principal.map(|p| p.token_id().to_owned()).unwrap_or_default(),
+                user_id: principal
+                    .map(|p| p.user_id().to_owned())
+                    .unwrap_or_default(),
+                token_id: principal
+                    .map(|p| p.token_id().to_owned())
+                    .unwrap_or_default(),
                 service: String::new(),
             }),
             team_id,

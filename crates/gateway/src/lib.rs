@@ -54,16 +54,32 @@ pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
     /// URL of the identity service (mutual TLS).
-    #[arg(long, env = "VIBEBOX_IDENTITY_URL", default_value = "https://127.0.0.1:7701")]
+    #[arg(
+        long,
+        env = "VIBEBOX_IDENTITY_URL",
+        default_value = "https://127.0.0.1:7701"
+    )]
     pub identity_url: String,
     /// URL of the policy service (mutual TLS).
-    #[arg(long, env = "VIBEBOX_POLICY_URL", default_value = "https://127.0.0.1:7702")]
+    #[arg(
+        long,
+        env = "VIBEBOX_POLICY_URL",
+        default_value = "https://127.0.0.1:7702"
+    )]
     pub policy_url: String,
     /// URL of the orchestrator (mutual TLS).
-    #[arg(long, env = "VIBEBOX_ORCHESTRATOR_URL", default_value = "https://127.0.0.1:7703")]
+    #[arg(
+        long,
+        env = "VIBEBOX_ORCHESTRATOR_URL",
+        default_value = "https://127.0.0.1:7703"
+    )]
     pub orchestrator_url: String,
     /// URL of the audit service (mutual TLS).
-    #[arg(long, env = "VIBEBOX_AUDIT_URL", default_value = "https://127.0.0.1:7704")]
+    #[arg(
+        long,
+        env = "VIBEBOX_AUDIT_URL",
+        default_value = "https://127.0.0.1:7704"
+    )]
     pub audit_url: String,
     /// Address of the Prometheus metrics endpoint (keep it on loopback).
     #[arg(long, env = "VIBEBOX_METRICS_LISTEN", default_value = "127.0.0.1:7709")]
@@ -170,8 +186,7 @@ pub async fn run_with_listeners(
     let public_tls = match (&config.public_tls_cert, &config.public_tls_key) {
         (Some(cert), Some(key)) => Some(TlsMaterial {
             ca_pem: material.ca_pem.clone(),
-            cert_pem: std::fs::read(cert)
-                .with_context(|| format!("reading {}", cert.display()))?,
+            cert_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
             key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
         }),
         _ => None,

@@ -37,7 +37,9 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a global metrics recorder was already installed; gateway metrics go there");
+            tracing::warn!(
+                "a global metrics recorder was already installed; gateway metrics go there"
+            );
         }
         handle
     })

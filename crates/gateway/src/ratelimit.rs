@@ -42,7 +42,10 @@ mod tests {
         assert!(limiter.check("alice"));
         assert!(limiter.check("alice"));
         assert!(limiter.check("alice"));
-        assert!(!limiter.check("alice"), "fourth call within a second must be refused");
+        assert!(
+            !limiter.check("alice"),
+            "fourth call within a second must be refused"
+        );
         // Another user has an independent bucket.
         assert!(limiter.check("bob"));
     }

@@ -49,7 +49,10 @@ pub(crate) fn id(field: &str, value: &str) -> Result {
 /// An optional opaque identifier (empty allowed).
 pub(crate) fn optional_id(field: &str, value: &str) -> Result {
     if value.len() > MAX_ID {
-        return Err(violation(field, format!("must be at most {MAX_ID} characters")));
+        return Err(violation(
+            field,
+            format!("must be at most {MAX_ID} characters"),
+        ));
     }
     if !value
         .chars()
@@ -68,7 +71,10 @@ pub(crate) fn text(field: &str, value: &str, max: usize) -> Result {
     if value.len() > max {
         return Err(violation(field, format!("must be at most {max} bytes")));
     }
-    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(violation(field, "must not contain control characters"));
     }
     Ok(())
@@ -103,7 +109,10 @@ pub(crate) fn environment_name(field: &str, value: &str) -> Result {
 
 fn list(field: &str, values: &[String], max_items: usize, max_len: usize) -> Result {
     if values.len() > max_items {
-        return Err(violation(field, format!("must have at most {max_items} items")));
+        return Err(violation(
+            field,
+            format!("must have at most {max_items} items"),
+        ));
     }
     for (i, value) in values.iter().enumerate() {
         if value.len() > max_len {
@@ -126,7 +135,10 @@ fn map(
     max_len: usize,
 ) -> Result {
     if values.len() > max_items {
-        return Err(violation(field, format!("must have at most {max_items} entries")));
+        return Err(violation(
+            field,
+            format!("must have at most {max_items} entries"),
+        ));
     }
     for (key, value) in values {
         if key.is_empty() || key.len() > 256 || key.contains(['\0', '=']) {
@@ -165,19 +177,41 @@ pub(crate) fn container_spec(field: &str, spec: Option<&ContainerSpec>) -> Resul
     }
     list(&format!("{field}.cap_add"), &spec.cap_add, 64, 64)?;
     list(&format!("{field}.cap_drop"), &spec.cap_drop, 64, 64)?;
-    list(&format!("{field}.security_opt"), &spec.security_opt, 32, 256)?;
+    list(
+        &format!("{field}.security_opt"),
+        &spec.security_opt,
+        32,
+        256,
+    )?;
     if spec.mounts.len() > 32 {
-        return Err(violation(format!("{field}.mounts"), "must have at most 32 items"));
+        return Err(violation(
+            format!("{field}.mounts"),
+            "must have at most 32 items",
+        ));
     }
     for (i, mount) in spec.mounts.iter().enumerate() {
-        text(&format!("{field}.mounts[{i}].source"), &mount.source, MAX_TEXT)?;
-        text(&format!("{field}.mounts[{i}].target"), &mount.target, MAX_TEXT)?;
+        text(
+            &format!("{field}.mounts[{i}].source"),
+            &mount.source,
+            MAX_TEXT,
+        )?;
+        text(
+            &format!("{field}.mounts[{i}].target"),
+            &mount.target,
+            MAX_TEXT,
+        )?;
     }
     if spec.devices.len() > 32 {
-        return Err(violation(format!("{field}.devices"), "must have at most 32 items"));
+        return Err(violation(
+            format!("{field}.devices"),
+            "must have at most 32 items",
+        ));
     }
     if spec.ports.len() > 64 {
-        return Err(violation(format!("{field}.ports"), "must have at most 64 items"));
+        return Err(violation(
+            format!("{field}.ports"),
+            "must have at most 64 items",
+        ));
     }
     for (i, port) in spec.ports.iter().enumerate() {
         if port.container_port == 0 || port.container_port > 65535 {
@@ -196,12 +230,18 @@ pub(crate) fn container_spec(field: &str, spec: Option<&ContainerSpec>) -> Resul
     if let Some(cpu) = spec.cpu_limit
         && !(cpu.is_finite() && cpu > 0.0)
     {
-        return Err(violation(format!("{field}.cpu_limit"), "must be a positive number"));
+        return Err(violation(
+            format!("{field}.cpu_limit"),
+            "must be a positive number",
+        ));
     }
     if let Some(memory) = spec.memory_limit_mb
         && memory <= 0
     {
-        return Err(violation(format!("{field}.memory_limit_mb"), "must be positive"));
+        return Err(violation(
+            format!("{field}.memory_limit_mb"),
+            "must be positive",
+        ));
     }
     if let Some(pids) = spec.pids_limit
         && pids <= 0
@@ -258,7 +298,10 @@ mod tests {
         let err = container_spec("spec", None).unwrap_err();
         assert_eq!(err.field, "spec");
         let mut spec = ContainerSpec::default();
-        assert_eq!(container_spec("spec", Some(&spec)).unwrap_err().field, "spec.image");
+        assert_eq!(
+            container_spec("spec", Some(&spec)).unwrap_err().field,
+            "spec.image"
+        );
         spec.image = "busybox:1.36".into();
         assert!(container_spec("spec", Some(&spec)).is_ok());
         spec.cpu_limit = Some(f64::NAN);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::{Platform, bearer};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 use vibebox_proto::audit::audit_service_client::AuditServiceClient;
 use vibebox_proto::audit::{EventFilter, QueryEventsRequest};
 use vibebox_proto::authz::GetTokenKeysRequest;
@@ -20,7 +21,6 @@ use vibebox_proto::environment::{
 use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::identity::{CreateApiTokenRequest, RevokeTokenRequest, WhoAmIRequest};
 use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
-use tonic_types::StatusExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_routing_validation_metrics_and_audit() {
@@ -104,7 +104,9 @@ async fn authentication_routing_validation_metrics_and_audit() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let bad = status.get_details_bad_request().expect("BadRequest details");
+    let bad = status
+        .get_details_bad_request()
+        .expect("BadRequest details");
     assert_eq!(bad.field_violations[0].field, "name");
     let status = environments
         .get_environment(bearer(
@@ -133,17 +135,24 @@ async fn authentication_routing_validation_metrics_and_audit() {
     // Reflection lists only the public services (and health/reflection).
     let listed = list_services(channel.clone()).await;
     for public in vibebox_proto::PUBLIC_SERVICES {
-        assert!(listed.iter().any(|s| s == public), "{public} missing: {listed:?}");
+        assert!(
+            listed.iter().any(|s| s == public),
+            "{public} missing: {listed:?}"
+        );
     }
     assert!(
-        listed.iter().all(|s| !s.contains(".internal.") && !s.contains(".kit.")),
+        listed
+            .iter()
+            .all(|s| !s.contains(".internal.") && !s.contains(".kit.")),
         "internal service listed: {listed:?}"
     );
 
     // Metrics count calls by method and code.
     let metrics = gateway.scrape().await;
     assert!(
-        metrics.contains(r#"vibebox_gateway_requests_total{method="IdentityService/WhoAmI",code="OK"}"#),
+        metrics.contains(
+            r#"vibebox_gateway_requests_total{method="IdentityService/WhoAmI",code="OK"}"#
+        ),
         "{metrics}"
     );
     assert!(
@@ -183,16 +192,19 @@ async fn authentication_routing_validation_metrics_and_audit() {
             assert!(events.iter().all(|e| e.source_service == "gateway"));
             break;
         }
-        assert!(Instant::now() < deadline, "access events not audited: {events:?}");
+        assert!(
+            Instant::now() < deadline,
+            "access events not audited: {events:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn list_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -308,4 +320,32 @@ async fn list_without_team_never_asks_for_all_teams() {
         Ok(response) => assert!(response.into_inner().environments.is_empty()),
         Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_before_anything_else() {
+    let platform = Platform::start().await;
+    let gateway = platform.gateway(|c| c.max_request_bytes = 4096).await;
+    let mut environments = EnvironmentServiceClient::new(gateway.channel().await);
+    let mut spec = ContainerSpec {
+        image: "busybox:1.36".into(),
+        ..Default::default()
+    };
+    spec.env.insert("BIG".into(), "x".repeat(64 * 1024));
+    let status = environments
+        .create_environment(bearer(
+            CreateEnvironmentRequest {
+                team_id: "t".into(),
+                name: "big".into(),
+                spec: Some(spec),
+                ..Default::default()
+            },
+            &platform.admin_token,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
 }

@@ -43,7 +43,12 @@ fn busybox() -> ContainerSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_isolation_and_policy_denials_through_the_gateway() {
-    let platform = Platform::start().await.with_policy().await.with_orchestrator().await;
+    let platform = Platform::start()
+        .await
+        .with_policy()
+        .await
+        .with_orchestrator()
+        .await;
     let gateway = platform.gateway(|_| {}).await;
     let channel = gateway.channel().await;
     let mut identity = IdentityServiceClient::new(channel.clone());
@@ -253,8 +258,11 @@ async fn roles_isolation_and_policy_denials_through_the_gateway() {
         // viewer create, other-team create, missing get, missing delete,
         // other-team list, developer audit query.
         if events.len() >= 6 {
-            assert!(events.iter().all(|e| e.severity
-                == vibebox_proto::audit::Severity::Medium as i32));
+            assert!(
+                events
+                    .iter()
+                    .all(|e| e.severity == vibebox_proto::audit::Severity::Medium as i32)
+            );
             break;
         }
         assert!(Instant::now() < deadline, "denials not audited: {events:?}");

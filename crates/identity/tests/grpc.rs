@@ -170,10 +170,10 @@ impl Harness {
             .authorize(AuthorizeRequest {
                 token: token.into(),
                 operation: op.into(),
-                resource: Some(resource),
+                resource: Some(resource.clone()),
             })
             .await
-            .unwrap()
+            .unwrap_or_else(|e| panic!("Authorize {op} {resource:?}: {e}"))
             .into_inner()
     }
 

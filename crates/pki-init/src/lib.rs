@@ -21,7 +21,11 @@ pub use vibebox_server_kit::pki::SERVICES;
 
 /// Flags of `vibebox-pki-init`.
 #[derive(clap::Parser, Debug)]
-#[command(name = "vibebox-pki-init", version, about = "Creates the development PKI (idempotent).")]
+#[command(
+    name = "vibebox-pki-init",
+    version,
+    about = "Creates the development PKI (idempotent)."
+)]
 pub struct PkiInitArgs {
     /// Directory receiving ca.pem, ca-key.pem, <service>.pem and <service>-key.pem.
     #[arg(long, env = "VIBEBOX_PKI_DIR", default_value = "/pki")]
@@ -33,7 +37,11 @@ pub struct PkiInitArgs {
 
 /// Creates what is missing of the CA and the certificates of the five services.
 pub fn init_pki(dir: &Path, hosts: &[String]) -> anyhow::Result<()> {
-    let hosts: Vec<&str> = hosts.iter().map(String::as_str).filter(|h| !h.is_empty()).collect();
+    let hosts: Vec<&str> = hosts
+        .iter()
+        .map(String::as_str)
+        .filter(|h| !h.is_empty())
+        .collect();
     vibebox_server_kit::pki::ensure_dev_pki(dir, SERVICES, &hosts)
         .with_context(|| format!("creating the development PKI in {}", dir.display()))
 }

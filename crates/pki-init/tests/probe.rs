@@ -25,7 +25,11 @@ async fn probe_passes_against_an_mtls_service_of_the_generated_pki() {
     init_pki(&pki, &["identity.vibebox.svc".to_owned()]).unwrap();
     let before = std::fs::read(pki.join("identity.pem")).unwrap();
     init_pki(&pki, &[]).unwrap();
-    assert_eq!(before, std::fs::read(pki.join("identity.pem")).unwrap(), "idempotent");
+    assert_eq!(
+        before,
+        std::fs::read(pki.join("identity.pem")).unwrap(),
+        "idempotent"
+    );
 
     let material = TlsMaterial::from_files(
         &pki.join("ca.pem"),
@@ -36,7 +40,9 @@ async fn probe_passes_against_an_mtls_service_of_the_generated_pki() {
     assert_eq!(material.identity().unwrap(), "identity");
 
     let args = ServerArgs::for_data_dir(dir.path());
-    let listener = vibebox_server_kit::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = vibebox_server_kit::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let server = ServerBuilder::new("identity", &args)
@@ -47,25 +53,44 @@ async fn probe_passes_against_an_mtls_service_of_the_generated_pki() {
 
     // The service's own certificate (what its container healthcheck uses)
     // may ask for health although it is not an allowed caller.
-    let ok = probe(&probe_args(format!("https://127.0.0.1:{}", addr.port()), &pki, "identity")).await;
+    let ok = probe(&probe_args(
+        format!("https://127.0.0.1:{}", addr.port()),
+        &pki,
+        "identity",
+    ))
+    .await;
     assert!(ok.is_ok(), "{ok:?}");
 
     // A certificate from another CA is refused at the handshake.
     let foreign_dir = tempfile::tempdir().unwrap();
     init_pki(foreign_dir.path(), &[]).unwrap();
-    let mut foreign = probe_args(format!("https://127.0.0.1:{}", addr.port()), foreign_dir.path(), "identity");
+    let mut foreign = probe_args(
+        format!("https://127.0.0.1:{}", addr.port()),
+        foreign_dir.path(),
+        "identity",
+    );
     foreign.tls_ca = Some(pki.join("ca.pem"));
     assert!(probe(&foreign).await.is_err());
 
     // Plaintext against a TLS port fails.
-    let plain = probe(&probe_args(format!("http://127.0.0.1:{}", addr.port()), &pki, "identity")).await;
+    let plain = probe(&probe_args(
+        format!("http://127.0.0.1:{}", addr.port()),
+        &pki,
+        "identity",
+    ))
+    .await;
     assert!(plain.is_err());
 
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
     // Nothing listening any more: the probe fails.
-    let gone = probe(&probe_args(format!("https://127.0.0.1:{}", addr.port()), &pki, "identity")).await;
+    let gone = probe(&probe_args(
+        format!("https://127.0.0.1:{}", addr.port()),
+        &pki,
+        "identity",
+    ))
+    .await;
     assert!(gone.is_err());
 }
 
@@ -73,11 +98,17 @@ async fn probe_passes_against_an_mtls_service_of_the_generated_pki() {
 async fn probe_speaks_plaintext_to_a_public_listener() {
     let dir = tempfile::tempdir().unwrap();
     let args = ServerArgs::for_data_dir(dir.path());
-    let listener = vibebox_server_kit::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = vibebox_server_kit::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(ServerBuilder::new("gateway", &args).serve(listener, shutdown.clone()));
-    let mut plain = probe_args(format!("http://127.0.0.1:{}", addr.port()), dir.path(), "gateway");
+    let mut plain = probe_args(
+        format!("http://127.0.0.1:{}", addr.port()),
+        dir.path(),
+        "gateway",
+    );
     plain.tls_cert = None;
     plain.tls_key = None;
     plain.tls_ca = None;
@@ -85,4 +116,43 @@ async fn probe_speaks_plaintext_to_a_public_listener() {
     assert!(ok.is_ok(), "{ok:?}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[test]
+fn certificates_name_the_service_and_the_extra_hosts() {
+    use x509_parser::extensions::GeneralName;
+    let dir = tempfile::tempdir().unwrap();
+    init_pki(
+        dir.path(),
+        &[
+            "orchestrator".to_owned(),
+            "vibebox-orchestrator.ns.svc".to_owned(),
+        ],
+    )
+    .unwrap();
+    for service in vibebox_pki_init::SERVICES {
+        let pem = std::fs::read(dir.path().join(format!("{service}.pem"))).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(format!("dns:{d}")),
+                GeneralName::URI(u) => Some(format!("uri:{u}")),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            names.contains(&format!("uri:spiffe://vibebox/{service}")),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"dns:vibebox-orchestrator.ns.svc".to_owned()),
+            "{names:?}"
+        );
+        assert!(names.contains(&format!("dns:{service}")), "{names:?}");
+    }
 }

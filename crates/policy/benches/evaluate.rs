@@ -13,7 +13,10 @@ fn allowed() -> ContainerSpec {
     ContainerSpec {
         image: "python:3.12".into(),
         command: vec!["sleep".into(), "infinity".into()],
-        env: BTreeMap::from([("LANG".into(), "C.UTF-8".into()), ("TERM".into(), "xterm".into())]),
+        env: BTreeMap::from([
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TERM".into(), "xterm".into()),
+        ]),
         working_dir: "/workspace".into(),
         labels: BTreeMap::from([("project".into(), "demo".into())]),
         cpu_limit: Some(1.0),
@@ -51,10 +54,14 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let spec = allowed();
     assert!(evaluate(rules, &spec).allowed());
-    group.bench_function("allowed_spec", |b| b.iter(|| evaluate(rules, black_box(&spec))));
+    group.bench_function("allowed_spec", |b| {
+        b.iter(|| evaluate(rules, black_box(&spec)))
+    });
     let spec = denied();
     assert!(!evaluate(rules, &spec).allowed());
-    group.bench_function("denied_spec", |b| b.iter(|| evaluate(rules, black_box(&spec))));
+    group.bench_function("denied_spec", |b| {
+        b.iter(|| evaluate(rules, black_box(&spec)))
+    });
     group.finish();
 }
 

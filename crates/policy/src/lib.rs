@@ -186,3 +186,26 @@ fn open_state(config: &Config, clock: Clock) -> anyhow::Result<PolicyState> {
 
 #[cfg(test)]
 mod engine_tests;
+
+#[cfg(test)]
+mod config_tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Config;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        Config::command().debug_assert();
+        let c = Config::parse_from([
+            "vibebox-policy",
+            "--policy-file",
+            "/etc/vibebox/policy.toml",
+            "--retire-clearance-key",
+            "ed25519:a,ed25519:b",
+        ]);
+        assert_eq!(c.clearance_ttl_secs, 60);
+        assert_eq!(c.audit_url, "https://127.0.0.1:7704");
+        assert_eq!(c.retire_clearance_keys, ["ed25519:a", "ed25519:b"]);
+        assert_eq!(c.server.listen_or(super::DEFAULT_PORT).port(), 7702);
+    }
+}

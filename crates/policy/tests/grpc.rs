@@ -628,3 +628,99 @@ async fn sighup_reloads_and_keeps_the_old_policy_when_the_new_one_is_invalid() {
     let err = denied(&h, benign()).await.0;
     assert_eq!(status::violated_rules(&err), ["image.denied"]);
 }
+
+/// Starts a policy service on `key_dir` (its own data dir, audit to nowhere:
+/// records stay in the local outbox), returning its URL.
+async fn start_with_keys(
+    pki: &TestPki,
+    key_dir: &std::path::Path,
+    rotate: bool,
+    retire: Vec<String>,
+    shutdown: &CancellationToken,
+) -> String {
+    let config = Config {
+        server: pki.server_args("policy"),
+        policy_file: None,
+        clearance_key_dir: Some(key_dir.to_owned()),
+        rotate_clearance_key: rotate,
+        retire_clearance_keys: retire,
+        clearance_ttl_secs: 60,
+        audit_url: "https://127.0.0.1:9".into(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(vibebox_policy::run_with_listener(
+        config,
+        listener,
+        shutdown.clone(),
+    ));
+    url
+}
+
+async fn keys_at(pki: &TestPki, url: &str) -> Vec<vibebox_proto::clearance::ClearanceKey> {
+    let ch = vibebox_server_kit::connect(url, &pki.material("orchestrator")).unwrap();
+    for _ in 0..200 {
+        if let Ok(r) = ClearanceServiceClient::new(ch.clone())
+            .get_clearance_keys(GetClearanceKeysRequest {})
+            .await
+        {
+            return r.into_inner().keys;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("policy service did not come up");
+}
+
+#[tokio::test]
+async fn key_rotation_keeps_old_clearances_valid_until_retired() {
+    let pki = TestPki::new();
+    let key_dir = pki.path().join("keys");
+    let shutdown = CancellationToken::new();
+
+    // First run: one generated key; issue a clearance with it.
+    let url = start_with_keys(&pki, &key_dir, false, Vec::new(), &shutdown).await;
+    let first = keys_at(&pki, &url).await;
+    assert_eq!(first.len(), 1);
+    let ch = vibebox_server_kit::connect(&url, &pki.material("gateway")).unwrap();
+    let req = request(benign());
+    let resp = ClearanceServiceClient::new(ch)
+        .issue_clearance(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let old = resp.clearance.unwrap();
+    assert_eq!(old.key_id, first[0].key_id);
+    let hardened = resp.evaluation.unwrap().hardened_spec.unwrap();
+    let expected = Expected {
+        spec: &hardened,
+        environment_id: &req.environment_id,
+        team_id: TEAM,
+    };
+
+    // Restart with rotation: two keys published, the old clearance still verifies.
+    let url = start_with_keys(&pki, &key_dir, true, Vec::new(), &shutdown).await;
+    let rotated = keys_at(&pki, &url).await;
+    assert_eq!(rotated.len(), 2);
+    let ring = KeyRing::from_proto(&rotated);
+    assert!(vibebox_clearance::verify(&old, &ring, expected, SystemTime::now()).is_ok());
+    let ch = vibebox_server_kit::connect(&url, &pki.material("gateway")).unwrap();
+    let new = ClearanceServiceClient::new(ch)
+        .issue_clearance(request(benign()))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_key = new.clearance.unwrap().key_id;
+    assert_ne!(new_key, old.key_id);
+
+    // Restart retiring the first key: it is no longer published nor accepted.
+    let url = start_with_keys(&pki, &key_dir, false, vec![old.key_id.clone()], &shutdown).await;
+    let retired = keys_at(&pki, &url).await;
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].key_id, new_key);
+    let ring = KeyRing::from_proto(&retired);
+    assert_eq!(
+        vibebox_clearance::verify(&old, &ring, expected, SystemTime::now()),
+        Err(VerifyError::UnknownKey(old.key_id.clone()))
+    );
+    shutdown.cancel();
+}

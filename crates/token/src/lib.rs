@@ -92,7 +92,7 @@ fn classify(err: BiscuitError) -> TokenError {
 /// cause.
 fn limits() -> AuthorizerLimits {
     AuthorizerLimits {
-        max_time: Duration::from_secs(10),
+        max_time: Duration::from_secs(1),
         ..AuthorizerLimits::default()
     }
 }
@@ -189,7 +189,10 @@ impl KeyRing {
     pub fn verify(&self, token: &str) -> Result<VerifiedToken> {
         let biscuit = Biscuit::from_base64(token.trim(), self).map_err(classify)?;
         let key_id = biscuit.root_key_id().ok_or(TokenError::UnknownKey)?;
-        let mut authorizer = AuthorizerBuilder::new().build(&biscuit).map_err(classify)?;
+        let mut authorizer = AuthorizerBuilder::new()
+            .set_limits(limits())
+            .build(&biscuit)
+            .map_err(classify)?;
         let users: Vec<(String,)> = authorizer
             .query("claim_user($u) <- user($u)")
             .map_err(classify)?;

@@ -60,7 +60,12 @@ impl Audit {
             .map_err(GatewayError::from)
             .and_then(|()| check_filter(m.filter.as_ref()));
         let call = self
-            .begin("AuditService/QueryEvents", "audit.query", &request, resource)
+            .begin(
+                "AuditService/QueryEvents",
+                "audit.query",
+                &request,
+                resource,
+            )
             .await?;
         Ok(self
             .gateway
@@ -78,7 +83,12 @@ impl Audit {
     ) -> Result<ProxyStream<WatchEventsResponse>> {
         let resource = check_filter(request.get_ref().filter.as_ref());
         let call = self
-            .begin("AuditService/WatchEvents", "audit.watch", &request, resource)
+            .begin(
+                "AuditService/WatchEvents",
+                "audit.watch",
+                &request,
+                resource,
+            )
             .await?;
         let upstream = self
             .gateway
@@ -97,7 +107,12 @@ impl Audit {
             ..Default::default()
         });
         let call = self
-            .begin("AuditService/VerifyChain", "audit.verify", &request, resource)
+            .begin(
+                "AuditService/VerifyChain",
+                "audit.verify",
+                &request,
+                resource,
+            )
             .await?;
         // Verifying a long chain can take a while: the stream-style request
         // keeps the client's own deadline (if any) instead of ours.
@@ -120,7 +135,12 @@ impl Audit {
             ..Default::default()
         });
         let call = self
-            .begin("AuditService/ExportEvents", "audit.export", &request, resource)
+            .begin(
+                "AuditService/ExportEvents",
+                "audit.export",
+                &request,
+                resource,
+            )
             .await?;
         let upstream = self
             .gateway

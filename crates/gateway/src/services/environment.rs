@@ -15,8 +15,8 @@ use vibebox_proto::environment::{
     DeleteEnvironmentResponse, ExecRequest, ExecResponse, GetEnvironmentRequest,
     GetEnvironmentResponse, ListEnvironmentsRequest, ListEnvironmentsResponse,
     RestartEnvironmentRequest, RestartEnvironmentResponse, StartEnvironmentRequest,
-    StartEnvironmentResponse, StopEnvironmentRequest, StopEnvironmentResponse,
-    StreamLogsRequest, StreamLogsResponse, StreamStatsRequest, StreamStatsResponse, exec_request,
+    StartEnvironmentResponse, StopEnvironmentRequest, StopEnvironmentResponse, StreamLogsRequest,
+    StreamLogsResponse, StreamStatsRequest, StreamStatsResponse, exec_request,
 };
 use vibebox_proto::runtime;
 
@@ -40,7 +40,9 @@ impl Environments {
         request: Request<CreateEnvironmentRequest>,
     ) -> Result<CreateEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/CreateEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/CreateEnvironment", &request))
+            .await?;
         let req = request.into_inner();
         validate::optional_id("request_id", &req.request_id)?;
         validate::id("team_id", &req.team_id)?;
@@ -103,7 +105,9 @@ impl Environments {
 
     async fn get(&self, request: Request<GetEnvironmentRequest>) -> Result<GetEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/GetEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/GetEnvironment", &request))
+            .await?;
         let id = &request.get_ref().environment_id;
         validate::uuid("environment_id", id)?;
         let (environment, _) = gw.environment(&call, "environment.get", id).await?;
@@ -117,21 +121,21 @@ impl Environments {
         request: Request<ListEnvironmentsRequest>,
     ) -> Result<ListEnvironmentsResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/ListEnvironments", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/ListEnvironments", &request))
+            .await?;
         let req = request.into_inner();
         validate::optional_id("team_id", &req.team_id)?;
         validate::page_size("page_size", req.page_size)?;
         validate::text("page_token", &req.page_token, 1024)?;
         let team_ids = if req.team_id.is_empty() {
             // Every team the caller belongs to (and the token allows).
-            let scopes = gw
-                .auth
-                .caller_scopes(&call.principal)
-                .await
-                .map_err(|e| GatewayError::Unavailable {
+            let scopes = gw.auth.caller_scopes(&call.principal).await.map_err(|e| {
+                GatewayError::Unavailable {
                     service: crate::gateway::IDENTITY,
                     detail: e.to_string(),
-                })?;
+                }
+            })?;
             scopes
                 .teams
                 .into_iter()
@@ -185,7 +189,9 @@ impl Environments {
         request: Request<StartEnvironmentRequest>,
     ) -> Result<StartEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/StartEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/StartEnvironment", &request))
+            .await?;
         let id = request.into_inner().environment_id;
         validate::uuid("environment_id", &id)?;
         gw.environment(&call, "environment.start", &id).await?;
@@ -204,9 +210,14 @@ impl Environments {
         })
     }
 
-    async fn stop(&self, request: Request<StopEnvironmentRequest>) -> Result<StopEnvironmentResponse> {
+    async fn stop(
+        &self,
+        request: Request<StopEnvironmentRequest>,
+    ) -> Result<StopEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/StopEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/StopEnvironment", &request))
+            .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         timeout_seconds(req.timeout_seconds)?;
@@ -233,7 +244,9 @@ impl Environments {
         request: Request<RestartEnvironmentRequest>,
     ) -> Result<RestartEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/RestartEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/RestartEnvironment", &request))
+            .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         timeout_seconds(req.timeout_seconds)?;
@@ -260,7 +273,9 @@ impl Environments {
         request: Request<DeleteEnvironmentRequest>,
     ) -> Result<DeleteEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/DeleteEnvironment", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/DeleteEnvironment", &request))
+            .await?;
         let id = request.into_inner().environment_id;
         validate::uuid("environment_id", &id)?;
         gw.environment(&call, "environment.delete", &id).await?;
@@ -279,9 +294,14 @@ impl Environments {
         })
     }
 
-    async fn logs(&self, request: Request<StreamLogsRequest>) -> Result<ProxyStream<StreamLogsResponse>> {
+    async fn logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<ProxyStream<StreamLogsResponse>> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/StreamLogs", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/StreamLogs", &request))
+            .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         gw.environment(&call, "environment.logs", &req.environment_id)
@@ -293,7 +313,12 @@ impl Environments {
             .await
             .map_err(upstream)?
             .into_inner();
-        Ok(relay("EnvironmentService/StreamLogs", ORCHESTRATOR, upstream_stream, |m| m.chunk))
+        Ok(relay(
+            "EnvironmentService/StreamLogs",
+            ORCHESTRATOR,
+            upstream_stream,
+            |m| m.chunk,
+        ))
     }
 
     async fn stats(
@@ -301,7 +326,9 @@ impl Environments {
         request: Request<StreamStatsRequest>,
     ) -> Result<ProxyStream<StreamStatsResponse>> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info("EnvironmentService/StreamStats", &request)).await?;
+        let call = gw
+            .authenticate(gw.info("EnvironmentService/StreamStats", &request))
+            .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         gw.environment(&call, "environment.stats", &req.environment_id)
@@ -313,7 +340,12 @@ impl Environments {
             .await
             .map_err(upstream)?
             .into_inner();
-        Ok(relay("EnvironmentService/StreamStats", ORCHESTRATOR, upstream_stream, |m| m.sample))
+        Ok(relay(
+            "EnvironmentService/StreamStats",
+            ORCHESTRATOR,
+            upstream_stream,
+            |m| m.sample,
+        ))
     }
 
     async fn exec(
@@ -326,7 +358,12 @@ impl Environments {
         let mut inbound = request.into_inner();
         let first = match inbound.next().await {
             Some(Ok(first)) => first,
-            Some(Err(status)) => return Err(GatewayError::Upstream { service: "client", status }),
+            Some(Err(status)) => {
+                return Err(GatewayError::Upstream {
+                    service: "client",
+                    status,
+                });
+            }
             None => return Err(violation("start", "the first message must be start")),
         };
         let Some(exec_request::Message::Start(start)) = &first.message else {
@@ -361,7 +398,12 @@ impl Environments {
             .await
             .map_err(upstream)?
             .into_inner();
-        Ok(relay("EnvironmentService/Exec", ORCHESTRATOR, upstream_stream, |m| m.response))
+        Ok(relay(
+            "EnvironmentService/Exec",
+            ORCHESTRATOR,
+            upstream_stream,
+            |m| m.response,
+        ))
     }
 }
 
@@ -420,7 +462,11 @@ impl EnvironmentService for Environments {
         &self,
         request: Request<RestartEnvironmentRequest>,
     ) -> std::result::Result<Response<RestartEnvironmentResponse>, Status> {
-        observe("EnvironmentService/RestartEnvironment", self.restart(request)).await
+        observe(
+            "EnvironmentService/RestartEnvironment",
+            self.restart(request),
+        )
+        .await
     }
 
     async fn delete_environment(

@@ -21,7 +21,10 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
-    async fn evaluate(&self, request: Request<EvaluateSpecRequest>) -> Result<EvaluateSpecResponse> {
+    async fn evaluate(
+        &self,
+        request: Request<EvaluateSpecRequest>,
+    ) -> Result<EvaluateSpecResponse> {
         let gw = &self.gateway;
         let call = gw
             .authenticate(gw.info("PolicyService/EvaluateSpec", &request))

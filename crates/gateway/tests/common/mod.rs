@@ -96,20 +96,38 @@ impl Platform {
         let mut config = vibebox_policy::Config::parse_from(["vibebox-policy"]);
         config.server = self.pki.server_args("policy");
         config.audit_url = self.audit_url.clone();
-        tokio::spawn(vibebox_policy::run_with_listener(config, l, self.shutdown.clone()));
+        tokio::spawn(vibebox_policy::run_with_listener(
+            config,
+            l,
+            self.shutdown.clone(),
+        ));
         self.policy_url = Some(url);
         self
     }
 
     /// Also starts the orchestrator (it talks to the local Docker engine;
     /// these tests create no container).
-    pub async fn with_orchestrator(mut self) -> Self {
+    pub async fn with_orchestrator(self) -> Self {
+        self.with_orchestrator_config(|_| {}).await
+    }
+
+    /// Also starts the orchestrator, adjusting its configuration.
+    pub async fn with_orchestrator_config(
+        mut self,
+        adjust: impl FnOnce(&mut vibebox_orchestrator::Config),
+    ) -> Self {
         let (l, url) = listener().await;
-        let mut config = vibebox_orchestrator::Config::with_server(self.pki.server_args("orchestrator"));
+        let mut config =
+            vibebox_orchestrator::Config::with_server(self.pki.server_args("orchestrator"));
         config.audit_url = self.audit_url.clone();
         config.policy_url = self.policy_url.clone().unwrap_or_default();
         config.reconcile_interval = 0;
-        tokio::spawn(vibebox_orchestrator::run_with_listener(config, l, self.shutdown.clone()));
+        adjust(&mut config);
+        tokio::spawn(vibebox_orchestrator::run_with_listener(
+            config,
+            l,
+            self.shutdown.clone(),
+        ));
         self.orchestrator_url = Some(url);
         self
     }
@@ -173,10 +191,8 @@ impl Gateway {
 
 pub fn bearer<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
-

@@ -1,0 +1,285 @@
+//! A real environment through the gateway: create (policy clearance, exact
+//! hardened spec to the orchestrator), idempotent retry, exec, logs and
+//! stats streamed through the proxy, delete. Uses the local Docker engine
+//! and cleans up exactly the objects of its own installation id.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Platform, bearer};
+use futures::StreamExt;
+use vibebox_orchestrator::testkit::{TEST_IMAGE, TEST_LABEL, ensure_test_image, remove_labelled};
+use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
+use vibebox_proto::environment::{
+    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
+    ExecRequest, ExecStart, GetEnvironmentRequest, StreamLogsRequest, StreamStatsRequest,
+    exec_request, exec_response,
+};
+use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
+use vibebox_proto::identity::{AddTeamMemberRequest, CreateTeamRequest, TeamRole, WhoAmIRequest};
+
+/// Removes this test's Docker objects even when it fails.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_labelled(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_exec_logs_stats_delete_through_the_gateway() {
+    ensure_test_image().expect("test image");
+    let installation = format!("gateway-test-{}", uuid::Uuid::new_v4());
+    let _cleanup = Cleanup(installation.clone());
+    let platform = Platform::start()
+        .await
+        .with_policy()
+        .await
+        .with_orchestrator_config(|c| {
+            c.installation_id = Some(installation.clone());
+            c.docker_labels = vec![format!("{TEST_LABEL}=gateway")];
+            c.subnet_pool = "10.214.0.0/16".into();
+        })
+        .await;
+    let gateway = platform.gateway(|_| {}).await;
+    let channel = gateway.channel().await;
+    let admin = platform.admin_token.clone();
+
+    let mut identity = IdentityServiceClient::new(channel.clone());
+    let team_id = identity
+        .create_team(bearer(
+            CreateTeamRequest {
+                name: "gw-docker".into(),
+                display_name: "gateway docker test".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create team")
+        .into_inner()
+        .team
+        .unwrap()
+        .id;
+    let me = identity
+        .who_am_i(bearer(WhoAmIRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    identity
+        .add_team_member(bearer(
+            AddTeamMemberRequest {
+                team_id: team_id.clone(),
+                user_id: me.id.clone(),
+                role: TeamRole::Developer as i32,
+            },
+            &admin,
+        ))
+        .await
+        .map(drop)
+        .or_else(|s| {
+            // The team's creator may already be a member.
+            (s.code() == tonic::Code::AlreadyExists)
+                .then_some(())
+                .ok_or(s)
+        })
+        .expect("join team");
+
+    let mut environments = EnvironmentServiceClient::new(channel.clone());
+    let request = CreateEnvironmentRequest {
+        request_id: format!("create-{}", uuid::Uuid::new_v4()),
+        team_id: team_id.clone(),
+        name: "proxied".into(),
+        spec: Some(ContainerSpec {
+            image: TEST_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo started; exec sleep 3600".into(),
+            ],
+            memory_limit_mb: Some(64),
+            cpu_limit: Some(0.5),
+            ..Default::default()
+        }),
+    };
+    let created = environments
+        .create_environment(bearer(request.clone(), &admin))
+        .await
+        .expect("create through the gateway")
+        .into_inner()
+        .environment
+        .unwrap();
+    assert_eq!(created.team_id, team_id);
+    assert_eq!(created.owner_id, me.id);
+    // The hardened spec was applied (policy filled in the platform user).
+    let applied = created.spec.clone().unwrap();
+    assert!(applied.user.is_some(), "{applied:?}");
+    // Retrying with the same request id returns the same environment.
+    let again = environments
+        .create_environment(bearer(request, &admin))
+        .await
+        .expect("idempotent retry")
+        .into_inner()
+        .environment
+        .unwrap();
+    assert_eq!(again.id, created.id);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let env = environments
+            .get_environment(bearer(
+                GetEnvironmentRequest {
+                    environment_id: created.id.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .environment
+            .unwrap();
+        if env.state == EnvironmentState::Running as i32 {
+            break;
+        }
+        assert!(
+            env.state != EnvironmentState::Failed as i32,
+            "environment failed: {}",
+            env.failure_reason
+        );
+        assert!(Instant::now() < deadline, "not running: {env:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Exec: stdout, stderr and the exit code come back through the proxy.
+    let start = ExecRequest {
+        message: Some(exec_request::Message::Start(ExecStart {
+            environment_id: created.id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo hello-through-gateway; echo oops >&2; exit 3".into(),
+            ],
+            ..Default::default()
+        })),
+    };
+    let mut responses = environments
+        .exec(bearer(futures::stream::iter([start]), &admin))
+        .await
+        .expect("exec")
+        .into_inner();
+    let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    while let Some(message) = responses.message().await.expect("exec stream") {
+        match message.message {
+            Some(exec_response::Message::Stdout(b)) => stdout.extend(b),
+            Some(exec_response::Message::Stderr(b)) => stderr.extend(b),
+            Some(exec_response::Message::Exit(e)) => exit = Some(e.exit_code),
+            None => {}
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&stdout).contains("hello-through-gateway"),
+        "{stdout:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&stderr).contains("oops"),
+        "{stderr:?}"
+    );
+    assert_eq!(exit, Some(3));
+
+    // Logs (not following) end by themselves and hold the container output.
+    let logs = environments
+        .stream_logs(bearer(
+            StreamLogsRequest {
+                environment_id: created.id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .expect("logs")
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await;
+    let text: Vec<u8> = logs
+        .into_iter()
+        .flat_map(|chunk| chunk.expect("log chunk").data)
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&text).contains("started"),
+        "{text:?}"
+    );
+
+    // A follower that goes away ends the proxied stream (and, with it, the
+    // upstream one): the active-stream gauge returns to zero.
+    let mut follow = environments
+        .stream_logs(bearer(
+            StreamLogsRequest {
+                environment_id: created.id.clone(),
+                follow: true,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .expect("follow logs")
+        .into_inner();
+    let first = follow
+        .message()
+        .await
+        .expect("first chunk")
+        .expect("a chunk");
+    assert!(!first.data.is_empty());
+    let gauge = r#"vibebox_gateway_active_streams{method="EnvironmentService/StreamLogs"}"#;
+    assert!(gateway.scrape().await.contains(&format!("{gauge} 1")));
+    drop(follow);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateway.scrape().await.contains(&format!("{gauge} 0")) {
+        assert!(Instant::now() < deadline, "the follow stream was not ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Stats: one sample.
+    let samples = environments
+        .stream_stats(bearer(
+            StreamStatsRequest {
+                environment_id: created.id.clone(),
+                one_shot: true,
+            },
+            &admin,
+        ))
+        .await
+        .expect("stats")
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await;
+    assert!(!samples.is_empty());
+    assert!(samples[0].as_ref().expect("sample").memory_limit_bytes > 0);
+
+    let deleted = environments
+        .delete_environment(bearer(
+            DeleteEnvironmentRequest {
+                environment_id: created.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("delete")
+        .into_inner()
+        .environment
+        .unwrap();
+    assert_eq!(deleted.id, created.id);
+    let metrics = gateway.scrape().await;
+    assert!(
+        metrics.contains(
+            r#"vibebox_gateway_requests_total{method="EnvironmentService/Exec",code="OK"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"vibebox_gateway_active_streams{method="EnvironmentService/Exec"} 0"#),
+        "{metrics}"
+    );
+}
