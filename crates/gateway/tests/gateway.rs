@@ -349,3 +349,36 @@ async fn oversized_requests_are_refused_before_anything_else() {
         "{status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_listener_can_serve_tls() {
+    let platform = Platform::start().await;
+    let pki = platform.pki.pki_dir();
+    let gateway = platform
+        .gateway(|c| {
+            c.public_tls_cert = Some(pki.join("gateway.pem"));
+            c.public_tls_key = Some(pki.join("gateway-key.pem"));
+        })
+        .await;
+    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    let channel = Channel::from_shared(format!("https://localhost:{}", gateway.addr.port()))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS connection to the public listener");
+    let mut identity = IdentityServiceClient::new(channel);
+    let status = identity.who_am_i(WhoAmIRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let me = identity
+        .who_am_i(bearer(WhoAmIRequest {}, &platform.admin_token))
+        .await
+        .expect("whoami over TLS")
+        .into_inner();
+    assert_eq!(me.user.unwrap().username, "admin");
+}
