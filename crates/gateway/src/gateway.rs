@@ -30,6 +30,11 @@ pub(crate) const POLICY: &str = "policy";
 pub(crate) const ORCHESTRATOR: &str = "orchestrator";
 pub(crate) const AUDIT: &str = "audit";
 
+/// Refusals audited per second per client address or user (sustained).
+const AUDIT_BUDGET_PER_SECOND: u32 = 5;
+/// Refusals audited in a burst per client address or user.
+const AUDIT_BUDGET_BURST: u32 = 20;
+
 /// Channels to the internal services (mutual TLS, the gateway's identity).
 pub(crate) struct Upstreams {
     pub(crate) identity: GrpcChannel,
@@ -52,6 +57,10 @@ pub(crate) struct Gateway {
     limiter: UserRateLimiter,
     /// Limits unauthenticated traffic (Login, refused tokens) per client address.
     anonymous_limiter: UserRateLimiter,
+    /// Bounds how many refusals per address or user are audited (a flood of
+    /// refused calls must not turn into a flood of fsyncs); every refusal is
+    /// still counted in the metrics.
+    audit_budget: UserRateLimiter,
     audit_log: AuditClient,
     pub(crate) runtime: RuntimeServiceClient<GrpcChannel>,
     pub(crate) clearance: ClearanceServiceClient<GrpcChannel>,
@@ -183,6 +192,7 @@ impl Gateway {
             auth: Authenticator::new(upstreams.identity.clone(), settings.decision_cache_ttl),
             limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
             anonymous_limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
+            audit_budget: UserRateLimiter::new(AUDIT_BUDGET_PER_SECOND, AUDIT_BUDGET_BURST),
             audit_log,
             runtime: RuntimeServiceClient::new(upstreams.orchestrator),
             clearance: ClearanceServiceClient::new(upstreams.policy.clone()),
@@ -209,6 +219,7 @@ impl Gateway {
                     }
                     self.limiter.shrink();
                     self.anonymous_limiter.shrink();
+                    self.audit_budget.shrink();
                 }
             }
         }
@@ -241,14 +252,18 @@ impl Gateway {
         };
         let call = Call { info, principal };
         if !self.limiter.check(call.user_id()) {
-            self.record(
-                &call.info,
-                Some(&call.principal),
-                "access.rate_limited",
-                Severity::Low,
-                "per-user rate limit exceeded",
-                None,
-            );
+            if self.audit_budget.check(&format!("user:{}", call.user_id())) {
+                self.record(
+                    &call.info,
+                    Some(&call.principal),
+                    "access.rate_limited",
+                    Severity::Low,
+                    "per-user rate limit exceeded",
+                    None,
+                );
+            } else {
+                crate::metrics::record_access_event("access.rate_limited");
+            }
             return Err(GatewayError::RateLimited);
         }
         Ok(call)
@@ -258,8 +273,9 @@ impl Gateway {
     pub(crate) fn limit_anonymous(&self, info: &CallInfo) -> Result<()> {
         let key = client_host(&info.client_address);
         if self.anonymous_limiter.check(&key) {
-            Ok(())
-        } else {
+            return Ok(());
+        }
+        if self.audit_budget.check(&format!("addr:{key}")) {
             self.record(
                 info,
                 None,
@@ -268,8 +284,10 @@ impl Gateway {
                 "per-address rate limit exceeded",
                 None,
             );
-            Err(GatewayError::RateLimited)
+        } else {
+            crate::metrics::record_access_event("access.rate_limited");
         }
+        Err(GatewayError::RateLimited)
     }
 
     fn refuse_anonymous(&self, info: &CallInfo, reason: &'static str) {

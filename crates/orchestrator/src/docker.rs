@@ -74,6 +74,34 @@ pub fn volume_name(env: &str) -> String {
     format!("vibebox-ws-{env}")
 }
 
+/// Docker name of a named volume the spec asks for. Named volumes are
+/// scoped to their environment (never shared across environments or teams)
+/// and carry the platform labels, so delete and reconcile find them.
+pub fn named_volume(env: &str, name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' { c } else { '-' })
+        .collect();
+    format!("{}-{clean}", volume_name(env))
+}
+
+/// Volume create requests for every volume of a spec: the workspace and
+/// each named volume.
+pub fn volume_requests(t: &Target<'_>, spec: &ContainerSpec) -> Vec<VolumeCreateRequest> {
+    let mut out = vec![volume_request(t)];
+    for m in &spec.mounts {
+        if SpecMountType::try_from(m.r#type) == Ok(SpecMountType::Volume) && !m.source.is_empty() {
+            out.push(VolumeCreateRequest {
+                name: Some(named_volume(t.environment_id, &m.source)),
+                driver: Some("local".into()),
+                labels: Some(platform_labels(t)),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
 /// The platform labels of an environment's objects.
 pub fn platform_labels(t: &Target<'_>) -> HashMap<String, String> {
     let mut l: HashMap<String, String> = t.extra_labels.iter().cloned().collect();
@@ -194,7 +222,7 @@ pub fn container_body(
                     has_workspace = true;
                     volume_name(t.environment_id)
                 } else {
-                    m.source.clone()
+                    named_volume(t.environment_id, &m.source)
                 };
                 Mount {
                     typ: Some(MountType::VOLUME),
@@ -482,5 +510,17 @@ mod tests {
             ..spec
         };
         assert!(container_body(&host, "img:1", &target(), &[]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod volume_scope_tests {
+    use super::*;
+
+    #[test]
+    fn named_volumes_are_scoped_to_their_environment() {
+        assert_eq!(named_volume("e1", "data"), "vibebox-ws-e1-data");
+        assert_ne!(named_volume("e1", "data"), named_volume("e2", "data"));
+        assert_eq!(named_volume("e1", "../x y"), "vibebox-ws-e1-..-x-y");
     }
 }

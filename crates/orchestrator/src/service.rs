@@ -641,9 +641,9 @@ impl Orchestrator {
             .store
             .set_status_message(&rec.id, "creating container")
             .await?;
-        docker
-            .create_volume(docker::volume_request(&self.target(&rec)))
-            .await?;
+        for volume in docker::volume_requests(&self.target(&rec), &Self::spec_of(&rec)) {
+            docker.create_volume(volume).await?;
+        }
         let body = self.body_of(&rec)?;
         let name = docker::container_name(&rec.id);
         let id = match docker
@@ -742,14 +742,17 @@ impl Orchestrator {
                 .await,
         )?;
         tolerate(docker.remove_network(&docker::network_name(&rec.id)).await)?;
-        tolerate(
-            docker
-                .remove_volume(
-                    &docker::volume_name(&rec.id),
-                    Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
-                )
-                .await,
-        )?;
+        for volume in docker::volume_requests(&self.target(rec), &Self::spec_of(rec)) {
+            let name = volume.name.unwrap_or_default();
+            tolerate(
+                docker
+                    .remove_volume(
+                        &name,
+                        Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
+                    )
+                    .await,
+            )?;
+        }
         Ok(())
     }
 
