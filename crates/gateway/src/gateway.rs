@@ -293,8 +293,8 @@ impl Gateway {
     fn refuse_anonymous(&self, info: &CallInfo, reason: &'static str) {
         // A flood of bad tokens is audited only within the per-address budget
         // (the refusals themselves are always counted in metrics).
-        let key = client_host(&info.client_address);
-        if self.anonymous_limiter.check(&key) {
+        let key = format!("addr:{}", client_host(&info.client_address));
+        if self.audit_budget.check(&key) {
             self.record(
                 info,
                 None,

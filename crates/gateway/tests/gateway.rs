@@ -61,6 +61,24 @@ async fn authentication_routing_validation_metrics_and_audit() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
+    // A token naming a key id identity does not have: the gateway refreshes
+    // its key ring (rotation), still does not know the key: UNAUTHENTICATED.
+    let unknown_root = vibebox_token::RootKey::generate(999_999);
+    let unknown = vibebox_token::mint(
+        &unknown_root,
+        &vibebox_token::Claims::new(
+            "someone",
+            "t-2",
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        ),
+    )
+    .unwrap();
+    let status = identity
+        .who_am_i(bearer(WhoAmIRequest {}, &unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
     // The admin token works end to end (verified locally with identity's
     // keys, authorized by identity, forwarded with the authorization header).
     let me = identity
@@ -188,7 +206,7 @@ async fn authentication_routing_validation_metrics_and_audit() {
             .expect("query audit through the gateway")
             .into_inner()
             .events;
-        if events.len() >= 3 {
+        if events.len() >= 4 {
             assert!(events.iter().all(|e| e.source_service == "gateway"));
             break;
         }

@@ -108,14 +108,17 @@ impl ServerBuilder {
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
         }
+        // Describe only what this server serves: the files defining its
+        // services and their imports, never another (internal) contract.
+        let descriptors = descriptors_for(&self.names);
         let mut v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(vibebox_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc error details, so that grpcurl can print them.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
         let mut v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(vibebox_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc error details, so that grpcurl can print them.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
@@ -157,4 +160,42 @@ impl ServerBuilder {
         tracing::info!(service = self.service, "stopped");
         Ok(result?)
     }
+}
+
+/// The encoded descriptor set holding the files that define `services` and
+/// everything they import.
+fn descriptors_for(services: &[&str]) -> Vec<u8> {
+    use prost::Message;
+    let all = prost_types::FileDescriptorSet::decode(vibebox_proto::FILE_DESCRIPTOR_SET)
+        .expect("the generated descriptor set decodes");
+    let mut wanted: Vec<String> = all
+        .file
+        .iter()
+        .filter(|f| {
+            f.service.iter().any(|s| {
+                let full = format!("{}.{}", f.package(), s.name());
+                services.contains(&full.as_str())
+            })
+        })
+        .map(|f| f.name().to_owned())
+        .collect();
+    let mut i = 0;
+    while i < wanted.len() {
+        if let Some(file) = all.file.iter().find(|f| f.name() == wanted[i]) {
+            for dep in &file.dependency {
+                if !wanted.contains(dep) {
+                    wanted.push(dep.clone());
+                }
+            }
+        }
+        i += 1;
+    }
+    prost_types::FileDescriptorSet {
+        file: all
+            .file
+            .into_iter()
+            .filter(|f| wanted.iter().any(|w| w == f.name()))
+            .collect(),
+    }
+    .encode_to_vec()
 }

@@ -155,6 +155,31 @@ async fn reflection_lists_services_over_v1_and_v1alpha() {
         "{names:?}"
     );
 
+    // Other contracts (internal ones included) are not even described.
+    let request = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            r1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "vibebox.internal.runtime.v1.RuntimeService".into(),
+            ),
+        ),
+    };
+    let mut stream = v1
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream.message().await {
+        Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+        Ok(reply) => assert!(
+            matches!(
+                reply.and_then(|r| r.message_response),
+                Some(r1::server_reflection_response::MessageResponse::ErrorResponse(_))
+            ),
+            "an unserved contract is not described"
+        ),
+    }
+
     use tonic_reflection::pb::v1alpha as ra;
     let mut alpha = ra::server_reflection_client::ServerReflectionClient::new(channel);
     let request = ra::ServerReflectionRequest {
