@@ -4,6 +4,9 @@
 # (default vibebox/devbox:1). Idempotent: an existing tag is kept.
 set -euo pipefail
 tag="${1:-vibebox/devbox:1}"
+# Parallel test binaries build the same tag: serialize them.
+exec 9>"${TMPDIR:-/tmp}/vibebox-dev-image.lock"
+flock 9
 if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag"
   exit 0

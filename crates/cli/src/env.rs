@@ -1,0 +1,796 @@
+//! `vibebox env ...`: create (with progress), ls, get, start/stop/restart/rm,
+//! logs, stats and exec (an interactive terminal or plain pipes).
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use vibebox_proto::environment::{
+    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
+    EnvironmentState, ExecRequest, ExecStart, GetEnvironmentRequest, ListEnvironmentsRequest,
+    OutputStream, RestartEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
+    StreamLogsRequest, StreamStatsRequest, TerminalSize, exec_request, exec_response,
+};
+
+use crate::client::{CallExt, Session};
+use crate::config::Context;
+use crate::output::{self, Format};
+use crate::spec::{SpecFile, parse_memory_mb};
+
+/// Environment commands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum EnvCommand {
+    /// Create an environment (from flags or a spec file) and wait until it runs.
+    Create(CreateArgs),
+    /// List environments.
+    #[command(alias = "list")]
+    Ls(LsArgs),
+    /// Show one environment.
+    Get(EnvArg),
+    /// Start a stopped environment.
+    Start(EnvArg),
+    /// Stop a running environment.
+    Stop(StopArgs),
+    /// Restart an environment.
+    Restart(StopArgs),
+    /// Delete an environment (its container, network and workspace).
+    #[command(alias = "delete")]
+    Rm(EnvArg),
+    /// Print an environment's logs.
+    Logs(LogsArgs),
+    /// Run a command in an environment (`-it` for an interactive terminal).
+    Exec(ExecArgs),
+    /// Show resource usage.
+    Stats(StatsArgs),
+}
+
+/// An environment, by id or name.
+#[derive(Args, Debug)]
+pub(crate) struct EnvArg {
+    /// Environment id or name.
+    pub(crate) env: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CreateArgs {
+    /// Name of the environment (or `name` in the spec file).
+    name: Option<String>,
+    /// Spec file (TOML, or JSON by extension) mirroring ContainerSpec.
+    #[arg(short, long)]
+    file: Option<PathBuf>,
+    /// Image (overrides the spec file).
+    #[arg(long)]
+    image: Option<String>,
+    /// CPUs, e.g. 1.5.
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory, e.g. 512m or 2g.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Environment variables KEY=VALUE (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env_vars: Vec<String>,
+    /// Working directory.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// Team id or name (default: the context's team, or your only team).
+    #[arg(long)]
+    team: Option<String>,
+    /// Do not wait for the environment to be running.
+    #[arg(long)]
+    no_wait: bool,
+    /// Command to run (default: the image's).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LsArgs {
+    /// Only this team (id or name).
+    #[arg(long)]
+    team: Option<String>,
+    /// Include deleted environments.
+    #[arg(short, long)]
+    all: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StopArgs {
+    /// Environment id or name.
+    env: String,
+    /// Seconds to wait before killing.
+    #[arg(short, long)]
+    timeout: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LogsArgs {
+    /// Environment id or name.
+    env: String,
+    /// Keep streaming new output.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only the last N lines.
+    #[arg(long, value_name = "N")]
+    tail: Option<u32>,
+    /// Only since a time (RFC 3339) or a duration ago (30s, 10m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Prefix each line with its time.
+    #[arg(short, long)]
+    timestamps: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ExecArgs {
+    /// Keep stdin open and forward it.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Allocate a terminal (raw mode, resizes forwarded).
+    #[arg(short, long)]
+    tty: bool,
+    /// Environment variables KEY=VALUE (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env_vars: Vec<String>,
+    /// Working directory.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// Environment id or name.
+    env: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatsArgs {
+    /// Environment id or name.
+    env: String,
+    /// Keep streaming samples.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// What `env get`/`ls -o json` print.
+#[derive(Serialize)]
+pub(crate) struct EnvView {
+    id: String,
+    name: String,
+    team_id: String,
+    owner_id: String,
+    state: String,
+    image: String,
+    canonical_image: String,
+    cpu: Option<f64>,
+    memory_mb: Option<i64>,
+    pids_limit: Option<i64>,
+    command: Vec<String>,
+    policy_version: String,
+    policy_digest: String,
+    create_time: String,
+    update_time: String,
+    status_message: String,
+    failure_reason: String,
+}
+
+fn state_name(state: i32) -> String {
+    EnvironmentState::try_from(state)
+        .map(|s| output::enum_name(s.as_str_name(), "ENVIRONMENT_STATE_"))
+        .unwrap_or_else(|_| state.to_string())
+}
+
+impl From<&Environment> for EnvView {
+    fn from(e: &Environment) -> Self {
+        let spec = e.spec.clone().unwrap_or_default();
+        Self {
+            id: e.id.clone(),
+            name: e.name.clone(),
+            team_id: e.team_id.clone(),
+            owner_id: e.owner_id.clone(),
+            state: state_name(e.state),
+            image: spec.image,
+            canonical_image: e.canonical_image.clone(),
+            cpu: spec.cpu_limit,
+            memory_mb: spec.memory_limit_mb,
+            pids_limit: spec.pids_limit,
+            command: spec.command,
+            policy_version: e.policy_version.clone(),
+            policy_digest: e.policy_digest.clone(),
+            create_time: output::time(e.create_time.as_ref()),
+            update_time: output::time(e.update_time.as_ref()),
+            status_message: e.status_message.clone(),
+            failure_reason: e.failure_reason.clone(),
+        }
+    }
+}
+
+fn print_env(e: &Environment, format: Format) {
+    let v = EnvView::from(e);
+    if format == Format::Json {
+        return output::json(&v);
+    }
+    let opt = |o: Option<String>| o.unwrap_or_else(|| "-".to_owned());
+    let mut pairs = vec![
+        ("id", v.id),
+        ("name", v.name),
+        ("state", v.state),
+        ("team", v.team_id),
+        ("owner", v.owner_id),
+        ("image", v.image),
+        ("canonical image", v.canonical_image),
+        ("cpu", opt(v.cpu.map(|c| c.to_string()))),
+        ("memory", opt(v.memory_mb.map(|m| format!("{m} MiB")))),
+        ("pids limit", opt(v.pids_limit.map(|p| p.to_string()))),
+        (
+            "policy",
+            format!("{} {}", v.policy_version, v.policy_digest),
+        ),
+        ("created", v.create_time),
+        ("updated", v.update_time),
+    ];
+    if !v.status_message.is_empty() {
+        pairs.push(("status", v.status_message));
+    }
+    if !v.failure_reason.is_empty() {
+        pairs.push(("failure", v.failure_reason));
+    }
+    output::fields(&pairs);
+}
+
+fn parse_kv(items: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| anyhow!("{kv:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// All environments visible to the caller (every page).
+async fn list_all(
+    session: &Session,
+    team_id: String,
+    show_deleted: bool,
+) -> Result<Vec<Environment>> {
+    let mut client = session.environments();
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = client
+            .list_environments(ListEnvironmentsRequest {
+                team_id: team_id.clone(),
+                page_size: 200,
+                page_token,
+                show_deleted,
+            })
+            .await
+            .call()?;
+        out.extend(resp.environments);
+        if resp.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = resp.next_page_token;
+    }
+}
+
+/// Resolves an environment id or name to an id.
+pub(crate) async fn resolve_env(session: &Session, env: &str) -> Result<String> {
+    if uuid::Uuid::parse_str(env).is_ok() {
+        return Ok(env.to_owned());
+    }
+    let matches: Vec<_> = list_all(session, String::new(), false)
+        .await?
+        .into_iter()
+        .filter(|e| e.name == env)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => bail!("no environment named {env:?} (see `vibebox env ls`)"),
+        many => bail!(
+            "{} environments are named {env:?}; use an id ({})",
+            many.len(),
+            many.iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Runs an `env` subcommand.
+pub(crate) async fn run(
+    cmd: EnvCommand,
+    session: &Session,
+    ctx: &Context,
+    format: Format,
+) -> Result<ExitCode> {
+    let mut client = session.environments();
+    match cmd {
+        EnvCommand::Create(args) => return create(args, session, ctx, format).await,
+        EnvCommand::Ls(args) => {
+            let team_id = match &args.team {
+                Some(t) => crate::identity::resolve_team(session, Some(t), None).await?,
+                None => String::new(),
+            };
+            let envs = list_all(session, team_id, args.all).await?;
+            if format == Format::Json {
+                output::json(&envs.iter().map(EnvView::from).collect::<Vec<_>>());
+            } else {
+                let rows: Vec<Vec<String>> = envs
+                    .iter()
+                    .map(|e| {
+                        let v = EnvView::from(e);
+                        vec![v.id, v.name, v.state, v.image, v.team_id, v.create_time]
+                    })
+                    .collect();
+                output::table(&["ID", "NAME", "STATE", "IMAGE", "TEAM", "CREATED"], &rows);
+            }
+        }
+        EnvCommand::Get(a) => {
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .get_environment(GetEnvironmentRequest { environment_id: id })
+                .await
+                .call()?;
+            print_env(&resp.environment.unwrap_or_default(), format);
+        }
+        EnvCommand::Start(a) => {
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .start_environment(StartEnvironmentRequest { environment_id: id })
+                .await
+                .call()?;
+            done(resp.environment, format, "started");
+        }
+        EnvCommand::Stop(a) => {
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .stop_environment(StopEnvironmentRequest {
+                    environment_id: id,
+                    timeout_seconds: a.timeout,
+                })
+                .await
+                .call()?;
+            done(resp.environment, format, "stopped");
+        }
+        EnvCommand::Restart(a) => {
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .restart_environment(RestartEnvironmentRequest {
+                    environment_id: id,
+                    timeout_seconds: a.timeout,
+                })
+                .await
+                .call()?;
+            done(resp.environment, format, "restarted");
+        }
+        EnvCommand::Rm(a) => {
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .delete_environment(DeleteEnvironmentRequest { environment_id: id })
+                .await
+                .call()?;
+            done(resp.environment, format, "deleted");
+        }
+        EnvCommand::Logs(a) => logs(a, session).await?,
+        EnvCommand::Stats(a) => stats(a, session, format).await?,
+        EnvCommand::Exec(a) => return exec(a, session).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done(env: Option<Environment>, format: Format, verb: &str) {
+    let env = env.unwrap_or_default();
+    if format == Format::Json {
+        output::json(&EnvView::from(&env));
+    } else {
+        println!(
+            "{verb} {} ({}): {}",
+            env.name,
+            env.id,
+            state_name(env.state)
+        );
+    }
+}
+
+async fn create(
+    args: CreateArgs,
+    session: &Session,
+    ctx: &Context,
+    format: Format,
+) -> Result<ExitCode> {
+    let mut file = match &args.file {
+        Some(path) => SpecFile::read(path)?,
+        None => SpecFile::default(),
+    };
+    if let Some(image) = args.image {
+        file.image = image;
+    }
+    if file.image.is_empty() {
+        bail!("an image is required: --image IMAGE or `image` in --file");
+    }
+    if let Some(cpu) = args.cpu {
+        file.cpu = Some(cpu);
+    }
+    if let Some(mem) = &args.memory {
+        file.memory_mb = Some(parse_memory_mb(mem)?);
+    }
+    if let Some(p) = args.pids_limit {
+        file.pids_limit = Some(p);
+    }
+    file.env.extend(parse_kv(&args.env_vars)?);
+    if let Some(w) = args.workdir {
+        file.working_dir = w;
+    }
+    if !args.command.is_empty() {
+        file.command = args.command;
+    }
+    let name = args
+        .name
+        .or_else(|| file.name.clone())
+        .ok_or_else(|| anyhow!("a name is required: vibebox env create NAME"))?;
+    let team = args.team.or_else(|| file.team.clone());
+    let team_id =
+        crate::identity::resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
+    let spec: ContainerSpec = file.to_proto()?;
+
+    let progress = Progress::new(&name);
+    progress.say("submitting to the policy and the orchestrator");
+    let mut client = session.environments();
+    let created = client
+        .create_environment(CreateEnvironmentRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            team_id,
+            name: name.clone(),
+            spec: Some(spec),
+        })
+        .await
+        .call();
+    let mut env = match created {
+        Ok(r) => r.environment.unwrap_or_default(),
+        Err(e) => {
+            progress.finish();
+            return Err(e);
+        }
+    };
+    let mut last = String::new();
+    while !args.no_wait && env.state == EnvironmentState::Creating as i32 {
+        let msg = if env.status_message.is_empty() {
+            "creating".to_owned()
+        } else {
+            env.status_message.clone()
+        };
+        if msg != last {
+            progress.say(&msg);
+            last = msg;
+        }
+        progress.tick();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        env = client
+            .get_environment(GetEnvironmentRequest {
+                environment_id: env.id.clone(),
+            })
+            .await
+            .call()?
+            .environment
+            .unwrap_or_default();
+    }
+    progress.finish();
+    if env.state == EnvironmentState::Failed as i32 {
+        bail!(
+            "environment {} ({}) failed: {}",
+            env.name,
+            env.id,
+            if env.failure_reason.is_empty() {
+                &env.status_message
+            } else {
+                &env.failure_reason
+            }
+        );
+    }
+    if format == Format::Json {
+        output::json(&EnvView::from(&env));
+    } else {
+        println!(
+            "created {} ({}): {}",
+            env.name,
+            env.id,
+            state_name(env.state)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Progress on stderr: a spinner on a terminal, plain lines otherwise.
+struct Progress {
+    name: String,
+    tty: bool,
+    frame: std::cell::Cell<usize>,
+    message: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            tty: std::io::stderr().is_terminal(),
+            frame: Default::default(),
+            message: Default::default(),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        *self.message.borrow_mut() = msg.to_owned();
+        if self.tty {
+            self.tick();
+        } else {
+            eprintln!("{}: {msg}", self.name);
+        }
+    }
+
+    fn tick(&self) {
+        if !self.tty {
+            return;
+        }
+        let f = self.frame.get();
+        self.frame.set(f + 1);
+        let mut err = std::io::stderr();
+        let _ = write!(
+            err,
+            "\r\x1b[2K{} {}: {}",
+            Self::FRAMES[f % Self::FRAMES.len()],
+            self.name,
+            self.message.borrow()
+        );
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}
+
+async fn logs(a: LogsArgs, session: &Session) -> Result<()> {
+    let id = resolve_env(session, &a.env).await?;
+    let since_time = a
+        .since
+        .as_deref()
+        .map(output::parse_since)
+        .transpose()?
+        .map(output::to_proto);
+    let mut stream = session
+        .environments()
+        .stream_logs(StreamLogsRequest {
+            environment_id: id,
+            follow: a.follow,
+            tail_lines: a.tail,
+            since_time,
+            timestamps: a.timestamps,
+            include_stdout: true,
+            include_stderr: true,
+        })
+        .await
+        .call()?;
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    while let Some(chunk) = stream.message().await.map_err(crate::client::CallError)? {
+        let w: &mut dyn Write = if chunk.stream == OutputStream::Stderr as i32 {
+            &mut err
+        } else {
+            &mut out
+        };
+        if a.timestamps && chunk.time.is_some() {
+            write!(w, "{} ", output::time(chunk.time.as_ref()))?;
+        }
+        w.write_all(&chunk.data)?;
+        w.flush()?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    time: String,
+    cpu_percent: f64,
+    memory_usage_bytes: u64,
+    memory_limit_bytes: u64,
+    pids: u64,
+    network_rx_bytes: u64,
+    network_tx_bytes: u64,
+}
+
+async fn stats(a: StatsArgs, session: &Session, format: Format) -> Result<()> {
+    let id = resolve_env(session, &a.env).await?;
+    let mut stream = session
+        .environments()
+        .stream_stats(StreamStatsRequest {
+            environment_id: id,
+            one_shot: !a.follow,
+        })
+        .await
+        .call()?;
+    let mut header = false;
+    while let Some(s) = stream.message().await.map_err(crate::client::CallError)? {
+        let v = StatsView {
+            time: output::time(s.time.as_ref()),
+            cpu_percent: s.cpu_percent,
+            memory_usage_bytes: s.memory_usage_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            pids: s.pids,
+            network_rx_bytes: s.network_rx_bytes,
+            network_tx_bytes: s.network_tx_bytes,
+        };
+        if format == Format::Json {
+            println!("{}", serde_json::to_string(&v)?);
+            continue;
+        }
+        let row = vec![
+            v.time,
+            format!("{:.2}%", v.cpu_percent),
+            format!(
+                "{} / {}",
+                output::bytes(v.memory_usage_bytes),
+                output::bytes(v.memory_limit_bytes)
+            ),
+            v.pids.to_string(),
+            format!(
+                "{} / {}",
+                output::bytes(v.network_rx_bytes),
+                output::bytes(v.network_tx_bytes)
+            ),
+        ];
+        let headers = ["TIME", "CPU", "MEMORY", "PIDS", "NET RX / TX"];
+        if !header {
+            output::table(&headers, &[row]);
+            header = true;
+        } else {
+            println!("{}", row.join("  "));
+        }
+    }
+    Ok(())
+}
+
+/// Raw mode for the lifetime of the guard: restored on drop, so on every
+/// return path, error or panic (unwinding).
+struct RawMode;
+
+impl RawMode {
+    fn enter() -> Result<Self> {
+        crossterm::terminal::enable_raw_mode().context("cannot put the terminal in raw mode")?;
+        Ok(Self)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = crossterm::terminal::disable_raw_mode();
+    }
+}
+
+fn terminal_size() -> Option<TerminalSize> {
+    crossterm::terminal::size()
+        .ok()
+        .map(|(columns, rows)| TerminalSize {
+            rows: rows.into(),
+            columns: columns.into(),
+        })
+}
+
+async fn exec(a: ExecArgs, session: &Session) -> Result<ExitCode> {
+    if a.tty && !std::io::stdin().is_terminal() {
+        bail!("the input device is not a terminal: drop -t (use -i to forward stdin)");
+    }
+    let id = resolve_env(session, &a.env).await?;
+    let (tx, rx) = mpsc::channel::<ExecRequest>(64);
+    let start = ExecStart {
+        environment_id: id,
+        command: a.command,
+        tty: a.tty,
+        env: parse_kv(&a.env_vars)?,
+        working_dir: a.workdir.unwrap_or_default(),
+        terminal_size: if a.tty { terminal_size() } else { None },
+        stdin: a.interactive,
+    };
+    tx.send(ExecRequest {
+        message: Some(exec_request::Message::Start(start)),
+    })
+    .await
+    .map_err(|_| anyhow!("exec stream closed"))?;
+    let mut stream = session
+        .environments()
+        .exec(ReceiverStream::new(rx))
+        .await
+        .call()?;
+    let _raw = if a.tty { Some(RawMode::enter()?) } else { None };
+
+    if a.interactive {
+        // A plain thread: a blocked stdin read must not keep the runtime
+        // from shutting down once the remote command has exited.
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(ExecRequest {
+                            message: Some(exec_request::Message::CloseStdin(true)),
+                        });
+                        return;
+                    }
+                    Ok(n) => {
+                        let msg = ExecRequest {
+                            message: Some(exec_request::Message::Stdin(buf[..n].to_vec())),
+                        };
+                        if tx.blocking_send(msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if a.tty {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut winch) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some(size) = terminal_size()
+                    && tx
+                        .send(ExecRequest {
+                            message: Some(exec_request::Message::Resize(size)),
+                        })
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let code = loop {
+        let Some(msg) = stream.message().await.map_err(crate::client::CallError)? else {
+            bail!("the exec stream ended without an exit status");
+        };
+        match msg.message {
+            Some(exec_response::Message::Stdout(b)) => {
+                out.write_all(&b)?;
+                out.flush()?;
+            }
+            Some(exec_response::Message::Stderr(b)) => {
+                err.write_all(&b)?;
+                err.flush()?;
+            }
+            Some(exec_response::Message::Exit(e)) => break e.exit_code,
+            None => {}
+        }
+    };
+    drop(tx);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(if code < 0 {
+        1
+    } else {
+        255
+    })))
+}

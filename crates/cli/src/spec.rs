@@ -1,0 +1,253 @@
+//! The spec file (`env create --file spec.toml`, `policy check SPEC`): a
+//! serde mirror of `ContainerSpec` in TOML (or JSON), plus the spec built
+//! from `env create` flags.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use vibebox_proto::environment::{ContainerSpec, Device, Mount, MountType, PortMapping};
+
+/// A container spec as written by users.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SpecFile {
+    /// Environment name (used by `env create` when no NAME is given).
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// Team id or name (used by `env create` when no `--team` is given).
+    #[serde(default)]
+    pub(crate) team: Option<String>,
+    pub(crate) image: String,
+    #[serde(default)]
+    pub(crate) command: Vec<String>,
+    #[serde(default)]
+    pub(crate) entrypoint: Vec<String>,
+    #[serde(default)]
+    pub(crate) env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) working_dir: String,
+    #[serde(default)]
+    pub(crate) user: Option<String>,
+    #[serde(default)]
+    pub(crate) privileged: bool,
+    #[serde(default)]
+    pub(crate) cap_add: Vec<String>,
+    #[serde(default)]
+    pub(crate) cap_drop: Vec<String>,
+    #[serde(default)]
+    pub(crate) mounts: Vec<MountFile>,
+    #[serde(default)]
+    pub(crate) devices: Vec<DeviceFile>,
+    #[serde(default)]
+    pub(crate) network_mode: String,
+    #[serde(default)]
+    pub(crate) pid_mode: String,
+    #[serde(default)]
+    pub(crate) ipc_mode: String,
+    #[serde(default)]
+    pub(crate) uts_mode: String,
+    #[serde(default)]
+    pub(crate) userns_mode: String,
+    #[serde(default)]
+    pub(crate) cgroupns_mode: String,
+    #[serde(default)]
+    pub(crate) security_opt: Vec<String>,
+    #[serde(default)]
+    pub(crate) sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) read_only_rootfs: Option<bool>,
+    #[serde(default)]
+    pub(crate) labels: BTreeMap<String, String>,
+    /// CPUs (e.g. 1.5).
+    #[serde(default)]
+    pub(crate) cpu: Option<f64>,
+    /// Memory in MiB.
+    #[serde(default)]
+    pub(crate) memory_mb: Option<i64>,
+    #[serde(default)]
+    pub(crate) pids_limit: Option<i64>,
+    #[serde(default)]
+    pub(crate) ports: Vec<PortFile>,
+}
+
+/// A mount: `type` is bind, volume or tmpfs.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MountFile {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    #[serde(default)]
+    pub(crate) source: String,
+    pub(crate) target: String,
+    #[serde(default)]
+    pub(crate) read_only: bool,
+    #[serde(default)]
+    pub(crate) size_mb: Option<i64>,
+}
+
+/// A host device.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeviceFile {
+    pub(crate) host_path: String,
+    #[serde(default)]
+    pub(crate) container_path: String,
+    #[serde(default)]
+    pub(crate) permissions: String,
+}
+
+/// A published port.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PortFile {
+    pub(crate) container_port: u32,
+    #[serde(default)]
+    pub(crate) host_port: u32,
+    #[serde(default)]
+    pub(crate) host_ip: String,
+    #[serde(default)]
+    pub(crate) protocol: String,
+}
+
+impl SpecFile {
+    /// Reads a TOML (or, by extension, JSON) spec file.
+    pub(crate) fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        } else {
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+    }
+
+    /// The wire spec.
+    pub(crate) fn to_proto(&self) -> Result<ContainerSpec> {
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| {
+                let kind = match m.kind.to_ascii_lowercase().as_str() {
+                    "bind" => MountType::Bind,
+                    "volume" => MountType::Volume,
+                    "tmpfs" => MountType::Tmpfs,
+                    other => bail!("mount type {other:?} is not bind, volume or tmpfs"),
+                };
+                Ok(Mount {
+                    r#type: kind as i32,
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                    read_only: m.read_only,
+                    size_mb: m.size_mb,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ContainerSpec {
+            image: self.image.clone(),
+            command: self.command.clone(),
+            env: self.env.clone(),
+            working_dir: self.working_dir.clone(),
+            user: self.user.clone(),
+            privileged: self.privileged,
+            cap_add: self.cap_add.clone(),
+            cap_drop: self.cap_drop.clone(),
+            mounts,
+            devices: self
+                .devices
+                .iter()
+                .map(|d| Device {
+                    host_path: d.host_path.clone(),
+                    container_path: d.container_path.clone(),
+                    permissions: d.permissions.clone(),
+                })
+                .collect(),
+            network_mode: self.network_mode.clone(),
+            pid_mode: self.pid_mode.clone(),
+            ipc_mode: self.ipc_mode.clone(),
+            uts_mode: self.uts_mode.clone(),
+            userns_mode: self.userns_mode.clone(),
+            cgroupns_mode: self.cgroupns_mode.clone(),
+            security_opt: self.security_opt.clone(),
+            sysctls: self.sysctls.clone(),
+            read_only_rootfs: self.read_only_rootfs,
+            labels: self.labels.clone(),
+            cpu_limit: self.cpu,
+            memory_limit_mb: self.memory_mb,
+            pids_limit: self.pids_limit,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| PortMapping {
+                    container_port: p.container_port,
+                    host_port: p.host_port,
+                    host_ip: p.host_ip.clone(),
+                    protocol: p.protocol.clone(),
+                })
+                .collect(),
+            entrypoint: self.entrypoint.clone(),
+        })
+    }
+}
+
+/// Parses a memory size: `512m`, `2g`, `1024` (MiB).
+pub(crate) fn parse_memory_mb(s: &str) -> Result<i64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches('b').trim_end_matches('i');
+    let (num, mult) = match lower.chars().last() {
+        Some('g') => (&lower[..lower.len() - 1], 1024),
+        Some('m') => (&lower[..lower.len() - 1], 1),
+        _ => (lower, 1),
+    };
+    let n: i64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid memory size {s:?} (e.g. 512m, 2g)"))?;
+    Ok(n * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_file_maps_to_proto() {
+        let spec: SpecFile = toml::from_str(
+            r#"
+            image = "busybox"
+            command = ["sleep", "infinity"]
+            cpu = 1.5
+            memory_mb = 512
+            privileged = true
+            [env]
+            A = "1"
+            [[mounts]]
+            type = "tmpfs"
+            target = "/tmp"
+            "#,
+        )
+        .unwrap();
+        let p = spec.to_proto().unwrap();
+        assert_eq!(p.image, "busybox");
+        assert_eq!(p.cpu_limit, Some(1.5));
+        assert_eq!(p.memory_limit_mb, Some(512));
+        assert!(p.privileged);
+        assert_eq!(p.mounts[0].r#type, MountType::Tmpfs as i32);
+        assert_eq!(p.env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<SpecFile>("image = \"x\"\nimagee = 1").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_mb("512m").unwrap(), 512);
+        assert_eq!(parse_memory_mb("2g").unwrap(), 2048);
+        assert_eq!(parse_memory_mb("2GiB").unwrap(), 2048);
+        assert_eq!(parse_memory_mb("300").unwrap(), 300);
+        assert!(parse_memory_mb("lots").is_err());
+    }
+}
