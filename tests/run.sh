@@ -29,4 +29,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 cargo build --workspace --all-targets
-cargo nextest run --workspace --no-fail-fast "$@"
+# The attack, chaos and load suites append their counts here; printed at the end.
+rm -f target/suite-report.jsonl
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+bash scripts/suite-report.sh
+exit "$status"

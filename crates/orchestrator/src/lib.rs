@@ -109,6 +109,93 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub docker_labels: Vec<String>,
+    #[command(flatten)]
+    pub docker: DockerEndpoint,
+}
+
+/// Where the Docker Engine is: the local socket by default, or a TCP endpoint
+/// with mutual TLS (Docker-in-Docker in a cluster), configured the way the
+/// docker CLI is (`DOCKER_HOST`, `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DockerEndpoint {
+    /// Docker Engine address: unix:///path, tcp://host:port or https://host:port.
+    #[arg(
+        long = "docker-host",
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub host: String,
+    /// Verify the engine's certificate and present ours (mutual TLS) over TCP.
+    #[arg(long = "docker-tls-verify", env = "DOCKER_TLS_VERIFY", value_parser = parse_flag, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_verify: bool,
+    /// Directory with ca.pem, cert.pem and key.pem for the TLS connection.
+    #[arg(long = "docker-cert-path", env = "DOCKER_CERT_PATH")]
+    pub cert_path: Option<PathBuf>,
+}
+
+/// Docker's convention: any non-empty value but "0"/"false" enables TLS.
+fn parse_flag(value: &str) -> Result<bool, String> {
+    Ok(!matches!(
+        value.trim(),
+        "" | "0" | "false" | "FALSE" | "False"
+    ))
+}
+
+impl DockerEndpoint {
+    /// Connects (lazily: nothing is sent until the first request). A TCP
+    /// endpoint with TLS verification refuses to fall back to plaintext.
+    pub fn connect(&self) -> anyhow::Result<bollard::Docker> {
+        const TIMEOUT_SECS: u64 = 120;
+        let host = self.host.trim();
+        let tls = self.tls_verify || host.starts_with("https://");
+        if let Some(path) = host.strip_prefix("unix://") {
+            return bollard::Docker::connect_with_unix(
+                path,
+                TIMEOUT_SECS,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .with_context(|| format!("connecting to Docker at {host}"));
+        }
+        let address = host
+            .strip_prefix("tcp://")
+            .or_else(|| host.strip_prefix("https://"))
+            .or_else(|| host.strip_prefix("http://"))
+            .with_context(|| {
+                format!("unsupported Docker host {host:?}: use unix://, tcp:// or https://")
+            })?;
+        if !tls {
+            anyhow::ensure!(
+                !host.starts_with("https://"),
+                "https Docker host needs certificates"
+            );
+            return bollard::Docker::connect_with_http(
+                &format!("http://{address}"),
+                TIMEOUT_SECS,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .with_context(|| format!("connecting to Docker at {host}"));
+        }
+        let dir = self
+            .cert_path
+            .clone()
+            .context("DOCKER_TLS_VERIFY is set but DOCKER_CERT_PATH (--docker-cert-path) is not")?;
+        for file in ["ca.pem", "cert.pem", "key.pem"] {
+            anyhow::ensure!(
+                dir.join(file).is_file(),
+                "Docker TLS material {} is missing",
+                dir.join(file).display()
+            );
+        }
+        bollard::Docker::connect_with_ssl(
+            &format!("https://{address}"),
+            &dir.join("key.pem"),
+            &dir.join("cert.pem"),
+            &dir.join("ca.pem"),
+            TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .with_context(|| format!("connecting to Docker at {host} over TLS"))
+    }
 }
 
 impl ServiceConfig for Config {
@@ -166,7 +253,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
     let store = store::Store::open(&database_url(config))
         .await
         .context("opening the database")?;
-    let docker = bollard::Docker::connect_with_defaults().context("connecting to Docker")?;
+    let docker = config.docker.connect()?;
     let mut static_keys = Vec::new();
     if let Some(path) = &config.clearance_public_key_file {
         static_keys = keys::load_key_file(path)?;
