@@ -3,6 +3,8 @@
 //! port, hands out authenticated gRPC clients, and removes exactly the Docker
 //! objects of its own installation when dropped.
 
+pub mod report;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
