@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// Counters of one test of one suite, written when dropped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SuiteReport {
     suite: &'static str,
     test: &'static str,
@@ -26,7 +26,10 @@ impl SuiteReport {
         Self {
             suite,
             test,
-            ..Self::default()
+            tried: 0,
+            refused: 0,
+            inspected: 0,
+            notes: Vec::new(),
         }
     }
 

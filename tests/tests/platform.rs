@@ -10,7 +10,8 @@ use vibebox_proto::audit::{EventFilter, QueryEventsRequest, VerifyChainRequest};
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
     ExecRequest, ExecStart, GetEnvironmentRequest, ListEnvironmentsRequest, Mount, MountType,
-    StartEnvironmentRequest, StopEnvironmentRequest, StreamLogsRequest, exec_request, exec_response,
+    StartEnvironmentRequest, StopEnvironmentRequest, StreamLogsRequest, exec_request,
+    exec_response,
 };
 use vibebox_proto::identity::{
     AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
@@ -80,7 +81,12 @@ async fn containers_of(installation: &str) -> usize {
         vec![format!("vibebox.installation={installation}")],
     )]);
     docker()
-        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .unwrap()
         .len()
@@ -180,7 +186,12 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
         vec![format!("vibebox.environment={env_id}")],
     )]);
     let listed = docker()
-        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .unwrap();
     let container_id = listed[0].id.clone().unwrap();
@@ -194,7 +205,10 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     assert_eq!(host.cap_drop.unwrap_or_default(), vec!["ALL".to_string()]);
     assert!(host.cap_add.unwrap_or_default().is_empty());
     assert!(
-        host.security_opt.unwrap_or_default().iter().any(|o| o.starts_with("no-new-privileges")),
+        host.security_opt
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.starts_with("no-new-privileges")),
     );
     assert_ne!(host.privileged, Some(true));
     assert_eq!(host.nano_cpus, Some(2_000_000_000));
@@ -202,16 +216,24 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     assert!(host.pids_limit.unwrap_or(0) > 0);
     let network = host.network_mode.unwrap();
     let net = docker()
-        .inspect_network(&network, None::<bollard::query_parameters::InspectNetworkOptions>)
+        .inspect_network(
+            &network,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
         .await
         .unwrap();
     assert_eq!(net.internal, Some(true), "environment network is internal");
     assert_eq!(config.labels.unwrap().get("vibebox.team"), Some(&alpha));
 
     // Exec: output, stderr and exit code.
-    let (out, err, code) = exec(&p, &dev, &env_id, &["sh", "-c", "id -u; echo oops >&2; exit 3"])
-        .await
-        .unwrap();
+    let (out, err, code) = exec(
+        &p,
+        &dev,
+        &env_id,
+        &["sh", "-c", "id -u; echo oops >&2; exit 3"],
+    )
+    .await
+    .unwrap();
     assert_eq!(out.trim(), "1000");
     assert_eq!(err.trim(), "oops");
     assert_eq!(code, 3);
@@ -274,7 +296,10 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::PermissionDenied);
-    assert_eq!((other.code(), other.message()), (missing.code(), missing.message()));
+    assert_eq!(
+        (other.code(), other.message()),
+        (missing.code(), missing.message())
+    );
     let theirs = p
         .environments(&outsider)
         .list_environments(ListEnvironmentsRequest::default())
@@ -323,7 +348,24 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
         let rules = violated_rules(&refused);
         assert!(rules.iter().any(|r| r == rule), "{rule} in {rules:?}");
     }
-    assert_eq!(containers_of(&installation).await, 1, "attacks created nothing");
+    assert_eq!(
+        containers_of(&installation).await,
+        1,
+        "attacks created nothing"
+    );
+
+    // The socket and privileged attempts raised a critical alert, which the
+    // gateway's metrics count (followed live from the audit log).
+    let alert_series = r#"vibebox_gateway_alerts_total{rule="privileged_or_docker_socket_attempt",severity="critical"}"#;
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = p.scrape_metrics();
+        if metrics.contains(alert_series) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(metrics.contains(alert_series), "{metrics}");
 
     // Stop, start, delete.
     let stopped = p
@@ -362,15 +404,33 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     assert_eq!(deleted.state(), EnvironmentState::Deleted);
     assert_eq!(containers_of(&installation).await, 0, "no container left");
     let nets = std::process::Command::new("docker")
-        .args(["network", "ls", "-q", "--filter", &format!("label=vibebox.installation={installation}")])
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=vibebox.installation={installation}"),
+        ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&nets.stdout).trim().is_empty(), "no network left");
+    assert!(
+        String::from_utf8_lossy(&nets.stdout).trim().is_empty(),
+        "no network left"
+    );
     let vols = std::process::Command::new("docker")
-        .args(["volume", "ls", "-q", "--filter", &format!("label=vibebox.installation={installation}")])
+        .args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=vibebox.installation={installation}"),
+        ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&vols.stdout).trim().is_empty(), "no volume left");
+    assert!(
+        String::from_utf8_lossy(&vols.stdout).trim().is_empty(),
+        "no volume left"
+    );
 
     // The audit log holds every step, and the chain verifies.
     let mut seen_actions = Vec::new();
@@ -402,8 +462,17 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for wanted in ["environment.create", "exec.end", "policy.deny", "environment.delete", "access.denied"] {
-        assert!(seen_actions.iter().any(|a| a == wanted), "{wanted} in {seen_actions:?}");
+    for wanted in [
+        "environment.create",
+        "exec.end",
+        "policy.deny",
+        "environment.delete",
+        "access.denied",
+    ] {
+        assert!(
+            seen_actions.iter().any(|a| a == wanted),
+            "{wanted} in {seen_actions:?}"
+        );
     }
     let verified = p
         .audit(&admin)

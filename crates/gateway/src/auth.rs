@@ -235,7 +235,11 @@ impl Authenticator {
         if !resource.environment_id.is_empty() {
             local = local.environment(&resource.environment_id);
         }
-        let locally_allowed = principal.verified.authorize(&local).is_ok();
+        let locally_allowed = match principal.verified.authorize(&local) {
+            Ok(()) => true,
+            Err(TokenError::Expired) => return Err(AuthError::Unauthenticated("token expired")),
+            Err(_) => false,
+        };
 
         let key = CacheKey::new(&principal.token, operation, resource);
         let decision = match self.cache.get(&key) {
@@ -324,6 +328,7 @@ fn reason(error: &TokenError) -> &'static str {
         TokenError::InvalidSignature => "invalid token signature",
         TokenError::MissingClaims => "token lacks required claims",
         TokenError::Denied => "token checks failed",
+        TokenError::Expired => "token expired",
         TokenError::Invalid { .. } => "invalid token",
         TokenError::InvalidKey => "invalid key material",
         TokenError::Internal(_) => "token processing failed",

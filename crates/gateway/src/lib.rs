@@ -162,6 +162,7 @@ pub async fn run_with_listeners(
     let connect = |url: &str| {
         vibebox_server_kit::connect(url, &material).with_context(|| format!("connecting to {url}"))
     };
+    let audit_channel = connect(&config.audit_url)?;
     let upstreams = Upstreams {
         identity: connect(&config.identity_url)?,
         policy: connect(&config.policy_url)?,
@@ -200,6 +201,7 @@ pub async fn run_with_listeners(
     metrics::handle();
     tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics");
     tokio::spawn(metrics::serve(metrics_listener, background.clone()));
+    tokio::spawn(metrics::watch_alerts(audit_channel, background.clone()));
 
     let limit = config.max_request_bytes;
     let result = ServerBuilder::new(SERVICE_NAME, &config.server)

@@ -7,7 +7,9 @@
 //!   (time to the response headers for streams);
 //! - `vibebox_gateway_active_streams{method}`: open response streams;
 //! - `vibebox_gateway_access_events_total{action}`: refused calls
-//!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`).
+//!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`);
+//! - `vibebox_gateway_alerts_total{rule,severity}`: `alert.raised` events of
+//!   the audit log, followed live (`watch_alerts`).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ const REQUESTS: &str = "vibebox_gateway_requests_total";
 const DURATION: &str = "vibebox_gateway_request_duration_seconds";
 const ACTIVE_STREAMS: &str = "vibebox_gateway_active_streams";
 const ACCESS_EVENTS: &str = "vibebox_gateway_access_events_total";
+const ALERTS: &str = "vibebox_gateway_alerts_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -54,6 +57,60 @@ pub(crate) fn record_call(method: &'static str, code: tonic::Code, started: Inst
 /// Counts a refused call by its audit action.
 pub(crate) fn record_access_event(action: &'static str) {
     metrics::counter!(ACCESS_EVENTS, "action" => action).increment(1);
+}
+
+/// Follows the audit log's `alert.raised` events and counts them by rule and
+/// severity, reconnecting (with backoff) whenever the audit service is away.
+pub(crate) async fn watch_alerts(audit: vibebox_server_kit::GrpcChannel, stop: CancellationToken) {
+    use futures::StreamExt;
+    use vibebox_proto::audit::audit_service_client::AuditServiceClient;
+    use vibebox_proto::audit::{EventFilter, Severity, WatchEventsRequest};
+
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut client = AuditServiceClient::new(audit.clone());
+        let request = WatchEventsRequest {
+            filter: Some(EventFilter {
+                action: "alert.raised".into(),
+                ..EventFilter::default()
+            }),
+        };
+        let watched = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.watch_events(request) => r,
+        };
+        match watched {
+            Ok(response) => {
+                backoff = Duration::from_millis(500);
+                let mut events = response.into_inner();
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        n = events.next() => n,
+                    };
+                    let Some(Ok(message)) = next else { break };
+                    let Some(event) = message.event else { continue };
+                    let severity = Severity::try_from(event.severity)
+                        .map(|s| {
+                            s.as_str_name()
+                                .trim_start_matches("SEVERITY_")
+                                .to_ascii_lowercase()
+                        })
+                        .unwrap_or_else(|_| "unknown".into());
+                    metrics::counter!(ALERTS, "rule" => event.resource_id, "severity" => severity)
+                        .increment(1);
+                }
+            }
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "alert watch unavailable; retrying");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// Increments the active-stream gauge for as long as it lives.

@@ -88,6 +88,21 @@ async fn authentication_routing_validation_metrics_and_audit() {
         .into_inner();
     assert_eq!(me.user.unwrap().username, "admin");
 
+    // The admin token attenuated offline to an expiry in the past: it
+    // authenticates nobody any more, UNAUTHENTICATED (not PERMISSION_DENIED).
+    let expired = vibebox_token::attenuate(
+        &platform.admin_token,
+        &vibebox_token::Restriction::default()
+            .expires_at(chrono::Utc::now() - chrono::Duration::seconds(1)),
+    )
+    .unwrap();
+    let status = identity
+        .who_am_i(bearer(WhoAmIRequest {}, &expired))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+
     // Internal services are not routed, even with a valid token.
     let mut runtime = RuntimeServiceClient::new(channel.clone());
     let status = runtime

@@ -364,6 +364,7 @@ impl Identity {
         let verified = self.keys.verify(token).map_err(|e| match e {
             T::UnknownKey => unauth("token signed by an unknown key"),
             T::InvalidSignature => unauth("invalid token signature"),
+            T::Expired => unauth("token expired"),
             T::Malformed | T::MissingClaims | T::Denied | T::Invalid { .. } => {
                 unauth("malformed token")
             }
@@ -412,6 +413,10 @@ impl Identity {
         match caller.token.authorize(&request) {
             Ok(()) => {}
             Err(e @ vibebox_token::TokenError::Internal(_)) => return Err(Error::Token(e)),
+            // An expired token (or attenuation) authenticates nobody.
+            Err(vibebox_token::TokenError::Expired) => {
+                return Err(Error::Unauthenticated("token expired".into()));
+            }
             Err(_) => {
                 return Ok((
                     Decision::Deny(
@@ -467,7 +472,17 @@ impl Identity {
             }
             Err(e) => return Err(e),
         };
-        let (decision, team_role) = self.decide(&caller, operation, resource).await?;
+        let (decision, team_role) = match self.decide(&caller, operation, resource).await {
+            Ok(decided) => decided,
+            Err(Error::Unauthenticated(reason)) => {
+                return Ok(AuthzDecision {
+                    allowed: false,
+                    reason: format!("unauthenticated: {reason}"),
+                    ..AuthzDecision::default()
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let (allowed, reason) = match decision {
             Decision::Allow(r) => (true, r.to_owned()),
             Decision::Deny(r) => (false, r),

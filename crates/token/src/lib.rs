@@ -49,9 +49,14 @@ pub enum TokenError {
     /// The authority block lacks the user or token id facts.
     #[error("token lacks required claims")]
     MissingClaims,
-    /// A check of the token (expiry, attenuation) or the policy failed.
+    /// A check of the token (attenuation to a team, environment or
+    /// operations) failed.
     #[error("token does not allow this request")]
     Denied,
+    /// The token (or an attenuation block of it) has expired: it allows
+    /// nothing any more, whatever the request.
+    #[error("token expired")]
+    Expired,
     /// A restriction or claim value is not acceptable (empty, bad characters).
     #[error("invalid {field}: {reason}")]
     Invalid {
@@ -467,7 +472,22 @@ impl VerifiedToken {
     /// attenuation to team / environment / operations / earlier expiry)
     /// must pass for the request. Role rules are the caller's business.
     pub fn authorize(&self, request: &AuthzRequest) -> Result<()> {
-        let secs = epoch_secs(request.now);
+        match self.run_authorizer(request, request.now) {
+            // Only expiry checks depend on time: if the same request passes
+            // at the epoch, what failed now is an expiry.
+            Err(TokenError::Denied)
+                if self
+                    .run_authorizer(request, DateTime::<Utc>::UNIX_EPOCH)
+                    .is_ok() =>
+            {
+                Err(TokenError::Expired)
+            }
+            other => other,
+        }
+    }
+
+    fn run_authorizer(&self, request: &AuthzRequest, now: DateTime<Utc>) -> Result<()> {
+        let secs = epoch_secs(now);
         let mut builder = AuthorizerBuilder::new()
             .set_limits(limits())
             .fact(fact(
@@ -518,6 +538,28 @@ mod tests {
     }
 
     #[test]
+    fn an_attenuated_expiry_reads_as_expired_and_other_restrictions_as_denied() {
+        let (_, ring, token) = setup();
+        let restricted = attenuate(
+            &token,
+            &Restriction::default()
+                .team("team-a")
+                .expires_at(Utc::now() - ChronoDuration::seconds(1)),
+        )
+        .unwrap();
+        let v = ring.verify(&restricted).unwrap();
+        assert!(matches!(
+            v.authorize(&AuthzRequest::new("environment.get").team("team-a")),
+            Err(TokenError::Expired)
+        ));
+        // Another team is refused for the restriction, expiry or not.
+        assert!(matches!(
+            v.authorize(&AuthzRequest::new("environment.get").team("team-b")),
+            Err(TokenError::Denied)
+        ));
+    }
+
+    #[test]
     fn expired_token_is_denied() {
         let root = RootKey::generate(1);
         let mut ring = KeyRing::new();
@@ -530,7 +572,7 @@ mod tests {
         let v = ring.verify(&token).unwrap();
         assert!(matches!(
             v.authorize(&AuthzRequest::new("identity.whoami")),
-            Err(TokenError::Denied)
+            Err(TokenError::Expired)
         ));
         // Valid before its expiry.
         v.authorize(
