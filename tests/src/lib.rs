@@ -58,6 +58,8 @@ pub struct Platform {
     child: Child,
     data_dir: tempfile::TempDir,
     pub gateway: String,
+    /// `http://<addr>/metrics` of the gateway.
+    pub metrics_url: String,
 }
 
 impl Platform {
@@ -81,24 +83,43 @@ impl Platform {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
+            let mut gateway = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent && let Some(rest) = line.trim().strip_prefix("gateway listening on ") {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
-                    let _ = tx.send(addr);
-                    sent = true;
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("gateway listening on ") {
+                    gateway = rest.split_whitespace().next().map(str::to_owned);
+                } else if let Some(rest) = line.strip_prefix("metrics:")
+                    && let Some(addr) = gateway.take()
+                {
+                    let _ = tx.send((addr, rest.trim().to_owned()));
                 }
             }
         });
-        let gateway = rx
+        let (gateway, metrics_url) = rx
             .recv_timeout(Duration::from_secs(120))
-            .expect("vibebox up reported its gateway address");
+            .expect("vibebox up reported its gateway and metrics addresses");
         Self {
             child,
             data_dir,
             gateway,
+            metrics_url,
         }
+    }
+
+    /// The gateway's Prometheus exposition (one scrape, over plain HTTP/1.0).
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let rest = self
+            .metrics_url
+            .strip_prefix("http://")
+            .expect("metrics URL is http");
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
+        write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("read metrics");
+        body
     }
 
     /// The data directory.
