@@ -4,6 +4,7 @@
 //! with its code, message and google.rpc details (rule ids, field violations).
 
 use std::fmt;
+use vibebox_server_kit::status::code_name;
 
 use anyhow::{Context as _, Result, anyhow};
 use tonic::codegen::InterceptedService;
@@ -104,30 +105,6 @@ impl Session {
 #[derive(Debug)]
 pub(crate) struct CallError(pub(crate) tonic::Status);
 
-/// The canonical gRPC name of a code.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let status = &self.0;
@@ -173,6 +150,25 @@ impl fmt::Display for CallError {
 }
 
 impl std::error::Error for CallError {}
+
+/// Every page of a paged list: `fetch(page_token)` returns one page's items
+/// and the next page token (empty after the last page).
+pub(crate) async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
+{
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (items, next) = fetch(page_token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        page_token = next;
+    }
+}
 
 /// Extension turning a tonic result into an anyhow one with [`CallError`].
 pub(crate) trait CallExt<T> {

@@ -18,7 +18,7 @@ use vibebox_proto::environment::{
     StreamLogsRequest, StreamStatsRequest, TerminalSize, exec_request, exec_response,
 };
 
-use crate::client::{CallExt, Session};
+use crate::client::{CallExt, Session, all_pages};
 use crate::config::Context;
 use crate::output::{self, Format};
 use crate::spec::{SpecFile, parse_memory_mb};
@@ -263,25 +263,23 @@ async fn list_all(
     team_id: String,
     show_deleted: bool,
 ) -> Result<Vec<Environment>> {
-    let mut client = session.environments();
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let resp = client
-            .list_environments(ListEnvironmentsRequest {
-                team_id: team_id.clone(),
-                page_size: 200,
-                page_token,
-                show_deleted,
-            })
-            .await
-            .call()?;
-        out.extend(resp.environments);
-        if resp.next_page_token.is_empty() {
-            return Ok(out);
+    let client = session.environments();
+    all_pages(|page_token| {
+        let (mut client, team_id) = (client.clone(), team_id.clone());
+        async move {
+            let r = client
+                .list_environments(ListEnvironmentsRequest {
+                    team_id,
+                    page_size: 200,
+                    page_token,
+                    show_deleted,
+                })
+                .await
+                .call()?;
+            Ok((r.environments, r.next_page_token))
         }
-        page_token = resp.next_page_token;
-    }
+    })
+    .await
 }
 
 /// Resolves an environment id or name to an id.

@@ -14,7 +14,7 @@ use vibebox_proto::identity::{
     SetUserDisabledRequest, Team, TeamRole, User, WhoAmIRequest,
 };
 
-use crate::client::{CallExt, Session};
+use crate::client::{CallExt, Session, all_pages};
 use crate::config::{self, Config, Context};
 use crate::output::{self, Format};
 
@@ -326,43 +326,39 @@ pub(crate) async fn resolve_team(
 }
 
 async fn list_teams(session: &Session) -> Result<Vec<Team>> {
-    let mut client = session.identity();
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let r = client
-            .list_teams(ListTeamsRequest {
-                page_size: 200,
-                page_token,
-            })
-            .await
-            .call()?;
-        out.extend(r.teams);
-        if r.next_page_token.is_empty() {
-            return Ok(out);
+    let client = session.identity();
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .list_teams(ListTeamsRequest {
+                    page_size: 200,
+                    page_token,
+                })
+                .await
+                .call()?;
+            Ok((r.teams, r.next_page_token))
         }
-        page_token = r.next_page_token;
-    }
+    })
+    .await
 }
 
 async fn list_users(session: &Session) -> Result<Vec<User>> {
-    let mut client = session.identity();
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let r = client
-            .list_users(ListUsersRequest {
-                page_size: 200,
-                page_token,
-            })
-            .await
-            .call()?;
-        out.extend(r.users);
-        if r.next_page_token.is_empty() {
-            return Ok(out);
+    let client = session.identity();
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .list_users(ListUsersRequest {
+                    page_size: 200,
+                    page_token,
+                })
+                .await
+                .call()?;
+            Ok((r.users, r.next_page_token))
         }
-        page_token = r.next_page_token;
-    }
+    })
+    .await
 }
 
 /// Resolves a user id or username.

@@ -461,26 +461,21 @@ impl Identity {
         operation: &str,
         resource: &Resource,
     ) -> Result<AuthzDecision> {
+        // A token that authenticates nobody (unknown, revoked, expired,
+        // disabled user) is an answer, not an error.
+        let unauthenticated = |reason: String| AuthzDecision {
+            allowed: false,
+            reason: format!("unauthenticated: {reason}"),
+            ..AuthzDecision::default()
+        };
         let caller = match self.authenticate(token).await {
             Ok(c) => c,
-            Err(Error::Unauthenticated(reason)) => {
-                return Ok(AuthzDecision {
-                    allowed: false,
-                    reason: format!("unauthenticated: {reason}"),
-                    ..AuthzDecision::default()
-                });
-            }
+            Err(Error::Unauthenticated(reason)) => return Ok(unauthenticated(reason)),
             Err(e) => return Err(e),
         };
         let (decision, team_role) = match self.decide(&caller, operation, resource).await {
             Ok(decided) => decided,
-            Err(Error::Unauthenticated(reason)) => {
-                return Ok(AuthzDecision {
-                    allowed: false,
-                    reason: format!("unauthenticated: {reason}"),
-                    ..AuthzDecision::default()
-                });
-            }
+            Err(Error::Unauthenticated(reason)) => return Ok(unauthenticated(reason)),
             Err(e) => return Err(e),
         };
         let (allowed, reason) = match decision {
