@@ -434,8 +434,9 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
 
     // The audit log holds every step, and the chain verifies.
     let mut seen_actions = Vec::new();
+    let mut events = Vec::new();
     for _ in 0..50 {
-        let events = p
+        events = p
             .audit(&admin)
             .query_events(QueryEventsRequest {
                 filter: Some(EventFilter::default()),
@@ -474,6 +475,37 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
             "{wanted} in {seen_actions:?}"
         );
     }
+    // One trace per request across services: the create's policy decision
+    // (policy) and its creation (orchestrator) share the trace id, and an
+    // exec session's start and end events carry its request's trace id.
+    let trace_of = |action: &str| {
+        events
+            .iter()
+            .find(|e| e.action == action && e.resource_id == env_id)
+            .map(|e| (e.trace_id.clone(), e.request_id.clone()))
+            .unwrap_or_else(|| panic!("{action} of {env_id} in the audit log"))
+    };
+    let (create_trace, create_request) = trace_of("environment.create");
+    assert_eq!(create_trace.len(), 32, "a W3C trace id: {create_trace:?}");
+    let cleared = events
+        .iter()
+        .find(|e| e.action.starts_with("policy.") && e.request_id == create_request)
+        .expect("the policy decision of the create, by request id");
+    assert_eq!(cleared.source_service, "policy");
+    assert_eq!(
+        cleared.trace_id, create_trace,
+        "policy and orchestrator share the trace"
+    );
+    let (start_trace, start_request) = trace_of("exec.start");
+    let exec_end = events
+        .iter()
+        .find(|e| e.action == "exec.end" && e.request_id == start_request)
+        .expect("exec.end of the same request");
+    assert!(!start_trace.is_empty());
+    assert_eq!(
+        exec_end.trace_id, start_trace,
+        "exec.end keeps the session's trace"
+    );
     let verified = p
         .audit(&admin)
         .verify_chain(VerifyChainRequest::default())

@@ -315,55 +315,61 @@ impl Orchestrator {
         let (tx, rx) = mpsc::channel::<Result<ExecOutput>>(64);
         let this = self.clone();
         let caller = caller.clone();
-        tokio::spawn(async move {
-            while let Some(item) = output.next().await {
-                let out = match item {
-                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                        ExecOutput::Stdout(message)
-                    }
-                    Ok(LogOutput::StdErr { message }) => ExecOutput::Stderr(message),
-                    Ok(LogOutput::StdIn { .. }) => continue,
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::Docker(e))).await;
+        // The session outlives the call: keep its span, so that `exec.end`
+        // carries the request's trace id like `exec.start`.
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                while let Some(item) = output.next().await {
+                    let out = match item {
+                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                            ExecOutput::Stdout(message)
+                        }
+                        Ok(LogOutput::StdErr { message }) => ExecOutput::Stderr(message),
+                        Ok(LogOutput::StdIn { .. }) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::Docker(e))).await;
+                            break;
+                        }
+                    };
+                    if tx.send(Ok(out)).await.is_err() {
                         break;
                     }
+                }
+                input_task.abort();
+                let mut code = -1;
+                for _ in 0..50 {
+                    match this.docker().inspect_exec(&exec_id).await {
+                        Ok(i) if i.running == Some(true) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        Ok(i) => {
+                            code = i.exit_code.unwrap_or(-1) as i32;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let audited = this
+                    .audit()
+                    .record(Event {
+                        action: "exec.end",
+                        outcome: Outcome::Success,
+                        severity: Severity::Low,
+                        caller: Some(&caller),
+                        team_id: &rec.team_id,
+                        environment_id: &rec.id,
+                        details: vec![("command", command), ("exit_code", code.to_string())],
+                    })
+                    .await;
+                let last = match audited {
+                    Ok(()) => Ok(ExecOutput::Exit(code)),
+                    Err(e) => Err(Error::Audit(e)),
                 };
-                if tx.send(Ok(out)).await.is_err() {
-                    break;
-                }
-            }
-            input_task.abort();
-            let mut code = -1;
-            for _ in 0..50 {
-                match this.docker().inspect_exec(&exec_id).await {
-                    Ok(i) if i.running == Some(true) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                    Ok(i) => {
-                        code = i.exit_code.unwrap_or(-1) as i32;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let audited = this
-                .audit()
-                .record(Event {
-                    action: "exec.end",
-                    outcome: Outcome::Success,
-                    severity: Severity::Low,
-                    caller: Some(&caller),
-                    team_id: &rec.team_id,
-                    environment_id: &rec.id,
-                    details: vec![("command", command), ("exit_code", code.to_string())],
-                })
-                .await;
-            let last = match audited {
-                Ok(()) => Ok(ExecOutput::Exit(code)),
-                Err(e) => Err(Error::Audit(e)),
-            };
-            let _ = tx.send(last).await;
-        });
+                let _ = tx.send(last).await;
+            },
+            span,
+        ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
