@@ -3,6 +3,8 @@
 //! port, hands out authenticated gRPC clients, and removes exactly the Docker
 //! objects of its own installation when dropped.
 
+pub mod attack;
+pub mod cluster;
 pub mod report;
 
 use std::io::{BufRead, BufReader};
@@ -72,7 +74,13 @@ impl Platform {
     /// Starts `vibebox up` on an existing data directory.
     pub fn start_in(data_dir: tempfile::TempDir) -> Self {
         let mut child = Command::new(binary("vibebox"))
-            .args(["up", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(data_dir.path())
             .env("VIBEBOX_LOG", "warn")
@@ -185,7 +193,9 @@ impl Platform {
 
     /// Removes every Docker object labelled with this installation's id.
     pub fn remove_docker_objects(&self) {
-        let Some(id) = self.installation_id() else { return };
+        let Some(id) = self.installation_id() else {
+            return;
+        };
         let filter = format!("label=vibebox.installation={id}");
         let out = Command::new("docker")
             .args(["ps", "-aq", "--filter", &filter])
@@ -206,7 +216,9 @@ impl Platform {
             .output()
             .expect("docker volume ls");
         for v in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["volume", "rm", "-f", v]).output();
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f", v])
+                .output();
         }
     }
 }
@@ -229,9 +241,14 @@ impl Bearer {
 }
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }

@@ -100,21 +100,24 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
         ("orchestrator-url", orchestrator.url.clone()),
     ];
     let peer = |name: &str| -> (&str, &str) {
-        let (flag, url) = urls.iter().find(|(f, _)| f.starts_with(name)).expect("known peer");
+        let (flag, url) = urls
+            .iter()
+            .find(|(f, _)| f.starts_with(name))
+            .expect("known peer");
         (flag, url.as_str())
     };
 
     let config = vibebox_audit::Config::parse_from(args("vibebox-audit", &data_dir, &[]));
     let token = shutdown.clone();
     tasks.spawn(async move {
-        ("audit", vibebox_audit::run_with_listener(config, audit.listener, token).await)
+        (
+            "audit",
+            vibebox_audit::run_with_listener(config, audit.listener, token).await,
+        )
     });
 
-    let config = vibebox_identity::Config::parse_from(args(
-        "vibebox-identity",
-        &data_dir,
-        &[peer("audit")],
-    ));
+    let config =
+        vibebox_identity::Config::parse_from(args("vibebox-identity", &data_dir, &[peer("audit")]));
     let token = shutdown.clone();
     tasks.spawn(async move {
         (
@@ -127,7 +130,10 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
         vibebox_policy::Config::parse_from(args("vibebox-policy", &data_dir, &[peer("audit")]));
     let token = shutdown.clone();
     tasks.spawn(async move {
-        ("policy", vibebox_policy::run_with_listener(config, policy.listener, token).await)
+        (
+            "policy",
+            vibebox_policy::run_with_listener(config, policy.listener, token).await,
+        )
     });
 
     let config = vibebox_orchestrator::Config::parse_from(args(
@@ -202,6 +208,7 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
     }
 
     if !shutdown.is_cancelled() {
+        write_services_file(&data_dir, &gateway_addr.to_string(), &urls)?;
         let token_file = data_dir.join("admin.token");
         let shown = relative(&token_file);
         println!("VibeBox is up.");
@@ -238,7 +245,10 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(15), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("services did not stop within 15 s");
     }
     match failure {
@@ -248,6 +258,27 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes `<data-dir>/services.toml`: where this `up` serves each service
+/// (internal ones over mutual TLS with the certificates in `pki/`), so that
+/// operators and tests can reach them. Replaced on every start.
+fn write_services_file(
+    data_dir: &Path,
+    gateway: &str,
+    internal: &[(&str, String)],
+) -> anyhow::Result<()> {
+    let mut text = String::from(
+        "# Written by `vibebox up` on every start: where each service listens.\n\
+         # Internal services speak mutual TLS only (certificates in pki/).\n",
+    );
+    text.push_str(&format!("gateway = \"http://{gateway}\"\n"));
+    for (flag, url) in internal {
+        let name = flag.trim_end_matches("-url");
+        text.push_str(&format!("{name} = \"{url}\"\n"));
+    }
+    let path = data_dir.join("services.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn relative(path: &Path) -> String {

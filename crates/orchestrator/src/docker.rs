@@ -45,6 +45,45 @@ pub enum SpecError {
     NoImage,
     #[error("mount {0:?} has no type")]
     MountType(String),
+    #[error("bind mount {0:?} exposes the Docker Engine or the host's root")]
+    EngineMount(String),
+    #[error("{0} mode {1:?} shares a namespace with the host or another container")]
+    SharedNamespace(&'static str, String),
+}
+
+/// `path` with `.`, `..` and repeated or trailing slashes resolved lexically.
+fn lexical(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Whether a bind source is the host root or leads to the Docker Engine
+/// (its socket, its run directory, its state): never mounted, cleared or not.
+fn exposes_engine(source: &str) -> bool {
+    let p = lexical(source).to_ascii_lowercase();
+    p == "/"
+        || p.ends_with(".sock")
+        || [
+            "/var/run",
+            "/run",
+            "/var/lib/docker",
+            "/var/lib/containerd",
+            "/proc",
+            "/sys",
+            "/dev",
+            "/etc",
+        ]
+        .iter()
+        .any(|root| p == *root || p.starts_with(&format!("{root}/")))
 }
 
 /// Identity of an environment's Docker objects.
@@ -137,10 +176,20 @@ pub fn network_request(t: &Target<'_>, subnet: Cidr) -> NetworkCreateRequest {
             }]),
             options: None,
         }),
-        options: Some(HashMap::from([(
-            "com.docker.network.bridge.enable_icc".to_string(),
-            "false".to_string(),
-        )])),
+        options: Some(HashMap::from([
+            // No traffic between containers on the bridge...
+            (
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "false".to_string(),
+            ),
+            // ...and no address of the host on it: `internal` only stops
+            // forwarding, so without this a container reaches every host
+            // service listening on the gateway address or 0.0.0.0.
+            (
+                "com.docker.network.bridge.inhibit_ipv4".to_string(),
+                "true".to_string(),
+            ),
+        ])),
         labels: Some(platform_labels(t)),
         ..Default::default()
     }
@@ -192,6 +241,18 @@ pub fn container_body(
     if image.is_empty() {
         return Err(SpecError::NoImage);
     }
+    for (what, mode) in [
+        ("pid", &spec.pid_mode),
+        ("ipc", &spec.ipc_mode),
+        ("uts", &spec.uts_mode),
+        ("userns", &spec.userns_mode),
+        ("cgroupns", &spec.cgroupns_mode),
+    ] {
+        let m = mode.trim().to_ascii_lowercase();
+        if m == "host" || m.starts_with("container:") {
+            return Err(SpecError::SharedNamespace(what, mode.clone()));
+        }
+    }
     let network_mode = match spec.network_mode.as_str() {
         "" | "default" | "bridge" => network_name(t.environment_id),
         "none" => "none".to_string(),
@@ -216,6 +277,9 @@ pub fn container_body(
     for m in &spec.mounts {
         let kind = SpecMountType::try_from(m.r#type).unwrap_or(SpecMountType::Unspecified);
         let mount = match kind {
+            SpecMountType::Bind if exposes_engine(&m.source) => {
+                return Err(SpecError::EngineMount(m.source.clone()));
+            }
             SpecMountType::Bind => Mount {
                 typ: Some(MountType::BIND),
                 source: Some(m.source.clone()),
@@ -298,6 +362,9 @@ pub fn container_body(
                 .collect()
         }),
         pid_mode: non_empty(&spec.pid_mode),
+        // Always a private cgroup namespace (policy refuses "host"): the
+        // engine's default on cgroup v1 would be the host's.
+        cgroupns_mode: Some(bollard::models::HostConfigCgroupnsModeEnum::PRIVATE),
         ipc_mode: non_empty(&spec.ipc_mode),
         uts_mode: non_empty(&spec.uts_mode),
         userns_mode: non_empty(&spec.userns_mode),
@@ -503,6 +570,35 @@ mod tests {
         );
         assert_eq!(h.network_mode.as_deref(), Some("vibebox-env"));
         assert_eq!(b.labels.as_ref().unwrap()[labels::INSTALLATION], "inst");
+        for source in [
+            "/var/run/docker.sock",
+            "//run/../var/run/",
+            "/",
+            "/x/../etc/shadow",
+        ] {
+            let bind = ContainerSpec {
+                mounts: vec![vibebox_proto::environment::Mount {
+                    r#type: SpecMountType::Bind as i32,
+                    source: source.into(),
+                    target: "/mnt".into(),
+                    ..Default::default()
+                }],
+                ..spec.clone()
+            };
+            assert_eq!(
+                container_body(&bind, "img:1", &target(), &[]).unwrap_err(),
+                SpecError::EngineMount(source.into()),
+                "{source}"
+            );
+        }
+        let shared = ContainerSpec {
+            pid_mode: "container:abc".into(),
+            ..spec.clone()
+        };
+        assert!(matches!(
+            container_body(&shared, "img:1", &target(), &[]),
+            Err(SpecError::SharedNamespace("pid", _))
+        ));
         let privileged = ContainerSpec {
             privileged: true,
             ..spec.clone()

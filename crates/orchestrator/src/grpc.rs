@@ -28,6 +28,7 @@ impl From<Error> for Status {
                     Rejection::Missing => "clearance.missing",
                     Rejection::Replayed => "clearance.replayed",
                     Rejection::Invalid(_) => "clearance.invalid",
+                    Rejection::ImageMismatch => "clearance.image_mismatch",
                 };
                 let msg = format!("clearance refused: {why}");
                 if why.is_stale() {
@@ -60,6 +61,9 @@ impl From<Error> for Status {
                 status_code: 409,
                 ..
             }) => Status::failed_precondition("the environment's container is not running"),
+            Error::Docker(e) if crate::service::engine_unreachable(&e) => {
+                status::unavailable("Docker Engine", &e)
+            }
             e @ Error::Docker(_) => status::internal(&e),
             e @ Error::Store(_) => status::internal(&e),
             e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
@@ -122,6 +126,23 @@ fn caller_of<T>(req: &Request<T>, c: Option<&vibebox_proto::runtime::Caller>) ->
     caller
 }
 
+/// Runs a state change to its end even when the caller goes away (the
+/// gateway died or the client hung up): dropping it halfway would leave
+/// Docker and the store apart, or a committed change without its audit event,
+/// which only a later reconcile could repair. The request's span goes along,
+/// so its audit events keep the trace id.
+async fn to_completion<T, F>(change: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let change = tracing::Instrument::instrument(change, tracing::Span::current());
+    match tokio::spawn(change).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(e) => Err(vibebox_server_kit::status::internal(&e)),
+    }
+}
+
 /// The RuntimeService handler.
 #[derive(Clone)]
 pub struct RuntimeHandler {
@@ -145,20 +166,23 @@ impl RuntimeService for RuntimeHandler {
     ) -> Result<Response<CreateEnvironmentResponse>, Status> {
         let caller = caller_of(&request, request.get_ref().caller.as_ref());
         let r = request.into_inner();
-        let rec = self
-            .orchestrator
-            .create(CreateRequest {
-                caller,
-                request_id: r.request_id,
-                environment_id: r.environment_id,
-                team_id: r.team_id,
-                owner_id: r.owner_id,
-                name: r.name,
-                spec: r.spec,
-                clearance: r.clearance,
-                canonical_image: r.canonical_image,
-            })
-            .await?;
+        let orchestrator = self.orchestrator.clone();
+        let rec = to_completion(async move {
+            orchestrator
+                .create(CreateRequest {
+                    caller,
+                    request_id: r.request_id,
+                    environment_id: r.environment_id,
+                    team_id: r.team_id,
+                    owner_id: r.owner_id,
+                    name: r.name,
+                    spec: r.spec,
+                    clearance: r.clearance,
+                    canonical_image: r.canonical_image,
+                })
+                .await
+        })
+        .await?;
         Ok(Response::new(CreateEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
@@ -214,10 +238,11 @@ impl RuntimeService for RuntimeHandler {
         request: Request<StartEnvironmentRequest>,
     ) -> Result<Response<StartEnvironmentResponse>, Status> {
         let caller = caller_of(&request, request.get_ref().caller.as_ref());
-        let rec = self
-            .orchestrator
-            .start(&caller, &request.get_ref().environment_id)
-            .await?;
+        let (orchestrator, id) = (
+            self.orchestrator.clone(),
+            request.into_inner().environment_id,
+        );
+        let rec = to_completion(async move { orchestrator.start(&caller, &id).await }).await?;
         Ok(Response::new(StartEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
@@ -228,11 +253,13 @@ impl RuntimeService for RuntimeHandler {
         request: Request<StopEnvironmentRequest>,
     ) -> Result<Response<StopEnvironmentResponse>, Status> {
         let caller = caller_of(&request, request.get_ref().caller.as_ref());
-        let r = request.get_ref();
-        let rec = self
-            .orchestrator
-            .stop(&caller, &r.environment_id, r.timeout_seconds)
-            .await?;
+        let (orchestrator, r) = (self.orchestrator.clone(), request.into_inner());
+        let rec = to_completion(async move {
+            orchestrator
+                .stop(&caller, &r.environment_id, r.timeout_seconds)
+                .await
+        })
+        .await?;
         Ok(Response::new(StopEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
@@ -243,11 +270,13 @@ impl RuntimeService for RuntimeHandler {
         request: Request<RestartEnvironmentRequest>,
     ) -> Result<Response<RestartEnvironmentResponse>, Status> {
         let caller = caller_of(&request, request.get_ref().caller.as_ref());
-        let r = request.get_ref();
-        let rec = self
-            .orchestrator
-            .restart(&caller, &r.environment_id, r.timeout_seconds)
-            .await?;
+        let (orchestrator, r) = (self.orchestrator.clone(), request.into_inner());
+        let rec = to_completion(async move {
+            orchestrator
+                .restart(&caller, &r.environment_id, r.timeout_seconds)
+                .await
+        })
+        .await?;
         Ok(Response::new(RestartEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
@@ -258,10 +287,11 @@ impl RuntimeService for RuntimeHandler {
         request: Request<DeleteEnvironmentRequest>,
     ) -> Result<Response<DeleteEnvironmentResponse>, Status> {
         let caller = caller_of(&request, request.get_ref().caller.as_ref());
-        let rec = self
-            .orchestrator
-            .delete(&caller, &request.get_ref().environment_id)
-            .await?;
+        let (orchestrator, id) = (
+            self.orchestrator.clone(),
+            request.into_inner().environment_id,
+        );
+        let rec = to_completion(async move { orchestrator.delete(&caller, &id).await }).await?;
         Ok(Response::new(DeleteEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
@@ -416,5 +446,35 @@ impl RuntimeService for RuntimeHandler {
             })
         });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_engine_is_unavailable_and_engine_answers_are_not() {
+        for unreachable in [
+            bollard::errors::Error::IOError {
+                err: std::io::Error::new(std::io::ErrorKind::NotFound, "/run/x.sock"),
+            },
+            bollard::errors::Error::RequestTimeoutError,
+            bollard::errors::Error::SocketNotFoundError("/run/x.sock".into()),
+        ] {
+            let s = Status::from(Error::Docker(unreachable));
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+            assert_eq!(s.message(), "Docker Engine is unavailable, retry later");
+            assert_eq!(
+                vibebox_server_kit::status::unavailable_dependency(&s).as_deref(),
+                Some("Docker Engine")
+            );
+        }
+        let answered = bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: "driver failed".into(),
+        };
+        let s = Status::from(Error::Docker(answered));
+        assert_eq!(s.code(), tonic::Code::Internal);
     }
 }

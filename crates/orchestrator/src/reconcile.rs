@@ -197,7 +197,7 @@ impl Orchestrator {
                 return Ok(());
             }
             State::Deleting => {
-                self.delete_locked(rec).await?;
+                self.delete_locked(rec, None).await?;
                 report.deletes_finished.push(rec.id.clone());
                 return Ok(());
             }

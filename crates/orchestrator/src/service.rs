@@ -85,6 +85,8 @@ pub enum Rejection {
     Invalid(VerifyError),
     #[error("clearance was already used")]
     Replayed,
+    #[error("the image to run differs from the cleared spec's image")]
+    ImageMismatch,
 }
 
 impl Rejection {
@@ -170,6 +172,20 @@ fn docker_status(e: &DockerError) -> Option<u16> {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
+}
+
+/// Whether a Docker error means the engine could not be reached (socket
+/// missing, connection refused or cut, no answer in time), as opposed to an
+/// answer from the engine.
+pub(crate) fn engine_unreachable(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::HyperLegacyError { .. }
+            | DockerError::HyperResponseError { .. }
+            | DockerError::IOError { .. }
+            | DockerError::RequestTimeoutError
+            | DockerError::SocketNotFoundError(_)
+    )
 }
 
 /// Ignores "not found" (and "not modified") answers from Docker.
@@ -374,11 +390,8 @@ impl Orchestrator {
             field: "environment_id",
             reason: "must be a UUID".into(),
         })?;
-        if let Some(existing) =
-            Store::by_request(self.inner.store.db(), &req.team_id, &req.request_id).await?
-        {
-            return Ok(existing);
-        }
+        let existing =
+            Store::by_request(self.inner.store.db(), &req.team_id, &req.request_id).await?;
         let Some(spec) = req.spec.clone() else {
             return Err(Error::InvalidArgument {
                 field: "spec",
@@ -402,11 +415,18 @@ impl Orchestrator {
             Ok(b) => b,
             Err(e) => return Err(self.reject(&req, Rejection::Invalid(e)).await),
         };
-        let image = if req.canonical_image.is_empty() {
-            spec.image.clone()
-        } else {
-            req.canonical_image.clone()
-        };
+        // A retried request (same team and request id; through the gateway
+        // it comes with a fresh clearance) is answered with what it created,
+        // but only to a caller holding a valid clearance: no clearance, no
+        // answer.
+        if let Some(existing) = existing {
+            return Ok(existing);
+        }
+        // The image that runs is the one the clearance signed, nothing else.
+        if !req.canonical_image.is_empty() && req.canonical_image != spec.image {
+            return Err(self.reject(&req, Rejection::ImageMismatch).await);
+        }
+        let image = spec.image.clone();
         let now = store::now_ms();
         let mut rec = EnvRecord {
             id: req.environment_id.clone(),
@@ -451,8 +471,9 @@ impl Orchestrator {
             }
         }
 
-        let result = match self.provision(&rec).await {
-            Ok(()) => self.get(&rec.id).await,
+        let result = match self.provision(&rec, &req.caller).await {
+            // Audited inside, before `running` was committed.
+            Ok(()) => return self.get(&rec.id).await,
             Err(Error::SimulatedCrash) => {
                 // As if killed: leave everything as it is for reconcile.
                 drop(guard);
@@ -598,9 +619,12 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Image, network, volume, container, start; the record is `creating`
-    /// throughout and `running` (committed) just before the start.
-    async fn provision(&self, rec: &EnvRecord) -> Result<()> {
+    /// Image, network, volume, container, start, audit; the record is
+    /// `creating` throughout and `running` (committed) last, once the
+    /// `environment.create` event is durable: a `running` record always has
+    /// its event, and a crash before the commit leaves `creating`, which
+    /// reconcile rolls back (and audits).
+    async fn provision(&self, rec: &EnvRecord, caller: &Caller) -> Result<()> {
         let docker = &self.inner.docker;
         let mut rec = rec.clone();
         self.ensure_image(&rec).await?;
@@ -665,10 +689,25 @@ impl Orchestrator {
 
         self.inner
             .store
-            .set_state(&rec.id, State::Running, None, Some("starting"))
+            .set_status_message(&rec.id, "starting")
             .await?;
         tolerate_304(docker.start_container(&id, None).await)?;
-        self.inner.store.set_status_message(&rec.id, "").await?;
+        self.inner
+            .audit
+            .record(Event {
+                action: "environment.create",
+                outcome: Outcome::Success,
+                severity: Severity::Low,
+                caller: Some(caller),
+                team_id: &rec.team_id,
+                environment_id: &rec.id,
+                details: vec![],
+            })
+            .await?;
+        self.inner
+            .store
+            .set_state(&rec.id, State::Running, None, Some(""))
+            .await?;
         Ok(())
     }
 
@@ -734,13 +773,9 @@ impl Orchestrator {
             .v(true)
             .build();
         if let Some(id) = &rec.container_id {
-            tolerate(docker.remove_container(id, Some(rm.clone())).await)?;
+            remove_container(docker, id, &rm).await?;
         }
-        tolerate(
-            docker
-                .remove_container(&docker::container_name(&rec.id), Some(rm))
-                .await,
-        )?;
+        remove_container(docker, &docker::container_name(&rec.id), &rm).await?;
         tolerate(docker.remove_network(&docker::network_name(&rec.id)).await)?;
         for volume in docker::volume_requests(&self.target(rec), &Self::spec_of(rec)) {
             let name = volume.name.unwrap_or_default();
@@ -870,18 +905,47 @@ impl Orchestrator {
         if Self::state_of(&rec)? == State::Deleted {
             return Ok(rec);
         }
-        let result = self.delete_locked(&rec).await;
-        self.audit_op("environment.delete", Some(caller), &rec, &result)
-            .await?;
+        let result = self.delete_locked(&rec, Some(caller)).await;
+        if result.is_err() {
+            self.audit_op("environment.delete", Some(caller), &rec, &result)
+                .await?;
+        }
         result
     }
 
-    pub(crate) async fn delete_locked(&self, rec: &EnvRecord) -> Result<EnvRecord> {
+    /// `deleting`, objects removed, `environment.delete` recorded, `deleted`.
+    /// The event is durable before `deleted` is committed and has a fixed id:
+    /// reconcile finishing a delete a crash interrupted (`caller` is then
+    /// `None`) records it again, and the log keeps it once.
+    pub(crate) async fn delete_locked(
+        &self,
+        rec: &EnvRecord,
+        caller: Option<&Caller>,
+    ) -> Result<EnvRecord> {
         self.inner
             .store
             .set_state(&rec.id, State::Deleting, None, Some("deleting"))
             .await?;
         self.remove_objects(rec).await?;
+        let details = match caller {
+            Some(_) => vec![],
+            None => vec![("reason", "interrupted; finished by reconcile".to_owned())],
+        };
+        self.inner
+            .audit
+            .record_once(
+                crate::audit::once_id(&rec.id, "environment.delete"),
+                Event {
+                    action: "environment.delete",
+                    outcome: Outcome::Success,
+                    severity: Severity::Low,
+                    caller,
+                    team_id: &rec.team_id,
+                    environment_id: &rec.id,
+                    details,
+                },
+            )
+            .await?;
         self.inner
             .store
             .set_state(&rec.id, State::Deleted, None, Some(""))
@@ -903,6 +967,27 @@ impl Orchestrator {
                 state: "creating",
                 operation: "attach",
             }),
+        }
+    }
+}
+
+/// Removes a container (gone already is fine). When the engine answers that
+/// it is removing it already (409: a removal started by a process that was
+/// killed, or by a caller that went away), waits for that removal to end
+/// instead of failing the delete.
+async fn remove_container(
+    docker: &Docker,
+    name: &str,
+    options: &bollard::query_parameters::RemoveContainerOptions,
+) -> Result<(), DockerError> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match tolerate(docker.remove_container(name, Some(options.clone())).await) {
+            Err(e) if docker_status(&e) == Some(409) && waited < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                waited += Duration::from_millis(100);
+            }
+            other => return other,
         }
     }
 }
