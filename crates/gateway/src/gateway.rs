@@ -336,6 +336,26 @@ impl Gateway {
         }
     }
 
+    /// Audits a request refused for its content before it travels further
+    /// (a field out of range, a malformed spec): attempts are evidence too.
+    pub(crate) fn record_invalid(
+        &self,
+        call: &Call,
+        operation: &str,
+        error: &GatewayError,
+        resource: &Resource,
+    ) {
+        let reason = format!("{operation}: {error}");
+        self.record(
+            &call.info,
+            Some(&call.principal),
+            "request.invalid",
+            Severity::Medium,
+            &reason,
+            Some(resource),
+        );
+    }
+
     fn record_denied(&self, call: &Call, operation: &str, reason: &str, resource: &Resource) {
         let reason = format!("{operation}: {reason}");
         self.record(

@@ -201,28 +201,44 @@ async fn authentication_routing_validation_metrics_and_audit() {
         "{metrics}"
     );
 
-    // The refusals are in the audit log (read through the gateway).
+    // The refusals are in the audit log (read through the gateway): the
+    // anonymous ones, and the create refused for its content.
     let mut audit = AuditServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let events = audit
-            .query_events(bearer(
+        let mut query = |action: &str| {
+            let request = bearer(
                 QueryEventsRequest {
                     filter: Some(EventFilter {
-                        action: "access.unauthenticated".into(),
+                        action: action.into(),
                         ..Default::default()
                     }),
                     page_size: 50,
                     ..Default::default()
                 },
                 &platform.admin_token,
-            ))
-            .await
-            .expect("query audit through the gateway")
-            .into_inner()
-            .events;
-        if events.len() >= 4 {
+            );
+            let mut audit = audit.clone();
+            async move {
+                audit
+                    .query_events(request)
+                    .await
+                    .expect("query audit through the gateway")
+                    .into_inner()
+                    .events
+            }
+        };
+        let events = query("access.unauthenticated").await;
+        let invalid = query("request.invalid").await;
+        if events.len() >= 4 && !invalid.is_empty() {
             assert!(events.iter().all(|e| e.source_service == "gateway"));
+            assert!(
+                invalid[0]
+                    .details
+                    .as_ref()
+                    .is_some_and(|d| format!("{d:?}").contains("name")),
+                "{invalid:?}"
+            );
             break;
         }
         assert!(

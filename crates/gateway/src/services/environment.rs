@@ -44,10 +44,20 @@ impl Environments {
             .authenticate(gw.info("EnvironmentService/CreateEnvironment", &request))
             .await?;
         let req = request.into_inner();
-        validate::optional_id("request_id", &req.request_id)?;
-        validate::id("team_id", &req.team_id)?;
-        validate::environment_name("name", &req.name)?;
-        validate::container_spec("spec", req.spec.as_ref())?;
+        let valid = validate::optional_id("request_id", &req.request_id)
+            .and_then(|()| validate::id("team_id", &req.team_id))
+            .and_then(|()| validate::environment_name("name", &req.name))
+            .and_then(|()| validate::container_spec("spec", req.spec.as_ref()));
+        if let Err(violation) = valid {
+            let error = GatewayError::from(violation);
+            let resource = Resource {
+                kind: "environment".into(),
+                team_id: req.team_id.clone(),
+                ..Resource::default()
+            };
+            gw.record_invalid(&call, "environment.create", &error, &resource);
+            return Err(error);
+        }
         let request_id = if req.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
