@@ -290,6 +290,23 @@ impl Gateway {
         Err(GatewayError::RateLimited)
     }
 
+    /// The caller's teams from identity; a token identity no longer accepts
+    /// is UNAUTHENTICATED, as everywhere.
+    pub(crate) async fn caller_teams(&self, call: &Call) -> Result<Vec<String>> {
+        match self.auth.caller_scopes(&call.principal).await {
+            Ok(scopes) => Ok(scopes.teams.into_iter().map(|t| t.team_id).collect()),
+            Err(AuthError::Unauthenticated(reason)) => {
+                self.refuse_anonymous(&call.info, reason);
+                Err(GatewayError::InvalidToken(reason))
+            }
+            Err(AuthError::Denied(reason)) => Err(GatewayError::Denied(reason)),
+            Err(AuthError::Unavailable(detail)) => Err(GatewayError::Unavailable {
+                service: IDENTITY,
+                detail,
+            }),
+        }
+    }
+
     fn refuse_anonymous(&self, info: &CallInfo, reason: &'static str) {
         // A flood of bad tokens is audited only within the per-address budget
         // (the refusals themselves are always counted in metrics).

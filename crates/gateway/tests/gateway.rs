@@ -102,6 +102,12 @@ async fn authentication_routing_validation_metrics_and_audit() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("expired"), "{status:?}");
+    // Listing every team's environments with it is refused the same way.
+    let status = environments
+        .list_environments(bearer(ListEnvironmentsRequest::default(), &expired))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // Internal services are not routed, even with a valid token.
     let mut runtime = RuntimeServiceClient::new(channel.clone());

@@ -140,23 +140,18 @@ impl Environments {
         validate::text("page_token", &req.page_token, 1024)?;
         let team_ids = if req.team_id.is_empty() {
             // Every team the caller belongs to (and the token allows).
-            let scopes = gw.auth.caller_scopes(&call.principal).await.map_err(|e| {
-                GatewayError::Unavailable {
-                    service: crate::gateway::IDENTITY,
-                    detail: e.to_string(),
+            let mut allowed = Vec::new();
+            for team in gw.caller_teams(&call).await? {
+                let request = vibebox_token::AuthzRequest::new("environment.list").team(&team);
+                match call.principal.verified.authorize(&request) {
+                    Ok(()) => allowed.push(team),
+                    Err(vibebox_token::TokenError::Expired) => {
+                        return Err(GatewayError::InvalidToken("token expired"));
+                    }
+                    Err(_) => {}
                 }
-            })?;
-            scopes
-                .teams
-                .into_iter()
-                .map(|t| t.team_id)
-                .filter(|team| {
-                    call.principal
-                        .verified
-                        .authorize(&vibebox_token::AuthzRequest::new("environment.list").team(team))
-                        .is_ok()
-                })
-                .collect::<Vec<_>>()
+            }
+            allowed
         } else {
             gw.authorize(
                 &call,
