@@ -67,7 +67,21 @@ impl From<GatewayError> for Status {
             GatewayError::Upstream { service, status } => match status.code() {
                 // Transport failures and internal errors carry text not meant
                 // for end users: log it, answer generically.
-                Code::Unavailable => vibebox_server_kit::status::unavailable(service, &status),
+                // A service's own UNAVAILABLE names what it could not reach:
+                // pass that name on (only the name).
+                Code::Unavailable => {
+                    match vibebox_server_kit::status::unavailable_dependency(&status) {
+                        Some(dependency) => {
+                            vibebox_server_kit::status::unavailable(&dependency, &status)
+                        }
+                        None => vibebox_server_kit::status::unavailable(service, &status),
+                    }
+                }
+                // Made here from a broken connection (a status the service
+                // sent has no source): the service went away mid-call.
+                Code::Unknown if std::error::Error::source(&status).is_some() => {
+                    vibebox_server_kit::status::unavailable(service, &status)
+                }
                 Code::Unknown | Code::Internal | Code::DataLoss => {
                     vibebox_server_kit::status::internal(&format_args!("{service}: {status}"))
                 }
@@ -152,5 +166,52 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("secret"));
+    }
+
+    #[test]
+    fn unreachable_upstreams_are_unavailable_naming_only_what_is_down() {
+        // The orchestrator answered: its Docker Engine is down.
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: vibebox_server_kit::status::unavailable(
+                "Docker Engine",
+                &"connect /run/secret.sock",
+            ),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "Docker Engine is unavailable, retry later");
+
+        // The orchestrator could not be reached at all.
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: Status::unavailable("tcp connect error 10.0.0.7:7703"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "orchestrator is unavailable, retry later");
+
+        // Its connection broke mid-stream (it was killed): tonic makes an
+        // UNKNOWN status from the transport error, which is no answer of it.
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: broken,
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "orchestrator is unavailable, retry later");
+
+        // An UNKNOWN the service itself sent stays generic.
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: Status::unknown("panic in handler"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Internal);
     }
 }

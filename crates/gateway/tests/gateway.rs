@@ -209,10 +209,10 @@ async fn authentication_routing_validation_metrics_and_audit() {
 
     // The refusals are in the audit log (read through the gateway): the
     // anonymous ones, and the create refused for its content.
-    let mut audit = AuditServiceClient::new(channel.clone());
+    let audit = AuditServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut query = |action: &str| {
+        let query = |action: &str| {
             let request = bearer(
                 QueryEventsRequest {
                     filter: Some(EventFilter {

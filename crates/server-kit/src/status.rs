@@ -37,10 +37,40 @@ pub fn internal(error: &dyn std::fmt::Display) -> Status {
     Status::internal("internal error")
 }
 
-/// UNAVAILABLE naming the dependency that could not be reached.
+/// `ErrorInfo.reason` of [`unavailable`] statuses (domain [`ERROR_DOMAIN`]);
+/// `metadata["dependency"]` names what could not be reached.
+pub const DEPENDENCY_UNAVAILABLE: &str = "DEPENDENCY_UNAVAILABLE";
+
+/// `ErrorInfo.domain` of the statuses VibeBox services make.
+pub const ERROR_DOMAIN: &str = "vibebox";
+
+/// UNAVAILABLE naming the dependency that could not be reached, in the
+/// message and in an `ErrorInfo` detail (so that a proxy can pass the name on
+/// without passing on any other text).
 pub fn unavailable(dependency: &str, error: &dyn std::fmt::Display) -> Status {
     tracing::warn!(%dependency, %error, "dependency unavailable");
-    Status::unavailable(format!("{dependency} is unavailable, retry later"))
+    let details = ErrorDetails::with_error_info(
+        DEPENDENCY_UNAVAILABLE,
+        ERROR_DOMAIN,
+        [("dependency".to_owned(), dependency.to_owned())],
+    );
+    Status::with_error_details(
+        Code::Unavailable,
+        format!("{dependency} is unavailable, retry later"),
+        details,
+    )
+}
+
+/// The dependency named by an [`unavailable`] status, if `status` is one.
+pub fn unavailable_dependency(status: &Status) -> Option<String> {
+    if status.code() != Code::Unavailable {
+        return None;
+    }
+    let info = status.get_details_error_info()?;
+    if info.reason != DEPENDENCY_UNAVAILABLE || info.domain != ERROR_DOMAIN {
+        return None;
+    }
+    info.metadata.get("dependency").cloned()
 }
 
 /// The rule ids in a status's PreconditionFailure details.
@@ -49,27 +79,6 @@ pub fn violated_rules(status: &Status) -> Vec<String> {
         .get_details_precondition_failure()
         .map(|pf| pf.violations.into_iter().map(|v| v.r#type).collect())
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn precondition_failures_round_trip_rule_ids() {
-        let status = precondition_failure(
-            "denied",
-            &[
-                ("privileged", "spec.privileged", "no"),
-                ("mount.docker_socket", "spec.mounts[0]", "no"),
-            ],
-        );
-        assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(
-            violated_rules(&status),
-            ["privileged", "mount.docker_socket"]
-        );
-    }
 }
 
 /// The canonical upper-snake name of a gRPC code, as in the gRPC spec
@@ -94,5 +103,49 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_names_its_dependency_in_a_detail() {
+        let status = unavailable("Docker Engine", &"connection refused");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "Docker Engine is unavailable, retry later"
+        );
+        assert!(!status.message().contains("refused"));
+        assert_eq!(
+            unavailable_dependency(&status).as_deref(),
+            Some("Docker Engine")
+        );
+        assert_eq!(
+            unavailable_dependency(&Status::unavailable("transport error")),
+            None
+        );
+        assert_eq!(
+            unavailable_dependency(&Status::internal("Docker Engine")),
+            None
+        );
+    }
+
+    #[test]
+    fn precondition_failures_round_trip_rule_ids() {
+        let status = precondition_failure(
+            "denied",
+            &[
+                ("privileged", "spec.privileged", "no"),
+                ("mount.docker_socket", "spec.mounts[0]", "no"),
+            ],
+        );
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            violated_rules(&status),
+            ["privileged", "mount.docker_socket"]
+        );
     }
 }

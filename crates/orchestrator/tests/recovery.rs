@@ -1,0 +1,126 @@
+//! What a crash between a state change and its audit event leaves behind is
+//! audited exactly once: a create's event is durable before `running` is
+//! committed, and a delete's event has one fixed id, so reconcile finishing
+//! an interrupted delete records it again under that id (which the audit
+//! service keeps once) instead of not at all or twice.
+
+use std::time::Duration;
+
+use vibebox_orchestrator::store::State;
+use vibebox_orchestrator::testkit::{self, Harness, hardened_spec};
+use vibebox_proto::audit::{AuditEvent, Outcome};
+use vibebox_proto::runtime::*;
+
+const TEAM: &str = "team-r";
+
+async fn create(h: &Harness) -> String {
+    let spec = hardened_spec(&["sleep", "3600"]);
+    let env = uuid::Uuid::new_v4().to_string();
+    let created = h
+        .client()
+        .create_environment(CreateEnvironmentRequest {
+            caller: Some(Caller {
+                user_id: "user-r".into(),
+                ..Default::default()
+            }),
+            request_id: env.clone(),
+            environment_id: env.clone(),
+            team_id: TEAM.into(),
+            owner_id: "user-r".into(),
+            name: "recovery".into(),
+            spec: Some(spec.clone()),
+            clearance: Some(testkit::clearance(
+                &h.signer,
+                &spec,
+                &env,
+                TEAM,
+                Duration::from_secs(60),
+            )),
+            canonical_image: String::new(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .environment
+        .expect("environment");
+    assert_eq!(
+        created.state(),
+        vibebox_proto::environment::EnvironmentState::Running
+    );
+    env
+}
+
+fn events<'a>(recent: &'a [AuditEvent], action: &str, env: &str) -> Vec<&'a AuditEvent> {
+    recent
+        .iter()
+        .filter(|e| {
+            e.action == action && e.resource_id == env && e.outcome == Outcome::Success as i32
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_deletes_are_finished_and_audited_under_one_id() {
+    let h = Harness::start(|_| {}).await.unwrap();
+
+    // A running environment has its create event.
+    let env = create(&h).await;
+    let recent = h.orchestrator.audit().recent();
+    assert_eq!(events(&recent, "environment.create", &env).len(), 1);
+
+    // Deleted; then, as if killed after the event was written but before
+    // `deleted` was committed, the record is back in `deleting`.
+    h.client()
+        .delete_environment(DeleteEnvironmentRequest {
+            caller: Some(Caller {
+                user_id: "user-r".into(),
+                ..Default::default()
+            }),
+            environment_id: env.clone(),
+        })
+        .await
+        .expect("delete");
+    h.orchestrator
+        .store()
+        .set_state(&env, State::Deleting, None, None)
+        .await
+        .unwrap();
+    let report = h.orchestrator.reconcile().await.unwrap();
+    assert_eq!(report.deletes_finished, vec![env.clone()], "{report:?}");
+    let recent = h.orchestrator.audit().recent();
+    let deletes = events(&recent, "environment.delete", &env);
+    assert_eq!(deletes.len(), 2, "recorded by the delete and by reconcile");
+    assert_eq!(
+        deletes[0].id, deletes[1].id,
+        "one id: the audit service keeps the event once"
+    );
+    assert_eq!(deletes[0].actor.as_ref().unwrap().user_id, "user-r");
+
+    // Killed before the event was written: the objects are still there and
+    // reconcile removes them, recording the event it was missing.
+    let other = create(&h).await;
+    h.orchestrator
+        .store()
+        .set_state(&other, State::Deleting, None, None)
+        .await
+        .unwrap();
+    let report = h.orchestrator.reconcile().await.unwrap();
+    assert_eq!(report.deletes_finished, vec![other.clone()], "{report:?}");
+    let recent = h.orchestrator.audit().recent();
+    let deletes = events(&recent, "environment.delete", &other);
+    assert_eq!(deletes.len(), 1);
+    assert_ne!(
+        deletes[0].id,
+        events(&recent, "environment.delete", &env)[0].id
+    );
+    assert_eq!(
+        deletes[0].actor.as_ref().unwrap().service,
+        "orchestrator",
+        "finished by reconcile"
+    );
+    assert_eq!(
+        h.orchestrator.get(&other).await.unwrap().state,
+        State::Deleted.as_str()
+    );
+    assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
+}
