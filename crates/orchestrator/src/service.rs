@@ -799,62 +799,36 @@ impl Orchestrator {
     pub async fn start(&self, caller: &Caller, id: &str) -> Result<EnvRecord> {
         let _g = self.lock_env(id).await;
         let rec = self.get(id).await?;
-        let result = self.start_locked(&rec).await;
-        self.audit_op("environment.start", Some(caller), &rec, &result)
-            .await?;
-        result
-    }
-
-    async fn start_locked(&self, rec: &EnvRecord) -> Result<EnvRecord> {
-        match Self::state_of(rec)? {
-            State::Running | State::Stopped => {}
-            other => {
-                return Err(Error::BadState {
-                    state: other.as_str(),
-                    operation: "start",
-                });
-            }
+        let done = async {
+            Self::runnable(&rec, "start")?;
+            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+            Ok(tolerate_304(
+                self.inner.docker.start_container(&cid, None).await,
+            )?)
         }
-        let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-        self.inner
-            .store
-            .set_state(&rec.id, State::Running, None, None)
-            .await?;
-        tolerate_304(self.inner.docker.start_container(&cid, None).await)?;
-        self.get(&rec.id).await
+        .await;
+        self.settle("environment.start", caller, &rec, done, State::Running)
+            .await
     }
 
     /// Stops an environment: SIGTERM, then SIGKILL after the timeout.
     pub async fn stop(&self, caller: &Caller, id: &str, timeout: Option<u32>) -> Result<EnvRecord> {
         let _g = self.lock_env(id).await;
         let rec = self.get(id).await?;
-        let result = self.stop_locked(&rec, timeout).await;
-        self.audit_op("environment.stop", Some(caller), &rec, &result)
-            .await?;
-        result
-    }
-
-    async fn stop_locked(&self, rec: &EnvRecord, timeout: Option<u32>) -> Result<EnvRecord> {
-        match Self::state_of(rec)? {
-            State::Running | State::Stopped => {}
-            other => {
-                return Err(Error::BadState {
-                    state: other.as_str(),
-                    operation: "stop",
-                });
-            }
+        let done = async {
+            Self::runnable(&rec, "stop")?;
+            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+            let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
+            let opts = StopContainerOptionsBuilder::new()
+                .t(i32::try_from(t).unwrap_or(i32::MAX))
+                .build();
+            Ok(tolerate_304(
+                self.inner.docker.stop_container(&cid, Some(opts)).await,
+            )?)
         }
-        let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-        self.inner
-            .store
-            .set_state(&rec.id, State::Stopped, None, None)
-            .await?;
-        let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
-        let opts = StopContainerOptionsBuilder::new()
-            .t(i32::try_from(t).unwrap_or(i32::MAX))
-            .build();
-        tolerate_304(self.inner.docker.stop_container(&cid, Some(opts)).await)?;
-        self.get(&rec.id).await
+        .await;
+        self.settle("environment.stop", caller, &rec, done, State::Stopped)
+            .await
     }
 
     /// Restarts an environment.
@@ -866,35 +840,55 @@ impl Orchestrator {
     ) -> Result<EnvRecord> {
         let _g = self.lock_env(id).await;
         let rec = self.get(id).await?;
-        let result = async {
-            match Self::state_of(&rec)? {
-                State::Running | State::Stopped => {}
-                other => {
-                    return Err(Error::BadState {
-                        state: other.as_str(),
-                        operation: "restart",
-                    });
-                }
-            }
+        let done = async {
+            Self::runnable(&rec, "restart")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-            self.inner
-                .store
-                .set_state(&rec.id, State::Running, None, None)
-                .await?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
             let opts = RestartContainerOptionsBuilder::new()
                 .t(i32::try_from(t).unwrap_or(i32::MAX))
                 .build();
-            self.inner
+            Ok(self
+                .inner
                 .docker
                 .restart_container(&cid, Some(opts))
-                .await?;
-            self.get(&rec.id).await
+                .await?)
         }
         .await;
-        self.audit_op("environment.restart", Some(caller), &rec, &result)
+        self.settle("environment.restart", caller, &rec, done, State::Running)
+            .await
+    }
+
+    /// Start, stop and restart act on an environment that has a container.
+    fn runnable(rec: &EnvRecord, operation: &'static str) -> Result<()> {
+        match Self::state_of(rec)? {
+            State::Running | State::Stopped => Ok(()),
+            other => Err(Error::BadState {
+                state: other.as_str(),
+                operation,
+            }),
+        }
+    }
+
+    /// Audits a run-state change, then commits it: the event is durable
+    /// before the new state is. A crash after the Docker call but before the
+    /// commit leaves the record as it was, and reconcile (which enforces the
+    /// record) converges the container back: nothing changed unaudited.
+    async fn settle(
+        &self,
+        action: &str,
+        caller: &Caller,
+        rec: &EnvRecord,
+        done: Result<()>,
+        state: State,
+    ) -> Result<EnvRecord> {
+        let result = done.map(|()| rec.clone());
+        self.audit_op(action, Some(caller), rec, &result).await?;
+        result?;
+        self.inner
+            .store
+            .set_state(&rec.id, state, None, None)
             .await?;
-        result
+        self.get(&rec.id).await
     }
 
     /// Deletes an environment's container, network and volume; the record
