@@ -32,9 +32,13 @@ breaking:
 fmt:
     cargo fmt --all
 
-# benchmarks (numbers and ratios next to baselines measured in the same run)
-bench:
-    bash scripts/bench.sh
+# fuzz every parser that sees user input, bounded (VIBEBOX_FUZZ_SECONDS per target, default 20)
+fuzz *TARGETS:
+    bash scripts/fuzz.sh {{TARGETS}}
+
+# benchmarks through the real platform, each next to a baseline from the same run (flags: `just bench --help`)
+bench *ARGS:
+    bash scripts/bench.sh {{ARGS}}
 
 # install grpcurl, buf, just, helm-lite and kubernetes-validate into a virtualenv
 tools:

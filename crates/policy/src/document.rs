@@ -399,7 +399,12 @@ pub(crate) fn normalize_capability(cap: &str) -> String {
 fn capabilities(field: &str, list: &[String]) -> Result<Vec<String>, DocumentError> {
     let mut out: Vec<String> = list.iter().map(|c| normalize_capability(c)).collect();
     if let Some(bad) = out.iter().find(|c| {
-        c.is_empty() || *c == "ALL" || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+        // After the optional `CAP_` is stripped, a second one is no capability:
+        // Docker would read `CAP_X` as `X`, not what this list judged.
+        c.is_empty()
+            || *c == "ALL"
+            || c.starts_with("CAP_")
+            || !c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
     }) {
         return Err(invalid(
             field,
@@ -647,6 +652,13 @@ mod tests {
                 "allow_bind_prefixes",
             ),
             ("[capabilities]\nallow_add = [\"ALL\"]", "allow_add"),
+            // Found by the `capability` fuzzer: normalized to `CAP_SYS_ADMIN`,
+            // which the policy judged as a name of its own but Docker reads
+            // as SYS_ADMIN.
+            (
+                "[capabilities]\nallow_add = [\"cap_CAP_SYS_ADMIN\"]",
+                "allow_add",
+            ),
             ("[filesystem]\nworkspace_path = \"/\"", "workspace_path"),
         ] {
             let err = Policy::from_toml(doc).unwrap_err().to_string();

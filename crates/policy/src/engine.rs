@@ -469,25 +469,25 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
     let mut out = Vec::with_capacity(mounts.len());
     for (i, m) in mounts.iter().enumerate() {
         let mut m = m.clone();
-        let target = match path::normalize(&m.target) {
-            Ok(t) if t != "/" => t,
-            _ => {
-                v.push(Violation::new(
-                    Rule::MountInvalid,
-                    format!("spec.mounts[{i}].target"),
-                    "mount target must be an absolute path other than /",
-                ));
-                continue;
+        // A bad target does not stop the source checks: a socket mount is
+        // reported (and audited) as such whatever its target.
+        match path::normalize(&m.target) {
+            Ok(target) if target != "/" => {
+                if out.iter().any(|o: &Mount| o.target == target) {
+                    v.push(Violation::new(
+                        Rule::MountInvalid,
+                        format!("spec.mounts[{i}].target"),
+                        "duplicate mount target",
+                    ));
+                }
+                m.target = target;
             }
-        };
-        if out.iter().any(|o: &Mount| o.target == target) {
-            v.push(Violation::new(
+            _ => v.push(Violation::new(
                 Rule::MountInvalid,
                 format!("spec.mounts[{i}].target"),
-                "duplicate mount target",
-            ));
+                "mount target must be an absolute path other than /",
+            )),
         }
-        m.target = target;
         match MountType::try_from(m.r#type) {
             Ok(MountType::Bind) => {
                 let field = || format!("spec.mounts[{i}].source");

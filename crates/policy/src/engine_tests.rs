@@ -204,6 +204,27 @@ fn docker_socket_mounts_in_every_spelling() {
     assert!(eval_with(policy, "", &spec).has(Rule::MountDockerSocket));
 }
 
+/// Found by the `request_decode` fuzzer: an invalid target used to skip the
+/// source checks, so a socket mount was reported as a low-severity malformed
+/// mount (and not audited as critical).
+#[test]
+fn socket_mount_with_a_bad_target_is_still_a_socket_mount() {
+    for target in ["relative/target", "/", ""] {
+        let spec = ContainerSpec {
+            mounts: vec![Mount {
+                target: target.into(),
+                ..bind("//r/vraun/./docker.sock")
+            }],
+            ..benign()
+        };
+        let o = eval(&spec);
+        assert!(o.has(Rule::MountInvalid), "{target:?}: {:?}", ids(&o));
+        assert!(o.has(Rule::MountDockerSocket), "{target:?}: {:?}", ids(&o));
+        assert_eq!(o.severity(), Some(Severity::Critical));
+        assert!(!o.only_invalid());
+    }
+}
+
 #[test]
 fn sensitive_and_unlisted_bind_mounts() {
     for source in [
