@@ -380,7 +380,12 @@ fn parse_id(s: &str) -> Id<'_> {
     if s.is_empty() {
         Id::Bad
     } else if s.bytes().all(|b| b.is_ascii_digit()) {
-        s.parse().map_or(Id::Bad, Id::Num)
+        // Kernel ids are signed 32-bit in places (-1 means "no change"):
+        // anything above i32::MAX is no real user.
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| i32::try_from(*n).is_ok())
+            .map_or(Id::Bad, Id::Num)
     } else if s
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
