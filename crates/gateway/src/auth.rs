@@ -8,9 +8,17 @@
 //! through the gateway, inside the platform's two-second revocation bound.
 //! The token's own biscuit checks (expiry, attenuation) are evaluated locally
 //! too: both must allow.
+//!
+//! Verifying a biscuit (signatures, datalog world) costs far more than the
+//! rest of a call, so the gateway remembers: a token whose signatures
+//! verified against the current key ring stays verified until the ring is
+//! replaced (signature checks are a pure function of the token's bytes and
+//! the keys), and the result of the token's own checks is cached together
+//! with identity's decision for the same request, under the same at most
+//! one-second bound (identity's decision already embodies those checks).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
@@ -28,6 +36,8 @@ pub(crate) const MAX_DECISION_TTL: Duration = Duration::from_secs(1);
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Cached decisions kept before the cache is swept.
 const MAX_CACHE_ENTRIES: usize = 50_000;
+/// Verified tokens kept before the cache is emptied.
+const MAX_VERIFIED_ENTRIES: usize = 10_000;
 /// Deadline of calls to identity made while authenticating.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -49,7 +59,7 @@ pub(crate) enum AuthError {
 #[derive(Clone, Debug)]
 pub(crate) struct Principal {
     pub(crate) token: String,
-    pub(crate) verified: VerifiedToken,
+    pub(crate) verified: Arc<VerifiedToken>,
 }
 
 impl Principal {
@@ -86,10 +96,18 @@ impl CacheKey {
     }
 }
 
+/// A cached answer: identity's decision and whether the token's own checks
+/// allowed the same request.
+#[derive(Clone, Debug)]
+struct Cached {
+    decision: AuthorizeResponse,
+    locally_allowed: bool,
+}
+
 /// A short-lived cache of identity's decisions.
 pub(crate) struct DecisionCache {
     max_ttl: Duration,
-    entries: Mutex<HashMap<CacheKey, (AuthorizeResponse, Instant)>>,
+    entries: Mutex<HashMap<CacheKey, (Cached, Instant)>>,
 }
 
 impl DecisionCache {
@@ -101,16 +119,16 @@ impl DecisionCache {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<AuthorizeResponse> {
+    fn get(&self, key: &CacheKey) -> Option<Cached> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .get(key)
             .filter(|(_, expires)| Instant::now() < *expires)
-            .map(|(decision, _)| decision.clone())
+            .map(|(cached, _)| cached.clone())
     }
 
-    fn put(&self, key: CacheKey, decision: &AuthorizeResponse) {
-        let ttl = Duration::from_millis(u64::from(decision.cache_ttl_ms)).min(self.max_ttl);
+    fn put(&self, key: CacheKey, cached: Cached) {
+        let ttl = Duration::from_millis(u64::from(cached.decision.cache_ttl_ms)).min(self.max_ttl);
         if ttl.is_zero() {
             return;
         }
@@ -122,13 +140,23 @@ impl DecisionCache {
                 entries.clear();
             }
         }
-        entries.insert(key, (decision.clone(), now + ttl));
+        entries.insert(key, (cached, now + ttl));
     }
+}
+
+/// Tokens whose signatures verified, valid for one generation of the key
+/// ring (any replacement of the ring starts a new generation).
+#[derive(Default)]
+struct VerifiedCache {
+    generation: u64,
+    entries: HashMap<String, Arc<VerifiedToken>>,
 }
 
 /// Verifies tokens and asks identity for decisions.
 pub(crate) struct Authenticator {
-    ring: RwLock<KeyRing>,
+    /// The key ring and its generation.
+    ring: RwLock<(u64, KeyRing)>,
+    verified: Mutex<VerifiedCache>,
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
     client: AuthorizationServiceClient<GrpcChannel>,
     cache: DecisionCache,
@@ -137,7 +165,8 @@ pub(crate) struct Authenticator {
 impl Authenticator {
     pub(crate) fn new(channel: GrpcChannel, max_ttl: Duration) -> Self {
         Self {
-            ring: RwLock::new(KeyRing::new()),
+            ring: RwLock::new((0, KeyRing::new())),
+            verified: Mutex::new(VerifiedCache::default()),
             last_refresh: tokio::sync::Mutex::new(None),
             client: AuthorizationServiceClient::new(channel),
             cache: DecisionCache::new(max_ttl),
@@ -170,9 +199,16 @@ impl Authenticator {
             }
         }
         let count = ring.key_ids().len();
-        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
+        self.replace_ring(ring);
         tracing::debug!(keys = count, "token keys refreshed");
         Ok(count)
+    }
+
+    /// Installs a new key ring; tokens verified against the old one must be
+    /// verified again.
+    fn replace_ring(&self, ring: KeyRing) {
+        let mut current = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        *current = (current.0 + 1, ring);
     }
 
     /// Refreshes the keys unless that happened less than a second ago
@@ -187,11 +223,36 @@ impl Authenticator {
         result.map(|_| ())
     }
 
-    fn verify_locally(&self, token: &str) -> Result<VerifiedToken, TokenError> {
-        self.ring
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .verify(token)
+    fn verify_locally(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
+        let generation = self.ring.read().unwrap_or_else(|e| e.into_inner()).0;
+        {
+            let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.generation == generation
+                && let Some(verified) = cache.entries.get(token)
+            {
+                return Ok(verified.clone());
+            }
+        }
+        let (generation, verified) = {
+            let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+            (ring.0, Arc::new(ring.1.verify(token)?))
+        };
+        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.generation != generation {
+            if cache.generation > generation {
+                // Verified against a ring replaced meanwhile: do not keep it.
+                return Ok(verified);
+            }
+            *cache = VerifiedCache {
+                generation,
+                entries: HashMap::new(),
+            };
+        }
+        if cache.entries.len() >= MAX_VERIFIED_ENTRIES {
+            cache.entries.clear();
+        }
+        cache.entries.insert(token.to_owned(), verified.clone());
+        Ok(verified)
     }
 
     /// Verifies `token`'s signatures and claims against the key ring.
@@ -235,19 +296,27 @@ impl Authenticator {
         if !resource.environment_id.is_empty() {
             local = local.environment(&resource.environment_id);
         }
-        let locally_allowed = match principal.verified.authorize(&local) {
-            Ok(()) => true,
-            Err(TokenError::Expired) => return Err(AuthError::Unauthenticated("token expired")),
-            Err(_) => false,
-        };
-
         let key = CacheKey::new(&principal.token, operation, resource);
-        let decision = match self.cache.get(&key) {
-            Some(decision) => decision,
+        let Cached {
+            decision,
+            locally_allowed,
+        } = match self.cache.get(&key) {
+            Some(cached) => cached,
             None => {
+                let locally_allowed = match principal.verified.authorize(&local) {
+                    Ok(()) => true,
+                    Err(TokenError::Expired) => {
+                        return Err(AuthError::Unauthenticated("token expired"));
+                    }
+                    Err(_) => false,
+                };
                 let decision = self.ask_identity(principal, operation, resource).await?;
-                self.cache.put(key, &decision);
-                decision
+                let cached = Cached {
+                    decision,
+                    locally_allowed,
+                };
+                self.cache.put(key, cached.clone());
+                cached
             }
         };
         if !decision.allowed && decision.user_id.is_empty() {
@@ -347,12 +416,15 @@ pub(crate) fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Option<&s
 mod tests {
     use super::*;
 
-    fn decision(allowed: bool, ttl_ms: u32) -> AuthorizeResponse {
-        AuthorizeResponse {
-            allowed,
-            cache_ttl_ms: ttl_ms,
-            user_id: "u".into(),
-            ..Default::default()
+    fn decision(allowed: bool, ttl_ms: u32) -> Cached {
+        Cached {
+            decision: AuthorizeResponse {
+                allowed,
+                cache_ttl_ms: ttl_ms,
+                user_id: "u".into(),
+                ..Default::default()
+            },
+            locally_allowed: true,
         }
     }
 
@@ -371,8 +443,14 @@ mod tests {
     #[test]
     fn cache_keys_differ_by_operation_and_resource() {
         let cache = DecisionCache::new(Duration::from_secs(1));
-        cache.put(key("environment.list", "a"), &decision(true, 1000));
-        assert!(cache.get(&key("environment.list", "a")).unwrap().allowed);
+        cache.put(key("environment.list", "a"), decision(true, 1000));
+        assert!(
+            cache
+                .get(&key("environment.list", "a"))
+                .unwrap()
+                .decision
+                .allowed
+        );
         assert!(cache.get(&key("environment.list", "b")).is_none());
         assert!(cache.get(&key("environment.create", "a")).is_none());
     }
@@ -381,7 +459,7 @@ mod tests {
     fn cache_honours_zero_ttl_and_caps_at_one_second() {
         let cache = DecisionCache::new(Duration::from_secs(60));
         assert_eq!(cache.max_ttl, MAX_DECISION_TTL);
-        cache.put(key("op", "a"), &decision(true, 0));
+        cache.put(key("op", "a"), decision(true, 0));
         assert!(
             cache.get(&key("op", "a")).is_none(),
             "ttl 0 must not be cached"
@@ -391,10 +469,42 @@ mod tests {
     #[test]
     fn cached_decisions_expire() {
         let cache = DecisionCache::new(Duration::from_millis(20));
-        cache.put(key("op", "a"), &decision(false, 1000));
-        assert!(!cache.get(&key("op", "a")).unwrap().allowed);
+        cache.put(key("op", "a"), decision(false, 1000));
+        assert!(!cache.get(&key("op", "a")).unwrap().decision.allowed);
         std::thread::sleep(Duration::from_millis(40));
         assert!(cache.get(&key("op", "a")).is_none());
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_reused_only_with_the_ring_that_verified_them() {
+        let root = vibebox_token::RootKey::generate(7);
+        let claims =
+            vibebox_token::Claims::new("u1", "t1", chrono::Utc::now() + chrono::Duration::hours(1));
+        let token = vibebox_token::mint(&root, &claims).unwrap();
+        let channel = vibebox_server_kit::connect_plaintext("http://127.0.0.1:9").unwrap();
+        let auth = Authenticator::new(channel, Duration::from_secs(1));
+        let mut ring = KeyRing::new();
+        ring.insert(7, &root.public_key_bytes()).unwrap();
+        auth.replace_ring(ring);
+
+        let first = auth.verify_locally(&token).unwrap();
+        let second = auth.verify_locally(&token).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the second call reuses the first verification"
+        );
+        assert_eq!(second.user_id(), "u1");
+        assert!(
+            auth.verify_locally("not-a-token").is_err(),
+            "a bad token is never served from the cache"
+        );
+
+        // Retiring the key (a new ring without it) must stop the token.
+        auth.replace_ring(KeyRing::new());
+        assert!(matches!(
+            auth.verify_locally(&token),
+            Err(TokenError::UnknownKey)
+        ));
     }
 
     #[test]

@@ -75,9 +75,13 @@ pub async fn count_users(db: &impl ConnectionTrait) -> Result<u64> {
 
 /// A user by id.
 pub async fn user_by_id(db: &impl ConnectionTrait, id: &str) -> Result<Option<User>> {
+    // `.all()` on the primary key rather than `.one()`: `.one()` binds
+    // `LIMIT ?`, which makes SQLite re-prepare the statement on every
+    // execution; this lookup runs on every authenticated call.
     Ok(user::Entity::find_by_id(id.to_owned())
-        .one(db)
+        .all(db)
         .await?
+        .pop()
         .map(Into::into))
 }
 
@@ -347,7 +351,11 @@ pub async fn insert_token(db: &impl ConnectionTrait, new: NewToken<'_>) -> Resul
 
 /// A token record by id.
 pub async fn token_by_id(db: &impl ConnectionTrait, id: &str) -> Result<Option<token::Model>> {
-    Ok(token::Entity::find_by_id(id.to_owned()).one(db).await?)
+    // Primary key lookup on every authenticated call: see `user_by_id`.
+    Ok(token::Entity::find_by_id(id.to_owned())
+        .all(db)
+        .await?
+        .pop())
 }
 
 /// Revokes a token and every token derived from it (transitively).

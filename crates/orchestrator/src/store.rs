@@ -196,9 +196,15 @@ impl Store {
 
     /// The record of an environment.
     pub async fn get(&self, id: &str) -> Result<Option<EnvRecord>> {
+        // Not `.one()`: it binds `LIMIT ?`, and SQLite re-prepares a
+        // statement whose LIMIT parameter is bound again, i.e. on every
+        // execution (parse and plan each time). The primary key already
+        // guarantees at most one row; this is the gateway's lookup on every
+        // environment call.
         Ok(environment::Entity::find_by_id(id.to_owned())
-            .one(&self.db)
-            .await?)
+            .all(&self.db)
+            .await?
+            .pop())
     }
 
     /// The record created by `(team, request_id)`.

@@ -101,6 +101,49 @@ fn split_timestamp(data: Bytes) -> (Option<chrono::DateTime<chrono::Utc>>, Bytes
     (None, data)
 }
 
+/// Log chunks ready at once that may become one message.
+const COALESCE_CHUNKS: usize = 64;
+/// Largest coalesced log message (far below the 4 MiB gRPC limit).
+const COALESCE_BYTES: usize = 256 * 1024;
+
+/// Merges consecutive chunks of the same stream without timestamps (Docker
+/// hands out one chunk per line, and per-message overhead dominated log
+/// streaming); order and bytes are kept, errors end a merge.
+fn coalesce(batch: Vec<Result<LogChunk>>) -> Vec<Result<LogChunk>> {
+    let mut out: Vec<Result<LogChunk>> = Vec::with_capacity(batch.len());
+    let mut pending: Option<(Output, Vec<u8>)> = None;
+    let flush = |pending: &mut Option<(Output, Vec<u8>)>, out: &mut Vec<Result<LogChunk>>| {
+        if let Some((stream, data)) = pending.take() {
+            out.push(Ok(LogChunk {
+                stream,
+                data: Bytes::from(data),
+                time: None,
+            }));
+        }
+    };
+    for item in batch {
+        match item {
+            Ok(chunk) if chunk.time.is_none() => {
+                if let Some((stream, data)) = &mut pending
+                    && *stream == chunk.stream
+                    && data.len() + chunk.data.len() <= COALESCE_BYTES
+                {
+                    data.extend_from_slice(&chunk.data);
+                    continue;
+                }
+                flush(&mut pending, &mut out);
+                pending = Some((chunk.stream, chunk.data.to_vec()));
+            }
+            other => {
+                flush(&mut pending, &mut out);
+                out.push(other);
+            }
+        }
+    }
+    flush(&mut pending, &mut out);
+    out
+}
+
 impl Orchestrator {
     /// Streams an environment's logs.
     pub async fn logs(&self, id: &str, o: LogOptions) -> Result<BoxStream<LogChunk>> {
@@ -140,7 +183,12 @@ impl Orchestrator {
                     (None, data)
                 };
                 Some(Ok(LogChunk { stream, data, time }))
-            });
+            })
+            // Output already waiting is sent as fewer, larger messages;
+            // nothing waits for more to arrive, so a follower sees each line
+            // as soon as Docker hands it over.
+            .ready_chunks(COALESCE_CHUNKS)
+            .flat_map(|batch| futures::stream::iter(coalesce(batch)));
         Ok(Box::pin(stream))
     }
 
@@ -371,5 +419,86 @@ impl Orchestrator {
             span,
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(stream: Output, data: &str) -> Result<LogChunk> {
+        Ok(LogChunk {
+            stream,
+            data: Bytes::from(data.to_owned()),
+            time: None,
+        })
+    }
+
+    fn flatten(chunks: &[Result<LogChunk>]) -> Vec<(Output, String)> {
+        chunks
+            .iter()
+            .map(|c| {
+                let c = c.as_ref().expect("no error");
+                (c.stream, String::from_utf8_lossy(&c.data).into_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn coalescing_merges_runs_of_one_stream_and_keeps_order() {
+        let out = coalesce(vec![
+            chunk(Output::Stdout, "a\n"),
+            chunk(Output::Stdout, "b\n"),
+            chunk(Output::Stderr, "oops\n"),
+            chunk(Output::Stdout, "c\n"),
+            chunk(Output::Stdout, "d\n"),
+        ]);
+        assert_eq!(
+            flatten(&out),
+            vec![
+                (Output::Stdout, "a\nb\n".to_owned()),
+                (Output::Stderr, "oops\n".to_owned()),
+                (Output::Stdout, "c\nd\n".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn coalescing_keeps_timestamped_chunks_and_errors_apart() {
+        let stamped = Ok(LogChunk {
+            stream: Output::Stdout,
+            data: Bytes::from_static(b"t\n"),
+            time: Some(chrono::Utc::now()),
+        });
+        let out = coalesce(vec![
+            chunk(Output::Stdout, "a\n"),
+            stamped,
+            chunk(Output::Stdout, "b\n"),
+            Err(Error::InvalidArgument {
+                field: "x",
+                reason: "y".into(),
+            }),
+            chunk(Output::Stdout, "c\n"),
+        ]);
+        assert_eq!(
+            out.len(),
+            5,
+            "nothing merges across a timestamp or an error"
+        );
+        assert!(out[1].as_ref().unwrap().time.is_some());
+        assert!(out[3].is_err());
+    }
+
+    #[test]
+    fn coalescing_caps_message_size() {
+        let line = "x".repeat(100 * 1024);
+        let out = coalesce((0..5).map(|_| chunk(Output::Stdout, &line)).collect());
+        assert!(out.len() >= 2);
+        let total: usize = out.iter().map(|c| c.as_ref().unwrap().data.len()).sum();
+        assert_eq!(total, 5 * line.len());
+        assert!(
+            out.iter()
+                .all(|c| c.as_ref().unwrap().data.len() <= COALESCE_BYTES)
+        );
     }
 }

@@ -157,16 +157,28 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             left = labelled_objects(&installation);
         }
-        let got = client(&pki, port)
-            .await
-            .get_environment(GetEnvironmentRequest {
-                environment_id: env.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .environment
-            .unwrap();
+        // Reconcile removes the objects, then marks the record failed: wait
+        // for both (the record's update may trail the removal under load).
+        let mut got = None;
+        for _ in 0..100 {
+            let current = client(&pki, port)
+                .await
+                .get_environment(GetEnvironmentRequest {
+                    environment_id: env.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .environment
+                .unwrap();
+            let failed = current.state == EnvironmentState::Failed as i32;
+            got = Some(current);
+            if failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = got.expect("the environment");
         remove_labelled(&installation);
         assert!(left.is_empty(), "after {point}: left behind {left:?}");
         assert_eq!(got.state, EnvironmentState::Failed as i32);

@@ -72,7 +72,14 @@ pub(crate) struct Shared {
     pub(crate) allowed_callers: Option<Vec<String>>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) service: &'static str,
+    /// Service identities of client certificates already parsed, by DER
+    /// bytes (the name is a pure function of the verified certificate;
+    /// parsing it on every call was a visible share of a call's cost).
+    pub(crate) identities: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<String>>>,
 }
+
+/// Certificates whose identity is remembered before the map is emptied.
+const MAX_REMEMBERED_IDENTITIES: usize = 256;
 
 #[derive(Clone)]
 pub(crate) struct KitLayer {
@@ -114,10 +121,20 @@ fn valid_request_id(value: &HeaderValue) -> Option<String> {
     .then(|| s.to_owned())
 }
 
-fn peer_identity<B>(req: &Request<B>) -> Option<String> {
+fn peer_identity<B>(shared: &Shared, req: &Request<B>) -> Option<String> {
     let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
     let certs = info.peer_certs()?;
-    crate::tls::service_identity(certs.first()?.as_ref())
+    let der: &[u8] = certs.first()?.as_ref();
+    let mut known = shared.identities.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(identity) = known.get(der) {
+        return identity.clone();
+    }
+    let identity = crate::tls::service_identity(der);
+    if known.len() >= MAX_REMEMBERED_IDENTITIES {
+        known.clear();
+    }
+    known.insert(der.to_vec(), identity.clone());
+    identity
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -161,7 +178,7 @@ where
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         req.extensions_mut().insert(RequestId(request_id.clone()));
 
-        let caller = peer_identity(&req);
+        let caller = peer_identity(&shared, &req);
         if let Some(caller) = &caller {
             req.extensions_mut().insert(CallerService(caller.clone()));
         }
