@@ -37,8 +37,9 @@ fuzz *TARGETS:
     bash scripts/fuzz.sh {{TARGETS}}
 
 # benchmarks through the real platform, each next to a baseline from the same run (flags: `just bench --help`)
+[positional-arguments]
 bench *ARGS:
-    bash scripts/bench.sh {{ARGS}}
+    bash scripts/bench.sh "$@"
 
 # install grpcurl, buf, just, helm-lite and kubernetes-validate into a virtualenv
 tools:

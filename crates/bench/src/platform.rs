@@ -165,6 +165,10 @@ impl Platform {
 impl Drop for Platform {
     fn drop(&mut self) {
         self.terminate();
+        // Keep the platform's log only when it has something to say.
+        if std::fs::metadata(&self.log_file).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.log_file);
+        }
     }
 }
 

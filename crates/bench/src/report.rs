@@ -167,6 +167,9 @@ pub(crate) struct Machine {
     pub(crate) memory_gib: f64,
     pub(crate) kernel: String,
     pub(crate) docker: String,
+    /// `/proc/loadavg` when the run started: other work on a shared
+    /// machine moves every figure.
+    pub(crate) load_at_start: String,
 }
 
 impl Machine {
@@ -200,7 +203,11 @@ impl Machine {
             ),
             Err(e) => format!("Docker unavailable: {e}"),
         };
+        let load_at_start = std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
         Self {
+            load_at_start,
             cpu,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_gib,
@@ -270,7 +277,12 @@ impl Report {
                 format!(" [{}]", self.label)
             }
         );
-        let _ = writeln!(out, "# machine: {}", self.machine.one_line());
+        let _ = writeln!(
+            out,
+            "# machine: {} (load average {} at start)",
+            self.machine.one_line(),
+            self.machine.load_at_start
+        );
         let _ = writeln!(out, "# commit: {}", self.git);
         out.push('\n');
         for (i, row) in rows.iter().enumerate() {
@@ -344,6 +356,7 @@ impl Report {
             "label": self.label,
             "git": self.git,
             "machine": self.machine.one_line(),
+            "load_at_start": self.machine.load_at_start,
             "settings": self.settings,
             "total_seconds": round(self.total_seconds),
             "report": report_file,
