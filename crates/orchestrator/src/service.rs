@@ -504,6 +504,15 @@ impl Orchestrator {
     async fn admit(&self, rec: &mut EnvRecord) -> Result<Option<EnvRecord>> {
         let s = &self.inner.settings;
         let _admission = self.inner.admission.lock().await;
+        // Asked of the engine before the write lock is taken: the lock is
+        // never held across a Docker call (other writers wait on it). The
+        // admission mutex keeps our own allocations serialized; a network
+        // someone else creates meanwhile is handled by `reallocate_subnet`.
+        let engine_subnets = self.engine_subnets().await?;
+        // Every statement below runs on the transaction's own connection:
+        // asking the pool for a second one while holding SQLite's write lock
+        // deadlocks against writers that wait for the lock on every other
+        // pooled connection (until their busy timeout).
         let txn = self.inner.store.begin_immediate().await?;
         if let Some(existing) = Store::by_request(&txn, &rec.team_id, &rec.request_id).await? {
             return Ok(Some(existing));
@@ -511,7 +520,7 @@ impl Orchestrator {
         if Store::clearance_used(&txn, &rec.clearance_id).await? {
             return Err(Error::Clearance(Rejection::Replayed));
         }
-        if self.inner.store.get(&rec.id).await?.is_some() {
+        if Store::get_in(&txn, &rec.id).await?.is_some() {
             return Err(Error::AlreadyExists(rec.id.clone()));
         }
         let live = Store::live_in(&txn, &s.installation).await?;
@@ -561,7 +570,7 @@ impl Orchestrator {
             .iter()
             .filter_map(|r| r.subnet.as_deref()?.parse().ok())
             .collect();
-        taken.extend(self.engine_subnets().await?);
+        taken.extend(engine_subnets);
         let subnet = subnet::allocate(s.subnet_pool, s.subnet_prefix, &taken)
             .ok_or(Error::SubnetsExhausted)?;
         rec.subnet = Some(subnet.to_string());

@@ -201,8 +201,13 @@ impl Store {
         // execution (parse and plan each time). The primary key already
         // guarantees at most one row; this is the gateway's lookup on every
         // environment call.
+        Self::get_in(&self.db, id).await
+    }
+
+    /// The record of an environment, on a connection (a transaction's).
+    pub async fn get_in(conn: &impl ConnectionTrait, id: &str) -> Result<Option<EnvRecord>> {
         Ok(environment::Entity::find_by_id(id.to_owned())
-            .all(&self.db)
+            .all(conn)
             .await?
             .pop())
     }
