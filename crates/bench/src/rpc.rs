@@ -58,7 +58,16 @@ pub(crate) fn bare_server() -> anyhow::Result<(SocketAddr, oneshot::Sender<()>)>
             .expect("bare server runtime");
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Nagle off, as the platform's servers have it (tonic sets it
+            // only on listeners it binds itself).
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |accepted| {
+                    let stream = accepted?;
+                    stream.set_nodelay(true)?;
+                    Ok::<_, std::io::Error>(stream)
+                },
+            );
             let _ = tonic::transport::Server::builder()
                 .add_service(ProbeServiceServer::new(Bare))
                 .serve_with_incoming_shutdown(incoming, async {

@@ -20,6 +20,8 @@ use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
 use vibebox_proto::runtime::{Caller, GetEnvironmentRequest};
 use vibebox_server_kit::{GrpcChannel, meta};
 
+use crate::replica::{MarkedChannel, Replica};
+
 use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::error::{GatewayError, Result};
 use crate::ratelimit::UserRateLimiter;
@@ -62,7 +64,9 @@ pub(crate) struct Gateway {
     /// still counted in the metrics.
     audit_budget: UserRateLimiter,
     audit_log: AuditClient,
-    pub(crate) runtime: RuntimeServiceClient<GrpcChannel>,
+    pub(crate) runtime: RuntimeServiceClient<MarkedChannel>,
+    /// Environments as the orchestrator's feed describes them.
+    pub(crate) replica: Arc<Replica>,
     pub(crate) clearance: ClearanceServiceClient<GrpcChannel>,
     pub(crate) identity: IdentityServiceClient<GrpcChannel>,
     pub(crate) policy: PolicyServiceClient<GrpcChannel>,
@@ -188,13 +192,18 @@ fn client_timeout(md: &MetadataMap) -> Option<Duration> {
 
 impl Gateway {
     pub(crate) fn new(upstreams: Upstreams, audit_log: AuditClient, settings: &Settings) -> Self {
+        let replica = Arc::new(Replica::default());
         Self {
             auth: Authenticator::new(upstreams.identity.clone(), settings.decision_cache_ttl),
             limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
             anonymous_limiter: UserRateLimiter::new(settings.rate_per_second, settings.rate_burst),
             audit_budget: UserRateLimiter::new(AUDIT_BUDGET_PER_SECOND, AUDIT_BUDGET_BURST),
             audit_log,
-            runtime: RuntimeServiceClient::new(upstreams.orchestrator),
+            runtime: RuntimeServiceClient::new(MarkedChannel::new(
+                upstreams.orchestrator,
+                replica.clone(),
+            )),
+            replica,
             clearance: ClearanceServiceClient::new(upstreams.policy.clone()),
             identity: IdentityServiceClient::new(upstreams.identity),
             policy: PolicyServiceClient::new(upstreams.policy),
@@ -393,16 +402,22 @@ impl Gateway {
         operation: &'static str,
         environment_id: &str,
     ) -> Result<(Environment, AuthorizeResponse)> {
-        let mut runtime = self.runtime.clone();
-        let found = runtime
-            .get_environment(call.forward(GetEnvironmentRequest {
-                environment_id: environment_id.to_owned(),
-            }))
-            .await;
-        let environment = match found {
-            Ok(response) => response.into_inner().environment,
-            Err(status) if status.code() == Code::NotFound => None,
-            Err(status) => return Err(GatewayError::upstream(ORCHESTRATOR)(status)),
+        let environment = match self.replica.get(environment_id) {
+            Some(environment) => Some(environment),
+            None => {
+                let found = self
+                    .runtime
+                    .clone()
+                    .get_environment(call.forward(GetEnvironmentRequest {
+                        environment_id: environment_id.to_owned(),
+                    }))
+                    .await;
+                match found {
+                    Ok(response) => response.into_inner().environment,
+                    Err(status) if status.code() == Code::NotFound => None,
+                    Err(status) => return Err(GatewayError::upstream(ORCHESTRATOR)(status)),
+                }
+            }
         };
         let Some(environment) = environment else {
             let resource = Resource {

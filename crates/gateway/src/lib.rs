@@ -19,6 +19,7 @@ mod error;
 mod gateway;
 mod metrics;
 mod ratelimit;
+mod replica;
 mod services;
 mod validate;
 
@@ -182,6 +183,7 @@ pub async fn run_with_listeners(
         upstream_timeout: Duration::from_millis(config.upstream_timeout_ms.max(1)),
         decision_cache_ttl: Duration::from_millis(config.authz_cache_ms),
     };
+    let orchestrator = upstreams.orchestrator.clone();
     let gateway = Arc::new(Gateway::new(upstreams, audit_log, &settings));
 
     let public_tls = match (&config.public_tls_cert, &config.public_tls_key) {
@@ -198,6 +200,12 @@ pub async fn run_with_listeners(
         Duration::from_secs(config.token_keys_refresh_secs.max(1)),
         background.clone(),
     ));
+    tokio::spawn(
+        gateway
+            .replica
+            .clone()
+            .follow(orchestrator, background.clone()),
+    );
     metrics::handle();
     tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics");
     tokio::spawn(metrics::serve(metrics_listener, background.clone()));

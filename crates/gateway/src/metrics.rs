@@ -9,7 +9,11 @@
 //! - `vibebox_gateway_access_events_total{action}`: refused calls
 //!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`);
 //! - `vibebox_gateway_alerts_total{rule,severity}`: `alert.raised` events of
-//!   the audit log, followed live (`watch_alerts`).
+//!   the audit log, followed live (`watch_alerts`);
+//! - `vibebox_gateway_replica_reads_total{result}`: environment reads
+//!   answered by the replica (`hit`) or asked of the orchestrator (`miss`);
+//! - `vibebox_gateway_replica_synced`: 1 while the replica follows the
+//!   orchestrator's feed (`replica`).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

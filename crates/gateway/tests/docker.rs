@@ -13,8 +13,8 @@ use vibebox_orchestrator::testkit::{TEST_IMAGE, TEST_LABEL, ensure_test_image, r
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
-    ExecRequest, ExecStart, GetEnvironmentRequest, StreamLogsRequest, StreamStatsRequest,
-    exec_request, exec_response,
+    ExecRequest, ExecStart, GetEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
+    StreamLogsRequest, StreamStatsRequest, exec_request, exec_response,
 };
 use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::identity::{AddTeamMemberRequest, CreateTeamRequest, TeamRole, WhoAmIRequest};
@@ -26,6 +26,55 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         remove_labelled(&self.0);
     }
+}
+
+/// A new team with the admin as a developer in it: (team id, admin's user id).
+async fn developer_team(
+    channel: tonic::transport::Channel,
+    admin: &str,
+    name: &str,
+) -> (String, String) {
+    let mut identity = IdentityServiceClient::new(channel);
+    let team_id = identity
+        .create_team(bearer(
+            CreateTeamRequest {
+                name: name.into(),
+                display_name: format!("{name} (gateway test)"),
+            },
+            admin,
+        ))
+        .await
+        .expect("create team")
+        .into_inner()
+        .team
+        .unwrap()
+        .id;
+    let me = identity
+        .who_am_i(bearer(WhoAmIRequest {}, admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    identity
+        .add_team_member(bearer(
+            AddTeamMemberRequest {
+                team_id: team_id.clone(),
+                user_id: me.id.clone(),
+                role: TeamRole::Developer as i32,
+            },
+            admin,
+        ))
+        .await
+        .map(drop)
+        .or_else(|s| {
+            // The team's creator may already be a member.
+            (s.code() == tonic::Code::AlreadyExists)
+                .then_some(())
+                .ok_or(s)
+        })
+        .expect("join team");
+    (team_id, me.id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,46 +96,7 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
     let channel = gateway.channel().await;
     let admin = platform.admin_token.clone();
 
-    let mut identity = IdentityServiceClient::new(channel.clone());
-    let team_id = identity
-        .create_team(bearer(
-            CreateTeamRequest {
-                name: "gw-docker".into(),
-                display_name: "gateway docker test".into(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create team")
-        .into_inner()
-        .team
-        .unwrap()
-        .id;
-    let me = identity
-        .who_am_i(bearer(WhoAmIRequest {}, &admin))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
-    identity
-        .add_team_member(bearer(
-            AddTeamMemberRequest {
-                team_id: team_id.clone(),
-                user_id: me.id.clone(),
-                role: TeamRole::Developer as i32,
-            },
-            &admin,
-        ))
-        .await
-        .map(drop)
-        .or_else(|s| {
-            // The team's creator may already be a member.
-            (s.code() == tonic::Code::AlreadyExists)
-                .then_some(())
-                .ok_or(s)
-        })
-        .expect("join team");
+    let (team_id, me) = developer_team(channel.clone(), &admin, "gw-docker").await;
 
     let mut environments = EnvironmentServiceClient::new(channel.clone());
     let request = CreateEnvironmentRequest {
@@ -113,7 +123,7 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
         .environment
         .unwrap();
     assert_eq!(created.team_id, team_id);
-    assert_eq!(created.owner_id, me.id);
+    assert_eq!(created.owner_id, me);
     // The hardened spec was applied (policy filled in the platform user).
     let applied = created.spec.clone().unwrap();
     assert!(applied.user.is_some(), "{applied:?}");
@@ -280,6 +290,177 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
     );
     assert!(
         metrics.contains(r#"vibebox_gateway_active_streams{method="EnvironmentService/Exec"} 0"#),
+        "{metrics}"
+    );
+}
+
+/// `vibebox_gateway_replica_reads_total{result="hit"}` (0 when absent).
+async fn replica_hits(gateway: &common::Gateway) -> u64 {
+    let metrics = gateway.scrape().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"vibebox_gateway_replica_reads_total{result="hit"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Environment reads are answered from the gateway's replica of the
+/// orchestrator's feed: a change made through the gateway is read back at
+/// once (the replica waits for the feed position the change reported), and
+/// a change the orchestrator makes on its own (reconcile finding the
+/// container gone) reaches the replica, which then answers with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_reads_follow_the_orchestrator_feed() {
+    ensure_test_image().expect("test image");
+    let installation = format!("gateway-test-{}", uuid::Uuid::new_v4());
+    let _cleanup = Cleanup(installation.clone());
+    let platform = Platform::start()
+        .await
+        .with_policy()
+        .await
+        .with_orchestrator_config(|c| {
+            c.installation_id = Some(installation.clone());
+            c.docker_labels = vec![format!("{TEST_LABEL}=gateway")];
+            c.subnet_pool = "10.215.0.0/16".into();
+            c.reconcile_interval = 1;
+            // A slow feed: a read right after a change must not be answered
+            // by a replica that has not seen the change yet.
+            c.feed_delay = Duration::from_millis(300);
+        })
+        .await;
+    let gateway = platform.gateway(|_| {}).await;
+    let channel = gateway.channel().await;
+    let admin = platform.admin_token.clone();
+    let (team_id, _) = developer_team(channel.clone(), &admin, "gw-replica").await;
+    let mut environments = EnvironmentServiceClient::new(channel.clone());
+    let reader = environments.clone();
+    let get = |id: String| {
+        let mut environments = reader.clone();
+        let admin = admin.clone();
+        async move {
+            environments
+                .get_environment(bearer(GetEnvironmentRequest { environment_id: id }, &admin))
+                .await
+                .expect("get")
+                .into_inner()
+                .environment
+                .unwrap()
+        }
+    };
+
+    let created = environments
+        .create_environment(bearer(
+            CreateEnvironmentRequest {
+                request_id: format!("create-{}", uuid::Uuid::new_v4()),
+                team_id,
+                name: "replicated".into(),
+                spec: Some(ContainerSpec {
+                    image: TEST_IMAGE.into(),
+                    command: vec!["sleep".into(), "3600".into()],
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .environment
+        .unwrap();
+    let id = created.id.clone();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while get(id.clone()).await.state != EnvironmentState::Running as i32 {
+        assert!(Instant::now() < deadline, "never running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Read-your-writes: each change is what the very next read returns.
+    for _ in 0..3 {
+        let stopped = environments
+            .stop_environment(bearer(
+                StopEnvironmentRequest {
+                    environment_id: id.clone(),
+                    timeout_seconds: Some(0),
+                },
+                &admin,
+            ))
+            .await
+            .expect("stop")
+            .into_inner()
+            .environment
+            .unwrap();
+        assert_eq!(stopped.state, EnvironmentState::Stopped as i32);
+        assert_eq!(
+            get(id.clone()).await.state,
+            EnvironmentState::Stopped as i32
+        );
+        environments
+            .start_environment(bearer(
+                StartEnvironmentRequest {
+                    environment_id: id.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("start");
+        assert_eq!(
+            get(id.clone()).await.state,
+            EnvironmentState::Running as i32
+        );
+    }
+
+    // Once the feed has caught up, reads are answered by the replica.
+    let before = replica_hits(&gateway).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let environment = get(id.clone()).await;
+        assert_eq!(environment.state, EnvironmentState::Running as i32);
+        if replica_hits(&gateway).await > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no read was served by the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Behind the gateway's back: the container disappears; reconcile marks
+    // the environment failed, and the replica learns it from the feed.
+    let removed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "docker ps -aq --filter label=vibebox.environment={id} | xargs -r docker rm -f"
+        ))
+        .status()
+        .expect("docker rm");
+    assert!(removed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let environment = get(id.clone()).await;
+        if environment.state == EnvironmentState::Failed as i32 {
+            break environment;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the vanished container never showed: {environment:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        failed.failure_reason.contains("vanished"),
+        "{}",
+        failed.failure_reason
+    );
+    let before = replica_hits(&gateway).await;
+    assert_eq!(get(id.clone()).await.state, EnvironmentState::Failed as i32);
+    assert!(
+        replica_hits(&gateway).await > before,
+        "the failed state was not served by the replica"
+    );
+    let metrics = gateway.scrape().await;
+    assert!(
+        metrics.contains("vibebox_gateway_replica_synced 1"),
         "{metrics}"
     );
 }

@@ -5,12 +5,15 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use vibebox_proto::environment as env_pb;
 use vibebox_proto::runtime::runtime_service_server::RuntimeService;
 use vibebox_proto::runtime::*;
 
 use crate::audit::Caller;
+use crate::feed;
 use crate::service::{CreateRequest, Error, Orchestrator, Rejection};
 use crate::store::{EnvRecord, State};
 use crate::streams::{ExecInput, ExecOutput, ExecStart, LogOptions, Output};
@@ -147,12 +150,52 @@ where
 #[derive(Clone)]
 pub struct RuntimeHandler {
     orchestrator: Orchestrator,
+    /// Ends the endless streams (the environment feed) when the server
+    /// shuts down, so that its graceful drain does not wait for them.
+    shutdown: CancellationToken,
+    feed_delay: std::time::Duration,
 }
 
 impl RuntimeHandler {
     /// A handler over `orchestrator`.
-    pub fn new(orchestrator: Orchestrator) -> Self {
-        RuntimeHandler { orchestrator }
+    pub fn new(orchestrator: Orchestrator, shutdown: CancellationToken) -> Self {
+        RuntimeHandler {
+            orchestrator,
+            shutdown,
+            feed_delay: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Holds every change on the environment feed back by `delay` (tests).
+    pub fn feed_delay(mut self, delay: std::time::Duration) -> Self {
+        self.feed_delay = delay;
+        self
+    }
+
+    /// The response of a call that may have changed an environment (also
+    /// when it failed halfway), with the feed position that reflects it.
+    fn marked<T>(&self, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        let mark = feed::change_mark(self.orchestrator.inner.store.changes());
+        let value: Option<MetadataValue<Ascii>> = mark.parse().ok();
+        match result {
+            Ok(message) => {
+                let mut response = Response::new(message);
+                if let Some(value) = value {
+                    response
+                        .metadata_mut()
+                        .insert(feed::CHANGE_MARK_HEADER, value);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(value) = value {
+                    status
+                        .metadata_mut()
+                        .insert(feed::CHANGE_MARK_HEADER, value);
+                }
+                Err(status)
+            }
+        }
     }
 }
 
@@ -182,8 +225,8 @@ impl RuntimeService for RuntimeHandler {
                 })
                 .await
         })
-        .await?;
-        Ok(Response::new(CreateEnvironmentResponse {
+        .await;
+        self.marked(rec.map(|rec| CreateEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
     }
@@ -242,8 +285,8 @@ impl RuntimeService for RuntimeHandler {
             self.orchestrator.clone(),
             request.into_inner().environment_id,
         );
-        let rec = to_completion(async move { orchestrator.start(&caller, &id).await }).await?;
-        Ok(Response::new(StartEnvironmentResponse {
+        let rec = to_completion(async move { orchestrator.start(&caller, &id).await }).await;
+        self.marked(rec.map(|rec| StartEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
     }
@@ -259,8 +302,8 @@ impl RuntimeService for RuntimeHandler {
                 .stop(&caller, &r.environment_id, r.timeout_seconds)
                 .await
         })
-        .await?;
-        Ok(Response::new(StopEnvironmentResponse {
+        .await;
+        self.marked(rec.map(|rec| StopEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
     }
@@ -276,8 +319,8 @@ impl RuntimeService for RuntimeHandler {
                 .restart(&caller, &r.environment_id, r.timeout_seconds)
                 .await
         })
-        .await?;
-        Ok(Response::new(RestartEnvironmentResponse {
+        .await;
+        self.marked(rec.map(|rec| RestartEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
     }
@@ -291,10 +334,28 @@ impl RuntimeService for RuntimeHandler {
             self.orchestrator.clone(),
             request.into_inner().environment_id,
         );
-        let rec = to_completion(async move { orchestrator.delete(&caller, &id).await }).await?;
-        Ok(Response::new(DeleteEnvironmentResponse {
+        let rec = to_completion(async move { orchestrator.delete(&caller, &id).await }).await;
+        self.marked(rec.map(|rec| DeleteEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
+    }
+
+    type WatchEnvironmentsStream = RpcStream<WatchEnvironmentsResponse>;
+
+    async fn watch_environments(
+        &self,
+        _request: Request<WatchEnvironmentsRequest>,
+    ) -> Result<Response<Self::WatchEnvironmentsStream>, Status> {
+        let (sink, receiver) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(feed::run(
+            self.orchestrator.clone(),
+            sink,
+            self.shutdown.clone(),
+            self.feed_delay,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type StreamLogsStream = RpcStream<StreamLogsResponse>;

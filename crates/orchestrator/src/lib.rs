@@ -14,6 +14,7 @@
 
 pub mod audit;
 pub mod docker;
+pub mod feed;
 pub mod grpc;
 pub mod keys;
 pub mod reconcile;
@@ -111,6 +112,10 @@ pub struct Config {
     pub docker_labels: Vec<String>,
     #[command(flatten)]
     pub docker: DockerEndpoint,
+    /// Test hook: every change on the environment feed is held back this
+    /// long (a slow feed, to show that the gateway never reads stale state).
+    #[arg(skip)]
+    pub feed_delay: Duration,
 }
 
 /// Where the Docker Engine is: the local socket by default, or a TCP endpoint
@@ -348,9 +353,9 @@ pub async fn serve(
     ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(tls))
         .allow_callers(&["gateway"])
-        .add_service(RuntimeServiceServer::new(grpc::RuntimeHandler::new(
-            orchestrator,
-        )))
+        .add_service(RuntimeServiceServer::new(
+            grpc::RuntimeHandler::new(orchestrator, shutdown.clone()).feed_delay(config.feed_delay),
+        ))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -576,6 +576,7 @@ impl Orchestrator {
         rec.subnet = Some(subnet.to_string());
         Store::insert(&txn, rec.clone()).await?;
         txn.commit().await.map_err(StoreError::from)?;
+        self.inner.store.changes().publish(&rec.id);
         Ok(None)
     }
 

@@ -135,17 +135,84 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Notifications of committed record changes, numbered in the order they
+/// are published (after the change is committed). The feed for the
+/// gateway's read replica follows it: a subscriber that reads a record after
+/// notification `n` sees every change up to `n`.
+pub struct Changes {
+    /// This process: sequences compare only within one epoch.
+    epoch: String,
+    /// The last sequence published; the lock makes the broadcast order the
+    /// sequence order.
+    last: std::sync::Mutex<u64>,
+    sender: tokio::sync::broadcast::Sender<(u64, String)>,
+}
+
+/// A subscription to [`Changes`].
+pub struct Subscription {
+    /// Sequence at subscription: changes up to it happened before.
+    pub sequence: u64,
+    pub receiver: tokio::sync::broadcast::Receiver<(u64, String)>,
+}
+
+/// Notifications a slow subscriber may fall behind by before it has to
+/// start over with a snapshot.
+const CHANGE_BACKLOG: usize = 4096;
+
+impl Changes {
+    fn new() -> Self {
+        Self {
+            epoch: uuid::Uuid::new_v4().to_string(),
+            last: std::sync::Mutex::new(0),
+            sender: tokio::sync::broadcast::channel(CHANGE_BACKLOG).0,
+        }
+    }
+
+    /// The epoch of this process.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The last sequence published.
+    pub fn sequence(&self) -> u64 {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Announces a committed change of record `id`; returns its sequence.
+    pub fn publish(&self, id: &str) -> u64 {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last += 1;
+        // No subscriber is fine: nobody to tell.
+        let _ = self.sender.send((*last, id.to_owned()));
+        *last
+    }
+
+    /// Subscribes; changes after the returned sequence arrive on the
+    /// receiver.
+    pub fn subscribe(&self) -> Subscription {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        Subscription {
+            sequence: *last,
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
 /// The orchestrator's database.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    changes: std::sync::Arc<Changes>,
 }
 
 impl Store {
     /// Connects and creates the tables when missing.
     pub async fn open(url: &str) -> Result<Self> {
         let db = vibebox_db::connect(url).await?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            changes: std::sync::Arc::new(Changes::new()),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -181,6 +248,13 @@ impl Store {
     /// The connection.
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// Notifications of record changes (every write below publishes one
+    /// after it is committed; [`Store::insert`]'s caller publishes after its
+    /// commit).
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// Starts a write transaction that holds the write lock from its first
@@ -317,6 +391,7 @@ impl Store {
         q.filter(environment::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
+        self.changes.publish(id);
         Ok(())
     }
 
@@ -328,6 +403,7 @@ impl Store {
             .filter(environment::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
+        self.changes.publish(id);
         Ok(())
     }
 
@@ -339,6 +415,7 @@ impl Store {
             .filter(environment::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
+        self.changes.publish(id);
         Ok(())
     }
 
@@ -353,6 +430,7 @@ impl Store {
             .filter(environment::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
+        self.changes.publish(id);
         Ok(())
     }
 }
