@@ -19,6 +19,7 @@ use vibebox_proto::audit_ingest::{AppendEventsRequest, AppendEventsResponse};
 use crate::filter::{Filter, FilterError};
 use crate::log::{Log, LogError};
 use crate::service::{self, ReadError};
+use crate::store::StoreError;
 
 /// Events accepted in one `AppendEvents` call.
 const MAX_EVENTS_PER_CALL: usize = 5000;
@@ -66,6 +67,13 @@ impl From<ApiError> for Status {
             }
             ApiError::Read(ReadError::BadPageToken) => {
                 status::invalid_field("page_token", "not a token this service issued")
+            }
+            ApiError::Read(ReadError::Store(StoreError::Db(ref err)))
+            | ApiError::Read(ReadError::Log(LogError::Store(StoreError::Db(ref err))))
+            | ApiError::Log(LogError::Store(StoreError::Db(ref err)))
+                if vibebox_db::is_transient(err) =>
+            {
+                status::unavailable("audit database", err)
             }
             ApiError::Read(ReadError::Store(ref err)) => status::internal(err),
             ApiError::Read(ReadError::Log(LogError::Closed)) | ApiError::Log(LogError::Closed) => {
@@ -274,7 +282,6 @@ impl AuditService for AuditHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreError;
     use tonic::Code;
     use tonic_types::StatusExt;
 

@@ -95,6 +95,33 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
     Ok(Database::connect(options).await?)
 }
 
+/// Whether a database error is transient: the database was busy (SQLite's
+/// lock wait ran out, a PostgreSQL serialization failure or deadlock) or no
+/// pooled connection was free in time. Services answer these UNAVAILABLE,
+/// which tells the client that retrying is right; anything else is a fault.
+pub fn is_transient(error: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let runtime = match error {
+        DbErr::ConnectionAcquire(_) => return true,
+        DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,
+        _ => return false,
+    };
+    let RuntimeErr::SqlxError(error) = runtime else {
+        return false;
+    };
+    match &**error {
+        sea_orm::sqlx::Error::PoolTimedOut => true,
+        sea_orm::sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
+            Some("5" | "6" | "261" | "262" | "517" | "773")
+            // serialization_failure, deadlock_detected.
+            | Some("40001" | "40P01")
+        ),
+        _ => false,
+    }
+}
+
 fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")
@@ -195,7 +222,7 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
 
     #[test]
     fn redacts_passwords() {
@@ -228,6 +255,42 @@ mod tests {
             .unwrap();
         let mode: String = row.try_get_by_index(0).unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn a_busy_sqlite_database_is_transient_and_a_bad_statement_is_not() {
+        let db = testing::sqlite();
+        let holder = db.connect().await;
+        holder
+            .execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .unwrap();
+        let url = db.url.clone();
+        let mut options = sea_orm::ConnectOptions::new(url);
+        options
+            .sqlx_logging(false)
+            .max_connections(1)
+            .map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::from_millis(50)));
+        let waiter = Database::connect(options).await.unwrap();
+        // The holder takes the write lock and keeps it.
+        let txn = holder
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let busy = waiter
+            .execute_unprepared("INSERT INTO t (id) VALUES (1)")
+            .await
+            .expect_err("the write lock is held");
+        assert!(is_transient(&busy), "{busy:?}");
+        drop(txn);
+        let bad = waiter
+            .execute_unprepared("INSERT INTO missing (id) VALUES (1)")
+            .await
+            .expect_err("no such table");
+        assert!(!is_transient(&bad), "{bad:?}");
     }
 
     #[tokio::test]

@@ -73,6 +73,9 @@ impl From<Error> for Status {
             Error::RateLimited => {
                 Status::resource_exhausted("too many failed login attempts, retry later")
             }
+            Error::Database(e) if vibebox_db::is_transient(&e) => {
+                vibebox_server_kit::status::unavailable("identity database", &e)
+            }
             Error::Database(e) => vibebox_server_kit::status::internal(&e),
             Error::Audit(e) => vibebox_server_kit::status::internal(&e),
             Error::Token(e) => vibebox_server_kit::status::internal(&e),

@@ -68,6 +68,9 @@ impl From<Error> for Status {
                 status::unavailable("Docker Engine", &e)
             }
             e @ Error::Docker(_) => status::internal(&e),
+            Error::Store(crate::store::StoreError::Db(e)) if vibebox_db::is_transient(&e) => {
+                status::unavailable("orchestrator database", &e)
+            }
             e @ Error::Store(_) => status::internal(&e),
             e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
             e @ Error::SimulatedCrash => status::internal(&e),
