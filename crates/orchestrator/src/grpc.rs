@@ -62,8 +62,8 @@ impl From<Error> for Status {
             ),
             Error::Docker(bollard::errors::Error::DockerResponseServerError {
                 status_code: 409,
-                ..
-            }) => Status::failed_precondition("the environment's container is not running"),
+                message,
+            }) => Status::failed_precondition(conflict_message(&message)),
             Error::Docker(e) if crate::service::engine_unreachable(&e) => {
                 status::unavailable("Docker Engine", &e)
             }
@@ -75,6 +75,23 @@ impl From<Error> for Status {
             e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
             e @ Error::SimulatedCrash => status::internal(&e),
         }
+    }
+}
+
+/// What a Docker conflict (409) means for the environment, without the
+/// engine's own wording (which names internal objects).
+fn conflict_message(engine: &str) -> &'static str {
+    let engine = engine.to_ascii_lowercase();
+    if engine.contains("is paused") {
+        "the environment's container is paused"
+    } else if engine.contains("is restarting") {
+        "the environment's container is restarting; retry"
+    } else if engine.contains("not running") {
+        "the environment's container is not running"
+    } else if engine.contains("removal") || engine.contains("being removed") {
+        "the environment's container is being removed"
+    } else {
+        "the environment's container is busy with another operation; retry"
     }
 }
 
@@ -516,6 +533,34 @@ impl RuntimeService for RuntimeHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_conflicts_say_what_the_container_is_doing() {
+        let status = |message: &str| {
+            Status::from(Error::Docker(
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409,
+                    message: message.into(),
+                },
+            ))
+        };
+        let not_running = status("Container 1f2e3d is not running");
+        assert_eq!(not_running.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            not_running.message(),
+            "the environment's container is not running"
+        );
+        let paused = status("Container 1f2e3d is paused, unpause the container before exec");
+        assert_eq!(paused.message(), "the environment's container is paused");
+        let restarting =
+            status("Container 1f2e3d is restarting, wait until the container is running");
+        assert!(restarting.message().contains("restarting"));
+        let removing = status("removal of container 1f2e3d is already in progress");
+        assert!(removing.message().contains("being removed"));
+        let other = status("Conflict. The container name \"/x\" is already in use by 9a8b");
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+        assert!(!other.message().contains("9a8b"), "{}", other.message());
+    }
 
     #[test]
     fn an_unreachable_engine_is_unavailable_and_engine_answers_are_not() {
