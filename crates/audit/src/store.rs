@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr};
+use sea_orm::DbBackend;
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Schema, TransactionTrait,
@@ -168,19 +169,6 @@ fn checkpoint_row(c: &Checkpoint) -> checkpoint::ActiveModel {
     }
 }
 
-fn escape_like(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('%');
-    for c in text.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('%');
-    out
-}
-
 impl Store {
     /// Connects (see `vibebox_db::connect`) and creates the schema if needed.
     pub async fn open(url: &str) -> Result<Self> {
@@ -287,12 +275,24 @@ impl Store {
         if !filter.team_id.is_empty() {
             cond = cond.add(event::Column::TeamId.eq(filter.team_id.clone()));
         }
+        // Case-sensitive on every database, as the live filter is (`LIKE`
+        // ignores ASCII case on SQLite and not on PostgreSQL).
+        let postgres = self.db.get_database_backend() == DbBackend::Postgres;
         if !filter.action.is_empty() {
             if filter.action.ends_with('.') {
-                cond =
-                    cond.add(Expr::col(event::Column::Action).like(
-                        LikeExpr::new(escape_like(&filter.action)[1..].to_owned()).escape('\\'),
-                    ));
+                let prefix_len = i32::try_from(filter.action.chars().count()).unwrap_or(i32::MAX);
+                let compare = if postgres {
+                    "substr(\"action\", 1, $1) = $2"
+                } else {
+                    "substr(\"action\", 1, ?) = ?"
+                };
+                cond = cond.add(Expr::cust_with_values(
+                    compare,
+                    [
+                        sea_orm::Value::from(prefix_len),
+                        sea_orm::Value::from(filter.action.clone()),
+                    ],
+                ));
             } else {
                 cond = cond.add(event::Column::Action.eq(filter.action.clone()));
             }
@@ -310,10 +310,12 @@ impl Store {
             cond = cond.add(event::Column::Severity.gte(severity_code(min)));
         }
         if !filter.text.is_empty() {
-            cond = cond.add(
-                Expr::col(event::Column::Details)
-                    .like(LikeExpr::new(escape_like(&filter.text)).escape('\\')),
-            );
+            let position = if postgres {
+                "strpos(\"details\", $1) > 0"
+            } else {
+                "instr(\"details\", ?) > 0"
+            };
+            cond = cond.add(Expr::cust_with_values(position, [filter.text.clone()]));
         }
         let rows = event::Entity::find()
             .filter(cond)

@@ -442,6 +442,23 @@ async fn storage_behaves_the_same_on_every_database() {
             .await
             .is_empty()
         );
+        // Case-sensitive on every database, as the live watch filter is.
+        for filter in [
+            pb::EventFilter {
+                text: "DOCKER.SOCK".into(),
+                ..Default::default()
+            },
+            pb::EventFilter {
+                action: "Environment.".into(),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                h.query(filter.clone()).await.is_empty(),
+                "{:?}: {filter:?}",
+                db.kind
+            );
+        }
         // Newest first, paged.
         let page = h
             .reader()
