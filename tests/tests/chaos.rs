@@ -4,7 +4,9 @@
 //! orphan Docker objects, every environment in a defined state, every
 //! acknowledged operation in the audit log exactly once, and the chain
 //! verifies. A second test takes the Docker Engine away from the orchestrator
-//! (a socket proxy the test controls) and gives it back.
+//! (a socket proxy the test controls) and gives it back. A third freezes the
+//! orchestrator (SIGSTOP): the gateway's environment replica must stop
+//! answering instead of serving what may be stale.
 //!
 //! `VIBEBOX_CHAOS_ITERATIONS` (default 50) sets the number of kills;
 //! `VIBEBOX_CHAOS_SEED` replays a run (the seed is in the suite report).
@@ -936,5 +938,103 @@ async fn docker_engine_outage_is_unavailable_and_recovers_without_restart() {
         orchestrator_pid,
         "the orchestrator was not restarted"
     );
+    ctx.cluster.remove_docker_objects();
+}
+
+/// Resumes a stopped process when dropped (also when the test fails).
+struct Resume(Option<u32>);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The gateway answers environment reads from its replica of the
+/// orchestrator's feed; a frozen orchestrator (SIGSTOP: its connections stay
+/// open, nothing answers) must not be papered over with that replica: the
+/// feed's heartbeat stops, and reads fail instead of returning what may be
+/// stale. Once it thaws, reads are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_orchestrator_is_not_papered_over_by_the_gateway_replica() {
+    let mut report = SuiteReport::new("chaos", "frozen_orchestrator");
+    let image = dev_image();
+    let cluster = Cluster::builder()
+        .arg(Service::Gateway, "--upstream-timeout-ms=1000")
+        .start()
+        .await;
+    let admin = cluster.admin_token();
+    let team = cluster.team("frozen").await;
+    let dev = cluster.user("frozen-dev", &team, TeamRole::Developer).await;
+    let ctx = Ctx {
+        cluster,
+        image,
+        team,
+        dev,
+        admin,
+    };
+    let env = ctx.create("frozen", "frozen").await.expect("create");
+    assert_eq!(env.state(), EnvironmentState::Running);
+    assert_eq!(
+        ctx.get(&env.id).await.expect("get").state(),
+        EnvironmentState::Running
+    );
+
+    let pid = ctx
+        .cluster
+        .pid(Service::Orchestrator)
+        .expect("orchestrator pid");
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill -STOP");
+    assert!(stopped.success());
+    let resume = Resume(Some(pid));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        match ctx.get(&env.id).await {
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "reads of a frozen orchestrator's environment kept being answered"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => break status,
+        }
+    };
+    // The orchestrator is asked and does not answer within the gateway's
+    // upstream deadline (tonic reports its own server timeout as CANCELLED).
+    assert!(
+        matches!(
+            refused.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        ),
+        "{refused:?}"
+    );
+    report.case(true);
+
+    drop(resume);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ctx.get(&env.id).await {
+            Ok(found) => {
+                assert_eq!(found.state(), EnvironmentState::Running);
+                break;
+            }
+            Err(status) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "reads never recovered after the thaw: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    report.case(false);
     ctx.cluster.remove_docker_objects();
 }

@@ -10,10 +10,15 @@
 //! - it serves nothing until the feed's snapshot is complete, and nothing
 //!   once the feed is broken (the orchestrator is then asked, and its
 //!   absence is reported as such, never papered over with old data);
-//! - read-your-writes: every orchestrator response that may have changed an
-//!   environment carries the feed position reflecting that change
+//! - read-your-writes, and never backwards: every orchestrator response
+//!   carries the feed position that reflects everything committed before it
 //!   (`vibebox-change-mark`); until the replica has applied that position,
-//!   reads go to the orchestrator;
+//!   reads go to the orchestrator. A state-changing call that ends without a
+//!   mark (timed out, connection lost) sends every read to the orchestrator
+//!   until the next mark. A mark from another orchestrator process than the
+//!   one followed makes the replica subscribe again;
+//! - the feed sends a heartbeat every second: a feed silent for three
+//!   seconds counts as broken;
 //! - it holds live environments only: a deleted or unknown id is always
 //!   asked of the orchestrator.
 //!
@@ -41,13 +46,27 @@ pub(crate) const CHANGE_MARK_HEADER: &str = "vibebox-change-mark";
 const READS: &str = "vibebox_gateway_replica_reads_total";
 const SYNCED: &str = "vibebox_gateway_replica_synced";
 
-/// A feed position the replica must reach before it may answer.
-#[derive(Debug, Clone)]
+/// A feed that says nothing for this long (it sends a heartbeat every
+/// second) is taken for broken.
+const FEED_SILENCE: Duration = Duration::from_secs(3);
+
+/// The state-changing calls: one that ends without a change mark leaves the
+/// replica unable to vouch for anything until the next mark.
+const CHANGING_METHODS: [&str; 5] = [
+    "/vibebox.internal.runtime.v1.RuntimeService/CreateEnvironment",
+    "/vibebox.internal.runtime.v1.RuntimeService/StartEnvironment",
+    "/vibebox.internal.runtime.v1.RuntimeService/StopEnvironment",
+    "/vibebox.internal.runtime.v1.RuntimeService/RestartEnvironment",
+    "/vibebox.internal.runtime.v1.RuntimeService/DeleteEnvironment",
+];
+
+/// A feed position (of one orchestrator process) the replica must reach
+/// before it may answer.
+#[derive(Debug, Clone, Copy)]
 struct Floor {
-    epoch: String,
     sequence: u64,
-    /// When the gateway learned of it: a snapshot requested later from a
-    /// newer orchestrator process reflects it.
+    /// When the gateway learned of it: a snapshot requested later reflects
+    /// it, whichever process serves that snapshot.
     noted: Instant,
 }
 
@@ -60,14 +79,36 @@ struct State {
     sequence: u64,
     /// When the current feed was requested.
     subscribed: Option<Instant>,
-    floor: Option<Floor>,
+    /// The highest unmet mark of each orchestrator process.
+    floors: HashMap<String, Floor>,
+    /// A state-changing call ended without a mark.
+    unmarked_change: bool,
     environments: HashMap<String, Environment>,
+}
+
+impl State {
+    fn current(&self) -> bool {
+        if !self.synced || self.unmarked_change {
+            return false;
+        }
+        self.floors.iter().all(|(epoch, floor)| {
+            if *epoch == self.epoch {
+                self.sequence >= floor.sequence
+            } else {
+                // Another process: only a snapshot asked for after the mark
+                // was noted reflects it.
+                self.subscribed.is_some_and(|s| floor.noted < s)
+            }
+        })
+    }
 }
 
 /// The replica (shared by every call of the gateway).
 #[derive(Default)]
 pub(crate) struct Replica {
     state: RwLock<State>,
+    /// Asks the follower to subscribe again (a mark from another process).
+    resubscribe: tokio::sync::Notify,
 }
 
 impl Replica {
@@ -81,12 +122,7 @@ impl Replica {
 
     fn lookup(&self, id: &str) -> Option<Environment> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        if !state.synced {
-            return None;
-        }
-        if let Some(floor) = &state.floor
-            && (floor.epoch != state.epoch || state.sequence < floor.sequence)
-        {
+        if !state.current() {
             return None;
         }
         state.environments.get(id).cloned()
@@ -102,17 +138,32 @@ impl Replica {
             return;
         };
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let higher = match &state.floor {
-            Some(floor) if floor.epoch == epoch => sequence > floor.sequence,
-            _ => true,
-        };
-        if higher {
-            state.floor = Some(Floor {
-                epoch: epoch.to_owned(),
-                sequence,
-                noted: Instant::now(),
-            });
+        // Everything committed before this response is at or below the
+        // mark: a change that went unmarked earlier is covered.
+        state.unmarked_change = false;
+        if epoch == state.epoch && state.synced && sequence <= state.sequence {
+            return;
         }
+        let noted = Instant::now();
+        let floor = state
+            .floors
+            .entry(epoch.to_owned())
+            .or_insert(Floor { sequence, noted });
+        if sequence >= floor.sequence {
+            *floor = Floor { sequence, noted };
+        }
+        if epoch != state.epoch && state.synced {
+            // Another orchestrator process answered: the feed followed may
+            // be a dead one's. A fresh snapshot settles it.
+            self.resubscribe.notify_one();
+        }
+    }
+
+    /// A state-changing call ended without a mark: it may have changed
+    /// something the replica cannot know it must wait for.
+    fn note_unmarked_change(&self) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.unmarked_change = true;
     }
 
     fn subscribing(&self) {
@@ -136,13 +187,13 @@ impl Replica {
             state.synced = false;
             state.environments.clear();
             state.epoch = message.epoch.clone();
-            // A floor from an earlier orchestrator process, noted before
-            // this snapshot was asked for, is reflected in it.
-            if let (Some(floor), Some(subscribed)) = (&state.floor, state.subscribed)
-                && floor.epoch != message.epoch
-                && floor.noted < subscribed
-            {
-                state.floor = None;
+            // Marks of other processes noted before this snapshot was asked
+            // for are reflected in it.
+            if let Some(subscribed) = state.subscribed {
+                let epoch = message.epoch.clone();
+                state
+                    .floors
+                    .retain(|e, floor| *e == epoch || floor.noted >= subscribed);
             }
         } else if message.epoch != state.epoch {
             // Not the feed this replica follows: stay out of the way.
@@ -161,6 +212,10 @@ impl Replica {
                 .environments
                 .insert(environment.id.clone(), environment);
         }
+        let (epoch, sequence) = (state.epoch.clone(), state.sequence);
+        state
+            .floors
+            .retain(|e, floor| !(*e == epoch && floor.sequence <= sequence));
         if message.synced && !state.synced {
             state.synced = true;
             metrics::gauge!(SYNCED).set(1.0);
@@ -191,7 +246,15 @@ impl Replica {
                                 self.broken();
                                 return;
                             }
-                            next = feed.next() => next,
+                            () = self.resubscribe.notified() => {
+                                tracing::debug!("another orchestrator process answered; subscribing again");
+                                break;
+                            }
+                            next = tokio::time::timeout(FEED_SILENCE, feed.next()) => next,
+                        };
+                        let Ok(next) = next else {
+                            tracing::debug!("environment feed silent; subscribing again");
+                            break;
                         };
                         match next {
                             Some(Ok(message)) => {
@@ -249,7 +312,11 @@ impl tower::Service<http::Request<Body>> for MarkedChannel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let changing = CHANGING_METHODS.contains(&request.uri().path());
         let response = self.inner.call(request);
+        // Fires unless a mark arrives: on an error without one, and when
+        // the call is dropped before its answer (the client went away).
+        let mut unmarked = UnmarkedGuard(changing.then(|| self.replica.clone()));
         let replica = self.replica.clone();
         Box::pin(async move {
             let response = response.await?;
@@ -259,9 +326,27 @@ impl tower::Service<http::Request<Body>> for MarkedChannel {
                 .and_then(|v| v.to_str().ok())
             {
                 replica.note_mark(mark);
+                unmarked.disarm();
             }
             Ok(response)
         })
+    }
+}
+
+/// Notes an unmarked change when dropped still armed.
+struct UnmarkedGuard(Option<Arc<Replica>>);
+
+impl UnmarkedGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UnmarkedGuard {
+    fn drop(&mut self) {
+        if let Some(replica) = self.0.take() {
+            replica.note_unmarked_change();
+        }
     }
 }
 
@@ -366,6 +451,58 @@ mod tests {
             synced: true,
             upserted: vec![env("a", "new")],
             ..message("e2", 1)
+        });
+        assert_eq!(replica.lookup("a").unwrap().name, "new");
+    }
+
+    #[test]
+    fn a_change_without_a_mark_sends_reads_away_until_the_next_mark() {
+        let replica = synced("e1", 5);
+        replica.note_unmarked_change();
+        assert!(replica.lookup("a").is_none());
+        // The next answer's mark covers everything committed before it.
+        replica.note_mark("e1:5");
+        assert!(replica.lookup("a").is_some());
+    }
+
+    #[test]
+    fn marks_of_each_process_are_kept_apart_and_a_foreign_one_resubscribes() {
+        use futures::FutureExt;
+        let replica = synced("e1", 5);
+        assert!(replica.resubscribe.notified().now_or_never().is_none());
+        replica.note_mark("e2:50");
+        assert!(
+            replica.resubscribe.notified().now_or_never().is_some(),
+            "a mark of another process asks for a fresh snapshot"
+        );
+        // A late answer of the old process does not lower the new floor.
+        replica.note_mark("e1:3");
+        std::thread::sleep(Duration::from_millis(2));
+        replica.subscribing();
+        replica.apply(WatchEnvironmentsResponse {
+            reset: true,
+            synced: true,
+            upserted: vec![env("a", "old")],
+            ..message("e2", 48)
+        });
+        assert!(replica.lookup("a").is_none(), "e2 at 48, write at 50");
+        replica.apply(WatchEnvironmentsResponse {
+            upserted: vec![env("a", "new")],
+            ..message("e2", 50)
+        });
+        assert_eq!(replica.lookup("a").unwrap().name, "new");
+        // A late old-process mark noted after subscribing: not servable
+        // until a snapshot asked for later.
+        replica.note_mark("e1:9");
+        assert!(replica.lookup("a").is_none());
+        assert!(replica.resubscribe.notified().now_or_never().is_some());
+        std::thread::sleep(Duration::from_millis(2));
+        replica.subscribing();
+        replica.apply(WatchEnvironmentsResponse {
+            reset: true,
+            synced: true,
+            upserted: vec![env("a", "new")],
+            ..message("e2", 50)
         });
         assert_eq!(replica.lookup("a").unwrap().name, "new");
     }

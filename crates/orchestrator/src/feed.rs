@@ -27,6 +27,10 @@ const SNAPSHOT_CHUNK: usize = 256;
 /// Announcements folded into one message at most.
 const MAX_BATCH: usize = 256;
 
+/// An idle feed says so this often (the gateway takes a feed silent for
+/// three seconds for broken).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// Response header of state-changing calls: `<epoch>:<sequence>`.
 pub const CHANGE_MARK_HEADER: &str = "vibebox-change-mark";
 
@@ -90,15 +94,28 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
         }
     }
 
+    let mut forwarded = subscription.sequence;
     loop {
         let mut ids: Vec<String> = Vec::new();
-        let mut sequence = match subscription.receiver.recv().await {
-            Ok((sequence, id)) => {
+        let received = tokio::time::timeout(HEARTBEAT, subscription.receiver.recv()).await;
+        let mut sequence = match received {
+            Err(_idle) => {
+                let heartbeat = WatchEnvironmentsResponse {
+                    epoch: epoch.clone(),
+                    sequence: forwarded,
+                    ..Default::default()
+                };
+                if sink.send(Ok(heartbeat)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Ok(Ok((sequence, id))) => {
                 ids.push(id);
                 sequence
             }
-            Err(RecvError::Closed) => return Ok(()),
-            Err(RecvError::Lagged(_)) => return Err(lagged()),
+            Ok(Err(RecvError::Closed)) => return Ok(()),
+            Ok(Err(RecvError::Lagged(_))) => return Err(lagged()),
         };
         while ids.len() < MAX_BATCH {
             match subscription.receiver.try_recv() {
@@ -135,6 +152,7 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
         if sink.send(Ok(message)).await.is_err() {
             return Ok(());
         }
+        forwarded = sequence;
     }
 }
 

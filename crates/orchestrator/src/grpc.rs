@@ -192,8 +192,8 @@ impl RuntimeHandler {
         self
     }
 
-    /// The response of a call that may have changed an environment (also
-    /// when it failed halfway), with the feed position that reflects it.
+    /// A response (also an error: a change may have failed halfway) with
+    /// the feed position that reflects everything committed before it.
     fn marked<T>(&self, result: Result<T, Status>) -> Result<Response<T>, Status> {
         let mark = feed::change_mark(self.orchestrator.inner.store.changes());
         let value: Option<MetadataValue<Ascii>> = mark.parse().ok();
@@ -255,11 +255,14 @@ impl RuntimeService for RuntimeHandler {
         &self,
         request: Request<GetEnvironmentRequest>,
     ) -> Result<Response<GetEnvironmentResponse>, Status> {
-        let rec = self
+        // Marked too: the gateway's replica must not answer older than this
+        // once the caller has seen it.
+        let found = self
             .orchestrator
             .get(&request.get_ref().environment_id)
-            .await?;
-        Ok(Response::new(GetEnvironmentResponse {
+            .await
+            .map_err(Status::from);
+        self.marked(found.map(|rec| GetEnvironmentResponse {
             environment: Some(environment_pb(&rec)),
         }))
     }
@@ -290,7 +293,7 @@ impl RuntimeService for RuntimeHandler {
         } else {
             String::new()
         };
-        Ok(Response::new(ListEnvironmentsResponse {
+        self.marked(Ok(ListEnvironmentsResponse {
             environments: recs.iter().map(environment_pb).collect(),
             next_page_token: next,
         }))
