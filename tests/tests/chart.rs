@@ -613,3 +613,20 @@ fn assert_isolation(docs: &[Value]) {
         );
     }
 }
+
+/// The orchestrator (the one Docker holder and writer of its environments)
+/// never overlaps a second copy during a rollout, with or without a volume;
+/// the stateless gateway rolls.
+#[test]
+fn the_orchestrator_is_replaced_never_overlapped() {
+    for sets in [vec![], vec!["orchestrator.persistence.enabled=false"]] {
+        let docs = render(&sets);
+        let deployment = find(&docs, "Deployment", "rel-vibebox-orchestrator");
+        assert_eq!(
+            deployment["spec"]["strategy"]["type"], "Recreate",
+            "{sets:?}"
+        );
+        let gateway = find(&docs, "Deployment", "rel-vibebox-gateway");
+        assert_ne!(gateway["spec"]["strategy"]["type"], "Recreate", "{sets:?}");
+    }
+}
