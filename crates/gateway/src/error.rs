@@ -77,6 +77,11 @@ impl From<GatewayError> for Status {
                         None => vibebox_server_kit::status::unavailable(service, &status),
                     }
                 }
+                // The upstream deadline ran out here (the service is hung or
+                // frozen): say which service, not tonic's "Timeout expired".
+                Code::Cancelled if vibebox_server_kit::status::is_local_timeout(&status) => {
+                    vibebox_server_kit::status::dependency_timed_out(service)
+                }
                 // Made here from a broken connection (a status the service
                 // sent has no source): the service went away mid-call.
                 Code::Unknown if std::error::Error::source(&status).is_some() => {
@@ -136,6 +141,26 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         let br = s.get_details_bad_request().expect("bad request details");
         assert_eq!(br.field_violations[0].field, "spec.image");
+    }
+
+    #[test]
+    fn an_upstream_that_does_not_answer_in_time_is_named() {
+        let timed_out = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timed_out.code(), Code::Cancelled);
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: timed_out,
+        }
+        .into();
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        assert!(s.message().contains("orchestrator"), "{s:?}");
+        // A cancellation the service itself sent passes as it is.
+        let s: Status = GatewayError::Upstream {
+            service: "orchestrator",
+            status: Status::cancelled("the caller went away"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Cancelled);
     }
 
     #[test]

@@ -61,6 +61,41 @@ pub fn unavailable(dependency: &str, error: &dyn std::fmt::Display) -> Status {
     )
 }
 
+/// `ErrorInfo.reason` of [`dependency_timed_out`] statuses.
+pub const DEPENDENCY_TIMED_OUT: &str = "DEPENDENCY_TIMED_OUT";
+
+/// DEADLINE_EXCEEDED naming the dependency that did not answer within the
+/// deadline (message and `ErrorInfo`, as [`unavailable`]).
+pub fn dependency_timed_out(dependency: &str) -> Status {
+    tracing::warn!(%dependency, "dependency did not answer in time");
+    let details = ErrorDetails::with_error_info(
+        DEPENDENCY_TIMED_OUT,
+        ERROR_DOMAIN,
+        [("dependency".to_owned(), dependency.to_owned())],
+    );
+    Status::with_error_details(
+        Code::DeadlineExceeded,
+        format!("{dependency} did not answer in time, retry later"),
+        details,
+    )
+}
+
+/// Whether `status` is a deadline that ran out on this side of a call (the
+/// channel's own timeout, not a status the peer sent).
+pub fn is_local_timeout(status: &Status) -> bool {
+    if status.code() != Code::Cancelled {
+        return false;
+    }
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// The dependency named by an [`unavailable`] status, if `status` is one.
 pub fn unavailable_dependency(status: &Status) -> Option<String> {
     if status.code() != Code::Unavailable {
