@@ -11,7 +11,7 @@ use sea_orm::DbBackend;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Schema, TransactionTrait,
+    QueryOrder, QuerySelect, Schema,
 };
 use vibebox_audit_chain::{Actor, Checkpoint, Event, Outcome, Severity};
 
@@ -237,7 +237,7 @@ impl Store {
             sea_orm::DatabaseBackend::Postgres => POSTGRES_INSERT_CHUNK,
             _ => SQLITE_INSERT_CHUNK,
         };
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         for chunk in events.chunks(rows) {
             event::Entity::insert_many(chunk.iter().map(to_row))
                 .exec_without_returning(&txn)

@@ -95,6 +95,23 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
     Ok(Database::connect(options).await?)
 }
 
+/// Starts a write transaction. On SQLite it takes the write lock at once
+/// (`BEGIN IMMEDIATE`): a transaction that reads and then writes would
+/// otherwise fail outright (`SQLITE_BUSY_SNAPSHOT`, which no busy timeout
+/// waits out) whenever another writer committed since its read, and a
+/// count-then-insert inside it could race another writer. PostgreSQL
+/// transactions start as they are.
+pub async fn begin_write(
+    db: &DatabaseConnection,
+) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
+    use sea_orm::{DbBackend, SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    let mut options = TransactionOptions::default();
+    if db.get_database_backend() == DbBackend::Sqlite {
+        options.sqlite_transaction_mode = Some(SqliteTransactionMode::Immediate);
+    }
+    db.begin_with_options(options).await
+}
+
 /// Whether a database error is transient: the database was busy (SQLite's
 /// lock wait ran out, a PostgreSQL serialization failure or deadlock) or no
 /// pooled connection was free in time. Services answer these UNAVAILABLE,

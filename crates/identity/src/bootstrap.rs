@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sea_orm::TransactionTrait;
 use vibebox_proto::audit::{Outcome, Severity};
 
 use crate::audit::{Event, Origin};
@@ -53,7 +52,7 @@ pub async fn bootstrap(identity: &Identity, data_dir: &Path) -> Result<Option<Pa
         uuid::Uuid::new_v4().simple()
     );
     let hash = hash_password(password).await?;
-    let txn = identity.db().begin().await?;
+    let txn = vibebox_db::begin_write(identity.db()).await?;
     let admin = store::insert_user(
         &txn,
         store::NewUser {

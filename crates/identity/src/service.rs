@@ -13,7 +13,7 @@ use std::time::Duration;
 use argon2::password_hash::PasswordHasher;
 use argon2::{Argon2, PasswordVerifier};
 use chrono::Utc;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use vibebox_proto::audit::{Outcome, Severity};
 use vibebox_token::{AuthzRequest, Claims, VerifiedToken};
 
@@ -322,7 +322,7 @@ impl Identity {
                 ));
             }
         };
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let issued = self
             .issue(
                 &txn,
@@ -532,7 +532,7 @@ impl Identity {
         validate_display_name("display_name", display_name)?;
         validate_password(password)?;
         let hash = hash_password(password.to_owned()).await?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let user = store::insert_user(
             &txn,
             store::NewUser {
@@ -594,7 +594,7 @@ impl Identity {
                 "you cannot disable yourself".into(),
             ));
         }
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let user = store::set_user_disabled(&txn, user_id, disabled)
             .await?
             .ok_or(Error::NotFound("user"))?;
@@ -632,7 +632,7 @@ impl Identity {
             .await?;
         validate_name("name", name)?;
         validate_display_name("display_name", display_name)?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let team = store::insert_team(
             &txn,
             name,
@@ -751,7 +751,7 @@ impl Identity {
         store::user_by_id(&self.db, user_id)
             .await?
             .ok_or(Error::NotFound("user"))?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         store::add_member(&txn, team_id, user_id, role).await?;
         self.membership_event(
             caller,
@@ -787,7 +787,7 @@ impl Identity {
         .await?;
         let role = role.ok_or_else(|| Error::invalid("role", "a team role is required"))?;
         validate_id("user_id", user_id)?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let current = store::role_in(&txn, team_id, user_id)
             .await?
             .ok_or(Error::NotFound("membership"))?;
@@ -832,7 +832,7 @@ impl Identity {
         )
         .await?;
         validate_id("user_id", user_id)?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let current = store::role_in(&txn, team_id, user_id)
             .await?
             .ok_or(Error::NotFound("membership"))?;
@@ -888,7 +888,7 @@ impl Identity {
         if ttl.is_zero() || ttl > API_TOKEN_MAX_TTL {
             return Err(Error::invalid("ttl_seconds", "1 second to 365 days"));
         }
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let issued = self
             .issue(
                 &txn,
@@ -934,7 +934,7 @@ impl Identity {
                 t.user_id == caller.user.id || caller.user.platform_role == PlatformRole::Admin
             })
             .ok_or(Error::NotFound("token"))?;
-        let txn = self.db.begin().await?;
+        let txn = vibebox_db::begin_write(&self.db).await?;
         let count = store::revoke_tree(&txn, &record.id, Utc::now()).await?;
         self.audit
             .record(

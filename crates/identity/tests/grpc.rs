@@ -1063,3 +1063,92 @@ async fn storage_flows_on_every_database() {
         h.stop().await;
     }
 }
+
+/// Writers that arrive together all succeed: each write transaction holds
+/// the write lock from its start (SQLite would otherwise fail a transaction
+/// that read before another writer committed, whatever the busy timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_all_succeed_on_every_database() {
+    for db in vibebox_db::testing::databases().await {
+        let pki = TestPki::new();
+        let dir = pki.server_args("identity").data_dir;
+        let mut h = Harness::start_with(pki, dir, Some(db.url.clone()), |_| {}).await;
+        let team = h.create_team("busy-team").await;
+        let mut users = Vec::new();
+        for i in 0..12 {
+            users.push(
+                h.create_user(&format!("busy-user-{i}"), PlatformRole::None)
+                    .await,
+            );
+        }
+        let admin = h.admin_token.clone();
+        let teams = (0..12).map(|i| {
+            let mut identity = h.identity.clone();
+            let admin = admin.clone();
+            async move {
+                identity
+                    .create_team(bearer(
+                        pb::CreateTeamRequest {
+                            name: format!("busy-team-{i}"),
+                            display_name: String::new(),
+                        },
+                        &admin,
+                    ))
+                    .await
+                    .map(drop)
+            }
+        });
+        let members = users.iter().map(|user| {
+            let mut identity = h.identity.clone();
+            let (admin, team, user) = (admin.clone(), team.clone(), user.clone());
+            async move {
+                identity
+                    .add_team_member(bearer(
+                        pb::AddTeamMemberRequest {
+                            team_id: team.clone(),
+                            user_id: user.clone(),
+                            role: TeamRole::Viewer as i32,
+                        },
+                        &admin,
+                    ))
+                    .await?;
+                identity
+                    .set_team_member_role(bearer(
+                        pb::SetTeamMemberRoleRequest {
+                            team_id: team,
+                            user_id: user,
+                            role: TeamRole::Developer as i32,
+                        },
+                        &admin,
+                    ))
+                    .await
+                    .map(drop)
+            }
+        });
+        let (teams, members) = tokio::join!(
+            futures::future::join_all(teams),
+            futures::future::join_all(members)
+        );
+        for result in teams.into_iter().chain(members) {
+            result.unwrap_or_else(|s| panic!("{:?}: {s:?}", db.kind));
+        }
+        let listed = h
+            .identity
+            .list_team_members(bearer(
+                pb::ListTeamMembersRequest {
+                    team_id: team.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .memberships;
+        let developers = listed
+            .iter()
+            .filter(|m| m.role == TeamRole::Developer as i32)
+            .count();
+        assert!(developers >= 12, "{:?}: {listed:?}", db.kind);
+        h.stop().await;
+    }
+}

@@ -7,8 +7,7 @@
 use sea_orm::sea_query::{Expr, Index};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
 };
 
 /// Errors of the store.
@@ -261,11 +260,7 @@ impl Store {
     /// statement (`BEGIN IMMEDIATE` on SQLite), so a count-then-insert inside
     /// it cannot race another writer.
     pub async fn begin_immediate(&self) -> Result<DatabaseTransaction> {
-        let mut options = TransactionOptions::default();
-        if self.db.get_database_backend() == DbBackend::Sqlite {
-            options.sqlite_transaction_mode = Some(SqliteTransactionMode::Immediate);
-        }
-        Ok(self.db.begin_with_options(options).await?)
+        Ok(vibebox_db::begin_write(&self.db).await?)
     }
 
     /// The record of an environment.
