@@ -171,8 +171,27 @@ impl Orchestrator {
         let store = self.store();
         match state {
             State::Creating => {
-                // Interrupted create: roll back.
+                // Interrupted create: roll back. Audit first, then commit
+                // (under a fixed id: a crash before the commit repeats this
+                // pass, and the log keeps the event once).
                 self.remove_objects(rec).await?;
+                self.audit()
+                    .record_once(
+                        crate::audit::once_id(&rec.id, "environment.create.rolled_back"),
+                        Event {
+                            action: "environment.create",
+                            outcome: Outcome::Failure,
+                            severity: Severity::Medium,
+                            caller: None,
+                            team_id: &rec.team_id,
+                            environment_id: &rec.id,
+                            details: vec![(
+                                "reason",
+                                "interrupted; rolled back by reconcile".into(),
+                            )],
+                        },
+                    )
+                    .await?;
                 store
                     .set_state(
                         &rec.id,
@@ -183,17 +202,6 @@ impl Orchestrator {
                     .await?;
                 store.set_subnet(&rec.id, None).await?;
                 report.rolled_back.push(rec.id.clone());
-                self.audit()
-                    .record(Event {
-                        action: "environment.create",
-                        outcome: Outcome::Failure,
-                        severity: Severity::Medium,
-                        caller: None,
-                        team_id: &rec.team_id,
-                        environment_id: &rec.id,
-                        details: vec![("reason", "interrupted; rolled back by reconcile".into())],
-                    })
-                    .await?;
                 return Ok(());
             }
             State::Deleting => {
@@ -211,6 +219,22 @@ impl Orchestrator {
         let impostors: Vec<&&Found> = mine.iter().filter(|c| c.id != expected_id).collect();
 
         let Some(current) = current else {
+            // Audit first, then commit (fixed id: `failed` is final, so the
+            // environment is lost once).
+            self.audit()
+                .record_once(
+                    crate::audit::once_id(&rec.id, "reconcile.lost"),
+                    Event {
+                        action: "reconcile.lost",
+                        outcome: Outcome::Failure,
+                        severity: Severity::High,
+                        caller: None,
+                        team_id: &rec.team_id,
+                        environment_id: &rec.id,
+                        details: vec![],
+                    },
+                )
+                .await?;
             store
                 .set_state(
                     &rec.id,
@@ -220,17 +244,6 @@ impl Orchestrator {
                 )
                 .await?;
             report.lost.push(rec.id.clone());
-            self.audit()
-                .record(Event {
-                    action: "reconcile.lost",
-                    outcome: Outcome::Failure,
-                    severity: Severity::High,
-                    caller: None,
-                    team_id: &rec.team_id,
-                    environment_id: &rec.id,
-                    details: vec![],
-                })
-                .await?;
             return Ok(());
         };
 
