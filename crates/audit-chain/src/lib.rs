@@ -18,7 +18,7 @@ pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointSigner, verifying_key_from_pem};
 pub use event::{Actor, Event, EventError, Outcome, Severity, chain_hash};
-pub use verify::{ExportError, ExportLine, Report, Verifier, verify_export};
+pub use verify::{ExportError, ExportLine, Report, Verifier, verify_export, verify_export_from};
 
 /// `prev_hash` of the first event: 32 zero bytes, in hex.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -60,6 +60,8 @@ pub struct Verifier {
     pending: Vec<ExportLine>,
     report: Report,
     broken: bool,
+    /// The sequence the first event must have, when the start is known.
+    expected_first: Option<u64>,
 }
 
 /// Applies `f` to every item, spreading the work over the available cores.
@@ -93,7 +95,16 @@ impl Verifier {
             pending: Vec::new(),
             report: Report::default(),
             broken: false,
+            expected_first: None,
         }
+    }
+
+    /// A verifier requiring the first event to be `sequence` (1: the whole
+    /// chain from genesis), so that an input cut at its start is refused.
+    pub fn starting_at(key: VerifyingKey, sequence: u64) -> Self {
+        let mut v = Self::new(key);
+        v.expected_first = Some(sequence);
+        v
     }
 
     /// A verifier for a range starting right after a known event.
@@ -169,6 +180,17 @@ impl Verifier {
                         if e.sequence == 0 {
                             return self.fail(0, "event without a sequence".into());
                         }
+                        if let Some(first) = self.expected_first
+                            && e.sequence != first
+                        {
+                            return self.fail(
+                                first,
+                                format!(
+                                    "the export starts at event {}, not at event {first}: events before it are missing",
+                                    e.sequence
+                                ),
+                            );
+                        }
                         if e.sequence == 1 && e.prev_hash != GENESIS_HASH {
                             return self
                                 .fail(1, "event 1: prev_hash is not the genesis hash".into());
@@ -224,15 +246,28 @@ impl Verifier {
     }
 }
 
-/// Verifies an export file (JSON lines, oldest first) offline: every hash and
-/// link, every checkpoint signature against `key`, and that the last event is
-/// covered by a signed checkpoint (so nothing can be cut or appended
-/// unnoticed after it).
+/// Verifies an export of the whole chain (JSON lines, oldest first) offline:
+/// it must start at event 1 linked to the genesis hash; every hash and link,
+/// every checkpoint signature against `key`, and that the last event is
+/// covered by a signed checkpoint (so nothing can be cut at either end or
+/// appended unnoticed).
 pub fn verify_export(
     reader: impl BufRead + Send,
     key: &VerifyingKey,
 ) -> Result<Report, ExportError> {
-    let mut verifier = Verifier::new(*key);
+    verify_export_from(reader, key, 1)
+}
+
+/// Verifies an export of a range that starts at event `first_sequence` (an
+/// export made with `from_sequence`), as [`verify_export`] does the whole
+/// chain. The range's first link cannot be checked offline; that it starts
+/// where it says is.
+pub fn verify_export_from(
+    reader: impl BufRead + Send,
+    key: &VerifyingKey,
+    first_sequence: u64,
+) -> Result<Report, ExportError> {
+    let mut verifier = Verifier::starting_at(*key, first_sequence.max(1));
     // A reader thread splits lines while the chunk before is parsed and hashed.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<(u64, String)>, std::io::Error>>(2);
     std::thread::scope(|scope| -> Result<(), ExportError> {

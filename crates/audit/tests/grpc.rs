@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Harness, details, event, number, text};
 use sea_orm::ConnectionTrait;
-use vibebox_audit_chain::verify_export;
+use vibebox_audit_chain::{verify_export, verify_export_from};
 use vibebox_proto::audit as pb;
 use vibebox_proto::audit_ingest::AppendEventsRequest;
 
@@ -521,10 +521,19 @@ async fn storage_behaves_the_same_on_every_database() {
             range.push_str(&line.json_line);
             range.push('\n');
         }
-        let offline = verify_export(range.as_bytes(), &h.public_key()).unwrap();
+        let offline = verify_export_from(range.as_bytes(), &h.public_key(), 5).unwrap();
         assert!(offline.ok, "{offline:?}");
         assert_eq!(offline.events_checked, 8);
         assert_eq!(offline.signed_through, 12);
+        // Taken for the whole chain, or for a range starting elsewhere, it
+        // is refused: its start is cut.
+        for refused in [
+            verify_export(range.as_bytes(), &h.public_key()).unwrap(),
+            verify_export_from(range.as_bytes(), &h.public_key(), 4).unwrap(),
+        ] {
+            assert!(!refused.ok, "{refused:?}");
+            assert!(refused.reason.contains("starts at event 5"), "{refused:?}");
+        }
         h.stop().await;
     }
 }

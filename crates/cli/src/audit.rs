@@ -101,6 +101,11 @@ pub(crate) struct VerifyFileArgs {
     /// <data-dir>/keys/audit-checkpoint.pub.pem.
     #[arg(long)]
     key: PathBuf,
+    /// The event the file starts at, for an export of a range
+    /// (`audit export --from N`); a whole export starts at event 1, and a
+    /// file that starts elsewhere is refused as cut.
+    #[arg(long = "from", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    from: u64,
 }
 
 impl FilterArgs {
@@ -393,7 +398,7 @@ fn verify_file(a: &VerifyFileArgs, format: Format) -> Result<ExitCode> {
     })?;
     let file =
         std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
-    let report = vibebox_audit_chain::verify_export(BufReader::new(file), &key)?;
+    let report = vibebox_audit_chain::verify_export_from(BufReader::new(file), &key, a.from)?;
     Ok(print_verify(
         &VerifyView {
             ok: report.ok,

@@ -335,6 +335,41 @@ fn new_user_logs_in_creates_works_reads_logs_deletes_and_sees_the_trail() {
         key.to_str().unwrap(),
     ]);
     assert_eq!(report["ok"], true, "{report}");
+    // A range export verifies as the range it is, and not as the whole chain
+    // (a file cut at its start).
+    let range = cli.config.path().join("audit-range.jsonl");
+    cli.ok(&[
+        "--context",
+        "admin",
+        "audit",
+        "export",
+        "--from",
+        "3",
+        "--out",
+        range.to_str().unwrap(),
+    ]);
+    let verify_range = |from: Option<&str>| {
+        let mut args = vec![
+            "audit",
+            "verify-file",
+            range.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        if let Some(from) = from {
+            args.extend(["--from", from]);
+        }
+        cli.run(&args)
+    };
+    let out = verify_range(Some("3"));
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let out = verify_range(None);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("starts at event 3"),
+        "{}",
+        stdout(&out)
+    );
     // A tampered export is caught (exit 1).
     let text = std::fs::read_to_string(&export).unwrap();
     std::fs::write(
