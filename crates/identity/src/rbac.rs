@@ -173,6 +173,17 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
                 deny("platform admins and auditors only (team admins: their team's events)")
             }
         }
+        // A dry run for a named team is that team's business (it may be
+        // judged by the team's own rules): its members only.
+        "policy.evaluate" if !resource.team_id.is_empty() => {
+            if platform_admin || auditor {
+                Decision::Allow("platform access")
+            } else if role.is_some() {
+                Decision::Allow("team member")
+            } else {
+                deny("not a member of the team")
+            }
+        }
         "policy.evaluate" | "policy.get" => {
             if platform_admin || auditor || subject.member_of_any_team {
                 Decision::Allow("member")
@@ -240,6 +251,26 @@ mod tests {
             &env("other"),
         );
         assert!(d.allowed());
+    }
+
+    #[test]
+    fn a_dry_run_for_a_team_is_for_its_members() {
+        // A member of some other team: no team named is fine, this one not.
+        let outsider = Subject {
+            member_of_any_team: true,
+            ..subject(None)
+        };
+        let team = Resource {
+            kind: "policy".into(),
+            team_id: "t".into(),
+            ..Default::default()
+        };
+        assert!(!decide("policy.evaluate", &outsider, &team).allowed());
+        assert!(decide("policy.evaluate", &outsider, &Resource::default()).allowed());
+        let member = subject(Some(TeamRole::Viewer));
+        assert!(decide("policy.evaluate", &member, &team).allowed());
+        // Nobody's member: nothing.
+        assert!(!decide("policy.evaluate", &subject(None), &Resource::default()).allowed());
     }
 
     #[test]

@@ -335,7 +335,7 @@ async fn role_table_is_enforced() {
         ("audit.query", [1, 0, 0, 0, 0, 1, 1]),
         ("audit.verify", [0, 0, 0, 0, 0, 1, 1]),
         ("policy.get", [1, 1, 1, 1, 1, 1, 1]),
-        ("policy.evaluate", [1, 1, 1, 1, 1, 1, 1]),
+        ("policy.evaluate", [1, 1, 1, 1, 0, 1, 1]),
         ("policy.reload", [0, 0, 0, 0, 0, 0, 1]),
         ("environment.explode", [0, 0, 0, 0, 0, 0, 0]),
     ];
