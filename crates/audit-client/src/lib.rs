@@ -74,6 +74,13 @@ pub enum AuditClientError {
     /// The outbox failed earlier (a failed fsync) and refuses further events.
     #[error("the audit outbox is unusable after an earlier write failure")]
     Poisoned,
+    /// The audit service has been away so long that the undelivered outbox
+    /// reached its limit: the event is NOT recorded (disk is finite; the
+    /// platform stops acting rather than acting unrecorded).
+    #[error(
+        "the audit outbox holds {0} bytes the audit service has not accepted yet; refusing more until it catches up"
+    )]
+    Backlog(u64),
     /// `flush` did not see every event delivered in time.
     #[error("audit events still undelivered after {0:?}")]
     FlushTimeout(Duration),
@@ -87,8 +94,12 @@ struct WriteRequest {
     reply: oneshot::Sender<Result<()>>,
 }
 
+/// Undelivered bytes beyond which new events are refused, by default.
+pub const DEFAULT_BACKLOG_MAX: u64 = 512 * 1024 * 1024;
+
 struct Inner {
     tx: mpsc::UnboundedSender<WriteRequest>,
+    backlog_max: std::sync::atomic::AtomicU64,
     written: watch::Receiver<Pos>,
     delivered: watch::Receiver<Pos>,
     source_service: String,
@@ -158,6 +169,7 @@ impl AuditClient {
         Ok(AuditClient {
             inner: Arc::new(Inner {
                 tx,
+                backlog_max: std::sync::atomic::AtomicU64::new(DEFAULT_BACKLOG_MAX),
                 written,
                 delivered,
                 source_service: config.source_service,
@@ -217,12 +229,38 @@ impl AuditClient {
         if record.len() as u64 > EVENT_BYTES_MAX {
             return Err(AuditClientError::InvalidEvent("event is larger than 1 MiB"));
         }
+        let backlog = self.backlog();
+        if backlog
+            >= self
+                .inner
+                .backlog_max
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(AuditClientError::Backlog(backlog));
+        }
         let (reply, done) = oneshot::channel();
         self.inner
             .tx
             .send(WriteRequest { record, reply })
             .map_err(|_| AuditClientError::Poisoned)?;
         done.await.map_err(|_| AuditClientError::Poisoned)?
+    }
+
+    /// Sets the undelivered bytes beyond which new events are refused
+    /// ([`DEFAULT_BACKLOG_MAX`] unless set).
+    pub fn set_backlog_limit(&self, bytes: u64) {
+        self.inner
+            .backlog_max
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes written to the outbox and not yet accepted by the audit service
+    /// (segments count as full).
+    pub fn backlog(&self) -> u64 {
+        let written = *self.inner.written.borrow();
+        let delivered = *self.inner.delivered.borrow();
+        let segments = written.segment.saturating_sub(delivered.segment);
+        (segments * outbox::SEGMENT_MAX + written.offset).saturating_sub(delivered.offset)
     }
 
     /// Waits until every event recorded before this call has been
@@ -421,6 +459,43 @@ mod tests {
         assert!(uuid::Uuid::parse_str(&events[0].id).is_ok());
         assert!(events[0].time.is_some());
         assert_eq!(events[0].source_service, "orchestrator");
+    }
+
+    #[tokio::test]
+    async fn refuses_events_once_the_undelivered_backlog_is_full() {
+        let pki = vibebox_server_kit::testing::TestPki::new();
+        let client = AuditClient::open(config(&pki, pki.path().join("outbox"))).unwrap();
+        client.set_backlog_limit(1024);
+        let event = || AuditEvent {
+            action: "environment.create".into(),
+            details: Some(prost_types::Struct {
+                fields: [(
+                    "padding".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue("x".repeat(200))),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        let mut recorded = 0;
+        let refused = loop {
+            match client.record(event()).await {
+                Ok(()) => recorded += 1,
+                Err(e) => break e,
+            }
+            assert!(recorded < 100, "never refused");
+        };
+        assert!(
+            matches!(refused, AuditClientError::Backlog(b) if b >= 1024),
+            "{refused:?}"
+        );
+        assert!(recorded >= 1);
+        // Refused events are not written: the backlog stays where it was.
+        let backlog = client.backlog();
+        assert!(client.record(event()).await.is_err());
+        assert_eq!(client.backlog(), backlog);
     }
 
     #[tokio::test]

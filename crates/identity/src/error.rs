@@ -77,6 +77,9 @@ impl From<Error> for Status {
                 vibebox_server_kit::status::unavailable("identity database", &e)
             }
             Error::Database(e) => vibebox_server_kit::status::internal(&e),
+            Error::Audit(e @ vibebox_audit_client::AuditClientError::Backlog(_)) => {
+                vibebox_server_kit::status::unavailable("audit service", &e)
+            }
             Error::Audit(e) => vibebox_server_kit::status::internal(&e),
             Error::Token(e) => vibebox_server_kit::status::internal(&e),
             Error::Internal(e) => vibebox_server_kit::status::internal(&e),

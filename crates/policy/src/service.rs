@@ -102,6 +102,9 @@ impl From<ServiceError> for Status {
                     "creating an environment needs the developer or admin role",
                 )],
             ),
+            ServiceError::Audit(err @ AuditClientError::Backlog(_)) => {
+                status::unavailable("audit service", &err)
+            }
             ServiceError::Audit(err) => status::internal(&err),
         }
     }
@@ -628,5 +631,8 @@ mod tests {
         let s: Status = ServiceError::Audit(AuditClientError::Poisoned).into();
         assert_eq!(s.code(), Code::Internal);
         assert_eq!(s.message(), "internal error");
+        // An audit service away for long (its backlog full) is unavailable.
+        let s: Status = ServiceError::Audit(AuditClientError::Backlog(1 << 29)).into();
+        assert_eq!(s.code(), Code::Unavailable);
     }
 }
