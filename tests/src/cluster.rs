@@ -103,31 +103,17 @@ impl ClusterBuilder {
         .expect("development PKI");
         std::fs::create_dir_all(root.join("logs")).expect("logs dir");
 
-        // Hold every port until all are chosen, so none is picked twice.
-        let held: Vec<std::net::TcpListener> = (0..Service::ALL.len() + 1)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("ephemeral port"))
-            .collect();
-        let port = |i: usize| held[i].local_addr().expect("local addr").port();
-        let ports: HashMap<Service, u16> = Service::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (*s, port(i)))
-            .collect();
-        let metrics_port = port(Service::ALL.len());
-        drop(held);
-
         let mut cluster = Cluster {
             root,
-            ports,
-            metrics_port,
+            ports: HashMap::new(),
+            metrics_port: 0,
             extra: self.extra,
             children: HashMap::new(),
             material: None,
             gateway: String::new(),
-            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            metrics_url: String::new(),
             _data_dir: data_dir,
         };
-        cluster.gateway = format!("127.0.0.1:{}", cluster.ports[&Service::Gateway]);
         cluster.material = Some(
             TlsMaterial::from_files(
                 &cluster.root.join("pki/ca.pem"),
@@ -136,13 +122,33 @@ impl ClusterBuilder {
             )
             .expect("gateway TLS material"),
         );
-        for service in Service::ALL {
-            cluster.spawn(service);
+        // Ports are picked free and then released for the services to bind:
+        // another process on the machine can take one in between. A service
+        // that then cannot bind exits; the cluster starts over on new ports.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            cluster.pick_ports();
+            for service in Service::ALL {
+                cluster.spawn(service);
+            }
+            let mut failure = None;
+            for service in Service::ALL {
+                if let Err(e) = cluster.healthy(service).await {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            match failure {
+                None => return cluster,
+                Some(e) if attempt < ATTEMPTS && e.contains("in use") => {
+                    for service in Service::ALL {
+                        cluster.terminate(service);
+                    }
+                }
+                Some(e) => panic!("{e}"),
+            }
         }
-        for service in Service::ALL {
-            cluster.wait_healthy(service).await;
-        }
-        cluster
+        unreachable!("the last attempt returns or panics")
     }
 }
 
@@ -252,9 +258,34 @@ impl Cluster {
         }
     }
 
+    /// Picks a free port for every service and the gateway's metrics.
+    fn pick_ports(&mut self) {
+        // Hold every port until all are chosen, so none is picked twice.
+        let held: Vec<std::net::TcpListener> = (0..Service::ALL.len() + 1)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("ephemeral port"))
+            .collect();
+        let port = |i: usize| held[i].local_addr().expect("local addr").port();
+        self.ports = Service::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, port(i)))
+            .collect();
+        self.metrics_port = port(Service::ALL.len());
+        self.metrics_url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        self.gateway = format!("127.0.0.1:{}", self.ports[&Service::Gateway]);
+    }
+
     /// Waits until `service` answers its gRPC health check with SERVING
     /// (panics, with its log, if it exits or takes more than 60 s).
     pub async fn wait_healthy(&mut self, service: Service) {
+        if let Err(e) = self.healthy(service).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until `service` answers its gRPC health check with SERVING; the
+    /// error (with its log) when it exits or takes more than 60 s.
+    async fn healthy(&mut self, service: Service) -> Result<(), String> {
         let mut client = HealthClient::new(self.channel(service));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -264,22 +295,23 @@ impl Cluster {
             if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), check).await
                 && r.into_inner().status() == ServingStatus::Serving
             {
-                return;
+                return Ok(());
             }
             if let Some(child) = self.children.get_mut(&service)
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.children.remove(&service);
-                panic!(
+                return Err(format!(
                     "vibebox-{service} exited during start ({status}):\n{}",
                     self.log_tail(service, 40)
-                );
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "vibebox-{service} not healthy within 60 s:\n{}",
-                self.log_tail(service, 40)
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "vibebox-{service} not healthy within 60 s:\n{}",
+                    self.log_tail(service, 40)
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
