@@ -84,6 +84,12 @@ for s in "${services[@]}"; do
   printf 'root:x:0:\nvibebox:x:65532:\n' > "$ctx/rootfs/etc/group"
   if [ "$s" = pki-init ]; then
     binary=vibebox-pki-init
+    # Mount points of the per-service PKI volumes (--distribute=/out): a
+    # fresh named volume takes this ownership and mode.
+    for peer in gateway identity policy orchestrator audit; do
+      mkdir -p "$ctx/state/out/$peer"
+      chmod 0700 "$ctx/state/out/$peer"
+    done
   else
     binary="vibebox-$s"
     stage_binary "$bin_dir/vibebox-health-probe" "$ctx/rootfs"

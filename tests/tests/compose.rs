@@ -287,9 +287,40 @@ async fn assert_platform_hardened(d: &Deployment, service: &str) -> bollard::mod
             .any(|o| o.starts_with("no-new-privileges")),
         "{service} has no-new-privileges"
     );
-    let mounts_socket = inspect
-        .mounts
-        .unwrap_or_default()
+    let mounts = inspect.mounts.unwrap_or_default();
+    // Its own PKI volume, read-only, holding its own material only: no CA
+    // key, no other service's key.
+    let pki = mounts
+        .iter()
+        .find(|m| m.destination.as_deref() == Some("/pki"))
+        .unwrap_or_else(|| panic!("{service} mounts no /pki"));
+    let volume = pki.name.clone().unwrap_or_default();
+    assert!(
+        volume.ends_with(&format!("pki-{service}")),
+        "{service} mounts {volume} at /pki"
+    );
+    assert_eq!(pki.rw, Some(false), "{service}'s /pki is read-only");
+    let listed = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{volume}:/v:ro"))
+        .args([vibebox_tests::dev_image().as_str(), "ls", "-a", "/v"])
+        .output()
+        .expect("docker run ls");
+    assert!(listed.status.success(), "listing {volume}");
+    let mut files: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .filter(|f| !f.starts_with('.'))
+        .map(str::to_owned)
+        .collect();
+    files.sort();
+    let mut expected = vec![
+        "ca.pem".to_owned(),
+        format!("{service}-key.pem"),
+        format!("{service}.pem"),
+    ];
+    expected.sort();
+    assert_eq!(files, expected, "{service}'s PKI volume");
+    let mounts_socket = mounts
         .iter()
         .any(|m| m.source.as_deref() == Some("/var/run/docker.sock"));
     assert_eq!(

@@ -33,6 +33,12 @@ pub struct PkiInitArgs {
     /// Extra DNS names put in every service certificate (repeatable, or comma separated).
     #[arg(long = "host", env = "VIBEBOX_PKI_HOSTS", value_delimiter = ',')]
     pub hosts: Vec<String>,
+    /// Also copy each service's own material (ca.pem, <service>.pem,
+    /// <service>-key.pem, never the CA key) into <DIR>/<service>/, one
+    /// volume per service: no service can read the CA key or another
+    /// service's key.
+    #[arg(long, env = "VIBEBOX_PKI_DISTRIBUTE")]
+    pub distribute: Option<PathBuf>,
 }
 
 /// Creates what is missing of the CA and the certificates of the five services.
@@ -44,6 +50,35 @@ pub fn init_pki(dir: &Path, hosts: &[String]) -> anyhow::Result<()> {
         .collect();
     vibebox_server_kit::pki::ensure_dev_pki(dir, SERVICES, &hosts)
         .with_context(|| format!("creating the development PKI in {}", dir.display()))
+}
+
+/// Copies each service's own material from `dir` into `out/<service>/`
+/// (keys with mode 0600), replacing what is there.
+pub fn distribute(dir: &Path, out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for service in SERVICES {
+        let target = out.join(service);
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        for (name, mode) in [
+            ("ca.pem".to_owned(), 0o644),
+            (format!("{service}.pem"), 0o644),
+            (format!("{service}-key.pem"), 0o600),
+        ] {
+            let from = dir.join(&name);
+            let to = target.join(&name);
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            // Written aside, then renamed: a service never reads half a key.
+            let partial = target.join(format!(".{name}.partial"));
+            std::fs::write(&partial, bytes)
+                .with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("restricting {}", partial.display()))?;
+            std::fs::rename(&partial, &to).with_context(|| format!("writing {}", to.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Flags of `vibebox-health-probe`.
