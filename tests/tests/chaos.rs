@@ -129,6 +129,22 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A context on `cluster`: a new team `name` with a developer `name-dev`.
+    async fn with_team(cluster: Cluster, image: String, name: &str) -> Self {
+        let admin = cluster.admin_token();
+        let team = cluster.team(name).await;
+        let dev = cluster
+            .user(&format!("{name}-dev"), &team, TeamRole::Developer)
+            .await;
+        Ctx {
+            cluster,
+            image,
+            team,
+            dev,
+            admin,
+        }
+    }
+
     async fn create(&self, request_id: &str, name: &str) -> Result<Environment, tonic::Status> {
         self.cluster
             .environments(&self.dev)
@@ -343,16 +359,7 @@ async fn killed_services_leave_no_orphans_no_stuck_states_and_an_exact_audit_log
         .arg(Service::Gateway, "--rate-limit-burst=10000")
         .start()
         .await;
-    let admin = cluster.admin_token();
-    let team = cluster.team("chaos").await;
-    let dev = cluster.user("chaos-dev", &team, TeamRole::Developer).await;
-    let mut ctx = Ctx {
-        cluster,
-        image,
-        team,
-        dev,
-        admin,
-    };
+    let mut ctx = Ctx::with_team(cluster, image, "chaos").await;
     let installation = ctx.cluster.installation_id();
 
     // One undisturbed round: it must work, and it tells how long each
@@ -813,16 +820,7 @@ async fn docker_engine_outage_is_unavailable_and_recovers_without_restart() {
         .arg(Service::Orchestrator, "--reconcile-interval=1")
         .start()
         .await;
-    let admin = cluster.admin_token();
-    let team = cluster.team("outage").await;
-    let dev = cluster.user("outage-dev", &team, TeamRole::Developer).await;
-    let ctx = Ctx {
-        cluster,
-        image,
-        team,
-        dev,
-        admin,
-    };
+    let ctx = Ctx::with_team(cluster, image, "outage").await;
     let orchestrator_pid = ctx.cluster.pid(Service::Orchestrator);
 
     let before = ctx.create("before", "before").await.expect("create before");
@@ -967,16 +965,7 @@ async fn a_frozen_orchestrator_is_not_papered_over_by_the_gateway_replica() {
         .arg(Service::Gateway, "--upstream-timeout-ms=1000")
         .start()
         .await;
-    let admin = cluster.admin_token();
-    let team = cluster.team("frozen").await;
-    let dev = cluster.user("frozen-dev", &team, TeamRole::Developer).await;
-    let ctx = Ctx {
-        cluster,
-        image,
-        team,
-        dev,
-        admin,
-    };
+    let ctx = Ctx::with_team(cluster, image, "frozen").await;
     let env = ctx.create("frozen", "frozen").await.expect("create");
     assert_eq!(env.state(), EnvironmentState::Running);
     assert_eq!(

@@ -28,6 +28,30 @@ impl Drop for Cleanup {
     }
 }
 
+/// Identity, policy and an orchestrator on the local engine under a fresh
+/// installation id. Bind the guard first: it drops last, after the
+/// platform, and removes the installation's Docker objects.
+async fn docker_platform(
+    subnet_pool: &str,
+    adjust: impl FnOnce(&mut vibebox_orchestrator::Config),
+) -> (Cleanup, Platform) {
+    ensure_test_image().expect("test image");
+    let installation = format!("gateway-test-{}", uuid::Uuid::new_v4());
+    let cleanup = Cleanup(installation.clone());
+    let platform = Platform::start()
+        .await
+        .with_policy()
+        .await
+        .with_orchestrator_config(|c| {
+            c.installation_id = Some(installation);
+            c.docker_labels = vec![format!("{TEST_LABEL}=gateway")];
+            c.subnet_pool = subnet_pool.into();
+            adjust(c);
+        })
+        .await;
+    (cleanup, platform)
+}
+
 /// A new team with the admin as a developer in it: (team id, admin's user id).
 async fn developer_team(
     channel: tonic::transport::Channel,
@@ -79,19 +103,7 @@ async fn developer_team(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_exec_logs_stats_delete_through_the_gateway() {
-    ensure_test_image().expect("test image");
-    let installation = format!("gateway-test-{}", uuid::Uuid::new_v4());
-    let _cleanup = Cleanup(installation.clone());
-    let platform = Platform::start()
-        .await
-        .with_policy()
-        .await
-        .with_orchestrator_config(|c| {
-            c.installation_id = Some(installation.clone());
-            c.docker_labels = vec![format!("{TEST_LABEL}=gateway")];
-            c.subnet_pool = "10.214.0.0/16".into();
-        })
-        .await;
+    let (_cleanup, platform) = docker_platform("10.214.0.0/16", |_| {}).await;
     let gateway = platform.gateway(|_| {}).await;
     let channel = gateway.channel().await;
     let admin = platform.admin_token.clone();
@@ -311,23 +323,13 @@ async fn replica_hits(gateway: &common::Gateway) -> u64 {
 /// container gone) reaches the replica, which then answers with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_reads_follow_the_orchestrator_feed() {
-    ensure_test_image().expect("test image");
-    let installation = format!("gateway-test-{}", uuid::Uuid::new_v4());
-    let _cleanup = Cleanup(installation.clone());
-    let platform = Platform::start()
-        .await
-        .with_policy()
-        .await
-        .with_orchestrator_config(|c| {
-            c.installation_id = Some(installation.clone());
-            c.docker_labels = vec![format!("{TEST_LABEL}=gateway")];
-            c.subnet_pool = "10.215.0.0/16".into();
-            c.reconcile_interval = 1;
-            // A slow feed: a read right after a change must not be answered
-            // by a replica that has not seen the change yet.
-            c.feed_delay = Duration::from_millis(300);
-        })
-        .await;
+    let (_cleanup, platform) = docker_platform("10.215.0.0/16", |c| {
+        c.reconcile_interval = 1;
+        // A slow feed: a read right after a change must not be answered
+        // by a replica that has not seen the change yet.
+        c.feed_delay = Duration::from_millis(300);
+    })
+    .await;
     let gateway = platform.gateway(|_| {}).await;
     let channel = gateway.channel().await;
     let admin = platform.admin_token.clone();

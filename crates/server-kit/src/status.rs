@@ -49,16 +49,22 @@ pub const ERROR_DOMAIN: &str = "vibebox";
 /// without passing on any other text).
 pub fn unavailable(dependency: &str, error: &dyn std::fmt::Display) -> Status {
     tracing::warn!(%dependency, %error, "dependency unavailable");
-    let details = ErrorDetails::with_error_info(
+    about_dependency(
+        Code::Unavailable,
         DEPENDENCY_UNAVAILABLE,
+        dependency,
+        format!("{dependency} is unavailable, retry later"),
+    )
+}
+
+/// A status about `dependency`, named in an `ErrorInfo` detail too.
+fn about_dependency(code: Code, reason: &str, dependency: &str, message: String) -> Status {
+    let details = ErrorDetails::with_error_info(
+        reason,
         ERROR_DOMAIN,
         [("dependency".to_owned(), dependency.to_owned())],
     );
-    Status::with_error_details(
-        Code::Unavailable,
-        format!("{dependency} is unavailable, retry later"),
-        details,
-    )
+    Status::with_error_details(code, message, details)
 }
 
 /// `ErrorInfo.reason` of [`dependency_timed_out`] statuses.
@@ -68,15 +74,11 @@ pub const DEPENDENCY_TIMED_OUT: &str = "DEPENDENCY_TIMED_OUT";
 /// deadline (message and `ErrorInfo`, as [`unavailable`]).
 pub fn dependency_timed_out(dependency: &str) -> Status {
     tracing::warn!(%dependency, "dependency did not answer in time");
-    let details = ErrorDetails::with_error_info(
-        DEPENDENCY_TIMED_OUT,
-        ERROR_DOMAIN,
-        [("dependency".to_owned(), dependency.to_owned())],
-    );
-    Status::with_error_details(
+    about_dependency(
         Code::DeadlineExceeded,
+        DEPENDENCY_TIMED_OUT,
+        dependency,
         format!("{dependency} did not answer in time, retry later"),
-        details,
     )
 }
 
