@@ -381,8 +381,19 @@ impl Cluster {
         {
             self.children.remove(&service);
         }
-        self.spawn(service);
-        self.wait_healthy(service).await;
+        // Its port was free while it ran; since it died, a client socket of
+        // another process may hold it for a while: try again until it is free.
+        for _ in 0..40 {
+            self.spawn(service);
+            match self.healthy(service).await {
+                Ok(()) => return,
+                Err(e) if e.contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("vibebox-{service} could not bind its port again within 10 s");
     }
 
     /// The last `lines` lines of a service's log.
