@@ -86,6 +86,16 @@ impl Orchestrator {
             .filter_map(|v| Some((v.name, v.labels.get(labels::ENVIRONMENT)?.clone())))
             .collect();
 
+        let released = self
+            .store()
+            .release_settled_subnets(self.installation())
+            .await?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "released subnets still held by settled environments"
+            );
+        }
         let records = self.store().live(self.installation()).await?;
         let by_id: HashMap<&str, &EnvRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
         let mut busy = HashSet::new();
@@ -193,14 +203,13 @@ impl Orchestrator {
                     )
                     .await?;
                 store
-                    .set_state(
+                    .settle(
                         &rec.id,
                         State::Failed,
                         Some("create was interrupted; rolled back by reconcile"),
                         Some(""),
                     )
                     .await?;
-                store.set_subnet(&rec.id, None).await?;
                 report.rolled_back.push(rec.id.clone());
                 return Ok(());
             }

@@ -486,9 +486,8 @@ impl Orchestrator {
                 }
                 self.inner
                     .store
-                    .set_state(&rec.id, State::Failed, Some(&e.to_string()), Some(""))
+                    .settle(&rec.id, State::Failed, Some(&e.to_string()), Some(""))
                     .await?;
-                self.inner.store.set_subnet(&rec.id, None).await?;
                 Err(e)
             }
         };
@@ -566,9 +565,10 @@ impl Orchestrator {
                 )));
             }
         }
-        let mut taken: Vec<Cidr> = live
+        let mut taken: Vec<Cidr> = Store::held_subnets_in(&txn, &s.installation)
+            .await?
             .iter()
-            .filter_map(|r| r.subnet.as_deref()?.parse().ok())
+            .filter_map(|c| c.parse().ok())
             .collect();
         taken.extend(engine_subnets);
         let subnet = subnet::allocate(s.subnet_pool, s.subnet_prefix, &taken)
@@ -600,11 +600,12 @@ impl Orchestrator {
     async fn reallocate_subnet(&self, rec: &mut EnvRecord, refused: &[Cidr]) -> Result<Cidr> {
         let s = &self.inner.settings;
         let _admission = self.inner.admission.lock().await;
-        let live = self.inner.store.live(&s.installation).await?;
-        let mut taken: Vec<Cidr> = live
+        let mine = rec.subnet.as_deref();
+        let mut taken: Vec<Cidr> = Store::held_subnets_in(self.inner.store.db(), &s.installation)
+            .await?
             .iter()
-            .filter(|r| r.id != rec.id)
-            .filter_map(|r| r.subnet.as_deref()?.parse().ok())
+            .filter(|c| Some(c.as_str()) != mine)
+            .filter_map(|c| c.parse().ok())
             .collect();
         taken.extend(self.engine_subnets().await?);
         taken.extend_from_slice(refused);
@@ -952,9 +953,8 @@ impl Orchestrator {
             .await?;
         self.inner
             .store
-            .set_state(&rec.id, State::Deleted, None, Some(""))
+            .settle(&rec.id, State::Deleted, None, Some(""))
             .await?;
-        self.inner.store.set_subnet(&rec.id, None).await?;
         self.get(&rec.id).await
     }
 

@@ -302,6 +302,58 @@ impl Store {
             .is_some())
     }
 
+    /// Every subnet a record of this installation holds, whatever its
+    /// state: the unique index covers deleted records too, so an allocation
+    /// must never hand out a subnet any record still carries.
+    pub async fn held_subnets_in(
+        conn: &impl ConnectionTrait,
+        installation: &str,
+    ) -> Result<Vec<String>> {
+        Ok(environment::Entity::find()
+            .select_only()
+            .column(environment::Column::Subnet)
+            .filter(environment::Column::InstallationId.eq(installation))
+            .filter(environment::Column::Subnet.is_not_null())
+            .into_tuple::<String>()
+            .all(conn)
+            .await?)
+    }
+
+    /// Releases the subnets still held by deleted or failed records (left by
+    /// a process killed between two writes of an earlier version). Returns
+    /// how many were released.
+    pub async fn release_settled_subnets(&self, installation: &str) -> Result<u64> {
+        let ids: Vec<String> = environment::Entity::find()
+            .select_only()
+            .column(environment::Column::Id)
+            .filter(environment::Column::InstallationId.eq(installation))
+            .filter(environment::Column::Subnet.is_not_null())
+            .filter(
+                environment::Column::State.is_in([State::Deleted.as_str(), State::Failed.as_str()]),
+            )
+            .into_tuple::<String>()
+            .all(&self.db)
+            .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = environment::Entity::update_many()
+            .col_expr(
+                environment::Column::Subnet,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(environment::Column::Id.is_in(ids.iter().cloned()))
+            .filter(
+                environment::Column::State.is_in([State::Deleted.as_str(), State::Failed.as_str()]),
+            )
+            .exec(&self.db)
+            .await?;
+        for id in &ids {
+            self.changes.publish(id);
+        }
+        Ok(done.rows_affected)
+    }
+
     /// Records of this installation that are not deleted.
     pub async fn live(&self, installation: &str) -> Result<Vec<EnvRecord>> {
         Self::live_in(&self.db, installation).await
@@ -376,6 +428,37 @@ impl Store {
     ) -> Result<()> {
         let mut q = environment::Entity::update_many()
             .col_expr(environment::Column::State, Expr::value(state.as_str()))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
+        if let Some(r) = failure_reason {
+            q = q.col_expr(environment::Column::FailureReason, Expr::value(r));
+        }
+        if let Some(m) = status_message {
+            q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
+        }
+        q.filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        self.changes.publish(id);
+        Ok(())
+    }
+
+    /// Settles a record in a state that holds no network (`deleted`,
+    /// `failed`) and releases its subnet in the same statement: a crash can
+    /// never leave a settled record holding a subnet.
+    pub async fn settle(
+        &self,
+        id: &str,
+        state: State,
+        failure_reason: Option<&str>,
+        status_message: Option<&str>,
+    ) -> Result<()> {
+        debug_assert!(matches!(state, State::Deleted | State::Failed));
+        let mut q = environment::Entity::update_many()
+            .col_expr(environment::Column::State, Expr::value(state.as_str()))
+            .col_expr(
+                environment::Column::Subnet,
+                Expr::value(Option::<String>::None),
+            )
             .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
         if let Some(r) = failure_reason {
             q = q.col_expr(environment::Column::FailureReason, Expr::value(r));

@@ -124,3 +124,60 @@ async fn interrupted_deletes_are_finished_and_audited_under_one_id() {
     );
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_record_still_holding_its_subnet_never_collides_with_a_new_one() {
+    let h = Harness::start(|_| {}).await.unwrap();
+
+    // Deleted; then, as a process killed between two writes of an earlier
+    // version left it, the deleted record still carries its subnet (whose
+    // network is gone, so the engine no longer reports it).
+    let env = create(&h).await;
+    let subnet = h
+        .orchestrator
+        .get(&env)
+        .await
+        .unwrap()
+        .subnet
+        .expect("subnet");
+    h.client()
+        .delete_environment(DeleteEnvironmentRequest {
+            caller: Some(Caller {
+                user_id: "user-r".into(),
+                ..Default::default()
+            }),
+            environment_id: env.clone(),
+        })
+        .await
+        .expect("delete");
+    assert_eq!(
+        h.orchestrator.get(&env).await.unwrap().subnet,
+        None,
+        "released on delete"
+    );
+    h.orchestrator
+        .store()
+        .set_subnet(&env, Some(&subnet))
+        .await
+        .unwrap();
+
+    // The next create gets another subnet instead of failing on the index.
+    let next = create(&h).await;
+    let next_subnet = h
+        .orchestrator
+        .get(&next)
+        .await
+        .unwrap()
+        .subnet
+        .expect("subnet");
+    assert_ne!(next_subnet, subnet);
+
+    // Reconcile releases what the settled record held.
+    h.orchestrator.reconcile().await.unwrap();
+    assert_eq!(h.orchestrator.get(&env).await.unwrap().subnet, None);
+    assert_eq!(
+        h.orchestrator.get(&next).await.unwrap().subnet,
+        Some(next_subnet),
+        "a live record keeps its subnet"
+    );
+}
