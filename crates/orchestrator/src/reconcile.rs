@@ -37,7 +37,53 @@ struct Found {
     restarting: bool,
 }
 
+/// How the failure reason of an environment quarantined for drift begins.
+const DRIFT_REASON: &str = "drift from the cleared spec: ";
+
 impl Orchestrator {
+    /// Records the drift event of a quarantine, once: under an id made of
+    /// the environment and the reason, skipped when this process already
+    /// wrote it (after a restart it is written again, and the audit service
+    /// keeps the first).
+    async fn record_drift(&self, rec: &EnvRecord, reason: &str) -> Result<()> {
+        let id = crate::audit::once_id(&rec.id, &format!("reconcile.drift {reason}"));
+        if self
+            .inner
+            .drift_recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+        {
+            return Ok(());
+        }
+        self.audit()
+            .record_once(
+                id.clone(),
+                Event {
+                    action: "reconcile.drift",
+                    outcome: Outcome::Failure,
+                    severity: Severity::Critical,
+                    caller: None,
+                    team_id: &rec.team_id,
+                    environment_id: &rec.id,
+                    details: vec![(
+                        "drift",
+                        reason
+                            .strip_prefix(DRIFT_REASON)
+                            .unwrap_or(reason)
+                            .to_owned(),
+                    )],
+                },
+            )
+            .await?;
+        self.inner
+            .drift_recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(())
+    }
+
     /// One reconcile pass.
     pub async fn reconcile(&self) -> Result<Report> {
         let mut report = Report::default();
@@ -282,7 +328,12 @@ impl Orchestrator {
 
         let stop = StopContainerOptionsBuilder::new().t(5).build();
         if !drift.is_empty() {
-            let reason = format!("drift from the cleared spec: {}", drift.join("; "));
+            // The quarantine is a security action: committed and applied
+            // before the event, never held up by the audit outbox. The
+            // event has a fixed id made of the reason the record keeps, so
+            // a crash before it was written is made good by the next pass
+            // (below) and the log holds it once.
+            let reason = format!("{DRIFT_REASON}{}", drift.join("; "));
             store
                 .set_state(&rec.id, State::Quarantined, Some(&reason), Some(""))
                 .await?;
@@ -290,18 +341,11 @@ impl Orchestrator {
                 tracing::warn!(error = %e, "cannot stop drifted container");
             }
             report.quarantined.push(rec.id.clone());
-            self.audit()
-                .record(Event {
-                    action: "reconcile.drift",
-                    outcome: Outcome::Failure,
-                    severity: Severity::Critical,
-                    caller: None,
-                    team_id: &rec.team_id,
-                    environment_id: &rec.id,
-                    details: vec![("drift", drift.join("; "))],
-                })
-                .await?;
+            self.record_drift(rec, &reason).await?;
             return Ok(());
+        }
+        if state == State::Quarantined && rec.failure_reason.starts_with(DRIFT_REASON) {
+            self.record_drift(rec, &rec.failure_reason).await?;
         }
 
         // Converge the run state.

@@ -11,7 +11,7 @@
 //! - admission runs under one lock inside one transaction, so quotas hold
 //!   under concurrency.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -155,6 +155,9 @@ pub(crate) struct Inner {
     host_memory: i64,
     crash: std::sync::Mutex<Option<CrashPoint>>,
     abort_at: Option<CrashPoint>,
+    /// Ids of the drift events this process has written (see
+    /// `record_drift`).
+    pub(crate) drift_recorded: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Environment variable that makes the process abort at a crash point
@@ -227,6 +230,7 @@ impl Orchestrator {
                 locks: std::sync::Mutex::new(HashMap::new()),
                 host_memory: info.mem_total.unwrap_or(0),
                 crash: std::sync::Mutex::new(None),
+                drift_recorded: std::sync::Mutex::new(HashSet::new()),
                 abort_at: match std::env::var(ABORT_ENV).as_deref() {
                     Ok("network") => Some(CrashPoint::AfterNetwork),
                     Ok("container") => Some(CrashPoint::AfterContainer),

@@ -181,3 +181,55 @@ async fn a_deleted_record_still_holding_its_subnet_never_collides_with_a_new_one
         "a live record keeps its subnet"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_whose_event_was_not_written_is_audited_by_the_next_pass() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let env = create(&h).await;
+    let drifts = |h: &Harness| {
+        h.orchestrator
+            .audit()
+            .recent()
+            .into_iter()
+            .filter(|e| e.action == "reconcile.drift" && e.resource_id == env)
+            .collect::<Vec<_>>()
+    };
+
+    // As if killed right after the quarantine was committed: the record is
+    // quarantined for drift and no event was written.
+    h.orchestrator
+        .store()
+        .set_state(
+            &env,
+            State::Quarantined,
+            Some("drift from the cleared spec: memory limit 268435456, cleared 134217728"),
+            Some(""),
+        )
+        .await
+        .unwrap();
+    assert!(drifts(&h).is_empty());
+
+    h.orchestrator.reconcile().await.unwrap();
+    let found = drifts(&h);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].severity,
+        vibebox_proto::audit::Severity::Critical as i32
+    );
+    let detail = found[0]
+        .details
+        .as_ref()
+        .and_then(|d| d.fields.get("drift"))
+        .and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        });
+    assert_eq!(
+        detail.as_deref(),
+        Some("memory limit 268435456, cleared 134217728")
+    );
+
+    // Once: another pass of the same process does not write it again.
+    h.orchestrator.reconcile().await.unwrap();
+    assert_eq!(drifts(&h).len(), 1);
+}
