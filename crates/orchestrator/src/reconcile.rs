@@ -134,12 +134,12 @@ impl Orchestrator {
 
         let released = self
             .store()
-            .release_settled_subnets(self.installation())
+            .release_deleted_subnets(self.installation())
             .await?;
         if released > 0 {
             tracing::info!(
                 released,
-                "released subnets still held by settled environments"
+                "released subnets still held by deleted environments"
             );
         }
         let records = self.store().live(self.installation()).await?;

@@ -319,18 +319,17 @@ impl Store {
             .await?)
     }
 
-    /// Releases the subnets still held by deleted or failed records (left by
-    /// a process killed between two writes of an earlier version). Returns
+    /// Releases the subnets still held by deleted records (left by a process
+    /// killed between two writes of an earlier version). A failed record
+    /// keeps its subnet: its network may exist until it is deleted. Returns
     /// how many were released.
-    pub async fn release_settled_subnets(&self, installation: &str) -> Result<u64> {
+    pub async fn release_deleted_subnets(&self, installation: &str) -> Result<u64> {
         let ids: Vec<String> = environment::Entity::find()
             .select_only()
             .column(environment::Column::Id)
             .filter(environment::Column::InstallationId.eq(installation))
             .filter(environment::Column::Subnet.is_not_null())
-            .filter(
-                environment::Column::State.is_in([State::Deleted.as_str(), State::Failed.as_str()]),
-            )
+            .filter(environment::Column::State.eq(State::Deleted.as_str()))
             .into_tuple::<String>()
             .all(&self.db)
             .await?;
@@ -343,9 +342,7 @@ impl Store {
                 Expr::value(Option::<String>::None),
             )
             .filter(environment::Column::Id.is_in(ids.iter().cloned()))
-            .filter(
-                environment::Column::State.is_in([State::Deleted.as_str(), State::Failed.as_str()]),
-            )
+            .filter(environment::Column::State.eq(State::Deleted.as_str()))
             .exec(&self.db)
             .await?;
         for id in &ids {
