@@ -521,6 +521,45 @@ async fn a_second_up_on_the_same_data_dir_keeps_the_data() {
     let p = Platform::start();
     let admin = p.admin_token();
     let alpha = team(&p, &admin, "keepers").await;
+
+    // Not while the first runs: a second platform on the same databases is
+    // refused at once, naming the data directory.
+    let mut second = std::process::Command::new(vibebox_tests::binary("vibebox"))
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(p.data_dir())
+        .env("VIBEBOX_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running a second vibebox up");
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = second.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(status) = exited else {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!("a second up on the same data directory kept running");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "a second up ran: {stderr}");
+    assert!(
+        stderr.contains("is in use by another `vibebox up`"),
+        "{stderr}"
+    );
+
     let dir = p.stop();
     let p = Platform::start_in(dir);
     assert_eq!(p.admin_token(), admin, "bootstrap ran once");

@@ -67,6 +67,40 @@ fn args(binary: &str, data_dir: &Path, extra: &[(&str, &str)]) -> Vec<String> {
     out
 }
 
+/// Locks the data directory for this `up` (released when the process ends,
+/// however it ends): a second `up` on it fails at once with a clear error
+/// instead of running a second platform on the same databases.
+fn claim_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join("up.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "the data directory {} is in use by another `vibebox up` ({}); stop it, or pass another --data-dir",
+                data_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "process {}", std::process::id())?;
+    Ok(file)
+}
+
 pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
     let _telemetry = vibebox_server_kit::telemetry::init(
         "vibebox",
@@ -78,6 +112,7 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&up.data_dir)
         .with_context(|| format!("creating {}", up.data_dir.display()))?;
     let data_dir = up.data_dir.canonicalize()?;
+    let _in_use = claim_data_dir(&data_dir)?;
     let pki = data_dir.join("pki");
     vibebox_server_kit::pki::ensure_dev_pki(&pki, vibebox_server_kit::pki::SERVICES, &[])
         .context("generating the development PKI")?;

@@ -139,7 +139,9 @@ pub fn is_transient(error: &sea_orm::DbErr) -> bool {
     }
 }
 
-fn sqlite_path(url: &str) -> Option<String> {
+/// The file of a SQLite URL (`None` for an in-memory database or another
+/// engine).
+pub fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;

@@ -17,6 +17,7 @@ pub mod docker;
 pub mod feed;
 pub mod grpc;
 pub mod keys;
+pub mod lease;
 pub mod reconcile;
 pub mod service;
 pub mod store;
@@ -367,19 +368,66 @@ pub async fn run_with_listener(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Some(lease) = hold_installation(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    run_holding(config, lease, listener, shutdown).await
+}
+
+/// Runs the orchestrator on its configured address until shutdown. The
+/// address is bound once the installation's lease is held: a process that
+/// waits for it refuses connections instead of leaving them unanswered.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Some(lease) = hold_installation(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
+    run_holding(config, lease, listener, shutdown).await
+}
+
+/// Takes the installation's lease (see [`lease`]), waiting while another
+/// process holds it; `None` when shut down meanwhile.
+async fn hold_installation(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<lease::Lease>> {
+    let (url, installation) = (database_url(config), installation_id(config)?);
+    tokio::select! {
+        lease = lease::acquire(&url, &installation) => lease.map(Some),
+        () = shutdown.cancelled() => Ok(None),
+    }
+}
+
+async fn run_holding(
+    config: Config,
+    lease: lease::Lease,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Losing the lease stops the process: no other one may act beside it.
+    let lost = lease.lost();
+    let stop = shutdown.child_token();
+    let stop_on_loss = {
+        let (lost, stop) = (lost.clone(), stop.clone());
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            stop.cancel();
+        })
+    };
     let orchestrator = build(&config).await?;
     let reconciler = spawn_reconciler(
         orchestrator.clone(),
         Duration::from_secs(config.reconcile_interval),
-        shutdown.clone(),
+        stop.clone(),
     );
-    let result = serve(orchestrator, &config, listener, shutdown).await;
+    let result = serve(orchestrator, &config, listener, stop).await;
     reconciler.abort();
+    stop_on_loss.abort();
+    drop(lease);
+    if lost.is_cancelled() {
+        anyhow::bail!(
+            "lost the installation lease: stopped so that no other process acts beside it"
+        );
+    }
     result
-}
-
-/// Runs the orchestrator on its configured address until shutdown.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
-    run_with_listener(config, listener, shutdown).await
 }

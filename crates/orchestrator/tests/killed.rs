@@ -38,6 +38,7 @@ fn spawn(
     installation: &str,
     port: u16,
     abort_after: Option<&str>,
+    extra_args: &[&str],
 ) -> Proc {
     let dir = pki.pki_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vibebox-orchestrator"));
@@ -62,6 +63,7 @@ fn spawn(
             "--docker-label={}={installation}",
             testkit::TEST_LABEL
         ))
+        .args(extra_args)
         .env_remove(vibebox_orchestrator::service::ABORT_ENV)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -108,7 +110,15 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
         let installation = format!("test-killed-{}", uuid::Uuid::new_v4());
         let port = free_port();
 
-        let mut first = spawn(&pki, &data_dir, &key_file, &installation, port, Some(point));
+        let mut first = spawn(
+            &pki,
+            &data_dir,
+            &key_file,
+            &installation,
+            port,
+            Some(point),
+            &[],
+        );
         wait_serving(&pki, port).await;
         let spec = hardened_spec(&["sleep", "3600"]);
         let env = uuid::Uuid::new_v4().to_string();
@@ -147,7 +157,7 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
 
         // Restart: reconcile at start rolls the interrupted create back.
         let port = free_port();
-        let _second = spawn(&pki, &data_dir, &key_file, &installation, port, None);
+        let _second = spawn(&pki, &data_dir, &key_file, &installation, port, None, &[]);
         wait_serving(&pki, port).await;
         let mut left = labelled_objects(&installation);
         for _ in 0..100 {
@@ -188,4 +198,68 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
             got.failure_reason
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gone() {
+    testkit::ensure_test_image().unwrap();
+    let pki = TestPki::new();
+    let data_dir = pki.path().join("data");
+    let key_file = pki.path().join("clearance.pub");
+    std::fs::write(
+        &key_file,
+        hex::encode(ClearanceSigner::generate().verifying_key().to_bytes()),
+    )
+    .unwrap();
+    let installation = format!("test-lease-{}", uuid::Uuid::new_v4());
+    // One database, two data directories (as two hosts sharing a database).
+    let database = format!(
+        "--database-url={}",
+        vibebox_db::sqlite_url(&pki.path().join("shared").join("orchestrator.db"))
+    );
+    let first_port = free_port();
+    let mut first = spawn(
+        &pki,
+        &data_dir,
+        &key_file,
+        &installation,
+        first_port,
+        None,
+        &[&database],
+    );
+    wait_serving(&pki, first_port).await;
+
+    // Same database, same installation: it does not serve beside the first.
+    let second_port = free_port();
+    let _second = spawn(
+        &pki,
+        &pki.path().join("data-2"),
+        &key_file,
+        &installation,
+        second_port,
+        None,
+        &[&database],
+    );
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            client(&pki, second_port)
+                .await
+                .get_environment(GetEnvironmentRequest {
+                    environment_id: "probe".into(),
+                }),
+        )
+        .await
+        .expect("a waiting process refuses connections, it does not leave them hanging");
+        assert!(
+            answer.is_err_and(|s| s.code() == Code::Unavailable),
+            "the second process served while the first held the installation"
+        );
+    }
+
+    // Killed: the lease goes with the process, and the second takes over.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    wait_serving(&pki, second_port).await;
 }

@@ -1,0 +1,226 @@
+//! One orchestrator process per installation.
+//!
+//! Two orchestrators acting for the same installation would each serialize
+//! only their own admissions (team quotas, subnets), reconcile against each
+//! other and feed the gateways only their own changes. The process therefore
+//! holds a lease for its installation as long as it runs, and waits for it
+//! on start while another process holds it:
+//!
+//! - SQLite: an exclusive lock (`flock`) on `<database>.lease` next to the
+//!   database file;
+//! - PostgreSQL: a session advisory lock keyed by the installation, held on a
+//!   connection of its own that is checked every two seconds.
+//!
+//! Both are released by the kernel or the database server the moment the
+//! holder dies, so a replacement after `kill -9` takes over at once, not
+//! after a timeout. A PostgreSQL lease whose session is lost (the database
+//! restarted, the network failed) cancels [`Lease::lost`]: the process stops
+//! serving rather than go on without it.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use sea_orm::sqlx::postgres::PgConnection;
+use sea_orm::sqlx::{self, Connection};
+use tokio_util::sync::CancellationToken;
+use vibebox_db::DbKind;
+
+/// How often a waiting process tries again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often a PostgreSQL lease checks its session.
+const CHECK: Duration = Duration::from_secs(2);
+
+/// A held lease; released when dropped (or when the process dies).
+pub struct Lease {
+    _held: Held,
+    lost: CancellationToken,
+}
+
+enum Held {
+    /// Locked as long as it is open.
+    File {
+        _lock: File,
+    },
+    Postgres(tokio::task::JoinHandle<()>),
+    /// An in-memory SQLite database: no other process can open it.
+    Nothing,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Held::Postgres(watch) = &self._held {
+            // Dropping the task drops its connection: the session ends and
+            // with it the advisory lock.
+            watch.abort();
+        }
+    }
+}
+
+impl Lease {
+    /// Cancelled when the lease is lost while the process runs.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+}
+
+/// Who holds a lease another process asked for, as far as it is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy {
+    pub holder: String,
+}
+
+/// Takes the lease of `installation` in the database at `database_url` if
+/// no other process holds it.
+pub async fn try_acquire(
+    database_url: &str,
+    installation: &str,
+) -> anyhow::Result<Result<Lease, Busy>> {
+    let lost = CancellationToken::new();
+    match DbKind::of(database_url)? {
+        DbKind::Sqlite => {
+            let Some(path) = vibebox_db::sqlite_path(database_url) else {
+                return Ok(Ok(Lease {
+                    _held: Held::Nothing,
+                    lost,
+                }));
+            };
+            let path = format!("{path}.lease");
+            if let Some(dir) = std::path::Path::new(&path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("opening the lease file {path}"))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    return Ok(Err(Busy {
+                        holder: holder.trim().to_owned(),
+                    }));
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking the lease file {path}"));
+                }
+            }
+            // For the operator who wonders who holds it.
+            file.set_len(0)?;
+            file.rewind()?;
+            writeln!(
+                file,
+                "process {} of installation {installation}",
+                std::process::id()
+            )?;
+            Ok(Ok(Lease {
+                _held: Held::File { _lock: file },
+                lost,
+            }))
+        }
+        DbKind::Postgres => {
+            let mut conn = PgConnection::connect(database_url)
+                .await
+                .context("connecting to the database for the installation lease")?;
+            let key = advisory_key(installation);
+            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await
+                .context("taking the installation lease")?;
+            if !held {
+                let holder: Option<i32> = sqlx::query_scalar(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1",
+                )
+                .bind(key)
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten();
+                let _ = conn.close().await;
+                return Ok(Err(Busy {
+                    holder: holder
+                        .map(|pid| format!("database session {pid}"))
+                        .unwrap_or_default(),
+                }));
+            }
+            let watch = tokio::spawn(watch_session(conn, lost.clone()));
+            Ok(Ok(Lease {
+                _held: Held::Postgres(watch),
+                lost,
+            }))
+        }
+    }
+}
+
+/// Takes the lease, waiting as long as another process holds it.
+pub async fn acquire(database_url: &str, installation: &str) -> anyhow::Result<Lease> {
+    let mut waited = 0u32;
+    loop {
+        match try_acquire(database_url, installation).await? {
+            Ok(lease) => {
+                if waited > 0 {
+                    tracing::info!(installation, "took over the installation lease");
+                }
+                return Ok(lease);
+            }
+            Err(busy) => {
+                if waited.is_multiple_of(30) {
+                    tracing::warn!(
+                        installation,
+                        holder = %busy.holder,
+                        "another orchestrator holds this installation; waiting for it to stop"
+                    );
+                }
+                waited += 1;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+async fn watch_session(mut conn: PgConnection, lost: CancellationToken) {
+    loop {
+        tokio::time::sleep(CHECK).await;
+        let alive = tokio::time::timeout(CHECK * 2, sqlx::query("SELECT 1").execute(&mut conn))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        if !alive {
+            tracing::error!("the database session holding the installation lease is gone");
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+/// The advisory lock key of an installation: 64 bits of FNV-1a over a
+/// prefix and the id, the same in every process.
+fn advisory_key(installation: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "vibebox-orchestrator/".bytes().chain(installation.bytes()) {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_per_installation_and_are_stable() {
+        assert_eq!(advisory_key("a"), advisory_key("a"));
+        assert_ne!(advisory_key("a"), advisory_key("b"));
+    }
+}
