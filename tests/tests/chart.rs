@@ -630,3 +630,69 @@ fn the_orchestrator_is_replaced_never_overlapped() {
         assert_ne!(gateway["spec"]["strategy"]["type"], "Recreate", "{sets:?}");
     }
 }
+
+#[test]
+fn an_admin_password_secret_reaches_identity_alone_as_a_read_only_file() {
+    const ENV: &str = "VIBEBOX_BOOTSTRAP_ADMIN_PASSWORD_FILE";
+    let has_env = |pod: &Value| {
+        pod["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == ENV)
+            .cloned()
+    };
+    // By default nobody is given a password file.
+    let docs = render(&[]);
+    for service in SERVICES {
+        assert!(has_env(pod_spec(&docs, service)).is_none(), "{service}");
+    }
+
+    let docs = render(&["identity.bootstrapAdminPassword.existingSecret=admin-pw"]);
+    for service in SERVICES.iter().filter(|s| **s != "identity") {
+        let pod = pod_spec(&docs, service);
+        assert!(has_env(pod).is_none(), "{service} gets no password");
+        assert!(
+            !pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "admin-pw"),
+            "{service} mounts no password"
+        );
+    }
+    let pod = pod_spec(&docs, "identity");
+    let file = has_env(pod).expect("identity is told the file")["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "admin-pw")
+        .expect("the Secret is a volume");
+    assert_eq!(volume["secret"]["items"][0]["key"], "password");
+    let path = volume["secret"]["items"][0]["path"].as_str().unwrap();
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("mounted");
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(
+        file,
+        format!("{}/{path}", mount["mountPath"].as_str().unwrap()),
+        "the file identity reads is the Secret's key"
+    );
+    // And the identity binary reads that variable.
+    let help = Command::new(vibebox_tests::binary("vibebox-identity"))
+        .arg("--help")
+        .output()
+        .expect("vibebox-identity --help");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains(ENV),
+        "vibebox-identity does not read {ENV}"
+    );
+}

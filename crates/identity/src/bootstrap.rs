@@ -1,6 +1,7 @@
 //! First start: on an empty database, create the platform admin `admin`
-//! (random password, never shown), the team `default` with `admin` as its
-//! team admin, and an API token for `admin` written to
+//! (a random password nobody sees, or the operator's from
+//! `--bootstrap-admin-password-file`), the team `default` with `admin` as
+//! its team admin, and an API token for `admin` written to
 //! `<data-dir>/admin.token` with mode 0600 (never logged).
 
 use std::io::Write;
@@ -39,18 +40,49 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Bootstraps an empty database. Returns the token file path when it did.
-pub async fn bootstrap(identity: &Identity, data_dir: &Path) -> Result<Option<PathBuf>> {
+/// Reads the bootstrap admin's password from a file (a mounted secret):
+/// one trailing newline is ignored, and the password rules apply.
+pub fn read_password_file(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading the bootstrap admin password file {}",
+            path.display()
+        )
+    })?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&text)
+        .to_owned();
+    crate::model::validate_password(&password).map_err(|e| {
+        anyhow::anyhow!(
+            "the bootstrap admin password in {} is not acceptable: {e}",
+            path.display()
+        )
+    })?;
+    Ok(password)
+}
+
+/// Bootstraps an empty database, giving the admin `password` when one is
+/// set. Returns the token file path when it did.
+pub async fn bootstrap(
+    identity: &Identity,
+    data_dir: &Path,
+    password: Option<String>,
+) -> Result<Option<PathBuf>> {
     if store::count_users(identity.db()).await? > 0 {
         return Ok(None);
     }
-    // 256 random bits nobody will ever see: the admin uses the token file
-    // (and can be given a password by re-creating credentials later).
-    let password = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
+    // Without an operator's password: 256 random bits nobody will ever see
+    // (the admin uses the token file).
+    let password = password.unwrap_or_else(|| {
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    });
     let hash = hash_password(password).await?;
     let txn = vibebox_db::begin_write(identity.db()).await?;
     let admin = store::insert_user(

@@ -81,6 +81,12 @@ pub struct Config {
     /// Retire these token signing key ids at start: tokens they signed stop working.
     #[arg(long, env = "VIBEBOX_RETIRE_TOKEN_KEYS", value_delimiter = ',')]
     pub retire_token_key: Vec<u32>,
+    /// File holding the password the bootstrap admin gets on first start
+    /// (12 to 1024 characters; a trailing newline is ignored), so that an
+    /// operator can `Login` as `admin`. Without it the password is random
+    /// and the admin uses the token file.
+    #[arg(long, env = "VIBEBOX_BOOTSTRAP_ADMIN_PASSWORD_FILE")]
+    pub bootstrap_admin_password_file: Option<std::path::PathBuf>,
 }
 
 impl ServiceConfig for Config {
@@ -101,6 +107,7 @@ impl Config {
             login_failures_per_source: 20,
             rotate_token_key: false,
             retire_token_key: Vec::new(),
+            bootstrap_admin_password_file: None,
         }
     }
 
@@ -142,7 +149,11 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
     };
     service::warm_up().await;
     let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));
-    bootstrap::bootstrap(&identity, &config.server.data_dir)
+    let password = match &config.bootstrap_admin_password_file {
+        Some(path) => Some(bootstrap::read_password_file(path)?),
+        None => None,
+    };
+    bootstrap::bootstrap(&identity, &config.server.data_dir, password)
         .await
         .context("bootstrapping the identity database")?;
     Ok(identity)

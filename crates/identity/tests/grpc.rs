@@ -280,6 +280,58 @@ async fn bootstrap_writes_admin_token_file_0600_and_not_twice() {
     h.stop().await;
 }
 
+#[tokio::test]
+async fn an_operator_password_file_lets_the_bootstrap_admin_log_in() {
+    const SECRET: &str = "correct horse battery staple";
+    let pki = TestPki::new();
+    let data_dir = pki.server_args("identity").data_dir.clone();
+    let file = pki.path().join("admin-password");
+    // As a mounted secret usually is: with a trailing newline.
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let mut h = Harness::start_with(pki, data_dir, None, |c| {
+        c.bootstrap_admin_password_file = Some(file.clone());
+    })
+    .await;
+    let login = |password: &str| pb::LoginRequest {
+        username: "admin".into(),
+        password: password.into(),
+    };
+    let session = h.identity.login(login(SECRET)).await.unwrap().into_inner();
+    let me = h
+        .identity
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &session.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.user.unwrap().platform_role, PlatformRole::Admin as i32);
+    let wrong = h
+        .identity
+        .login(login(&format!("{SECRET}\n")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    // The token file is written as well.
+    assert!(!h.admin_token.is_empty());
+    h.stop().await;
+
+    // A password the rules refuse stops the service at start, naming the file.
+    let pki = TestPki::new();
+    let short = pki.path().join("short-password");
+    std::fs::write(&short, "short\n").unwrap();
+    let mut config = Config::new(pki.server_args("identity"));
+    config.audit_url = "https://127.0.0.1:9".into();
+    config.bootstrap_admin_password_file = Some(short.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = vibebox_identity::run_with_listener(config, listener, CancellationToken::new())
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("short-password") && text.contains("12 to 1024"),
+        "{text}"
+    );
+}
+
 /// Every role against every operation on an environment of team T owned by
 /// `dev`, and the team / audit / policy / identity rules.
 #[tokio::test]
