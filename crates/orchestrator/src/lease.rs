@@ -13,8 +13,10 @@
 //!
 //! Both are released by the kernel or the database server the moment the
 //! holder dies, so a replacement after `kill -9` takes over at once, not
-//! after a timeout. A PostgreSQL lease whose session is lost (the database
-//! restarted, the network failed) cancels [`Lease::lost`]: the process stops
+//! after a timeout. A PostgreSQL holder that goes silent without dying (a
+//! frozen process, a node cut off) loses its session after ten seconds
+//! (`idle_session_timeout`); a PostgreSQL lease whose session is lost, for
+//! that or any other reason, cancels [`Lease::lost`], and the process stops
 //! serving rather than go on without it.
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -31,6 +33,10 @@ use vibebox_db::DbKind;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often a PostgreSQL lease checks its session.
 const CHECK: Duration = Duration::from_secs(2);
+/// Bounds how long the database keeps the session of a holder that went
+/// silent (frozen, or on a node that vanished without closing its
+/// connection) before it ends it and frees the lease: several missed checks.
+const BOUND_SILENT_HOLDER: &str = "SET idle_session_timeout = '10s'";
 
 /// A held lease; released when dropped (or when the process dies).
 pub struct Lease {
@@ -153,6 +159,12 @@ pub async fn try_acquire(
                         .map(|pid| format!("database session {pid}"))
                         .unwrap_or_default(),
                 }));
+            }
+            // Without this a holder that vanished without closing its
+            // connection would keep the lease until TCP keepalive noticed
+            // (hours by default). PostgreSQL 14 and later; best effort.
+            if let Err(e) = sqlx::query(BOUND_SILENT_HOLDER).execute(&mut conn).await {
+                tracing::warn!(error = %e, "cannot bound the lease session's idle time");
             }
             let watch = tokio::spawn(watch_session(conn, lost.clone()));
             Ok(Ok(Lease {

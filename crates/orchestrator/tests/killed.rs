@@ -83,7 +83,11 @@ async fn client(pki: &TestPki, port: u16) -> RuntimeServiceClient<vibebox_server
 }
 
 async fn wait_serving(pki: &TestPki, port: u16) {
-    for _ in 0..200 {
+    wait_serving_within(pki, port, Duration::from_secs(20)).await;
+}
+
+async fn wait_serving_within(pki: &TestPki, port: u16, patience: Duration) {
+    for _ in 0..patience.as_millis() / 100 {
         let mut c = client(pki, port).await;
         match c
             .get_environment(GetEnvironmentRequest {
@@ -262,4 +266,75 @@ async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gon
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     wait_serving(&pki, second_port).await;
+}
+
+/// On PostgreSQL a holder that goes silent without dying (frozen here with
+/// SIGSTOP, as a node cut off would be) loses the lease to a waiting
+/// process, and stops once it runs again instead of acting beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_loses_a_postgres_lease_and_stops_when_it_wakes() {
+    let Some(db) = vibebox_db::testing::postgres().await else {
+        eprintln!("skipped: VIBEBOX_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    testkit::ensure_test_image().unwrap();
+    let pki = TestPki::new();
+    let key_file = pki.path().join("clearance.pub");
+    std::fs::write(
+        &key_file,
+        hex::encode(ClearanceSigner::generate().verifying_key().to_bytes()),
+    )
+    .unwrap();
+    let installation = format!("test-lease-{}", uuid::Uuid::new_v4());
+    let database = format!("--database-url={}", db.url);
+    let first_port = free_port();
+    let mut first = spawn(
+        &pki,
+        &pki.path().join("data-1"),
+        &key_file,
+        &installation,
+        first_port,
+        None,
+        &[&database],
+    );
+    wait_serving(&pki, first_port).await;
+    let second_port = free_port();
+    let _second = spawn(
+        &pki,
+        &pki.path().join("data-2"),
+        &key_file,
+        &installation,
+        second_port,
+        None,
+        &[&database],
+    );
+
+    let pid = first.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The database ends the silent session; the second takes over.
+    wait_serving_within(&pki, second_port, Duration::from_secs(60)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The first notices its lease is gone and stops.
+    let mut status = None;
+    for _ in 0..300 {
+        status = first.0.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("the woken holder stopped");
+    assert!(!status.success(), "it stops with an error: {status:?}");
 }
