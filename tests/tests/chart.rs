@@ -673,6 +673,10 @@ fn an_admin_password_secret_reaches_identity_alone_as_a_read_only_file() {
         .find(|v| v["secret"]["secretName"] == "admin-pw")
         .expect("the Secret is a volume");
     assert_eq!(volume["secret"]["items"][0]["key"], "password");
+    assert_eq!(
+        volume["secret"]["optional"], true,
+        "read on first start only: the Secret may go"
+    );
     let path = volume["secret"]["items"][0]["path"].as_str().unwrap();
     let mount = pod["containers"][0]["volumeMounts"]
         .as_array()

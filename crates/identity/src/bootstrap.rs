@@ -64,25 +64,36 @@ pub fn read_password_file(path: &Path) -> anyhow::Result<String> {
     Ok(password)
 }
 
-/// Bootstraps an empty database, giving the admin `password` when one is
-/// set. Returns the token file path when it did.
+/// Bootstraps an empty database, giving the admin the password in
+/// `password_file` when one is set (read only then: the file may go once
+/// the platform is bootstrapped). Returns the token file path when it did.
 pub async fn bootstrap(
     identity: &Identity,
     data_dir: &Path,
-    password: Option<String>,
-) -> Result<Option<PathBuf>> {
+    password_file: Option<&Path>,
+) -> anyhow::Result<Option<PathBuf>> {
     if store::count_users(identity.db()).await? > 0 {
         return Ok(None);
     }
     // Without an operator's password: 256 random bits nobody will ever see
     // (the admin uses the token file).
-    let password = password.unwrap_or_else(|| {
-        format!(
+    let password = match password_file {
+        Some(path) => read_password_file(path)?,
+        None => format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
-        )
-    });
+        ),
+    };
+    Ok(create_admin(identity, data_dir, password).await?)
+}
+
+/// Creates the admin, the default team and the admin's token file.
+async fn create_admin(
+    identity: &Identity,
+    data_dir: &Path,
+    password: String,
+) -> Result<Option<PathBuf>> {
     let hash = hash_password(password).await?;
     let txn = vibebox_db::begin_write(identity.db()).await?;
     let admin = store::insert_user(

@@ -83,8 +83,9 @@ pub struct Config {
     pub retire_token_key: Vec<u32>,
     /// File holding the password the bootstrap admin gets on first start
     /// (12 to 1024 characters; a trailing newline is ignored), so that an
-    /// operator can `Login` as `admin`. Without it the password is random
-    /// and the admin uses the token file.
+    /// operator can `Login` as `admin`. Read only on first start (an empty
+    /// database). Without it the password is random and the admin uses the
+    /// token file.
     #[arg(long, env = "VIBEBOX_BOOTSTRAP_ADMIN_PASSWORD_FILE")]
     pub bootstrap_admin_password_file: Option<std::path::PathBuf>,
 }
@@ -149,13 +150,13 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
     };
     service::warm_up().await;
     let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));
-    let password = match &config.bootstrap_admin_password_file {
-        Some(path) => Some(bootstrap::read_password_file(path)?),
-        None => None,
-    };
-    bootstrap::bootstrap(&identity, &config.server.data_dir, password)
-        .await
-        .context("bootstrapping the identity database")?;
+    bootstrap::bootstrap(
+        &identity,
+        &config.server.data_dir,
+        config.bootstrap_admin_password_file.as_deref(),
+    )
+    .await
+    .context("bootstrapping the identity database")?;
     Ok(identity)
 }
 

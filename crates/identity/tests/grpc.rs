@@ -312,6 +312,17 @@ async fn an_operator_password_file_lets_the_bootstrap_admin_log_in() {
     assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
     // The token file is written as well.
     assert!(!h.admin_token.is_empty());
+    // Read on first start only: a restart does without it.
+    let (pki, dir) = h.stop().await;
+    std::fs::remove_file(&file).unwrap();
+    let mut h = Harness::start_with(pki, dir, None, |c| {
+        c.bootstrap_admin_password_file = Some(file.clone());
+    })
+    .await;
+    h.identity
+        .login(login(SECRET))
+        .await
+        .expect("same password");
     h.stop().await;
 
     // A password the rules refuse stops the service at start, naming the file.

@@ -146,7 +146,7 @@ pub async fn try_acquire(
                 let holder: Option<i32> = sqlx::query_scalar(
                     "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                     AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1",
+                     AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1",
                 )
                 .bind(key)
                 .fetch_optional(&mut conn)
@@ -175,29 +175,36 @@ pub async fn try_acquire(
     }
 }
 
-/// Takes the lease, waiting as long as another process holds it.
+/// Takes the lease, waiting as long as another process holds it. On
+/// PostgreSQL a database that cannot be reached (as during the failover that
+/// may have freed the lease) is waited for as well.
 pub async fn acquire(database_url: &str, installation: &str) -> anyhow::Result<Lease> {
+    let retry_errors = DbKind::of(database_url)? == DbKind::Postgres;
     let mut waited = 0u32;
     loop {
-        match try_acquire(database_url, installation).await? {
-            Ok(lease) => {
+        let warn = waited.is_multiple_of(30);
+        match try_acquire(database_url, installation).await {
+            Ok(Ok(lease)) => {
                 if waited > 0 {
                     tracing::info!(installation, "took over the installation lease");
                 }
                 return Ok(lease);
             }
-            Err(busy) => {
-                if waited.is_multiple_of(30) {
-                    tracing::warn!(
-                        installation,
-                        holder = %busy.holder,
-                        "another orchestrator holds this installation; waiting for it to stop"
-                    );
+            Ok(Err(busy)) if warn => tracing::warn!(
+                installation,
+                holder = %busy.holder,
+                "another orchestrator holds this installation; waiting for it to stop"
+            ),
+            Ok(Err(_)) => {}
+            Err(e) if retry_errors => {
+                if warn {
+                    tracing::warn!(installation, error = %format!("{e:#}"), "cannot take the installation lease yet; retrying");
                 }
-                waited += 1;
-                tokio::time::sleep(RETRY).await;
             }
+            Err(e) => return Err(e),
         }
+        waited += 1;
+        tokio::time::sleep(RETRY).await;
     }
 }
 

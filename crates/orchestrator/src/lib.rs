@@ -385,6 +385,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     run_holding(config, lease, listener, shutdown).await
 }
 
+/// Exit code of a process that lost its installation's lease.
+pub const LEASE_LOST_EXIT_CODE: i32 = 75;
+
 /// Takes the installation's lease (see [`lease`]), waiting while another
 /// process holds it; `None` when shut down meanwhile.
 async fn hold_installation(
@@ -404,30 +407,28 @@ async fn run_holding(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Losing the lease stops the process: no other one may act beside it.
+    // Losing the lease ends the process at once, as a crash would: another
+    // process may already act for the installation, and a graceful stop
+    // would let in-flight operations and a running reconcile pass go on
+    // beside it. What they leave half done, the next holder's reconcile
+    // repairs.
     let lost = lease.lost();
-    let stop = shutdown.child_token();
-    let stop_on_loss = {
-        let (lost, stop) = (lost.clone(), stop.clone());
-        tokio::spawn(async move {
-            lost.cancelled().await;
-            stop.cancel();
-        })
-    };
+    let exit_on_loss = tokio::spawn(async move {
+        lost.cancelled().await;
+        tracing::error!(
+            "lost the installation lease: exiting so that no other process acts beside this one"
+        );
+        std::process::exit(LEASE_LOST_EXIT_CODE);
+    });
     let orchestrator = build(&config).await?;
     let reconciler = spawn_reconciler(
         orchestrator.clone(),
         Duration::from_secs(config.reconcile_interval),
-        stop.clone(),
+        shutdown.clone(),
     );
-    let result = serve(orchestrator, &config, listener, stop).await;
+    let result = serve(orchestrator, &config, listener, shutdown).await;
     reconciler.abort();
-    stop_on_loss.abort();
+    exit_on_loss.abort();
     drop(lease);
-    if lost.is_cancelled() {
-        anyhow::bail!(
-            "lost the installation lease: stopped so that no other process acts beside it"
-        );
-    }
     result
 }

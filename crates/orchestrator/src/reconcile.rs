@@ -39,26 +39,26 @@ struct Found {
 
 /// How the failure reason of an environment quarantined for drift begins.
 const DRIFT_REASON: &str = "drift from the cleared spec: ";
+/// The status of a quarantined environment once its drift event is durable.
+const DRIFT_AUDITED: &str = "quarantined; the drift is recorded in the audit log";
 
 impl Orchestrator {
-    /// Records the drift event of a quarantine, once: under an id made of
-    /// the environment and the reason, skipped when this process already
-    /// wrote it (after a restart it is written again, and the audit service
-    /// keeps the first).
-    async fn record_drift(&self, rec: &EnvRecord, reason: &str) -> Result<()> {
-        let id = crate::audit::once_id(&rec.id, &format!("reconcile.drift {reason}"));
-        if self
-            .inner
-            .drift_recorded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
-        {
-            return Ok(());
-        }
+    /// Whether a record was quarantined for drift and its event may not be
+    /// written yet (a crash, or an audit outbox that refused it).
+    pub(crate) fn drift_event_pending(rec: &EnvRecord) -> bool {
+        matches!(State::parse(&rec.state), Ok(State::Quarantined))
+            && rec.failure_reason.starts_with(DRIFT_REASON)
+            && rec.status_message != DRIFT_AUDITED
+    }
+
+    /// Records the drift event of a quarantine under an id made of the
+    /// environment and the reason (written again after a crash, the audit
+    /// service keeps it once), then marks the record so that it is not
+    /// written again.
+    pub(crate) async fn record_drift(&self, rec: &EnvRecord, reason: &str) -> Result<()> {
         self.audit()
             .record_once(
-                id.clone(),
+                crate::audit::once_id(&rec.id, &format!("reconcile.drift {reason}")),
                 Event {
                     action: "reconcile.drift",
                     outcome: Outcome::Failure,
@@ -76,11 +76,9 @@ impl Orchestrator {
                 },
             )
             .await?;
-        self.inner
-            .drift_recorded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+        self.store()
+            .set_status_message(&rec.id, DRIFT_AUDITED)
+            .await?;
         Ok(())
     }
 
@@ -132,15 +130,21 @@ impl Orchestrator {
             .filter_map(|v| Some((v.name, v.labels.get(labels::ENVIRONMENT)?.clone())))
             .collect();
 
-        let released = self
+        match self
             .store()
             .release_deleted_subnets(self.installation())
-            .await?;
-        if released > 0 {
-            tracing::info!(
-                released,
-                "released subnets still held by deleted environments"
-            );
+            .await
+        {
+            Ok(0) => {}
+            Ok(released) => {
+                tracing::info!(
+                    released,
+                    "released subnets still held by deleted environments"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the subnets of deleted environments")
+            }
         }
         let records = self.store().live(self.installation()).await?;
         let by_id: HashMap<&str, &EnvRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
@@ -267,6 +271,14 @@ impl Orchestrator {
             State::Deleted | State::Failed => return Ok(()),
             State::Running | State::Stopped | State::Quarantined => {}
         }
+        // A quarantine's event that a crash or a full audit outbox kept from
+        // being written: first, before anything below can change the
+        // record, and without holding up the rest of the pass.
+        if Self::drift_event_pending(rec)
+            && let Err(e) = self.record_drift(rec, &rec.failure_reason).await
+        {
+            tracing::warn!(environment = %rec.id, error = %e, "drift event not recorded yet");
+        }
 
         let mine: Vec<&Found> = containers.iter().filter(|c| c.env == rec.id).collect();
         let expected_id = rec.container_id.clone().unwrap_or_default();
@@ -341,11 +353,10 @@ impl Orchestrator {
                 tracing::warn!(error = %e, "cannot stop drifted container");
             }
             report.quarantined.push(rec.id.clone());
-            self.record_drift(rec, &reason).await?;
+            if let Err(e) = self.record_drift(rec, &reason).await {
+                tracing::warn!(environment = %rec.id, error = %e, "drift event not recorded yet");
+            }
             return Ok(());
-        }
-        if state == State::Quarantined && rec.failure_reason.starts_with(DRIFT_REASON) {
-            self.record_drift(rec, &rec.failure_reason).await?;
         }
 
         // Converge the run state.

@@ -11,7 +11,7 @@
 //! - admission runs under one lock inside one transaction, so quotas hold
 //!   under concurrency.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -155,9 +155,6 @@ pub(crate) struct Inner {
     host_memory: i64,
     crash: std::sync::Mutex<Option<CrashPoint>>,
     abort_at: Option<CrashPoint>,
-    /// Ids of the drift events this process has written (see
-    /// `record_drift`).
-    pub(crate) drift_recorded: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Environment variable that makes the process abort at a crash point
@@ -230,7 +227,6 @@ impl Orchestrator {
                 locks: std::sync::Mutex::new(HashMap::new()),
                 host_memory: info.mem_total.unwrap_or(0),
                 crash: std::sync::Mutex::new(None),
-                drift_recorded: std::sync::Mutex::new(HashSet::new()),
                 abort_at: match std::env::var(ABORT_ENV).as_deref() {
                     Ok("network") => Some(CrashPoint::AfterNetwork),
                     Ok("container") => Some(CrashPoint::AfterContainer),
@@ -931,6 +927,10 @@ impl Orchestrator {
         rec: &EnvRecord,
         caller: Option<&Caller>,
     ) -> Result<EnvRecord> {
+        // Deleting ends the quarantine that would have written it.
+        if Self::drift_event_pending(rec) {
+            self.record_drift(rec, &rec.failure_reason).await?;
+        }
         self.inner
             .store
             .set_state(&rec.id, State::Deleting, None, Some("deleting"))

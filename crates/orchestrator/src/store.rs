@@ -439,9 +439,10 @@ impl Store {
         Ok(())
     }
 
-    /// Settles a record in a state that holds no network (`deleted`,
-    /// `failed`) and releases its subnet in the same statement: a crash can
-    /// never leave a settled record holding a subnet.
+    /// Settles a record (`deleted`, or `failed` after a rolled-back create)
+    /// and releases its subnet in the same statement: a crash can never
+    /// leave it holding the subnet. (A network an incomplete rollback left
+    /// behind stays in the engine's list, which allocation also skips.)
     pub async fn settle(
         &self,
         id: &str,

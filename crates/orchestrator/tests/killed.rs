@@ -3,7 +3,7 @@
 //! container) leaves nothing behind once the restarted process has
 //! reconciled, and the environment is reported failed.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tonic::Code;
@@ -31,6 +31,9 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The process's log, in its data directory.
+const LOG: &str = "orchestrator.log";
+
 fn spawn(
     pki: &TestPki,
     data_dir: &std::path::Path,
@@ -41,6 +44,8 @@ fn spawn(
     extra_args: &[&str],
 ) -> Proc {
     let dir = pki.pki_dir();
+    std::fs::create_dir_all(data_dir).unwrap();
+    let log = std::fs::File::create(data_dir.join(LOG)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vibebox-orchestrator"));
     cmd.arg("--data-dir")
         .arg(data_dir)
@@ -65,8 +70,8 @@ fn spawn(
         ))
         .args(extra_args)
         .env_remove(vibebox_orchestrator::service::ABORT_ENV)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
     if let Some(point) = abort_after {
         cmd.env(vibebox_orchestrator::service::ABORT_ENV, point);
     }
@@ -235,15 +240,28 @@ async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gon
 
     // Same database, same installation: it does not serve beside the first.
     let second_port = free_port();
+    let second_dir = pki.path().join("data-2");
     let _second = spawn(
         &pki,
-        &pki.path().join("data-2"),
+        &second_dir,
         &key_file,
         &installation,
         second_port,
         None,
         &[&database],
     );
+    // It says it waits...
+    let mut waiting = false;
+    for _ in 0..300 {
+        let log = std::fs::read_to_string(second_dir.join(LOG)).unwrap_or_default();
+        if log.contains("another orchestrator holds this installation") {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiting, "the second process does not wait for the first");
+    // ...and does not serve meanwhile.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let answer = tokio::time::timeout(
@@ -336,5 +354,9 @@ async fn a_frozen_holder_loses_a_postgres_lease_and_stops_when_it_wakes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status = status.expect("the woken holder stopped");
-    assert!(!status.success(), "it stops with an error: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(vibebox_orchestrator::LEASE_LOST_EXIT_CODE),
+        "it exits for the lost lease: {status:?}"
+    );
 }

@@ -229,7 +229,43 @@ async fn a_quarantine_whose_event_was_not_written_is_audited_by_the_next_pass() 
         Some("memory limit 268435456, cleared 134217728")
     );
 
-    // Once: another pass of the same process does not write it again.
+    // Once: the record says so, and another pass does not write it again.
+    assert!(
+        h.orchestrator
+            .get(&env)
+            .await
+            .unwrap()
+            .status_message
+            .contains("recorded in the audit log")
+    );
     h.orchestrator.reconcile().await.unwrap();
     assert_eq!(drifts(&h).len(), 1);
+
+    // Deleting a quarantine whose event was not written writes it first.
+    let other = create(&h).await;
+    h.orchestrator
+        .store()
+        .set_state(
+            &other,
+            State::Quarantined,
+            Some("drift from the cleared spec: privileged true, cleared false"),
+            Some(""),
+        )
+        .await
+        .unwrap();
+    h.client()
+        .delete_environment(DeleteEnvironmentRequest {
+            caller: None,
+            environment_id: other.clone(),
+        })
+        .await
+        .expect("delete");
+    let recorded: Vec<_> = h
+        .orchestrator
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|e| e.action == "reconcile.drift" && e.resource_id == other)
+        .collect();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
 }
