@@ -12,7 +12,7 @@
 
 mod outbox;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use vibebox_proto::audit::AuditEvent;
 use vibebox_proto::audit_ingest::AppendEventsRequest;
 use vibebox_proto::audit_ingest::audit_ingest_service_client::AuditIngestServiceClient;
+use vibebox_server_kit::lockfile::{self, Claim};
 
 use outbox::Pos;
 
@@ -132,20 +133,13 @@ impl AuditClient {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(open_err)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("LOCK"))
-            .map_err(open_err)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+        let holder = format!("process {}", std::process::id());
+        let lock = match lockfile::claim(&dir.join("LOCK"), &holder).map_err(open_err)? {
+            Claim::Held(file) => Arc::new(file),
+            Claim::Busy { .. } => {
                 return Err(AuditClientError::Locked(dir.display().to_string()));
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
-        }
-        let lock = Arc::new(lock);
+        };
         let (writer, end, cursor) = outbox::Writer::open(&dir).map_err(open_err)?;
         let channel = vibebox_server_kit::connect(&config.audit_url, &config.tls)
             .map_err(|e| AuditClientError::Connect(e.to_string()))?;

@@ -71,34 +71,17 @@ fn args(binary: &str, data_dir: &Path, extra: &[(&str, &str)]) -> Vec<String> {
 /// however it ends): a second `up` on it fails at once with a clear error
 /// instead of running a second platform on the same databases.
 fn claim_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
+    use vibebox_server_kit::lockfile::{Claim, claim};
     let path = data_dir.join("up.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            anyhow::bail!(
-                "the data directory {} is in use by another `vibebox up` ({}); stop it, or pass another --data-dir",
-                data_dir.display(),
-                holder.trim()
-            );
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
+    match claim(&path, &format!("process {}", std::process::id()))
+        .with_context(|| format!("locking {}", path.display()))?
+    {
+        Claim::Held(file) => Ok(file),
+        Claim::Busy { holder } => anyhow::bail!(
+            "the data directory {} is in use by another `vibebox up` ({holder}); stop it, or pass another --data-dir",
+            data_dir.display()
+        ),
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "process {}", std::process::id())?;
-    Ok(file)
 }
 
 pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {

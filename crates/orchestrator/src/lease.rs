@@ -19,8 +19,8 @@
 //! that or any other reason, cancels [`Lease::lost`], and the process stops
 //! serving rather than go on without it.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, Write};
+use std::fs::File;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,6 +28,7 @@ use sea_orm::sqlx::postgres::PgConnection;
 use sea_orm::sqlx::{self, Connection};
 use tokio_util::sync::CancellationToken;
 use vibebox_db::DbKind;
+use vibebox_server_kit::lockfile::{self, Claim};
 
 /// How often a waiting process tries again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -93,44 +94,19 @@ pub async fn try_acquire(
                 }));
             };
             let path = format!("{path}.lease");
-            if let Some(dir) = std::path::Path::new(&path).parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .with_context(|| format!("opening the lease file {path}"))?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(TryLockError::WouldBlock) => {
-                    let mut holder = String::new();
-                    let _ = file.read_to_string(&mut holder);
-                    return Ok(Err(Busy {
-                        holder: holder.trim().to_owned(),
-                    }));
-                }
-                Err(TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("locking the lease file {path}"));
-                }
-            }
-            // For the operator who wonders who holds it.
-            file.set_len(0)?;
-            file.rewind()?;
-            writeln!(
-                file,
+            let holder = format!(
                 "process {} of installation {installation}",
                 std::process::id()
-            )?;
-            Ok(Ok(Lease {
-                _held: Held::File { _lock: file },
-                lost,
-            }))
+            );
+            match lockfile::claim(Path::new(&path), &holder)
+                .with_context(|| format!("locking the lease file {path}"))?
+            {
+                Claim::Held(file) => Ok(Ok(Lease {
+                    _held: Held::File { _lock: file },
+                    lost,
+                })),
+                Claim::Busy { holder } => Ok(Err(Busy { holder })),
+            }
         }
         DbKind::Postgres => {
             let mut conn = PgConnection::connect(database_url)

@@ -12,6 +12,7 @@ mod config;
 mod entry;
 mod error;
 mod layer;
+pub mod lockfile;
 pub mod meta;
 pub mod pki;
 mod server;
