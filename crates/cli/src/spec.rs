@@ -200,11 +200,11 @@ pub(crate) fn parse_memory_mb(s: &str) -> Result<i64> {
         Some('m') => (&lower[..lower.len() - 1], 1),
         _ => (lower, 1),
     };
-    let n: i64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("invalid memory size {s:?} (e.g. 512m, 2g)"))?;
-    Ok(n * mult)
+    let invalid = || format!("invalid memory size {s:?} (a positive size, e.g. 512m, 2g)");
+    let n: i64 = num.trim().parse().with_context(invalid)?;
+    n.checked_mul(mult)
+        .filter(|mb| *mb > 0)
+        .with_context(invalid)
 }
 
 #[cfg(test)]
@@ -248,6 +248,9 @@ mod tests {
         assert_eq!(parse_memory_mb("2g").unwrap(), 2048);
         assert_eq!(parse_memory_mb("2GiB").unwrap(), 2048);
         assert_eq!(parse_memory_mb("300").unwrap(), 300);
+        for bad in ["-5m", "0", "9223372036854775807g", "m", "12x"] {
+            assert!(parse_memory_mb(bad).is_err(), "{bad} accepted");
+        }
         assert!(parse_memory_mb("lots").is_err());
     }
 }
