@@ -1,13 +1,13 @@
-//! One orchestrator process per installation.
+//! One orchestrator process per database.
 //!
 //! Two orchestrators acting for the same installation would each serialize
 //! only their own admissions (team quotas, subnets), reconcile against each
 //! other and feed the gateways only their own changes. The process therefore
-//! holds a lease for its installation as long as it runs, and waits for it
-//! on start while another process holds it:
+//! holds a lease as long as it runs, and waits for it on start while another
+//! process holds it:
 //!
 //! - SQLite: an exclusive lock (`flock`) on `<database>.lease` next to the
-//!   database file;
+//!   database file (one per database file, whatever the installation);
 //! - PostgreSQL: a session advisory lock keyed by the installation, held on a
 //!   connection of its own that is checked every two seconds.
 //!
@@ -15,9 +15,9 @@
 //! holder dies, so a replacement after `kill -9` takes over at once, not
 //! after a timeout. A PostgreSQL holder that goes silent without dying (a
 //! frozen process, a node cut off) loses its session after ten seconds
-//! (`idle_session_timeout`); a PostgreSQL lease whose session is lost, for
-//! that or any other reason, cancels [`Lease::lost`], and the process stops
-//! serving rather than go on without it.
+//! (`idle_session_timeout`, PostgreSQL 14 or later); a PostgreSQL lease
+//! whose session is lost, for that or any other reason, cancels
+//! [`Lease::lost`], and the process exits rather than go on without it.
 
 use std::fs::File;
 use std::path::Path;
@@ -41,7 +41,7 @@ const BOUND_SILENT_HOLDER: &str = "SET idle_session_timeout = '10s'";
 
 /// A held lease; released when dropped (or when the process dies).
 pub struct Lease {
-    _held: Held,
+    held: Held,
     lost: CancellationToken,
 }
 
@@ -57,7 +57,7 @@ enum Held {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Held::Postgres(watch) = &self._held {
+        if let Held::Postgres(watch) = &self.held {
             // Dropping the task drops its connection: the session ends and
             // with it the advisory lock.
             watch.abort();
@@ -89,7 +89,7 @@ pub async fn try_acquire(
         DbKind::Sqlite => {
             let Some(path) = vibebox_db::sqlite_path(database_url) else {
                 return Ok(Ok(Lease {
-                    _held: Held::Nothing,
+                    held: Held::Nothing,
                     lost,
                 }));
             };
@@ -102,7 +102,7 @@ pub async fn try_acquire(
                 .with_context(|| format!("locking the lease file {path}"))?
             {
                 Claim::Held(file) => Ok(Ok(Lease {
-                    _held: Held::File { _lock: file },
+                    held: Held::File { _lock: file },
                     lost,
                 })),
                 Claim::Busy { holder } => Ok(Err(Busy { holder })),
@@ -144,7 +144,7 @@ pub async fn try_acquire(
             }
             let watch = tokio::spawn(watch_session(conn, lost.clone()));
             Ok(Ok(Lease {
-                _held: Held::Postgres(watch),
+                held: Held::Postgres(watch),
                 lost,
             }))
         }
