@@ -71,9 +71,10 @@ impl Platform {
         Self::start_in(data_dir)
     }
 
-    /// Starts `vibebox up` on an existing data directory.
-    pub fn start_in(data_dir: tempfile::TempDir) -> Self {
-        let mut child = Command::new(binary("vibebox"))
+    /// `vibebox up` on `data_dir`, on free ports, logging warnings only.
+    pub fn up_command(data_dir: &Path) -> Command {
+        let mut command = Command::new(binary("vibebox"));
+        command
             .args([
                 "up",
                 "--listen",
@@ -82,8 +83,14 @@ impl Platform {
                 "127.0.0.1:0",
             ])
             .arg("--data-dir")
-            .arg(data_dir.path())
-            .env("VIBEBOX_LOG", "warn")
+            .arg(data_dir)
+            .env("VIBEBOX_LOG", "warn");
+        command
+    }
+
+    /// Starts `vibebox up` on an existing data directory.
+    pub fn start_in(data_dir: tempfile::TempDir) -> Self {
+        let mut child = Self::up_command(data_dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

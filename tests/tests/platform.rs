@@ -524,17 +524,7 @@ async fn a_second_up_on_the_same_data_dir_keeps_the_data() {
 
     // Not while the first runs: a second platform on the same databases is
     // refused at once, naming the data directory.
-    let mut second = std::process::Command::new(vibebox_tests::binary("vibebox"))
-        .args([
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(p.data_dir())
-        .env("VIBEBOX_LOG", "warn")
+    let mut second = Platform::up_command(p.data_dir())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -343,8 +343,9 @@ impl Orchestrator {
             // The quarantine is a security action: committed and applied
             // before the event, never held up by the audit outbox. The
             // event has a fixed id made of the reason the record keeps, so
-            // a crash before it was written is made good by the next pass
-            // (below) and the log holds it once.
+            // a crash before it was written is made good at the start of
+            // the next pass (`drift_event_pending`), and the log holds it
+            // once.
             let reason = format!("{DRIFT_REASON}{}", drift.join("; "));
             store
                 .set_state(&rec.id, State::Quarantined, Some(&reason), Some(""))

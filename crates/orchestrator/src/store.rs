@@ -423,20 +423,8 @@ impl Store {
         failure_reason: Option<&str>,
         status_message: Option<&str>,
     ) -> Result<()> {
-        let mut q = environment::Entity::update_many()
-            .col_expr(environment::Column::State, Expr::value(state.as_str()))
-            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
-        if let Some(r) = failure_reason {
-            q = q.col_expr(environment::Column::FailureReason, Expr::value(r));
-        }
-        if let Some(m) = status_message {
-            q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
-        }
-        q.filter(environment::Column::Id.eq(id))
-            .exec(&self.db)
-            .await?;
-        self.changes.publish(id);
-        Ok(())
+        self.update_state(id, state, failure_reason, status_message, false)
+            .await
     }
 
     /// Settles a record (`deleted`, or `failed` after a rolled-back create)
@@ -451,18 +439,33 @@ impl Store {
         status_message: Option<&str>,
     ) -> Result<()> {
         debug_assert!(matches!(state, State::Deleted | State::Failed));
+        self.update_state(id, state, failure_reason, status_message, true)
+            .await
+    }
+
+    /// One statement: the state, and whatever else is given.
+    async fn update_state(
+        &self,
+        id: &str,
+        state: State,
+        failure_reason: Option<&str>,
+        status_message: Option<&str>,
+        release_subnet: bool,
+    ) -> Result<()> {
         let mut q = environment::Entity::update_many()
             .col_expr(environment::Column::State, Expr::value(state.as_str()))
-            .col_expr(
-                environment::Column::Subnet,
-                Expr::value(Option::<String>::None),
-            )
             .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
         if let Some(r) = failure_reason {
             q = q.col_expr(environment::Column::FailureReason, Expr::value(r));
         }
         if let Some(m) = status_message {
             q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
+        }
+        if release_subnet {
+            q = q.col_expr(
+                environment::Column::Subnet,
+                Expr::value(Option::<String>::None),
+            );
         }
         q.filter(environment::Column::Id.eq(id))
             .exec(&self.db)

@@ -209,47 +209,64 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
     }
 }
 
+/// Orchestrator processes of one installation on one database, each with
+/// its own data directory (as on two hosts).
+struct SharedDatabase {
+    pki: TestPki,
+    key_file: std::path::PathBuf,
+    installation: String,
+    database_arg: String,
+}
+
+impl SharedDatabase {
+    /// On `database_url`, or on a SQLite file of its own.
+    fn new(database_url: Option<String>) -> Self {
+        testkit::ensure_test_image().unwrap();
+        let pki = TestPki::new();
+        let key_file = pki.path().join("clearance.pub");
+        std::fs::write(
+            &key_file,
+            hex::encode(ClearanceSigner::generate().verifying_key().to_bytes()),
+        )
+        .unwrap();
+        let url = database_url.unwrap_or_else(|| {
+            vibebox_db::sqlite_url(&pki.path().join("shared").join("orchestrator.db"))
+        });
+        Self {
+            key_file,
+            installation: format!("test-lease-{}", uuid::Uuid::new_v4()),
+            database_arg: format!("--database-url={url}"),
+            pki,
+        }
+    }
+
+    /// Starts one in data directory `name`: the process, its port and its
+    /// data directory.
+    fn spawn(&self, name: &str) -> (Proc, u16, std::path::PathBuf) {
+        let port = free_port();
+        let dir = self.pki.path().join(name);
+        let proc = spawn(
+            &self.pki,
+            &dir,
+            &self.key_file,
+            &self.installation,
+            port,
+            None,
+            &[&self.database_arg],
+        );
+        (proc, port, dir)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gone() {
-    testkit::ensure_test_image().unwrap();
-    let pki = TestPki::new();
-    let data_dir = pki.path().join("data");
-    let key_file = pki.path().join("clearance.pub");
-    std::fs::write(
-        &key_file,
-        hex::encode(ClearanceSigner::generate().verifying_key().to_bytes()),
-    )
-    .unwrap();
-    let installation = format!("test-lease-{}", uuid::Uuid::new_v4());
-    // One database, two data directories (as two hosts sharing a database).
-    let database = format!(
-        "--database-url={}",
-        vibebox_db::sqlite_url(&pki.path().join("shared").join("orchestrator.db"))
-    );
-    let first_port = free_port();
-    let mut first = spawn(
-        &pki,
-        &data_dir,
-        &key_file,
-        &installation,
-        first_port,
-        None,
-        &[&database],
-    );
-    wait_serving(&pki, first_port).await;
+    // One SQLite database, two data directories (as two hosts sharing it).
+    let shared = SharedDatabase::new(None);
+    let (mut first, first_port, _) = shared.spawn("data-1");
+    wait_serving(&shared.pki, first_port).await;
 
     // Same database, same installation: it does not serve beside the first.
-    let second_port = free_port();
-    let second_dir = pki.path().join("data-2");
-    let _second = spawn(
-        &pki,
-        &second_dir,
-        &key_file,
-        &installation,
-        second_port,
-        None,
-        &[&database],
-    );
+    let (_second, second_port, second_dir) = shared.spawn("data-2");
     // It says it waits...
     let mut waiting = false;
     for _ in 0..300 {
@@ -266,7 +283,7 @@ async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gon
         tokio::time::sleep(Duration::from_millis(100)).await;
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
-            client(&pki, second_port)
+            client(&shared.pki, second_port)
                 .await
                 .get_environment(GetEnvironmentRequest {
                     environment_id: "probe".into(),
@@ -283,7 +300,7 @@ async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gon
     // Killed: the lease goes with the process, and the second takes over.
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    wait_serving(&pki, second_port).await;
+    wait_serving(&shared.pki, second_port).await;
 }
 
 /// On PostgreSQL a holder that goes silent without dying (frozen here with
@@ -295,37 +312,10 @@ async fn a_frozen_holder_loses_a_postgres_lease_and_stops_when_it_wakes() {
         eprintln!("skipped: VIBEBOX_TEST_POSTGRES_URL is not set");
         return;
     };
-    testkit::ensure_test_image().unwrap();
-    let pki = TestPki::new();
-    let key_file = pki.path().join("clearance.pub");
-    std::fs::write(
-        &key_file,
-        hex::encode(ClearanceSigner::generate().verifying_key().to_bytes()),
-    )
-    .unwrap();
-    let installation = format!("test-lease-{}", uuid::Uuid::new_v4());
-    let database = format!("--database-url={}", db.url);
-    let first_port = free_port();
-    let mut first = spawn(
-        &pki,
-        &pki.path().join("data-1"),
-        &key_file,
-        &installation,
-        first_port,
-        None,
-        &[&database],
-    );
-    wait_serving(&pki, first_port).await;
-    let second_port = free_port();
-    let _second = spawn(
-        &pki,
-        &pki.path().join("data-2"),
-        &key_file,
-        &installation,
-        second_port,
-        None,
-        &[&database],
-    );
+    let shared = SharedDatabase::new(Some(db.url.clone()));
+    let (mut first, first_port, _) = shared.spawn("data-1");
+    wait_serving(&shared.pki, first_port).await;
+    let (_second, second_port, _) = shared.spawn("data-2");
 
     let pid = first.0.id().to_string();
     assert!(
@@ -336,7 +326,7 @@ async fn a_frozen_holder_loses_a_postgres_lease_and_stops_when_it_wakes() {
             .success()
     );
     // The database ends the silent session; the second takes over.
-    wait_serving_within(&pki, second_port, Duration::from_secs(60)).await;
+    wait_serving_within(&shared.pki, second_port, Duration::from_secs(60)).await;
     assert!(
         Command::new("kill")
             .args(["-CONT", &pid])

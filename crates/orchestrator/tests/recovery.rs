@@ -50,6 +50,20 @@ async fn create(h: &Harness) -> String {
     env
 }
 
+/// Deletes an environment as `user-r`.
+async fn delete(h: &Harness, env: &str) {
+    h.client()
+        .delete_environment(DeleteEnvironmentRequest {
+            caller: Some(Caller {
+                user_id: "user-r".into(),
+                ..Default::default()
+            }),
+            environment_id: env.to_owned(),
+        })
+        .await
+        .expect("delete");
+}
+
 fn events<'a>(recent: &'a [AuditEvent], action: &str, env: &str) -> Vec<&'a AuditEvent> {
     recent
         .iter()
@@ -70,16 +84,7 @@ async fn interrupted_deletes_are_finished_and_audited_under_one_id() {
 
     // Deleted; then, as if killed after the event was written but before
     // `deleted` was committed, the record is back in `deleting`.
-    h.client()
-        .delete_environment(DeleteEnvironmentRequest {
-            caller: Some(Caller {
-                user_id: "user-r".into(),
-                ..Default::default()
-            }),
-            environment_id: env.clone(),
-        })
-        .await
-        .expect("delete");
+    delete(&h, &env).await;
     h.orchestrator
         .store()
         .set_state(&env, State::Deleting, None, None)
@@ -140,16 +145,7 @@ async fn a_deleted_record_still_holding_its_subnet_never_collides_with_a_new_one
         .unwrap()
         .subnet
         .expect("subnet");
-    h.client()
-        .delete_environment(DeleteEnvironmentRequest {
-            caller: Some(Caller {
-                user_id: "user-r".into(),
-                ..Default::default()
-            }),
-            environment_id: env.clone(),
-        })
-        .await
-        .expect("delete");
+    delete(&h, &env).await;
     assert_eq!(
         h.orchestrator.get(&env).await.unwrap().subnet,
         None,
@@ -253,13 +249,7 @@ async fn a_quarantine_whose_event_was_not_written_is_audited_by_the_next_pass() 
         )
         .await
         .unwrap();
-    h.client()
-        .delete_environment(DeleteEnvironmentRequest {
-            caller: None,
-            environment_id: other.clone(),
-        })
-        .await
-        .expect("delete");
+    delete(&h, &other).await;
     let recorded: Vec<_> = h
         .orchestrator
         .audit()
