@@ -396,6 +396,11 @@ impl Cluster {
         panic!("vibebox-{service} could not bind its port again within 10 s");
     }
 
+    /// Replaces the extra flags `service` gets from its next (re)start on.
+    pub fn set_args(&mut self, service: Service, args: Vec<String>) {
+        self.extra.insert(service, args);
+    }
+
     /// The last `lines` lines of a service's log.
     pub fn log_tail(&self, service: Service, lines: usize) -> String {
         let Ok(mut file) = std::fs::File::open(self.log_path(service)) else {

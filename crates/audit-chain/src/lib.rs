@@ -10,14 +10,20 @@
 //!   sequences are consecutive from 1;
 //! - a checkpoint signs (Ed25519) a sequence and the head hash at that
 //!   sequence, so rewriting the chain up to a checkpoint is detectable even by
-//!   someone who recomputes every hash, given the trusted public key.
+//!   someone who recomputes every hash, given the trusted public key;
+//! - a [`Receipt`] (the last sequence and hash audit acknowledged, kept
+//!   outside the audit database) proves the log once reached it: a head
+//!   below it, or another hash at it, is a cut or rewritten tail, which
+//!   hashes and checkpoints alone cannot show.
 
 pub mod checkpoint;
 pub mod event;
+pub mod receipt;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointSigner, verifying_key_from_pem};
 pub use event::{Actor, Event, EventError, Outcome, Severity, chain_hash};
+pub use receipt::{Receipt, TailError};
 pub use verify::{ExportError, ExportLine, Report, Verifier, verify_export, verify_export_from};
 
 /// `prev_hash` of the first event: 32 zero bytes, in hex.

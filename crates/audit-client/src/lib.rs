@@ -9,18 +9,30 @@
 //! retrying with backoff while the audit service is unreachable. The service
 //! ignores event ids it already holds, so redelivery after a crash never
 //! duplicates: every event is recorded exactly once.
+//!
+//! Every acknowledgement carries each event's sequence and chain hash; the
+//! highest is this producer's receipt, kept beside the outbox (see
+//! [`receipt`](crate::receipt)), outside the audit database. The receipt is
+//! checked against the log's head (`AuditReceiptService.CheckReceipt`) on
+//! start, on the first success after the audit service was unreachable,
+//! when an acknowledgement comes back at or below the receipt (the log went
+//! backwards), and every `VIBEBOX_AUDIT_RECEIPT_CHECK_SECONDS` (default 30).
+//! A contradiction (a cut or rewritten tail) is logged at ERROR here and
+//! recorded, reported by `VerifyChain` and alerted by the audit service.
 
 mod outbox;
+mod receipt;
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use vibebox_proto::audit::AuditEvent;
-use vibebox_proto::audit_ingest::AppendEventsRequest;
 use vibebox_proto::audit_ingest::audit_ingest_service_client::AuditIngestServiceClient;
+use vibebox_proto::audit_ingest::audit_receipt_service_client::AuditReceiptServiceClient;
+use vibebox_proto::audit_ingest::{AppendEventsRequest, CheckReceiptRequest};
 use vibebox_server_kit::lockfile::{self, Claim};
 
 use outbox::Pos;
@@ -33,6 +45,34 @@ const BATCH_BYTES_MAX: u64 = 2 * 1024 * 1024;
 const EVENT_BYTES_MAX: u64 = 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Seconds between receipt checks unless `VIBEBOX_AUDIT_RECEIPT_CHECK_SECONDS` says otherwise.
+pub const DEFAULT_RECEIPT_CHECK_SECONDS: u64 = 30;
+
+/// The receipt check period: `VIBEBOX_AUDIT_RECEIPT_CHECK_SECONDS` (at least 1), or 30 s.
+fn receipt_check_interval() -> Duration {
+    let seconds = std::env::var("VIBEBOX_AUDIT_RECEIPT_CHECK_SECONDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_RECEIPT_CHECK_SECONDS)
+        .max(1);
+    Duration::from_secs(seconds)
+}
+
+/// The receipt shared by the delivery and check tasks.
+struct Receipts {
+    current: Mutex<receipt::Receipt>,
+    /// Wakes the check task for an immediate check.
+    check_now: Notify,
+}
+
+impl Receipts {
+    fn current(&self) -> receipt::Receipt {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
 
 /// Where the outbox lives and where it is delivered.
 #[derive(Clone)]
@@ -104,6 +144,7 @@ struct Inner {
     written: watch::Receiver<Pos>,
     delivered: watch::Receiver<Pos>,
     source_service: String,
+    receipts: Arc<Receipts>,
 }
 
 /// A cheap-to-clone handle on a producer's audit outbox.
@@ -141,6 +182,10 @@ impl AuditClient {
             }
         };
         let (writer, end, cursor) = outbox::Writer::open(&dir).map_err(open_err)?;
+        let receipts = Arc::new(Receipts {
+            current: Mutex::new(receipt::load_or_init(&dir).map_err(open_err)?),
+            check_now: Notify::new(),
+        });
         let channel = vibebox_server_kit::connect(&config.audit_url, &config.tls)
             .map_err(|e| AuditClientError::Connect(e.to_string()))?;
 
@@ -152,6 +197,13 @@ impl AuditClient {
             .name("audit-outbox".into())
             .spawn(move || write_loop(writer, rx, written_tx, writer_lock))
             .map_err(open_err)?;
+        runtime.spawn(check_loop(
+            dir.clone(),
+            AuditReceiptServiceClient::new(channel.clone()),
+            Arc::clone(&receipts),
+            written.clone(),
+            receipt_check_interval(),
+        ));
         runtime.spawn(deliver_loop(
             dir,
             AuditIngestServiceClient::new(channel),
@@ -159,6 +211,7 @@ impl AuditClient {
             delivered_tx,
             cursor,
             lock,
+            Arc::clone(&receipts),
         ));
         Ok(AuditClient {
             inner: Arc::new(Inner {
@@ -167,8 +220,17 @@ impl AuditClient {
                 written,
                 delivered,
                 source_service: config.source_service,
+                receipts,
             }),
         })
+    }
+
+    /// This producer's receipt: the highest sequence the audit service
+    /// acknowledged for its events, and that event's chain hash (0 and
+    /// empty before the first acknowledgement).
+    pub fn receipt(&self) -> (u64, String) {
+        let r = self.inner.receipts.current();
+        (r.sequence, r.hash)
     }
 
     /// Completes `event` (a UUID v7 id, the current time, this producer's
@@ -338,8 +400,12 @@ async fn deliver_loop(
     delivered: watch::Sender<Pos>,
     mut cursor: Pos,
     _lock: Arc<File>,
+    receipts: Arc<Receipts>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // Set while the audit service is unreachable: the first success after
+    // it is a reconnection, and the receipt is checked at once.
+    let mut unreachable = false;
     loop {
         let end = *written.borrow_and_update();
         if cursor >= end {
@@ -378,16 +444,35 @@ async fn deliver_loop(
         }
         let count = events.len();
         match client.append_events(AppendEventsRequest { events }).await {
-            Ok(_) => {
+            Ok(response) => {
+                let response = response.into_inner();
                 backoff = BACKOFF_MIN;
                 cursor = next;
-                let commit_dir = dir.clone();
-                match tokio::task::spawn_blocking(move || outbox::commit_cursor(&commit_dir, next))
-                    .await
+                let current = receipts.current();
+                let raised = receipt::raised(&current, &response.sequences, &response.hashes);
+                if std::mem::take(&mut unreachable)
+                    || receipt::suspicious(&current, &response.sequences, &response.hashes)
                 {
+                    receipts.check_now.notify_one();
+                }
+                let commit_dir = dir.clone();
+                let keep = raised.clone();
+                // The receipt is durable before the cursor moves past the
+                // events it acknowledges.
+                let committed = tokio::task::spawn_blocking(move || {
+                    if let Some(r) = &keep {
+                        receipt::store(&commit_dir, r)?;
+                    }
+                    outbox::commit_cursor(&commit_dir, next)
+                })
+                .await;
+                if let Some(r) = raised {
+                    *receipts.current.lock().unwrap_or_else(|e| e.into_inner()) = r;
+                }
+                match committed {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "saving the audit outbox cursor failed")
+                        tracing::warn!(error = %e, "saving the audit receipt or outbox cursor failed")
                     }
                     Err(_) => return,
                 }
@@ -395,12 +480,101 @@ async fn deliver_loop(
                 tracing::debug!(count, "delivered audit events");
             }
             Err(status) => {
+                unreachable = true;
                 tracing::warn!(code = ?status.code(), message = status.message(), count,
                     "audit service unavailable; will retry");
                 if wait_or_closed(&mut written, &mut backoff).await {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// The check task: checks the receipt (and one kept after a contradiction)
+/// against the audit log at start, when woken, and every `every`; retries
+/// with backoff while the audit service is unreachable.
+async fn check_loop(
+    dir: PathBuf,
+    mut client: AuditReceiptServiceClient<vibebox_server_kit::GrpcChannel>,
+    receipts: Arc<Receipts>,
+    mut written: watch::Receiver<Pos>,
+    every: Duration,
+) {
+    let mut due = tokio::time::Instant::now();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = receipts.check_now.notified() => {}
+            changed = written.changed() => {
+                if changed.is_err() {
+                    return; // every client handle is gone
+                }
+                continue;
+            }
+        }
+        let current = receipts.current();
+        let kept_dir = dir.clone();
+        let kept = match tokio::task::spawn_blocking(move || receipt::contradicted(&kept_dir)).await
+        {
+            Ok(Ok(kept)) => kept,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the contradicted audit receipt is unreadable");
+                None
+            }
+            Err(_) => return,
+        };
+        let mut unreachable = false;
+        for r in kept.into_iter().chain(Some(current)) {
+            if r.sequence == 0 {
+                continue;
+            }
+            let request = CheckReceiptRequest {
+                producer_id: r.producer_id.clone(),
+                sequence: r.sequence,
+                hash: r.hash.clone(),
+            };
+            match client.check_receipt(request).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    if response.intact {
+                        continue;
+                    }
+                    tracing::error!(
+                        severity = "critical",
+                        receipt_sequence = r.sequence,
+                        head_sequence = response.head_sequence,
+                        reason = %response.reason,
+                        "the audit log contradicts this producer's receipt: its tail was cut or rewritten"
+                    );
+                    let keep_dir = dir.clone();
+                    let kept = tokio::task::spawn_blocking(move || {
+                        receipt::keep_contradicted(&keep_dir, &r)
+                    })
+                    .await;
+                    if let Ok(Err(e)) = kept {
+                        tracing::error!(error = %e, "cannot keep the contradicted audit receipt");
+                    }
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!("the audit service cannot check receipts (older version)");
+                    break;
+                }
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "cannot check the audit receipt; will retry");
+                    unreachable = true;
+                    break;
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if unreachable {
+            due = now + backoff;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            due = now + every;
+            backoff = BACKOFF_MIN;
         }
     }
 }

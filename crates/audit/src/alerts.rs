@@ -12,15 +12,21 @@
 //!
 //! Threshold rules fire once when the count crosses the threshold and again
 //! only after the count has dropped back below it.
+//!
+//! Integrity alerts do not come from an event: a receipt the log contradicts
+//! (a cut or rewritten tail, see `crate::log`) raises
+//! [`TAIL_RULE`] (critical) through [`tail_alert`].
 
 use std::collections::{HashMap, VecDeque};
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
-use vibebox_audit_chain::{Actor, Event, Outcome, Severity};
+use vibebox_audit_chain::{Actor, Event, Outcome, Severity, TailError};
 
 /// The action of alert events.
 pub const ALERT_ACTION: &str = "alert.raised";
+/// The rule of the alert raised when a receipt contradicts the log.
+pub const TAIL_RULE: &str = "audit_tail_truncated";
 
 /// Alert rule settings.
 #[derive(Clone, Debug)]
@@ -221,6 +227,43 @@ fn alert(trigger: &Event, rule: &str, severity: Severity, extra: Value) -> Event
         source_service: "audit".into(),
         trace_id: trigger.trace_id.clone(),
         request_id: trigger.request_id.clone(),
+        client_address: String::new(),
+        hash: String::new(),
+        prev_hash: String::new(),
+    }
+}
+
+/// The critical alert for a receipt the log contradicts.
+pub fn tail_alert(failure: &TailError) -> Event {
+    metrics::counter!("vibebox_audit_alerts_raised_total", "rule" => TAIL_RULE).increment(1);
+    let mut details = serde_json::Map::new();
+    details.insert("rule".into(), Value::String(TAIL_RULE.into()));
+    details.insert("reason".into(), Value::String(failure.to_string()));
+    details.insert("holder".into(), Value::String(failure.holder().into()));
+    // Numbers as floats: what a protobuf Struct round trip yields.
+    details.insert("receipt_sequence".into(), json!(failure.sequence() as f64));
+    details.insert(
+        "first_broken_sequence".into(),
+        json!(failure.first_broken_sequence() as f64),
+    );
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        sequence: 0,
+        time: Utc::now(),
+        actor: Actor {
+            service: "audit".into(),
+            ..Actor::default()
+        },
+        team_id: String::new(),
+        action: ALERT_ACTION.into(),
+        resource_type: "alert_rule".into(),
+        resource_id: TAIL_RULE.into(),
+        outcome: Outcome::Failure,
+        severity: Severity::Critical,
+        details,
+        source_service: "audit".into(),
+        trace_id: String::new(),
+        request_id: String::new(),
         client_address: String::new(),
         hash: String::new(),
         prev_hash: String::new(),

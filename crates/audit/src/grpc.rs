@@ -10,11 +10,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use vibebox_audit_chain::{Event, EventError, Report};
+use vibebox_audit_chain::{Event, EventError, Receipt, Report};
 use vibebox_proto::audit as pb;
 use vibebox_proto::audit::audit_service_server::AuditService;
 use vibebox_proto::audit_ingest::audit_ingest_service_server::AuditIngestService;
-use vibebox_proto::audit_ingest::{AppendEventsRequest, AppendEventsResponse};
+use vibebox_proto::audit_ingest::audit_receipt_service_server::AuditReceiptService;
+use vibebox_proto::audit_ingest::{
+    AppendEventsRequest, AppendEventsResponse, CheckReceiptRequest, CheckReceiptResponse,
+};
 
 use crate::filter::{Filter, FilterError};
 use crate::log::{Log, LogError};
@@ -41,6 +44,11 @@ pub enum ApiError {
     InvalidEvent { index: usize, source: EventError },
     #[error("too many events in one call (at most {MAX_EVENTS_PER_CALL})")]
     TooManyEvents,
+    #[error("invalid receipt: {field} {reason}")]
+    InvalidReceipt {
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error(transparent)]
     Filter(#[from] FilterError),
     #[error(transparent)]
@@ -62,6 +70,7 @@ impl From<ApiError> for Status {
             ApiError::TooManyEvents => {
                 status::bad_request(&e.to_string(), &[("events", "too many")])
             }
+            ApiError::InvalidReceipt { field, reason } => status::invalid_field(field, reason),
             ApiError::Filter(FilterError { field, reason }) => {
                 status::bad_request(&e.to_string(), &[(&format!("filter.{field}"), reason)])
             }
@@ -76,6 +85,10 @@ impl From<ApiError> for Status {
                 status::unavailable("audit database", err)
             }
             ApiError::Read(ReadError::Store(ref err)) => status::internal(err),
+            // Not an internal error: the log itself is incomplete.
+            ApiError::Read(ReadError::Tail(ref failure)) => {
+                Status::data_loss(format!("the audit log contradicts a receipt: {failure}"))
+            }
             ApiError::Read(ReadError::Log(LogError::Closed)) | ApiError::Log(LogError::Closed) => {
                 Status::unavailable("the audit service is shutting down")
             }
@@ -133,8 +146,79 @@ impl AuditIngestService for IngestHandler {
                 Event::try_from(e).map_err(|source| ApiError::InvalidEvent { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let sequences = self.log.append(events).await.map_err(ApiError::from)?;
-        Ok(Response::new(AppendEventsResponse { sequences }))
+        let (sequences, hashes) = self
+            .log
+            .append(events)
+            .await
+            .map_err(ApiError::from)?
+            .into_iter()
+            .unzip();
+        Ok(Response::new(AppendEventsResponse { sequences, hashes }))
+    }
+}
+
+/// Longest accepted producer id.
+const MAX_PRODUCER_ID: usize = 128;
+
+/// `AuditReceiptService`: producers' receipts checked against the log.
+#[derive(Clone)]
+pub struct ReceiptHandler {
+    log: Log,
+}
+
+impl ReceiptHandler {
+    pub fn new(log: Log) -> Self {
+        Self { log }
+    }
+}
+
+#[tonic::async_trait]
+impl AuditReceiptService for ReceiptHandler {
+    async fn check_receipt(
+        &self,
+        request: Request<CheckReceiptRequest>,
+    ) -> Result<Response<CheckReceiptResponse>, Status> {
+        let caller = require_caller(&request, INGEST_CALLERS, "AuditReceiptService")?;
+        let req = request.into_inner();
+        if req.producer_id.is_empty()
+            || req.producer_id.len() > MAX_PRODUCER_ID
+            || !req
+                .producer_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(ApiError::InvalidReceipt {
+                field: "producer_id",
+                reason: "must be 1 to 128 letters, digits or '-'",
+            }
+            .into());
+        }
+        if req.sequence > 0
+            && (req.hash.len() != 64 || !req.hash.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(ApiError::InvalidReceipt {
+                field: "hash",
+                reason: "must be 64 hex digits",
+            }
+            .into());
+        }
+        // The authenticated caller names the holder, whatever it claims.
+        let receipt = Receipt {
+            holder: format!("producer {caller} ({})", req.producer_id),
+            sequence: req.sequence,
+            hash: req.hash,
+        };
+        let (head, failure) = self
+            .log
+            .check_receipt(&receipt)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(CheckReceiptResponse {
+            head_sequence: head.sequence,
+            head_hash: head.hash,
+            intact: failure.is_none(),
+            reason: failure.map(|f| f.to_string()).unwrap_or_default(),
+        }))
     }
 }
 

@@ -3,14 +3,16 @@
 //!
 //! Code map: [`entity`] + [`store`] (sea-orm storage), [`log`] (the single
 //! writer: batching, sequences, hashes, checkpoints, alerts), [`alerts`]
-//! (rules), [`filter`] (event filters), [`service`] (query / verify /
-//! export), [`grpc`] (the two gRPC services). The chain format itself lives
-//! in `vibebox-audit-chain`.
+//! (rules), [`integrity`] (receipts and the head record: cut tails),
+//! [`filter`] (event filters), [`service`] (query / verify / export),
+//! [`grpc`] (the gRPC services). The chain format itself lives in
+//! `vibebox-audit-chain`.
 
 pub mod alerts;
 pub mod entity;
 pub mod filter;
 pub mod grpc;
+pub mod integrity;
 pub mod log;
 pub mod service;
 pub mod store;
@@ -24,10 +26,12 @@ use tokio_util::sync::CancellationToken;
 use vibebox_audit_chain::CheckpointSigner;
 use vibebox_proto::audit::audit_service_server::AuditServiceServer;
 use vibebox_proto::audit_ingest::audit_ingest_service_server::AuditIngestServiceServer;
+use vibebox_proto::audit_ingest::audit_receipt_service_server::AuditReceiptServiceServer;
 use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 
 use crate::alerts::AlertConfig;
-use crate::grpc::{AuditHandler, INGEST_CALLERS, IngestHandler};
+use crate::grpc::{AuditHandler, INGEST_CALLERS, IngestHandler, ReceiptHandler};
+use crate::integrity::HeadRecord;
 use crate::log::Log;
 use crate::store::Store;
 
@@ -60,6 +64,9 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub checkpoint_interval: u64,
+    /// The audit service's own record of the chain head, rewritten after every commit and checked at start: keep it outside the audit database (default <data-dir>/audit-head).
+    #[arg(long, env = "VIBEBOX_AUDIT_HEAD_RECORD")]
+    pub head_record: Option<PathBuf>,
     /// Alert when one user performs more than this many Docker operations in an hour (0 = off).
     #[arg(
         long,
@@ -98,6 +105,7 @@ impl Config {
             database_url: None,
             signing_key: None,
             checkpoint_interval: 1000,
+            head_record: None,
             alert_user_ops_per_hour: 100,
             alert_failed_creates_per_hour: 10,
             alert_critical_rules: vec!["mount.docker_socket".into(), "privileged".into()],
@@ -119,6 +127,13 @@ impl Config {
                 .join("keys")
                 .join("audit-checkpoint.pem")
         })
+    }
+
+    /// The head record path in effect.
+    pub fn head_record_path(&self) -> PathBuf {
+        self.head_record
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("audit-head"))
     }
 
     /// Where the checkpoint public key is written (for offline verifiers).
@@ -202,12 +217,16 @@ pub async fn run_with_listener(
         signer,
         config.alert_config(),
         config.checkpoint_interval,
+        Some(HeadRecord::new(config.head_record_path())),
     )
     .await?;
     let served = ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(tls))
         .allow_callers(INGEST_CALLERS)
         .add_service(AuditIngestServiceServer::new(IngestHandler::new(
+            log.clone(),
+        )))
+        .add_service(AuditReceiptServiceServer::new(ReceiptHandler::new(
             log.clone(),
         )))
         .add_service(AuditServiceServer::new(AuditHandler::new(

@@ -6,14 +6,19 @@
 //!
 //! Invariant: only this task inserts rows, so the in-memory head always
 //! equals the last committed event.
+//!
+//! After each commit the writer also records the head outside the database
+//! (the head record, see [`crate::integrity`]); at start the record and every
+//! receipt producers present later are checked against the log.
 
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use vibebox_audit_chain::{Checkpoint, CheckpointSigner, Event, GENESIS_HASH};
+use vibebox_audit_chain::{Checkpoint, CheckpointSigner, Event, GENESIS_HASH, Receipt, TailError};
 
 use crate::alerts::{AlertConfig, AlertEngine};
+use crate::integrity::{HeadRecord, Integrity};
 use crate::store::{Store, StoreError};
 
 /// Events written per transaction at most.
@@ -40,7 +45,10 @@ pub struct Head {
     pub hash: String,
 }
 
-type AppendReply = oneshot::Sender<Result<Vec<u64>, LogError>>;
+/// Sequence and chain hash of one appended event.
+pub type Appended = (u64, String);
+
+type AppendReply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
 type AppendRequest = (Vec<Event>, AppendReply);
 
 enum Command {
@@ -61,6 +69,7 @@ pub struct Log {
     events: broadcast::Sender<Arc<Event>>,
     store: Store,
     signer: Arc<CheckpointSigner>,
+    integrity: Arc<Integrity>,
 }
 
 struct Writer {
@@ -72,16 +81,19 @@ struct Writer {
     last_checkpoint: u64,
     head_tx: watch::Sender<Head>,
     events: broadcast::Sender<Arc<Event>>,
+    head_record: Option<HeadRecord>,
 }
 
 impl Log {
-    /// Loads the head, warms the alert windows up from the last hour and
-    /// starts the writer. The task ends once every handle is dropped.
+    /// Loads the head, warms the alert windows up from the last hour,
+    /// checks the head record (when given) against the log and starts the
+    /// writer. The task ends once every handle is dropped.
     pub async fn start(
         store: Store,
         signer: Arc<CheckpointSigner>,
         alerts: AlertConfig,
         checkpoint_interval: u64,
+        head_record: Option<HeadRecord>,
     ) -> Result<(Log, JoinHandle<()>), LogError> {
         let head = match store.head().await? {
             Some((sequence, hash)) => Head { sequence, hash },
@@ -109,23 +121,108 @@ impl Log {
             last_checkpoint,
             head_tx,
             events: events.clone(),
+            head_record: head_record.clone(),
         };
         let task = tokio::spawn(writer.run(rx));
-        Ok((
-            Log {
-                tx,
-                head: head_rx,
-                events,
-                store,
-                signer,
-            },
-            task,
-        ))
+        let log = Log {
+            tx,
+            head: head_rx,
+            events,
+            store,
+            signer,
+            integrity: Arc::new(Integrity::default()),
+        };
+        if let Some(record) = &head_record {
+            log.check_head_record(record).await?;
+        }
+        Ok((log, task))
+    }
+
+    /// Checks the service's own head record, and one kept after an earlier
+    /// contradiction, against the log; a contradicted record is kept.
+    async fn check_head_record(&self, record: &HeadRecord) -> Result<(), LogError> {
+        let kept = record.read_contradicted().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the contradicted audit head record is unreadable");
+            None
+        });
+        if let Some(kept) = kept {
+            self.check_receipt(&kept).await?;
+        }
+        match record.read() {
+            Ok(Some(receipt)) => {
+                if self.check_receipt(&receipt).await?.1.is_some()
+                    && let Err(e) = record.keep_contradicted()
+                {
+                    tracing::error!(error = %e, "cannot keep the contradicted audit head record");
+                }
+            }
+            Ok(None) => {
+                if self.head().sequence > 0 {
+                    tracing::warn!(
+                        path = %record.path().display(),
+                        "no audit head record beside a non-empty log; only producers' receipts can show a cut tail from before now"
+                    );
+                }
+            }
+            // Possibly torn by a crash while it was rewritten: the log is
+            // not judged by it; producers' receipts still are.
+            Err(e) => tracing::error!(error = %e, "the audit head record is unreadable"),
+        }
+        Ok(())
+    }
+
+    /// Checks a receipt against the log. A contradiction is recorded,
+    /// logged and alerted (once per holder and sequence) and returned with
+    /// the head it was checked against.
+    pub async fn check_receipt(
+        &self,
+        receipt: &Receipt,
+    ) -> Result<(Head, Option<TailError>), LogError> {
+        let head = self.head();
+        let hash_at = if receipt.sequence > 0 && receipt.sequence <= head.sequence {
+            self.store.hash_at(receipt.sequence).await?
+        } else {
+            None
+        };
+        self.integrity.note_receipt(receipt);
+        match receipt.check(head.sequence, hash_at.as_deref()) {
+            Ok(()) => Ok((head, None)),
+            Err(failure) => {
+                self.raise(&failure).await;
+                Ok((head, Some(failure)))
+            }
+        }
+    }
+
+    /// Records an integrity failure and, the first time, logs and alerts it.
+    async fn raise(&self, failure: &TailError) {
+        if !self.integrity.record(failure) {
+            return;
+        }
+        metrics::counter!("vibebox_audit_integrity_failures_total").increment(1);
+        tracing::error!(
+            severity = "critical",
+            failure = %failure,
+            "audit log integrity failure: events acknowledged earlier are no longer in the log"
+        );
+        if let Err(e) = self.append(vec![crate::alerts::tail_alert(failure)]).await {
+            tracing::error!(error = %e, "cannot record the integrity alert");
+        }
+    }
+
+    /// Integrity failures found since the process started.
+    pub fn integrity_failures(&self) -> Vec<TailError> {
+        self.integrity.failures()
+    }
+
+    /// Holders whose receipts were checked since the process started.
+    pub fn receipt_holders(&self) -> usize {
+        self.integrity.holders()
     }
 
     /// Appends events (complete but unsealed) durably; returns each one's
-    /// sequence, the original one for ids already recorded.
-    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<u64>, LogError> {
+    /// sequence and hash, the original ones for ids already recorded.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Append { events, reply })
@@ -222,14 +319,18 @@ impl Writer {
         for (events, reply) in requests {
             let mut sequences = Vec::with_capacity(events.len());
             for e in events {
-                if let Some(&seq) = known.get(&e.id) {
-                    sequences.push(seq);
+                if let Some(appended) = known.get(&e.id) {
+                    sequences.push(appended.clone());
                     continue;
                 }
                 let id = e.id.clone();
                 let seq = seal(e, &mut sealed, &mut checkpoints);
-                known.insert(id, seq);
-                sequences.push(seq);
+                let appended = (
+                    seq,
+                    sealed.last().map(|e| e.hash.clone()).unwrap_or_default(),
+                );
+                known.insert(id, appended.clone());
+                sequences.push(appended);
                 let trigger = sealed.last().cloned();
                 if let Some(trigger) = trigger {
                     for alert in self.alerts.observe(&trigger) {
@@ -252,6 +353,7 @@ impl Writer {
                 hash: last.hash.clone(),
             };
             self.head_tx.send_replace(self.head.clone());
+            self.write_head_record().await;
         }
         if let Some(cp) = checkpoints.last() {
             self.last_checkpoint = cp.sequence;
@@ -262,6 +364,23 @@ impl Writer {
         }
         for e in sealed {
             let _ = self.events.send(Arc::new(e));
+        }
+    }
+
+    /// Records the committed head outside the database (before anyone is
+    /// acknowledged). A failure is logged, not fatal: the events are
+    /// committed, and producers' receipts still cover them.
+    async fn write_head_record(&self) {
+        let Some(record) = self.head_record.clone() else {
+            return;
+        };
+        let head = self.head.clone();
+        let written =
+            tokio::task::spawn_blocking(move || record.write(head.sequence, &head.hash)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the audit head record"),
+            Err(e) => tracing::error!(error = %e, "writing the audit head record panicked"),
         }
     }
 

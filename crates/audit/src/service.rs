@@ -1,12 +1,13 @@
 //! The reading side of the audit log, on domain types: paged queries,
 //! chain verification (from storage, against the service's own key and
-//! head) and export as JSON lines with signed checkpoints.
+//! head, and against the receipts checked since start: see
+//! [`crate::integrity`]) and export as JSON lines with signed checkpoints.
 
 use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 use vibebox_audit_chain::verify::to_json_line;
-use vibebox_audit_chain::{Checkpoint, Event, ExportLine, Report, Verifier};
+use vibebox_audit_chain::{Checkpoint, Event, ExportLine, Report, TailError, Verifier};
 
 use crate::filter::Filter;
 use crate::log::{Log, LogError};
@@ -26,6 +27,9 @@ pub enum ReadError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The log contradicts a receipt: what was read is not the whole log.
+    #[error("{0}")]
+    Tail(TailError),
 }
 
 /// One page of a query.
@@ -82,8 +86,41 @@ pub async fn query(
 
 /// Walks `from..=to` (0 = start / head) and reports the first broken link:
 /// hashes, links, sequence gaps, stored checkpoints and, for a walk to the
-/// head, the service's own head hash.
+/// head, the service's own head hash. A cut or rewritten tail (a receipt
+/// the log contradicts) within or after the range breaks a walk to the head
+/// or over it.
 pub async fn verify(log: &Log, from: u64, to: u64) -> Result<Report, ReadError> {
+    let to_head = to == 0 || to >= log.head().sequence;
+    let mut report = verify_links(log, from, to).await?;
+    let failures = log.integrity_failures();
+    let relevant: Vec<&TailError> = failures
+        .iter()
+        .filter(|f| to_head || f.first_broken_sequence() <= to)
+        .collect();
+    if let Some(first) = relevant.iter().min_by_key(|f| f.first_broken_sequence()) {
+        let first_broken = first.first_broken_sequence();
+        let mut reason = first.to_string();
+        if relevant.len() > 1 {
+            reason.push_str(&format!(
+                " (and {} more receipts contradicted)",
+                relevant.len() - 1
+            ));
+        }
+        if !report.ok {
+            reason.push_str(&format!("; also: {}", report.reason));
+        }
+        report.ok = false;
+        report.first_broken_sequence = if report.first_broken_sequence == 0 {
+            first_broken
+        } else {
+            report.first_broken_sequence.min(first_broken)
+        };
+        report.reason = reason;
+    }
+    Ok(report)
+}
+
+async fn verify_links(log: &Log, from: u64, to: u64) -> Result<Report, ReadError> {
     let head = log.head();
     let (from, to) = bounds(from, to, head.sequence);
     let key = log.signer().verifying_key();
@@ -170,8 +207,20 @@ pub async fn export(
     to: u64,
     out: mpsc::Sender<Result<String, ReadError>>,
 ) -> Result<(), ReadError> {
+    // The log contradicts a receipt: no fresh signature over what is left
+    // (the export ends unanchored and then with the failure).
+    let failures: Vec<TailError> = log
+        .integrity_failures()
+        .into_iter()
+        .filter(|f| to == 0 || to >= log.head().sequence || f.first_broken_sequence() <= to)
+        .collect();
     let (head_cp, to_head) = if to == 0 || to >= log.head().sequence {
-        (log.checkpoint_head().await?, true)
+        let cp = if failures.is_empty() {
+            log.checkpoint_head().await?
+        } else {
+            None
+        };
+        (cp, true)
     } else {
         (None, false)
     };
@@ -180,7 +229,7 @@ pub async fn export(
     if from > to {
         return Ok(());
     }
-    let final_cp = if to_head {
+    let final_cp = if to_head || !failures.is_empty() {
         head_cp
     } else {
         anchor(log, to).await?
@@ -220,5 +269,11 @@ pub async fn export(
         }
         next = last + 1;
     }
-    Ok(())
+    match failures
+        .into_iter()
+        .min_by_key(TailError::first_broken_sequence)
+    {
+        Some(failure) => Err(ReadError::Tail(failure)),
+        None => Ok(()),
+    }
 }

@@ -214,21 +214,38 @@ impl Store {
             .map(checkpoint_from))
     }
 
-    /// Sequences of the ids already recorded.
-    pub async fn existing(&self, ids: &[String]) -> Result<HashMap<String, u64>> {
+    /// Sequences and hashes of the ids already recorded.
+    pub async fn existing(&self, ids: &[String]) -> Result<HashMap<String, (u64, String)>> {
         let mut found = HashMap::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
-            let rows: Vec<(String, i64)> = event::Entity::find()
+            let rows: Vec<(String, i64, String)> = event::Entity::find()
                 .select_only()
                 .column(event::Column::EventId)
                 .column(event::Column::Sequence)
+                .column(event::Column::Hash)
                 .filter(event::Column::EventId.is_in(chunk.iter().cloned()))
                 .into_tuple()
                 .all(&self.db)
                 .await?;
-            found.extend(rows.into_iter().map(|(id, seq)| (id, seq as u64)));
+            found.extend(
+                rows.into_iter()
+                    .map(|(id, seq, hash)| (id, (seq as u64, hash))),
+            );
         }
         Ok(found)
+    }
+
+    /// The hash of the event at `sequence`, if the log holds it.
+    pub async fn hash_at(&self, sequence: u64) -> Result<Option<String>> {
+        let Ok(sequence) = i64::try_from(sequence) else {
+            return Ok(None);
+        };
+        Ok(event::Entity::find_by_id(sequence)
+            .select_only()
+            .column(event::Column::Hash)
+            .into_tuple::<String>()
+            .one(&self.db)
+            .await?)
     }
 
     /// Inserts sealed events and checkpoints in one transaction.

@@ -3,7 +3,8 @@
 //! and measures what a user feels, each figure next to a baseline measured
 //! in the same run on the same machine: create-to-running, unary RPCs,
 //! policy decisions, exec round trips, log streaming, density, and the
-//! audit log's durable appends and chain verification.
+//! audit log's durable appends and chain verification, and the cost of
+//! verifying a token (normal, worst accepted, hostile refused).
 //!
 //! Prints a table and the JSON report, writes `<out-dir>/<time>.json` and
 //! `.txt`, and appends a line to `<out-dir>/history.jsonl`. Every Docker
@@ -21,6 +22,7 @@ mod policy;
 mod report;
 mod rpc;
 mod stats;
+mod token;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,7 +35,7 @@ use crate::platform::Platform;
 use crate::report::{Figure, Machine, Report, Section};
 
 const SECTIONS: &[&str] = &[
-    "create", "rpc", "exec", "policy", "logs", "density", "audit",
+    "create", "rpc", "exec", "policy", "logs", "density", "audit", "token",
 ];
 
 /// Benchmarks of the whole platform next to same-run baselines.
@@ -41,7 +43,7 @@ const SECTIONS: &[&str] = &[
 #[command(name = "vibebox-bench")]
 struct Args {
     /// Sections to run (comma separated): create, rpc, exec, policy, logs,
-    /// density, audit. Default: all.
+    /// density, audit, token. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Creates through the gateway (and raw Docker creates) to time.
@@ -77,6 +79,9 @@ struct Args {
     /// Events in the export whose verification is timed.
     #[arg(long, default_value_t = 1_000_000)]
     verify_events: u64,
+    /// Seconds each token verification figure is measured for.
+    #[arg(long, default_value_t = 1.0)]
+    token_seconds: f64,
     /// Free text recorded with this run in the history (e.g. "before: ...").
     #[arg(long, default_value = "")]
     label: String,
@@ -313,6 +318,9 @@ async fn run(args: Args, run_id: String, docker: bollard::Docker) -> anyhow::Res
         )
         .await;
     }
+    if args.wants("token") {
+        section(&mut sections, "token", token::run(args.token_seconds)).await;
+    }
     Ok(Report {
         time,
         label: args.label.clone(),
@@ -330,6 +338,7 @@ async fn run(args: Args, run_id: String, docker: bollard::Docker) -> anyhow::Res
             "density_concurrency": args.density_concurrency,
             "audit_appends": args.audit_appends,
             "verify_events": args.verify_events,
+            "token_seconds": args.token_seconds,
             "only": args.only,
         }),
         sections,

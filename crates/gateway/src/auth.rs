@@ -1,8 +1,11 @@
 //! Authentication and authorization of end users.
 //!
 //! Tokens are verified locally against identity's public keys (a key ring
-//! fetched with `AuthorizationService.GetTokenKeys`, refreshed periodically
-//! and when a token names an unknown key id). Decisions come from identity's
+//! fetched with `AuthorizationService.GetTokenKeys`, refreshed at least once
+//! a second and when a token names an unknown key id). A ring that could not
+//! be refreshed for [`MAX_RING_AGE`] verifies nothing (UNAVAILABLE): a key
+//! identity retired stops working here within two seconds, and an
+//! unreachable identity never leaves an old ring in force. Decisions come from identity's
 //! `Authorize` and are cached for at most `cache_ttl_ms` (never more than one
 //! second), which keeps a revoked token working for at most about one second
 //! through the gateway, inside the platform's two-second revocation bound.
@@ -16,6 +19,12 @@
 //! the keys), and the result of the token's own checks is cached together
 //! with identity's decision for the same request, under the same at most
 //! one-second bound (identity's decision already embodies those checks).
+//!
+//! Token work is bounded: `vibebox_token` refuses any token that is not of
+//! the shape identity issues before verifying or evaluating anything, and
+//! what remains runs on the blocking pool through a small [`Evaluator`],
+//! never on the async workers. The gateway applies the per-address limit
+//! before verifying a token it has not verified already.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,7 +37,7 @@ use vibebox_proto::authz::{
     ListCallerScopesResponse, Resource,
 };
 use vibebox_server_kit::GrpcChannel;
-use vibebox_token::{AuthzRequest, KeyRing, TokenError, VerifiedToken};
+use vibebox_token::{AuthzRequest, Evaluator, KeyRing, TokenError, VerifiedToken};
 
 /// The upper bound on caching one decision, whatever identity says.
 pub(crate) const MAX_DECISION_TTL: Duration = Duration::from_secs(1);
@@ -40,6 +49,11 @@ const MAX_CACHE_ENTRIES: usize = 50_000;
 const MAX_VERIFIED_ENTRIES: usize = 10_000;
 /// Deadline of calls to identity made while authenticating.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one key refresh (the ring must stay younger than [`MAX_RING_AGE`]).
+const KEY_REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Oldest key ring tokens are verified against: beyond it (identity
+/// unreachable) the gateway verifies nothing until a refresh succeeds.
+pub(crate) const MAX_RING_AGE: Duration = Duration::from_secs(2);
 
 /// Why a caller was not let through.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +61,10 @@ pub(crate) enum AuthError {
     /// No usable token: missing, malformed, forged, expired or revoked.
     #[error("invalid token: {0}")]
     Unauthenticated(&'static str),
+    /// A token of a shape the platform never issues (oversized, too many
+    /// blocks, datalog beyond restriction checks), refused unevaluated.
+    #[error("token refused: {0}")]
+    Refused(&'static str),
     /// The token is fine but does not allow this operation on this resource.
     #[error("denied: {0}")]
     Denied(String),
@@ -152,11 +170,22 @@ struct VerifiedCache {
     entries: HashMap<String, Arc<VerifiedToken>>,
 }
 
+/// The key ring in force.
+struct Ring {
+    /// Bumped whenever the keys change.
+    generation: u64,
+    keys: Arc<KeyRing>,
+    /// The keys as identity listed them (unretired), to detect a change.
+    listed: Vec<(String, Vec<u8>)>,
+    /// When identity last confirmed these keys.
+    confirmed_at: Option<Instant>,
+}
+
 /// Verifies tokens and asks identity for decisions.
 pub(crate) struct Authenticator {
-    /// The key ring and its generation.
-    ring: RwLock<(u64, KeyRing)>,
+    ring: RwLock<Ring>,
     verified: Mutex<VerifiedCache>,
+    evaluator: Evaluator,
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
     client: AuthorizationServiceClient<GrpcChannel>,
     cache: DecisionCache,
@@ -165,50 +194,67 @@ pub(crate) struct Authenticator {
 impl Authenticator {
     pub(crate) fn new(channel: GrpcChannel, max_ttl: Duration) -> Self {
         Self {
-            ring: RwLock::new((0, KeyRing::new())),
+            ring: RwLock::new(Ring {
+                generation: 0,
+                keys: Arc::new(KeyRing::new()),
+                listed: Vec::new(),
+                confirmed_at: None,
+            }),
             verified: Mutex::new(VerifiedCache::default()),
+            evaluator: Evaluator::default(),
             last_refresh: tokio::sync::Mutex::new(None),
             client: AuthorizationServiceClient::new(channel),
             cache: DecisionCache::new(max_ttl),
         }
     }
 
-    /// Fetches identity's token keys and replaces the ring (retired keys are
-    /// dropped: tokens they signed stop verifying).
+    /// Fetches identity's token keys and replaces the ring when they changed
+    /// (retired keys are dropped: tokens they signed stop verifying).
     pub(crate) async fn refresh_keys(&self) -> Result<usize, AuthError> {
         let mut client = self.client.clone();
         let mut request = tonic::Request::new(GetTokenKeysRequest {});
-        request.set_timeout(IDENTITY_TIMEOUT);
+        request.set_timeout(KEY_REFRESH_TIMEOUT);
+        let asked_at = Instant::now();
         let keys = client
             .get_token_keys(request)
             .await
             .map_err(|s| AuthError::Unavailable(format!("GetTokenKeys: {s}")))?
             .into_inner()
             .keys;
+        let mut listed: Vec<(String, Vec<u8>)> = keys
+            .into_iter()
+            .filter(|k| !k.retired)
+            .map(|k| (k.key_id, k.public_key))
+            .collect();
+        listed.sort();
+        let mut current = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        if current.generation > 0 && current.listed == listed {
+            current.confirmed_at = Some(asked_at);
+            return Ok(current.keys.key_ids().len());
+        }
         let mut ring = KeyRing::new();
-        for key in keys.iter().filter(|k| !k.retired) {
-            match key.key_id.parse::<u32>() {
+        for (key_id, public_key) in &listed {
+            match key_id.parse::<u32>() {
                 Ok(id) => {
-                    if ring.insert(id, &key.public_key).is_err() {
-                        tracing::warn!(key_id = %key.key_id, "ignoring an unparsable token key");
+                    if ring.insert(id, public_key).is_err() {
+                        tracing::warn!(%key_id, "ignoring an unparsable token key");
                     }
                 }
                 Err(_) => {
-                    tracing::warn!(key_id = %key.key_id, "ignoring a non-numeric token key id")
+                    tracing::warn!(%key_id, "ignoring a non-numeric token key id")
                 }
             }
         }
         let count = ring.key_ids().len();
-        self.replace_ring(ring);
-        tracing::debug!(keys = count, "token keys refreshed");
+        // Tokens verified against the old ring must be verified again.
+        *current = Ring {
+            generation: current.generation + 1,
+            keys: Arc::new(ring),
+            listed,
+            confirmed_at: Some(asked_at),
+        };
+        tracing::debug!(keys = count, "token keys changed");
         Ok(count)
-    }
-
-    /// Installs a new key ring; tokens verified against the old one must be
-    /// verified again.
-    fn replace_ring(&self, ring: KeyRing) {
-        let mut current = self.ring.write().unwrap_or_else(|e| e.into_inner());
-        *current = (current.0 + 1, ring);
     }
 
     /// Refreshes the keys unless that happened less than a second ago
@@ -223,20 +269,54 @@ impl Authenticator {
         result.map(|_| ())
     }
 
-    fn verify_locally(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
-        let generation = self.ring.read().unwrap_or_else(|e| e.into_inner()).0;
-        {
-            let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.generation == generation
-                && let Some(verified) = cache.entries.get(token)
-            {
-                return Ok(verified.clone());
-            }
+    /// The ring to verify against, unless it is older than [`MAX_RING_AGE`].
+    fn fresh_ring(&self) -> Option<(u64, Arc<KeyRing>)> {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        ring.confirmed_at
+            .is_some_and(|at| at.elapsed() <= MAX_RING_AGE)
+            .then(|| (ring.generation, ring.keys.clone()))
+    }
+
+    /// The token as verified against the current ring, if it was.
+    fn cached(&self, token: &str) -> Option<Arc<VerifiedToken>> {
+        let (generation, _) = self.fresh_ring()?;
+        let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        (cache.generation == generation)
+            .then(|| cache.entries.get(token).cloned())
+            .flatten()
+    }
+
+    /// Whether `token` verified against the current ring already (then
+    /// authenticating it again costs a lookup, not a verification).
+    pub(crate) fn is_verified(&self, token: &str) -> bool {
+        self.cached(token).is_some()
+    }
+
+    async fn verify_locally(&self, token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+        if let Some(verified) = self.cached(token) {
+            return Ok(verified);
         }
-        let (generation, verified) = {
-            let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-            (ring.0, Arc::new(ring.1.verify(token)?))
+        let (generation, ring) = match self.fresh_ring() {
+            Some(fresh) => fresh,
+            None => {
+                // Stale (identity unreachable for a while) or never fetched:
+                // try once, then refuse rather than trust old keys.
+                self.refresh_throttled().await?;
+                self.fresh_ring().ok_or_else(|| {
+                    AuthError::Unavailable("token keys could not be refreshed".into())
+                })?
+            }
         };
+        let owned = token.to_owned();
+        let verified = self
+            .evaluator
+            .run(move || ring.verify(&owned))
+            .await
+            .map(Arc::new)
+            .map_err(|error| match error {
+                TokenError::Refused(rule) => AuthError::Refused(rule),
+                other => AuthError::Unauthenticated(reason(&other)),
+            })?;
         let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if cache.generation != generation {
             if cache.generation > generation {
@@ -255,29 +335,28 @@ impl Authenticator {
         Ok(verified)
     }
 
-    /// Verifies `token`'s signatures and claims against the key ring.
+    /// Verifies `token`'s shape, signatures and claims against the key ring.
     pub(crate) async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let verified = match self.verify_locally(token) {
-            Err(TokenError::UnknownKey) => {
+        let verified = match self.verify_locally(token).await {
+            Err(AuthError::Unauthenticated(why)) if why == reason(&TokenError::UnknownKey) => {
                 // Rotation: identity may have a key we have not seen yet.
                 let refreshed = self.refresh_throttled().await;
-                match self.verify_locally(token) {
-                    Err(TokenError::UnknownKey) => {
+                match self.verify_locally(token).await {
+                    Err(AuthError::Unauthenticated(why))
+                        if why == reason(&TokenError::UnknownKey) =>
+                    {
                         refreshed?;
-                        return Err(AuthError::Unauthenticated("token signed by an unknown key"));
+                        return Err(AuthError::Unauthenticated(why));
                     }
-                    other => other,
+                    other => other?,
                 }
             }
-            other => other,
+            other => other?,
         };
-        match verified {
-            Ok(verified) => Ok(Principal {
-                token: token.to_owned(),
-                verified,
-            }),
-            Err(error) => Err(AuthError::Unauthenticated(reason(&error))),
-        }
+        Ok(Principal {
+            token: token.to_owned(),
+            verified,
+        })
     }
 
     /// Decides whether `principal` may perform `operation` on `resource`:
@@ -303,7 +382,9 @@ impl Authenticator {
         } = match self.cache.get(&key) {
             Some(cached) => cached,
             None => {
-                let locally_allowed = match principal.verified.authorize(&local) {
+                let verified = principal.verified.clone();
+                let checked = self.evaluator.run(move || verified.authorize(&local)).await;
+                let locally_allowed = match checked {
                     Ok(()) => true,
                     Err(TokenError::Expired) => {
                         return Err(AuthError::Unauthenticated("token expired"));
@@ -401,6 +482,7 @@ fn reason(error: &TokenError) -> &'static str {
         TokenError::Invalid { .. } => "invalid token",
         TokenError::InvalidKey => "invalid key material",
         TokenError::Internal(_) => "token processing failed",
+        TokenError::Refused(rule) => rule,
     }
 }
 
@@ -475,6 +557,19 @@ mod tests {
         assert!(cache.get(&key("op", "a")).is_none());
     }
 
+    impl Authenticator {
+        /// Installs `ring` as if identity listed it `age` ago.
+        fn install(&self, ring: KeyRing, age: Duration) {
+            let mut current = self.ring.write().unwrap();
+            *current = Ring {
+                generation: current.generation + 1,
+                keys: Arc::new(ring),
+                listed: Vec::new(),
+                confirmed_at: Instant::now().checked_sub(age),
+            };
+        }
+    }
+
     #[tokio::test]
     async fn verified_tokens_are_reused_only_with_the_ring_that_verified_them() {
         let root = vibebox_token::RootKey::generate(7);
@@ -485,25 +580,52 @@ mod tests {
         let auth = Authenticator::new(channel, Duration::from_secs(1));
         let mut ring = KeyRing::new();
         ring.insert(7, &root.public_key_bytes()).unwrap();
-        auth.replace_ring(ring);
+        auth.install(ring.clone(), Duration::ZERO);
 
-        let first = auth.verify_locally(&token).unwrap();
-        let second = auth.verify_locally(&token).unwrap();
+        assert!(!auth.is_verified(&token));
+        let first = auth.verify_locally(&token).await.unwrap();
+        assert!(auth.is_verified(&token));
+        let second = auth.verify_locally(&token).await.unwrap();
         assert!(
             Arc::ptr_eq(&first, &second),
             "the second call reuses the first verification"
         );
         assert_eq!(second.user_id(), "u1");
         assert!(
-            auth.verify_locally("not-a-token").is_err(),
+            auth.verify_locally("not-a-token").await.is_err(),
             "a bad token is never served from the cache"
         );
 
-        // Retiring the key (a new ring without it) must stop the token.
-        auth.replace_ring(KeyRing::new());
+        // A token of a shape identity never issues is refused, naming why.
+        let hostile = biscuit_auth::UnverifiedBiscuit::from_base64(&token)
+            .unwrap()
+            .append(
+                biscuit_auth::BlockBuilder::new()
+                    .code("f(1); f(2); g($a) <- f($a), f($b);")
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
         assert!(matches!(
-            auth.verify_locally(&token),
-            Err(TokenError::UnknownKey)
+            auth.verify_locally(&hostile).await,
+            Err(AuthError::Refused(rule)) if rule.contains("facts")
+        ));
+
+        // A ring identity has not confirmed for too long verifies nothing,
+        // cached tokens included (identity at 127.0.0.1:9 is unreachable).
+        auth.install(ring, MAX_RING_AGE + Duration::from_millis(100));
+        assert!(!auth.is_verified(&token));
+        assert!(matches!(
+            auth.verify_locally(&token).await,
+            Err(AuthError::Unavailable(_))
+        ));
+
+        // Retiring the key (a new ring without it) must stop the token.
+        auth.install(KeyRing::new(), Duration::ZERO);
+        assert!(matches!(
+            auth.verify_locally(&token).await,
+            Err(AuthError::Unauthenticated(why)) if why == reason(&TokenError::UnknownKey)
         ));
     }
 

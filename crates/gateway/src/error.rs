@@ -2,7 +2,20 @@
 
 use tonic::{Code, Status};
 
+use std::time::Duration;
+
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::shares::ShareError;
 use crate::validate::FieldViolation;
+
+/// How long RESOURCE_EXHAUSTED answers that may be retried ask clients to wait.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// `ErrorInfo.reason` of a stream ended because its token or user stopped
+/// being valid.
+pub(crate) const ACCESS_REVOKED: &str = "ACCESS_REVOKED";
+/// `ErrorInfo.reason` of a stream ended because the caller lost the right to it.
+pub(crate) const ACCESS_WITHDRAWN: &str = "ACCESS_WITHDRAWN";
 
 /// The answer given for a missing environment and for another team's
 /// environment alike (no existence oracle).
@@ -15,12 +28,27 @@ pub(crate) enum GatewayError {
     MissingToken,
     #[error("invalid token ({0})")]
     InvalidToken(&'static str),
+    /// A token of a shape the platform never issues, refused unevaluated;
+    /// the rule is not secret and tells an honest client what to fix.
+    #[error("token refused: {0}")]
+    TokenRefused(&'static str),
     #[error("permission denied: {0}")]
     Denied(String),
     #[error("{ENVIRONMENT_DENIED}")]
     EnvironmentDenied,
     #[error("rate limit exceeded")]
     RateLimited,
+    /// A fair-share cap (per user or the gateway's open streams).
+    #[error("{subject}: {error}")]
+    Share { subject: String, error: ShareError },
+    /// A long stream whose token or user is no longer valid (revoked,
+    /// disabled, expired).
+    #[error("stream ended: the token is no longer valid ({0})")]
+    StreamRevoked(&'static str),
+    /// A long stream whose caller may no longer do what it does (demoted,
+    /// removed from the team).
+    #[error("stream ended: the caller may no longer {operation}")]
+    StreamWithdrawn { operation: &'static str },
     #[error("invalid argument {0}")]
     Invalid(#[from] FieldViolation),
     /// A dependency could not be reached.
@@ -53,11 +81,58 @@ impl From<GatewayError> for Status {
                 Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")
             }
             GatewayError::InvalidToken(_) => Status::unauthenticated("invalid or expired token"),
+            GatewayError::TokenRefused(rule) => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "TOKEN_REFUSED",
+                    vibebox_server_kit::status::ERROR_DOMAIN,
+                    [("rule".to_owned(), rule.to_owned())],
+                );
+                Status::with_error_details(
+                    Code::Unauthenticated,
+                    format!("token refused: {rule}"),
+                    details,
+                )
+            }
             GatewayError::Denied(_) => Status::permission_denied("permission denied"),
             GatewayError::EnvironmentDenied => Status::permission_denied(ENVIRONMENT_DENIED),
-            GatewayError::RateLimited => {
-                Status::resource_exhausted("rate limit exceeded, retry later")
-            }
+            GatewayError::RateLimited => Status::with_error_details(
+                Code::ResourceExhausted,
+                "rate limit exceeded, retry later",
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+            ),
+            GatewayError::Share { subject, error } => match error {
+                ShareError::UserStreams { .. } | ShareError::UserInFlight { .. } => {
+                    Status::with_error_details(
+                        Code::ResourceExhausted,
+                        format!("quota exceeded: {error}; end one first"),
+                        ErrorDetails::with_quota_failure_violation(subject, error.to_string()),
+                    )
+                }
+                ShareError::Streams { .. } => Status::with_error_details(
+                    Code::ResourceExhausted,
+                    "gateway overloaded: too many open streams, retry later",
+                    ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+                ),
+            },
+            GatewayError::StreamRevoked(_) => Status::with_error_details(
+                Code::Unauthenticated,
+                "stream ended: the token or its user is no longer valid",
+                ErrorDetails::with_error_info(
+                    ACCESS_REVOKED,
+                    vibebox_server_kit::status::ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            ),
+            GatewayError::StreamWithdrawn { operation } => Status::with_error_details(
+                Code::PermissionDenied,
+                format!("stream ended: the caller may no longer {operation}"),
+                ErrorDetails::with_error_info(
+                    ACCESS_WITHDRAWN,
+                    vibebox_server_kit::status::ERROR_DOMAIN,
+                    [("operation".to_owned(), operation.to_owned())],
+                ),
+            ),
             GatewayError::Invalid(v) => {
                 vibebox_server_kit::status::invalid_field(&v.field, &v.description)
             }
@@ -111,7 +186,6 @@ impl From<GatewayError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic_types::StatusExt;
 
     #[test]
     fn codes() {
@@ -119,6 +193,13 @@ mod tests {
         assert_eq!(s.code(), Code::Unauthenticated);
         let s: Status = GatewayError::InvalidToken("x").into();
         assert_eq!(s.code(), Code::Unauthenticated);
+        let s: Status = GatewayError::TokenRefused("attenuation blocks may not add rules").into();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert!(s.message().contains("may not add rules"), "{s:?}");
+        assert_eq!(
+            s.get_error_details().error_info().unwrap().reason,
+            "TOKEN_REFUSED"
+        );
         let s: Status = GatewayError::Denied("secret reason".into()).into();
         assert_eq!(s.code(), Code::PermissionDenied);
         assert!(!s.message().contains("secret"));
@@ -129,6 +210,44 @@ mod tests {
         );
         let s: Status = GatewayError::RateLimited.into();
         assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.get_details_retry_info().is_some());
+        assert!(s.get_details_quota_failure().is_none());
+    }
+
+    #[test]
+    fn quota_and_load_shedding_are_told_apart() {
+        let s: Status = GatewayError::Share {
+            subject: "user:u1".into(),
+            error: ShareError::UserStreams { limit: 16 },
+        }
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        let quota = s.get_details_quota_failure().expect("quota failure");
+        assert_eq!(quota.violations[0].subject, "user:u1");
+        assert!(s.get_details_retry_info().is_none());
+
+        let s: Status = GatewayError::Share {
+            subject: "user:u1".into(),
+            error: ShareError::Streams { limit: 256 },
+        }
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.get_details_retry_info().is_some());
+        assert!(s.get_details_quota_failure().is_none());
+    }
+
+    #[test]
+    fn withdrawn_streams_say_why() {
+        let s: Status = GatewayError::StreamRevoked("token rejected by identity").into();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert_eq!(s.get_details_error_info().unwrap().reason, ACCESS_REVOKED);
+        let s: Status = GatewayError::StreamWithdrawn {
+            operation: "environment.exec",
+        }
+        .into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("environment.exec"));
+        assert_eq!(s.get_details_error_info().unwrap().reason, ACCESS_WITHDRAWN);
     }
 
     #[test]

@@ -18,13 +18,14 @@ use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
 use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
 use vibebox_proto::runtime::{Caller, GetEnvironmentRequest};
-use vibebox_server_kit::{GrpcChannel, meta};
+use vibebox_server_kit::{GrpcChannel, InFlightPermit, meta};
 
 use crate::replica::{MarkedChannel, Replica};
 
 use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::error::{GatewayError, Result};
 use crate::ratelimit::UserRateLimiter;
+use crate::shares::{CallKind, Share, ShareLimits, Shares};
 use crate::validate;
 
 pub(crate) const IDENTITY: &str = "identity";
@@ -51,6 +52,10 @@ pub(crate) struct Settings {
     pub(crate) rate_burst: u32,
     pub(crate) upstream_timeout: Duration,
     pub(crate) decision_cache_ttl: Duration,
+    /// Per-user and global caps on streams and calls in flight.
+    pub(crate) shares: ShareLimits,
+    /// Time between re-authorizations of an open stream.
+    pub(crate) stream_recheck: Duration,
 }
 
 /// State shared by every handler.
@@ -72,6 +77,10 @@ pub(crate) struct Gateway {
     pub(crate) policy: PolicyServiceClient<GrpcChannel>,
     pub(crate) audit: AuditServiceClient<GrpcChannel>,
     upstream_timeout: Duration,
+    /// Fair shares: per-user caps on streams and calls in flight.
+    shares: Arc<Shares>,
+    /// Time between re-authorizations of an open stream.
+    pub(crate) stream_recheck: Duration,
 }
 
 /// What is known about a call before it is authenticated.
@@ -82,6 +91,11 @@ pub(crate) struct CallInfo {
     pub(crate) timeout: Duration,
     authorization: Option<AsciiMetadataValue>,
     token: Option<String>,
+    /// A short call or a long-lived stream (which share it takes).
+    kind: CallKind,
+    /// The call's permit of the server's global in-flight limit (a stream
+    /// gives it back once admitted; it counts against the stream caps).
+    permit: Option<InFlightPermit>,
 }
 
 impl CallInfo {
@@ -109,6 +123,8 @@ impl CallInfo {
             timeout,
             authorization: metadata.get("authorization").cloned(),
             token: bearer_token(metadata).map(str::to_owned),
+            kind: CallKind::Unary,
+            permit: InFlightPermit::of(request),
         }
     }
 }
@@ -117,6 +133,8 @@ impl CallInfo {
 pub(crate) struct Call {
     pub(crate) info: CallInfo,
     pub(crate) principal: Principal,
+    /// The caller's fair share, held as long as the call (or stream) lives.
+    share: Option<Share>,
 }
 
 impl Call {
@@ -209,6 +227,8 @@ impl Gateway {
             policy: PolicyServiceClient::new(upstreams.policy),
             audit: AuditServiceClient::new(upstreams.audit),
             upstream_timeout: settings.upstream_timeout,
+            shares: Shares::new(settings.shares),
+            stream_recheck: settings.stream_recheck,
         }
     }
 
@@ -239,17 +259,35 @@ impl Gateway {
         CallInfo::of(method, request, self.upstream_timeout)
     }
 
+    /// Reads the metadata of a call that answers with a long-lived stream.
+    pub(crate) fn stream_info<T>(&self, method: &'static str, request: &Request<T>) -> CallInfo {
+        let mut info = CallInfo::of(method, request, self.upstream_timeout);
+        info.kind = CallKind::Stream;
+        info
+    }
+
     /// Authenticates the bearer token and applies the caller's rate limit.
+    /// A token not verified already costs the client address one unit of
+    /// its anonymous budget first: verification is the expensive step, so
+    /// the per-address limit applies before it (garbage and hostile tokens
+    /// from one address cannot take the gateway's CPU).
     pub(crate) async fn authenticate(&self, info: CallInfo) -> Result<Call> {
         let Some(token) = info.token.clone() else {
             self.refuse_anonymous(&info, "missing bearer token");
             return Err(GatewayError::MissingToken);
         };
+        if !self.auth.is_verified(&token) {
+            self.limit_anonymous(&info)?;
+        }
         let principal = match self.auth.authenticate(&token).await {
             Ok(principal) => principal,
             Err(AuthError::Unauthenticated(reason)) => {
                 self.refuse_anonymous(&info, reason);
                 return Err(GatewayError::InvalidToken(reason));
+            }
+            Err(AuthError::Refused(rule)) => {
+                self.refuse_anonymous(&info, rule);
+                return Err(GatewayError::TokenRefused(rule));
             }
             Err(AuthError::Denied(reason)) => return Err(GatewayError::Denied(reason)),
             Err(AuthError::Unavailable(detail)) => {
@@ -259,7 +297,11 @@ impl Gateway {
                 });
             }
         };
-        let call = Call { info, principal };
+        let mut call = Call {
+            info,
+            principal,
+            share: None,
+        };
         if !self.limiter.check(call.user_id()) {
             if self.audit_budget.check(&format!("user:{}", call.user_id())) {
                 self.record(
@@ -275,7 +317,43 @@ impl Gateway {
             }
             return Err(GatewayError::RateLimited);
         }
+        self.take_share(&mut call)?;
         Ok(call)
+    }
+
+    /// Takes the caller's fair share for the call: a slot of the user's
+    /// calls in flight, or of its streams and the gateway's streams (a
+    /// stream then gives its global in-flight permit back).
+    fn take_share(&self, call: &mut Call) -> Result<()> {
+        match self.shares.admit(call.user_id(), call.info.kind) {
+            Ok(share) => {
+                if call.info.kind == CallKind::Stream
+                    && let Some(permit) = &call.info.permit
+                {
+                    permit.release();
+                }
+                call.share = Some(share);
+                Ok(())
+            }
+            Err(error) => {
+                if self.audit_budget.check(&format!("user:{}", call.user_id())) {
+                    self.record(
+                        &call.info,
+                        Some(&call.principal),
+                        "access.quota_exceeded",
+                        Severity::Low,
+                        &error.to_string(),
+                        None,
+                    );
+                } else {
+                    crate::metrics::record_access_event("access.quota_exceeded");
+                }
+                Err(GatewayError::Share {
+                    subject: format!("user:{}", call.user_id()),
+                    error,
+                })
+            }
+        }
     }
 
     /// Rate limit for calls without a user (Login), by client address.
@@ -304,7 +382,7 @@ impl Gateway {
     pub(crate) async fn caller_teams(&self, call: &Call) -> Result<Vec<String>> {
         match self.auth.caller_scopes(&call.principal).await {
             Ok(scopes) => Ok(scopes.teams.into_iter().map(|t| t.team_id).collect()),
-            Err(AuthError::Unauthenticated(reason)) => {
+            Err(AuthError::Unauthenticated(reason) | AuthError::Refused(reason)) => {
                 self.refuse_anonymous(&call.info, reason);
                 Err(GatewayError::InvalidToken(reason))
             }
@@ -351,7 +429,7 @@ impl Gateway {
                 self.record_denied(call, operation, &reason, &resource);
                 Err(GatewayError::Denied(reason))
             }
-            Err(AuthError::Unauthenticated(reason)) => {
+            Err(AuthError::Unauthenticated(reason) | AuthError::Refused(reason)) => {
                 self.refuse_anonymous(&call.info, reason);
                 Err(GatewayError::InvalidToken(reason))
             }

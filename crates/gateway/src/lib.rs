@@ -12,15 +12,18 @@
 //! Code map: [`auth`] (token verification, decisions, cache), [`gateway`]
 //! (the steps every call takes, trusted metadata, access audit),
 //! [`services`] (one adapter per public service), [`validate`] (field
-//! checks), [`ratelimit`], [`metrics`] (Prometheus endpoint), [`error`].
+//! checks), [`ratelimit`], [`shares`] (per-user caps on streams and calls in
+//! flight), [`metrics`] (Prometheus endpoint), [`error`].
 
 mod auth;
+mod authz;
 mod error;
 mod gateway;
 mod metrics;
 mod ratelimit;
 mod replica;
 mod services;
+mod shares;
 mod validate;
 
 use std::net::SocketAddr;
@@ -108,9 +111,33 @@ pub struct Config {
     /// (identity's cache_ttl_ms applies when shorter; at most 1000).
     #[arg(long, env = "VIBEBOX_AUTHZ_CACHE_MS", default_value_t = 1000)]
     pub authz_cache_ms: u64,
-    /// Seconds between periodic refreshes of identity's token keys.
-    #[arg(long, env = "VIBEBOX_TOKEN_KEYS_REFRESH_SECS", default_value_t = 60)]
-    pub token_keys_refresh_secs: u64,
+    /// Milliseconds between periodic refreshes of identity's token keys
+    /// (100 to 1000): a key identity retires stops verifying here within
+    /// this interval, and a ring identity has not confirmed for 2 s verifies
+    /// nothing.
+    #[arg(long, env = "VIBEBOX_TOKEN_KEYS_REFRESH_MS", default_value_t = 500)]
+    pub token_keys_refresh_ms: u64,
+    /// Streams (exec, log and stats follows, audit watch and export) one
+    /// user may hold open at once; more are RESOURCE_EXHAUSTED with a
+    /// QuotaFailure.
+    #[arg(long, env = "VIBEBOX_USER_MAX_STREAMS", default_value_t = 16)]
+    pub user_max_streams: usize,
+    /// Short (unary) calls one user may have in flight at once; more are
+    /// RESOURCE_EXHAUSTED with a QuotaFailure.
+    #[arg(long, env = "VIBEBOX_USER_MAX_IN_FLIGHT", default_value_t = 32)]
+    pub user_max_in_flight: usize,
+    /// Streams the gateway holds open at once, all users together (more are
+    /// RESOURCE_EXHAUSTED with a RetryInfo). Open streams do not count
+    /// against --max-concurrency, which bounds calls in flight; keep the
+    /// internal services' --max-concurrency above this plus the gateway's.
+    #[arg(long, env = "VIBEBOX_MAX_STREAMS", default_value_t = 256)]
+    pub max_streams: usize,
+    /// Milliseconds between re-authorizations of every open stream: a
+    /// revoked token, a disabled user, a demotion or a removal from the team
+    /// ends the stream at the next check that misses the decision cache
+    /// (within this plus --authz-cache-ms; at most 1000).
+    #[arg(long, env = "VIBEBOX_STREAM_RECHECK_MS", default_value_t = 500)]
+    pub stream_recheck_ms: u64,
 }
 
 impl ServiceConfig for Config {
@@ -137,7 +164,11 @@ impl Config {
             max_request_bytes: 1024 * 1024,
             upstream_timeout_ms: 30_000,
             authz_cache_ms: 1000,
-            token_keys_refresh_secs: 60,
+            token_keys_refresh_ms: 500,
+            user_max_streams: 16,
+            user_max_in_flight: 32,
+            max_streams: 256,
+            stream_recheck_ms: 500,
         }
     }
 }
@@ -182,6 +213,12 @@ pub async fn run_with_listeners(
         rate_burst: config.rate_limit_burst,
         upstream_timeout: Duration::from_millis(config.upstream_timeout_ms.max(1)),
         decision_cache_ttl: Duration::from_millis(config.authz_cache_ms),
+        shares: shares::ShareLimits {
+            user_streams: config.user_max_streams,
+            user_in_flight: config.user_max_in_flight,
+            streams: config.max_streams,
+        },
+        stream_recheck: Duration::from_millis(config.stream_recheck_ms.clamp(50, 1000)),
     };
     let orchestrator = upstreams.orchestrator.clone();
     let gateway = Arc::new(Gateway::new(upstreams, audit_log, &settings));
@@ -197,7 +234,7 @@ pub async fn run_with_listeners(
 
     let background = shutdown.child_token();
     tokio::spawn(gateway.clone().maintain(
-        Duration::from_secs(config.token_keys_refresh_secs.max(1)),
+        Duration::from_millis(config.token_keys_refresh_ms.clamp(100, 1000)),
         background.clone(),
     ));
     tokio::spawn(
@@ -214,28 +251,28 @@ pub async fn run_with_listeners(
     let limit = config.max_request_bytes;
     let result = ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(public_tls)
-        .add_service(
+        .add_service(authz::guard(
             EnvironmentServiceServer::new(services::environment::Environments {
                 gateway: gateway.clone(),
             })
             .max_decoding_message_size(limit),
-        )
-        .add_service(
+        ))
+        .add_service(authz::guard(
             IdentityServiceServer::new(services::identity::Identity {
                 gateway: gateway.clone(),
             })
             .max_decoding_message_size(limit),
-        )
-        .add_service(
+        ))
+        .add_service(authz::guard(
             AuditServiceServer::new(services::audit::Audit {
                 gateway: gateway.clone(),
             })
             .max_decoding_message_size(limit),
-        )
-        .add_service(
+        ))
+        .add_service(authz::guard(
             PolicyServiceServer::new(services::policy::Policy { gateway })
                 .max_decoding_message_size(limit),
-        )
+        ))
         .serve(public, shutdown)
         .await;
     background.cancel();

@@ -7,7 +7,8 @@
 //!   (time to the response headers for streams);
 //! - `vibebox_gateway_active_streams{method}`: open response streams;
 //! - `vibebox_gateway_access_events_total{action}`: refused calls
-//!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`);
+//!   (`access.unauthenticated`, `access.denied`, `access.rate_limited`,
+//!   `access.quota_exceeded`);
 //! - `vibebox_gateway_alerts_total{rule,severity}`: `alert.raised` events of
 //!   the audit log, followed live (`watch_alerts`);
 //! - `vibebox_gateway_replica_reads_total{result}`: environment reads

@@ -437,3 +437,105 @@ async fn public_listener_can_serve_tls() {
         .into_inner();
     assert_eq!(me.user.unwrap().username, "admin");
 }
+
+/// Opens an audit watch of the whole log as `token`.
+async fn watch(
+    channel: &Channel,
+    token: &str,
+) -> Result<tonic::Streaming<vibebox_proto::audit::WatchEventsResponse>, tonic::Status> {
+    AuditServiceClient::new(channel.clone())
+        .watch_events(bearer(
+            vibebox_proto::audit::WatchEventsRequest {
+                filter: Some(EventFilter::default()),
+            },
+            token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_count_against_their_own_caps_not_the_in_flight_limit() {
+    let platform = Platform::start().await;
+    let gateway = platform
+        .gateway(|c| {
+            c.server.limits.max_concurrency = 2;
+            c.user_max_streams = 4;
+        })
+        .await;
+    let channel = gateway.channel().await;
+    // Twice the global in-flight limit in open streams...
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let stream = watch(&channel, &platform.admin_token)
+            .await
+            .unwrap_or_else(|s| panic!("stream {i} refused: {s:?}"));
+        open.push(stream);
+    }
+    // ...and short calls still pass.
+    let mut identity = IdentityServiceClient::new(channel.clone());
+    for _ in 0..3 {
+        identity
+            .who_am_i(bearer(WhoAmIRequest {}, &platform.admin_token))
+            .await
+            .expect("short calls are not starved by open streams");
+    }
+    // The user's own cap: RESOURCE_EXHAUSTED with a QuotaFailure naming it.
+    let status = watch(&channel, &platform.admin_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert!(
+        quota.violations[0].subject.starts_with("user:"),
+        "{quota:?}"
+    );
+    assert!(status.get_details_retry_info().is_none());
+    // A closed stream gives its slot back.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(status) = watch(&channel, &platform.admin_token).await {
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_ends_when_its_token_is_revoked() {
+    let platform = Platform::start().await;
+    let gateway = platform.gateway(|_| {}).await;
+    let channel = gateway.channel().await;
+    let mut stream = watch(&channel, &platform.admin_token).await.expect("watch");
+    let mut identity = IdentityServiceClient::new(channel.clone());
+    let token_id = identity
+        .who_am_i(bearer(WhoAmIRequest {}, &platform.admin_token))
+        .await
+        .expect("whoami")
+        .into_inner()
+        .token_id;
+    identity
+        .revoke_token(bearer(
+            RevokeTokenRequest { token_id },
+            &platform.admin_token,
+        ))
+        .await
+        .expect("revoke");
+    let revoked_at = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream outlived the revocation")
+    .expect("the stream ended without a status");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(2) + Duration::from_millis(500),
+        "took {:?}",
+        revoked_at.elapsed()
+    );
+}

@@ -12,7 +12,7 @@ use vibebox_proto::audit::{Outcome, Severity};
 use crate::audit::{Event, Origin};
 use crate::error::{Error, Result};
 use crate::model::{PlatformRole, TeamRole};
-use crate::service::{API_TOKEN_MAX_TTL, Identity, hash_password};
+use crate::service::{Identity, hash_password};
 use crate::store;
 
 /// Name of the admin token file in the data directory.
@@ -115,7 +115,7 @@ async fn create_admin(
             None,
             "api",
             "bootstrap admin token",
-            API_TOKEN_MAX_TTL,
+            identity.settings().max_api_token_ttl,
         )
         .await?;
     let origin = Origin {

@@ -28,6 +28,15 @@ pub enum Error {
     /// The request conflicts with the current state (last admin, self-disable).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// The request breaks named rules: `(rule id, subject, description)`
+    /// each (FAILED_PRECONDITION with a PreconditionFailure detail).
+    #[error("{message}")]
+    Refused {
+        /// The status message.
+        message: String,
+        /// The rules broken.
+        violations: Vec<(&'static str, String, String)>,
+    },
     /// Too many failed logins.
     #[error("too many failed login attempts, retry later")]
     RateLimited,
@@ -58,6 +67,10 @@ impl Error {
     }
 }
 
+/// The RetryInfo of a refused login (a spent budget refills one failure in
+/// a few seconds to a minute).
+const LOGIN_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
@@ -70,9 +83,22 @@ impl From<Error> for Status {
                 &[(field, &reason)],
             ),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
-            Error::RateLimited => {
-                Status::resource_exhausted("too many failed login attempts, retry later")
+            Error::Refused {
+                message,
+                violations,
+            } => {
+                let violations: Vec<(&str, &str, &str)> = violations
+                    .iter()
+                    .map(|(rule, subject, description)| {
+                        (*rule, subject.as_str(), description.as_str())
+                    })
+                    .collect();
+                vibebox_server_kit::status::precondition_failure(&message, &violations)
             }
+            Error::RateLimited => vibebox_server_kit::status::retry_later(
+                "too many failed login attempts from this address, retry later",
+                LOGIN_RETRY_AFTER,
+            ),
             Error::Database(e) if vibebox_db::is_transient(&e) => {
                 vibebox_server_kit::status::unavailable("identity database", &e)
             }
@@ -105,6 +131,13 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::RateLimited, Code::ResourceExhausted),
+            (
+                Error::Refused {
+                    message: "x".into(),
+                    violations: vec![("token.max_ttl", "ttl_seconds".into(), "y".into())],
+                },
+                Code::FailedPrecondition,
+            ),
             (Error::Internal("secret path /x".into()), Code::Internal),
         ];
         for (err, code) in cases {

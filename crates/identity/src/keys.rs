@@ -169,6 +169,53 @@ impl KeyStore {
         Ok(())
     }
 
+    /// Reads the keys' retirement from the database again, so that a key
+    /// another identity process retired (or rotated in) takes effect here
+    /// too. Never creates a key: if no key this process can sign with is
+    /// left, it keeps signing with the old one (tokens nobody accepts, so
+    /// the failure is closed) and says so.
+    pub async fn reload(&self, db: &impl ConnectionTrait) -> Result<()> {
+        let rows = store::token_keys(db).await?;
+        let mut ring = KeyRing::new();
+        let mut all = Vec::new();
+        let mut signer = None;
+        for row in &rows {
+            let key_id = u32::try_from(row.key_id).map_err(|e| internal("key id", e))?;
+            let public_key = hex::decode(&row.public_key).map_err(|e| internal("public key", e))?;
+            let retired = row.retired_at.is_some();
+            if !retired {
+                ring.insert(key_id, &public_key)?;
+                signer = Some(key_id);
+            }
+            all.push(KeyInfo {
+                key_id,
+                public_key,
+                retired,
+            });
+        }
+        let previous = self.current();
+        let current = match signer {
+            Some(id) if id == previous.key_id() => previous,
+            Some(id) => match read_private(&self.dir, id)? {
+                Some(key) => Arc::new(key),
+                None => previous,
+            },
+            None => previous,
+        };
+        if !ring.key_ids().contains(&current.key_id()) {
+            tracing::error!(
+                key_id = current.key_id(),
+                "the signing key was retired and no newer key is available here"
+            );
+        }
+        let mut keys = self.keys.write().expect("key lock");
+        if keys.all != all || keys.current.key_id() != current.key_id() {
+            tracing::info!("token keys changed in the database; reloaded");
+        }
+        *keys = Keys { current, ring, all };
+        Ok(())
+    }
+
     /// The key that signs new tokens.
     pub fn current(&self) -> Arc<RootKey> {
         self.keys.read().expect("key lock").current.clone()
@@ -233,9 +280,18 @@ mod tests {
             let keys = store.keys();
             assert_eq!(keys.len(), 2);
             assert!(keys[0].retired && !keys[1].retired);
+            // Another process's retirement reaches a running store on reload.
+            let other = KeyStore::open(&db, dir.path()).await.unwrap();
+            let newest = other.rotate(&db).await.unwrap();
+            let t_two = mint(&store.current(), &Claims::new("u", "t2", exp)).unwrap();
+            other.retire(&db, 2).await.unwrap();
+            store.verify(&t_two).unwrap();
+            store.reload(&db).await.unwrap();
+            assert!(matches!(store.verify(&t_two), Err(TokenError::UnknownKey)));
+            assert_eq!(store.current().key_id(), newest);
             // A restart keeps the retirement and the current key.
             let reopened = KeyStore::open(&db, dir.path()).await.unwrap();
-            assert_eq!(reopened.current().key_id(), 2);
+            assert_eq!(reopened.current().key_id(), newest);
             assert!(reopened.verify(&old_token).is_err());
         }
     }

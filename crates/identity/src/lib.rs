@@ -69,12 +69,34 @@ pub struct Config {
     /// Lifetime of login session tokens, in seconds.
     #[arg(long, env = "VIBEBOX_SESSION_TTL_SECS", default_value_t = 12 * 3600)]
     pub session_ttl_secs: u64,
-    /// Failed logins allowed per minute per username before logins for it are refused.
-    #[arg(long, env = "VIBEBOX_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
-    pub login_failures_per_user: u32,
-    /// Failed logins allowed per minute per source address before its logins are refused.
+    /// Failed logins allowed per minute per account and client address (the
+    /// IP, whatever the port) before logins for that account from that
+    /// address are refused. Other addresses are not affected.
+    #[arg(
+        long,
+        env = "VIBEBOX_LOGIN_FAILURES_PER_ACCOUNT_SOURCE",
+        default_value_t = 5
+    )]
+    pub login_failures_per_account_source: u32,
+    /// Failed logins allowed per minute per client address, all accounts
+    /// together, before every login from it is refused (password spraying).
     #[arg(long, env = "VIBEBOX_LOGIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     pub login_failures_per_source: u32,
+    /// Failed logins allowed per minute per account, all addresses together,
+    /// before every login for it is slowed down by --login-backoff-ms (never
+    /// refused: nobody can lock an account out from everywhere).
+    #[arg(long, env = "VIBEBOX_LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 60)]
+    pub login_failures_per_account: u32,
+    /// Delay of a login for an account whose per-account budget is spent, in
+    /// milliseconds.
+    #[arg(long, env = "VIBEBOX_LOGIN_BACKOFF_MS", default_value_t = 1000)]
+    pub login_backoff_ms: u64,
+    /// Longest lifetime of any API token, in seconds (default 90 days). A
+    /// minted token also never outlives the token that asked for it, and
+    /// only unattenuated tokens may mint. Applies to the bootstrap admin
+    /// token too.
+    #[arg(long, env = "VIBEBOX_MAX_API_TOKEN_TTL_SECS", default_value_t = 90 * 24 * 3600)]
+    pub max_api_token_ttl_secs: u64,
     /// Create a new token signing key at start; older keys keep verifying until retired.
     #[arg(long, env = "VIBEBOX_ROTATE_TOKEN_KEY")]
     pub rotate_token_key: bool,
@@ -104,8 +126,11 @@ impl Config {
             database_url: None,
             audit_url: "https://127.0.0.1:7704".into(),
             session_ttl_secs: 12 * 3600,
-            login_failures_per_user: 5,
+            login_failures_per_account_source: 5,
             login_failures_per_source: 20,
+            login_failures_per_account: 60,
+            login_backoff_ms: 1000,
+            max_api_token_ttl_secs: 90 * 24 * 3600,
             rotate_token_key: false,
             retire_token_key: Vec::new(),
             bootstrap_admin_password_file: None,
@@ -145,8 +170,13 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
     }
     let settings = Settings {
         session_ttl: Duration::from_secs(config.session_ttl_secs.max(60)),
-        login_failures_per_user: config.login_failures_per_user,
-        login_failures_per_source: config.login_failures_per_source,
+        login_limits: ratelimit::LoginLimits {
+            per_account_source: config.login_failures_per_account_source,
+            per_source: config.login_failures_per_source,
+            per_account: config.login_failures_per_account,
+            account_backoff: Duration::from_millis(config.login_backoff_ms.min(10_000)),
+        },
+        max_api_token_ttl: Duration::from_secs(config.max_api_token_ttl_secs.max(60)),
     };
     service::warm_up().await;
     let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));
@@ -186,6 +216,25 @@ async fn open_audit_client(
     }
 }
 
+/// How often the token keys are read from the database again: a key retired
+/// by another identity process stops verifying here within this interval.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn reload_keys(identity: Arc<Identity>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(KEY_RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(error) = identity.key_store().reload(identity.db()).await {
+                    tracing::warn!(%error, "cannot reload the token keys; will retry");
+                }
+            }
+        }
+    }
+}
+
 /// Runs the service on its configured address until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = vibebox_server_kit::bind(config.server.listen_or(DEFAULT_PORT)).await?;
@@ -204,6 +253,7 @@ pub async fn run_with_listener(
         .context("loading the identity TLS material")?;
     let audit_client = open_audit_client(&config, &tls).await?;
     let identity = open(&config, audit::Auditor::new(audit_client)).await?;
+    tokio::spawn(reload_keys(identity.clone(), shutdown.child_token()));
     let handlers = grpc::Handlers::new(identity);
     ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(tls))

@@ -1,9 +1,22 @@
-//! Brute-force protection: failed logins are counted per username and per
-//! source address (GCRA via `governor`). Once either budget is spent, every
-//! login for that user or from that source is refused, without checking the
-//! password, until the budget refills.
+//! Brute-force protection for `Login` (GCRA budgets via `governor`), keyed
+//! by the client's address, never by its connection: the gateway passes
+//! `ip:port` in trusted metadata and only the IP counts (an IPv6 client by
+//! its /64, the block one host usually holds), so reconnecting buys nothing.
+//!
+//! Three budgets of failed logins, each per minute:
+//!
+//! - per (account, source): once spent, logins for that account from that
+//!   source are refused, without checking the password, until it refills.
+//!   An attacker guessing one account locks only itself out of it;
+//! - per source, all accounts together: once spent, every login from that
+//!   source is refused (password spraying);
+//! - per account, all sources together, much larger: once spent, logins for
+//!   the account are slowed down (a fixed delay before the password is
+//!   checked), never refused. Many sources guessing one account are slowed,
+//!   while its owner can always log in from an address of its own.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,69 +24,154 @@ use std::time::{Duration, Instant};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+/// The budgets (failures per minute; zero values are raised to one).
+#[derive(Clone, Copy, Debug)]
+pub struct LoginLimits {
+    /// Failures per account and source before that pair is locked.
+    pub per_account_source: u32,
+    /// Failures per source, all accounts together, before the source is locked.
+    pub per_source: u32,
+    /// Failures per account, all sources together, before its logins are slowed.
+    pub per_account: u32,
+    /// The delay of a login for an account whose budget is spent.
+    pub account_backoff: Duration,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            per_account_source: 5,
+            per_source: 20,
+            per_account: 60,
+            account_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What to do with a login attempt before checking its password.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Check the password.
+    Allow,
+    /// Wait this long, then check the password.
+    Delay(Duration),
+    /// Refuse without checking; retry no earlier than this.
+    Refuse(Duration),
+}
+
 /// Failed-login limits.
 pub struct LoginLimiter {
-    per_user: DefaultKeyedRateLimiter<String>,
+    limits: LoginLimits,
+    per_pair: DefaultKeyedRateLimiter<String>,
     per_source: DefaultKeyedRateLimiter<String>,
+    per_account: DefaultKeyedRateLimiter<String>,
+    /// Locked pairs and sources, until when.
     blocked: Mutex<HashMap<String, Instant>>,
+    /// Slowed accounts, until when.
+    slowed: Mutex<HashMap<String, Instant>>,
 }
 
 fn quota(per_minute: u32) -> Quota {
     Quota::per_minute(NonZeroU32::new(per_minute.max(1)).expect("at least one"))
 }
 
+/// The key of a client address: its IP (`ip:port` and bare IPs alike; an
+/// IPv4-mapped IPv6 address as IPv4; IPv6 by its /64). Anything else (no
+/// address at all) is one shared "unknown" source.
+pub fn source_key(address: &str) -> String {
+    let ip = address
+        .parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| address.parse::<IpAddr>());
+    match ip.map(|ip| ip.to_canonical()) {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
 impl LoginLimiter {
-    /// Allows `per_user` failures per minute per username (burst of the same
-    /// size) and `per_source` per minute per source address.
-    pub fn new(per_user: u32, per_source: u32) -> Self {
+    pub fn new(limits: LoginLimits) -> Self {
         Self {
-            per_user: RateLimiter::keyed(quota(per_user)),
-            per_source: RateLimiter::keyed(quota(per_source)),
+            limits,
+            per_pair: RateLimiter::keyed(quota(limits.per_account_source)),
+            per_source: RateLimiter::keyed(quota(limits.per_source)),
+            per_account: RateLimiter::keyed(quota(limits.per_account)),
             blocked: Mutex::new(HashMap::new()),
+            slowed: Mutex::new(HashMap::new()),
         }
     }
 
-    fn keys(username: &str, source: Option<&str>) -> Vec<String> {
-        let mut keys = vec![format!("user:{username}")];
-        if let Some(source) = source.filter(|s| !s.is_empty()) {
-            keys.push(format!("source:{source}"));
-        }
-        keys
+    fn pair_key(username: &str, source: &str) -> String {
+        format!("pair:{source}\u{0}{username}")
     }
 
-    /// Whether logins for this user or from this source are refused now.
-    pub fn is_blocked(&self, username: &str, source: Option<&str>) -> bool {
+    /// Whether to check the password of a login for `username` from the
+    /// client address `address` now, later, or not at all.
+    pub fn check(&self, username: &str, address: &str) -> Verdict {
+        let source = source_key(address);
         let now = Instant::now();
-        let mut blocked = self.blocked.lock().expect("limiter lock");
-        blocked.retain(|_, until| *until > now);
-        Self::keys(username, source)
+        {
+            let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            blocked.retain(|_, until| *until > now);
+            let refused = [
+                Self::pair_key(username, &source),
+                format!("source:{source}"),
+            ]
             .iter()
-            .any(|k| blocked.contains_key(k))
+            .filter_map(|k| blocked.get(k))
+            .max()
+            .copied();
+            if let Some(until) = refused {
+                return Verdict::Refuse(until - now);
+            }
+        }
+        let mut slowed = self.slowed.lock().unwrap_or_else(|e| e.into_inner());
+        slowed.retain(|_, until| *until > now);
+        if slowed.contains_key(username) {
+            return Verdict::Delay(self.limits.account_backoff);
+        }
+        Verdict::Allow
     }
 
-    /// Counts a failed login; spends budget and blocks exhausted keys.
-    pub fn record_failure(&self, username: &str, source: Option<&str>) {
-        for key in Self::keys(username, source) {
-            let limiter = if key.starts_with("user:") {
-                &self.per_user
-            } else {
-                &self.per_source
-            };
-            if let Err(not_until) = limiter.check_key(&key) {
-                let wait = not_until.wait_time_from(limiter.clock().now());
-                let until = Instant::now() + wait.max(Duration::from_millis(1));
+    /// Counts a failed login; spends the budgets, locks the spent pair or
+    /// source and slows a spent account.
+    pub fn record_failure(&self, username: &str, address: &str) {
+        let source = source_key(address);
+        let spent = |limiter: &DefaultKeyedRateLimiter<String>, key: &String| {
+            limiter.check_key(key).err().map(|not_until| {
+                Instant::now()
+                    + not_until
+                        .wait_time_from(limiter.clock().now())
+                        .max(Duration::from_millis(1))
+            })
+        };
+        for (limiter, key) in [
+            (&self.per_pair, Self::pair_key(username, &source)),
+            (&self.per_source, format!("source:{source}")),
+        ] {
+            if let Some(until) = spent(limiter, &key) {
                 self.blocked
                     .lock()
-                    .expect("limiter lock")
+                    .unwrap_or_else(|e| e.into_inner())
                     .insert(key, until);
             }
         }
-        // Keep the limiters' state bounded.
-        if self.per_user.len() > 10_000 {
-            self.per_user.retain_recent();
+        let account = username.to_owned();
+        if let Some(until) = spent(&self.per_account, &account) {
+            self.slowed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(account, until);
         }
-        if self.per_source.len() > 10_000 {
-            self.per_source.retain_recent();
+        // Keep the limiters' state bounded.
+        for limiter in [&self.per_pair, &self.per_source, &self.per_account] {
+            if limiter.len() > 10_000 {
+                limiter.retain_recent();
+            }
         }
     }
 }
@@ -82,26 +180,75 @@ impl LoginLimiter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn blocks_user_after_budget_and_not_others() {
-        let l = LoginLimiter::new(3, 100);
-        for _ in 0..3 {
-            assert!(!l.is_blocked("alice", Some("1.2.3.4")));
-            l.record_failure("alice", Some("1.2.3.4"));
-        }
-        assert!(!l.is_blocked("alice", Some("1.2.3.4")));
-        l.record_failure("alice", Some("1.2.3.4"));
-        assert!(l.is_blocked("alice", Some("5.6.7.8")));
-        assert!(!l.is_blocked("bob", Some("1.2.3.4")));
+    fn limiter(per_account_source: u32, per_source: u32, per_account: u32) -> LoginLimiter {
+        LoginLimiter::new(LoginLimits {
+            per_account_source,
+            per_source,
+            per_account,
+            account_backoff: Duration::from_millis(500),
+        })
     }
 
     #[test]
-    fn blocks_source_spraying_many_users() {
-        let l = LoginLimiter::new(100, 3);
-        for i in 0..4 {
-            l.record_failure(&format!("user{i}"), Some("9.9.9.9"));
+    fn sources_are_addresses_not_connections() {
+        assert_eq!(source_key("1.2.3.4:5555"), "1.2.3.4");
+        assert_eq!(source_key("1.2.3.4:6666"), "1.2.3.4");
+        assert_eq!(source_key("1.2.3.4"), "1.2.3.4");
+        assert_eq!(source_key("[::ffff:1.2.3.4]:80"), "1.2.3.4");
+        assert_eq!(
+            source_key("[2001:db8:1:2:aaaa::1]:443"),
+            source_key("[2001:db8:1:2:bbbb::9]:443"),
+            "one IPv6 host's /64 is one source"
+        );
+        assert_ne!(
+            source_key("[2001:db8:1:2::1]:443"),
+            source_key("[2001:db8:1:3::1]:443")
+        );
+        assert_eq!(source_key(""), "unknown");
+    }
+
+    #[test]
+    fn a_guessed_account_is_locked_for_the_guesser_only() {
+        let l = limiter(3, 100, 100);
+        for port in 0..3 {
+            let attacker = format!("1.2.3.4:{}", 4000 + port);
+            assert_eq!(l.check("alice", &attacker), Verdict::Allow);
+            l.record_failure("alice", &attacker);
         }
-        assert!(l.is_blocked("fresh", Some("9.9.9.9")));
-        assert!(!l.is_blocked("fresh", Some("8.8.8.8")));
+        l.record_failure("alice", "1.2.3.4:4999");
+        // A new connection from the same address is still locked out...
+        assert!(matches!(
+            l.check("alice", "1.2.3.4:5000"),
+            Verdict::Refuse(_)
+        ));
+        // ...but not the owner elsewhere, nor other accounts from there.
+        assert_eq!(l.check("alice", "5.6.7.8:1"), Verdict::Allow);
+        assert_eq!(l.check("bob", "1.2.3.4:5001"), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_spraying_source_is_locked_for_every_account() {
+        let l = limiter(100, 3, 100);
+        for i in 0..4 {
+            l.record_failure(&format!("user{i}"), &format!("9.9.9.9:{}", 1000 + i));
+        }
+        assert!(matches!(
+            l.check("fresh", "9.9.9.9:2000"),
+            Verdict::Refuse(_)
+        ));
+        assert_eq!(l.check("fresh", "8.8.8.8:2000"), Verdict::Allow);
+    }
+
+    #[test]
+    fn many_sources_slow_an_account_down_but_never_lock_it() {
+        let l = limiter(100, 100, 5);
+        for i in 0..6 {
+            l.record_failure("admin", &format!("10.0.0.{i}:1"));
+        }
+        assert_eq!(
+            l.check("admin", "192.168.1.1:1"),
+            Verdict::Delay(Duration::from_millis(500))
+        );
+        assert_eq!(l.check("other", "192.168.1.1:1"), Verdict::Allow);
     }
 }

@@ -15,7 +15,7 @@ use argon2::{Argon2, PasswordVerifier};
 use chrono::Utc;
 use sea_orm::DatabaseConnection;
 use vibebox_proto::audit::{Outcome, Severity};
-use vibebox_token::{AuthzRequest, Claims, VerifiedToken};
+use vibebox_token::{AuthzRequest, Claims, Evaluator, VerifiedToken};
 
 use crate::audit::{Auditor, Event, Origin};
 use crate::error::{Error, Result};
@@ -24,16 +24,17 @@ use crate::model::{
     IssuedToken, Membership, PlatformRole, Team, TeamRole, User, validate_display_name,
     validate_id, validate_name, validate_password,
 };
-use crate::ratelimit::LoginLimiter;
+use crate::ratelimit::{LoginLimiter, LoginLimits, Verdict};
 use crate::rbac::{self, Decision, Resource, Subject};
 use crate::store;
 
 /// How long the gateway may cache an authorization decision.
 pub const DECISION_CACHE_TTL_MS: u32 = 1000;
-/// Default lifetime of an API token.
+/// Default lifetime of an API token (cut to the calling token's remaining
+/// lifetime and to the platform maximum).
 pub const API_TOKEN_DEFAULT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Longest lifetime of an API token.
-pub const API_TOKEN_MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default platform-wide longest lifetime of an API token (`--max-api-token-ttl-secs`).
+pub const API_TOKEN_MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 const PAGE_DEFAULT: u64 = 50;
 const PAGE_MAX: u64 = 500;
 
@@ -42,18 +43,18 @@ const PAGE_MAX: u64 = 500;
 pub struct Settings {
     /// Lifetime of a login session token.
     pub session_ttl: Duration,
-    /// Failed logins per minute per username.
-    pub login_failures_per_user: u32,
-    /// Failed logins per minute per source address.
-    pub login_failures_per_source: u32,
+    /// Failed-login budgets (per account and source, per source, per account).
+    pub login_limits: LoginLimits,
+    /// Longest lifetime of any API token (the bootstrap admin token included).
+    pub max_api_token_ttl: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             session_ttl: Duration::from_secs(12 * 3600),
-            login_failures_per_user: 5,
-            login_failures_per_source: 20,
+            login_limits: LoginLimits::default(),
+            max_api_token_ttl: API_TOKEN_MAX_TTL,
         }
     }
 }
@@ -63,6 +64,9 @@ impl Default for Settings {
 pub struct Caller {
     pub user: User,
     pub token_id: String,
+    /// When the calling token stops working: the earlier of its record's
+    /// and its authority block's expiry (attenuations may end it sooner).
+    pub token_expires_at: chrono::DateTime<Utc>,
     token: VerifiedToken,
 }
 
@@ -180,6 +184,8 @@ pub struct Identity {
     limiter: LoginLimiter,
     audit: Auditor,
     settings: Settings,
+    /// Token verification and evaluation, off the async workers.
+    evaluator: Evaluator,
 }
 
 impl Identity {
@@ -191,15 +197,18 @@ impl Identity {
         settings: Settings,
     ) -> Self {
         Self {
-            limiter: LoginLimiter::new(
-                settings.login_failures_per_user,
-                settings.login_failures_per_source,
-            ),
+            limiter: LoginLimiter::new(settings.login_limits),
             db,
             keys,
             audit,
             settings,
+            evaluator: Evaluator::default(),
         }
+    }
+
+    /// The tunables in effect.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The database (for bootstrap and tests).
@@ -281,16 +290,21 @@ impl Identity {
         password: &str,
         ctx: &RequestContext,
     ) -> Result<(IssuedToken, User)> {
-        let source = Some(ctx.client_address.as_str());
+        // The gateway's trusted `ip:port`: the limits key it by the IP.
+        let source = ctx.client_address.as_str();
         let mut origin = Origin {
             client_address: ctx.client_address.clone(),
             request_id: ctx.request_id.clone(),
             ..Origin::default()
         };
-        if self.limiter.is_blocked(username, source) {
-            self.login_failure(&origin, username, "rate_limited")
-                .await?;
-            return Err(Error::RateLimited);
+        match self.limiter.check(username, source) {
+            Verdict::Allow => {}
+            Verdict::Delay(delay) => tokio::time::sleep(delay).await,
+            Verdict::Refuse(_) => {
+                self.login_failure(&origin, username, "rate_limited")
+                    .await?;
+                return Err(Error::RateLimited);
+            }
         }
         let found = if username.is_empty() || username.len() > 64 {
             None
@@ -361,15 +375,22 @@ impl Identity {
             return Err(unauth("missing token"));
         }
         use vibebox_token::TokenError as T;
-        let verified = self.keys.verify(token).map_err(|e| match e {
-            T::UnknownKey => unauth("token signed by an unknown key"),
-            T::InvalidSignature => unauth("invalid token signature"),
-            T::Expired => unauth("token expired"),
-            T::Malformed | T::MissingClaims | T::Denied | T::Invalid { .. } => {
-                unauth("malformed token")
-            }
-            e @ (T::InvalidKey | T::Internal(_)) => Error::Token(e),
-        })?;
+        let keys = self.keys.clone();
+        let owned = token.to_owned();
+        let verified = self
+            .evaluator
+            .run(move || keys.verify(&owned))
+            .await
+            .map_err(|e| match e {
+                T::UnknownKey => unauth("token signed by an unknown key"),
+                T::InvalidSignature => unauth("invalid token signature"),
+                T::Expired => unauth("token expired"),
+                T::Refused(rule) => unauth(&format!("token refused: {rule}")),
+                T::Malformed | T::MissingClaims | T::Denied | T::Invalid { .. } => {
+                    unauth("malformed token")
+                }
+                e @ (T::InvalidKey | T::Internal(_)) => Error::Token(e),
+            })?;
         let record = store::token_by_id(&self.db, verified.token_id())
             .await?
             .ok_or_else(|| unauth("unknown token"))?;
@@ -390,6 +411,7 @@ impl Identity {
         }
         Ok(Caller {
             token_id: verified.token_id().to_owned(),
+            token_expires_at: record.expires_at.min(verified.expires_at()),
             user,
             token: verified,
         })
@@ -410,7 +432,8 @@ impl Identity {
         if !resource.environment_id.is_empty() {
             request = request.environment(&resource.environment_id);
         }
-        match caller.token.authorize(&request) {
+        let token = caller.token.clone();
+        match self.evaluator.run(move || token.authorize(&request)).await {
             Ok(()) => {}
             Err(e @ vibebox_token::TokenError::Internal(_)) => return Err(Error::Token(e)),
             // An expired token (or attenuation) authenticates nobody.
@@ -868,7 +891,13 @@ impl Identity {
     }
 
     /// Issues an API token for the caller, derived from the calling token
-    /// (revoking that one revokes this one too).
+    /// (revoking that one revokes this one too). Tokens never widen:
+    /// - the calling token must be unattenuated (a Login session or an API
+    ///   token as issued): an attenuated token's restrictions cannot be
+    ///   carried into a fresh token, so it mints nothing (`token.attenuated_parent`);
+    /// - the new token never outlives the calling one (`token.outlives_parent`;
+    ///   without a requested TTL the default is cut to fit);
+    /// - no API token lives longer than the platform maximum (`token.max_ttl`).
     pub async fn create_api_token(
         &self,
         caller: &Caller,
@@ -884,10 +913,7 @@ impl Identity {
                 "at most 256 characters, no control characters",
             ));
         }
-        let ttl = ttl.unwrap_or(API_TOKEN_DEFAULT_TTL);
-        if ttl.is_zero() || ttl > API_TOKEN_MAX_TTL {
-            return Err(Error::invalid("ttl_seconds", "1 second to 365 days"));
-        }
+        let ttl = self.api_token_ttl(caller, ttl, Utc::now())?;
         let txn = vibebox_db::begin_write(&self.db).await?;
         let issued = self
             .issue(
@@ -915,6 +941,80 @@ impl Identity {
             .await?;
         txn.commit().await?;
         Ok(issued)
+    }
+
+    /// The lifetime of an API token minted by `caller` at `now` (see
+    /// [`Identity::create_api_token`] for the rules).
+    fn api_token_ttl(
+        &self,
+        caller: &Caller,
+        requested: Option<Duration>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Duration> {
+        if caller.token.attenuation_blocks() > 0 {
+            return Err(Error::Refused {
+                message: "an attenuated token cannot mint API tokens".into(),
+                violations: vec![(
+                    "token.attenuated_parent",
+                    "authorization".into(),
+                    "API tokens are minted only with an unattenuated token (a Login \
+                     session or an API token as issued): restrictions are never dropped"
+                        .into(),
+                )],
+            });
+        }
+        let max = self.settings.max_api_token_ttl;
+        let parent_left = (caller.token_expires_at - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let Some(requested) = requested else {
+            let ttl = API_TOKEN_DEFAULT_TTL.min(max).min(parent_left);
+            if ttl < Duration::from_secs(1) {
+                return Err(Error::Refused {
+                    message: "the calling token is about to expire".into(),
+                    violations: vec![(
+                        "token.outlives_parent",
+                        "ttl_seconds".into(),
+                        "the calling token expires within a second".into(),
+                    )],
+                });
+            }
+            return Ok(ttl);
+        };
+        if requested.is_zero() {
+            return Err(Error::invalid("ttl_seconds", "at least 1 second"));
+        }
+        let mut violations = Vec::new();
+        if requested > max {
+            violations.push((
+                "token.max_ttl",
+                "ttl_seconds".into(),
+                format!(
+                    "API tokens live at most {} seconds on this platform",
+                    max.as_secs()
+                ),
+            ));
+        }
+        if requested > parent_left {
+            violations.push((
+                "token.outlives_parent",
+                "ttl_seconds".into(),
+                format!(
+                    "a minted token never outlives the calling token, which expires at {} \
+                     (at most {} seconds from now)",
+                    caller.token_expires_at.to_rfc3339(),
+                    parent_left.as_secs()
+                ),
+            ));
+        }
+        if violations.is_empty() {
+            Ok(requested)
+        } else {
+            Err(Error::Refused {
+                message: "the requested token lifetime is not allowed".into(),
+                violations,
+            })
+        }
     }
 
     /// Revokes a token of the caller's (any token for platform admins) and

@@ -917,14 +917,17 @@ async fn validation_duplicates_and_no_existence_oracle() {
 }
 
 #[tokio::test]
-async fn failed_logins_are_rate_limited_per_user_and_per_source() {
-    // Three failures per minute per user and per source: a budget refills
-    // one failure every 20 s, far longer than this test's steps take.
+async fn failed_logins_are_limited_per_account_and_address_never_everywhere() {
+    // Three failures per minute per (account, address), per address and per
+    // account: a budget refills one failure every 20 s, far longer than this
+    // test's steps take.
     let pki = TestPki::new();
     let dir = pki.server_args("identity").data_dir;
     let mut h = Harness::start_with(pki, dir, None, |c| {
-        c.login_failures_per_user = 3;
+        c.login_failures_per_account_source = 3;
         c.login_failures_per_source = 3;
+        c.login_failures_per_account = 3;
+        c.login_backoff_ms = 300;
     })
     .await;
     h.create_user("victim", PlatformRole::None).await;
@@ -939,45 +942,66 @@ async fn failed_logins_are_rate_limited_per_user_and_per_source() {
         );
         r
     };
+    // One address guessing, a new connection (port) per guess.
     for i in 0..3 {
         let err = h
             .identity
-            .login(attempt("victim", "wrong password!", &format!("10.0.0.{i}")))
+            .login(attempt(
+                "victim",
+                "wrong password!",
+                &format!("10.0.0.1:{}", 40000 + i),
+            ))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    // The user's budget is spent: one more failure blocks it, even for the
-    // right password from a fresh source.
     let _ = h
         .identity
-        .login(attempt("victim", "wrong password!", "10.0.0.99"))
+        .login(attempt("victim", "wrong password!", "10.0.0.1:41000"))
         .await;
+    // That address is locked out of the account, whatever its port, even
+    // with the right password; the refusal says when to retry.
     let err = h
         .identity
-        .login(attempt("victim", PASSWORD, "10.0.1.1"))
+        .login(attempt("victim", PASSWORD, "10.0.0.1:42000"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(!err.details().is_empty(), "a RetryInfo detail: {err:?}");
+    // The owner, from another address, still gets in: the account's own
+    // budget is spent, so only slowly.
+    let started = Instant::now();
+    h.identity
+        .login(attempt("victim", PASSWORD, "10.0.1.1:5000"))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "a much-guessed account is slowed down"
+    );
 
-    // One source spraying many usernames gets blocked as a source.
+    // One address spraying many usernames gets blocked as a source.
     h.create_user("bystander", PlatformRole::None).await;
     for i in 0..4 {
         let _ = h
             .identity
-            .login(attempt(&format!("nobody{i}"), "whatever12345", "192.0.2.7"))
+            .login(attempt(
+                &format!("nobody{i}"),
+                "whatever12345",
+                &format!("192.0.2.7:{}", 1000 + i),
+            ))
             .await;
     }
     let err = h
         .identity
-        .login(attempt("bystander", PASSWORD, "192.0.2.7"))
+        .login(attempt("bystander", PASSWORD, "192.0.2.7:2000"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     let events = outbox_events(&h.data_dir);
     let limited = events
         .iter()
-        .filter(|e| e.action == "auth.login" && e.client_address == "192.0.2.7")
+        .filter(|e| e.action == "auth.login" && e.client_address.starts_with("192.0.2.7:"))
         .filter(|e| {
             e.details
                 .as_ref()
@@ -987,7 +1011,7 @@ async fn failed_logins_are_rate_limited_per_user_and_per_source() {
     assert!(limited >= 1);
     // From elsewhere the bystander logs in fine.
     h.identity
-        .login(attempt("bystander", PASSWORD, "192.0.2.8"))
+        .login(attempt("bystander", PASSWORD, "192.0.2.8:2000"))
         .await
         .unwrap();
     h.stop().await;

@@ -49,6 +49,170 @@ pub enum SpecError {
     EngineMount(String),
     #[error("{0} mode {1:?} shares a namespace with the host or another container")]
     SharedNamespace(&'static str, String),
+    #[error("bind source {source_path:?} (mount {index}) is refused: {reason}")]
+    BindSource {
+        index: usize,
+        source_path: String,
+        reason: BindSourceReason,
+    },
+}
+
+/// Why a bind source is not mounted: the engine follows symlinks in a bind
+/// source when it mounts it (at every start), so a path the policy judged
+/// lexically must also hold on the host, and keep holding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindSourceReason {
+    #[error("{0} is not a normalized absolute path")]
+    NotNormalized(String),
+    #[error("{0} is a symbolic link")]
+    Symlink(String),
+    #[error(
+        "{0} does not exist or is not visible to the orchestrator (it must see the bind prefixes at the engine's paths)"
+    )]
+    Missing(String),
+    #[error("{0} is not a directory")]
+    NotDirectory(String),
+    #[error(
+        "{0} can be changed by a non-root user (owned by uid {1}, mode {2:o}): an entry below it could be swapped for a symbolic link"
+    )]
+    WritableAncestor(String, u32, u32),
+    #[error("{0}: {1}")]
+    Unreadable(String, String),
+}
+
+/// Checks every bind source of a cleared spec on the host's filesystem, the
+/// one the engine resolves it on (the orchestrator must share it: the local
+/// socket, or the bind prefixes mounted into the orchestrator at the same
+/// paths as on the engine's host). A source is mounted only when
+///
+/// - no component of it is a symbolic link (the engine would follow it,
+///   out of the prefix the policy allowed), and
+/// - every directory above it is owned by root and writable by nobody else,
+///   or is sticky (`/tmp`) with the next component owned by root: so no
+///   tenant (never uid 0) can swap a component for a symbolic link between
+///   this check and the engine's mount, or before a later restart.
+///
+/// The source itself may be writable (that is what a bind is for); what a
+/// tenant creates inside it is never a component of another bind's path,
+/// since that path's parent would be tenant-writable. A path the
+/// orchestrator cannot see is refused (fail closed).
+pub fn verify_bind_sources(spec: &ContainerSpec) -> Result<(), SpecError> {
+    for (index, m) in spec.mounts.iter().enumerate() {
+        if SpecMountType::try_from(m.r#type) != Ok(SpecMountType::Bind) {
+            continue;
+        }
+        verify_bind_source(&m.source).map_err(|reason| SpecError::BindSource {
+            index,
+            source_path: m.source.clone(),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+fn verify_bind_source(source: &str) -> Result<(), BindSourceReason> {
+    use std::os::unix::fs::MetadataExt;
+    let normalized = lexical(source);
+    if normalized != source {
+        // The policy hands over normalized paths; anything else was not judged.
+        return Err(BindSourceReason::NotNormalized(source.to_owned()));
+    }
+    let lstat = |p: &str| match std::fs::symlink_metadata(p) {
+        Ok(m) => Ok(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(BindSourceReason::Missing(p.to_owned()))
+        }
+        Err(e) => Err(BindSourceReason::Unreadable(p.to_owned(), e.to_string())),
+    };
+    let parts: Vec<&str> = normalized.split('/').filter(|p| !p.is_empty()).collect();
+    let mut dir = String::from("/");
+    let mut dir_meta = lstat("/")?;
+    for part in parts {
+        let child = if dir == "/" {
+            format!("/{part}")
+        } else {
+            format!("{dir}/{part}")
+        };
+        let child_meta = lstat(&child)?;
+        if child_meta.file_type().is_symlink() {
+            return Err(BindSourceReason::Symlink(child));
+        }
+        if !dir_meta.is_dir() {
+            return Err(BindSourceReason::NotDirectory(dir));
+        }
+        let mode = dir_meta.mode() & 0o7777;
+        let others_write = mode & 0o022 != 0;
+        let sticky = mode & 0o1000 != 0;
+        let safe = dir_meta.uid() == 0 && (!others_write || (sticky && child_meta.uid() == 0));
+        if !safe {
+            return Err(BindSourceReason::WritableAncestor(
+                dir,
+                dir_meta.uid(),
+                mode,
+            ));
+        }
+        dir = child;
+        dir_meta = child_meta;
+    }
+    Ok(())
+}
+
+/// What the engine's refusal of a cleared spec names: the field to fix and
+/// the engine's reason, without the engine's internal paths.
+pub fn engine_refusal(spec: &ContainerSpec, message: &str) -> (String, String) {
+    let reason: String = message
+        .split(' ')
+        .map(|word| {
+            let internal = [
+                "/var/lib/docker",
+                "/run/containerd",
+                "/var/run/docker",
+                "/run/docker",
+            ]
+            .iter()
+            .any(|p| word.contains(p));
+            if internal { "<engine path>" } else { word }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(512)
+        .collect();
+    let lower = message.to_ascii_lowercase();
+    let quoted = |t: &str| format!("\"{t}\"");
+    let mount = spec
+        .mounts
+        .iter()
+        .position(|m| message.contains(&format!("rootfs at {}", quoted(&m.target))))
+        .or_else(|| {
+            spec.mounts
+                .iter()
+                .position(|m| message.contains(&quoted(&m.target)))
+        });
+    let field = if lower.contains("no command specified") {
+        "spec.command".to_owned()
+    } else if let Some(i) = mount {
+        format!("spec.mounts[{i}].target")
+    } else if lower.contains("unable to find user")
+        || lower.contains("no matching entries in passwd")
+        || lower.contains("no matching entries in group")
+    {
+        "spec.user".to_owned()
+    } else if lower.contains("chdir") || lower.contains("working dir") || lower.contains("cwd") {
+        "spec.working_dir".to_owned()
+    } else if lower.contains("executable file not found")
+        || lower.contains("exec format error")
+        || lower.contains("exec:")
+    {
+        if spec.command.is_empty() && !spec.entrypoint.is_empty() {
+            "spec.entrypoint".to_owned()
+        } else {
+            "spec.command".to_owned()
+        }
+    } else {
+        "spec".to_owned()
+    };
+    (field, reason)
 }
 
 /// `path` with `.`, `..` and repeated or trailing slashes resolved lexically.
@@ -343,6 +507,9 @@ pub fn container_body(
         readonly_rootfs: Some(spec.read_only_rootfs.unwrap_or(false)),
         nano_cpus: spec.cpu_limit.map(|_| nano_cpus(spec)),
         memory: spec.memory_limit_mb.map(|_| memory_bytes(spec)),
+        // Swap pinned to memory: no swap beyond the limit (Docker's default
+        // would add as much swap again).
+        memory_swap: spec.memory_limit_mb.map(|_| memory_bytes(spec)),
         pids_limit: spec.pids_limit,
         init: Some(true),
         restart_policy: Some(RestartPolicy {
@@ -562,6 +729,7 @@ mod tests {
         assert_eq!(h.cap_drop.as_deref(), Some(&["ALL".to_string()][..]));
         assert_eq!(h.nano_cpus, Some(500_000_000));
         assert_eq!(h.memory, Some(64 * MIB));
+        assert_eq!(h.memory_swap, Some(64 * MIB), "no swap beyond memory");
         assert!(
             h.security_opt
                 .as_ref()
@@ -624,5 +792,129 @@ mod volume_scope_tests {
         assert_eq!(named_volume("e1", "data"), "vibebox-ws-e1-data");
         assert_ne!(named_volume("e1", "data"), named_volume("e2", "data"));
         assert_eq!(named_volume("e1", "../x y"), "vibebox-ws-e1-..-x-y");
+    }
+}
+
+#[cfg(test)]
+mod host_checks_tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn bind_at(source: &str) -> ContainerSpec {
+        ContainerSpec {
+            mounts: vec![vibebox_proto::environment::Mount {
+                r#type: SpecMountType::Bind as i32,
+                source: source.into(),
+                target: "/data".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn reason(source: &str) -> Option<BindSourceReason> {
+        match verify_bind_sources(&bind_at(source)) {
+            Ok(()) => None,
+            Err(SpecError::BindSource { reason, index, .. }) => {
+                assert_eq!(index, 0);
+                Some(reason)
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bind_sources_hold_on_the_host() {
+        let root = tempfile::tempdir_in("/tmp").unwrap();
+        let prefix = root.path().to_str().unwrap().to_owned();
+        std::fs::set_permissions(&prefix, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let project = format!("{prefix}/project");
+        std::fs::create_dir(&project).unwrap();
+        std::fs::set_permissions(&project, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::create_dir(format!("{project}/sub")).unwrap();
+        std::os::unix::fs::symlink("/", format!("{project}/escape")).unwrap();
+
+        assert!(matches!(
+            reason("/tmp/x/../y"),
+            Some(BindSourceReason::NotNormalized(_))
+        ));
+        assert!(matches!(
+            reason(&format!("{prefix}/missing")),
+            Some(BindSourceReason::Missing(_))
+        ));
+        assert_eq!(
+            reason(&format!("{project}/escape")),
+            Some(BindSourceReason::Symlink(format!("{project}/escape")))
+        );
+        assert_eq!(
+            reason(&format!("{project}/escape/etc")),
+            Some(BindSourceReason::Symlink(format!("{project}/escape")))
+        );
+        // Not symlinks, and the volume/tmpfs mounts are not looked at.
+        assert!(
+            verify_bind_sources(&ContainerSpec {
+                mounts: vec![vibebox_proto::environment::Mount {
+                    r#type: SpecMountType::Tmpfs as i32,
+                    target: "/x".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        if std::fs::metadata(&prefix).unwrap().uid() == 0 {
+            // Root-owned ancestors (sticky /tmp with a root-owned child).
+            assert_eq!(reason(&prefix), None);
+            assert_eq!(reason(&project), None);
+            // Below a directory a tenant can write: refused.
+            assert!(matches!(
+                reason(&format!("{project}/sub")),
+                Some(BindSourceReason::WritableAncestor(dir, 0, 0o777)) if dir == project
+            ));
+        } else {
+            // /tmp is sticky but our directory is not root's.
+            assert!(matches!(
+                reason(&project),
+                Some(BindSourceReason::WritableAncestor(_, _, _))
+            ));
+        }
+    }
+
+    #[test]
+    fn engine_refusals_name_the_field_and_hide_engine_paths() {
+        let spec = ContainerSpec {
+            mounts: vec![vibebox_proto::environment::Mount {
+                r#type: SpecMountType::Tmpfs as i32,
+                target: "/etc/hosts".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (field, reason) = engine_refusal(&spec, "No command specified");
+        assert_eq!(field, "spec.command");
+        assert_eq!(reason, "No command specified");
+        let (field, _) = engine_refusal(
+            &spec,
+            "failed to create shim task: OCI runtime create failed: runc create failed: \
+             unable to start container process: error during container init: error mounting \
+             \"tmpfs\" to rootfs at \"/etc/hosts\": mount tmpfs:/etc/hosts (via /proc/self/fd/6), \
+             flags: 0xe: not a directory: unknown",
+        );
+        assert_eq!(field, "spec.mounts[0].target");
+        let (field, _) = engine_refusal(
+            &spec,
+            "unable to find user dev: no matching entries in passwd file",
+        );
+        assert_eq!(field, "spec.user");
+        let (field, reason) = engine_refusal(
+            &spec,
+            "exec: \"nope\": executable file not found in $PATH at /var/lib/docker/overlay2/abc/merged",
+        );
+        assert_eq!(field, "spec.command");
+        assert!(!reason.contains("/var/lib/docker"), "{reason}");
+        let (field, _) = engine_refusal(&spec, "something else");
+        assert_eq!(field, "spec");
+        assert!(engine_refusal(&spec, &"x".repeat(5000)).1.len() <= 512);
     }
 }

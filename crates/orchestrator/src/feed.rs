@@ -138,7 +138,7 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
             match store.get(&id).await {
                 Ok(Some(record))
                     if record.installation_id == orchestrator.installation()
-                        && State::parse(&record.state).ok() != Some(State::Deleted) =>
+                        && record.state != State::Deleted =>
                 {
                     message.upserted.push(environment_pb(&record));
                 }

@@ -13,6 +13,7 @@ use vibebox_proto::runtime::runtime_service_server::RuntimeService;
 use vibebox_proto::runtime::*;
 
 use crate::audit::Caller;
+use crate::docker::SpecError;
 use crate::feed;
 use crate::service::{CreateRequest, Error, Orchestrator, Rejection};
 use crate::store::{EnvRecord, State};
@@ -40,6 +41,18 @@ impl From<Error> for Status {
                     Status::permission_denied(msg)
                 }
             }
+            Error::Spec(SpecError::BindSource {
+                index,
+                source_path: _,
+                reason,
+            }) => status::precondition_failure(
+                &format!("bind source refused on the host: {reason}"),
+                &[(
+                    "mount.bind_source",
+                    &format!("spec.mounts[{index}].source"),
+                    &reason.to_string(),
+                )],
+            ),
             Error::Spec(s) => status::precondition_failure(
                 "the cleared spec cannot be applied",
                 &[("orchestrator.spec", "spec", &s.to_string())],
@@ -60,6 +73,10 @@ impl From<Error> for Status {
                 &e.to_string(),
                 &[("orchestrator.image", "image", "image not available")],
             ),
+            Error::EngineRefused { field, reason } => status::precondition_failure(
+                &format!("the Docker Engine refused the spec: {reason}"),
+                &[("engine.refused", &field, &reason)],
+            ),
             Error::Docker(bollard::errors::Error::DockerResponseServerError {
                 status_code: 409,
                 message,
@@ -73,6 +90,7 @@ impl From<Error> for Status {
             }
             e @ Error::Store(_) => status::internal(&e),
             e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
+            e @ Error::Keys(_) => status::unavailable("policy clearance keys", &e),
             e @ Error::SimulatedCrash => status::internal(&e),
         }
     }
@@ -102,16 +120,15 @@ fn ts_ms(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-fn state_pb(s: &str) -> env_pb::EnvironmentState {
-    match State::parse(s) {
-        Ok(State::Creating) => env_pb::EnvironmentState::Creating,
-        Ok(State::Running) => env_pb::EnvironmentState::Running,
-        Ok(State::Stopped) => env_pb::EnvironmentState::Stopped,
-        Ok(State::Failed) => env_pb::EnvironmentState::Failed,
-        Ok(State::Deleting) => env_pb::EnvironmentState::Deleting,
-        Ok(State::Deleted) => env_pb::EnvironmentState::Deleted,
-        Ok(State::Quarantined) => env_pb::EnvironmentState::Quarantined,
-        Err(_) => env_pb::EnvironmentState::Unspecified,
+fn state_pb(state: State) -> env_pb::EnvironmentState {
+    match state {
+        State::Creating => env_pb::EnvironmentState::Creating,
+        State::Running => env_pb::EnvironmentState::Running,
+        State::Stopped => env_pb::EnvironmentState::Stopped,
+        State::Failed => env_pb::EnvironmentState::Failed,
+        State::Deleting => env_pb::EnvironmentState::Deleting,
+        State::Deleted => env_pb::EnvironmentState::Deleted,
+        State::Quarantined => env_pb::EnvironmentState::Quarantined,
     }
 }
 
@@ -122,7 +139,7 @@ pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
         team_id: r.team_id.clone(),
         owner_id: r.owner_id.clone(),
         name: r.name.clone(),
-        state: state_pb(&r.state) as i32,
+        state: state_pb(r.state) as i32,
         spec: Some(Orchestrator::spec_of(r)),
         policy_version: r.policy_version.clone(),
         policy_digest: r.policy_digest.clone(),
@@ -187,6 +204,7 @@ impl RuntimeHandler {
     }
 
     /// Holds every change on the environment feed back by `delay` (tests).
+    #[cfg(feature = "test-hooks")]
     pub fn feed_delay(mut self, delay: std::time::Duration) -> Self {
         self.feed_delay = delay;
         self

@@ -1,8 +1,18 @@
 //! The public keys clearances are verified with: static keys from a file
 //! (tests, air-gapped setups) plus the policy service's keys fetched over
-//! mTLS from `ClearanceService.GetClearanceKeys`, refreshed (rate limited)
-//! when a clearance names a key id the ring does not know.
+//! mTLS from `ClearanceService.GetClearanceKeys`.
+//!
+//! Retirement is immediate: the ring is refreshed from policy whenever it is
+//! older than [`KeyRefresh::every`] (1 s by default) at the moment a
+//! clearance is verified, and the fetched list replaces the old one, so a
+//! key policy no longer publishes (retired) is refused within that time. A
+//! ring that could not be refreshed for [`KeyRefresh::max_age`] (2 s by
+//! default) is not trusted at all: only static keys still verify and every
+//! other clearance is refused as unverifiable (fail closed). A key id the
+//! ring does not know also triggers a (rate-limited) fetch, so a rotated-in
+//! key works at once.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -54,77 +64,167 @@ pub fn load_key_file(path: &Path) -> Result<Vec<VerifyingKey>, KeyError> {
     Ok(keys)
 }
 
+/// How often the ring is refreshed from policy and how old it may get.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRefresh {
+    /// A ring older than this is refreshed before it verifies a clearance.
+    pub every: Duration,
+    /// A ring older than this (policy unreachable) verifies nothing but the
+    /// static keys.
+    pub max_age: Duration,
+    /// Minimum time between fetches triggered by an unknown key id.
+    pub unknown_key_min_interval: Duration,
+}
+
+impl Default for KeyRefresh {
+    fn default() -> Self {
+        Self {
+            every: Duration::from_secs(1),
+            max_age: Duration::from_secs(2),
+            unknown_key_min_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The ring cannot be trusted: policy has not answered for too long.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the clearance keys could not be refreshed from the policy service for {age_ms} ms (at most {max_age_ms} ms allowed); refusing to verify clearances with possibly retired keys"
+)]
+pub struct StaleKeys {
+    /// Milliseconds since the last successful refresh (`u64::MAX`: never).
+    pub age_ms: u64,
+    pub max_age_ms: u64,
+}
+
 struct State {
     ring: KeyRing,
-    last_fetch: Option<Instant>,
+    /// When the request behind the current ring was sent (conservative).
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+    last_unknown_fetch: Option<Instant>,
+    /// Key ids policy published once and no longer does: refused as
+    /// retired (rather than unknown) so the refusal says why.
+    withdrawn: BTreeSet<String>,
 }
+
+/// Upper bound for one `GetClearanceKeys` call.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failed fetches are retried at most this often.
+const RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// The key ring with its refresh policy.
 pub struct ClearanceKeys {
     static_keys: Vec<VerifyingKey>,
     policy: Option<ClearanceServiceClient<GrpcChannel>>,
-    min_refresh: Duration,
+    refresh: KeyRefresh,
     state: Mutex<State>,
 }
 
 impl ClearanceKeys {
     /// Keys from `static_keys`, plus those of the policy service when a
-    /// channel is given; an unknown key id triggers a fetch at most once per
-    /// `min_refresh`.
+    /// channel is given, refreshed as `refresh` says.
     pub fn new(
         static_keys: Vec<VerifyingKey>,
         policy: Option<GrpcChannel>,
-        min_refresh: Duration,
+        refresh: KeyRefresh,
     ) -> Self {
-        let mut ring = KeyRing::new();
-        for k in &static_keys {
-            ring.insert(*k);
-        }
         ClearanceKeys {
+            state: Mutex::new(State {
+                ring: static_ring(&static_keys),
+                fetched_at: None,
+                last_attempt: None,
+                last_unknown_fetch: None,
+                withdrawn: BTreeSet::new(),
+            }),
             static_keys,
             policy: policy.map(ClearanceServiceClient::new),
-            min_refresh,
-            state: Mutex::new(State {
-                ring,
-                last_fetch: None,
-            }),
+            refresh,
         }
     }
 
-    /// A ring that knows `key_id` if any source does (fetching from the
-    /// policy service when needed and allowed by the rate limit).
-    pub async fn ring_for(&self, key_id: &str) -> KeyRing {
-        let mut state = self.state.lock().await;
-        if state.ring.contains(key_id) {
-            return state.ring.clone();
-        }
+    /// The ring to verify a clearance signed by `key_id` with: refreshed
+    /// from policy when older than `every` (or when it does not know
+    /// `key_id`, rate limited). A ring older than `max_age` is refused
+    /// unless `key_id` is a static key.
+    pub async fn ring_for(&self, key_id: &str) -> Result<KeyRing, StaleKeys> {
         let Some(policy) = &self.policy else {
-            return state.ring.clone();
+            return Ok(static_ring(&self.static_keys));
         };
-        if state
-            .last_fetch
-            .is_some_and(|t| t.elapsed() < self.min_refresh)
-        {
-            return state.ring.clone();
-        }
-        state.last_fetch = Some(Instant::now());
-        match policy
-            .clone()
-            .get_clearance_keys(GetClearanceKeysRequest {})
-            .await
-        {
-            Ok(resp) => {
-                let mut ring = KeyRing::from_proto(&resp.into_inner().keys);
-                for k in &self.static_keys {
-                    ring.insert(*k);
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        let old = state
+            .fetched_at
+            .is_none_or(|t| now.duration_since(t) >= self.refresh.every);
+        let unknown = !state.ring.contains(key_id)
+            && state
+                .last_unknown_fetch
+                .is_none_or(|t| now.duration_since(t) >= self.refresh.unknown_key_min_interval);
+        let may_retry = state
+            .last_attempt
+            .is_none_or(|t| now.duration_since(t) >= RETRY_MIN);
+        if (old && may_retry) || unknown {
+            if unknown {
+                state.last_unknown_fetch = Some(now);
+            }
+            state.last_attempt = Some(now);
+            let mut client = policy.clone();
+            let fetch = client.get_clearance_keys(GetClearanceKeysRequest {});
+            match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+                Ok(Ok(resp)) => {
+                    let mut ring = KeyRing::from_proto(&resp.into_inner().keys);
+                    for k in &self.static_keys {
+                        ring.insert(*k);
+                    }
+                    let published = key_ids(&ring);
+                    let before = key_ids(&state.ring);
+                    state
+                        .withdrawn
+                        .extend(before.difference(&published).cloned());
+                    state.withdrawn.retain(|id| !published.contains(id));
+                    for id in &state.withdrawn {
+                        ring.retire(id);
+                    }
+                    if ring.len() != state.ring.len() || state.fetched_at.is_none() {
+                        tracing::info!(keys = ring.len(), "refreshed clearance keys from policy");
+                    }
+                    state.ring = ring;
+                    state.fetched_at = Some(now);
                 }
-                tracing::info!(keys = ring.len(), "refreshed clearance keys from policy");
-                state.ring = ring;
-            }
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), "cannot fetch clearance keys from policy");
+                Ok(Err(status)) => {
+                    tracing::warn!(code = ?status.code(), "cannot fetch clearance keys from policy");
+                }
+                Err(_) => {
+                    tracing::warn!("fetching clearance keys from policy timed out");
+                }
             }
         }
-        state.ring.clone()
+        let age = state.fetched_at.map(|t| Instant::now().duration_since(t));
+        if age.is_some_and(|a| a <= self.refresh.max_age) {
+            return Ok(state.ring.clone());
+        }
+        // Stale: whatever policy published may have been retired since.
+        let ring = static_ring(&self.static_keys);
+        if ring.contains(key_id) {
+            return Ok(ring);
+        }
+        Err(StaleKeys {
+            age_ms: age.map_or(u64::MAX, |a| {
+                u64::try_from(a.as_millis()).unwrap_or(u64::MAX)
+            }),
+            max_age_ms: u64::try_from(self.refresh.max_age.as_millis()).unwrap_or(u64::MAX),
+        })
     }
+}
+
+fn key_ids(ring: &KeyRing) -> BTreeSet<String> {
+    ring.to_proto().into_iter().map(|k| k.key_id).collect()
+}
+
+fn static_ring(keys: &[VerifyingKey]) -> KeyRing {
+    let mut ring = KeyRing::new();
+    for k in keys {
+        ring.insert(*k);
+    }
+    ring
 }

@@ -2,7 +2,8 @@
 //! policy cleared.
 //!
 //! Code map:
-//! - [`service`]: lifecycle and admission (clearance, replay, quotas, subnet);
+//! - [`admission`]: quota, capacity, subnet and idempotency as pure functions;
+//! - [`service`]: clearance checks, provisioning and lifecycle;
 //! - [`streams`]: logs, exec, stats;
 //! - [`reconcile`]: orphans, lost containers, drift, interrupted operations;
 //! - [`docker`]: spec -> hardened Docker objects, and the drift comparison;
@@ -10,12 +11,17 @@
 //! - [`subnet`]: the environment address pool;
 //! - [`keys`]: clearance verification keys (file and policy service);
 //! - [`audit`]: audit events; [`grpc`]: the RuntimeService adapter;
-//! - [`testkit`]: test image, signed clearances and a loopback harness.
+//! - [`feed`]: the change feed the gateway's replica follows;
+//! - [`lease`]: one orchestrator per database;
+//! - [`hooks`] and [`testkit`] (feature `test-hooks` only): crash points, a
+//!   held-back feed, the test image, signed clearances and a loopback harness.
 
+pub mod admission;
 pub mod audit;
 pub mod docker;
 pub mod feed;
 pub mod grpc;
+pub mod hooks;
 pub mod keys;
 pub mod lease;
 pub mod reconcile;
@@ -23,6 +29,7 @@ pub mod service;
 pub mod store;
 pub mod streams;
 pub mod subnet;
+#[cfg(feature = "test-hooks")]
 pub mod testkit;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +42,9 @@ use vibebox_audit_client::{AuditClient, AuditClientConfig};
 use vibebox_proto::runtime::runtime_service_server::RuntimeServiceServer;
 use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 
-pub use service::{CrashPoint, Orchestrator};
+#[cfg(feature = "test-hooks")]
+pub use hooks::CrashPoint;
+pub use service::Orchestrator;
 
 /// The service name (mTLS identity, audit source, logs).
 pub const SERVICE_NAME: &str = "orchestrator";
@@ -74,6 +83,12 @@ pub struct Config {
     /// Minimum seconds between key fetches triggered by unknown key ids.
     #[arg(long, env = "VIBEBOX_KEY_REFRESH_SECONDS", default_value_t = 10)]
     pub key_refresh_seconds: u64,
+    /// Milliseconds after which the clearance key ring is fetched again from policy before it verifies a clearance (a retired key is refused within this time).
+    #[arg(long, env = "VIBEBOX_KEY_RING_REFRESH_MS", default_value_t = 1000)]
+    pub key_ring_refresh_ms: u64,
+    /// Milliseconds after the last successful fetch beyond which the ring is not trusted (clearances refused as UNAVAILABLE, except for static keys).
+    #[arg(long, env = "VIBEBOX_KEY_RING_MAX_AGE_MS", default_value_t = 2000)]
+    pub key_ring_max_age_ms: u64,
     /// This installation's id, carried in a label on every Docker object (default: generated once and kept in <data-dir>/installation-id).
     #[arg(long, env = "VIBEBOX_INSTALLATION_ID")]
     pub installation_id: Option<String>,
@@ -115,6 +130,7 @@ pub struct Config {
     pub docker: DockerEndpoint,
     /// Test hook: every change on the environment feed is held back this
     /// long (a slow feed, to show that the gateway never reads stale state).
+    #[cfg(feature = "test-hooks")]
     #[arg(skip)]
     pub feed_delay: Duration,
 }
@@ -245,6 +261,20 @@ fn database_url(config: &Config) -> String {
         .unwrap_or_else(|| vibebox_db::sqlite_url(&config.server.data_dir.join("orchestrator.db")))
 }
 
+/// The RuntimeService handler, with the feed delay of test builds.
+fn runtime_handler(
+    config: &Config,
+    orchestrator: Orchestrator,
+    shutdown: CancellationToken,
+) -> grpc::RuntimeHandler {
+    let handler = grpc::RuntimeHandler::new(orchestrator, shutdown);
+    #[cfg(feature = "test-hooks")]
+    let handler = handler.feed_delay(config.feed_delay);
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = config;
+    handler
+}
+
 fn outbox_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("outbox").join(SERVICE_NAME)
 }
@@ -272,7 +302,13 @@ pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
     let keys = keys::ClearanceKeys::new(
         static_keys,
         policy,
-        Duration::from_secs(config.key_refresh_seconds),
+        keys::KeyRefresh {
+            every: Duration::from_millis(config.key_ring_refresh_ms),
+            max_age: Duration::from_millis(
+                config.key_ring_max_age_ms.max(config.key_ring_refresh_ms),
+            ),
+            unknown_key_min_interval: Duration::from_secs(config.key_refresh_seconds),
+        },
     );
     let audit_client = AuditClient::open(AuditClientConfig {
         outbox_dir: outbox_dir(&config.server.data_dir),
@@ -355,7 +391,7 @@ pub async fn serve(
         .tls(Some(tls))
         .allow_callers(&["gateway"])
         .add_service(RuntimeServiceServer::new(
-            grpc::RuntimeHandler::new(orchestrator, shutdown.clone()).feed_delay(config.feed_delay),
+            runtime_handler(&config, orchestrator, shutdown.clone()),
         ))
         .serve(listener, shutdown)
         .await?;

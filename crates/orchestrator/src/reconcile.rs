@@ -46,7 +46,7 @@ impl Orchestrator {
     /// Whether a record was quarantined for drift and its event may not be
     /// written yet (a crash, or an audit outbox that refused it).
     pub(crate) fn drift_event_pending(rec: &EnvRecord) -> bool {
-        matches!(State::parse(&rec.state), Ok(State::Quarantined))
+        rec.state == State::Quarantined
             && rec.failure_reason.starts_with(DRIFT_REASON)
             && rec.status_message != DRIFT_AUDITED
     }
@@ -166,10 +166,7 @@ impl Orchestrator {
 
         // Orphans: labelled objects without a live record.
         let holds_objects = |env: &str| {
-            busy.contains(env)
-                || by_id
-                    .get(env)
-                    .is_some_and(|r| !matches!(State::parse(&r.state), Ok(State::Deleted)))
+            busy.contains(env) || by_id.get(env).is_some_and(|r| r.state != State::Deleted)
         };
         let rm = RemoveContainerOptionsBuilder::new()
             .force(true)
@@ -227,7 +224,7 @@ impl Orchestrator {
         containers: &[Found],
         report: &mut Report,
     ) -> Result<()> {
-        let state = State::parse(&rec.state)?;
+        let state = rec.state;
         let store = self.store();
         match state {
             State::Creating => {

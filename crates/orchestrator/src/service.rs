@@ -30,8 +30,10 @@ use vibebox_proto::audit::{Outcome, Severity};
 use vibebox_proto::clearance::Clearance;
 use vibebox_proto::environment::ContainerSpec;
 
+use crate::admission::{self, Decision, Refusal};
 use crate::audit::{Audit, Caller, Event};
 use crate::docker::{self, SpecError, Target};
+use crate::hooks::{Hooks, Point};
 use crate::keys::ClearanceKeys;
 use crate::store::{self, EnvRecord, State, Store, StoreError};
 use crate::subnet::{self, Cidr};
@@ -62,12 +64,19 @@ pub enum Error {
     },
     #[error("image {image} is not available locally and could not be pulled: {reason}")]
     ImageUnavailable { image: String, reason: String },
+    /// The engine refused the cleared spec (a 400 on create or start): the
+    /// caller's to fix, for example an image without a command.
+    #[error("the Docker Engine refused the spec ({field}): {reason}")]
+    EngineRefused { field: String, reason: String },
     #[error("docker: {0}")]
     Docker(#[from] DockerError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("audit: {0}")]
     Audit(#[from] AuditClientError),
+    /// The clearance key ring is too old to trust (policy unreachable).
+    #[error(transparent)]
+    Keys(#[from] crate::keys::StaleKeys),
     /// A create stopped at a test crash point (as if the process was killed).
     #[error("simulated crash (test hook)")]
     SimulatedCrash,
@@ -101,13 +110,7 @@ impl Rejection {
     }
 }
 
-/// Per-team limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Quotas {
-    pub max_environments: u32,
-    pub max_cpu_nanos: i64,
-    pub max_memory_bytes: i64,
-}
+pub use crate::admission::Quotas;
 
 /// Runtime settings of an orchestrator.
 #[derive(Debug, Clone)]
@@ -137,13 +140,6 @@ pub struct CreateRequest {
     pub canonical_image: String,
 }
 
-/// Test hook: where a create stops as if the process had been killed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    AfterNetwork,
-    AfterContainer,
-}
-
 pub(crate) struct Inner {
     pub(crate) docker: Docker,
     pub(crate) store: Store,
@@ -153,13 +149,8 @@ pub(crate) struct Inner {
     admission: Mutex<()>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     host_memory: i64,
-    crash: std::sync::Mutex<Option<CrashPoint>>,
-    abort_at: Option<CrashPoint>,
+    hooks: Hooks,
 }
-
-/// Environment variable that makes the process abort at a crash point
-/// (`network` or `container`), to test recovery from a killed process.
-pub const ABORT_ENV: &str = "VIBEBOX_TEST_ABORT_AFTER";
 
 /// The orchestrator (cheap to clone).
 #[derive(Clone)]
@@ -196,6 +187,14 @@ fn tolerate(r: Result<(), DockerError>) -> Result<(), DockerError> {
     }
 }
 
+/// What a record reserves.
+fn reservation(rec: &EnvRecord) -> admission::Reservation {
+    admission::Reservation {
+        nano_cpus: rec.nano_cpus,
+        memory_bytes: rec.memory_bytes,
+    }
+}
+
 fn required(field: &'static str, v: &str) -> Result<()> {
     if v.trim().is_empty() {
         return Err(Error::InvalidArgument {
@@ -226,12 +225,7 @@ impl Orchestrator {
                 admission: Mutex::new(()),
                 locks: std::sync::Mutex::new(HashMap::new()),
                 host_memory: info.mem_total.unwrap_or(0),
-                crash: std::sync::Mutex::new(None),
-                abort_at: match std::env::var(ABORT_ENV).as_deref() {
-                    Ok("network") => Some(CrashPoint::AfterNetwork),
-                    Ok("container") => Some(CrashPoint::AfterContainer),
-                    _ => None,
-                },
+                hooks: Hooks::from_env(),
             }),
         })
     }
@@ -257,8 +251,9 @@ impl Orchestrator {
     }
 
     /// Test hook: make the next creates stop at `point` as if killed.
-    pub fn set_crash_point(&self, point: Option<CrashPoint>) {
-        *self.inner.crash.lock().unwrap_or_else(|p| p.into_inner()) = point;
+    #[cfg(feature = "test-hooks")]
+    pub fn set_crash_point(&self, point: Option<crate::hooks::CrashPoint>) {
+        self.inner.hooks.set_crash_point(point);
     }
 
     pub(crate) async fn lock_env(&self, id: &str) -> OwnedMutexGuard<()> {
@@ -401,7 +396,7 @@ impl Orchestrator {
         let Some(clearance) = req.clearance.clone() else {
             return Err(self.reject(&req, Rejection::Missing).await);
         };
-        let ring = self.inner.keys.ring_for(&clearance.key_id).await;
+        let ring = self.inner.keys.ring_for(&clearance.key_id).await?;
         let body = match vibebox_clearance::verify(
             &clearance,
             &ring,
@@ -435,7 +430,7 @@ impl Orchestrator {
             owner_id: req.owner_id.clone(),
             name: req.name.clone(),
             request_id: req.request_id.clone(),
-            state: State::Creating.as_str().into(),
+            state: State::Creating,
             spec: prost::Message::encode_to_vec(&spec),
             canonical_image: image,
             policy_digest: body.policy_digest.clone(),
@@ -450,8 +445,22 @@ impl Orchestrator {
             create_time_ms: now,
             update_time_ms: now,
         };
-        // A spec the orchestrator refuses to apply fails before admission.
-        if let Err(e) = self.body_of(&rec) {
+        // A spec the orchestrator refuses to apply fails before admission,
+        // and so does a bind source that does not hold on the host.
+        let binds = spec.clone();
+        let bind_check = tokio::task::spawn_blocking(move || docker::verify_bind_sources(&binds))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SpecError::BindSource {
+                    index: 0,
+                    source_path: String::new(),
+                    reason: docker::BindSourceReason::Unreadable(
+                        String::new(),
+                        "the check did not complete".into(),
+                    ),
+                })
+            });
+        if let Err(e) = self.body_of(&rec).and_then(|_| Ok(bind_check?)) {
             let result = Err(e);
             self.audit_op("environment.create", Some(&req.caller), &rec, &result)
                 .await?;
@@ -513,66 +522,45 @@ impl Orchestrator {
         // deadlocks against writers that wait for the lock on every other
         // pooled connection (until their busy timeout).
         let txn = self.inner.store.begin_immediate().await?;
-        if let Some(existing) = Store::by_request(&txn, &rec.team_id, &rec.request_id).await? {
-            return Ok(Some(existing));
-        }
-        if Store::clearance_used(&txn, &rec.clearance_id).await? {
-            return Err(Error::Clearance(Rejection::Replayed));
-        }
-        if Store::get_in(&txn, &rec.id).await?.is_some() {
-            return Err(Error::AlreadyExists(rec.id.clone()));
-        }
+        let existing = Store::by_request(&txn, &rec.team_id, &rec.request_id).await?;
         let live = Store::live_in(&txn, &s.installation).await?;
-        let holding: Vec<&EnvRecord> = live
-            .iter()
-            .filter(|r| !matches!(State::parse(&r.state), Ok(State::Failed)))
-            .collect();
-        let team: Vec<&&EnvRecord> = holding
-            .iter()
-            .filter(|r| r.team_id == rec.team_id)
-            .collect();
-        if team.len() as u64 >= u64::from(s.quotas.max_environments) {
-            return Err(Error::Quota(format!(
-                "team already has {} of {} environments",
-                team.len(),
-                s.quotas.max_environments
-            )));
-        }
-        let cpu: i64 = team.iter().map(|r| r.nano_cpus).sum::<i64>() + rec.nano_cpus;
-        if cpu > s.quotas.max_cpu_nanos {
-            return Err(Error::Quota(format!(
-                "CPU {:.2} cores over the team limit of {:.2}",
-                cpu as f64 / 1e9,
-                s.quotas.max_cpu_nanos as f64 / 1e9
-            )));
-        }
-        let mem: i64 = team.iter().map(|r| r.memory_bytes).sum::<i64>() + rec.memory_bytes;
-        if mem > s.quotas.max_memory_bytes {
-            return Err(Error::Quota(format!(
-                "memory {} MiB over the team limit of {} MiB",
-                mem / (1024 * 1024),
-                s.quotas.max_memory_bytes / (1024 * 1024)
-            )));
-        }
-        if self.inner.host_memory > 0 {
-            let all: i64 = holding.iter().map(|r| r.memory_bytes).sum::<i64>() + rec.memory_bytes;
-            let cap = (self.inner.host_memory as f64 * s.host_memory_share) as i64;
-            if all > cap {
-                return Err(Error::Capacity(format!(
-                    "environments would reserve {} MiB of the {} MiB allowed on this host",
-                    all / (1024 * 1024),
-                    cap / (1024 * 1024)
-                )));
-            }
-        }
-        let mut taken: Vec<Cidr> = Store::held_subnets_in(&txn, &s.installation)
+        let holding: Vec<&EnvRecord> = live.iter().filter(|r| r.state != State::Failed).collect();
+        let mut taken_subnets: Vec<Cidr> = Store::held_subnets_in(&txn, &s.installation)
             .await?
             .iter()
             .filter_map(|c| c.parse().ok())
             .collect();
-        taken.extend(engine_subnets);
-        let subnet = subnet::allocate(s.subnet_pool, s.subnet_prefix, &taken)
-            .ok_or(Error::SubnetsExhausted)?;
+        taken_subnets.extend(engine_subnets);
+        let snapshot = admission::Snapshot {
+            retried: existing.is_some(),
+            clearance_used: Store::clearance_used(&txn, &rec.clearance_id).await?,
+            id_taken: Store::get_in(&txn, &rec.id).await?.is_some(),
+            team: holding
+                .iter()
+                .filter(|r| r.team_id == rec.team_id)
+                .map(|r| reservation(r))
+                .collect(),
+            all: holding.iter().map(|r| reservation(r)).collect(),
+            taken_subnets,
+        };
+        let capacity = admission::Capacity {
+            host_memory_bytes: self.inner.host_memory,
+            share: s.host_memory_share,
+        };
+        let pool = admission::SubnetPool {
+            pool: s.subnet_pool,
+            prefix: s.subnet_prefix,
+        };
+        let subnet =
+            match admission::admit(&snapshot, reservation(rec), &s.quotas, &capacity, &pool) {
+                Ok(Decision::Retry) => return Ok(existing),
+                Ok(Decision::Admit(subnet)) => subnet,
+                Err(Refusal::Replayed) => return Err(Error::Clearance(Rejection::Replayed)),
+                Err(Refusal::IdTaken) => return Err(Error::AlreadyExists(rec.id.clone())),
+                Err(Refusal::Quota(why)) => return Err(Error::Quota(why)),
+                Err(Refusal::Capacity(why)) => return Err(Error::Capacity(why)),
+                Err(Refusal::SubnetsExhausted) => return Err(Error::SubnetsExhausted),
+            };
         rec.subnet = Some(subnet.to_string());
         Store::insert(&txn, rec.clone()).await?;
         txn.commit().await.map_err(StoreError::from)?;
@@ -619,12 +607,8 @@ impl Orchestrator {
         Ok(subnet)
     }
 
-    fn crash_at(&self, point: CrashPoint) -> Result<()> {
-        if self.inner.abort_at == Some(point) {
-            tracing::error!(?point, "{ABORT_ENV} is set: aborting the process");
-            std::process::abort();
-        }
-        if *self.inner.crash.lock().unwrap_or_else(|p| p.into_inner()) == Some(point) {
+    fn crash_at(&self, point: Point) -> Result<()> {
+        if self.inner.hooks.crashes_at(point) {
             return Err(Error::SimulatedCrash);
         }
         Ok(())
@@ -670,7 +654,7 @@ impl Orchestrator {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.crash_at(CrashPoint::AfterNetwork)?;
+        self.crash_at(Point::AfterNetwork)?;
 
         self.inner
             .store
@@ -693,16 +677,17 @@ impl Orchestrator {
                 let existing = docker.inspect_container(&name, None).await?;
                 existing.id.unwrap_or(name.clone())
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.engine_error(&rec, e)),
         };
         self.inner.store.set_container(&rec.id, &id).await?;
-        self.crash_at(CrashPoint::AfterContainer)?;
+        self.crash_at(Point::AfterContainer)?;
 
         self.inner
             .store
             .set_status_message(&rec.id, "starting")
             .await?;
-        tolerate_304(docker.start_container(&id, None).await)?;
+        tolerate_304(docker.start_container(&id, None).await)
+            .map_err(|e| self.engine_error(&rec, e))?;
         self.inner
             .audit
             .record(Event {
@@ -720,6 +705,22 @@ impl Orchestrator {
             .set_state(&rec.id, State::Running, None, Some(""))
             .await?;
         Ok(())
+    }
+
+    /// A Docker error of a create or start: a refusal of the spec itself (400:
+    /// no command, a mount the runtime cannot make, ...) is the caller's to
+    /// fix and names the field; anything else stays an engine error.
+    fn engine_error(&self, rec: &EnvRecord, e: DockerError) -> Error {
+        match &e {
+            DockerError::DockerResponseServerError {
+                status_code: 400,
+                message,
+            } => {
+                let (field, reason) = docker::engine_refusal(&Self::spec_of(rec), message);
+                Error::EngineRefused { field, reason }
+            }
+            _ => Error::Docker(e),
+        }
     }
 
     /// Makes sure the image exists, pulling it through the engine otherwise
@@ -803,7 +804,7 @@ impl Orchestrator {
     }
 
     fn state_of(rec: &EnvRecord) -> Result<State> {
-        Ok(State::parse(&rec.state)?)
+        Ok(rec.state)
     }
 
     /// Starts a stopped environment.

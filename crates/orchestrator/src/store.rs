@@ -17,22 +17,33 @@ pub enum StoreError {
     Db(#[from] sea_orm::DbErr),
     #[error("cannot open the database: {0}")]
     Open(#[from] vibebox_db::DbError),
-    #[error("stored state {0:?} is unknown")]
-    BadState(String),
 }
 
 /// Result alias of this module.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Lifecycle state of an environment (mirrors the proto enum).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Lifecycle state of an environment (mirrors the proto enum), stored as
+/// its name; a name the code does not know fails the read instead of
+/// becoming a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sea_orm::EnumIter, sea_orm::DeriveActiveEnum)]
+#[sea_orm(
+    rs_type = "String",
+    db_type = "String(sea_orm::sea_query::StringLen::None)"
+)]
 pub enum State {
+    #[sea_orm(string_value = "creating")]
     Creating,
+    #[sea_orm(string_value = "running")]
     Running,
+    #[sea_orm(string_value = "stopped")]
     Stopped,
+    #[sea_orm(string_value = "failed")]
     Failed,
+    #[sea_orm(string_value = "deleting")]
     Deleting,
+    #[sea_orm(string_value = "deleted")]
     Deleted,
+    #[sea_orm(string_value = "quarantined")]
     Quarantined,
 }
 
@@ -48,20 +59,6 @@ impl State {
             State::Deleted => "deleted",
             State::Quarantined => "quarantined",
         }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "creating" => State::Creating,
-            "running" => State::Running,
-            "stopped" => State::Stopped,
-            "failed" => State::Failed,
-            "deleting" => State::Deleting,
-            "deleted" => State::Deleted,
-            "quarantined" => State::Quarantined,
-            other => return Err(StoreError::BadState(other.to_owned())),
-        })
     }
 }
 
@@ -80,7 +77,7 @@ pub mod environment {
         pub owner_id: String,
         pub name: String,
         pub request_id: String,
-        pub state: String,
+        pub state: super::State,
         /// Encoded hardened `ContainerSpec` exactly as cleared.
         pub spec: Vec<u8>,
         pub canonical_image: String,
@@ -329,7 +326,7 @@ impl Store {
             .column(environment::Column::Id)
             .filter(environment::Column::InstallationId.eq(installation))
             .filter(environment::Column::Subnet.is_not_null())
-            .filter(environment::Column::State.eq(State::Deleted.as_str()))
+            .filter(environment::Column::State.eq(State::Deleted))
             .into_tuple::<String>()
             .all(&self.db)
             .await?;
@@ -342,7 +339,7 @@ impl Store {
                 Expr::value(Option::<String>::None),
             )
             .filter(environment::Column::Id.is_in(ids.iter().cloned()))
-            .filter(environment::Column::State.eq(State::Deleted.as_str()))
+            .filter(environment::Column::State.eq(State::Deleted))
             .exec(&self.db)
             .await?;
         for id in &ids {
@@ -363,7 +360,7 @@ impl Store {
     ) -> Result<Vec<EnvRecord>> {
         Ok(environment::Entity::find()
             .filter(environment::Column::InstallationId.eq(installation))
-            .filter(environment::Column::State.ne(State::Deleted.as_str()))
+            .filter(environment::Column::State.ne(State::Deleted))
             .all(conn)
             .await?)
     }
@@ -383,7 +380,7 @@ impl Store {
             q = q.filter(environment::Column::TeamId.is_in(team_ids.iter().cloned()));
         }
         if !show_deleted {
-            q = q.filter(environment::Column::State.ne(State::Deleted.as_str()));
+            q = q.filter(environment::Column::State.ne(State::Deleted));
         }
         Ok(q.order_by_desc(environment::Column::CreateTimeMs)
             .order_by_desc(environment::Column::Id)
@@ -453,7 +450,7 @@ impl Store {
         release_subnet: bool,
     ) -> Result<()> {
         let mut q = environment::Entity::update_many()
-            .col_expr(environment::Column::State, Expr::value(state.as_str()))
+            .col_expr(environment::Column::State, Expr::value(state))
             .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
         if let Some(r) = failure_reason {
             q = q.col_expr(environment::Column::FailureReason, Expr::value(r));

@@ -637,7 +637,7 @@ async fn interrupted_creates_and_orphans_are_cleaned_by_reconcile() {
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
     for id in &ids {
         let rec = h.orchestrator.get(id).await.unwrap();
-        assert_eq!(rec.state, State::Failed.as_str());
+        assert_eq!(rec.state, State::Failed);
         assert!(rec.subnet.is_none(), "subnet released");
     }
     let audit = restarted.orchestrator.audit().recent();
@@ -729,7 +729,7 @@ async fn drift_and_lost_containers_are_caught() {
     assert_eq!(report.lost, vec![lost.id.clone()]);
 
     let rec = h.orchestrator.get(&drifted.id).await.unwrap();
-    assert_eq!(rec.state, State::Quarantined.as_str());
+    assert_eq!(rec.state, State::Quarantined);
     assert!(
         rec.failure_reason.contains("memory"),
         "{}",
@@ -746,11 +746,11 @@ async fn drift_and_lost_containers_are_caught() {
     assert!(!gone.status.success(), "impostor removed");
     assert_eq!(
         h.orchestrator.get(&lost.id).await.unwrap().state,
-        State::Failed.as_str()
+        State::Failed
     );
     assert_eq!(
         h.orchestrator.get(&healthy.id).await.unwrap().state,
-        State::Running.as_str()
+        State::Running
     );
     let audit = h.orchestrator.audit().recent();
     assert_eq!(
@@ -866,7 +866,7 @@ async fn missing_image_fails_naming_it() {
     );
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
     let rec = h.orchestrator.get(&env).await.unwrap();
-    assert_eq!(rec.state, State::Failed.as_str());
+    assert_eq!(rec.state, State::Failed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -931,7 +931,7 @@ async fn periodic_reconcile_removes_orphans_and_exec_needs_a_running_container()
     assert!(removed, "the periodic reconcile removed the orphan volume");
     // The stopped environment stayed stopped and intact.
     let rec = h.orchestrator.get(&env.id).await.unwrap();
-    assert_eq!(rec.state, State::Stopped.as_str());
+    assert_eq!(rec.state, State::Stopped);
     assert_eq!(
         h.objects().iter().filter(|o| o.contains(&env.id)).count(),
         3

@@ -1,6 +1,9 @@
 //! Clearance keys fetched from the policy service's ClearanceService over
 //! mTLS: an unknown key id triggers a (rate-limited) refresh, so rotated keys
-//! are picked up and keys nobody published are still refused.
+//! are picked up and keys nobody published are still refused; the ring is
+//! refreshed at most every `--key-ring-refresh-ms`, so a key policy stops
+//! publishing (retired) is refused without a restart, and a ring policy could
+//! not refresh for `--key-ring-max-age-ms` verifies nothing (fail closed).
 //!
 //! The ClearanceService here serves keys only (the policy crate's service
 //! can take its place once it exists); everything else is real: mTLS with
@@ -70,6 +73,15 @@ fn request(signer: &ClearanceSigner) -> CreateEnvironmentRequest {
 
 /// A keys-only policy service and an orchestrator fetching from it.
 async fn start(refresh_seconds: u64) -> (Harness, Keys, CancellationToken) {
+    // Periodic refresh off: these tests count fetches triggered by key ids.
+    start_with(refresh_seconds, 3_600_000, 3_600_000).await
+}
+
+async fn start_with(
+    refresh_seconds: u64,
+    ring_refresh_ms: u64,
+    ring_max_age_ms: u64,
+) -> (Harness, Keys, CancellationToken) {
     let pki = Arc::new(TestPki::new());
     let keys = Keys::default();
     let args = pki.server_args("policy");
@@ -86,6 +98,8 @@ async fn start(refresh_seconds: u64) -> (Harness, Keys, CancellationToken) {
         c.clearance_public_key_file = None;
         c.policy_url = format!("https://127.0.0.1:{port}");
         c.key_refresh_seconds = refresh_seconds;
+        c.key_ring_refresh_ms = ring_refresh_ms;
+        c.key_ring_max_age_ms = ring_max_age_ms;
     })
     .await
     .unwrap();
@@ -150,4 +164,56 @@ async fn unknown_keys_do_not_cause_a_fetch_storm() {
     assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
     assert!(h.objects().is_empty());
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_policy_withdraws_is_refused_as_retired_without_a_restart() {
+    let (h, keys, stop) = start_with(3600, 200, 5_000).await;
+    let old = ClearanceSigner::generate();
+    keys.keys.lock().unwrap().push(old.public_key());
+    h.client().create_environment(request(&old)).await.unwrap();
+    // Policy rotates and retires the old key: it publishes only the new one.
+    let new = ClearanceSigner::generate();
+    *keys.keys.lock().unwrap() = vec![new.public_key()];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = h
+        .client()
+        .create_environment(request(&old))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(old.key_id()) && err.message().contains("retired"),
+        "{err:?}"
+    );
+    h.client().create_environment(request(&new)).await.unwrap();
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_policy_cannot_refresh_is_not_trusted() {
+    let (h, keys, stop) = start_with(3600, 100, 400).await;
+    let signer = ClearanceSigner::generate();
+    keys.keys.lock().unwrap().push(signer.public_key());
+    h.client()
+        .create_environment(request(&signer))
+        .await
+        .unwrap();
+    // Policy goes away; once the ring is older than its maximum age, no
+    // clearance verifies (the key may have been retired meanwhile).
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let err = h
+        .client()
+        .create_environment(request(&signer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("clearance keys"), "{err:?}");
+    let containers = h
+        .objects()
+        .into_iter()
+        .filter(|o| o.starts_with("container:"))
+        .count();
+    assert_eq!(containers, 1);
 }

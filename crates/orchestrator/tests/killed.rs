@@ -69,11 +69,11 @@ fn spawn(
             testkit::TEST_LABEL
         ))
         .args(extra_args)
-        .env_remove(vibebox_orchestrator::service::ABORT_ENV)
+        .env_remove(vibebox_orchestrator::hooks::ABORT_ENV)
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     if let Some(point) = abort_after {
-        cmd.env(vibebox_orchestrator::service::ABORT_ENV, point);
+        cmd.env(vibebox_orchestrator::hooks::ABORT_ENV, point);
     }
     Proc(cmd.spawn().expect("spawn orchestrator"))
 }

@@ -125,7 +125,7 @@ async fn interrupted_deletes_are_finished_and_audited_under_one_id() {
     );
     assert_eq!(
         h.orchestrator.get(&other).await.unwrap().state,
-        State::Deleted.as_str()
+        State::Deleted
     );
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
 }

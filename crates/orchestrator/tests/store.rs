@@ -12,7 +12,7 @@ fn record(id: &str, request: &str, clearance: &str, subnet: Option<&str>, t: i64
         owner_id: "owner".into(),
         name: "n".into(),
         request_id: request.into(),
-        state: State::Creating.as_str().into(),
+        state: State::Creating,
         spec: vec![1, 2, 3],
         canonical_image: "img".into(),
         policy_digest: "d".into(),
@@ -72,7 +72,7 @@ async fn store_constraints_hold_on_every_database() {
             .unwrap();
         store.set_subnet("e1", None).await.unwrap();
         let e1 = store.get("e1").await.unwrap().unwrap();
-        assert_eq!(e1.state, "failed");
+        assert_eq!(e1.state, State::Failed);
         assert_eq!(e1.failure_reason, "boom");
         assert!(e1.subnet.is_none());
         // The released subnet can be taken again.

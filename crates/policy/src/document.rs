@@ -36,6 +36,23 @@ pub const SENSITIVE_PATHS: &[&str] = &[
     "/etc/docker",
 ];
 
+/// Container paths a mount may never target (nor anything below them): the
+/// kernel interfaces the engine mounts itself (`/proc`, `/sys`, `/dev`) and
+/// the files it manages in every container. A mount there either shadows a
+/// kernel interface or makes the engine refuse the container at start, so
+/// the policy refuses it up front and the dry run predicts the create.
+/// Compared case-sensitively, as Linux does, after lexical normalization.
+pub const RESERVED_TARGETS: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/.dockerenv",
+    "/run/.containerenv",
+];
+
 /// The Docker socket's well-known locations.
 pub const DOCKER_SOCKETS: &[&str] = &[
     "/var/run/docker.sock",
@@ -102,6 +119,12 @@ pub struct UserSection {
     pub default_gid: u32,
     /// Allow user names (resolved inside the image, possibly to uid 0).
     pub allow_names: bool,
+    /// Smallest uid and gid a spec may choose (keeps system users and
+    /// groups, the Docker group's included, out of reach).
+    pub min_id: u32,
+    /// Largest uid and gid a spec may choose (keeps `nobody`, 65534, and
+    /// the ids of other user namespaces out of reach).
+    pub max_id: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -214,6 +237,8 @@ impl Default for UserSection {
             default_uid: 1000,
             default_gid: 1000,
             allow_names: false,
+            min_id: 1000,
+            max_id: 60000,
         }
     }
 }
@@ -286,6 +311,8 @@ pub struct Rules {
     pub(crate) default_uid: u32,
     pub(crate) default_gid: u32,
     pub(crate) allow_user_names: bool,
+    pub(crate) min_id: u32,
+    pub(crate) max_id: u32,
     pub(crate) allow_published_ports: bool,
     pub(crate) allow_sysctls: Vec<String>,
     pub(crate) default_cpus: f64,
@@ -296,6 +323,15 @@ pub struct Rules {
     pub(crate) max_pids: i64,
     pub(crate) read_only_root: bool,
     pub(crate) workspace_path: String,
+}
+
+/// Which team overlays a `GetPolicy` caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visible {
+    /// Every overlay (platform admins and auditors).
+    All,
+    /// Only these teams' overlays (the caller's own teams; none when empty).
+    Teams(Vec<String>),
 }
 
 /// A validated, compiled policy: the document, its canonical text, version
@@ -359,6 +395,22 @@ impl Policy {
         &self.document
     }
 
+    /// The canonical TOML a caller may see: the base policy and only the
+    /// overlays of `visible` teams (another team's overlay names its team id,
+    /// registries and bind prefixes). The digest stays the whole document's.
+    pub fn text_for(&self, visible: &Visible) -> Result<String, DocumentError> {
+        match visible {
+            Visible::All => Ok(self.text.clone()),
+            Visible::Teams(teams) => {
+                let mut shown = self.document.clone();
+                shown
+                    .teams
+                    .retain(|team, _| teams.iter().any(|t| t == team));
+                Ok(toml::to_string(&shown)?)
+            }
+        }
+    }
+
     /// The rules for `team_id` (the base rules if it has no overlay).
     pub fn rules_for(&self, team_id: &str) -> &Rules {
         self.teams.get(team_id).unwrap_or(&self.base)
@@ -385,6 +437,12 @@ fn normalized_paths(field: &str, list: &[String]) -> Result<Vec<String>, Documen
     list.iter()
         .map(|p| path::normalize(p).map_err(|e| invalid(field, format!("{p:?}: {e}"))))
         .collect()
+}
+
+/// Whether a normalized container path is, or lies below, a
+/// [`RESERVED_TARGETS`] entry (case-sensitive, as Linux paths are).
+pub(crate) fn is_reserved_target(target: &str) -> bool {
+    RESERVED_TARGETS.iter().any(|r| path::is_within(target, r))
 }
 
 /// `CAP_SYS_ADMIN`, `sys_admin` and ` Sys_Admin ` all become `SYS_ADMIN`.
@@ -452,13 +510,35 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
             "tmpfs sizes must be positive, default at most max",
         ));
     }
-    if doc.user.default_uid == 0 || doc.user.default_gid == 0 {
+    let u = &doc.user;
+    if u.default_uid == 0 || u.default_gid == 0 {
         return Err(invalid("user", "the platform user must not be root"));
+    }
+    if u.min_id == 0 || u.min_id > u.max_id || i32::try_from(u.max_id).is_err() {
+        return Err(invalid(
+            "user.min_id",
+            "ids must satisfy 0 < min_id <= max_id <= 2147483647",
+        ));
+    }
+    if ![u.default_uid, u.default_gid]
+        .iter()
+        .all(|id| (u.min_id..=u.max_id).contains(id))
+    {
+        return Err(invalid(
+            "user.default_uid",
+            "the platform user and group must lie within min_id..=max_id",
+        ));
     }
     let workspace_path = path::normalize(&doc.filesystem.workspace_path)
         .map_err(|e| invalid("filesystem.workspace_path", e.to_string()))?;
     if workspace_path == "/" {
         return Err(invalid("filesystem.workspace_path", "must not be /"));
+    }
+    if is_reserved_target(&workspace_path) {
+        return Err(invalid(
+            "filesystem.workspace_path",
+            "must not be or lie below a path the engine manages (/proc, /sys, /dev, /etc/hosts, ...)",
+        ));
     }
     if doc.images.allow.is_empty() {
         return Err(invalid(
@@ -488,6 +568,8 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
         default_uid: doc.user.default_uid,
         default_gid: doc.user.default_gid,
         allow_user_names: doc.user.allow_names,
+        min_id: u.min_id,
+        max_id: u.max_id,
         allow_published_ports: doc.network.allow_published_ports,
         allow_sysctls,
         default_cpus: r.default_cpus,
@@ -712,5 +794,27 @@ mod tests {
         }
         let strict = "[filesystem]\nread_only_root = true\n[teams.acme]\nread_only_root = false\n";
         assert!(Policy::from_toml(strict).is_err());
+    }
+}
+
+#[cfg(test)]
+mod visibility_tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_sees_only_the_overlays_it_may() {
+        let text = "[teams.alpha]\ndeny_images = [\"alpha-secret/*\"]\n\
+                    [teams.beta]\ndeny_images = [\"beta-secret/*\"]\n";
+        let p = Policy::from_toml(text).unwrap();
+        let all = p.text_for(&Visible::All).unwrap();
+        assert_eq!(all, p.text());
+        assert!(all.contains("alpha-secret") && all.contains("beta-secret"));
+        let alpha = p.text_for(&Visible::Teams(vec!["alpha".into()])).unwrap();
+        assert!(alpha.contains("alpha-secret") && !alpha.contains("beta"));
+        assert!(alpha.contains("[images]"), "the base policy stays visible");
+        let none = p.text_for(&Visible::Teams(Vec::new())).unwrap();
+        assert!(!none.contains("alpha") && !none.contains("beta"));
+        let unknown = p.text_for(&Visible::Teams(vec!["gamma".into()])).unwrap();
+        assert_eq!(unknown, none);
     }
 }

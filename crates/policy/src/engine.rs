@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use vibebox_proto::environment::{ContainerSpec, Mount, MountType, PortMapping};
 
-use crate::document::{DOCKER_SOCKETS, Rules, normalize_capability};
+use crate::document::{DOCKER_SOCKETS, Rules, is_reserved_target, normalize_capability};
 use crate::image::ImageRef;
 use crate::path;
 use crate::rules::{Kind, Rule, Severity};
@@ -127,6 +127,7 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     }
     let user = check_user(rules, spec.user.as_deref(), &mut v);
     let mounts = check_mounts(rules, &spec.mounts, &mut v);
+    check_bind_identity(rules, spec, &user, &mut v);
     check_ports(rules, &spec.ports, &mut v);
     let (cpu, memory, pids) = check_resources(rules, spec, &mut v);
     for key in spec.labels.keys() {
@@ -430,6 +431,22 @@ fn check_user(rules: &Rules, user: Option<&str>, v: &mut Vec<Violation>) -> Stri
         ));
         return default();
     }
+    let out_of_range = |id: &Id<'_>| match id {
+        Id::Num(n) => !(rules.min_id..=rules.max_id).contains(n),
+        Id::Name(_) | Id::Bad => false,
+    };
+    if out_of_range(&uid) || gid.as_ref().is_some_and(out_of_range) {
+        v.push(Violation::new(
+            Rule::UserRange,
+            "spec.user",
+            format!(
+                "uid and gid must lie within {}..={} (system users and groups, the Docker \
+                 group's included, are out of reach)",
+                rules.min_id, rules.max_id
+            ),
+        ));
+        return default();
+    }
     let named = matches!(uid, Id::Name(_)) || matches!(gid, Some(Id::Name(_)));
     if named && !rules.allow_user_names {
         v.push(Violation::new(
@@ -448,6 +465,27 @@ fn check_user(rules: &Rules, user: Option<&str>, v: &mut Vec<Violation>) -> Stri
         Some(g) => format!("{}:{}", side(&uid), side(&g)),
         // Without a group Docker falls back to the image's passwd entry or gid 0.
         None => format!("{}:{}", side(&uid), rules.default_gid),
+    }
+}
+
+/// A spec with a bind mount runs as the platform's user and group: host
+/// files under a bind prefix belong to host uids, and a chosen uid/gid would
+/// reach another user's (or group's) files there.
+fn check_bind_identity(rules: &Rules, spec: &ContainerSpec, user: &str, v: &mut Vec<Violation>) {
+    let has_bind = spec
+        .mounts
+        .iter()
+        .any(|m| MountType::try_from(m.r#type) == Ok(MountType::Bind));
+    let platform = format!("{}:{}", rules.default_uid, rules.default_gid);
+    let chosen = spec.user.as_deref().is_some_and(|u| !u.is_empty());
+    if has_bind && chosen && user != platform {
+        v.push(Violation::new(
+            Rule::UserBindIdentity,
+            "spec.user",
+            format!(
+                "a spec with a bind mount runs as the platform user {platform}; leave user unset"
+            ),
+        ));
     }
 }
 
@@ -477,6 +515,18 @@ fn check_mounts(rules: &Rules, mounts: &[Mount], v: &mut Vec<Violation>) -> Vec<
         // A bad target does not stop the source checks: a socket mount is
         // reported (and audited) as such whatever its target.
         match path::normalize(&m.target) {
+            Ok(target) if is_reserved_target(&target) => {
+                v.push(Violation::new(
+                    Rule::MountTargetReserved,
+                    format!("spec.mounts[{i}].target"),
+                    format!(
+                        "{target} is or lies below a kernel interface or a file the engine \
+                         manages (/proc, /sys, /dev, /etc/hosts, /etc/hostname, \
+                         /etc/resolv.conf, /.dockerenv)"
+                    ),
+                ));
+                m.target = target;
+            }
             Ok(target) if target != "/" => {
                 if out.iter().any(|o: &Mount| o.target == target) {
                     v.push(Violation::new(

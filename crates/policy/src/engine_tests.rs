@@ -1113,3 +1113,171 @@ proptest! {
         prop_assert_eq!(o.allowed(), o.hardened.is_some());
     }
 }
+
+fn mount_at(kind: MountType, target: &str) -> Mount {
+    Mount {
+        r#type: kind as i32,
+        source: String::new(),
+        target: target.into(),
+        read_only: false,
+        size_mb: None,
+    }
+}
+
+#[test]
+fn mount_targets_over_kernel_interfaces_and_engine_files() {
+    for target in [
+        "/proc",
+        "//proc/",
+        "/proc/../proc",
+        "/proc/.",
+        "/./proc",
+        "/x/../proc",
+        "/proc/sys",
+        "/proc/sys/kernel/",
+        "/sys",
+        "/sys/fs/cgroup",
+        "/dev",
+        "/dev/shm",
+        "/dev/pts",
+        "//dev//",
+        "/etc/hosts",
+        "/etc//hosts/",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/etc/../etc/resolv.conf",
+        "/.dockerenv",
+        "/run/.containerenv",
+    ] {
+        for kind in [MountType::Tmpfs, MountType::Volume] {
+            let spec = ContainerSpec {
+                mounts: vec![mount_at(kind, target)],
+                ..benign()
+            };
+            assert_denied(&spec, Rule::MountTargetReserved);
+            let o = eval(&spec);
+            assert_eq!(o.violations[0].field, "spec.mounts[0].target");
+        }
+        // A bind there is refused for its target too (whatever its source).
+        let spec = ContainerSpec {
+            mounts: vec![Mount {
+                target: target.into(),
+                ..bind("/home/dev/project")
+            }],
+            ..benign()
+        };
+        let o = eval_with("[mounts]\nallow_bind_prefixes = [\"/home/dev\"]", "", &spec);
+        assert!(o.has(Rule::MountTargetReserved), "{target}: {:?}", ids(&o));
+    }
+    // Linux paths are case-sensitive, and neighbours are not below.
+    for target in [
+        "/PROC",
+        "/Sys",
+        "/procfs",
+        "/devices",
+        "/etc/hosts.d",
+        "/etc",
+        "/srv/proc",
+    ] {
+        let spec = ContainerSpec {
+            mounts: vec![mount_at(MountType::Tmpfs, target)],
+            ..benign()
+        };
+        let o = eval(&spec);
+        assert!(o.allowed(), "{target}: {:?}", ids(&o));
+    }
+    // The workspace cannot be configured there either.
+    for ws in ["/proc", "/dev/shm", "/etc/hosts"] {
+        let doc = format!("[filesystem]\nworkspace_path = \"{ws}\"");
+        assert!(Policy::from_toml(&doc).is_err(), "{ws}");
+    }
+    assert_eq!(
+        Rule::MountTargetReserved.id(),
+        "mount.target_reserved",
+        "stable rule id"
+    );
+}
+
+#[test]
+fn user_ids_must_lie_in_the_configured_range() {
+    for user in [
+        "1",
+        "1:1",
+        "100:100",
+        "999",
+        "1000:999",
+        "999:1000",
+        "1000:105",
+        "65534",
+        "65534:65534",
+        "60001",
+        "1000:60001",
+        "2147483646",
+    ] {
+        let spec = ContainerSpec {
+            user: Some(user.into()),
+            ..benign()
+        };
+        assert_denied(&spec, Rule::UserRange);
+    }
+    for (user, hardened) in [
+        ("1000", "1000:1000"),
+        ("60000:60000", "60000:60000"),
+        ("2000:3000", "2000:3000"),
+    ] {
+        let spec = ContainerSpec {
+            user: Some(user.into()),
+            ..benign()
+        };
+        let o = eval(&spec);
+        assert_eq!(o.hardened.and_then(|h| h.user).as_deref(), Some(hardened));
+    }
+    // Root stays root's rule.
+    assert!(
+        eval(&ContainerSpec {
+            user: Some("0".into()),
+            ..benign()
+        })
+        .has(Rule::UserRoot)
+    );
+    // The range is configurable; the platform user must lie in it.
+    let wide = "[user]\nmin_id = 500\nmax_id = 70000";
+    let spec = ContainerSpec {
+        user: Some("65534:65534".into()),
+        ..benign()
+    };
+    assert!(eval_with(wide, "", &spec).allowed());
+    for bad in [
+        "[user]\nmin_id = 0",
+        "[user]\nmin_id = 2000\nmax_id = 1000",
+        "[user]\nmin_id = 2000",
+        "[user]\nmax_id = 4294967295",
+    ] {
+        assert!(Policy::from_toml(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn binds_run_as_the_platform_user() {
+    let policy = "[mounts]\nallow_bind_prefixes = [\"/home/dev\"]";
+    let with = |user: Option<&str>| ContainerSpec {
+        mounts: vec![bind("/home/dev/project")],
+        user: user.map(str::to_owned),
+        ..benign()
+    };
+    for user in [None, Some(""), Some("1000"), Some("1000:1000")] {
+        let o = eval_with(policy, "", &with(user));
+        assert!(o.allowed(), "{user:?}: {:?}", ids(&o));
+        assert_eq!(o.hardened.unwrap().user.as_deref(), Some("1000:1000"));
+    }
+    for user in ["2000:2000", "1000:2000", "1001"] {
+        let o = eval_with(policy, "", &with(Some(user)));
+        assert!(o.has(Rule::UserBindIdentity), "{user}: {:?}", ids(&o));
+    }
+    // Without a bind a chosen (in-range) user is fine.
+    let spec = ContainerSpec {
+        user: Some("2000:2000".into()),
+        ..benign()
+    };
+    assert!(eval_with(policy, "", &spec).allowed());
+}

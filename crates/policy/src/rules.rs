@@ -66,11 +66,14 @@ rules! {
     MountTmpfsSize => "mount.tmpfs_size", Forbidden, Medium, "", "";
     MountTooMany => "mount.too_many", Forbidden, Medium, "", "";
     MountInvalid => "mount.invalid", Invalid, Low, "", "";
+    MountTargetReserved => "mount.target_reserved", Forbidden, Medium, "", "";
     Privileged => "privileged", Forbidden, Critical, "5.4", "Privileged Containers";
     CapabilityAdd => "capability.add", Forbidden, High, "5.3", "Capabilities";
     UserRoot => "user.root", Forbidden, High, "", "Running as Non-root user";
     UserName => "user.name", Forbidden, High, "", "Running as Non-root user";
     UserInvalid => "user.invalid", Invalid, Low, "", "";
+    UserRange => "user.range", Forbidden, High, "", "Running as Non-root user";
+    UserBindIdentity => "user.bind_identity", Forbidden, High, "5.5", "HostPath Volumes";
     NetworkMode => "network.mode", Forbidden, High, "5.9", "Host Namespaces";
     NamespacePid => "namespace.pid", Forbidden, High, "5.15", "Host Namespaces";
     NamespaceIpc => "namespace.ipc", Forbidden, High, "5.16", "Host Namespaces";

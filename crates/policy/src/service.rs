@@ -26,7 +26,7 @@ use vibebox_proto::policy::{
 };
 use vibebox_server_kit::{meta, status};
 
-use crate::document::{DocumentError, Policy};
+use crate::document::{DocumentError, Policy, Visible};
 use crate::engine::{Outcome, Violation, evaluate};
 use crate::rules::Severity;
 
@@ -51,6 +51,8 @@ pub enum ServiceError {
     RoleInsufficient,
     #[error("audit record failed: {0}")]
     Audit(#[from] AuditClientError),
+    #[error("cannot render the policy document: {0}")]
+    Render(#[from] DocumentError),
 }
 
 /// Rule id reported when the requester's role is below developer.
@@ -106,6 +108,7 @@ impl From<ServiceError> for Status {
                 status::unavailable("audit service", &err)
             }
             ServiceError::Audit(err) => status::internal(&err),
+            ServiceError::Render(err) => status::internal(&err),
         }
     }
 }
@@ -388,6 +391,23 @@ fn asker_from<T>(
     }
 }
 
+/// The overlays a `GetPolicy` caller may see, from the gateway's
+/// [`meta::VISIBLE_TEAMS`]: `*` is every team, otherwise team ids separated
+/// by commas; absent or empty is none (fail closed).
+fn visible_teams(value: &str) -> Visible {
+    if value.trim() == "*" {
+        return Visible::All;
+    }
+    Visible::Teams(
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && *t != "*")
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 /// `vibebox.policy.v1.PolicyService`.
 #[derive(Clone)]
 pub struct PolicyApi {
@@ -434,10 +454,12 @@ impl PolicyService for PolicyApi {
     ) -> Result<Response<GetPolicyResponse>, Status> {
         require_caller(&request, &["gateway"], "GetPolicy")?;
         let policy = self.state.policy();
+        let visible = visible_teams(&metadata(&request, meta::VISIBLE_TEAMS));
+        let document = policy.text_for(&visible).map_err(ServiceError::from)?;
         Ok(Response::new(GetPolicyResponse {
             policy_version: policy.version().to_owned(),
             policy_digest: policy.digest().to_owned(),
-            document: policy.text().to_owned(),
+            document,
         }))
     }
 }
@@ -634,5 +656,22 @@ mod tests {
         // An audit service away for long (its backlog full) is unavailable.
         let s: Status = ServiceError::Audit(AuditClientError::Backlog(1 << 29)).into();
         assert_eq!(s.code(), Code::Unavailable);
+        let s: Status = ServiceError::Render(DocumentError::Invalid {
+            field: "x".into(),
+            message: "y".into(),
+        })
+        .into();
+        assert_eq!(s.code(), Code::Internal);
+    }
+
+    #[test]
+    fn visible_teams_fail_closed() {
+        assert_eq!(visible_teams("*"), Visible::All);
+        assert_eq!(visible_teams(" * "), Visible::All);
+        assert_eq!(visible_teams(""), Visible::Teams(Vec::new()));
+        assert_eq!(
+            visible_teams("a, b,,*"),
+            Visible::Teams(vec!["a".into(), "b".into()])
+        );
     }
 }

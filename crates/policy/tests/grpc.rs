@@ -47,7 +47,10 @@ impl AuditIngestService for Collector {
             }
             sequences.push(events.len() as u64);
         }
-        Ok(Response::new(AppendEventsResponse { sequences }))
+        Ok(Response::new(AppendEventsResponse {
+            sequences,
+            ..Default::default()
+        }))
     }
 }
 
@@ -575,6 +578,35 @@ async fn team_overlays_apply() {
     let eval = resp.evaluation.unwrap();
     assert_eq!(eval.hardened_spec.unwrap().memory_limit_mb, Some(1024));
     assert_eq!(eval.policy_version, "t1");
+
+    // GetPolicy shows only the overlays the gateway says the caller may see.
+    let document = |visible: Option<&'static str>| {
+        let mut client = h.policy();
+        async move {
+            let mut request = tonic::Request::new(GetPolicyRequest {});
+            if let Some(v) = visible {
+                request
+                    .metadata_mut()
+                    .insert(vibebox_server_kit::meta::VISIBLE_TEAMS, v.parse().unwrap());
+            }
+            client.get_policy(request).await.unwrap().into_inner()
+        }
+    };
+    let all = document(Some("*")).await;
+    assert!(all.document.contains("team-1"), "{}", all.document);
+    let own = document(Some("team-0,team-1")).await;
+    assert!(own.document.contains("team-1"));
+    for hidden in [None, Some(""), Some("team-2")] {
+        let got = document(hidden).await;
+        assert!(
+            !got.document.contains("team-1"),
+            "{hidden:?}: {}",
+            got.document
+        );
+        assert!(got.document.contains("[images]"));
+        // The digest is the whole document's, whoever asks.
+        assert_eq!(got.policy_digest, all.policy_digest);
+    }
 }
 
 #[tokio::test]

@@ -60,6 +60,26 @@ pub fn trace_id() -> String {
     }
 }
 
+/// The call's share of the server's concurrency limit, in the request's
+/// extensions. It is held until the response body ends; a handler whose call
+/// turns into a long-lived stream counted by a limit of its own gives it back
+/// with [`release`](Self::release), so that open streams cannot starve short
+/// calls of the global limit.
+#[derive(Clone, Debug)]
+pub struct InFlightPermit(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl InFlightPermit {
+    /// The permit of `request`, if the kit's layer served it.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<Self> {
+        request.extensions().get::<Self>().cloned()
+    }
+
+    /// Gives the permit back now (idempotent).
+    pub fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
 /// Paths served to any caller: health checks and reflection describe the
 /// server, they do not act.
 fn is_open_path(path: &str) -> bool {
@@ -204,19 +224,21 @@ where
         }
 
         let permit = match shared.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+            Ok(permit) => InFlightPermit(Arc::new(std::sync::Mutex::new(Some(permit)))),
             Err(_) => {
                 metrics_shed(&path);
                 return Box::pin(async move {
                     Ok(reject(
-                        Status::resource_exhausted(
+                        crate::status::retry_later(
                             "server overloaded: too many concurrent calls, retry later",
+                            std::time::Duration::from_secs(1),
                         ),
                         &request_id,
                     ))
                 });
             }
         };
+        req.extensions_mut().insert(permit.clone());
 
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(req.headers()))
@@ -274,7 +296,7 @@ pin_project_lite::pin_project! {
     struct PermitBody {
         #[pin]
         inner: Body,
-        _permit: OwnedSemaphorePermit,
+        _permit: InFlightPermit,
     }
 }
 

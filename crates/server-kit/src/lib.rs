@@ -28,6 +28,6 @@ pub use config::{
 };
 pub use entry::{cancel_on_signal, main};
 pub use error::KitError;
-pub use layer::{CallerService, RequestId, caller_service, request_id, trace_id};
+pub use layer::{CallerService, InFlightPermit, RequestId, caller_service, request_id, trace_id};
 pub use server::{ServerBuilder, bind};
 pub use tls::{IDENTITY_URI_PREFIX, TlsMaterial, service_identity};

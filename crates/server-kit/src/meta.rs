@@ -15,3 +15,7 @@ pub const TOKEN_ID: &str = "x-vibebox-token-id";
 pub const CLIENT_ADDRESS: &str = "x-vibebox-client-address";
 /// W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+/// The teams whose policy overlays the end user may see in `GetPolicy`:
+/// `*` for every team (platform admins and auditors), otherwise team ids
+/// separated by commas (set by the gateway only; absent means none).
+pub const VISIBLE_TEAMS: &str = "x-vibebox-visible-teams";

@@ -30,6 +30,17 @@ pub fn invalid_field(field: &str, description: &str) -> Status {
     )
 }
 
+/// RESOURCE_EXHAUSTED that may be retried after `after`, said in a
+/// `RetryInfo` detail (rate limits, load shedding; a per-user quota carries
+/// a `QuotaFailure` instead).
+pub fn retry_later(message: &str, after: std::time::Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(after)),
+    )
+}
+
 /// INTERNAL without internals: the error is logged, the client sees a
 /// generic message (and the request id in the response headers).
 pub fn internal(error: &dyn std::fmt::Display) -> Status {

@@ -12,6 +12,15 @@
 //!   `team("<id>")` and `environment("<id>")`, so a token restricted to a team
 //!   or an environment is useless for requests that do not name it.
 //!
+//!
+//! Verification refuses, before any signature or datalog work, every token
+//! that is not of that shape (see [`shape`]): larger than
+//! [`MAX_TOKEN_CHARS`], more than [`MAX_BLOCKS`] blocks, an authority block
+//! other than identity's, attenuation blocks with facts, rules, scopes,
+//! external keys or oversized checks. What remains costs a bounded, small
+//! amount to verify and evaluate; async services run it through an
+//! [`Evaluator`] (the blocking pool, a few at a time).
+//!
 //! ```
 //! use vibebox_token::{attenuate, mint, AuthzRequest, Claims, KeyRing, Restriction, RootKey};
 //! let root = RootKey::generate(1);
@@ -25,6 +34,12 @@
 //! assert!(verified.authorize(&AuthzRequest::new("environment.list").team("team-a")).is_ok());
 //! assert!(verified.authorize(&AuthzRequest::new("environment.list").team("team-b")).is_err());
 //! ```
+
+mod pool;
+pub mod shape;
+
+pub use crate::pool::Evaluator;
+pub use crate::shape::{MAX_BLOCKS, MAX_TOKEN_CHARS};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
@@ -57,6 +72,11 @@ pub enum TokenError {
     /// nothing any more, whatever the request.
     #[error("token expired")]
     Expired,
+    /// The token is not of a shape the platform issues (too large, too many
+    /// blocks, datalog attenuation blocks may not carry): refused before any
+    /// evaluation.
+    #[error("token refused: {0}")]
+    Refused(&'static str),
     /// A restriction or claim value is not acceptable (empty, bad characters).
     #[error("invalid {field}: {reason}")]
     Invalid {
@@ -189,30 +209,26 @@ impl KeyRing {
     }
 
     /// Verifies a token's signatures against the key its `root_key_id`
-    /// names and extracts its claims. Does not evaluate checks: call
-    /// [`VerifiedToken::authorize`] for that.
+    /// names and extracts its claims. Refuses, before any signature check,
+    /// a token of a shape the platform does not issue ([`shape`]). Does not
+    /// evaluate checks: call [`VerifiedToken::authorize`] for that.
     pub fn verify(&self, token: &str) -> Result<VerifiedToken> {
-        let biscuit = Biscuit::from_base64(token.trim(), self).map_err(classify)?;
+        let (bytes, shape) = shape::inspect(token)?;
+        let biscuit = Biscuit::from(&bytes, self).map_err(classify)?;
         let key_id = biscuit.root_key_id().ok_or(TokenError::UnknownKey)?;
-        let mut authorizer = AuthorizerBuilder::new()
-            .set_limits(limits())
-            .build(&biscuit)
-            .map_err(classify)?;
-        let users: Vec<(String,)> = authorizer
-            .query("claim_user($u) <- user($u)")
-            .map_err(classify)?;
-        let ids: Vec<(String,)> = authorizer
-            .query("claim_token($t) <- token_id($t)")
-            .map_err(classify)?;
-        let (user_id, token_id) = match (users.as_slice(), ids.as_slice()) {
-            ([(u,)], [(t,)]) => (u.clone(), t.clone()),
-            _ => return Err(TokenError::MissingClaims),
-        };
+        if biscuit.block_count() != shape.blocks {
+            return Err(TokenError::Malformed);
+        }
         Ok(VerifiedToken {
             biscuit,
             key_id,
-            user_id,
-            token_id,
+            user_id: shape.user_id,
+            token_id: shape.token_id,
+            expires_at: DateTime::<Utc>::from_timestamp(
+                i64::try_from(shape.expires_at).unwrap_or(i64::MAX),
+                0,
+            )
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
         })
     }
 }
@@ -448,9 +464,15 @@ pub struct VerifiedToken {
     key_id: u32,
     user_id: String,
     token_id: String,
+    expires_at: DateTime<Utc>,
 }
 
 impl VerifiedToken {
+    /// The expiry identity minted into the authority block (attenuation
+    /// blocks may only shorten it).
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
     /// The user the token acts for.
     pub fn user_id(&self) -> &str {
         &self.user_id
@@ -534,6 +556,7 @@ mod tests {
         let (_, ring, token) = setup();
         let v = ring.verify(&token).unwrap();
         assert_eq!((v.user_id(), v.token_id(), v.key_id()), ("u1", "t1", 7));
+        assert!(v.expires_at() > Utc::now() + ChronoDuration::minutes(59));
         v.authorize(&AuthzRequest::new("identity.whoami")).unwrap();
     }
 
@@ -662,19 +685,151 @@ mod tests {
             v.authorize(&AuthzRequest::new("environment.list").team("team-b"))
                 .is_err()
         );
-        // A block that asserts another user is ignored for the claims.
-        let forged = biscuit_auth::UnverifiedBiscuit::from_base64(&token)
+        // A block that asserts another user is refused outright.
+        let forged = append(&token, "user(\"admin\"); token_id(\"x\");");
+        assert!(matches!(ring.verify(&forged), Err(TokenError::Refused(_))));
+    }
+
+    fn append(token: &str, code: &str) -> String {
+        biscuit_auth::UnverifiedBiscuit::from_base64(token)
             .unwrap()
-            .append(
-                BlockBuilder::new()
-                    .code("user(\"admin\"); token_id(\"x\");")
-                    .unwrap(),
+            .append(BlockBuilder::new().code(code).unwrap())
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    }
+
+    /// A block joining `n` facts with themselves: what a hostile holder
+    /// appends offline to freeze a verifier.
+    pub(crate) fn self_join(n: usize) -> String {
+        let mut code = String::new();
+        for i in 0..n {
+            code.push_str(&format!("f({i});"));
+        }
+        code.push_str("g($a, $b, $c) <- f($a), f($b), f($c);");
+        code
+    }
+
+    #[test]
+    fn hostile_blocks_are_refused_before_evaluation() {
+        let (_, ring, token) = setup();
+        let refused = |t: &str| match ring.verify(t) {
+            Err(TokenError::Refused(reason)) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // Facts and rules in an attenuation block (a self-join of 300 facts
+        // would not finish; it is refused at once).
+        let started = std::time::Instant::now();
+        assert!(refused(&append(&token, &self_join(100))).contains("facts"));
+        refused(&append(&token, &self_join(300)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(refused(&append(&token, "x($a) <- team($a);")).contains("rules"));
+        // Checks beyond what restrictions need.
+        for (code, what) in [
+            ("check all operation($o), $o == \"a\";", "check if"),
+            ("reject if team(\"x\");", "check if"),
+            ("check if user($u);", "team, environment"),
+            (
+                "check if team($a), team($b), team($c), team($d), team($e);",
+                "predicates",
+            ),
+            ("check if time($t), $t.matches(\"a*\");", "comparison"),
+            (
+                "check if team($t), [\"a\", \"b\"].contains($t);",
+                "comparison",
+            ),
+            ("check if team($t) trusting authority;", "scopes"),
+        ] {
+            let t = append(&token, code);
+            assert!(refused(&t).contains(what), "{code}: {}", refused(&t));
+        }
+        let many: Vec<String> = (0..40).map(|i| format!("operation(\"op{i}\")")).collect();
+        let t = append(&token, &format!("check if {};", many.join(" or ")));
+        assert!(refused(&t).contains("alternatives"));
+        // Too many blocks, too large a token.
+        let mut deep = token.clone();
+        for _ in 0..MAX_BLOCKS {
+            deep = attenuate(&deep, &Restriction::default().team("team-a")).unwrap();
+        }
+        assert!(refused(&deep).contains("blocks"));
+        assert!(refused(&"A".repeat(MAX_TOKEN_CHARS + 1)).contains("larger"));
+        // A third-party block.
+        let external = KeyPair::new();
+        let request = Biscuit::from_base64(&token, &ring)
+            .unwrap()
+            .third_party_request()
+            .unwrap();
+        let signed = request
+            .create_block(
+                &external.private(),
+                BlockBuilder::new().code("check if team(\"a\");").unwrap(),
             )
+            .unwrap();
+        let t = Biscuit::from_base64(&token, &ring)
+            .unwrap()
+            .append_third_party(external.public(), signed)
             .unwrap()
             .to_base64()
             .unwrap();
-        let v = ring.verify(&forged).unwrap();
-        assert_eq!((v.user_id(), v.token_id()), ("u1", "t1"));
+        assert!(refused(&t).contains("third-party"));
+    }
+
+    #[test]
+    fn only_the_authority_block_identity_mints_is_accepted() {
+        // Signed by the right key, but not the shape identity mints.
+        let root = RootKey::generate(1);
+        let mut ring = KeyRing::new();
+        ring.insert(1, &root.public_key_bytes()).unwrap();
+        for code in [
+            "user(\"u\"); token_id(\"t\");",
+            "user(\"u\"); token_id(\"t\"); admin(true); check if time($t), $t < 2100-01-01T00:00:00Z;",
+            "user(\"u\"); token_id(\"t\"); check if time($t), $t > 2000-01-01T00:00:00Z;",
+            "user(\"u\"); user(\"v\"); check if time($t), $t < 2100-01-01T00:00:00Z;",
+            "user(\"u\"); token_id(\"t\"); x($a) <- user($a); check if time($t), $t < 2100-01-01T00:00:00Z;",
+        ] {
+            let t = Biscuit::builder()
+                .code(code)
+                .unwrap()
+                .root_key_id(1)
+                .build(&root.keypair)
+                .unwrap()
+                .to_base64()
+                .unwrap();
+            assert!(
+                matches!(ring.verify(&t), Err(TokenError::Refused(_))),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_largest_accepted_token_verifies_and_authorizes() {
+        let (_, ring, token) = setup();
+        let ops: Vec<String> = (0..6).map(|i| format!("op.{i}")).collect();
+        let mut t = token;
+        for i in 0..MAX_BLOCKS - 1 {
+            t = attenuate(
+                &t,
+                &Restriction::default()
+                    .team("team-a")
+                    .environment(format!("env-{i}"))
+                    .operations(ops.iter().cloned().chain(["environment.get".to_owned()]))
+                    .expires_at(Utc::now() + ChronoDuration::minutes(5)),
+            )
+            .unwrap();
+        }
+        assert!(t.len() <= MAX_TOKEN_CHARS, "{}", t.len());
+        let v = ring.verify(&t).unwrap();
+        assert_eq!(v.attenuation_blocks(), MAX_BLOCKS - 1);
+        // Environments differ per block: nothing is allowed, evaluated fast.
+        assert!(matches!(
+            v.authorize(
+                &AuthzRequest::new("environment.get")
+                    .team("team-a")
+                    .environment("env-0")
+            ),
+            Err(TokenError::Denied)
+        ));
     }
 
     #[test]

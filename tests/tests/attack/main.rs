@@ -21,6 +21,10 @@
 //! failing the run.
 
 mod policy;
+mod tenant_keys_audit;
+mod tenant_policy;
+mod tenant_streams;
+mod tenant_tokens;
 mod trust;
 
 use std::collections::BTreeMap;

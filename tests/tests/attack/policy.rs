@@ -5,7 +5,7 @@ use super::*;
 
 /// How a case must be refused.
 #[derive(Debug, Clone, Copy)]
-enum Expect {
+pub(super) enum Expect {
     /// By the policy, naming this rule id (PreconditionFailure, or
     /// BadRequest for a spec that is only malformed); audited as policy.deny.
     Rule(&'static str),
@@ -15,10 +15,10 @@ enum Expect {
     Code(Code),
 }
 
-struct Case {
-    what: String,
-    request: CreateEnvironmentRequest,
-    expect: Expect,
+pub(super) struct Case {
+    pub(super) what: String,
+    pub(super) request: CreateEnvironmentRequest,
+    pub(super) expect: Expect,
 }
 
 /// Severity the policy promises for a refusal naming `rules`.
@@ -74,7 +74,7 @@ fn tmpfs(target: &str) -> Mount {
 }
 
 /// Every case of the policy attack, each a full CreateEnvironment request.
-fn policy_cases(image: &str, team: &str) -> Vec<Case> {
+pub(super) fn policy_cases(image: &str, team: &str) -> Vec<Case> {
     use Expect::{Code as Transport, Field, Rule};
     let mut specs: Vec<(String, ContainerSpec, Expect)> = Vec::new();
     let mut add =

@@ -13,7 +13,7 @@ use vibebox_proto::audit::{
 };
 use vibebox_proto::authz::Resource;
 
-use super::{ProxyStream, observe, relay};
+use super::{ProxyStream, Recheck, observe, relay};
 use crate::error::{GatewayError, Result};
 use crate::gateway::{AUDIT, Call, Gateway};
 use crate::validate;
@@ -54,6 +54,22 @@ impl Audit {
         Ok(call)
     }
 
+    /// Like `begin` for a call answered with a long-lived stream: returns
+    /// what the stream's re-checks need.
+    async fn begin_stream<T>(
+        &self,
+        method: &'static str,
+        operation: &'static str,
+        request: &Request<T>,
+        resource: Result<Resource>,
+    ) -> Result<Recheck> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.stream_info(method, request)).await?;
+        let resource = resource?;
+        gw.authorize(&call, operation, resource.clone()).await?;
+        Ok(Recheck::new(gw.clone(), call, operation, resource))
+    }
+
     async fn query(&self, request: Request<QueryEventsRequest>) -> Result<QueryEventsResponse> {
         let m = request.get_ref();
         let resource = validate::page_size("page_size", m.page_size)
@@ -82,8 +98,8 @@ impl Audit {
         request: Request<WatchEventsRequest>,
     ) -> Result<ProxyStream<WatchEventsResponse>> {
         let resource = check_filter(request.get_ref().filter.as_ref());
-        let call = self
-            .begin(
+        let recheck = self
+            .begin_stream(
                 "AuditService/WatchEvents",
                 "audit.watch",
                 &request,
@@ -94,11 +110,17 @@ impl Audit {
             .gateway
             .audit
             .clone()
-            .watch_events(call.forward_stream(request.into_inner()))
+            .watch_events(recheck.call.forward_stream(request.into_inner()))
             .await
             .map_err(GatewayError::upstream(AUDIT))?
             .into_inner();
-        Ok(relay("AuditService/WatchEvents", AUDIT, upstream, Some))
+        Ok(relay(
+            "AuditService/WatchEvents",
+            AUDIT,
+            upstream,
+            Some,
+            recheck,
+        ))
     }
 
     async fn verify(&self, request: Request<VerifyChainRequest>) -> Result<VerifyChainResponse> {
@@ -134,8 +156,8 @@ impl Audit {
             kind: "audit".into(),
             ..Default::default()
         });
-        let call = self
-            .begin(
+        let recheck = self
+            .begin_stream(
                 "AuditService/ExportEvents",
                 "audit.export",
                 &request,
@@ -146,11 +168,17 @@ impl Audit {
             .gateway
             .audit
             .clone()
-            .export_events(call.forward_stream(request.into_inner()))
+            .export_events(recheck.call.forward_stream(request.into_inner()))
             .await
             .map_err(GatewayError::upstream(AUDIT))?
             .into_inner();
-        Ok(relay("AuditService/ExportEvents", AUDIT, upstream, Some))
+        Ok(relay(
+            "AuditService/ExportEvents",
+            AUDIT,
+            upstream,
+            Some,
+            recheck,
+        ))
     }
 }
 

@@ -12,7 +12,7 @@ use vibebox_proto::clearance::IssueClearanceRequest;
 use vibebox_proto::environment::environment_service_server::EnvironmentService;
 use vibebox_proto::environment::{
     CreateEnvironmentRequest, CreateEnvironmentResponse, DeleteEnvironmentRequest,
-    DeleteEnvironmentResponse, ExecRequest, ExecResponse, GetEnvironmentRequest,
+    DeleteEnvironmentResponse, Environment, ExecRequest, ExecResponse, GetEnvironmentRequest,
     GetEnvironmentResponse, ListEnvironmentsRequest, ListEnvironmentsResponse,
     RestartEnvironmentRequest, RestartEnvironmentResponse, StartEnvironmentRequest,
     StartEnvironmentResponse, StopEnvironmentRequest, StopEnvironmentResponse, StreamLogsRequest,
@@ -20,7 +20,7 @@ use vibebox_proto::environment::{
 };
 use vibebox_proto::runtime;
 
-use super::{ProxyStream, observe, relay};
+use super::{ProxyStream, Recheck, observe, relay};
 use crate::error::{GatewayError, Result};
 use crate::gateway::{Gateway, ORCHESTRATOR, POLICY};
 use crate::validate::{self, FieldViolation};
@@ -109,7 +109,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(CreateEnvironmentResponse {
-            environment: created.environment,
+            environment: created.environment.map(redact),
         })
     }
 
@@ -122,7 +122,7 @@ impl Environments {
         validate::uuid("environment_id", id)?;
         let (environment, _) = gw.environment(&call, "environment.get", id).await?;
         Ok(GetEnvironmentResponse {
-            environment: Some(environment),
+            environment: Some(redact(environment)),
         })
     }
 
@@ -184,7 +184,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(ListEnvironmentsResponse {
-            environments: listed.environments,
+            environments: listed.environments.into_iter().map(redact).collect(),
             next_page_token: listed.next_page_token,
         })
     }
@@ -211,7 +211,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(StartEnvironmentResponse {
-            environment: response.environment,
+            environment: response.environment.map(redact),
         })
     }
 
@@ -240,7 +240,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(StopEnvironmentResponse {
-            environment: response.environment,
+            environment: response.environment.map(redact),
         })
     }
 
@@ -269,7 +269,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(RestartEnvironmentResponse {
-            environment: response.environment,
+            environment: response.environment.map(redact),
         })
     }
 
@@ -295,7 +295,7 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(DeleteEnvironmentResponse {
-            environment: response.environment,
+            environment: response.environment.map(redact),
         })
     }
 
@@ -305,11 +305,12 @@ impl Environments {
     ) -> Result<ProxyStream<StreamLogsResponse>> {
         let gw = &self.gateway;
         let call = gw
-            .authenticate(gw.info("EnvironmentService/StreamLogs", &request))
+            .authenticate(gw.stream_info("EnvironmentService/StreamLogs", &request))
             .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
-        gw.environment(&call, "environment.logs", &req.environment_id)
+        let (environment, _) = gw
+            .environment(&call, "environment.logs", &req.environment_id)
             .await?;
         let upstream_stream = gw
             .runtime
@@ -323,6 +324,12 @@ impl Environments {
             ORCHESTRATOR,
             upstream_stream,
             |m| m.chunk,
+            Recheck::new(
+                gw.clone(),
+                call,
+                "environment.logs",
+                resource_of(&environment),
+            ),
         ))
     }
 
@@ -332,11 +339,12 @@ impl Environments {
     ) -> Result<ProxyStream<StreamStatsResponse>> {
         let gw = &self.gateway;
         let call = gw
-            .authenticate(gw.info("EnvironmentService/StreamStats", &request))
+            .authenticate(gw.stream_info("EnvironmentService/StreamStats", &request))
             .await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
-        gw.environment(&call, "environment.stats", &req.environment_id)
+        let (environment, _) = gw
+            .environment(&call, "environment.stats", &req.environment_id)
             .await?;
         let upstream_stream = gw
             .runtime
@@ -350,6 +358,12 @@ impl Environments {
             ORCHESTRATOR,
             upstream_stream,
             |m| m.sample,
+            Recheck::new(
+                gw.clone(),
+                call,
+                "environment.stats",
+                resource_of(&environment),
+            ),
         ))
     }
 
@@ -358,7 +372,7 @@ impl Environments {
         request: Request<Streaming<ExecRequest>>,
     ) -> Result<ProxyStream<ExecResponse>> {
         let gw = &self.gateway;
-        let info = gw.info("EnvironmentService/Exec", &request);
+        let info = gw.stream_info("EnvironmentService/Exec", &request);
         let call = gw.authenticate(info).await?;
         let mut inbound = request.into_inner();
         let first = match inbound.next().await {
@@ -375,7 +389,14 @@ impl Environments {
             return Err(violation("start", "the first message must be start"));
         };
         let id = validate::exec_start(start)?.to_string();
-        gw.environment(&call, "environment.exec", &id).await?;
+        let (environment, _) = gw.environment(&call, "environment.exec", &id).await?;
+        let recheck = Recheck::new(
+            gw.clone(),
+            call,
+            "environment.exec",
+            resource_of(&environment),
+        );
+        let call = &recheck.call;
 
         // The first message carries the caller; the rest are relayed as they
         // come (a second `start` or a client error ends the input).
@@ -390,7 +411,9 @@ impl Environments {
             .map(|request| runtime::ExecRequest {
                 caller: None,
                 request: Some(request),
-            });
+            })
+            // Input stops with the stream (rights withdrawn, client gone).
+            .take_until(recheck.ended.clone().cancelled_owned());
         let outbound = futures::stream::once(futures::future::ready(runtime::ExecRequest {
             caller: Some(call.caller()),
             request: Some(first),
@@ -408,7 +431,31 @@ impl Environments {
             ORCHESTRATOR,
             upstream_stream,
             |m| m.response,
+            recheck,
         ))
+    }
+}
+
+/// The environment as every read answers it: the spec's environment
+/// variables keep their names, never their values (write-only secrets; the
+/// container and Exec still get them).
+fn redact(mut environment: Environment) -> Environment {
+    if let Some(spec) = environment.spec.as_mut() {
+        for value in spec.env.values_mut() {
+            value.clear();
+        }
+    }
+    environment
+}
+
+/// What an environment's operations are authorized on.
+fn resource_of(environment: &Environment) -> Resource {
+    Resource {
+        kind: "environment".into(),
+        team_id: environment.team_id.clone(),
+        environment_id: environment.id.clone(),
+        owner_id: environment.owner_id.clone(),
+        id: environment.id.clone(),
     }
 }
 

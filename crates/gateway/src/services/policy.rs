@@ -1,10 +1,14 @@
 //! `vibebox.policy.v1.PolicyService`: dry runs against the active policy,
 //! authorized as `policy.evaluate` (on the named team) and `policy.get`.
+//! `GetPolicy` shows a caller only the overlays of its own teams (those its
+//! token may act on); platform admins and auditors see every overlay.
 
 use std::sync::Arc;
 
+use tonic::metadata::AsciiMetadataValue;
 use tonic::{Request, Response, Status};
 use vibebox_proto::authz::Resource;
+use vibebox_proto::identity::PlatformRole;
 use vibebox_proto::policy::policy_service_server::PolicyService;
 use vibebox_proto::policy::{
     EvaluateSpecRequest, EvaluateSpecResponse, GetPolicyRequest, GetPolicyResponse,
@@ -56,11 +60,37 @@ impl Policy {
             kind: "policy".into(),
             ..Default::default()
         };
-        gw.authorize(&call, "policy.get", resource).await?;
+        let decision = gw.authorize(&call, "policy.get", resource).await?;
+        let visible = if decision.platform_role == PlatformRole::Admin as i32
+            || decision.platform_role == PlatformRole::Auditor as i32
+        {
+            "*".to_owned()
+        } else {
+            let mut teams = Vec::new();
+            for team in gw.caller_teams(&call).await? {
+                let request = vibebox_token::AuthzRequest::new("policy.get").team(&team);
+                match call.principal.verified.authorize(&request) {
+                    Ok(()) => teams.push(team),
+                    Err(vibebox_token::TokenError::Expired) => {
+                        return Err(GatewayError::InvalidToken("token expired"));
+                    }
+                    Err(_) => {}
+                }
+            }
+            teams.join(",")
+        };
+        let mut forwarded = call.forward(request.into_inner());
+        // Team ids are validated ids (ASCII, no commas); one that would not
+        // fit a header is left out, never shown by mistake.
+        if let Ok(value) = visible.parse::<AsciiMetadataValue>() {
+            forwarded
+                .metadata_mut()
+                .insert(vibebox_server_kit::meta::VISIBLE_TEAMS, value);
+        }
         Ok(gw
             .policy
             .clone()
-            .get_policy(call.forward(request.into_inner()))
+            .get_policy(forwarded)
             .await
             .map_err(GatewayError::upstream(POLICY))?
             .into_inner())

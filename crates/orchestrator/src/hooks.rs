@@ -1,0 +1,84 @@
+//! Test hooks: crash points that stop a create halfway (as if the process
+//! were killed there) and a held-back environment feed. They exist only in
+//! builds with the `test-hooks` feature, which the workspace's tests turn on
+//! through dev-dependencies and no shipped build enables (`tests/tests/tidy.rs`
+//! checks both); without it every hook is a no-op the compiler removes.
+
+/// Where a create stops as if the process had been killed.
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After the environment's network exists.
+    AfterNetwork,
+    /// After its container exists (not started).
+    AfterContainer,
+}
+
+/// Environment variable that makes the process abort at a crash point
+/// (`network` or `container`), to test recovery from a killed process.
+#[cfg(feature = "test-hooks")]
+pub const ABORT_ENV: &str = "VIBEBOX_TEST_ABORT_AFTER";
+
+/// The hook state of one orchestrator.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    #[cfg(feature = "test-hooks")]
+    crash: std::sync::Mutex<Option<CrashPoint>>,
+    #[cfg(feature = "test-hooks")]
+    abort_at: Option<CrashPoint>,
+}
+
+/// Where a create may be stopped (names the crash points in both builds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Point {
+    AfterNetwork,
+    AfterContainer,
+}
+
+impl Hooks {
+    /// Hooks as the process environment sets them.
+    pub(crate) fn from_env() -> Self {
+        #[cfg(feature = "test-hooks")]
+        {
+            Self {
+                crash: std::sync::Mutex::new(None),
+                abort_at: match std::env::var(ABORT_ENV).as_deref() {
+                    Ok("network") => Some(CrashPoint::AfterNetwork),
+                    Ok("container") => Some(CrashPoint::AfterContainer),
+                    _ => None,
+                },
+            }
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        Self::default()
+    }
+
+    /// Makes the next creates stop at `point`.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn set_crash_point(&self, point: Option<CrashPoint>) {
+        *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = point;
+    }
+
+    /// Whether a create must stop at `point` (aborts the process when
+    /// [`ABORT_ENV`] names it).
+    #[cfg_attr(not(feature = "test-hooks"), allow(clippy::unused_self))]
+    pub(crate) fn crashes_at(&self, point: Point) -> bool {
+        #[cfg(feature = "test-hooks")]
+        {
+            let point = match point {
+                Point::AfterNetwork => CrashPoint::AfterNetwork,
+                Point::AfterContainer => CrashPoint::AfterContainer,
+            };
+            if self.abort_at == Some(point) {
+                tracing::error!(?point, "{ABORT_ENV} is set: aborting the process");
+                std::process::abort();
+            }
+            *self.crash.lock().unwrap_or_else(|p| p.into_inner()) == Some(point)
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        {
+            let _ = point;
+            false
+        }
+    }
+}
