@@ -24,9 +24,9 @@ lint:
     buf lint
     if [ -d helm/vibebox ]; then helm-lite lint helm/vibebox --strict; fi
 
-# breaking-change check of the protos against the previous commit
-breaking:
-    buf breaking --against '.git#ref=HEAD~1'
+# breaking-change check of the protos against the previous commit (or REF)
+breaking *REF:
+    bash scripts/breaking.sh {{REF}}
 
 # format the code
 fmt:

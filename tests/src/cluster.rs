@@ -33,7 +33,7 @@ use vibebox_proto::identity::{
 use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
 use vibebox_server_kit::{GrpcChannel, TlsMaterial};
 
-use crate::{Authed, Bearer, binary};
+use crate::{Authed, bearer, binary};
 
 /// One of the five services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -435,19 +435,19 @@ impl Cluster {
     }
 
     pub fn environments(&self, token: &str) -> EnvironmentServiceClient<Authed> {
-        EnvironmentServiceClient::with_interceptor(self.public(), Bearer::new(token))
+        EnvironmentServiceClient::with_interceptor(self.public(), bearer(token))
     }
 
     pub fn identity(&self, token: &str) -> IdentityServiceClient<Authed> {
-        IdentityServiceClient::with_interceptor(self.public(), Bearer::new(token))
+        IdentityServiceClient::with_interceptor(self.public(), bearer(token))
     }
 
     pub fn audit(&self, token: &str) -> AuditServiceClient<Authed> {
-        AuditServiceClient::with_interceptor(self.public(), Bearer::new(token))
+        AuditServiceClient::with_interceptor(self.public(), bearer(token))
     }
 
     pub fn policy(&self, token: &str) -> PolicyServiceClient<Authed> {
-        PolicyServiceClient::with_interceptor(self.public(), Bearer::new(token))
+        PolicyServiceClient::with_interceptor(self.public(), bearer(token))
     }
 
     /// Creates a team as the admin; returns its id.

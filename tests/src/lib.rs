@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use vibebox_proto::audit::audit_service_client::AuditServiceClient;
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
@@ -163,19 +161,19 @@ impl Platform {
     }
 
     pub fn environments(&self, token: &str) -> EnvironmentServiceClient<Authed> {
-        EnvironmentServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+        EnvironmentServiceClient::with_interceptor(self.channel(), bearer(token))
     }
 
     pub fn identity(&self, token: &str) -> IdentityServiceClient<Authed> {
-        IdentityServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+        IdentityServiceClient::with_interceptor(self.channel(), bearer(token))
     }
 
     pub fn audit(&self, token: &str) -> AuditServiceClient<Authed> {
-        AuditServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+        AuditServiceClient::with_interceptor(self.channel(), bearer(token))
     }
 
     pub fn policy(&self, token: &str) -> PolicyServiceClient<Authed> {
-        PolicyServiceClient::with_interceptor(self.channel(), Bearer::new(token))
+        PolicyServiceClient::with_interceptor(self.channel(), bearer(token))
     }
 
     /// Stops the platform with SIGTERM (as Ctrl-C would) and waits for it.
@@ -237,32 +235,17 @@ impl Drop for Platform {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub use vibebox_server_kit::Authed;
 
-impl Bearer {
-    pub fn new(token: &str) -> Self {
-        Self(format!("Bearer {token}").parse().ok())
+/// The interceptor authenticating as the holder of `token` (an empty token
+/// sends no header; a token that cannot be a header value is sent as none,
+/// which the gateway refuses).
+pub fn bearer(token: &str) -> vibebox_server_kit::Bearer {
+    if token.is_empty() {
+        return vibebox_server_kit::Bearer::none();
     }
+    vibebox_server_kit::Bearer::new(token).unwrap_or_default()
 }
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A gateway channel that authenticates as one user.
-pub type Authed = tonic::codegen::InterceptedService<GrpcChannel, Bearer>;
 
 /// A Docker client for inspecting what the platform created.
 pub fn docker() -> bollard::Docker {

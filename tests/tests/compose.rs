@@ -24,7 +24,7 @@ use vibebox_proto::identity::{
     AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
     TeamRole,
 };
-use vibebox_tests::{Authed, Bearer, binary, dev_image, docker, repo_root};
+use vibebox_tests::{Authed, bearer, binary, dev_image, docker, repo_root};
 
 const SERVICES: [&str; 5] = ["gateway", "identity", "policy", "orchestrator", "audit"];
 
@@ -234,11 +234,11 @@ fn channel(gateway: &str) -> vibebox_server_kit::GrpcChannel {
 }
 
 fn identity(gateway: &str, token: &str) -> IdentityServiceClient<Authed> {
-    IdentityServiceClient::with_interceptor(channel(gateway), Bearer::new(token))
+    IdentityServiceClient::with_interceptor(channel(gateway), bearer(token))
 }
 
 fn environments(gateway: &str, token: &str) -> EnvironmentServiceClient<Authed> {
-    EnvironmentServiceClient::with_interceptor(channel(gateway), Bearer::new(token))
+    EnvironmentServiceClient::with_interceptor(channel(gateway), bearer(token))
 }
 
 async fn inspect(container: &str) -> bollard::models::ContainerInspectResponse {

@@ -99,11 +99,6 @@ impl Receipt {
             Some(_) => Ok(()),
         }
     }
-
-    /// Whether `other` is a later acknowledgement than this one.
-    pub fn is_older_than(&self, other: &Receipt) -> bool {
-        other.sequence > self.sequence
-    }
 }
 
 #[cfg(test)]

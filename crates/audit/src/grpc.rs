@@ -85,10 +85,16 @@ impl From<ApiError> for Status {
                 status::unavailable("audit database", err)
             }
             ApiError::Read(ReadError::Store(ref err)) => status::internal(err),
-            // Not an internal error: the log itself is incomplete.
-            ApiError::Read(ReadError::Tail(ref failure)) => {
-                Status::data_loss(format!("the audit log contradicts a receipt: {failure}"))
-            }
+            // Not an internal error: the log itself is incomplete (a
+            // precondition of a complete export), named by its rule.
+            ApiError::Read(ReadError::Tail(ref failure)) => status::precondition_failure(
+                &format!("the audit log contradicts a receipt: {failure}"),
+                &[(
+                    crate::alerts::TAIL_RULE,
+                    "log",
+                    "events acknowledged earlier are no longer in the log",
+                )],
+            ),
             ApiError::Read(ReadError::Log(LogError::Closed)) | ApiError::Log(LogError::Closed) => {
                 Status::unavailable("the audit service is shutting down")
             }

@@ -141,27 +141,32 @@ impl HeadRecord {
         self.receipt(&self.contradicted_path())
     }
 
-    /// Keeps the current record as contradicted (the first one stays).
-    pub fn keep_contradicted(&self) -> std::io::Result<()> {
+    /// Keeps `receipt` (a record the log contradicted) beside the record;
+    /// the first one kept stays.
+    pub fn keep_contradicted(&self, receipt: &Receipt) -> std::io::Result<()> {
         let kept = self.contradicted_path();
         if kept.exists() {
             return Ok(());
         }
-        std::fs::copy(&self.path, kept).map(|_| ())
+        write_atomic(&kept, receipt.sequence, &receipt.hash)
     }
 
     /// Replaces the record (write, fsync, rename).
     pub fn write(&self, sequence: u64, hash: &str) -> std::io::Result<()> {
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        {
-            let mut file = std::fs::File::create(&tmp)?;
-            writeln!(file, "{sequence} {hash}")?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)
+        write_atomic(&self.path, sequence, hash)
     }
+}
+
+fn write_atomic(path: &Path, sequence: u64, hash: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        writeln!(file, "{sequence} {hash}")?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -176,9 +181,10 @@ mod tests {
         record.write(7, "abc").unwrap();
         let read = record.read().unwrap().unwrap();
         assert_eq!((read.sequence, read.hash.as_str()), (7, "abc"));
-        record.keep_contradicted().unwrap();
+        record.keep_contradicted(&read).unwrap();
         record.write(9, "def").unwrap();
-        record.keep_contradicted().unwrap();
+        let later = record.read().unwrap().unwrap();
+        record.keep_contradicted(&later).unwrap();
         assert_eq!(record.read_contradicted().unwrap().unwrap().sequence, 7);
         std::fs::write(record.path(), "garbage").unwrap();
         assert!(record.read().is_err());

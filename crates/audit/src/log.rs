@@ -151,7 +151,7 @@ impl Log {
         match record.read() {
             Ok(Some(receipt)) => {
                 if self.check_receipt(&receipt).await?.1.is_some()
-                    && let Err(e) = record.keep_contradicted()
+                    && let Err(e) = record.keep_contradicted(&receipt)
                 {
                     tracing::error!(error = %e, "cannot keep the contradicted audit head record");
                 }

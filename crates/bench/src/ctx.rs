@@ -13,7 +13,7 @@ use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
 use vibebox_server_kit::GrpcChannel;
 
-use crate::platform::{Authed, Bearer, Platform};
+use crate::platform::{Authed, Platform, bearer};
 
 pub(crate) struct Ctx {
     pub(crate) platform: Platform,
@@ -34,7 +34,7 @@ impl Ctx {
     ) -> anyhow::Result<Self> {
         let token = platform.admin_token()?;
         let channel = platform.channel()?;
-        let teams = IdentityServiceClient::with_interceptor(channel.clone(), Bearer::new(&token))
+        let teams = IdentityServiceClient::with_interceptor(channel.clone(), bearer(&token))
             .list_teams(ListTeamsRequest::default())
             .await
             .context("ListTeams through the gateway")?
@@ -59,11 +59,11 @@ impl Ctx {
     }
 
     pub(crate) fn environments(&self) -> EnvironmentServiceClient<Authed> {
-        EnvironmentServiceClient::with_interceptor(self.channel.clone(), Bearer::new(&self.token))
+        EnvironmentServiceClient::with_interceptor(self.channel.clone(), bearer(&self.token))
     }
 
     pub(crate) fn policy(&self) -> PolicyServiceClient<Authed> {
-        PolicyServiceClient::with_interceptor(self.channel.clone(), Bearer::new(&self.token))
+        PolicyServiceClient::with_interceptor(self.channel.clone(), bearer(&self.token))
     }
 
     /// A small spec of the development image running `command` (the image's

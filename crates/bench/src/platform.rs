@@ -16,8 +16,6 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
 };
 use futures::StreamExt;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use vibebox_server_kit::GrpcChannel;
 
 /// The label every Docker object of a run carries (`vibebox.bench=<run>`).
@@ -215,32 +213,12 @@ pub(crate) fn rss_of_processes(needle: &str) -> (u64, usize) {
     (total, count)
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+pub(crate) use vibebox_server_kit::Authed;
 
-impl Bearer {
-    pub(crate) fn new(token: &str) -> Self {
-        Self(format!("Bearer {token}").parse().ok())
-    }
+/// The interceptor authenticating as the holder of `token`.
+pub(crate) fn bearer(token: &str) -> vibebox_server_kit::Bearer {
+    vibebox_server_kit::Bearer::new(token).expect("a token fits in a header")
 }
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A channel that authenticates as one user.
-pub(crate) type Authed = tonic::codegen::InterceptedService<GrpcChannel, Bearer>;
 
 /// Removes every container, network and volume labelled with this run;
 /// returns how many of each went.

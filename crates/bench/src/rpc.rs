@@ -16,7 +16,7 @@ use vibebox_proto::kit::probe_service_server::{ProbeService, ProbeServiceServer}
 use vibebox_proto::kit::{ProbeRequest, ProbeResponse};
 
 use crate::ctx::Ctx;
-use crate::platform::{Authed, Bearer};
+use crate::platform::{Authed, bearer};
 use crate::report::{Figure, Unit};
 use crate::stats::{self, Load};
 
@@ -106,7 +106,7 @@ pub(crate) async fn run(
 
     let (addr, stop) = bare_server()?;
     let channel = vibebox_server_kit::connect_plaintext(&format!("http://{addr}"))?;
-    let bare = ProbeServiceClient::with_interceptor(channel, Bearer::new(&ctx.token));
+    let bare = ProbeServiceClient::with_interceptor(channel, bearer(&ctx.token));
     let probe = move || {
         let mut client = bare.clone();
         async move { client.probe(ProbeRequest::default()).await.map(|_| ()) }

@@ -7,38 +7,16 @@ use std::fmt;
 use vibebox_server_kit::status::code_name;
 
 use anyhow::{Context as _, Result, anyhow};
-use tonic::codegen::InterceptedService;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic_types::StatusExt;
 use vibebox_proto::audit::audit_service_client::AuditServiceClient;
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
-use vibebox_server_kit::GrpcChannel;
+use vibebox_server_kit::{Bearer, GrpcChannel};
 
 use crate::config::Context;
 
-/// Adds the bearer token to every call (nothing when there is no token).
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A channel that authenticates every call.
-pub(crate) type Authed = InterceptedService<GrpcChannel, Bearer>;
+pub(crate) use vibebox_server_kit::Authed;
 
 /// A connection to one platform as one user.
 #[derive(Clone)]
@@ -76,10 +54,8 @@ impl Session {
         }
         .map_err(|e| anyhow!("invalid gateway address {url:?}: {e}"))?;
         let bearer = match token {
-            Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
-                |_| anyhow!("the token contains characters not allowed in a header"),
-            )?)),
-            None => Bearer(None),
+            Some(t) => Bearer::new(t)?,
+            None => Bearer::none(),
         };
         Ok(Self { channel, bearer })
     }

@@ -61,13 +61,17 @@ impl From<Error> for Status {
             Error::AlreadyExists(id) => {
                 Status::already_exists(format!("environment id {id} is already in use"))
             }
-            Error::Quota(m) => Status::resource_exhausted(format!("team quota exceeded: {m}")),
-            Error::Capacity(m) => {
-                Status::resource_exhausted(format!("host capacity exceeded: {m}"))
+            Error::Quota(m) => {
+                status::quota_failure(&format!("team quota exceeded: {m}"), "team", &m)
             }
-            Error::SubnetsExhausted => {
-                Status::resource_exhausted("no free subnet left in the environment address pool")
-            }
+            Error::Capacity(m) => status::retry_later(
+                &format!("host capacity exceeded: {m}"),
+                std::time::Duration::from_secs(30),
+            ),
+            Error::SubnetsExhausted => status::retry_later(
+                "no free subnet left in the environment address pool",
+                std::time::Duration::from_secs(30),
+            ),
             e @ Error::BadState { .. } => Status::failed_precondition(e.to_string()),
             e @ Error::ImageUnavailable { .. } => status::precondition_failure(
                 &e.to_string(),
@@ -606,5 +610,30 @@ mod tests {
         };
         let s = Status::from(Error::Docker(answered));
         assert_eq!(s.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn refusals_of_the_spec_are_the_callers_to_fix_and_name_the_field() {
+        let s = Status::from(Error::EngineRefused {
+            field: "spec.command".into(),
+            reason: "No command specified".into(),
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("No command specified"), "{s:?}");
+        assert_eq!(
+            vibebox_server_kit::status::violated_rules(&s),
+            ["engine.refused"]
+        );
+        let s = Status::from(Error::Spec(SpecError::BindSource {
+            index: 1,
+            source_path: "/srv/p/link".into(),
+            reason: crate::docker::BindSourceReason::Symlink("/srv/p/link".into()),
+        }));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            vibebox_server_kit::status::violated_rules(&s),
+            ["mount.bind_source"]
+        );
+        assert!(s.message().contains("symbolic link"), "{s:?}");
     }
 }

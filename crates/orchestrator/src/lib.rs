@@ -391,7 +391,7 @@ pub async fn serve(
         .tls(Some(tls))
         .allow_callers(&["gateway"])
         .add_service(RuntimeServiceServer::new(
-            runtime_handler(&config, orchestrator, shutdown.clone()),
+            runtime_handler(config, orchestrator, shutdown.clone()),
         ))
         .serve(listener, shutdown)
         .await?;

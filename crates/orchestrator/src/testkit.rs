@@ -23,59 +23,20 @@ pub const TEST_IMAGE: &str = "vibebox-test/busybox:1";
 /// Label marking objects created by tests.
 pub const TEST_LABEL: &str = "vibebox.test";
 
-const APPLETS: &[&str] = &[
-    "sh", "sleep", "echo", "cat", "true", "false", "id", "ls", "env", "printf", "seq", "yes",
-    "head", "tail", "wc", "ps", "kill", "mkdir", "touch", "rm", "hostname", "ip", "ping", "nc",
-    "wget", "grep", "test", "[", "date", "stty", "tty", "uname",
-];
-
-/// Imports the busybox test image unless it exists (idempotent, safe to race).
+/// Imports the busybox test image unless it exists (idempotent, safe to
+/// race): the same builder as the README's development image
+/// (`scripts/dev-image.sh`), under the test tag.
 pub fn ensure_test_image() -> std::io::Result<()> {
-    let exists = Command::new("docker")
-        .args(["image", "inspect", TEST_IMAGE])
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/dev-image.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .arg(TEST_IMAGE)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?
-        .success();
-    if exists {
-        return Ok(());
-    }
-    let root = std::env::temp_dir().join(format!(
-        "vibebox-busybox-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
-    for d in [
-        "bin",
-        "etc",
-        "tmp",
-        "workspace",
-        "home/dev",
-        "proc",
-        "sys",
-        "dev",
-    ] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a))?;
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000:dev:/home/dev:/bin/sh\n",
-    )?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\ndev:x:1000:\n")?;
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "tar -C '{}' -c . | docker import -c 'ENV PATH=/bin' - {TEST_IMAGE} >/dev/null",
-            root.display()
-        ))
         .status()?;
-    let _ = std::fs::remove_dir_all(&root);
     if !status.success() {
-        return Err(std::io::Error::other("docker import failed"));
+        return Err(std::io::Error::other(format!(
+            "{script} {TEST_IMAGE} failed ({status})"
+        )));
     }
     Ok(())
 }

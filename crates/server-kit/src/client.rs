@@ -88,3 +88,45 @@ impl tower::Service<Request<Body>> for GrpcChannel {
         self.inner.call(req)
     }
 }
+
+/// Adds `authorization: Bearer <token>` to every call of a client (nothing
+/// without a token): the one interceptor every gateway client uses.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+/// A token that cannot travel in a header (control characters, non-ASCII).
+#[derive(Debug, thiserror::Error)]
+#[error("the token contains characters not allowed in a header")]
+pub struct InvalidToken;
+
+impl Bearer {
+    /// Sends `token` (surrounding whitespace removed).
+    pub fn new(token: &str) -> Result<Self, InvalidToken> {
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map(|value| Self(Some(value)))
+            .map_err(|_| InvalidToken)
+    }
+
+    /// Sends no authorization header.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose every call carries a bearer token.
+pub type Authed = tonic::codegen::InterceptedService<GrpcChannel, Bearer>;

@@ -21,7 +21,7 @@ pub mod telemetry;
 pub mod testing;
 mod tls;
 
-pub use client::{GrpcChannel, connect, connect_plaintext};
+pub use client::{Authed, Bearer, GrpcChannel, InvalidToken, connect, connect_plaintext};
 pub use config::{
     LimitArgs, LogFormat, ServerArgs, ServiceConfig, TelemetryArgs, TlsArgs, parse_config,
     parse_config_from,

@@ -41,6 +41,16 @@ pub fn retry_later(message: &str, after: std::time::Duration) -> Status {
     )
 }
 
+/// RESOURCE_EXHAUSTED for a quota the caller used up (retrying does not help
+/// until it frees some), said in a `QuotaFailure` detail naming `subject`.
+pub fn quota_failure(message: &str, subject: &str, description: &str) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_quota_failure_violation(subject, description),
+    )
+}
+
 /// INTERNAL without internals: the error is logged, the client sees a
 /// generic message (and the request id in the response headers).
 pub fn internal(error: &dyn std::fmt::Display) -> Status {

@@ -362,6 +362,8 @@ fn comparison(expression: &schema::Expression) -> Result<(), TokenError> {
                         B::GreaterOrEqual,
                         B::Equal,
                         B::NotEqual,
+                        B::HeterogeneousEqual,
+                        B::HeterogeneousNotEqual,
                     ]
                     .iter()
                     .any(|k| *k as i32 == binary.kind)

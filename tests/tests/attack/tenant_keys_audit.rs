@@ -297,6 +297,22 @@ async fn an_audit_tail_cut_from_the_database_is_detected_after_restart() {
         "{verdict:?}"
     );
     assert!(verdict.first_broken_sequence <= head as u64, "{verdict:?}");
+    report.note("reason", &verdict.reason);
+
+    // The export no longer ends as if complete: it ends with the failure.
+    let exported = async {
+        let mut stream = audit
+            .export_events(vibebox_proto::audit::ExportEventsRequest::default())
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    report.case(exported.is_err());
+    let status = exported.expect_err("the export of a cut log ends with an error");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("tail"), "{status:?}");
 
     let alerts = audit
         .query_events(QueryEventsRequest {

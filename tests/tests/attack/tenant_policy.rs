@@ -356,9 +356,12 @@ async fn dry_run_and_create_agree_on_every_attack_spec() {
     match no_command_answer {
         Some(Err(s)) => {
             let r = Refusal::of(&s);
-            let names_command = r.names_field("spec.command")
-                || vibebox_server_kit::status::violated_rules(&s)
-                    .contains(&"engine.refused".into());
+            let subjects: Vec<String> =
+                tonic_types::StatusExt::get_details_precondition_failure(&s)
+                    .map(|pf| pf.violations.into_iter().map(|v| v.subject).collect())
+                    .unwrap_or_default();
+            let names_command =
+                r.names_field("spec.command") || subjects.iter().any(|f| f == "spec.command");
             if !(caller_fixable(r.code)
                 && names_command
                 && r.message.to_lowercase().contains("command"))

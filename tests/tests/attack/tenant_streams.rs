@@ -16,7 +16,6 @@
 
 use std::net::IpAddr;
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 use tonic_types::StatusExt;
