@@ -4,20 +4,19 @@
 //! each its own gRPC server on loopback, talking to each other over mutual
 //! TLS with a development PKI generated into the data directory.
 //!
-//! Every other subcommand is a client of the gateway: [`config`] keeps the
-//! contexts (platforms and tokens), [`client`] connects and renders errors,
-//! [`env`], [`identity`], [`policy`] and [`audit`] implement the commands,
-//! [`output`] prints tables or JSON, [`spec`] reads spec files.
+//! Every other subcommand is a client of the gateway. [`cmd`] holds one
+//! module per command group (`login`, `context`, `user`, `team`, `token`,
+//! `env`, `exec`, `logs`, `stats`, `policy`, `audit`, `up`); the support they
+//! share stays outside it: [`config`] keeps the contexts (platforms and
+//! tokens), [`client`] connects and renders errors, [`output`] prints tables
+//! or JSON, [`prompt`] reads passwords, [`spec`] reads spec files.
 
-mod audit;
 mod client;
+mod cmd;
 mod config;
-mod env;
-mod identity;
 mod output;
-mod policy;
+mod prompt;
 mod spec;
-mod up;
 
 use std::process::ExitCode;
 
@@ -25,6 +24,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::client::Session;
+use crate::cmd::{audit, context, env, login, policy, team, token, up, user};
 use crate::config::{Config, Context};
 use crate::output::Format;
 
@@ -58,14 +58,14 @@ enum Command {
     /// orchestrator, audit) until Ctrl-C.
     Up(up::UpArgs),
     /// Log in (username and password, or a token) and save a context.
-    Login(identity::LoginArgs),
+    Login(login::LoginArgs),
     /// Forget the current context's token.
     Logout,
     /// Show who you are logged in as.
     Whoami,
     /// Manage contexts (one per platform).
     #[command(subcommand)]
-    Context(identity::ContextCommand),
+    Context(context::ContextCommand),
     /// Development environments.
     #[command(subcommand, alias = "environment")]
     Env(env::EnvCommand),
@@ -74,13 +74,13 @@ enum Command {
     Policy(policy::PolicyCommand),
     /// Teams and their members.
     #[command(subcommand)]
-    Team(identity::TeamCommand),
+    Team(team::TeamCommand),
     /// Users (platform admins).
     #[command(subcommand)]
-    User(identity::UserCommand),
+    User(user::UserCommand),
     /// API tokens: create, revoke, attenuate (offline).
     #[command(subcommand)]
-    Token(identity::TokenCommand),
+    Token(token::TokenCommand),
     /// The audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -150,9 +150,9 @@ async fn dispatch(
 ) -> Result<ExitCode> {
     match command {
         Command::Up(_) => unreachable!("handled in main"),
-        Command::Login(args) => identity::login(args, context.as_deref()).await?,
-        Command::Logout => identity::logout(context.as_deref())?,
-        Command::Context(cmd) => identity::context(cmd, format)?,
+        Command::Login(args) => login::login(args, context.as_deref()).await?,
+        Command::Logout => login::logout(context.as_deref())?,
+        Command::Context(cmd) => context::run(cmd, format)?,
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "vibebox", &mut script);
@@ -162,7 +162,7 @@ async fn dispatch(
         }
         Command::Whoami => {
             let (name, ctx) = current_context(context.as_deref(), server)?;
-            identity::whoami(&logged_in(&ctx)?, &name, &ctx, format).await?;
+            login::whoami(&logged_in(&ctx)?, &name, &ctx, format).await?;
         }
         Command::Env(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;
@@ -174,15 +174,15 @@ async fn dispatch(
         }
         Command::Team(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;
-            identity::team(cmd, &logged_in(&ctx)?, format).await?;
+            team::run(cmd, &logged_in(&ctx)?, format).await?;
         }
         Command::User(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;
-            identity::user(cmd, &logged_in(&ctx)?, format).await?;
+            user::run(cmd, &logged_in(&ctx)?, format).await?;
         }
         Command::Token(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;
-            identity::token(cmd, &ctx, format).await?;
+            token::run(cmd, &ctx, format).await?;
         }
         Command::Audit(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;

@@ -229,6 +229,20 @@ pub mod testing {
         })
     }
 
+    /// A fresh PostgreSQL database for a test that only means something on
+    /// PostgreSQL. Without `VIBEBOX_TEST_POSTGRES_URL` the test fails rather
+    /// than pass having tested nothing: `tests/run.sh` leaves such tests
+    /// (their names contain `postgres`) out when the variable is unset, so
+    /// that they are reported as skipped.
+    pub async fn postgres_required() -> TestDb {
+        postgres().await.unwrap_or_else(|| {
+            panic!(
+                "{POSTGRES_ENV} is not set: this test runs on PostgreSQL only \
+                 (tests/run.sh reports it as skipped without a database)"
+            )
+        })
+    }
+
     /// Every database a storage test must pass on: SQLite always, PostgreSQL
     /// when configured.
     pub async fn databases() -> Vec<TestDb> {

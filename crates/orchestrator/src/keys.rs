@@ -228,3 +228,54 @@ fn static_ring(keys: &[VerifyingKey]) -> KeyRing {
     }
     ring
 }
+
+#[cfg(test)]
+mod tests {
+    use vibebox_clearance::ClearanceSigner;
+
+    use super::*;
+
+    fn unreachable_policy() -> (vibebox_server_kit::testing::TestPki, GrpcChannel) {
+        let pki = vibebox_server_kit::testing::TestPki::new();
+        // Nothing listens on the discard port.
+        let channel =
+            vibebox_server_kit::connect("https://127.0.0.1:9", &pki.material("orchestrator"))
+                .unwrap();
+        (pki, channel)
+    }
+
+    #[tokio::test]
+    async fn without_policy_only_static_keys_verify() {
+        let signer = ClearanceSigner::generate();
+        let keys = ClearanceKeys::new(vec![signer.verifying_key()], None, KeyRefresh::default());
+        let ring = keys.ring_for(signer.key_id()).await.unwrap();
+        assert!(ring.contains(signer.key_id()));
+        assert_eq!(ring.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_ring_policy_never_refreshed_is_stale_except_for_static_keys() {
+        let (_pki, channel) = unreachable_policy();
+        let fixed = ClearanceSigner::generate();
+        let keys = ClearanceKeys::new(
+            vec![fixed.verifying_key()],
+            Some(channel),
+            KeyRefresh {
+                every: Duration::from_millis(50),
+                max_age: Duration::from_millis(100),
+                unknown_key_min_interval: Duration::from_secs(10),
+            },
+        );
+        // A static key is the operator's own: it still verifies.
+        assert!(
+            keys.ring_for(fixed.key_id())
+                .await
+                .unwrap()
+                .contains(fixed.key_id())
+        );
+        let err = keys.ring_for("ed25519:0123456789abcdef").await.unwrap_err();
+        assert_eq!(err.age_ms, u64::MAX);
+        assert_eq!(err.max_age_ms, 100);
+        assert!(err.to_string().contains("could not be refreshed"), "{err}");
+    }
+}

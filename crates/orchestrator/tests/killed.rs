@@ -308,10 +308,7 @@ async fn a_second_process_for_the_same_installation_waits_until_the_first_is_gon
 /// process, and stops once it runs again instead of acting beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_holder_loses_a_postgres_lease_and_stops_when_it_wakes() {
-    let Some(db) = vibebox_db::testing::postgres().await else {
-        eprintln!("skipped: VIBEBOX_TEST_POSTGRES_URL is not set");
-        return;
-    };
+    let db = vibebox_db::testing::postgres_required().await;
     let shared = SharedDatabase::new(Some(db.url.clone()));
     let (mut first, first_port, _) = shared.spawn("data-1");
     wait_serving(&shared.pki, first_port).await;

@@ -45,10 +45,7 @@ async fn the_installation_lease_is_exclusive_and_released_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_lease_whose_session_ends_is_reported_lost() {
-    let Some(db) = vibebox_db::testing::postgres().await else {
-        eprintln!("skipped: VIBEBOX_TEST_POSTGRES_URL is not set");
-        return;
-    };
+    let db = vibebox_db::testing::postgres_required().await;
     let held = lease::try_acquire(&db.url, "inst-lost")
         .await
         .unwrap()

@@ -54,7 +54,7 @@ pub(crate) async fn run(cmd: PolicyCommand, session: &Session, format: Format) -
         PolicyCommand::Check { spec, team } => {
             let file = SpecFile::read(&spec)?;
             let team_id = match team.or(file.team.clone()) {
-                Some(t) => crate::identity::resolve_team(session, Some(&t), None).await?,
+                Some(t) => crate::cmd::team::resolve_team(session, Some(&t), None).await?,
                 None => String::new(),
             };
             let r = client

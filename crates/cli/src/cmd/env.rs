@@ -1,24 +1,23 @@
-//! `vibebox env ...`: create (with progress), ls, get, start/stop/restart/rm,
-//! logs, stats and exec (an interactive terminal or plain pipes).
+//! `vibebox env ...`: create (with progress), ls, get, start/stop/restart/rm;
+//! `logs`, `exec` and `stats` live in their own modules.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
-    EnvironmentState, ExecRequest, ExecStart, GetEnvironmentRequest, ListEnvironmentsRequest,
-    OutputStream, RestartEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
-    StreamLogsRequest, StreamStatsRequest, TerminalSize, exec_request, exec_response,
+    EnvironmentState, GetEnvironmentRequest, ListEnvironmentsRequest, RestartEnvironmentRequest,
+    StartEnvironmentRequest, StopEnvironmentRequest,
 };
 
 use crate::client::{CallExt, Session, all_pages};
+use crate::cmd::team::resolve_team;
+use crate::cmd::{exec, logs, stats};
 use crate::config::Context;
 use crate::output::{self, Format};
 use crate::spec::{SpecFile, parse_memory_mb};
@@ -43,11 +42,11 @@ pub(crate) enum EnvCommand {
     #[command(alias = "delete")]
     Rm(EnvArg),
     /// Print an environment's logs.
-    Logs(LogsArgs),
+    Logs(logs::LogsArgs),
     /// Run a command in an environment (`-it` for an interactive terminal).
-    Exec(ExecArgs),
+    Exec(exec::ExecArgs),
     /// Show resource usage.
-    Stats(StatsArgs),
+    Stats(stats::StatsArgs),
 }
 
 /// An environment, by id or name.
@@ -110,54 +109,6 @@ pub(crate) struct StopArgs {
     /// Seconds to wait before killing.
     #[arg(short, long)]
     timeout: Option<u32>,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct LogsArgs {
-    /// Environment id or name.
-    env: String,
-    /// Keep streaming new output.
-    #[arg(short, long)]
-    follow: bool,
-    /// Only the last N lines.
-    #[arg(long, value_name = "N")]
-    tail: Option<u32>,
-    /// Only since a time (RFC 3339) or a duration ago (30s, 10m, 2h, 1d).
-    #[arg(long)]
-    since: Option<String>,
-    /// Prefix each line with its time.
-    #[arg(short, long)]
-    timestamps: bool,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct ExecArgs {
-    /// Keep stdin open and forward it.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Allocate a terminal (raw mode, resizes forwarded).
-    #[arg(short, long)]
-    tty: bool,
-    /// Environment variables KEY=VALUE (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env_vars: Vec<String>,
-    /// Working directory.
-    #[arg(short, long)]
-    workdir: Option<String>,
-    /// Environment id or name.
-    env: String,
-    /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct StatsArgs {
-    /// Environment id or name.
-    env: String,
-    /// Keep streaming samples.
-    #[arg(short, long)]
-    follow: bool,
 }
 
 /// What `env get`/`ls -o json` print.
@@ -246,7 +197,7 @@ fn print_env(e: &Environment, format: Format) {
     output::fields(&pairs);
 }
 
-fn parse_kv(items: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+pub(crate) fn parse_kv(items: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
     items
         .iter()
         .map(|kv| {
@@ -318,7 +269,7 @@ pub(crate) async fn run(
         EnvCommand::Create(args) => return create(args, session, ctx, format).await,
         EnvCommand::Ls(args) => {
             let team_id = match &args.team {
-                Some(t) => crate::identity::resolve_team(session, Some(t), None).await?,
+                Some(t) => resolve_team(session, Some(t), None).await?,
                 None => String::new(),
             };
             let envs = list_all(session, team_id, args.all).await?;
@@ -381,9 +332,9 @@ pub(crate) async fn run(
                 .call()?;
             done(resp.environment, format, "deleted");
         }
-        EnvCommand::Logs(a) => logs(a, session).await?,
-        EnvCommand::Stats(a) => stats(a, session, format).await?,
-        EnvCommand::Exec(a) => return exec(a, session).await,
+        EnvCommand::Logs(a) => logs::run(a, session).await?,
+        EnvCommand::Stats(a) => stats::run(a, session, format).await?,
+        EnvCommand::Exec(a) => return exec::run(a, session).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -440,7 +391,7 @@ async fn create(
         .ok_or_else(|| anyhow!("a name is required: vibebox env create NAME"))?;
     let team = args.team.or_else(|| file.team.clone());
     let team_id =
-        crate::identity::resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
+        resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
     let spec: ContainerSpec = file.to_proto()?;
 
     let progress = Progress::new(&name);
@@ -561,234 +512,4 @@ impl Progress {
             let _ = write!(std::io::stderr(), "\r\x1b[2K");
         }
     }
-}
-
-async fn logs(a: LogsArgs, session: &Session) -> Result<()> {
-    let id = resolve_env(session, &a.env).await?;
-    let since_time = a
-        .since
-        .as_deref()
-        .map(output::parse_since)
-        .transpose()?
-        .map(output::to_proto);
-    let mut stream = session
-        .environments()
-        .stream_logs(StreamLogsRequest {
-            environment_id: id,
-            follow: a.follow,
-            tail_lines: a.tail,
-            since_time,
-            timestamps: a.timestamps,
-            include_stdout: true,
-            include_stderr: true,
-        })
-        .await
-        .call()?;
-    let mut out = std::io::stdout();
-    let mut err = std::io::stderr();
-    while let Some(chunk) = stream.message().await.map_err(crate::client::CallError)? {
-        let w: &mut dyn Write = if chunk.stream == OutputStream::Stderr as i32 {
-            &mut err
-        } else {
-            &mut out
-        };
-        if a.timestamps && chunk.time.is_some() {
-            write!(w, "{} ", output::time(chunk.time.as_ref()))?;
-        }
-        w.write_all(&chunk.data)?;
-        w.flush()?;
-    }
-    Ok(())
-}
-
-#[derive(Serialize)]
-struct StatsView {
-    time: String,
-    cpu_percent: f64,
-    memory_usage_bytes: u64,
-    memory_limit_bytes: u64,
-    pids: u64,
-    network_rx_bytes: u64,
-    network_tx_bytes: u64,
-}
-
-async fn stats(a: StatsArgs, session: &Session, format: Format) -> Result<()> {
-    let id = resolve_env(session, &a.env).await?;
-    let mut stream = session
-        .environments()
-        .stream_stats(StreamStatsRequest {
-            environment_id: id,
-            one_shot: !a.follow,
-        })
-        .await
-        .call()?;
-    let mut header = false;
-    while let Some(s) = stream.message().await.map_err(crate::client::CallError)? {
-        let v = StatsView {
-            time: output::time(s.time.as_ref()),
-            cpu_percent: s.cpu_percent,
-            memory_usage_bytes: s.memory_usage_bytes,
-            memory_limit_bytes: s.memory_limit_bytes,
-            pids: s.pids,
-            network_rx_bytes: s.network_rx_bytes,
-            network_tx_bytes: s.network_tx_bytes,
-        };
-        if format == Format::Json {
-            println!("{}", serde_json::to_string(&v)?);
-            continue;
-        }
-        let row = vec![
-            v.time,
-            format!("{:.2}%", v.cpu_percent),
-            format!(
-                "{} / {}",
-                output::bytes(v.memory_usage_bytes),
-                output::bytes(v.memory_limit_bytes)
-            ),
-            v.pids.to_string(),
-            format!(
-                "{} / {}",
-                output::bytes(v.network_rx_bytes),
-                output::bytes(v.network_tx_bytes)
-            ),
-        ];
-        let headers = ["TIME", "CPU", "MEMORY", "PIDS", "NET RX / TX"];
-        if !header {
-            output::table(&headers, &[row]);
-            header = true;
-        } else {
-            println!("{}", row.join("  "));
-        }
-    }
-    Ok(())
-}
-
-/// Raw mode for the lifetime of the guard: restored on drop, so on every
-/// return path, error or panic (unwinding).
-struct RawMode;
-
-impl RawMode {
-    fn enter() -> Result<Self> {
-        crossterm::terminal::enable_raw_mode().context("cannot put the terminal in raw mode")?;
-        Ok(Self)
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = crossterm::terminal::disable_raw_mode();
-    }
-}
-
-fn terminal_size() -> Option<TerminalSize> {
-    crossterm::terminal::size()
-        .ok()
-        .map(|(columns, rows)| TerminalSize {
-            rows: rows.into(),
-            columns: columns.into(),
-        })
-}
-
-async fn exec(a: ExecArgs, session: &Session) -> Result<ExitCode> {
-    if a.tty && !std::io::stdin().is_terminal() {
-        bail!("the input device is not a terminal: drop -t (use -i to forward stdin)");
-    }
-    let id = resolve_env(session, &a.env).await?;
-    let (tx, rx) = mpsc::channel::<ExecRequest>(64);
-    let start = ExecStart {
-        environment_id: id,
-        command: a.command,
-        tty: a.tty,
-        env: parse_kv(&a.env_vars)?,
-        working_dir: a.workdir.unwrap_or_default(),
-        terminal_size: if a.tty { terminal_size() } else { None },
-        stdin: a.interactive,
-    };
-    tx.send(ExecRequest {
-        message: Some(exec_request::Message::Start(start)),
-    })
-    .await
-    .map_err(|_| anyhow!("exec stream closed"))?;
-    let mut stream = session
-        .environments()
-        .exec(ReceiverStream::new(rx))
-        .await
-        .call()?;
-    let _raw = if a.tty { Some(RawMode::enter()?) } else { None };
-
-    if a.interactive {
-        // A plain thread: a blocked stdin read must not keep the runtime
-        // from shutting down once the remote command has exited.
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 4096];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.blocking_send(ExecRequest {
-                            message: Some(exec_request::Message::CloseStdin(true)),
-                        });
-                        return;
-                    }
-                    Ok(n) => {
-                        let msg = ExecRequest {
-                            message: Some(exec_request::Message::Stdin(buf[..n].to_vec())),
-                        };
-                        if tx.blocking_send(msg).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-    }
-    if a.tty {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let Ok(mut winch) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-            else {
-                return;
-            };
-            while winch.recv().await.is_some() {
-                if let Some(size) = terminal_size()
-                    && tx
-                        .send(ExecRequest {
-                            message: Some(exec_request::Message::Resize(size)),
-                        })
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-
-    let mut out = std::io::stdout();
-    let mut err = std::io::stderr();
-    let code = loop {
-        let Some(msg) = stream.message().await.map_err(crate::client::CallError)? else {
-            bail!("the exec stream ended without an exit status");
-        };
-        match msg.message {
-            Some(exec_response::Message::Stdout(b)) => {
-                out.write_all(&b)?;
-                out.flush()?;
-            }
-            Some(exec_response::Message::Stderr(b)) => {
-                err.write_all(&b)?;
-                err.flush()?;
-            }
-            Some(exec_response::Message::Exit(e)) => break e.exit_code,
-            None => {}
-        }
-    };
-    drop(tx);
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(if code < 0 {
-        1
-    } else {
-        255
-    })))
 }
