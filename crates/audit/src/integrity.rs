@@ -148,23 +148,29 @@ impl HeadRecord {
         if kept.exists() {
             return Ok(());
         }
-        write_atomic(&kept, receipt.sequence, &receipt.hash)
+        write_atomic(&kept, receipt.sequence, &receipt.hash, true)
     }
 
-    /// Replaces the record (write, fsync, rename).
+    /// Replaces the record (write, rename). Not fsynced: it is written after
+    /// every commit, on the path of every acknowledgement, and it is written
+    /// only after the database committed, so it can lag behind the log
+    /// after a power loss (weaker detection for that moment, never a false
+    /// alarm) but never run ahead of it.
     pub fn write(&self, sequence: u64, hash: &str) -> std::io::Result<()> {
-        write_atomic(&self.path, sequence, hash)
+        write_atomic(&self.path, sequence, hash, false)
     }
 }
 
-fn write_atomic(path: &Path, sequence: u64, hash: &str) -> std::io::Result<()> {
+fn write_atomic(path: &Path, sequence: u64, hash: &str, sync: bool) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
         let mut file = std::fs::File::create(&tmp)?;
         writeln!(file, "{sequence} {hash}")?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)
 }

@@ -185,6 +185,7 @@ impl Log {
             None
         };
         self.integrity.note_receipt(receipt);
+        metrics::gauge!("vibebox_audit_receipt_holders").set(self.integrity.holders() as f64);
         match receipt.check(head.sequence, hash_at.as_deref()) {
             Ok(()) => Ok((head, None)),
             Err(failure) => {
@@ -213,11 +214,6 @@ impl Log {
     /// Integrity failures found since the process started.
     pub fn integrity_failures(&self) -> Vec<TailError> {
         self.integrity.failures()
-    }
-
-    /// Holders whose receipts were checked since the process started.
-    pub fn receipt_holders(&self) -> usize {
-        self.integrity.holders()
     }
 
     /// Appends events (complete but unsealed) durably; returns each one's

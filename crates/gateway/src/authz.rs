@@ -198,15 +198,44 @@ where
             }
             None => {
                 let path = request.uri().path().to_owned();
-                tracing::warn!(method = %path, "refused a method missing from the authorization table");
-                crate::metrics::record_access_event("access.unlisted_method");
-                let status = tonic::Status::permission_denied(format!(
-                    "{path} is not in the gateway's authorization table (deny by default)"
-                ));
+                let status = if declared(&path) {
+                    tracing::warn!(method = %path, "refused a method missing from the authorization table");
+                    crate::metrics::record_access_event("access.unlisted_method");
+                    tonic::Status::permission_denied(format!(
+                        "{path} is not in the gateway's authorization table (deny by default)"
+                    ))
+                } else {
+                    tonic::Status::unimplemented(format!("{path} is not a method of this API"))
+                };
                 futures::future::ready(Ok(status.into_http())).boxed()
             }
         }
     }
+}
+
+/// Whether a public proto declares the method at `path` (a declared method
+/// missing from the table is a wiring mistake: refused as such; anything
+/// else is simply not part of the API).
+fn declared(path: &str) -> bool {
+    static DECLARED: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    DECLARED
+        .get_or_init(|| {
+            use prost::Message;
+            let set = prost_types::FileDescriptorSet::decode(vibebox_proto::FILE_DESCRIPTOR_SET)
+                .unwrap_or_default();
+            set.file
+                .iter()
+                .flat_map(|file| {
+                    file.service.iter().flat_map(move |service| {
+                        service.method.iter().map(move |method| {
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name())
+                        })
+                    })
+                })
+                .collect()
+        })
+        .contains(path)
 }
 
 #[cfg(test)]
@@ -293,15 +322,11 @@ mod tests {
     }
 
     fn grpc_status(response: &http::Response<Body>) -> (String, String) {
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        (header("grpc-status"), header("grpc-message"))
+        let status = tonic::Status::from_header_map(response.headers()).expect("grpc-status");
+        (
+            (status.code() as i32).to_string(),
+            status.message().to_owned(),
+        )
     }
 
     fn request(path: &str) -> http::Request<Body> {
@@ -347,13 +372,14 @@ mod tests {
         assert_eq!(code, "0");
         assert!(message.contains("environment.list"), "{message}");
 
-        // With the real table, an unknown method of a public service is refused.
+        // With the real table, a method no proto declares is not part of
+        // the API at all.
         let response = guard(Echo)
             .oneshot(request(
                 "/vibebox.environment.v1.EnvironmentService/DropAllTables",
             ))
             .await
             .unwrap();
-        assert_eq!(grpc_status(&response).0, "7");
+        assert_eq!(grpc_status(&response).0, "12", "UNIMPLEMENTED");
     }
 }

@@ -37,8 +37,9 @@ fn engine_pki() -> EnginePki {
 }
 
 fn certs(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut pem.as_slice())
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
 }
@@ -54,10 +55,10 @@ async fn tls_engine(pki: &Path) -> u16 {
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
         .build()
         .unwrap();
-    let key_pem = std::fs::read(pki.join("dind-key.pem")).unwrap();
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .unwrap()
-        .unwrap();
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join("dind-key.pem")).unwrap()
+    };
     let config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&pki.join("dind.pem")), key)

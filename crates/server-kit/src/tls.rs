@@ -72,48 +72,11 @@ impl TlsMaterial {
 }
 
 fn first_pem_der(pem: &[u8]) -> Result<Vec<u8>, KitError> {
-    let text =
-        std::str::from_utf8(pem).map_err(|_| KitError::Tls("certificate is not PEM".into()))?;
-    let begin = "-----BEGIN CERTIFICATE-----";
-    let end = "-----END CERTIFICATE-----";
-    let start = text
-        .find(begin)
-        .ok_or_else(|| KitError::Tls("no certificate in PEM".into()))?
-        + begin.len();
-    let stop = text[start..]
-        .find(end)
-        .ok_or_else(|| KitError::Tls("unterminated certificate in PEM".into()))?
-        + start;
-    let b64: String = text[start..stop]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    decode_base64(&b64).ok_or_else(|| KitError::Tls("bad base64 in PEM".into()))
-}
-
-fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem)
+        .map(|der| der.to_vec())
+        .map_err(|e| KitError::Tls(format!("no usable certificate in PEM: {e}")))
 }
 
 /// The VibeBox service a DER certificate belongs to: its
@@ -146,9 +109,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_round_trip() {
-        assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(decode_base64("aGk=").unwrap(), b"hi");
-        assert!(decode_base64("a*b").is_none());
+    fn the_first_certificate_of_a_pem_is_read_and_garbage_is_refused() {
+        let pki = crate::testing::TestPki::new();
+        let material = pki.material("gateway");
+        let der = first_pem_der(&material.cert_pem).unwrap();
+        assert_eq!(service_identity(&der).as_deref(), Some("gateway"));
+        assert!(first_pem_der(b"not a certificate").is_err());
+        assert!(
+            first_pem_der(b"-----BEGIN CERTIFICATE-----\na*b\n-----END CERTIFICATE-----\n")
+                .is_err()
+        );
     }
 }
