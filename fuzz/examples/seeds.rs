@@ -12,7 +12,7 @@ use base64::Engine as _;
 use prost::Message;
 use vibebox_audit_chain::verify::to_json_line;
 use vibebox_audit_chain::{ExportLine, GENESIS_HASH};
-use vibebox_fuzz::{POLICY_TOML, mint_token, seed_events, seed_export};
+use vibebox_fuzz::{POLICY_TOML, check_outcome, mint_token, policy, seed_events, seed_export};
 use vibebox_policy::Policy;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, Mount, MountType, PortMapping,
@@ -43,6 +43,7 @@ fn mount(kind: MountType, source: &str, target: &str, size_mb: Option<i64>) -> M
 }
 
 fn main() {
+    vibebox_fuzz::oracle::self_check();
     let root: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let python_digest = format!("python@{DIGEST}");
     let python_tag_digest = format!("ghcr.io/acme/app:1.2@{DIGEST}");
@@ -71,6 +72,10 @@ fn main() {
             "docker:*",
             "*:latest",
             "ghcr.io/acme/*:v*",
+            // Where the policy once disagreed with Docker's rules.
+            "python@md5:0123456789abcdef0123456789abcdef",
+            "[::ffff:10.0.0.1]:5000/app:1",
+            "acme*/app:*",
         ],
     );
 
@@ -123,6 +128,10 @@ fn main() {
             "1000:",
             ":1000",
             "",
+            "999",
+            "1000:999",
+            "60000:60001",
+            "65534:65534",
         ],
     );
 
@@ -142,6 +151,14 @@ fn main() {
     );
 
     write(&root, "policy_document", "realistic", POLICY_TOML);
+    write(
+        &root,
+        "policy_document",
+        "ids",
+        "[user]\nmin_id = 2000\nmax_id = 3000\ndefault_uid = 2500\ndefault_gid = 2500\n\
+         [images]\ndeny = [\"acme*/app:*\", \"*:latest\"]\n\
+         [mounts]\nallow_bind_prefixes = [\"/srv\"]\n",
+    );
     write(
         &root,
         "policy_document",
@@ -256,7 +273,45 @@ fn main() {
             },
         ),
     ];
-    for (name, team, spec) in specs {
+    let bound = |user: Option<&str>| ContainerSpec {
+        image: "ghcr.io/acme/app:1".into(),
+        user: user.map(str::to_owned),
+        mounts: vec![mount(
+            MountType::Bind,
+            "/srv/projects/acme/app",
+            "/src",
+            None,
+        )],
+        ..benign.clone()
+    };
+    let more = [
+        ("bind-platform-user", "acme", bound(None)),
+        ("bind-bare-uid", "acme", bound(Some("1000"))),
+        ("bind-other-user", "acme", bound(Some("1001:1000"))),
+        (
+            "reserved-target",
+            "",
+            ContainerSpec {
+                mounts: vec![
+                    mount(MountType::Tmpfs, "", "//proc/../proc/sys/", Some(16)),
+                    mount(MountType::Volume, "data", "/etc/hosts", None),
+                ],
+                ..benign.clone()
+            },
+        ),
+        (
+            "user-range",
+            "",
+            ContainerSpec {
+                user: Some("65534:65534".into()),
+                ..benign.clone()
+            },
+        ),
+    ];
+    for (name, team, spec) in specs.into_iter().chain(more) {
+        // Every request seed is judged by the oracle as the fuzzer will.
+        let outcome = vibebox_policy::evaluate(policy().rules_for(team), &spec);
+        check_outcome(policy(), team, &spec, &outcome);
         let request = CreateEnvironmentRequest {
             request_id: format!("req-{name}"),
             team_id: team.into(),

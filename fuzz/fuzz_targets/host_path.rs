@@ -3,10 +3,13 @@
 //! fixed point; and as a bind source, a path denied as a Docker socket or a
 //! sensitive path stays denied under every re-spelling (`//`, `/./`,
 //! `x/..`, a trailing `/`, a leading `/..`, ASCII case), while the decision
-//! as a whole does not change with a lexical re-spelling.
+//! as a whole does not change with a lexical re-spelling. The policy's
+//! normalization agrees with the independent oracle's
+//! (`vibebox_fuzz::oracle::paths`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vibebox_fuzz::oracle::paths;
 use vibebox_fuzz::{check_outcome, is_socket_path, policy, root_prefix_policy};
 use vibebox_policy::path::normalize;
 use vibebox_policy::{Outcome, Policy, Rule, evaluate};
@@ -46,6 +49,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let normalized = normalize(input);
+    assert_eq!(
+        normalized.as_ref().ok(),
+        paths::lexical(input).as_ref(),
+        "{input:?}: policy vs oracle"
+    );
     if let Ok(p) = &normalized {
         assert!(p.starts_with('/'));
         assert!(p == "/" || !p.ends_with('/'));

@@ -4,13 +4,19 @@
 //! (case, implied `docker.io`/`library/`, Docker Hub aliases) canonicalizes
 //! the same; a pattern written as the canonical form matches it; and a
 //! reference resolving to the `docker`/`dind` repositories is always caught
-//! by the default deny list.
+//! by the default deny list. Against the independent oracle
+//! (`vibebox_fuzz::oracle::image`, Docker's rules written out apart): every
+//! reference the policy accepts, Docker accepts too and canonicalizes the
+//! same; and a deny pattern the policy holds matches whatever the oracle's
+//! reading of it matches.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vibebox_fuzz::oracle;
 use vibebox_policy::image::{DOCKER_HUB, ImagePattern, ImageRef, ListKind};
 
 fuzz_target!(|data: &[u8]| {
+    oracle::self_check();
     let Ok(input) = std::str::from_utf8(data) else {
         return;
     };
@@ -19,10 +25,34 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(p.as_str(), input);
         }
     }
+    // The input as a deny pattern, judged over the input's own wildcards
+    // filled in (the concrete image an operator meant to stop).
+    if let Ok(deny) = ImagePattern::new(input, ListKind::Deny) {
+        let filled = input.replace(['*', '?'], "x");
+        if let (Ok(image), Ok(docker)) = (
+            ImageRef::parse(&filled),
+            oracle::image::canonicalize(&filled),
+        ) && oracle::image::Pattern::deny(input).matches(&docker)
+        {
+            assert!(
+                deny.matches(&image),
+                "{filled:?} escaped the deny pattern {input:?}"
+            );
+        }
+    }
+    let docker = oracle::image::canonicalize(input);
     let Ok(image) = ImageRef::parse(input) else {
         return;
     };
     let canonical = image.canonical();
+    match &docker {
+        Ok(d) => assert_eq!(
+            canonical,
+            d.canonical(),
+            "{input:?}: policy vs Docker's rules"
+        ),
+        Err(e) => panic!("{input:?} accepted as {canonical}, but Docker refuses it: {e}"),
+    }
     let again = ImageRef::parse(canonical).expect("canonical form parses");
     assert_eq!(again, image, "canonical form is a fixed point");
 

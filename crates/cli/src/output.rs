@@ -181,7 +181,15 @@ mod tests {
             assert_eq!(parse_duration(text).unwrap(), want, "{text:?}");
         }
         for bad in [
-            "", "2x", "abc", "-5m", "m", "1.5.2h", "99999999999999999999", "9999999999999999d", "100000000d",
+            "",
+            "2x",
+            "abc",
+            "-5m",
+            "m",
+            "1.5.2h",
+            "99999999999999999999",
+            "9999999999999999d",
+            "100000000d",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }

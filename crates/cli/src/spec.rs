@@ -248,7 +248,19 @@ mod tests {
         assert_eq!(parse_memory_mb("2g").unwrap(), 2048);
         assert_eq!(parse_memory_mb("2GiB").unwrap(), 2048);
         assert_eq!(parse_memory_mb("300").unwrap(), 300);
-        for bad in ["-5m", "0", "9223372036854775807g", "m", "12x"] {
+        assert_eq!(parse_memory_mb("1g").unwrap(), 1024);
+        assert_eq!(parse_memory_mb("512MB").unwrap(), 512);
+        assert_eq!(parse_memory_mb(" 64 m ").unwrap(), 64);
+        for bad in [
+            "-5m",
+            "0",
+            "9223372036854775807g",
+            "m",
+            "12x",
+            "",
+            "1.5g",
+            "512k",
+        ] {
             assert!(parse_memory_mb(bad).is_err(), "{bad} accepted");
         }
         assert!(parse_memory_mb("lots").is_err());

@@ -5,6 +5,12 @@
 //! proto but not to the table is therefore closed, never open; the tests
 //! below walk every method of every public service descriptor to prove that
 //! the table covers exactly what the protos declare.
+//!
+//! The table is the one place a method's name and operation are written:
+//! [`Guarded`] hands the handler a [`Resolved`] entry, the gateway's
+//! `authenticate` refuses a request without one (or one listed as
+//! anonymous), and `authorize` asks identity for the entry's operation.
+//! Per-method call metrics are recorded here too.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -147,12 +153,48 @@ pub(crate) const TABLE: &[(&str, Access)] = &[
     ),
 ];
 
-/// The access rule of the method at `path` (`/package.Service/Method`).
-pub(crate) fn rule(path: &str) -> Option<Access> {
+/// A request's method as the table knows it: travels in the request's
+/// extensions from [`Guarded`] to the handler, which reads its name and
+/// operation from here (handlers never spell either).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    /// `/package.Service/Method`.
+    pub(crate) path: &'static str,
+    /// What a caller needs.
+    pub(crate) access: Access,
+}
+
+impl Resolved {
+    /// `Service/Method` (metrics, logs and audit details).
+    pub(crate) fn name(&self) -> &'static str {
+        let service_and_method = self.path.trim_start_matches('/');
+        match service_and_method.split_once('/') {
+            Some((qualified, _)) => {
+                let skip = qualified.rfind('.').map_or(0, |dot| dot + 1);
+                &service_and_method[skip..]
+            }
+            None => service_and_method,
+        }
+    }
+
+    /// The operation identity authorizes (none for anonymous methods).
+    pub(crate) fn operation(&self) -> Option<&'static str> {
+        match self.access {
+            Access::Anonymous => None,
+            Access::Operation(operation) => Some(operation),
+        }
+    }
+}
+
+/// The table's entry for the method at `path` (`/package.Service/Method`).
+pub(crate) fn rule(path: &str) -> Option<Resolved> {
     TABLE
         .iter()
         .find(|(method, _)| *method == path)
-        .map(|(_, access)| *access)
+        .map(|(path, access)| Resolved {
+            path,
+            access: *access,
+        })
 }
 
 /// A public service that only lets through the methods in a table; the
@@ -160,7 +202,7 @@ pub(crate) fn rule(path: &str) -> Option<Access> {
 #[derive(Clone)]
 pub(crate) struct Guarded<S> {
     inner: S,
-    table: fn(&str) -> Option<Access>,
+    table: fn(&str) -> Option<Resolved>,
 }
 
 /// Wraps `service` in the gateway's authorization table.
@@ -192,9 +234,20 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         match (self.table)(request.uri().path()) {
-            Some(access) => {
-                request.extensions_mut().insert(access);
-                self.inner.call(request).boxed()
+            Some(resolved) => {
+                request.extensions_mut().insert(resolved);
+                let started = std::time::Instant::now();
+                let answer = self.inner.call(request);
+                async move {
+                    let response = answer.await?;
+                    // An error is a trailers-only answer (its status in the
+                    // headers); an answer without one started as OK.
+                    let code = tonic::Status::from_header_map(response.headers())
+                        .map_or(tonic::Code::Ok, |status| status.code());
+                    crate::metrics::record_call(resolved.name(), code, started);
+                    Ok(response)
+                }
+                .boxed()
             }
             None => {
                 let path = request.uri().path().to_owned();
@@ -292,6 +345,16 @@ mod tests {
     }
 
     #[test]
+    fn names_and_operations_come_from_the_table() {
+        let get = rule("/vibebox.environment.v1.EnvironmentService/GetEnvironment").unwrap();
+        assert_eq!(get.name(), "EnvironmentService/GetEnvironment");
+        assert_eq!(get.operation(), Some("environment.get"));
+        let login = rule("/vibebox.identity.v1.IdentityService/Login").unwrap();
+        assert_eq!(login.name(), "IdentityService/Login");
+        assert_eq!(login.operation(), None);
+    }
+
+    #[test]
     fn only_login_is_anonymous() {
         let anonymous: Vec<_> = TABLE
             .iter()
@@ -315,7 +378,7 @@ mod tests {
         }
         fn call(&mut self, request: http::Request<Body>) -> Self::Future {
             // Answers OK and says which access rule reached it.
-            let access = request.extensions().get::<Access>().copied();
+            let access = request.extensions().get::<Resolved>().map(|r| r.access);
             let status = tonic::Status::ok(format!("{access:?}"));
             futures::future::ready(Ok(status.into_http()))
         }
@@ -341,7 +404,7 @@ mod tests {
     async fn a_method_missing_from_the_table_is_refused_before_its_handler() {
         // The real table, minus one method: as if a handler had been added
         // to the proto and the server but forgotten here.
-        fn without_get(path: &str) -> Option<Access> {
+        fn without_get(path: &str) -> Option<Resolved> {
             (path != "/vibebox.environment.v1.EnvironmentService/GetEnvironment")
                 .then(|| rule(path))
                 .flatten()

@@ -26,6 +26,10 @@ pub(crate) const ENVIRONMENT_DENIED: &str = "environment not found or access den
 pub(crate) enum GatewayError {
     #[error("missing bearer token")]
     MissingToken,
+    /// A handler reached by a method the authorization table does not list
+    /// (or that it lists as anonymous): a wiring mistake, refused.
+    #[error("method not in the authorization table")]
+    Unlisted,
     #[error("invalid token ({0})")]
     InvalidToken(&'static str),
     /// A token of a shape the platform never issues, refused unevaluated;
@@ -80,6 +84,9 @@ impl From<GatewayError> for Status {
             GatewayError::MissingToken => {
                 Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")
             }
+            GatewayError::Unlisted => Status::permission_denied(
+                "this method is not in the gateway's authorization table (deny by default)",
+            ),
             GatewayError::InvalidToken(_) => Status::unauthenticated("invalid or expired token"),
             GatewayError::TokenRefused(rule) => {
                 let mut details = ErrorDetails::new();

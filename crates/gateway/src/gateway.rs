@@ -85,7 +85,10 @@ pub(crate) struct Gateway {
 
 /// What is known about a call before it is authenticated.
 pub(crate) struct CallInfo {
+    /// `Service/Method`, from the authorization table.
     pub(crate) method: &'static str,
+    /// The operation the table names for the method (none: anonymous).
+    operation: Option<&'static str>,
     pub(crate) request_id: String,
     pub(crate) client_address: String,
     pub(crate) timeout: Duration,
@@ -99,8 +102,18 @@ pub(crate) struct CallInfo {
 }
 
 impl CallInfo {
-    /// Reads what the gateway needs from an incoming request.
-    pub(crate) fn of<T>(method: &'static str, request: &Request<T>, max_timeout: Duration) -> Self {
+    /// Reads what the gateway needs from an incoming request. The method
+    /// and its operation come from the authorization table (the request
+    /// passed through [`crate::authz::Guarded`]); a request that did not is
+    /// refused, never served.
+    pub(crate) fn of<T>(request: &Request<T>, max_timeout: Duration) -> Result<Self> {
+        let Some(resolved) = request
+            .extensions()
+            .get::<crate::authz::Resolved>()
+            .copied()
+        else {
+            return Err(GatewayError::Unlisted);
+        };
         let metadata = request.metadata();
         let request_id = vibebox_server_kit::request_id(request)
             .or_else(|| {
@@ -116,8 +129,9 @@ impl CallInfo {
             .map(|a: SocketAddr| a.to_string())
             .unwrap_or_default();
         let timeout = client_timeout(metadata).map_or(max_timeout, |t| t.min(max_timeout));
-        Self {
-            method,
+        Ok(Self {
+            method: resolved.name(),
+            operation: resolved.operation(),
             request_id,
             client_address,
             timeout,
@@ -125,19 +139,26 @@ impl CallInfo {
             token: bearer_token(metadata).map(str::to_owned),
             kind: CallKind::Unary,
             permit: InFlightPermit::of(request),
-        }
+        })
     }
 }
 
 /// An authenticated call.
 pub(crate) struct Call {
     pub(crate) info: CallInfo,
+    /// What identity authorizes for this call (the table's operation).
+    operation: &'static str,
     pub(crate) principal: Principal,
     /// The caller's fair share, held as long as the call (or stream) lives.
     share: Option<Share>,
 }
 
 impl Call {
+    /// The operation the authorization table names for this call's method.
+    pub(crate) fn operation(&self) -> &'static str {
+        self.operation
+    }
+
     pub(crate) fn user_id(&self) -> &str {
         self.principal.user_id()
     }
@@ -255,15 +276,15 @@ impl Gateway {
     }
 
     /// Reads the call's metadata.
-    pub(crate) fn info<T>(&self, method: &'static str, request: &Request<T>) -> CallInfo {
-        CallInfo::of(method, request, self.upstream_timeout)
+    pub(crate) fn info<T>(&self, request: &Request<T>) -> Result<CallInfo> {
+        CallInfo::of(request, self.upstream_timeout)
     }
 
     /// Reads the metadata of a call that answers with a long-lived stream.
-    pub(crate) fn stream_info<T>(&self, method: &'static str, request: &Request<T>) -> CallInfo {
-        let mut info = CallInfo::of(method, request, self.upstream_timeout);
+    pub(crate) fn stream_info<T>(&self, request: &Request<T>) -> Result<CallInfo> {
+        let mut info = CallInfo::of(request, self.upstream_timeout)?;
         info.kind = CallKind::Stream;
-        info
+        Ok(info)
     }
 
     /// Authenticates the bearer token and applies the caller's rate limit.
@@ -271,7 +292,13 @@ impl Gateway {
     /// its anonymous budget first: verification is the expensive step, so
     /// the per-address limit applies before it (garbage and hostile tokens
     /// from one address cannot take the gateway's CPU).
-    pub(crate) async fn authenticate(&self, info: CallInfo) -> Result<Call> {
+    pub(crate) async fn authenticate(&self, info: Result<CallInfo>) -> Result<Call> {
+        let info = info?;
+        // An anonymous method has no operation to authorize: a handler that
+        // authenticates one is a wiring mistake, refused.
+        let Some(operation) = info.operation else {
+            return Err(GatewayError::Unlisted);
+        };
         let Some(token) = info.token.clone() else {
             self.refuse_anonymous(&info, "missing bearer token");
             return Err(GatewayError::MissingToken);
@@ -299,6 +326,7 @@ impl Gateway {
         };
         let mut call = Call {
             info,
+            operation,
             principal,
             share: None,
         };
@@ -416,9 +444,9 @@ impl Gateway {
     pub(crate) async fn authorize(
         &self,
         call: &Call,
-        operation: &'static str,
         resource: Resource,
     ) -> Result<AuthorizeResponse> {
+        let operation = call.operation();
         match self
             .auth
             .authorize(&call.principal, operation, &resource)
@@ -442,14 +470,8 @@ impl Gateway {
 
     /// Audits a request refused for its content before it travels further
     /// (a field out of range, a malformed spec): attempts are evidence too.
-    pub(crate) fn record_invalid(
-        &self,
-        call: &Call,
-        operation: &str,
-        error: &GatewayError,
-        resource: &Resource,
-    ) {
-        let reason = format!("{operation}: {error}");
+    pub(crate) fn record_invalid(&self, call: &Call, error: &GatewayError, resource: &Resource) {
+        let reason = format!("{}: {error}", call.operation());
         self.record(
             &call.info,
             Some(&call.principal),
@@ -477,9 +499,9 @@ impl Gateway {
     pub(crate) async fn environment(
         &self,
         call: &Call,
-        operation: &'static str,
         environment_id: &str,
     ) -> Result<(Environment, AuthorizeResponse)> {
+        let operation = call.operation();
         let environment = match self.replica.get(environment_id) {
             Some(environment) => Some(environment),
             None => {
@@ -513,7 +535,7 @@ impl Gateway {
             owner_id: environment.owner_id.clone(),
             id: environment.id.clone(),
         };
-        match self.authorize(call, operation, resource).await {
+        match self.authorize(call, resource).await {
             Ok(decision) => Ok((environment, decision)),
             Err(GatewayError::Denied(_)) => Err(GatewayError::EnvironmentDenied),
             Err(other) => Err(other),

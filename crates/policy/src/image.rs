@@ -182,7 +182,11 @@ fn validate_registry(registry: &str) -> Result<(), ImageError> {
     let (host, port) = if let Some(rest) = registry.strip_prefix('[') {
         // [IPv6]:port
         let (ip, after) = rest.split_once(']').ok_or(ImageError::BadRegistry)?;
-        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+        // Docker's grammar: hex digits and colons only (no dotted
+        // IPv4-mapped form, no zone).
+        if ip.parse::<std::net::Ipv6Addr>().is_err()
+            || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+        {
             return Err(ImageError::BadRegistry);
         }
         match after {
@@ -256,24 +260,22 @@ fn validate_tag(tag: &str) -> Result<(), ImageError> {
     if ok { Ok(()) } else { Err(ImageError::BadTag) }
 }
 
-/// `algorithm:hex`; sha256 needs exactly 64 and sha512 128 lower-case hex digits.
+/// `algorithm:hex` for an algorithm the engine can verify: go-digest knows
+/// sha256, sha384 and sha512, each with exactly 64, 96 or 128 lower-case hex
+/// digits. The reference grammar admits other algorithms, but Docker refuses
+/// them (`unsupported digest algorithm`), so they are invalid here.
 fn validate_digest(d: &str) -> Result<(), ImageError> {
     let (alg, hex) = d.split_once(':').ok_or(ImageError::BadDigest)?;
-    let alg_ok = !alg.is_empty()
-        && alg.split(['+', '.', '_', '-']).all(|c| {
-            c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
-                && c.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-    let lower_hex = |s: &str| {
-        s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    let len = match alg {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err(ImageError::BadDigest),
     };
-    let hex_ok = match alg {
-        "sha256" => hex.len() == 64 && lower_hex(hex),
-        "sha512" => hex.len() == 128 && lower_hex(hex),
-        _ => hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-    };
-    if alg_ok && hex_ok {
+    let lower_hex = hex
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if hex.len() == len && lower_hex {
         Ok(())
     } else {
         Err(ImageError::BadDigest)
@@ -303,6 +305,10 @@ pub struct ImagePattern {
     source: String,
     scope: Scope,
     name: WildMatch,
+    /// Deny lists: the Docker Hub reading of a first component with a
+    /// wildcard and no `.`/`:` (`acme*/app`), matched as well as the
+    /// registry reading in `name`.
+    hub_name: Option<WildMatch>,
     tag: Option<WildMatch>,
     digest: Option<WildMatch>,
 }
@@ -338,6 +344,19 @@ impl ImagePattern {
             return Err(ImageError::BadPath);
         }
         let name = name.to_ascii_lowercase();
+        // `acme*/app` is a Docker Hub namespace by Docker's rule (no `.`, no
+        // `:`, not localhost) and a registry by the wildcard reading below;
+        // a deny entry takes both, so neither spelling escapes it.
+        let hub_name = match name.split_once('/') {
+            Some((first, _))
+                if kind == ListKind::Deny
+                    && first.contains(['*', '?'])
+                    && !first.contains(['.', ':']) =>
+            {
+                Some(WildMatch::new(&format!("{DOCKER_HUB}/{name}")))
+            }
+            _ => None,
+        };
         let (scope, name) = if !name.contains('/') {
             match kind {
                 ListKind::Deny => (Scope::Repository, name),
@@ -369,6 +388,7 @@ impl ImagePattern {
             source: pattern.to_owned(),
             scope,
             name: WildMatch::new(&name),
+            hub_name,
             tag: tag.map(WildMatch::new),
             digest: digest.map(WildMatch::new),
         })
@@ -384,7 +404,10 @@ impl ImagePattern {
             Scope::Name => image.name(),
             Scope::Repository => image.repository(),
         };
-        self.name.matches(name)
+        let name_ok = self.name.matches(name)
+            || (self.scope == Scope::Name
+                && self.hub_name.as_ref().is_some_and(|h| h.matches(name)));
+        name_ok
             && self
                 .tag
                 .as_ref()
@@ -550,5 +573,60 @@ mod tests {
         assert!(!allow("ghcr.io/acme/*", "ghcr.io/other/app:1"));
         assert!(allow("acme/*:v*", "acme/app:v2"));
         assert!(!allow("acme/*:v*", "acme/app:2"));
+    }
+
+    // Found by the fuzz oracle (fuzz/src/oracle.rs), which reads references
+    // by Docker's rules: distribution/reference hands the digest to
+    // go-digest, which knows sha256, sha384 and sha512 only, each with its
+    // exact length of lower-case hex; the engine refuses anything else.
+    #[test]
+    fn digests_are_those_docker_can_verify() {
+        let hex = |n: usize| "0123456789abcdef".repeat(8)[..n].to_owned();
+        for ok in [
+            format!("python@sha256:{}", hex(64)),
+            format!("python@sha384:{}", hex(96)),
+            format!("python@sha512:{}", hex(128)),
+        ] {
+            assert!(ImageRef::parse(&ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            format!("python@md5:{}", hex(32)),
+            format!("python@sha257:{}", hex(64)),
+            format!("python@SHA256:{}", hex(64)),
+            format!("python@sha384:{}", hex(64)),
+            format!("python@sha384:{}", hex(96).to_ascii_uppercase()),
+            format!("python@sha256+b64:{}", hex(64)),
+        ] {
+            assert_eq!(ImageRef::parse(&bad), Err(ImageError::BadDigest), "{bad}");
+        }
+    }
+
+    // Found by the fuzz oracle: Docker's host grammar takes only hex digits
+    // and colons between brackets (no IPv4-mapped dotted form).
+    #[test]
+    fn ipv6_registries_as_docker_spells_them() {
+        assert!(ImageRef::parse("[fe80::1]:5000/app:1").is_ok());
+        assert_eq!(
+            ImageRef::parse("[::ffff:10.0.0.1]:5000/app:1"),
+            Err(ImageError::BadRegistry)
+        );
+    }
+
+    // Found by the fuzz oracle: a first component with a wildcard but no
+    // `.` or `:` reads as a Docker Hub namespace under Docker's rule
+    // (`acme*/app` is docker.io/acme*/app), and the pattern code read it
+    // as a registry, so `acme1/app` escaped a deny entry `acme*/app`. A deny
+    // entry now covers both readings.
+    #[test]
+    fn deny_patterns_with_a_wildcard_namespace_cover_docker_hub() {
+        assert!(deny("acme*/app:*", "acme1/app:1"));
+        assert!(deny("acme*/app:*", "docker.io/acme-tools/app:1"));
+        assert!(
+            deny("acme*/app:*", "acme.io/app:1"),
+            "the registry reading stays"
+        );
+        assert!(deny("?/app", "x/app:1"));
+        assert!(!deny("acme*/app:*", "ghcr.io/acme/app:1"));
+        assert!(deny("*/acme/*", "acme/x:1") && deny("*/acme/*", "ghcr.io/acme/x:1"));
     }
 }

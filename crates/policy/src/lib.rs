@@ -128,13 +128,15 @@ pub async fn run_with_clock(
 
     ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(material))
-        .allow_callers(service::ALLOWED_CALLERS)
-        .add_service(PolicyServiceServer::new(service::PolicyApi::new(
-            state.clone(),
-        )))
-        .add_service(ClearanceServiceServer::new(service::ClearanceApi::new(
-            state,
-        )))
+        .add_service_for(
+            PolicyServiceServer::new(service::PolicyApi::new(state.clone())),
+            service::GATEWAY_ONLY,
+        )
+        .add_service_for(
+            ClearanceServiceServer::new(service::ClearanceApi::new(state)),
+            service::GATEWAY_ONLY,
+        )
+        .allow_method(service::GET_CLEARANCE_KEYS, service::KEY_READERS)
         .serve(listener, shutdown)
         .await?;
     Ok(())

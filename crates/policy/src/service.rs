@@ -30,17 +30,19 @@ use crate::document::{DocumentError, Policy, Visible};
 use crate::engine::{Outcome, Violation, evaluate};
 use crate::rules::Severity;
 
-/// The callers allowed on the listener; each RPC narrows this further.
-pub const ALLOWED_CALLERS: &[&str] = &["gateway", "orchestrator"];
+/// Who may call what (stated where the services are added, `lib.rs`):
+/// the gateway calls everything; the orchestrator only reads the
+/// clearance keys.
+pub const GATEWAY_ONLY: &[&str] = &["gateway"];
+/// The callers of [`GET_CLEARANCE_KEYS`].
+pub const KEY_READERS: &[&str] = &["gateway", "orchestrator"];
+/// The one method the orchestrator calls.
+pub const GET_CLEARANCE_KEYS: &str =
+    "/vibebox.internal.clearance.v1.ClearanceService/GetClearanceKeys";
 
 /// Errors of the adapters. Converted to statuses by one exhaustive `From`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("caller {caller:?} may not call {method}")]
-    CallerNotAllowed {
-        caller: String,
-        method: &'static str,
-    },
     #[error("invalid request")]
     BadRequest(Vec<(&'static str, &'static str)>),
     #[error("spec denied by policy")]
@@ -69,7 +71,6 @@ fn rule_list(violations: &[Violation]) -> String {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::CallerNotAllowed { .. } => Status::permission_denied(e.to_string()),
             ServiceError::BadRequest(fields) => status::bad_request("invalid request", &fields),
             ServiceError::Denied(violations) => {
                 let details: Vec<(&str, &str, &str)> = violations
@@ -258,15 +259,6 @@ fn metadata(request: &Request<impl Sized>, key: &str) -> String {
         .to_owned()
 }
 
-fn require_caller<T>(request: &Request<T>, allowed: &[&str], method: &'static str) -> Result<()> {
-    let caller = vibebox_server_kit::caller_service(request).unwrap_or_default();
-    if allowed.contains(&caller.as_str()) {
-        Ok(())
-    } else {
-        Err(ServiceError::CallerNotAllowed { caller, method })
-    }
-}
-
 fn violation_severity(s: Severity) -> ViolationSeverity {
     match s {
         Severity::Low => ViolationSeverity::Low,
@@ -426,7 +418,6 @@ impl PolicyService for PolicyApi {
         &self,
         request: Request<EvaluateSpecRequest>,
     ) -> Result<Response<EvaluateSpecResponse>, Status> {
-        require_caller(&request, &["gateway"], "EvaluateSpec")?;
         let Some(spec) = request.get_ref().spec.as_ref() else {
             return Err(ServiceError::BadRequest(vec![("spec", "required")]).into());
         };
@@ -452,7 +443,6 @@ impl PolicyService for PolicyApi {
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<GetPolicyResponse>, Status> {
-        require_caller(&request, &["gateway"], "GetPolicy")?;
         let policy = self.state.policy();
         let visible = visible_teams(&metadata(&request, meta::VISIBLE_TEAMS));
         let document = policy.text_for(&visible).map_err(ServiceError::from)?;
@@ -501,7 +491,6 @@ impl ClearanceApi {
         &self,
         request: Request<IssueClearanceRequest>,
     ) -> Result<IssueClearanceResponse> {
-        require_caller(&request, &["gateway"], "IssueClearance")?;
         let req = request.get_ref();
         let spec = validate_issue(req)?;
         let policy = self.state.policy();
@@ -586,9 +575,8 @@ impl ClearanceService for ClearanceApi {
 
     async fn get_clearance_keys(
         &self,
-        request: Request<GetClearanceKeysRequest>,
+        _request: Request<GetClearanceKeysRequest>,
     ) -> Result<Response<GetClearanceKeysResponse>, Status> {
-        require_caller(&request, &["gateway", "orchestrator"], "GetClearanceKeys")?;
         Ok(Response::new(GetClearanceKeysResponse {
             keys: self.state.key_ring().to_proto(),
         }))
@@ -614,12 +602,6 @@ mod tests {
 
     #[test]
     fn errors_map_to_the_right_codes_and_details() {
-        let s: Status = ServiceError::CallerNotAllowed {
-            caller: "tester".into(),
-            method: "X",
-        }
-        .into();
-        assert_eq!(s.code(), Code::PermissionDenied);
         let s: Status = ServiceError::BadRequest(vec![("spec", "required")]).into();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(

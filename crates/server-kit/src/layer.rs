@@ -88,8 +88,38 @@ fn is_open_path(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
+/// Which services' certificates may call which paths: the one place a
+/// server states its allowed callers (see [`crate::ServerBuilder`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Callers {
+    /// For every path no rule below names.
+    pub(crate) default: Option<Vec<String>>,
+    /// `(path prefix, callers)`: a service (`/pkg.Service/`) or one method
+    /// (`/pkg.Service/Method`); the longest matching prefix decides.
+    pub(crate) rules: Vec<(String, Vec<String>)>,
+}
+
+impl Callers {
+    /// Whether any rule restricts callers (then TLS is required).
+    pub(crate) fn restricts(&self) -> bool {
+        self.default.is_some() || !self.rules.is_empty()
+    }
+
+    /// The callers allowed on `path`, if the path is restricted.
+    pub(crate) fn for_path(&self, path: &str) -> Option<&[String]> {
+        self.rules
+            .iter()
+            .filter(|(prefix, _)| {
+                path == prefix || (prefix.ends_with('/') && path.starts_with(prefix.as_str()))
+            })
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, callers)| callers.as_slice())
+            .or(self.default.as_deref())
+    }
+}
+
 pub(crate) struct Shared {
-    pub(crate) allowed_callers: Option<Vec<String>>,
+    pub(crate) callers: Callers,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) service: &'static str,
     /// Service identities of client certificates already parsed, by DER
@@ -202,7 +232,7 @@ where
         if let Some(caller) = &caller {
             req.extensions_mut().insert(CallerService(caller.clone()));
         }
-        if let Some(allowed) = &shared.allowed_callers
+        if let Some(allowed) = shared.callers.for_path(&path)
             && !is_open_path(&path)
         {
             let verdict = match &caller {
@@ -322,4 +352,35 @@ impl http_body::Body for PermitBody {
 
 mod bytes_type {
     pub(super) use tonic::codegen::Bytes;
+}
+
+#[cfg(test)]
+mod caller_rules {
+    use super::Callers;
+
+    #[test]
+    fn the_longest_rule_decides_and_the_default_covers_the_rest() {
+        let callers = Callers {
+            default: Some(vec!["gateway".into()]),
+            rules: vec![
+                ("/pkg.Clearance/".into(), vec!["gateway".into()]),
+                (
+                    "/pkg.Clearance/GetKeys".into(),
+                    vec!["gateway".into(), "orchestrator".into()],
+                ),
+                ("/pkg.Ingest/".into(), vec!["identity".into()]),
+            ],
+        };
+        let names = |path: &str| callers.for_path(path).map(<[String]>::to_vec);
+        assert_eq!(names("/pkg.Clearance/Issue").unwrap(), ["gateway"]);
+        assert_eq!(
+            names("/pkg.Clearance/GetKeys").unwrap(),
+            ["gateway", "orchestrator"]
+        );
+        // A method rule is exact: a longer path is not that method.
+        assert_eq!(names("/pkg.Clearance/GetKeysAll").unwrap(), ["gateway"]);
+        assert_eq!(names("/pkg.Ingest/Append").unwrap(), ["identity"]);
+        assert_eq!(names("/pkg.Other/Call").unwrap(), ["gateway"]);
+        assert!(Callers::default().for_path("/pkg.Other/Call").is_none());
+    }
 }

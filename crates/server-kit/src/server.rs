@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{LimitArgs, ServerArgs};
 use crate::error::KitError;
-use crate::layer::{KitLayer, Shared};
+use crate::layer::{Callers, KitLayer, Shared};
 use crate::tls::TlsMaterial;
 
 /// Collects a service's handlers and serves them with everything the kit
@@ -22,11 +22,15 @@ use crate::tls::TlsMaterial;
 pub struct ServerBuilder {
     service: &'static str,
     tls: Option<TlsMaterial>,
-    allowed_callers: Option<Vec<String>>,
+    callers: Callers,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     limits: LimitArgs,
     timeout: std::time::Duration,
+}
+
+fn owned(callers: &[&str]) -> Vec<String> {
+    callers.iter().map(|c| (*c).to_owned()).collect()
 }
 
 /// Binds a listener, naming the address on failure.
@@ -42,7 +46,7 @@ impl ServerBuilder {
         Self {
             service,
             tls: None,
-            allowed_callers: None,
+            callers: Callers::default(),
             routes: RoutesBuilder::default(),
             names: Vec::new(),
             limits: args.limits.clone(),
@@ -59,9 +63,37 @@ impl ServerBuilder {
     }
 
     /// Only callers presenting a CA-signed certificate of one of these
-    /// services may call (health and reflection excepted).
+    /// services may call (health and reflection excepted), unless a service
+    /// or method names its own callers.
     pub fn allow_callers(mut self, callers: &[&str]) -> Self {
-        self.allowed_callers = Some(callers.iter().map(|c| (*c).to_owned()).collect());
+        self.callers.default = Some(owned(callers));
+        self
+    }
+
+    /// Registers a service that only callers with a CA-signed certificate
+    /// of one of `callers` may call: where a service is added is where its
+    /// callers are stated.
+    pub fn add_service_for<S>(mut self, service: S, callers: &[&str]) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Error = std::convert::Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.callers
+            .rules
+            .push((format!("/{}/", S::NAME), owned(callers)));
+        self.add_service(service)
+    }
+
+    /// Lets `callers` call one method (`/pkg.Service/Method`) whatever its
+    /// service allows (a key listing that more services read, say).
+    pub fn allow_method(mut self, path: &str, callers: &[&str]) -> Self {
+        self.callers.rules.push((path.to_owned(), owned(callers)));
         self
     }
 
@@ -95,7 +127,7 @@ impl ServerBuilder {
         shutdown: CancellationToken,
     ) -> Result<(), KitError> {
         crate::telemetry::ensure_initialized();
-        if self.allowed_callers.is_some() && self.tls.is_none() {
+        if self.callers.restricts() && self.tls.is_none() {
             return Err(KitError::Tls(format!(
                 "{} restricts its callers and therefore needs TLS material",
                 self.service
@@ -134,7 +166,7 @@ impl ServerBuilder {
 
         let layer = KitLayer {
             shared: Arc::new(Shared {
-                allowed_callers: self.allowed_callers.clone(),
+                callers: self.callers.clone(),
                 permits: Arc::new(Semaphore::new(self.limits.max_concurrency.max(1))),
                 service: self.service,
                 identities: Default::default(),

@@ -219,6 +219,12 @@ const HEADERS: [&str; 8] = [
     "SEQ", "TIME", "ACTION", "OUTCOME", "SEVERITY", "ACTOR", "RESOURCE", "SERVICE",
 ];
 
+/// Column widths for `audit watch`, which cannot measure rows it has not
+/// seen: a sequence, an RFC 3339 time, the longest action names, `success`,
+/// `critical`, a user id (UUID), `environment/<UUID>`; the last column needs
+/// no padding.
+const WATCH_WIDTHS: [usize; 8] = [6, 20, 30, 7, 8, 36, 48, 0];
+
 fn row(v: &EventView) -> Vec<String> {
     let actor = if v.actor_user_id.is_empty() {
         v.actor_service.clone()
@@ -321,18 +327,22 @@ pub(crate) async fn run(
                 })
                 .await
                 .call()?;
+            // Events not seen yet: fixed widths, so later rows stay under the header.
+            let columns = output::Columns::fixed(&HEADERS, &WATCH_WIDTHS);
             let mut first = true;
             while let Some(r) = stream.message().await.map_err(CallError)? {
                 let Some(e) = r.event else { continue };
                 let v = EventView::from(&e);
                 if format == Format::Json {
                     println!("{}", serde_json::to_string(&v)?);
-                } else if first {
-                    output::table(&HEADERS, &[row(&v)]);
-                    first = false;
-                } else {
-                    println!("{}", row(&v).join("  "));
+                    std::io::stdout().flush()?;
+                    continue;
                 }
+                if first {
+                    println!("{}", columns.line(&HEADERS));
+                    first = false;
+                }
+                println!("{}", columns.line(&row(&v)));
                 std::io::stdout().flush()?;
             }
         }
@@ -411,4 +421,60 @@ fn verify_file(a: &VerifyFileArgs, format: Format) -> Result<ExitCode> {
         },
         format,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, action: &str, user: &str, resource: &str) -> EventView {
+        EventView {
+            sequence: seq,
+            id: String::new(),
+            time: "2024-05-01T10:00:00Z".to_owned(),
+            actor_user_id: user.to_owned(),
+            actor_token_id: String::new(),
+            actor_service: "gateway".to_owned(),
+            team_id: String::new(),
+            action: action.to_owned(),
+            resource_type: "environment".to_owned(),
+            resource_id: resource.to_owned(),
+            outcome: "success".to_owned(),
+            severity: "low".to_owned(),
+            details: Default::default(),
+            source_service: "gateway".to_owned(),
+            request_id: String::new(),
+            trace_id: String::new(),
+            client_address: String::new(),
+            hash: String::new(),
+            prev_hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn watch_rows_stay_under_their_headers() {
+        let uuid = "0190c3d2-7a1b-7c3d-8e4f-a1b2c3d4e5f6";
+        let events = [
+            event(1, "user.login", "", ""),
+            event(123456, "environment.create.rolled_back", uuid, uuid),
+            event(7, "team.create", uuid, "x"),
+        ];
+        let columns = output::Columns::fixed(&HEADERS, &WATCH_WIDTHS);
+        let header = columns.line(&HEADERS);
+        let starts: Vec<usize> = HEADERS.iter().map(|h| header.find(h).unwrap()).collect();
+        for e in &events {
+            let cells = row(e);
+            let line: Vec<char> = columns.line(&cells).chars().collect();
+            for (i, start) in starts.iter().enumerate() {
+                let end = starts.get(i + 1).copied().unwrap_or(line.len());
+                let cell: String = line[*start..end].iter().collect();
+                assert_eq!(
+                    cell.trim_end(),
+                    cells[i],
+                    "{header}\n{}",
+                    String::from_iter(&line)
+                );
+            }
+        }
+    }
 }

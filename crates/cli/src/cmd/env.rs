@@ -390,8 +390,7 @@ async fn create(
         .or_else(|| file.name.clone())
         .ok_or_else(|| anyhow!("a name is required: vibebox env create NAME"))?;
     let team = args.team.or_else(|| file.team.clone());
-    let team_id =
-        resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
+    let team_id = resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
     let spec: ContainerSpec = file.to_proto()?;
 
     let progress = Progress::new(&name);

@@ -62,6 +62,7 @@ fn terminal_size() -> Option<TerminalSize> {
         })
 }
 
+/// `vibebox env exec`: exits with the remote command's status.
 pub(crate) async fn run(a: ExecArgs, session: &Session) -> Result<ExitCode> {
     if a.tty && !std::io::stdin().is_terminal() {
         bail!("the input device is not a terminal: drop -t (use -i to forward stdin)");

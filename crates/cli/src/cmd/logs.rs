@@ -28,6 +28,7 @@ pub(crate) struct LogsArgs {
     timestamps: bool,
 }
 
+/// `vibebox env logs`.
 pub(crate) async fn run(a: LogsArgs, session: &Session) -> Result<()> {
     let id = resolve_env(session, &a.env).await?;
     let since_time = a

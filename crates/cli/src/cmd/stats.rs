@@ -31,6 +31,7 @@ struct StatsView {
     network_tx_bytes: u64,
 }
 
+/// `vibebox env stats`.
 pub(crate) async fn run(a: StatsArgs, session: &Session, format: Format) -> Result<()> {
     let id = resolve_env(session, &a.env).await?;
     let mut stream = session
@@ -163,7 +164,10 @@ mod tests {
             let chars: Vec<char> = line.chars().collect();
             for (i, start) in starts.iter().enumerate() {
                 let end = starts.get(i + 1).copied().unwrap_or(chars.len());
-                assert!(end <= chars.len(), "row shorter than its columns:\n{header}\n{line}");
+                assert!(
+                    end <= chars.len(),
+                    "row shorter than its columns:\n{header}\n{line}"
+                );
                 let cell: String = chars[*start..end].iter().collect();
                 assert_eq!(
                     cell.trim_end(),
@@ -172,7 +176,12 @@ mod tests {
                     HEADERS[i]
                 );
                 if *start > 0 {
-                    assert_eq!(chars[start - 1], ' ', "no gap before {}:\n{line}", HEADERS[i]);
+                    assert_eq!(
+                        chars[start - 1],
+                        ' ',
+                        "no gap before {}:\n{line}",
+                        HEADERS[i]
+                    );
                 }
             }
         }

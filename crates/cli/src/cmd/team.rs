@@ -5,9 +5,8 @@ use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 use serde::Serialize;
 use vibebox_proto::identity::{
-    AddTeamMemberRequest, CreateTeamRequest, ListTeamMembersRequest, ListTeamsRequest,
-    Membership, RemoveTeamMemberRequest, SetTeamMemberRoleRequest, Team, TeamRole,
-    WhoAmIRequest,
+    AddTeamMemberRequest, CreateTeamRequest, ListTeamMembersRequest, ListTeamsRequest, Membership,
+    RemoveTeamMemberRequest, SetTeamMemberRoleRequest, Team, TeamRole, WhoAmIRequest,
 };
 
 use crate::client::{CallExt, Session, all_pages};

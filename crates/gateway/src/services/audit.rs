@@ -41,16 +41,10 @@ fn check_filter(filter: Option<&EventFilter>) -> Result<Resource> {
 }
 
 impl Audit {
-    async fn begin<T>(
-        &self,
-        method: &'static str,
-        operation: &'static str,
-        request: &Request<T>,
-        resource: Result<Resource>,
-    ) -> Result<Call> {
+    async fn begin<T>(&self, request: &Request<T>, resource: Result<Resource>) -> Result<Call> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info(method, request)).await?;
-        gw.authorize(&call, operation, resource?).await?;
+        let call = gw.authenticate(gw.info(request)).await?;
+        gw.authorize(&call, resource?).await?;
         Ok(call)
     }
 
@@ -58,16 +52,14 @@ impl Audit {
     /// what the stream's re-checks need.
     async fn begin_stream<T>(
         &self,
-        method: &'static str,
-        operation: &'static str,
         request: &Request<T>,
         resource: Result<Resource>,
     ) -> Result<Recheck> {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.stream_info(method, request)).await?;
+        let call = gw.authenticate(gw.stream_info(request)).await?;
         let resource = resource?;
-        gw.authorize(&call, operation, resource.clone()).await?;
-        Ok(Recheck::new(gw.clone(), call, operation, resource))
+        gw.authorize(&call, resource.clone()).await?;
+        Ok(Recheck::new(gw.clone(), call, resource))
     }
 
     async fn query(&self, request: Request<QueryEventsRequest>) -> Result<QueryEventsResponse> {
@@ -75,14 +67,7 @@ impl Audit {
         let resource = validate::page_size("page_size", m.page_size)
             .map_err(GatewayError::from)
             .and_then(|()| check_filter(m.filter.as_ref()));
-        let call = self
-            .begin(
-                "AuditService/QueryEvents",
-                "audit.query",
-                &request,
-                resource,
-            )
-            .await?;
+        let call = self.begin(&request, resource).await?;
         Ok(self
             .gateway
             .audit
@@ -98,14 +83,7 @@ impl Audit {
         request: Request<WatchEventsRequest>,
     ) -> Result<ProxyStream<WatchEventsResponse>> {
         let resource = check_filter(request.get_ref().filter.as_ref());
-        let recheck = self
-            .begin_stream(
-                "AuditService/WatchEvents",
-                "audit.watch",
-                &request,
-                resource,
-            )
-            .await?;
+        let recheck = self.begin_stream(&request, resource).await?;
         let upstream = self
             .gateway
             .audit
@@ -114,13 +92,7 @@ impl Audit {
             .await
             .map_err(GatewayError::upstream(AUDIT))?
             .into_inner();
-        Ok(relay(
-            "AuditService/WatchEvents",
-            AUDIT,
-            upstream,
-            Some,
-            recheck,
-        ))
+        Ok(relay(AUDIT, upstream, Some, recheck))
     }
 
     async fn verify(&self, request: Request<VerifyChainRequest>) -> Result<VerifyChainResponse> {
@@ -128,14 +100,7 @@ impl Audit {
             kind: "audit".into(),
             ..Default::default()
         });
-        let call = self
-            .begin(
-                "AuditService/VerifyChain",
-                "audit.verify",
-                &request,
-                resource,
-            )
-            .await?;
+        let call = self.begin(&request, resource).await?;
         // Verifying a long chain can take a while: the stream-style request
         // keeps the client's own deadline (if any) instead of ours.
         Ok(self
@@ -156,14 +121,7 @@ impl Audit {
             kind: "audit".into(),
             ..Default::default()
         });
-        let recheck = self
-            .begin_stream(
-                "AuditService/ExportEvents",
-                "audit.export",
-                &request,
-                resource,
-            )
-            .await?;
+        let recheck = self.begin_stream(&request, resource).await?;
         let upstream = self
             .gateway
             .audit
@@ -172,13 +130,7 @@ impl Audit {
             .await
             .map_err(GatewayError::upstream(AUDIT))?
             .into_inner();
-        Ok(relay(
-            "AuditService/ExportEvents",
-            AUDIT,
-            upstream,
-            Some,
-            recheck,
-        ))
+        Ok(relay(AUDIT, upstream, Some, recheck))
     }
 }
 
@@ -188,7 +140,7 @@ impl AuditService for Audit {
         &self,
         request: Request<QueryEventsRequest>,
     ) -> std::result::Result<Response<QueryEventsResponse>, Status> {
-        observe("AuditService/QueryEvents", self.query(request)).await
+        observe(self.query(request)).await
     }
 
     type WatchEventsStream = ProxyStream<WatchEventsResponse>;
@@ -197,14 +149,14 @@ impl AuditService for Audit {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> std::result::Result<Response<Self::WatchEventsStream>, Status> {
-        observe("AuditService/WatchEvents", self.watch(request)).await
+        observe(self.watch(request)).await
     }
 
     async fn verify_chain(
         &self,
         request: Request<VerifyChainRequest>,
     ) -> std::result::Result<Response<VerifyChainResponse>, Status> {
-        observe("AuditService/VerifyChain", self.verify(request)).await
+        observe(self.verify(request)).await
     }
 
     type ExportEventsStream = ProxyStream<ExportEventsResponse>;
@@ -213,6 +165,6 @@ impl AuditService for Audit {
         &self,
         request: Request<ExportEventsRequest>,
     ) -> std::result::Result<Response<Self::ExportEventsStream>, Status> {
-        observe("AuditService/ExportEvents", self.export(request)).await
+        observe(self.export(request)).await
     }
 }

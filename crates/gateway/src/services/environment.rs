@@ -40,9 +40,7 @@ impl Environments {
         request: Request<CreateEnvironmentRequest>,
     ) -> Result<CreateEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/CreateEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let req = request.into_inner();
         let valid = validate::optional_id("request_id", &req.request_id)
             .and_then(|()| validate::id("team_id", &req.team_id))
@@ -55,7 +53,7 @@ impl Environments {
                 team_id: req.team_id.clone(),
                 ..Resource::default()
             };
-            gw.record_invalid(&call, "environment.create", &error, &resource);
+            gw.record_invalid(&call, &error, &resource);
             return Err(error);
         }
         let request_id = if req.request_id.is_empty() {
@@ -67,7 +65,6 @@ impl Environments {
         let decision = gw
             .authorize(
                 &call,
-                "environment.create",
                 Resource {
                     kind: "environment".into(),
                     team_id: req.team_id.clone(),
@@ -115,12 +112,10 @@ impl Environments {
 
     async fn get(&self, request: Request<GetEnvironmentRequest>) -> Result<GetEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/GetEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let id = &request.get_ref().environment_id;
         validate::uuid("environment_id", id)?;
-        let (environment, _) = gw.environment(&call, "environment.get", id).await?;
+        let (environment, _) = gw.environment(&call, id).await?;
         Ok(GetEnvironmentResponse {
             environment: Some(redact(environment)),
         })
@@ -131,9 +126,7 @@ impl Environments {
         request: Request<ListEnvironmentsRequest>,
     ) -> Result<ListEnvironmentsResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/ListEnvironments", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let req = request.into_inner();
         validate::optional_id("team_id", &req.team_id)?;
         validate::page_size("page_size", req.page_size)?;
@@ -142,7 +135,7 @@ impl Environments {
             // Every team the caller belongs to (and the token allows).
             let mut allowed = Vec::new();
             for team in gw.caller_teams(&call).await? {
-                let request = vibebox_token::AuthzRequest::new("environment.list").team(&team);
+                let request = vibebox_token::AuthzRequest::new(call.operation()).team(&team);
                 match call.principal.verified.authorize(&request) {
                     Ok(()) => allowed.push(team),
                     Err(vibebox_token::TokenError::Expired) => {
@@ -155,7 +148,6 @@ impl Environments {
         } else {
             gw.authorize(
                 &call,
-                "environment.list",
                 Resource {
                     kind: "team".into(),
                     team_id: req.team_id.clone(),
@@ -194,12 +186,10 @@ impl Environments {
         request: Request<StartEnvironmentRequest>,
     ) -> Result<StartEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/StartEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let id = request.into_inner().environment_id;
         validate::uuid("environment_id", &id)?;
-        gw.environment(&call, "environment.start", &id).await?;
+        gw.environment(&call, &id).await?;
         let response = gw
             .runtime
             .clone()
@@ -220,14 +210,11 @@ impl Environments {
         request: Request<StopEnvironmentRequest>,
     ) -> Result<StopEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/StopEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         timeout_seconds(req.timeout_seconds)?;
-        gw.environment(&call, "environment.stop", &req.environment_id)
-            .await?;
+        gw.environment(&call, &req.environment_id).await?;
         let response = gw
             .runtime
             .clone()
@@ -249,14 +236,11 @@ impl Environments {
         request: Request<RestartEnvironmentRequest>,
     ) -> Result<RestartEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/RestartEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
         timeout_seconds(req.timeout_seconds)?;
-        gw.environment(&call, "environment.restart", &req.environment_id)
-            .await?;
+        gw.environment(&call, &req.environment_id).await?;
         let response = gw
             .runtime
             .clone()
@@ -278,12 +262,10 @@ impl Environments {
         request: Request<DeleteEnvironmentRequest>,
     ) -> Result<DeleteEnvironmentResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("EnvironmentService/DeleteEnvironment", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let id = request.into_inner().environment_id;
         validate::uuid("environment_id", &id)?;
-        gw.environment(&call, "environment.delete", &id).await?;
+        gw.environment(&call, &id).await?;
         let response = gw
             .runtime
             .clone()
@@ -304,14 +286,10 @@ impl Environments {
         request: Request<StreamLogsRequest>,
     ) -> Result<ProxyStream<StreamLogsResponse>> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.stream_info("EnvironmentService/StreamLogs", &request))
-            .await?;
+        let call = gw.authenticate(gw.stream_info(&request)).await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
-        let (environment, _) = gw
-            .environment(&call, "environment.logs", &req.environment_id)
-            .await?;
+        let (environment, _) = gw.environment(&call, &req.environment_id).await?;
         let upstream_stream = gw
             .runtime
             .clone()
@@ -320,16 +298,10 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(relay(
-            "EnvironmentService/StreamLogs",
             ORCHESTRATOR,
             upstream_stream,
             |m| m.chunk,
-            Recheck::new(
-                gw.clone(),
-                call,
-                "environment.logs",
-                resource_of(&environment),
-            ),
+            Recheck::new(gw.clone(), call, resource_of(&environment)),
         ))
     }
 
@@ -338,14 +310,10 @@ impl Environments {
         request: Request<StreamStatsRequest>,
     ) -> Result<ProxyStream<StreamStatsResponse>> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.stream_info("EnvironmentService/StreamStats", &request))
-            .await?;
+        let call = gw.authenticate(gw.stream_info(&request)).await?;
         let req = request.into_inner();
         validate::uuid("environment_id", &req.environment_id)?;
-        let (environment, _) = gw
-            .environment(&call, "environment.stats", &req.environment_id)
-            .await?;
+        let (environment, _) = gw.environment(&call, &req.environment_id).await?;
         let upstream_stream = gw
             .runtime
             .clone()
@@ -354,16 +322,10 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(relay(
-            "EnvironmentService/StreamStats",
             ORCHESTRATOR,
             upstream_stream,
             |m| m.sample,
-            Recheck::new(
-                gw.clone(),
-                call,
-                "environment.stats",
-                resource_of(&environment),
-            ),
+            Recheck::new(gw.clone(), call, resource_of(&environment)),
         ))
     }
 
@@ -372,7 +334,7 @@ impl Environments {
         request: Request<Streaming<ExecRequest>>,
     ) -> Result<ProxyStream<ExecResponse>> {
         let gw = &self.gateway;
-        let info = gw.stream_info("EnvironmentService/Exec", &request);
+        let info = gw.stream_info(&request);
         let call = gw.authenticate(info).await?;
         let mut inbound = request.into_inner();
         let first = match inbound.next().await {
@@ -389,13 +351,8 @@ impl Environments {
             return Err(violation("start", "the first message must be start"));
         };
         let id = validate::exec_start(start)?.to_string();
-        let (environment, _) = gw.environment(&call, "environment.exec", &id).await?;
-        let recheck = Recheck::new(
-            gw.clone(),
-            call,
-            "environment.exec",
-            resource_of(&environment),
-        );
+        let (environment, _) = gw.environment(&call, &id).await?;
+        let recheck = Recheck::new(gw.clone(), call, resource_of(&environment));
         let call = &recheck.call;
 
         // The first message carries the caller; the rest are relayed as they
@@ -427,7 +384,6 @@ impl Environments {
             .map_err(upstream)?
             .into_inner();
         Ok(relay(
-            "EnvironmentService/Exec",
             ORCHESTRATOR,
             upstream_stream,
             |m| m.response,
@@ -479,53 +435,49 @@ impl EnvironmentService for Environments {
         &self,
         request: Request<CreateEnvironmentRequest>,
     ) -> std::result::Result<Response<CreateEnvironmentResponse>, Status> {
-        observe("EnvironmentService/CreateEnvironment", self.create(request)).await
+        observe(self.create(request)).await
     }
 
     async fn get_environment(
         &self,
         request: Request<GetEnvironmentRequest>,
     ) -> std::result::Result<Response<GetEnvironmentResponse>, Status> {
-        observe("EnvironmentService/GetEnvironment", self.get(request)).await
+        observe(self.get(request)).await
     }
 
     async fn list_environments(
         &self,
         request: Request<ListEnvironmentsRequest>,
     ) -> std::result::Result<Response<ListEnvironmentsResponse>, Status> {
-        observe("EnvironmentService/ListEnvironments", self.list(request)).await
+        observe(self.list(request)).await
     }
 
     async fn start_environment(
         &self,
         request: Request<StartEnvironmentRequest>,
     ) -> std::result::Result<Response<StartEnvironmentResponse>, Status> {
-        observe("EnvironmentService/StartEnvironment", self.start(request)).await
+        observe(self.start(request)).await
     }
 
     async fn stop_environment(
         &self,
         request: Request<StopEnvironmentRequest>,
     ) -> std::result::Result<Response<StopEnvironmentResponse>, Status> {
-        observe("EnvironmentService/StopEnvironment", self.stop(request)).await
+        observe(self.stop(request)).await
     }
 
     async fn restart_environment(
         &self,
         request: Request<RestartEnvironmentRequest>,
     ) -> std::result::Result<Response<RestartEnvironmentResponse>, Status> {
-        observe(
-            "EnvironmentService/RestartEnvironment",
-            self.restart(request),
-        )
-        .await
+        observe(self.restart(request)).await
     }
 
     async fn delete_environment(
         &self,
         request: Request<DeleteEnvironmentRequest>,
     ) -> std::result::Result<Response<DeleteEnvironmentResponse>, Status> {
-        observe("EnvironmentService/DeleteEnvironment", self.delete(request)).await
+        observe(self.delete(request)).await
     }
 
     type StreamLogsStream = ProxyStream<StreamLogsResponse>;
@@ -534,7 +486,7 @@ impl EnvironmentService for Environments {
         &self,
         request: Request<StreamLogsRequest>,
     ) -> std::result::Result<Response<Self::StreamLogsStream>, Status> {
-        observe("EnvironmentService/StreamLogs", self.logs(request)).await
+        observe(self.logs(request)).await
     }
 
     type ExecStream = ProxyStream<ExecResponse>;
@@ -543,7 +495,7 @@ impl EnvironmentService for Environments {
         &self,
         request: Request<Streaming<ExecRequest>>,
     ) -> std::result::Result<Response<Self::ExecStream>, Status> {
-        observe("EnvironmentService/Exec", self.exec(request)).await
+        observe(self.exec(request)).await
     }
 
     type StreamStatsStream = ProxyStream<StreamStatsResponse>;
@@ -552,6 +504,6 @@ impl EnvironmentService for Environments {
         &self,
         request: Request<StreamStatsRequest>,
     ) -> std::result::Result<Response<Self::StreamStatsStream>, Status> {
-        observe("EnvironmentService/StreamStats", self.stats(request)).await
+        observe(self.stats(request)).await
     }
 }

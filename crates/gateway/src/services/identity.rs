@@ -51,11 +51,9 @@ fn with_id(kind: &str, id: &str) -> Resource {
 
 impl Identity {
     /// Authenticates, validates (`check` returns the resource to authorize
-    /// on), authorizes `operation` and forwards with `send`.
+    /// on), authorizes the table's operation and forwards with `send`.
     async fn forward<Req, Resp, Fut>(
         &self,
-        method: &'static str,
-        operation: &'static str,
         request: Request<Req>,
         check: impl FnOnce(&Req, &Call) -> Result<Resource>,
         send: impl FnOnce(Client, Request<Req>) -> Fut,
@@ -64,10 +62,10 @@ impl Identity {
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         let gw = &self.gateway;
-        let call = gw.authenticate(gw.info(method, &request)).await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let message = request.into_inner();
         let resource = check(&message, &call)?;
-        gw.authorize(&call, operation, resource).await?;
+        gw.authorize(&call, resource).await?;
         let response = send(gw.identity.clone(), call.forward_identity(message))
             .await
             .map_err(GatewayError::upstream(IDENTITY))?;
@@ -76,7 +74,7 @@ impl Identity {
 
     async fn login(&self, request: Request<LoginRequest>) -> Result<LoginResponse> {
         let gw = &self.gateway;
-        let info = gw.info("IdentityService/Login", &request);
+        let info = gw.info(&request)?;
         gw.limit_anonymous(&info)?;
         let message = request.into_inner();
         validate::text("username", &message.username, 64)?;
@@ -111,7 +109,7 @@ impl IdentityService for Identity {
         &self,
         request: Request<LoginRequest>,
     ) -> std::result::Result<Response<LoginResponse>, Status> {
-        observe("IdentityService/Login", Identity::login(self, request)).await
+        observe(Identity::login(self, request)).await
     }
 
     async fn who_am_i(
@@ -119,13 +117,11 @@ impl IdentityService for Identity {
         request: Request<WhoAmIRequest>,
     ) -> std::result::Result<Response<WhoAmIResponse>, Status> {
         let call = self.forward(
-            "IdentityService/WhoAmI",
-            "identity.whoami",
             request,
             |_, call| Ok(with_id("user", call.user_id())),
             |mut c, r| async move { c.who_am_i(r).await },
         );
-        observe("IdentityService/WhoAmI", call).await
+        observe(call).await
     }
 
     async fn create_user(
@@ -133,8 +129,6 @@ impl IdentityService for Identity {
         request: Request<CreateUserRequest>,
     ) -> std::result::Result<Response<CreateUserResponse>, Status> {
         let call = self.forward(
-            "IdentityService/CreateUser",
-            "identity.user.create",
             request,
             |m, _| {
                 validate::text("username", &m.username, 64)?;
@@ -144,7 +138,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.create_user(r).await },
         );
-        observe("IdentityService/CreateUser", call).await
+        observe(call).await
     }
 
     async fn list_users(
@@ -152,8 +146,6 @@ impl IdentityService for Identity {
         request: Request<ListUsersRequest>,
     ) -> std::result::Result<Response<ListUsersResponse>, Status> {
         let call = self.forward(
-            "IdentityService/ListUsers",
-            "identity.user.list",
             request,
             |m, _| {
                 validate::page_size("page_size", m.page_size)?;
@@ -162,7 +154,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.list_users(r).await },
         );
-        observe("IdentityService/ListUsers", call).await
+        observe(call).await
     }
 
     async fn set_user_disabled(
@@ -170,8 +162,6 @@ impl IdentityService for Identity {
         request: Request<SetUserDisabledRequest>,
     ) -> std::result::Result<Response<SetUserDisabledResponse>, Status> {
         let call = self.forward(
-            "IdentityService/SetUserDisabled",
-            "identity.user.disable",
             request,
             |m, _| {
                 validate::id("user_id", &m.user_id)?;
@@ -179,7 +169,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.set_user_disabled(r).await },
         );
-        observe("IdentityService/SetUserDisabled", call).await
+        observe(call).await
     }
 
     async fn create_team(
@@ -187,8 +177,6 @@ impl IdentityService for Identity {
         request: Request<CreateTeamRequest>,
     ) -> std::result::Result<Response<CreateTeamResponse>, Status> {
         let call = self.forward(
-            "IdentityService/CreateTeam",
-            "identity.team.create",
             request,
             |m, _| {
                 validate::text("name", &m.name, 64)?;
@@ -197,7 +185,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.create_team(r).await },
         );
-        observe("IdentityService/CreateTeam", call).await
+        observe(call).await
     }
 
     async fn list_teams(
@@ -205,8 +193,6 @@ impl IdentityService for Identity {
         request: Request<ListTeamsRequest>,
     ) -> std::result::Result<Response<ListTeamsResponse>, Status> {
         let call = self.forward(
-            "IdentityService/ListTeams",
-            "identity.team.list",
             request,
             |m, _| {
                 validate::page_size("page_size", m.page_size)?;
@@ -215,7 +201,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.list_teams(r).await },
         );
-        observe("IdentityService/ListTeams", call).await
+        observe(call).await
     }
 
     async fn add_team_member(
@@ -223,8 +209,6 @@ impl IdentityService for Identity {
         request: Request<AddTeamMemberRequest>,
     ) -> std::result::Result<Response<AddTeamMemberResponse>, Status> {
         let call = self.forward(
-            "IdentityService/AddTeamMember",
-            "identity.member.add",
             request,
             |m, _| {
                 validate::id("team_id", &m.team_id)?;
@@ -233,7 +217,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.add_team_member(r).await },
         );
-        observe("IdentityService/AddTeamMember", call).await
+        observe(call).await
     }
 
     async fn set_team_member_role(
@@ -241,8 +225,6 @@ impl IdentityService for Identity {
         request: Request<SetTeamMemberRoleRequest>,
     ) -> std::result::Result<Response<SetTeamMemberRoleResponse>, Status> {
         let call = self.forward(
-            "IdentityService/SetTeamMemberRole",
-            "identity.member.set_role",
             request,
             |m, _| {
                 validate::id("team_id", &m.team_id)?;
@@ -251,7 +233,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.set_team_member_role(r).await },
         );
-        observe("IdentityService/SetTeamMemberRole", call).await
+        observe(call).await
     }
 
     async fn remove_team_member(
@@ -259,8 +241,6 @@ impl IdentityService for Identity {
         request: Request<RemoveTeamMemberRequest>,
     ) -> std::result::Result<Response<RemoveTeamMemberResponse>, Status> {
         let call = self.forward(
-            "IdentityService/RemoveTeamMember",
-            "identity.member.remove",
             request,
             |m, _| {
                 validate::id("team_id", &m.team_id)?;
@@ -269,7 +249,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.remove_team_member(r).await },
         );
-        observe("IdentityService/RemoveTeamMember", call).await
+        observe(call).await
     }
 
     async fn list_team_members(
@@ -277,8 +257,6 @@ impl IdentityService for Identity {
         request: Request<ListTeamMembersRequest>,
     ) -> std::result::Result<Response<ListTeamMembersResponse>, Status> {
         let call = self.forward(
-            "IdentityService/ListTeamMembers",
-            "identity.member.list",
             request,
             |m, _| {
                 validate::id("team_id", &m.team_id)?;
@@ -286,7 +264,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.list_team_members(r).await },
         );
-        observe("IdentityService/ListTeamMembers", call).await
+        observe(call).await
     }
 
     async fn create_api_token(
@@ -294,8 +272,6 @@ impl IdentityService for Identity {
         request: Request<CreateApiTokenRequest>,
     ) -> std::result::Result<Response<CreateApiTokenResponse>, Status> {
         let call = self.forward(
-            "IdentityService/CreateApiToken",
-            "identity.token.create",
             request,
             |m, call| {
                 validate::text("description", &m.description, 1024)?;
@@ -303,7 +279,7 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.create_api_token(r).await },
         );
-        observe("IdentityService/CreateApiToken", call).await
+        observe(call).await
     }
 
     async fn revoke_token(
@@ -311,8 +287,6 @@ impl IdentityService for Identity {
         request: Request<RevokeTokenRequest>,
     ) -> std::result::Result<Response<RevokeTokenResponse>, Status> {
         let call = self.forward(
-            "IdentityService/RevokeToken",
-            "identity.token.revoke",
             request,
             |m, _| {
                 validate::id("token_id", &m.token_id)?;
@@ -320,6 +294,6 @@ impl IdentityService for Identity {
             },
             |mut c, r| async move { c.revoke_token(r).await },
         );
-        observe("IdentityService/RevokeToken", call).await
+        observe(call).await
     }
 }

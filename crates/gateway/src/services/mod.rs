@@ -1,6 +1,9 @@
-//! The public services the gateway serves. Each handler authenticates,
-//! validates, authorizes and forwards to the internal service that owns the
-//! operation; nothing else is routed (unknown paths are UNIMPLEMENTED).
+//! The public services the gateway serves. Every request first passes the
+//! authorization table (`crate::authz`), which names its method and
+//! operation and refuses what it does not list; each handler then
+//! authenticates (`Gateway::authenticate`, which takes its fair share),
+//! validates, authorizes the table's operation on the resource the request
+//! names and forwards to the internal service that owns it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,12 +12,12 @@ use std::time::{Duration, Instant};
 use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Response, Status, Streaming};
+use tonic::{Response, Status, Streaming};
 use vibebox_proto::authz::Resource;
 
 use crate::error::{GatewayError, Result};
 use crate::gateway::{Call, Gateway};
-use crate::metrics::{StreamGuard, record_call};
+use crate::metrics::StreamGuard;
 
 pub(crate) mod audit;
 pub(crate) mod environment;
@@ -24,19 +27,12 @@ pub(crate) mod policy;
 /// A boxed response stream.
 pub(crate) type ProxyStream<T> = BoxStream<'static, std::result::Result<T, Status>>;
 
-/// Runs one call, converting its error and recording its metrics.
+/// Runs one call, converting its error (its metrics are recorded by
+/// [`crate::authz::Guarded`], per method of the table).
 pub(crate) async fn observe<T>(
-    method: &'static str,
     call: impl Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
-    let started = Instant::now();
-    let result = call.await.map(Response::new).map_err(Status::from);
-    let code = match &result {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
-    };
-    record_call(method, code, started);
-    result
+    call.await.map(Response::new).map_err(Status::from)
 }
 
 /// What a long stream must keep being allowed: re-authorized every
@@ -48,7 +44,6 @@ pub(crate) struct Recheck {
     pub(crate) gateway: Arc<Gateway>,
     /// The authenticated call; its fair share lives as long as the stream.
     pub(crate) call: Call,
-    pub(crate) operation: &'static str,
     pub(crate) resource: Resource,
     /// Cancelled when the stream ends, for whatever reason (Exec stops
     /// relaying the client's input with it).
@@ -56,16 +51,10 @@ pub(crate) struct Recheck {
 }
 
 impl Recheck {
-    pub(crate) fn new(
-        gateway: Arc<Gateway>,
-        call: Call,
-        operation: &'static str,
-        resource: Resource,
-    ) -> Self {
+    pub(crate) fn new(gateway: Arc<Gateway>, call: Call, resource: Resource) -> Self {
         Self {
             gateway,
             call,
-            operation,
             resource,
             ended: CancellationToken::new(),
         }
@@ -75,7 +64,7 @@ impl Recheck {
     async fn still_allowed(&self, last_allowed: &mut Instant) -> Result<()> {
         let decided = self
             .gateway
-            .authorize(&self.call, self.operation, self.resource.clone())
+            .authorize(&self.call, self.resource.clone())
             .await;
         match decided {
             Ok(_) => {
@@ -85,7 +74,7 @@ impl Recheck {
             Err(GatewayError::InvalidToken(reason)) => Err(GatewayError::StreamRevoked(reason)),
             Err(GatewayError::Denied(_) | GatewayError::EnvironmentDenied) => {
                 Err(GatewayError::StreamWithdrawn {
-                    operation: self.operation,
+                    operation: self.call.operation(),
                 })
             }
             // Identity cannot be asked: the stream lives on only while the
@@ -116,7 +105,6 @@ const MAX_UNCHECKED: Duration = Duration::from_secs(2);
 /// operation no longer allowed). Dropping the returned stream (client gone)
 /// ends the task, which drops the upstream stream too.
 pub(crate) fn relay<U, T>(
-    method: &'static str,
     service: &'static str,
     mut upstream: Streaming<U>,
     map: fn(U) -> Option<T>,
@@ -127,6 +115,7 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<std::result::Result<T, Status>>(1);
+    let method = recheck.call.info.method;
     let guard = StreamGuard::new(method);
     let period = recheck.gateway.stream_recheck;
     tokio::spawn(async move {

@@ -30,9 +30,7 @@ impl Policy {
         request: Request<EvaluateSpecRequest>,
     ) -> Result<EvaluateSpecResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("PolicyService/EvaluateSpec", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let message = request.into_inner();
         validate::optional_id("team_id", &message.team_id)?;
         validate::container_spec("spec", message.spec.as_ref())?;
@@ -41,7 +39,7 @@ impl Policy {
             team_id: message.team_id.clone(),
             ..Default::default()
         };
-        gw.authorize(&call, "policy.evaluate", resource).await?;
+        gw.authorize(&call, resource).await?;
         Ok(gw
             .policy
             .clone()
@@ -53,14 +51,12 @@ impl Policy {
 
     async fn get(&self, request: Request<GetPolicyRequest>) -> Result<GetPolicyResponse> {
         let gw = &self.gateway;
-        let call = gw
-            .authenticate(gw.info("PolicyService/GetPolicy", &request))
-            .await?;
+        let call = gw.authenticate(gw.info(&request)).await?;
         let resource = Resource {
             kind: "policy".into(),
             ..Default::default()
         };
-        let decision = gw.authorize(&call, "policy.get", resource).await?;
+        let decision = gw.authorize(&call, resource).await?;
         let visible = if decision.platform_role == PlatformRole::Admin as i32
             || decision.platform_role == PlatformRole::Auditor as i32
         {
@@ -68,7 +64,7 @@ impl Policy {
         } else {
             let mut teams = Vec::new();
             for team in gw.caller_teams(&call).await? {
-                let request = vibebox_token::AuthzRequest::new("policy.get").team(&team);
+                let request = vibebox_token::AuthzRequest::new(call.operation()).team(&team);
                 match call.principal.verified.authorize(&request) {
                     Ok(()) => teams.push(team),
                     Err(vibebox_token::TokenError::Expired) => {
@@ -103,13 +99,13 @@ impl PolicyService for Policy {
         &self,
         request: Request<EvaluateSpecRequest>,
     ) -> std::result::Result<Response<EvaluateSpecResponse>, Status> {
-        observe("PolicyService/EvaluateSpec", self.evaluate(request)).await
+        observe(self.evaluate(request)).await
     }
 
     async fn get_policy(
         &self,
         request: Request<GetPolicyRequest>,
     ) -> std::result::Result<Response<GetPolicyResponse>, Status> {
-        observe("PolicyService/GetPolicy", self.get(request)).await
+        observe(self.get(request)).await
     }
 }
