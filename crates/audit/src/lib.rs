@@ -30,7 +30,7 @@ use vibebox_proto::audit_ingest::audit_receipt_service_server::AuditReceiptServi
 use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 
 use crate::alerts::AlertConfig;
-use crate::grpc::{AuditHandler, INGEST_CALLERS, IngestHandler, ReceiptHandler};
+use crate::grpc::{AuditHandler, INGEST_CALLERS, IngestHandler, READ_CALLERS, ReceiptHandler};
 use crate::integrity::HeadRecord;
 use crate::log::Log;
 use crate::store::Store;
@@ -222,17 +222,18 @@ pub async fn run_with_listener(
     .await?;
     let served = ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(tls))
-        .allow_callers(INGEST_CALLERS)
-        .add_service(AuditIngestServiceServer::new(IngestHandler::new(
-            log.clone(),
-        )))
-        .add_service(AuditReceiptServiceServer::new(ReceiptHandler::new(
-            log.clone(),
-        )))
-        .add_service(AuditServiceServer::new(AuditHandler::new(
-            log.clone(),
-            shutdown.clone(),
-        )))
+        .add_service_for(
+            AuditIngestServiceServer::new(IngestHandler::new(log.clone())),
+            INGEST_CALLERS,
+        )
+        .add_service_for(
+            AuditReceiptServiceServer::new(ReceiptHandler::new(log.clone())),
+            INGEST_CALLERS,
+        )
+        .add_service_for(
+            AuditServiceServer::new(AuditHandler::new(log.clone(), shutdown.clone())),
+            READ_CALLERS,
+        )
         .serve(listener, shutdown)
         .await;
     drop(log);

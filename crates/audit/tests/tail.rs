@@ -176,9 +176,19 @@ async fn a_cut_tail_is_detected_by_a_producer_receipt() {
     assert!(report.first_broken_sequence <= 12, "{report:?}");
     let alerts = tail_alerts(&h).await;
     assert_eq!(alerts.len(), 1, "{alerts:?}");
-    // The producer keeps the contradicted receipt for the operator.
-    let kept =
-        std::fs::read_to_string(h.outbox_dir("orchestrator").join("receipt.contradicted")).unwrap();
+    // The producer keeps the contradicted receipt for the operator (written
+    // once the producer has read the audit service's answer: poll).
+    let path = h.outbox_dir("orchestrator").join("receipt.contradicted");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let kept = loop {
+        match std::fs::read_to_string(&path) {
+            Ok(kept) => break kept,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("{} was never written: {e}", path.display())
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
     assert!(kept.contains(&hash), "{kept}");
 }
 

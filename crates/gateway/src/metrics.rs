@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use vibebox_server_kit::status::code_name;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -137,58 +136,53 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Serves `GET /metrics` (any path, in fact) in the Prometheus text format
-/// until `shutdown`; also runs the recorder's periodic upkeep.
+/// The scrape response's content type (Prometheus text exposition 0.0.4).
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `GET /metrics` in the Prometheus text format until `shutdown`
+/// (other paths answer 404, other methods 405); also runs the recorder's
+/// periodic upkeep. One scrape per connection: every response says
+/// `Connection: close`, so an idle scraper holds no connection open and
+/// shutdown is not kept waiting.
 pub(crate) async fn serve(listener: TcpListener, shutdown: CancellationToken) {
     let handle = handle();
-    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = upkeep.tick() => handle.run_upkeep(),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(respond(stream, handle));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-}
-
-async fn respond(mut stream: tokio::net::TcpStream, handle: &'static PrometheusHandle) {
-    // Read (and ignore) the request head; one scrape per connection.
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => {
-                    head.extend_from_slice(&buf[..n]);
-                    if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > 16 * 1024 {
-                        return true;
-                    }
+    let upkeep = {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => handle.run_upkeep(),
                 }
             }
         }
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
-        return;
-    }
-    let (status, body) = if head.starts_with(b"GET ") {
-        ("200 OK", handle.render())
-    } else {
-        ("405 Method Not Allowed", String::new())
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let app = router(handle);
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+    let (served, ()) = tokio::join!(server, upkeep);
+    if let Err(error) = served {
+        tracing::warn!(%error, "metrics server failed");
+    }
+}
+
+/// The scrape endpoint's routes.
+fn router(handle: &'static PrometheusHandle) -> axum::Router {
+    use axum::http::header;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                ([(header::CONTENT_TYPE, CONTENT_TYPE)], handle.render())
+            }),
+        )
+        .layer(axum::middleware::map_response(close_connection))
+}
+
+async fn close_connection(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
     );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    response
 }

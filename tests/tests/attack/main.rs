@@ -12,6 +12,14 @@
 //!   certificate without / with a bad clearance), internal RPCs through the
 //!   gateway, forged trust metadata, bad tokens, and one team reaching for
 //!   another team's environment;
+//! - the hostile tenant (issue 16), with nothing but a developer's or a
+//!   viewer's own token: [`tenant_tokens`] (a token that would freeze the
+//!   gateway, minting a wider token, a retired token key), [`tenant_streams`]
+//!   (reading secrets, starving others of streams, login spraying, streams
+//!   outliving the right to them), [`tenant_keys_audit`] (a retired clearance
+//!   key, an audit tail cut from the database) and [`tenant_policy`] (the dry
+//!   run against the create on every attack spec, swap, other teams'
+//!   overlays, binds escaping their prefix through a symlink, chosen uids);
 //! - every environment the suite creates is inspected: from Docker, and from
 //!   inside through the platform's Exec and `docker exec`.
 //!
