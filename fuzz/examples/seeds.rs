@@ -76,6 +76,7 @@ fn main() {
             "python@md5:0123456789abcdef0123456789abcdef",
             "[::ffff:10.0.0.1]:5000/app:1",
             "acme*/app:*",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ],
     );
 

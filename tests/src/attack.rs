@@ -1,4 +1,4 @@
-//! Helpers of the attack suite (`tests/tests/attack.rs`): reading a refusal
+//! Helpers of the attack suite (`tests/tests/e2e/attack`): reading a refusal
 //! (rule ids from google.rpc details), reaching the internal services of a
 //! `vibebox up` the way an attacker on the host would, finding audit events
 //! by request id, listing the Docker objects of an installation, and proving

@@ -56,24 +56,38 @@ impl SuiteReport {
     }
 
     fn to_json(&self) -> String {
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-        let notes = self
-            .notes
-            .iter()
-            .map(|(k, v)| format!("\"{}\":\"{}\"", esc(k), esc(v)))
-            .collect::<Vec<_>>()
-            .join(",");
-        format!(
-            "{{\"suite\":\"{}\",\"test\":\"{}\",\"tried\":{},\"refused\":{},\"inspected\":{},\"passed\":{},\"notes\":{{{}}}}}",
-            self.suite,
-            self.test,
-            self.tried,
-            self.refused,
-            self.inspected,
-            !std::thread::panicking(),
-            notes
-        )
+        let line = Line {
+            suite: self.suite,
+            test: self.test,
+            tried: self.tried,
+            refused: self.refused,
+            inspected: self.inspected,
+            passed: !std::thread::panicking(),
+            notes: &self.notes,
+        };
+        serde_json::to_string(&line).expect("a report line is plain data")
     }
+}
+
+/// One line of `suite-report.jsonl`, fields in this order.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    suite: &'a str,
+    test: &'a str,
+    tried: u64,
+    refused: u64,
+    inspected: u64,
+    passed: bool,
+    /// An object, notes in the order they were taken.
+    #[serde(serialize_with = "notes_as_object")]
+    notes: &'a [(String, String)],
+}
+
+fn notes_as_object<S: serde::Serializer>(
+    notes: &&[(String, String)],
+    out: S,
+) -> Result<S::Ok, S::Error> {
+    out.collect_map(notes.iter().map(|(k, v)| (k, v)))
 }
 
 impl Drop for SuiteReport {
@@ -86,5 +100,33 @@ impl Drop for SuiteReport {
         {
             let _ = writeln!(f, "{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_line_is_json_whatever_the_notes_hold() {
+        let mut report = SuiteReport::new("attack", "quotes_and_newlines");
+        report.case(true);
+        report.case(false);
+        report.note("rss \"before\"", "1\n2\t\u{1}\\");
+        report.note("iterations", 3);
+        let line = report.to_json();
+        std::mem::forget(report); // no line in target/ from a unit test
+        assert!(!line.contains('\n'), "{line}");
+        let parsed: serde_json::Value = serde_json::from_str(&line).expect(&line);
+        assert_eq!(parsed["suite"], "attack");
+        assert_eq!(parsed["tried"], 2);
+        assert_eq!(parsed["refused"], 1);
+        assert_eq!(parsed["passed"], true);
+        assert_eq!(parsed["notes"]["rss \"before\""], "1\n2\t\u{1}\\");
+        assert_eq!(parsed["notes"]["iterations"], "3");
+        assert!(
+            line.starts_with(r#"{"suite":"attack","test":"quotes_and_newlines","tried":2,"refused":1,"inspected":0,"passed":true,"notes":{"#),
+            "{line}"
+        );
     }
 }

@@ -20,8 +20,11 @@
 //! A contradiction (a cut or rewritten tail) is logged at ERROR here and
 //! recorded, reported by `VerifyChain` and alerted by the audit service.
 
+mod event;
 mod outbox;
 mod receipt;
+
+pub use event::{Detail, EventBuilder};
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -45,6 +48,10 @@ const BATCH_BYTES_MAX: u64 = 2 * 1024 * 1024;
 const EVENT_BYTES_MAX: u64 = 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often [`AuditClient::open_waiting`] tries a locked outbox again.
+const LOCKED_RETRY: Duration = Duration::from_millis(100);
+/// How long a service waits for its outbox to be released at start.
+pub const OPEN_PATIENCE: Duration = Duration::from_secs(15);
 /// Seconds between receipt checks unless `VIBEBOX_AUDIT_RECEIPT_CHECK_SECONDS` says otherwise.
 pub const DEFAULT_RECEIPT_CHECK_SECONDS: u64 = 30;
 
@@ -225,6 +232,24 @@ impl AuditClient {
         })
     }
 
+    /// [`open`](Self::open), waiting up to `patience` while the outbox is
+    /// locked: a previous instance in this process (a restart) releases the
+    /// lock shortly after its shutdown. Any other error returns at once.
+    pub async fn open_waiting(
+        config: AuditClientConfig,
+        patience: Duration,
+    ) -> Result<AuditClient> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match Self::open(config.clone()) {
+                Err(AuditClientError::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(LOCKED_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// This producer's receipt: the highest sequence the audit service
     /// acknowledged for its events, and that event's chain hash (0 and
     /// empty before the first acknowledgement).
@@ -402,7 +427,7 @@ async fn deliver_loop(
     _lock: Arc<File>,
     receipts: Arc<Receipts>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = retry_delays();
     // Set while the audit service is unreachable: the first success after
     // it is a reconnection, and the receipt is checked at once.
     let mut unreachable = false;
@@ -446,7 +471,7 @@ async fn deliver_loop(
         match client.append_events(AppendEventsRequest { events }).await {
             Ok(response) => {
                 let response = response.into_inner();
-                backoff = BACKOFF_MIN;
+                backoff = retry_delays();
                 cursor = next;
                 let current = receipts.current();
                 let raised = receipt::raised(&current, &response.sequences, &response.hashes);
@@ -502,7 +527,7 @@ async fn check_loop(
     every: Duration,
 ) {
     let mut due = tokio::time::Instant::now();
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = retry_delays();
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
@@ -570,20 +595,26 @@ async fn check_loop(
         }
         let now = tokio::time::Instant::now();
         if unreachable {
-            due = now + backoff;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            due = now + backoff.next().unwrap_or(BACKOFF_MAX);
         } else {
             due = now + every;
-            backoff = BACKOFF_MIN;
+            backoff = retry_delays();
         }
     }
 }
 
-/// Sleeps for the current backoff (doubling it); true when every client
-/// handle is gone.
-async fn wait_or_closed(written: &mut watch::Receiver<Pos>, backoff: &mut Duration) -> bool {
-    let delay = *backoff;
-    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+/// The waits between attempts while the audit service is away: from
+/// `BACKOFF_MIN` doubling to `BACKOFF_MAX`, jittered.
+fn retry_delays() -> impl Iterator<Item = Duration> + Send {
+    vibebox_server_kit::retry::backoff(BACKOFF_MIN, BACKOFF_MAX)
+}
+
+/// Sleeps for the next backoff; true when every client handle is gone.
+async fn wait_or_closed(
+    written: &mut watch::Receiver<Pos>,
+    backoff: &mut impl Iterator<Item = Duration>,
+) -> bool {
+    let delay = backoff.next().unwrap_or(BACKOFF_MAX);
     tokio::time::sleep(delay).await;
     written.has_changed().is_err()
 }
@@ -600,6 +631,33 @@ mod tests {
             tls: pki.material("orchestrator"),
             source_service: "orchestrator".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn open_waiting_takes_the_outbox_once_released_and_gives_up_after_its_patience() {
+        let pki = vibebox_server_kit::testing::TestPki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let first = AuditClient::open(config(&pki, dir.path().into())).unwrap();
+        let started = tokio::time::Instant::now();
+        let refused =
+            AuditClient::open_waiting(config(&pki, dir.path().into()), Duration::from_millis(300))
+                .await;
+        assert!(
+            matches!(refused, Err(AuditClientError::Locked(_))),
+            "{refused:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let waiting = tokio::spawn(AuditClient::open_waiting(
+            config(&pki, dir.path().into()),
+            Duration::from_secs(10),
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("opened once released")
+            .unwrap();
+        assert!(second.is_ok(), "{second:?}");
     }
 
     #[tokio::test]

@@ -507,13 +507,34 @@ fn interactive_exec_through_a_pseudo_terminal() {
     wait_for(&output, "33 111", || {
         let _ = input.write_all(b"stty size\r");
     });
-    // Ctrl-C reaches the remote shell (interrupts `sleep`), not the CLI.
-    input.write_all(b"sleep 30\r").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Ctrl-C reaches the remote shell (interrupts `sleep`), not the CLI:
+    // once the sleep runs in the container, Ctrl-C must end it and the
+    // session must end promptly (a lost Ctrl-C would leave it asleep for
+    // ten minutes).
+    input.write_all(b"sleep 600\r").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli
+        .ok(&["env", "exec", "tty", "--", "ps"])
+        .contains("sleep 600")
+    {
+        assert!(Instant::now() < deadline, "the remote sleep never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     input.write_all(&[3]).unwrap();
     input.write_all(b"echo hi; exit 7\r").unwrap();
 
-    let status = child.wait().expect("vibebox exited");
+    let interrupted = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for vibebox") {
+            break status;
+        }
+        assert!(
+            interrupted.elapsed() < Duration::from_secs(60),
+            "Ctrl-C did not reach the remote shell: the session is still asleep: {}",
+            String::from_utf8_lossy(&output.lock().unwrap())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         status.exit_code(),
         7,

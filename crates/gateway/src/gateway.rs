@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Request};
-use vibebox_audit_client::AuditClient;
+use vibebox_audit_client::{AuditClient, EventBuilder};
 use vibebox_proto::audit::audit_service_client::AuditServiceClient;
-use vibebox_proto::audit::{Actor, AuditEvent, Outcome, Severity};
+use vibebox_proto::audit::{AuditEvent, Outcome, Severity};
 use vibebox_proto::authz::{AuthorizeResponse, Resource};
 use vibebox_proto::clearance::clearance_service_client::ClearanceServiceClient;
 use vibebox_proto::environment::Environment;
@@ -555,41 +555,18 @@ impl Gateway {
     ) {
         crate::metrics::record_access_event(action);
         tracing::debug!(action, method = info.method, reason, "call refused");
-        let mut fields = std::collections::BTreeMap::new();
-        fields.insert("method".to_owned(), string_value(info.method));
-        fields.insert("reason".to_owned(), string_value(reason));
-        let (resource_type, resource_id, team_id) = resource
-            .map(|r| {
-                let id = [&r.environment_id, &r.id, &r.team_id]
-                    .into_iter()
-                    .find(|s| !s.is_empty())
-                    .cloned()
-                    .unwrap_or_default();
-                (r.kind.clone(), id, r.team_id.clone())
-            })
+        let user = principal
+            .map(|p| (p.user_id(), p.token_id()))
             .unwrap_or_default();
-        let event = AuditEvent {
-            actor: Some(Actor {
-                user_id: principal
-                    .map(|p| p.user_id().to_owned())
-                    .unwrap_or_default(),
-                token_id: principal
-                    .map(|p| p.token_id().to_owned())
-                    .unwrap_or_default(),
-                service: String::new(),
-            }),
-            team_id,
-            action: action.to_owned(),
-            resource_type,
-            resource_id,
-            outcome: Outcome::Denied as i32,
-            severity: severity as i32,
-            details: Some(prost_types::Struct { fields }),
-            trace_id: vibebox_server_kit::trace_id(),
-            request_id: info.request_id.clone(),
-            client_address: info.client_address.clone(),
-            ..Default::default()
-        };
+        let event = access_event(
+            info.method,
+            (&info.request_id, &info.client_address),
+            user,
+            action,
+            severity,
+            reason,
+            resource,
+        );
         let audit_log = self.audit_log.clone();
         tokio::spawn(async move {
             if let Err(error) = audit_log.record(event).await {
@@ -599,10 +576,36 @@ impl Gateway {
     }
 }
 
-fn string_value(s: &str) -> prost_types::Value {
-    prost_types::Value {
-        kind: Some(prost_types::value::Kind::StringValue(s.to_owned())),
-    }
+/// An access event: `user` (user id, token id; empty when unauthenticated)
+/// was refused `action` on `method` for `reason`; `request` is the request
+/// id and the client's address.
+fn access_event(
+    method: &str,
+    request: (&str, &str),
+    user: (&str, &str),
+    action: &str,
+    severity: Severity,
+    reason: &str,
+    resource: Option<&Resource>,
+) -> AuditEvent {
+    let (resource_type, resource_id, team_id) = resource
+        .map(|r| {
+            let id = [&r.environment_id, &r.id, &r.team_id]
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .map_or("", |s| s.as_str());
+            (r.kind.as_str(), id, r.team_id.as_str())
+        })
+        .unwrap_or_default();
+    EventBuilder::new(action, Outcome::Denied, severity)
+        .user(user.0, user.1)
+        .team(team_id)
+        .resource(resource_type, resource_id)
+        .detail("method", method)
+        .detail("reason", reason)
+        .trace_id(vibebox_server_kit::trace_id())
+        .request(request.0, request.1)
+        .build()
 }
 
 /// The host part of `ip:port` (rate limits apply per address, not per connection).
@@ -616,6 +619,103 @@ fn client_host(address: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vibebox_proto::audit::Actor;
+
+    /// Access events are the ones recorded before the audit-client builder
+    /// (written out field by field).
+    #[test]
+    fn access_events_name_the_method_reason_and_resource() {
+        let text = |s: &str| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(s.to_owned())),
+        };
+        let resource = Resource {
+            kind: "environment".into(),
+            team_id: "team-a".into(),
+            environment_id: "env-1".into(),
+            owner_id: "u2".into(),
+            id: "env-1".into(),
+        };
+        let event = access_event(
+            "EnvironmentService/GetEnvironment",
+            ("req-1", "10.0.0.1:5"),
+            ("u1", "t1"),
+            "access.denied",
+            Severity::High,
+            "not a member",
+            Some(&resource),
+        );
+        assert_eq!(
+            event,
+            AuditEvent {
+                actor: Some(Actor {
+                    user_id: "u1".into(),
+                    token_id: "t1".into(),
+                    service: String::new(),
+                }),
+                team_id: "team-a".into(),
+                action: "access.denied".into(),
+                resource_type: "environment".into(),
+                resource_id: "env-1".into(),
+                outcome: Outcome::Denied as i32,
+                severity: Severity::High as i32,
+                details: Some(prost_types::Struct {
+                    fields: std::collections::BTreeMap::from([
+                        (
+                            "method".to_owned(),
+                            text("EnvironmentService/GetEnvironment")
+                        ),
+                        ("reason".to_owned(), text("not a member")),
+                    ]),
+                }),
+                trace_id: vibebox_server_kit::trace_id(),
+                request_id: "req-1".into(),
+                client_address: "10.0.0.1:5".into(),
+                ..AuditEvent::default()
+            }
+        );
+
+        // Unauthenticated, no resource; a team-only resource is named by its team.
+        let anonymous = access_event(
+            "IdentityService/WhoAmI",
+            ("req-2", "10.0.0.2:6"),
+            ("", ""),
+            "access.unauthenticated",
+            Severity::Medium,
+            "no token",
+            None,
+        );
+        assert_eq!(anonymous.actor, Some(Actor::default()));
+        assert_eq!(
+            (
+                anonymous.resource_type.as_str(),
+                anonymous.resource_id.as_str(),
+                anonymous.team_id.as_str()
+            ),
+            ("", "", "")
+        );
+        let team = Resource {
+            kind: "team".into(),
+            team_id: "team-b".into(),
+            ..Resource::default()
+        };
+        let event = access_event(
+            "m",
+            ("", ""),
+            ("u", "t"),
+            "access.denied",
+            Severity::High,
+            "r",
+            Some(&team),
+        );
+        assert_eq!(
+            (
+                event.resource_type.as_str(),
+                event.resource_id.as_str(),
+                event.team_id.as_str()
+            ),
+            ("team", "team-b", "team-b")
+        );
+    }
 
     #[test]
     fn grpc_timeout_parsing() {

@@ -201,12 +201,16 @@ pub async fn run_with_listeners(
         orchestrator: connect(&config.orchestrator_url)?,
         audit: connect(&config.audit_url)?,
     };
-    let audit_log = AuditClient::open(AuditClientConfig {
-        outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-        audit_url: config.audit_url.clone(),
-        tls: material.clone(),
-        source_service: SERVICE_NAME.to_owned(),
-    })
+    let audit_log = AuditClient::open_waiting(
+        AuditClientConfig {
+            outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
+            audit_url: config.audit_url.clone(),
+            tls: material.clone(),
+            source_service: SERVICE_NAME.to_owned(),
+        },
+        vibebox_audit_client::OPEN_PATIENCE,
+    )
+    .await
     .context("opening the audit outbox")?;
     let settings = Settings {
         rate_per_second: config.rate_limit_per_second,

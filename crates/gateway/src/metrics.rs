@@ -30,6 +30,10 @@ const ACTIVE_STREAMS: &str = "vibebox_gateway_active_streams";
 const ACCESS_EVENTS: &str = "vibebox_gateway_access_events_total";
 const ALERTS: &str = "vibebox_gateway_alerts_total";
 
+/// Waits between attempts to follow the alerts.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide Prometheus handle (the recorder is installed once; every
@@ -65,13 +69,15 @@ pub(crate) fn record_access_event(action: &'static str) {
 }
 
 /// Follows the audit log's `alert.raised` events and counts them by rule and
-/// severity, reconnecting (with backoff) whenever the audit service is away.
+/// severity, reconnecting (with jittered backoff from `RETRY_MIN` to
+/// `RETRY_MAX`) whenever the audit service is away.
 pub(crate) async fn watch_alerts(audit: vibebox_server_kit::GrpcChannel, stop: CancellationToken) {
     use futures::StreamExt;
     use vibebox_proto::audit::audit_service_client::AuditServiceClient;
     use vibebox_proto::audit::{EventFilter, Severity, WatchEventsRequest};
 
-    let mut backoff = Duration::from_millis(500);
+    let retry_delays = || vibebox_server_kit::retry::backoff(RETRY_MIN, RETRY_MAX);
+    let mut backoff = retry_delays();
     loop {
         let mut client = AuditServiceClient::new(audit.clone());
         let request = WatchEventsRequest {
@@ -86,7 +92,7 @@ pub(crate) async fn watch_alerts(audit: vibebox_server_kit::GrpcChannel, stop: C
         };
         match watched {
             Ok(response) => {
-                backoff = Duration::from_millis(500);
+                backoff = retry_delays();
                 let mut events = response.into_inner();
                 loop {
                     let next = tokio::select! {
@@ -112,9 +118,8 @@ pub(crate) async fn watch_alerts(audit: vibebox_server_kit::GrpcChannel, stop: C
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next().unwrap_or(RETRY_MAX)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -139,50 +144,118 @@ impl Drop for StreamGuard {
 /// The scrape response's content type (Prometheus text exposition 0.0.4).
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `GET /metrics` in the Prometheus text format until `shutdown`
-/// (other paths answer 404, other methods 405); also runs the recorder's
-/// periodic upkeep. One scrape per connection: every response says
-/// `Connection: close`, so an idle scraper holds no connection open and
-/// shutdown is not kept waiting.
+/// How long a scraper may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` in the Prometheus text format (other paths answer
+/// 404, other methods 405) until `shutdown`; also runs the recorder's
+/// periodic upkeep. HTTP/1 by hyper, one request per connection and a
+/// bounded wait for the request head, so an idle or slow client holds
+/// nothing open for long. On shutdown it stops accepting; a scrape under way
+/// finishes on its own task.
 pub(crate) async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
     let handle = handle();
-    let upkeep = {
-        let shutdown = shutdown.clone();
-        async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    _ = every.tick() => handle.run_upkeep(),
+    let service = TowerToHyperService::new(router(handle));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false);
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = upkeep.tick() => handle.run_upkeep(),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let connection = http.serve_connection(TokioIo::new(stream), service.clone());
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "metrics scrape connection failed");
+                        }
+                    });
                 }
-            }
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
         }
-    };
-    let app = router(handle);
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-    let (served, ()) = tokio::join!(server, upkeep);
-    if let Err(error) = served {
-        tracing::warn!(%error, "metrics server failed");
     }
 }
 
-/// The scrape endpoint's routes.
+/// The scrape endpoint's one route.
 fn router(handle: &'static PrometheusHandle) -> axum::Router {
-    use axum::http::header;
-    axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || async move {
-                ([(header::CONTENT_TYPE, CONTENT_TYPE)], handle.render())
-            }),
-        )
-        .layer(axum::middleware::map_response(close_connection))
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                handle.render(),
+            )
+        }),
+    )
 }
 
-async fn close_connection(mut response: axum::response::Response) -> axum::response::Response {
-    response.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        axum::http::HeaderValue::from_static("close"),
-    );
-    response
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends `request` raw and reads the whole reply (the server closes the
+    /// connection after one response).
+    async fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut out))
+            .await
+            .expect("the server closes the connection after one response")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn scrape_answers_get_metrics_once_per_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        handle();
+        let server = tokio::spawn(serve(listener, stop.clone()));
+        record_access_event("access.denied");
+
+        // HTTP/1.1 without `Connection: close`: still one response, then EOF.
+        let ok = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(
+            ok.to_ascii_lowercase().contains("connection: close"),
+            "{ok}"
+        );
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{ok}"
+        );
+        assert!(ok.contains(ACCESS_EVENTS), "{ok}");
+
+        let old = exchange(addr, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await;
+        assert!(old.starts_with("HTTP/1.0 200"), "{old}");
+        assert!(old.contains(ACCESS_EVENTS), "{old}");
+
+        let post = exchange(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: l\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let other = exchange(addr, "GET /other HTTP/1.1\r\nHost: l\r\n\r\n").await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns on shutdown")
+            .unwrap();
+    }
 }

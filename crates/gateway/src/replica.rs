@@ -229,7 +229,7 @@ impl Replica {
     /// Follows the orchestrator's feed until `stop`, resubscribing (with
     /// backoff) whenever it breaks.
     pub(crate) async fn follow(self: Arc<Self>, channel: GrpcChannel, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = resubscribe_delays();
         loop {
             let mut client = RuntimeServiceClient::new(channel.clone());
             self.subscribing();
@@ -259,7 +259,7 @@ impl Replica {
                         match next {
                             Some(Ok(message)) => {
                                 if message.synced {
-                                    backoff = Duration::from_millis(100);
+                                    backoff = resubscribe_delays();
                                 }
                                 self.apply(message);
                             }
@@ -276,11 +276,19 @@ impl Replica {
             self.broken();
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.next().unwrap_or(RESUBSCRIBE_MAX)) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
+
+/// The waits before subscribing to the feed again: from 100 ms doubling to
+/// two seconds, jittered (every gateway loses the feed at the same moment
+/// when the orchestrator restarts).
+fn resubscribe_delays() -> impl Iterator<Item = Duration> + Send {
+    vibebox_server_kit::retry::backoff(Duration::from_millis(100), RESUBSCRIBE_MAX)
 }
 
 /// The orchestrator channel as the gateway calls it: notes the change mark

@@ -3,11 +3,8 @@
 //! durable audit client. Mutations record their event inside their database
 //! transaction and commit only once the event is durable (fail closed).
 
-use std::collections::BTreeMap;
-
-use prost_types::{Struct, Value, value::Kind};
-use vibebox_audit_client::AuditClient;
-use vibebox_proto::audit::{Actor, AuditEvent, Outcome, Severity};
+use vibebox_audit_client::{AuditClient, EventBuilder};
+use vibebox_proto::audit::{AuditEvent, Outcome, Severity};
 
 use crate::error::Result;
 
@@ -54,37 +51,113 @@ impl Auditor {
         let Some(client) = &self.0 else {
             return Ok(());
         };
-        let fields: BTreeMap<String, Value> = event
-            .details
-            .iter()
-            .map(|(k, v)| {
-                (
-                    (*k).to_owned(),
-                    Value {
-                        kind: Some(Kind::StringValue((*v).to_owned())),
-                    },
-                )
-            })
-            .collect();
-        let record = AuditEvent {
-            actor: Some(Actor {
-                user_id: origin.user_id.clone(),
-                token_id: origin.token_id.clone(),
-                service: origin.service.clone(),
-            }),
-            team_id: event.team_id.to_owned(),
-            action: event.action.to_owned(),
-            resource_type: event.resource_type.to_owned(),
-            resource_id: event.resource_id.to_owned(),
-            outcome: event.outcome as i32,
-            severity: event.severity as i32,
-            details: (!fields.is_empty()).then_some(Struct { fields }),
-            trace_id: vibebox_server_kit::trace_id(),
-            request_id: origin.request_id.clone(),
-            client_address: origin.client_address.clone(),
-            ..Default::default()
-        };
+        let record = to_audit_event(origin, &event);
         client.record(record).await?;
         Ok(())
+    }
+}
+
+/// The wire event of `event`, done by `origin`.
+fn to_audit_event(origin: &Origin, event: &Event<'_>) -> AuditEvent {
+    EventBuilder::new(event.action, event.outcome, event.severity)
+        .user(&origin.user_id, &origin.token_id)
+        .service(&origin.service)
+        .team(event.team_id)
+        .resource(event.resource_type, event.resource_id)
+        .details(event.details.iter().copied())
+        .trace_id(vibebox_server_kit::trace_id())
+        .request(&origin.request_id, &origin.client_address)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::{Struct, Value, value::Kind};
+    use std::collections::BTreeMap;
+    use vibebox_proto::audit::Actor;
+
+    /// The events are the ones recorded before the audit-client builder
+    /// (written out field by field).
+    #[test]
+    fn events_carry_origin_resource_and_string_details() {
+        let origin = Origin {
+            user_id: "u1".into(),
+            token_id: "t1".into(),
+            client_address: "10.0.0.1:5".into(),
+            request_id: "req-1".into(),
+            service: String::new(),
+        };
+        let event = to_audit_event(
+            &origin,
+            &Event {
+                action: "user.create",
+                resource_type: "user",
+                resource_id: "user-1",
+                team_id: "",
+                outcome: Outcome::Success,
+                severity: Severity::Medium,
+                details: &[("username", "ada"), ("role", "admin")],
+            },
+        );
+        let text = |s: &str| Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        assert_eq!(
+            event,
+            AuditEvent {
+                actor: Some(Actor {
+                    user_id: "u1".into(),
+                    token_id: "t1".into(),
+                    service: String::new(),
+                }),
+                action: "user.create".into(),
+                resource_type: "user".into(),
+                resource_id: "user-1".into(),
+                outcome: Outcome::Success as i32,
+                severity: Severity::Medium as i32,
+                details: Some(Struct {
+                    fields: BTreeMap::from([
+                        ("username".to_owned(), text("ada")),
+                        ("role".to_owned(), text("admin")),
+                    ]),
+                }),
+                trace_id: vibebox_server_kit::trace_id(),
+                request_id: "req-1".into(),
+                client_address: "10.0.0.1:5".into(),
+                ..AuditEvent::default()
+            }
+        );
+
+        let bootstrap = Origin {
+            service: "identity".into(),
+            ..Origin::default()
+        };
+        let event = to_audit_event(
+            &bootstrap,
+            &Event {
+                action: "user.create",
+                resource_type: "user",
+                resource_id: "user-0",
+                team_id: "team-a",
+                outcome: Outcome::Success,
+                severity: Severity::High,
+                details: &[("reason", "bootstrap")],
+            },
+        );
+        assert_eq!(
+            event.actor,
+            Some(Actor {
+                service: "identity".into(),
+                ..Actor::default()
+            })
+        );
+        assert_eq!(event.team_id, "team-a");
+        assert_eq!(
+            event.details,
+            Some(Struct {
+                fields: BTreeMap::from([("reason".to_owned(), text("bootstrap"))]),
+            })
+        );
     }
 }

@@ -190,30 +190,23 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
     Ok(identity)
 }
 
-/// Opens the audit outbox. A previous instance in this process (a restart)
-/// releases the outbox lock shortly after its shutdown, so a locked outbox is
-/// retried for a few seconds before giving up.
+/// Opens the audit outbox (waiting while a previous instance in this
+/// process, a restart, still holds it).
 async fn open_audit_client(
     config: &Config,
     tls: &vibebox_server_kit::TlsMaterial,
 ) -> anyhow::Result<AuditClient> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let opened = AuditClient::open(AuditClientConfig {
+    AuditClient::open_waiting(
+        AuditClientConfig {
             outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
             audit_url: config.audit_url.clone(),
             tls: tls.clone(),
             source_service: SERVICE_NAME.into(),
-        });
-        match opened {
-            Err(vibebox_audit_client::AuditClientError::Locked(_))
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => return other.context("opening the audit outbox"),
-        }
-    }
+        },
+        vibebox_audit_client::OPEN_PATIENCE,
+    )
+    .await
+    .context("opening the audit outbox")
 }
 
 /// How often the token keys are read from the database again: a key retired

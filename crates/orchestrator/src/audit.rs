@@ -4,11 +4,11 @@
 //! see what was recorded without the audit service.
 
 use std::collections::VecDeque;
+use std::hash::Hasher;
 use std::sync::{Arc, Mutex};
 
-use prost_types::{Struct, Value, value::Kind};
-use vibebox_audit_client::{AuditClient, AuditClientError};
-use vibebox_proto::audit::{Actor, AuditEvent, Outcome, Severity};
+use vibebox_audit_client::{AuditClient, AuditClientError, EventBuilder};
+use vibebox_proto::audit::{AuditEvent, Outcome, Severity};
 
 use crate::SERVICE_NAME;
 
@@ -19,11 +19,13 @@ pub fn once_id(environment_id: &str, action: &str) -> String {
     let mut bytes = uuid::Uuid::parse_str(environment_id)
         .map(uuid::Uuid::into_bytes)
         .unwrap_or_default();
-    // FNV-1a over the action, spread over the 16 bytes.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in action.bytes().chain(environment_id.bytes()) {
-        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    // FNV-1a (64) over the action then the id, spread over the 16 bytes.
+    // `Hasher::write` hashes the bytes alone (`Hash for str` would add a
+    // terminator and change every id).
+    let mut fnv = fnv::FnvHasher::default();
+    fnv.write(action.as_bytes());
+    fnv.write(environment_id.as_bytes());
+    let hash = fnv.finish();
     for (i, byte) in bytes.iter_mut().enumerate() {
         *byte ^= hash.rotate_left(8 * (i as u32 % 8) + i as u32 / 8) as u8;
     }
@@ -85,48 +87,7 @@ impl Audit {
     }
 
     async fn record_as(&self, id: String, e: Event<'_>) -> Result<(), AuditClientError> {
-        let actor = match e.caller {
-            Some(c) => Actor {
-                user_id: c.user_id.clone(),
-                token_id: c.token_id.clone(),
-                service: String::new(),
-            },
-            None => Actor {
-                service: SERVICE_NAME.into(),
-                ..Default::default()
-            },
-        };
-        let details = Struct {
-            fields: e
-                .details
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v)),
-                        },
-                    )
-                })
-                .collect(),
-        };
-        let event = AuditEvent {
-            id,
-            actor: Some(actor),
-            team_id: e.team_id.into(),
-            action: e.action.into(),
-            resource_type: "environment".into(),
-            resource_id: e.environment_id.into(),
-            outcome: e.outcome as i32,
-            severity: e.severity as i32,
-            details: Some(details),
-            request_id: e.caller.map(|c| c.request_id.clone()).unwrap_or_default(),
-            client_address: e
-                .caller
-                .map(|c| c.client_address.clone())
-                .unwrap_or_default(),
-            ..Default::default()
-        };
+        let event = to_audit_event(id, e);
         self.client.record(event.clone()).await?;
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
@@ -147,9 +108,27 @@ impl Audit {
     }
 }
 
+/// The wire event of `e` (under `id`, empty for a fresh one).
+fn to_audit_event(id: String, e: Event<'_>) -> AuditEvent {
+    let event = EventBuilder::new(e.action, e.outcome, e.severity)
+        .id(id)
+        .team(e.team_id)
+        .resource("environment", e.environment_id)
+        .details(e.details);
+    match e.caller {
+        Some(c) => event
+            .user(&c.user_id, &c.token_id)
+            .request(&c.request_id, &c.client_address),
+        None => event.service(SERVICE_NAME),
+    }
+    .build()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::once_id;
+    use super::*;
+    use prost_types::{Struct, Value, value::Kind};
+    use vibebox_proto::audit::Actor;
 
     #[test]
     fn once_ids_are_stable_uuids_distinct_per_environment_and_action() {
@@ -161,5 +140,106 @@ mod tests {
         assert_ne!(id, once_id(b, "environment.delete"));
         assert_ne!(id, once_id(a, "environment.create"));
         assert_ne!(id, a);
+    }
+
+    fn text(s: &str) -> Value {
+        Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        }
+    }
+
+    /// The events are the ones recorded before the audit-client builder
+    /// (written out field by field).
+    #[test]
+    fn events_carry_caller_resource_and_string_details() {
+        let caller = Caller {
+            user_id: "u1".into(),
+            token_id: "t1".into(),
+            request_id: "req-1".into(),
+            client_address: "10.0.0.1:5".into(),
+        };
+        let event = to_audit_event(
+            "id-1".into(),
+            Event {
+                action: "environment.create",
+                outcome: Outcome::Success,
+                severity: Severity::Low,
+                caller: Some(&caller),
+                team_id: "team-a",
+                environment_id: "env-1",
+                details: vec![("image", "busybox".into()), ("cpus", "1".into())],
+            },
+        );
+        assert_eq!(
+            event,
+            AuditEvent {
+                id: "id-1".into(),
+                actor: Some(Actor {
+                    user_id: "u1".into(),
+                    token_id: "t1".into(),
+                    service: String::new(),
+                }),
+                team_id: "team-a".into(),
+                action: "environment.create".into(),
+                resource_type: "environment".into(),
+                resource_id: "env-1".into(),
+                outcome: Outcome::Success as i32,
+                severity: Severity::Low as i32,
+                details: Some(Struct {
+                    fields: [("image", text("busybox")), ("cpus", text("1"))]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                }),
+                request_id: "req-1".into(),
+                client_address: "10.0.0.1:5".into(),
+                ..AuditEvent::default()
+            }
+        );
+
+        let own = to_audit_event(
+            String::new(),
+            Event {
+                action: "environment.reconcile",
+                outcome: Outcome::Failure,
+                severity: Severity::High,
+                caller: None,
+                team_id: "team-a",
+                environment_id: "env-1",
+                details: vec![],
+            },
+        );
+        assert_eq!(
+            own,
+            AuditEvent {
+                actor: Some(Actor {
+                    service: SERVICE_NAME.into(),
+                    ..Actor::default()
+                }),
+                team_id: "team-a".into(),
+                action: "environment.reconcile".into(),
+                resource_type: "environment".into(),
+                resource_id: "env-1".into(),
+                outcome: Outcome::Failure as i32,
+                severity: Severity::High as i32,
+                details: Some(Struct::default()),
+                ..AuditEvent::default()
+            }
+        );
+    }
+
+    /// The ids are part of the log (a recovery re-records under the same id
+    /// and the audit service drops the copy): they must never change across
+    /// versions. Values produced by the hand-written FNV-1a this replaced.
+    #[test]
+    fn once_ids_are_pinned_across_versions() {
+        assert_eq!(
+            once_id("0b9c6a1e-2f4d-4c3b-9a8e-1d2c3b4a5f60", "environment.delete"),
+            "3fe3a27d-2fe3-8f04-b271-8dea3a16791e"
+        );
+        assert_eq!(
+            once_id("not-a-uuid", "environment.create"),
+            "f1069b61-c1f1-855f-a20d-36c383e3aabf"
+        );
     }
 }

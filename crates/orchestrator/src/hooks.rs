@@ -1,7 +1,7 @@
 //! Test hooks: crash points that stop a create halfway (as if the process
 //! were killed there) and a held-back environment feed. They exist only in
 //! builds with the `test-hooks` feature, which the workspace's tests turn on
-//! through dev-dependencies and no shipped build enables (`tests/tests/tidy.rs`
+//! through dev-dependencies and no shipped build enables (`tests/tests/e2e/tidy.rs`
 //! checks both); without it every hook is a no-op the compiler removes.
 
 /// Where a create stops as if the process had been killed.

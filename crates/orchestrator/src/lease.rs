@@ -202,11 +202,13 @@ async fn watch_session(mut conn: PgConnection, lost: CancellationToken) {
 /// The advisory lock key of an installation: 64 bits of FNV-1a over a
 /// prefix and the id, the same in every process.
 fn advisory_key(installation: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in "vibebox-orchestrator/".bytes().chain(installation.bytes()) {
-        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    hash as i64
+    use std::hash::Hasher;
+    // `Hasher::write` hashes the bytes alone (`Hash for str` would add a
+    // terminator and change the key).
+    let mut fnv = fnv::FnvHasher::default();
+    fnv.write(b"vibebox-orchestrator/");
+    fnv.write(installation.as_bytes());
+    fnv.finish() as i64
 }
 
 #[cfg(test)]
@@ -217,5 +219,15 @@ mod tests {
     fn keys_differ_per_installation_and_are_stable() {
         assert_eq!(advisory_key("a"), advisory_key("a"));
         assert_ne!(advisory_key("a"), advisory_key("b"));
+    }
+
+    /// Two versions running side by side in a rolling upgrade must contend
+    /// for the same lock: the key never changes. Values produced by the
+    /// hand-written FNV-1a this replaced.
+    #[test]
+    fn keys_are_pinned_across_versions() {
+        assert_eq!(advisory_key("default"), -123_250_938_720_071_381);
+        assert_eq!(advisory_key(""), -5_605_643_341_439_776_922);
+        assert_eq!(advisory_key("a"), -4_437_420_896_226_365_211);
     }
 }

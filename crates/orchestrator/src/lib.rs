@@ -310,12 +310,16 @@ pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
             unknown_key_min_interval: Duration::from_secs(config.key_refresh_seconds),
         },
     );
-    let audit_client = AuditClient::open(AuditClientConfig {
-        outbox_dir: outbox_dir(&config.server.data_dir),
-        audit_url: config.audit_url.clone(),
-        tls,
-        source_service: SERVICE_NAME.into(),
-    })
+    let audit_client = AuditClient::open_waiting(
+        AuditClientConfig {
+            outbox_dir: outbox_dir(&config.server.data_dir),
+            audit_url: config.audit_url.clone(),
+            tls,
+            source_service: SERVICE_NAME.into(),
+        },
+        vibebox_audit_client::OPEN_PATIENCE,
+    )
+    .await
     .context("opening the audit outbox")?;
     let extra_labels = config
         .docker_labels

@@ -45,6 +45,8 @@ pub enum ImageError {
     BadTag,
     #[error("invalid digest")]
     BadDigest,
+    #[error("64 hexadecimal digits are an image id, not a repository name")]
+    ImageId,
 }
 
 impl ImageRef {
@@ -55,6 +57,15 @@ impl ImageRef {
         }
         if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ImageError::BadCharacter);
+        }
+        // Docker runs 64 lower-case hex digits as a local image id, never as
+        // the repository this would canonicalize to.
+        if input.len() == 64
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ImageError::ImageId);
         }
         let (name_tag, digest) = match input.split_once('@') {
             Some((n, d)) => (n, Some(d)),
@@ -599,6 +610,18 @@ mod tests {
         ] {
             assert_eq!(ImageRef::parse(&bad), Err(ImageError::BadDigest), "{bad}");
         }
+    }
+
+    // Found by the fuzz oracle: Docker reads 64 lower-case hex digits as an
+    // image id (`docker run <id>`), and ParseNormalizedNamed refuses them as
+    // a name; the policy made them the Hub repository `library/<hex>`.
+    #[test]
+    fn an_image_id_is_not_a_repository() {
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(ImageRef::parse(&id), Err(ImageError::ImageId));
+        assert!(ImageRef::parse(&format!("{id}:1")).is_ok());
+        assert!(ImageRef::parse(&format!("acme/{id}")).is_ok());
+        assert!(ImageRef::parse(&id.to_ascii_uppercase()).is_ok());
     }
 
     // Found by the fuzz oracle: Docker's host grammar takes only hex digits

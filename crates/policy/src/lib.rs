@@ -105,7 +105,7 @@ pub async fn run_with_clock(
     shutdown: CancellationToken,
     clock: Clock,
 ) -> anyhow::Result<()> {
-    let state = Arc::new(open_state(&config, clock)?);
+    let state = Arc::new(open_state(&config, clock).await?);
     let material = config.server.tls_material(SERVICE_NAME)?;
 
     let reload_state = state.clone();
@@ -144,7 +144,7 @@ pub async fn run_with_clock(
 
 /// Loads the policy (failing on an invalid file: never start with a policy
 /// the operator did not mean), the keys and the audit client.
-fn open_state(config: &Config, clock: Clock) -> anyhow::Result<PolicyState> {
+async fn open_state(config: &Config, clock: Clock) -> anyhow::Result<PolicyState> {
     let policy = match &config.policy_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -170,12 +170,16 @@ fn open_state(config: &Config, clock: Clock) -> anyhow::Result<PolicyState> {
     for id in &config.retire_clearance_keys {
         keys.retire(id)?;
     }
-    let audit = AuditClient::open(AuditClientConfig {
-        outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-        audit_url: config.audit_url.clone(),
-        tls: config.server.tls_material(SERVICE_NAME)?,
-        source_service: SERVICE_NAME.to_owned(),
-    })?;
+    let audit = AuditClient::open_waiting(
+        AuditClientConfig {
+            outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
+            audit_url: config.audit_url.clone(),
+            tls: config.server.tls_material(SERVICE_NAME)?,
+            source_service: SERVICE_NAME.to_owned(),
+        },
+        vibebox_audit_client::OPEN_PATIENCE,
+    )
+    .await?;
     Ok(PolicyState::new(
         policy,
         config.policy_file.clone(),

@@ -2,16 +2,14 @@
 //! and the internal `ClearanceService` (evaluate for a real create, sign a
 //! clearance, publish the verification keys). Every decision is audited.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use prost_types::{ListValue, Struct, Value, value::Kind as ValueKind};
 use tonic::{Request, Response, Status};
-use vibebox_audit_client::{AuditClient, AuditClientError};
+use vibebox_audit_client::{AuditClient, AuditClientError, EventBuilder};
 use vibebox_clearance::{Grant, KeyRing, KeyStore};
-use vibebox_proto::audit::{Actor, AuditEvent, Outcome as AuditOutcome, Severity as AuditSeverity};
+use vibebox_proto::audit::{AuditEvent, Outcome as AuditOutcome, Severity as AuditSeverity};
 use vibebox_proto::clearance::clearance_service_server::ClearanceService;
 use vibebox_proto::clearance::{
     GetClearanceKeysRequest, GetClearanceKeysResponse, IssueClearanceRequest,
@@ -172,33 +170,26 @@ impl PolicyState {
             .map_err(|e| ReloadError::Read(e.to_string()))
             .and_then(|text| Policy::from_toml(&text).map_err(ReloadError::Invalid));
         let old = self.policy();
-        let mut details = BTreeMap::new();
-        details.insert("previous_digest".into(), string(old.digest()));
+        let reload = |outcome, severity| {
+            policy_event("policy.reload", outcome, severity).detail("previous_digest", old.digest())
+        };
         let event = match &result {
             Ok(new) => {
-                details.insert("policy_digest".into(), string(new.digest()));
-                details.insert("policy_version".into(), string(new.version()));
                 tracing::info!(
                     version = new.version(),
                     digest = new.digest(),
                     "policy reloaded"
                 );
-                event(
-                    "policy.reload",
-                    AuditOutcome::Success,
-                    AuditSeverity::Medium,
-                    details,
-                )
+                reload(AuditOutcome::Success, AuditSeverity::Medium)
+                    .detail("policy_digest", new.digest())
+                    .detail("policy_version", new.version())
+                    .build()
             }
             Err(e) => {
-                details.insert("error".into(), string(&e.to_string()));
                 tracing::error!(error = %e, "policy reload refused; keeping the active policy");
-                event(
-                    "policy.reload",
-                    AuditOutcome::Failure,
-                    AuditSeverity::High,
-                    details,
-                )
+                reload(AuditOutcome::Failure, AuditSeverity::High)
+                    .detail("error", e.to_string())
+                    .build()
             }
         };
         if let Err(e) = self.audit.record(event).await {
@@ -224,30 +215,11 @@ pub enum ReloadError {
     Audit(String),
 }
 
-fn string(s: &str) -> Value {
-    Value {
-        kind: Some(ValueKind::StringValue(s.to_owned())),
-    }
-}
-
-fn event(
-    action: &str,
-    outcome: AuditOutcome,
-    severity: AuditSeverity,
-    details: BTreeMap<String, Value>,
-) -> AuditEvent {
-    AuditEvent {
-        action: action.to_owned(),
-        resource_type: "policy".into(),
-        outcome: outcome as i32,
-        severity: severity as i32,
-        details: Some(Struct { fields: details }),
-        actor: Some(Actor {
-            service: "policy".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+/// An event of the policy service acting on its own policy.
+fn policy_event(action: &str, outcome: AuditOutcome, severity: AuditSeverity) -> EventBuilder {
+    EventBuilder::new(action, outcome, severity)
+        .service("policy")
+        .resource("policy", "")
 }
 
 fn metadata(request: &Request<impl Sized>, key: &str) -> String {
@@ -312,57 +284,50 @@ fn decision_event(
     asker: Asker,
     spec_digest: Option<String>,
 ) -> AuditEvent {
-    let mut details = BTreeMap::new();
-    details.insert("policy_digest".into(), string(policy.digest()));
-    details.insert("policy_version".into(), string(policy.version()));
-    details.insert(
-        "canonical_image".into(),
-        string(outcome.canonical_image.as_deref().unwrap_or_default()),
-    );
-    details.insert(
-        "dry_run".into(),
-        Value {
-            kind: Some(ValueKind::BoolValue(asker.dry_run)),
-        },
-    );
-    let rule_ids: Vec<Value> = outcome
-        .violations
-        .iter()
-        .map(|v| string(v.rule.id()))
-        .collect();
-    details.insert(
-        "rule_ids".into(),
-        Value {
-            kind: Some(ValueKind::ListValue(ListValue { values: rule_ids })),
-        },
-    );
-    if let Some(d) = spec_digest {
-        details.insert("spec_digest".into(), string(&d));
-    }
-    let (action, result, severity) = if outcome.allowed() {
+    let verdict = if outcome.allowed() {
         ("policy.allow", AuditOutcome::Success, AuditSeverity::Low)
     } else if outcome.severity() == Some(Severity::Critical) {
         ("policy.deny", AuditOutcome::Denied, AuditSeverity::Critical)
     } else {
         ("policy.deny", AuditOutcome::Denied, AuditSeverity::High)
     };
-    AuditEvent {
-        action: action.into(),
-        actor: Some(Actor {
-            user_id: asker.user_id,
-            token_id: asker.token_id,
-            service: String::new(),
-        }),
-        team_id: asker.team_id,
-        resource_type: "environment".into(),
-        resource_id: asker.environment_id,
-        outcome: result as i32,
-        severity: severity as i32,
-        details: Some(Struct { fields: details }),
-        request_id: asker.request_id,
-        client_address: asker.client_address,
-        ..Default::default()
+    let rule_ids = outcome.violations.iter().map(|v| v.rule.id()).collect();
+    decision(policy, outcome, asker, spec_digest, verdict, rule_ids)
+}
+
+/// The decision event of a caller whose team role may not create: a denial
+/// naming the role rule only.
+fn role_denied_event(policy: &Policy, outcome: &Outcome, asker: Asker) -> AuditEvent {
+    let verdict = ("policy.deny", AuditOutcome::Denied, AuditSeverity::High);
+    decision(policy, outcome, asker, None, verdict, vec![ROLE_RULE])
+}
+
+fn decision(
+    policy: &Policy,
+    outcome: &Outcome,
+    asker: Asker,
+    spec_digest: Option<String>,
+    (action, result, severity): (&str, AuditOutcome, AuditSeverity),
+    rule_ids: Vec<&str>,
+) -> AuditEvent {
+    let event = EventBuilder::new(action, result, severity)
+        .user(asker.user_id, asker.token_id)
+        .team(asker.team_id)
+        .resource("environment", asker.environment_id)
+        .request(asker.request_id, asker.client_address)
+        .detail("policy_digest", policy.digest())
+        .detail("policy_version", policy.version())
+        .detail(
+            "canonical_image",
+            outcome.canonical_image.as_deref().unwrap_or_default(),
+        )
+        .detail("dry_run", asker.dry_run)
+        .detail("rule_ids", rule_ids);
+    match spec_digest {
+        Some(digest) => event.detail("spec_digest", digest),
+        None => event,
     }
+    .build()
 }
 
 fn asker_from<T>(
@@ -509,21 +474,10 @@ impl ClearanceApi {
             .map(vibebox_clearance::spec_digest_hex);
         if !role_ok {
             // Audited as a denial with the role rule only.
-            let mut ev = decision_event(&policy, &outcome, asker, None);
-            ev.action = "policy.deny".into();
-            ev.outcome = AuditOutcome::Denied as i32;
-            ev.severity = AuditSeverity::High as i32;
-            if let Some(d) = ev.details.as_mut() {
-                d.fields.insert(
-                    "rule_ids".into(),
-                    Value {
-                        kind: Some(ValueKind::ListValue(ListValue {
-                            values: vec![string(ROLE_RULE)],
-                        })),
-                    },
-                );
-            }
-            self.state.audit.record(ev).await?;
+            self.state
+                .audit
+                .record(role_denied_event(&policy, &outcome, asker))
+                .await?;
             return Err(ServiceError::RoleInsufficient);
         }
         // Fail closed: no decision leaves without its audit record.
@@ -587,8 +541,11 @@ impl ClearanceService for ClearanceApi {
 mod tests {
     use super::*;
     use crate::rules::Rule;
+    use prost_types::{ListValue, Struct, Value, value::Kind as ValueKind};
+    use std::collections::BTreeMap;
     use tonic::Code;
     use tonic_types::StatusExt;
+    use vibebox_proto::audit::Actor;
 
     fn violation(rule: Rule, field: &'static str) -> Violation {
         Violation {
@@ -598,6 +555,168 @@ mod tests {
             cis: rule.cis(),
             pss: rule.pss(),
         }
+    }
+
+    fn text(s: &str) -> Value {
+        Value {
+            kind: Some(ValueKind::StringValue(s.to_owned())),
+        }
+    }
+
+    fn list(items: &[&str]) -> Value {
+        Value {
+            kind: Some(ValueKind::ListValue(ListValue {
+                values: items.iter().map(|s| text(s)).collect(),
+            })),
+        }
+    }
+
+    fn asker(dry_run: bool) -> Asker {
+        Asker {
+            user_id: "u1".into(),
+            token_id: "t1".into(),
+            team_id: "team-a".into(),
+            environment_id: "env-1".into(),
+            request_id: "req-1".into(),
+            client_address: "10.0.0.1:5".into(),
+            dry_run,
+        }
+    }
+
+    /// The events are the ones recorded before the audit-client builder
+    /// (written out field by field).
+    #[test]
+    fn decision_and_reload_events_are_pinned() {
+        let policy = Policy::builtin();
+        let common =
+            |action: &str, outcome: AuditOutcome, severity: AuditSeverity, fields| AuditEvent {
+                action: action.into(),
+                actor: Some(Actor {
+                    user_id: "u1".into(),
+                    token_id: "t1".into(),
+                    service: String::new(),
+                }),
+                team_id: "team-a".into(),
+                resource_type: "environment".into(),
+                resource_id: "env-1".into(),
+                outcome: outcome as i32,
+                severity: severity as i32,
+                details: Some(Struct { fields }),
+                request_id: "req-1".into(),
+                client_address: "10.0.0.1:5".into(),
+                ..AuditEvent::default()
+            };
+        let allowed = Outcome {
+            violations: vec![],
+            hardened: None,
+            canonical_image: Some("docker.io/library/busybox:latest".into()),
+        };
+        assert_eq!(
+            decision_event(&policy, &allowed, asker(true), Some("abc".into())),
+            common(
+                "policy.allow",
+                AuditOutcome::Success,
+                AuditSeverity::Low,
+                BTreeMap::from([
+                    ("policy_digest".to_owned(), text(policy.digest())),
+                    ("policy_version".to_owned(), text(policy.version())),
+                    (
+                        "canonical_image".to_owned(),
+                        text("docker.io/library/busybox:latest")
+                    ),
+                    (
+                        "dry_run".to_owned(),
+                        Value {
+                            kind: Some(ValueKind::BoolValue(true)),
+                        }
+                    ),
+                    ("rule_ids".to_owned(), list(&[])),
+                    ("spec_digest".to_owned(), text("abc")),
+                ])
+            )
+        );
+        let denied = Outcome {
+            violations: vec![
+                violation(Rule::Privileged, "spec.privileged"),
+                violation(Rule::MountDockerSocket, "spec.mounts[0].source"),
+            ],
+            hardened: None,
+            canonical_image: None,
+        };
+        let denied_fields = |rules: &[&str]| {
+            BTreeMap::from([
+                ("policy_digest".to_owned(), text(policy.digest())),
+                ("policy_version".to_owned(), text(policy.version())),
+                ("canonical_image".to_owned(), text("")),
+                (
+                    "dry_run".to_owned(),
+                    Value {
+                        kind: Some(ValueKind::BoolValue(false)),
+                    },
+                ),
+                ("rule_ids".to_owned(), list(rules)),
+            ])
+        };
+        assert_eq!(
+            decision_event(&policy, &denied, asker(false), None),
+            common(
+                "policy.deny",
+                AuditOutcome::Denied,
+                AuditSeverity::Critical,
+                denied_fields(&["privileged", "mount.docker_socket"])
+            )
+        );
+        assert_eq!(
+            role_denied_event(&policy, &allowed, asker(false)).details,
+            Some(Struct {
+                fields: BTreeMap::from([
+                    ("policy_digest".to_owned(), text(policy.digest())),
+                    ("policy_version".to_owned(), text(policy.version())),
+                    (
+                        "canonical_image".to_owned(),
+                        text("docker.io/library/busybox:latest")
+                    ),
+                    (
+                        "dry_run".to_owned(),
+                        Value {
+                            kind: Some(ValueKind::BoolValue(false)),
+                        }
+                    ),
+                    ("rule_ids".to_owned(), list(&[ROLE_RULE])),
+                ])
+            })
+        );
+        let role = role_denied_event(&policy, &denied, asker(false));
+        assert_eq!(
+            role,
+            common(
+                "policy.deny",
+                AuditOutcome::Denied,
+                AuditSeverity::High,
+                denied_fields(&[ROLE_RULE])
+            )
+        );
+
+        let reload = policy_event("policy.reload", AuditOutcome::Failure, AuditSeverity::High)
+            .detail("error", "bad")
+            .build();
+        assert_eq!(
+            reload,
+            AuditEvent {
+                action: "policy.reload".into(),
+                resource_type: "policy".into(),
+                outcome: AuditOutcome::Failure as i32,
+                severity: AuditSeverity::High as i32,
+                details: Some(Struct {
+                    fields: BTreeMap::from([("error".to_owned(), text("bad"))]),
+                }),
+                actor: Some(Actor {
+                    service: "policy".into(),
+                    ..Actor::default()
+                }),
+                ..AuditEvent::default()
+            }
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod layer;
 pub mod lockfile;
 pub mod meta;
 pub mod pki;
+pub mod retry;
 mod server;
 pub mod status;
 pub mod telemetry;

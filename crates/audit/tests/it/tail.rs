@@ -3,7 +3,7 @@
 //! verifies by hashes and signatures; the receipts kept outside the database
 //! (the service's own head record, each producer's receipt) show the cut.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! environment lookups, the orchestrator) started in-process on loopback with
 //! a throwaway PKI; calls go over real gRPC to the gateway's public port.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

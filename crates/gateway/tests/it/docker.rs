@@ -3,7 +3,7 @@
 //! stats streamed through the proxy, delete. Uses the local Docker engine
 //! and cleans up exactly the objects of its own installation id.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! orchestrator; no container is created here): roles, team isolation,
 //! policy denials passed through unchanged, no existence oracle.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

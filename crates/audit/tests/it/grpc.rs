@@ -3,7 +3,7 @@
 //! stopped service, alert thresholds, caller checks, and the storage
 //! behaviour on every test database.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

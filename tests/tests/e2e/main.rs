@@ -1,0 +1,17 @@
+//! The end-to-end tests, one binary (each suite links the whole client side
+//! of the platform and bollard: one link instead of seven). Each suite
+//! starts the real binaries itself:
+//! - [`attack`]: what attackers try, outsiders and tenants alike;
+//! - [`chaos`]: services killed mid-operation, the Docker engine cut;
+//! - [`load`]: many users at once;
+//! - [`platform`]: the whole journey through the gateway;
+//! - [`compose`] and [`chart`]: the deployments;
+//! - [`tidy`]: the invariants that can be checked mechanically.
+
+mod attack;
+mod chaos;
+mod chart;
+mod compose;
+mod load;
+mod platform;
+mod tidy;
