@@ -81,6 +81,31 @@ impl Receipts {
     }
 }
 
+/// The audit service's address, as every producer flattens it into its
+/// configuration (one declaration, one default).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// URL of the audit service's ingest endpoint.
+    #[arg(
+        id = "audit_url",
+        long = "audit-url",
+        env = "VIBEBOX_AUDIT_URL",
+        default_value = DEFAULT_AUDIT_URL
+    )]
+    pub url: String,
+}
+
+/// Where `vibebox up` and a default installation serve the audit service.
+pub const DEFAULT_AUDIT_URL: &str = "https://127.0.0.1:7704";
+
+impl Default for AuditArgs {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_AUDIT_URL.to_owned(),
+        }
+    }
+}
+
 /// Where the outbox lives and where it is delivered.
 #[derive(Clone)]
 pub struct AuditClientConfig {

@@ -48,8 +48,8 @@ fn wire_event(i: usize) -> pb::AuditEvent {
 async fn bench_appends(total: usize) {
     let pki = vibebox_server_kit::testing::TestPki::new();
     let mut config = vibebox_audit::Config::new(pki.server_args("audit"));
-    config.database_url = std::env::var("VIBEBOX_BENCH_DATABASE_URL").ok();
-    let backend = if config.database_url.is_some() {
+    config.database.url = std::env::var("VIBEBOX_BENCH_DATABASE_URL").ok();
+    let backend = if config.database.url.is_some() {
         "postgres"
     } else {
         "sqlite"

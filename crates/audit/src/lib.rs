@@ -35,6 +35,9 @@ use crate::integrity::HeadRecord;
 use crate::log::Log;
 use crate::store::Store;
 
+/// The service's binary (its name in `--help`, and where `Config::new`
+/// reads its defaults from).
+const BINARY: &str = "vibebox-audit";
 /// The service name (certificate identity, logs).
 pub const SERVICE_NAME: &str = "audit";
 /// Default port on loopback.
@@ -50,9 +53,8 @@ pub const DEFAULT_PORT: u16 = 7704;
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Database URL (sqlite://... or postgres://...); default sqlite://<data-dir>/audit.db.
-    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub database: vibebox_db::DatabaseArgs,
     /// Checkpoint signing key (Ed25519, PKCS#8 PEM), created if missing;
     /// default <data-dir>/keys/audit-checkpoint.pem (public key beside it, .pub.pem).
     #[arg(long, env = "VIBEBOX_AUDIT_SIGNING_KEY")]
@@ -98,25 +100,19 @@ impl ServiceConfig for Config {
 }
 
 impl Config {
-    /// A configuration with every default, around `server`.
+    /// A configuration with every default (written once, on the flags),
+    /// around `server`.
     pub fn new(server: ServerArgs) -> Self {
-        Self {
-            server,
-            database_url: None,
-            signing_key: None,
-            checkpoint_interval: 1000,
-            head_record: None,
-            alert_user_ops_per_hour: 100,
-            alert_failed_creates_per_hour: 10,
-            alert_critical_rules: vec!["mount.docker_socket".into(), "privileged".into()],
-        }
+        use clap::Parser;
+        let mut config = Config::parse_from([BINARY]);
+        config.server = server;
+        config
     }
 
     /// The database URL in effect.
     pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| vibebox_db::sqlite_url(&self.server.data_dir.join("audit.db")))
+        self.database
+            .url_or_default(&self.server.data_dir, SERVICE_NAME)
     }
 
     /// The signing key path in effect.

@@ -49,6 +49,28 @@ impl DbKind {
 }
 
 /// The default SQLite URL for a file.
+/// The database flag every service with storage flattens into its
+/// configuration (one declaration, one default).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DatabaseArgs {
+    /// Database URL (sqlite:// or postgres://); default sqlite://<data-dir>/<service>.db.
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "VIBEBOX_DATABASE_URL"
+    )]
+    pub url: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The URL in effect: the flag, else `<data_dir>/<service>.db` on SQLite.
+    pub fn url_or_default(&self, data_dir: &std::path::Path, service: &str) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| sqlite_url(&data_dir.join(format!("{service}.db"))))
+    }
+}
+
 pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
 }

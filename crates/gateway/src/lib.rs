@@ -43,6 +43,9 @@ use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig, TlsMaterial};
 
 use crate::gateway::{Gateway, Settings, Upstreams};
 
+/// The service's binary (its name in `--help`, and where `Config::new`
+/// reads its defaults from).
+const BINARY: &str = "vibebox-gateway";
 /// The service name (certificates, logs, the audit `source_service`).
 pub const SERVICE_NAME: &str = "gateway";
 /// Default public port (127.0.0.1).
@@ -78,13 +81,8 @@ pub struct Config {
         default_value = "https://127.0.0.1:7703"
     )]
     pub orchestrator_url: String,
-    /// URL of the audit service (mutual TLS).
-    #[arg(
-        long,
-        env = "VIBEBOX_AUDIT_URL",
-        default_value = "https://127.0.0.1:7704"
-    )]
-    pub audit_url: String,
+    #[command(flatten)]
+    pub audit: vibebox_audit_client::AuditArgs,
     /// Address of the Prometheus metrics endpoint (keep it on loopback).
     #[arg(long, env = "VIBEBOX_METRICS_LISTEN", default_value = "127.0.0.1:7709")]
     pub metrics_listen: SocketAddr,
@@ -150,26 +148,10 @@ impl Config {
     /// A configuration with defaults for `server`, pointing at the given
     /// internal service URLs (tests, `vibebox up`).
     pub fn new(server: ServerArgs) -> Self {
-        Self {
-            server,
-            identity_url: "https://127.0.0.1:7701".into(),
-            policy_url: "https://127.0.0.1:7702".into(),
-            orchestrator_url: "https://127.0.0.1:7703".into(),
-            audit_url: "https://127.0.0.1:7704".into(),
-            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7709)),
-            public_tls_cert: None,
-            public_tls_key: None,
-            rate_limit_per_second: 20,
-            rate_limit_burst: 50,
-            max_request_bytes: 1024 * 1024,
-            upstream_timeout_ms: 30_000,
-            authz_cache_ms: 1000,
-            token_keys_refresh_ms: 500,
-            user_max_streams: 16,
-            user_max_in_flight: 32,
-            max_streams: 256,
-            stream_recheck_ms: 500,
-        }
+        use clap::Parser;
+        let mut config = Config::parse_from([BINARY]);
+        config.server = server;
+        config
     }
 }
 
@@ -194,17 +176,17 @@ pub async fn run_with_listeners(
     let connect = |url: &str| {
         vibebox_server_kit::connect(url, &material).with_context(|| format!("connecting to {url}"))
     };
-    let audit_channel = connect(&config.audit_url)?;
+    let audit_channel = connect(&config.audit.url)?;
     let upstreams = Upstreams {
         identity: connect(&config.identity_url)?,
         policy: connect(&config.policy_url)?,
         orchestrator: connect(&config.orchestrator_url)?,
-        audit: connect(&config.audit_url)?,
+        audit: connect(&config.audit.url)?,
     };
     let audit_log = AuditClient::open_waiting(
         AuditClientConfig {
             outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-            audit_url: config.audit_url.clone(),
+            audit_url: config.audit.url.clone(),
             tls: material.clone(),
             source_service: SERVICE_NAME.to_owned(),
         },

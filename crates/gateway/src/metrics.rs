@@ -258,4 +258,21 @@ mod tests {
             .expect("serve returns on shutdown")
             .unwrap();
     }
+
+    /// A client that never sends its request head is cut off after
+    /// `HEAD_TIMEOUT` (five seconds of real time).
+    #[tokio::test]
+    async fn a_silent_client_is_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, stop.clone()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(HEAD_TIMEOUT * 4, stream.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "still open after {:?}", started.elapsed());
+        assert!(started.elapsed() >= HEAD_TIMEOUT, "{:?}", started.elapsed());
+        stop.cancel();
+    }
 }

@@ -39,6 +39,9 @@ use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 pub use crate::error::{Error, Result};
 pub use crate::service::{Identity, Settings};
 
+/// The service's binary (its name in `--help`, and where `Config::new`
+/// reads its defaults from).
+const BINARY: &str = "vibebox-identity";
 /// Name of this service (certificates, logs, audit source).
 pub const SERVICE_NAME: &str = "identity";
 /// Default port on 127.0.0.1.
@@ -56,16 +59,10 @@ pub const ALLOWED_CALLERS: &[&str] = &["gateway"];
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Database URL (sqlite:// or postgres://); default sqlite://<data-dir>/identity.db.
-    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// URL of the audit service's ingest endpoint.
-    #[arg(
-        long,
-        env = "VIBEBOX_AUDIT_URL",
-        default_value = "https://127.0.0.1:7704"
-    )]
-    pub audit_url: String,
+    #[command(flatten)]
+    pub database: vibebox_db::DatabaseArgs,
+    #[command(flatten)]
+    pub audit: vibebox_audit_client::AuditArgs,
     /// Lifetime of login session tokens, in seconds.
     #[arg(long, env = "VIBEBOX_SESSION_TTL_SECS", default_value_t = 12 * 3600)]
     pub session_ttl_secs: u64,
@@ -119,29 +116,19 @@ impl ServiceConfig for Config {
 }
 
 impl Config {
-    /// A configuration with defaults around `server`.
+    /// A configuration with every default (written once, on the flags),
+    /// around `server`.
     pub fn new(server: ServerArgs) -> Self {
-        Self {
-            server,
-            database_url: None,
-            audit_url: "https://127.0.0.1:7704".into(),
-            session_ttl_secs: 12 * 3600,
-            login_failures_per_account_source: 5,
-            login_failures_per_source: 20,
-            login_failures_per_account: 60,
-            login_backoff_ms: 1000,
-            max_api_token_ttl_secs: 90 * 24 * 3600,
-            rotate_token_key: false,
-            retire_token_key: Vec::new(),
-            bootstrap_admin_password_file: None,
-        }
+        use clap::Parser;
+        let mut config = Config::parse_from([BINARY]);
+        config.server = server;
+        config
     }
 
     /// The database URL in effect.
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            vibebox_db::sqlite_url(&self.server.data_dir.join(format!("{SERVICE_NAME}.db")))
-        })
+        self.database
+            .url_or_default(&self.server.data_dir, SERVICE_NAME)
     }
 }
 
@@ -199,7 +186,7 @@ async fn open_audit_client(
     AuditClient::open_waiting(
         AuditClientConfig {
             outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-            audit_url: config.audit_url.clone(),
+            audit_url: config.audit.url.clone(),
             tls: tls.clone(),
             source_service: SERVICE_NAME.into(),
         },

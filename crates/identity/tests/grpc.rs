@@ -47,9 +47,9 @@ impl Harness {
         let mut args = pki.server_args("identity");
         args.data_dir = data_dir.clone();
         let mut config = Config::new(args);
-        config.database_url = database_url;
+        config.database.url = database_url;
         // No audit service in these tests: events stay in the durable outbox.
-        config.audit_url = "https://127.0.0.1:9".into();
+        config.audit.url = "https://127.0.0.1:9".into();
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
@@ -330,7 +330,7 @@ async fn an_operator_password_file_lets_the_bootstrap_admin_log_in() {
     let short = pki.path().join("short-password");
     std::fs::write(&short, "short\n").unwrap();
     let mut config = Config::new(pki.server_args("identity"));
-    config.audit_url = "https://127.0.0.1:9".into();
+    config.audit.url = "https://127.0.0.1:9".into();
     config.bootstrap_admin_password_file = Some(short.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = vibebox_identity::run_with_listener(config, listener, CancellationToken::new())

@@ -60,9 +60,8 @@ pub const DEFAULT_PORT: u16 = 7703;
 pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Database URL (default sqlite://<data-dir>/orchestrator.db).
-    #[arg(long, env = "VIBEBOX_DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub database: vibebox_db::DatabaseArgs,
     /// Policy service URL, for the clearance verification keys (empty: keys only from the file).
     #[arg(
         long,
@@ -70,13 +69,8 @@ pub struct Config {
         default_value = "https://127.0.0.1:7702"
     )]
     pub policy_url: String,
-    /// Audit service URL (ingest endpoint).
-    #[arg(
-        long,
-        env = "VIBEBOX_AUDIT_URL",
-        default_value = "https://127.0.0.1:7704"
-    )]
-    pub audit_url: String,
+    #[command(flatten)]
+    pub audit: vibebox_audit_client::AuditArgs,
     /// File of trusted clearance public keys (hex or base64 Ed25519, one a line), in addition to the policy service's.
     #[arg(long, env = "VIBEBOX_CLEARANCE_PUBLIC_KEY_FILE")]
     pub clearance_public_key_file: Option<PathBuf>,
@@ -256,9 +250,8 @@ pub fn installation_id(config: &Config) -> anyhow::Result<String> {
 
 fn database_url(config: &Config) -> String {
     config
-        .database_url
-        .clone()
-        .unwrap_or_else(|| vibebox_db::sqlite_url(&config.server.data_dir.join("orchestrator.db")))
+        .database
+        .url_or_default(&config.server.data_dir, SERVICE_NAME)
 }
 
 /// The RuntimeService handler, with the feed delay of test builds.
@@ -313,7 +306,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
     let audit_client = AuditClient::open_waiting(
         AuditClientConfig {
             outbox_dir: outbox_dir(&config.server.data_dir),
-            audit_url: config.audit_url.clone(),
+            audit_url: config.audit.url.clone(),
             tls,
             source_service: SERVICE_NAME.into(),
         },
@@ -394,9 +387,11 @@ pub async fn serve(
     ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(Some(tls))
         .allow_callers(&["gateway"])
-        .add_service(RuntimeServiceServer::new(
-            runtime_handler(config, orchestrator, shutdown.clone()),
-        ))
+        .add_service(RuntimeServiceServer::new(runtime_handler(
+            config,
+            orchestrator,
+            shutdown.clone(),
+        )))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -134,11 +134,11 @@ impl Harness {
         config.installation_id = Some(installation.clone());
         config.clearance_public_key_file = Some(key_file);
         config.policy_url = String::new();
-        config.audit_url = "https://127.0.0.1:9".into();
+        config.audit.url = "https://127.0.0.1:9".into();
         config.reconcile_interval = 0;
         config.stop_timeout = 1;
         config.docker_labels = vec![format!("{TEST_LABEL}={installation}")];
-        config.database_url = Some(vibebox_db::sqlite_url(
+        config.database.url = Some(vibebox_db::sqlite_url(
             &config.server.data_dir.join("orchestrator.db"),
         ));
         adjust(&mut config);

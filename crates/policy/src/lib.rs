@@ -68,13 +68,8 @@ pub struct Config {
     /// Lifetime of a clearance, in seconds.
     #[arg(long, env = "VIBEBOX_CLEARANCE_TTL_SECS", default_value_t = 60)]
     pub clearance_ttl_secs: u64,
-    /// URL of the audit service (ingest endpoint).
-    #[arg(
-        long,
-        env = "VIBEBOX_AUDIT_URL",
-        default_value = "https://127.0.0.1:7704"
-    )]
-    pub audit_url: String,
+    #[command(flatten)]
+    pub audit: vibebox_audit_client::AuditArgs,
 }
 
 impl ServiceConfig for Config {
@@ -173,7 +168,7 @@ async fn open_state(config: &Config, clock: Clock) -> anyhow::Result<PolicyState
     let audit = AuditClient::open_waiting(
         AuditClientConfig {
             outbox_dir: config.server.data_dir.join("outbox").join(SERVICE_NAME),
-            audit_url: config.audit_url.clone(),
+            audit_url: config.audit.url.clone(),
             tls: config.server.tls_material(SERVICE_NAME)?,
             source_service: SERVICE_NAME.to_owned(),
         },
@@ -210,7 +205,7 @@ mod config_tests {
             "ed25519:a,ed25519:b",
         ]);
         assert_eq!(c.clearance_ttl_secs, 60);
-        assert_eq!(c.audit_url, "https://127.0.0.1:7704");
+        assert_eq!(c.audit.url, "https://127.0.0.1:7704");
         assert_eq!(c.retire_clearance_keys, ["ed25519:a", "ed25519:b"]);
         assert_eq!(c.server.listen_or(super::DEFAULT_PORT).port(), 7702);
     }

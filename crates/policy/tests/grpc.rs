@@ -89,7 +89,7 @@ impl Harness {
             rotate_clearance_key: false,
             retire_clearance_keys: Vec::new(),
             clearance_ttl_secs: 60,
-            audit_url,
+            audit: vibebox_audit_client::AuditArgs { url: audit_url },
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
@@ -677,7 +677,9 @@ async fn start_with_keys(
         rotate_clearance_key: rotate,
         retire_clearance_keys: retire,
         clearance_ttl_secs: 60,
-        audit_url: "https://127.0.0.1:9".into(),
+        audit: vibebox_audit_client::AuditArgs {
+            url: "https://127.0.0.1:9".into(),
+        },
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());

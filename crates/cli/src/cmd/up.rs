@@ -325,3 +325,37 @@ async fn wait_healthy(name: &str, channel: vibebox_server_kit::GrpcChannel) -> a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use clap::CommandFactory;
+
+    /// Every service's flags, shared blocks flattened in, form a valid
+    /// command (no two arguments share an id or a flag).
+    #[test]
+    fn every_service_configuration_is_a_valid_command() {
+        vibebox_identity::Config::command().debug_assert();
+        vibebox_policy::Config::command().debug_assert();
+        vibebox_orchestrator::Config::command().debug_assert();
+        vibebox_audit::Config::command().debug_assert();
+        vibebox_gateway::Config::command().debug_assert();
+    }
+
+    #[test]
+    fn shared_blocks_keep_their_flags_and_defaults() {
+        let identity = <vibebox_identity::Config as clap::Parser>::parse_from(["vibebox-identity"]);
+        assert_eq!(identity.audit.url, vibebox_audit_client::DEFAULT_AUDIT_URL);
+        let dir = std::path::Path::new("/data");
+        assert_eq!(
+            identity.database.url_or_default(dir, "identity"),
+            vibebox_db::sqlite_url(&dir.join("identity.db"))
+        );
+        let command = vibebox_orchestrator::Config::command();
+        for flag in ["database-url", "audit-url"] {
+            assert!(
+                command.get_arguments().any(|a| a.get_long() == Some(flag)),
+                "--{flag}"
+            );
+        }
+    }
+}

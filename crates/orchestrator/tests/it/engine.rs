@@ -624,7 +624,7 @@ async fn interrupted_creates_and_orphans_are_cleaned_by_reconcile() {
     // A restarted orchestrator (same database, same installation) reconciles.
     let restarted = Harness::start_with_pki(h.pki.clone(), |c| {
         c.installation_id = Some(h.installation.clone());
-        c.database_url = h.config.database_url.clone();
+        c.database.url = h.config.database.url.clone();
     })
     .await
     .unwrap();
@@ -785,7 +785,7 @@ async fn team_quota_holds_under_concurrency() {
 async fn quota_under_concurrency(database_url: &str) {
     let h = Harness::start(|c| {
         c.team_max_environments = 5;
-        c.database_url = Some(database_url.to_owned());
+        c.database.url = Some(database_url.to_owned());
     })
     .await
     .unwrap();

@@ -36,7 +36,7 @@ impl Harness {
     pub async fn new(database_url: Option<String>) -> Self {
         let pki = TestPki::new();
         let mut config = Config::new(pki.server_args("audit"));
-        config.database_url = database_url;
+        config.database.url = database_url;
         let addr = free_addr().await;
         Self {
             pki,

@@ -60,7 +60,7 @@ impl Platform {
 
         let (identity_listener, identity_url) = listener().await;
         let mut identity = vibebox_identity::Config::new(pki.server_args("identity"));
-        identity.audit_url = audit_url.clone();
+        identity.audit.url = audit_url.clone();
         let token_file: PathBuf = identity.server.data_dir.join("admin.token");
         let run = tokio::spawn(vibebox_identity::run_with_listener(
             identity,
@@ -95,7 +95,7 @@ impl Platform {
         let (l, url) = listener().await;
         let mut config = vibebox_policy::Config::parse_from(["vibebox-policy"]);
         config.server = self.pki.server_args("policy");
-        config.audit_url = self.audit_url.clone();
+        config.audit.url = self.audit_url.clone();
         tokio::spawn(vibebox_policy::run_with_listener(
             config,
             l,
@@ -119,7 +119,7 @@ impl Platform {
         let (l, url) = listener().await;
         let mut config =
             vibebox_orchestrator::Config::with_server(self.pki.server_args("orchestrator"));
-        config.audit_url = self.audit_url.clone();
+        config.audit.url = self.audit_url.clone();
         config.policy_url = self.policy_url.clone().unwrap_or_default();
         config.reconcile_interval = 0;
         adjust(&mut config);
@@ -135,7 +135,7 @@ impl Platform {
     pub async fn gateway(&self, tweak: impl FnOnce(&mut vibebox_gateway::Config)) -> Gateway {
         let mut config = vibebox_gateway::Config::new(self.pki.server_args("gateway"));
         config.identity_url = self.identity_url.clone();
-        config.audit_url = self.audit_url.clone();
+        config.audit.url = self.audit_url.clone();
         config.policy_url = match &self.policy_url {
             Some(url) => url.clone(),
             None => dead_url().await,
