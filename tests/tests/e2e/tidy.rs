@@ -54,8 +54,8 @@ fn manifests() -> BTreeMap<String, (PathBuf, toml::Table)> {
 }
 
 fn read_toml(path: &Path) -> toml::Table {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.parse()
         .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
@@ -63,7 +63,12 @@ fn read_toml(path: &Path) -> toml::Table {
 fn dependency_tables(manifest: &toml::Table) -> Vec<(&'static str, &toml::Table)> {
     ["dependencies", "dev-dependencies", "build-dependencies"]
         .into_iter()
-        .filter_map(|kind| manifest.get(kind).and_then(|t| t.as_table()).map(|t| (kind, t)))
+        .filter_map(|kind| {
+            manifest
+                .get(kind)
+                .and_then(|t| t.as_table())
+                .map(|t| (kind, t))
+        })
         .collect()
 }
 
@@ -160,14 +165,21 @@ fn orchestrator_test_hooks_are_behind_a_feature_no_shipped_binary_enables() {
             .and_then(|o| o.get("features"))
             .and_then(|f| f.as_array())
             .is_some_and(|f| f.iter().any(|x| x.as_str() == Some("test-hooks")));
-        assert!(!enabled, "{name} ships and enables the orchestrator's test hooks");
+        assert!(
+            !enabled,
+            "{name} ships and enables the orchestrator's test hooks"
+        );
     }
     // The hook module itself is gated.
     let lib = std::fs::read_to_string(root.join("crates/orchestrator/src/lib.rs")).unwrap();
     for line in lib.lines().filter(|l| l.contains("mod testkit")) {
         let index = lib.find(line).unwrap();
         let before = &lib[..index];
-        let attribute = before.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let attribute = before
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         assert!(
             attribute.contains("feature = \"test-hooks\""),
             "`{line}` must be under #[cfg(feature = \"test-hooks\")], found `{attribute}`"
