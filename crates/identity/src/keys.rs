@@ -84,30 +84,18 @@ impl KeyStore {
     }
 
     async fn load(db: &impl ConnectionTrait, dir: &Path) -> Result<Keys> {
-        let rows = store::token_keys(db).await?;
-        let mut ring = KeyRing::new();
-        let mut all = Vec::new();
+        let (mut ring, mut all) = read_keys(db).await?;
         let mut current = None;
-        for row in &rows {
-            let key_id = u32::try_from(row.key_id).map_err(|e| internal("key id", e))?;
-            let public_key = hex::decode(&row.public_key).map_err(|e| internal("public key", e))?;
-            let retired = row.retired_at.is_some();
-            if !retired {
-                ring.insert(key_id, &public_key)?;
-                if let Some(private) = read_private(dir, key_id)? {
-                    if private.public_key_bytes() != public_key {
-                        return Err(Error::Internal(format!(
-                            "key file for token key {key_id} does not match the database"
-                        )));
-                    }
-                    current = Some(private);
+        for key in all.iter().filter(|k| !k.retired) {
+            if let Some(private) = read_private(dir, key.key_id)? {
+                if private.public_key_bytes() != key.public_key {
+                    return Err(Error::Internal(format!(
+                        "key file for token key {} does not match the database",
+                        key.key_id
+                    )));
                 }
+                current = Some(private);
             }
-            all.push(KeyInfo {
-                key_id,
-                public_key,
-                retired,
-            });
         }
         let current = match current {
             Some(k) => k,
@@ -175,24 +163,8 @@ impl KeyStore {
     /// left, it keeps signing with the old one (tokens nobody accepts, so
     /// the failure is closed) and says so.
     pub async fn reload(&self, db: &impl ConnectionTrait) -> Result<()> {
-        let rows = store::token_keys(db).await?;
-        let mut ring = KeyRing::new();
-        let mut all = Vec::new();
-        let mut signer = None;
-        for row in &rows {
-            let key_id = u32::try_from(row.key_id).map_err(|e| internal("key id", e))?;
-            let public_key = hex::decode(&row.public_key).map_err(|e| internal("public key", e))?;
-            let retired = row.retired_at.is_some();
-            if !retired {
-                ring.insert(key_id, &public_key)?;
-                signer = Some(key_id);
-            }
-            all.push(KeyInfo {
-                key_id,
-                public_key,
-                retired,
-            });
-        }
+        let (ring, all) = read_keys(db).await?;
+        let signer = all.iter().rev().find(|k| !k.retired).map(|k| k.key_id);
         let previous = self.current();
         let current = match signer {
             Some(id) if id == previous.key_id() => previous,
@@ -231,6 +203,26 @@ impl KeyStore {
         let ring = self.keys.read().expect("key lock").ring.clone();
         ring.verify(token)
     }
+}
+
+/// Every key of the table, and the ring of those not retired.
+async fn read_keys(db: &impl ConnectionTrait) -> Result<(KeyRing, Vec<KeyInfo>)> {
+    let mut ring = KeyRing::new();
+    let mut all = Vec::new();
+    for row in store::token_keys(db).await? {
+        let key_id = u32::try_from(row.key_id).map_err(|e| internal("key id", e))?;
+        let public_key = hex::decode(&row.public_key).map_err(|e| internal("public key", e))?;
+        let retired = row.retired_at.is_some();
+        if !retired {
+            ring.insert(key_id, &public_key)?;
+        }
+        all.push(KeyInfo {
+            key_id,
+            public_key,
+            retired,
+        });
+    }
+    Ok((ring, all))
 }
 
 #[cfg(test)]
