@@ -4,6 +4,7 @@
 //! Code map:
 //! - [`admission`]: quota, capacity, subnet and idempotency as pure functions;
 //! - [`service`]: clearance checks, provisioning and lifecycle;
+//! - [`runtime`]: the seam between them and one container engine;
 //! - [`streams`]: logs, exec, stats;
 //! - [`reconcile`]: orphans, lost containers, drift, interrupted operations;
 //! - [`docker`]: spec -> hardened Docker objects, and the drift comparison;
@@ -25,6 +26,7 @@ pub mod hooks;
 pub mod keys;
 pub mod lease;
 pub mod reconcile;
+pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod streams;

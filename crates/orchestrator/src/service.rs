@@ -17,11 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListNetworksOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
-};
 use futures::StreamExt;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use vibebox_audit_client::AuditClientError;
@@ -35,6 +30,7 @@ use crate::audit::{Audit, Caller, Event};
 use crate::docker::{self, SpecError, Target};
 use crate::hooks::{Hooks, Point};
 use crate::keys::ClearanceKeys;
+use crate::runtime::{DockerRuntime, Runtime};
 use crate::store::{self, EnvRecord, State, Store, StoreError};
 use crate::subnet::{self, Cidr};
 
@@ -142,6 +138,8 @@ pub struct CreateRequest {
 
 pub(crate) struct Inner {
     pub(crate) docker: Docker,
+    /// Provisioning and lifecycle go through this seam (one engine).
+    pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) store: Store,
     pub(crate) keys: ClearanceKeys,
     pub(crate) audit: Audit,
@@ -214,17 +212,32 @@ impl Orchestrator {
         audit: Audit,
         settings: Settings,
     ) -> Result<Self> {
-        let info = docker.info().await?;
+        let runtime = Arc::new(DockerRuntime::new(docker.clone()));
+        Self::with_runtime(docker, runtime, store, keys, audit, settings).await
+    }
+
+    /// Builds an orchestrator whose provisioning and lifecycle go through
+    /// `runtime` (reconcile and the streams still use `docker`).
+    pub async fn with_runtime(
+        docker: Docker,
+        runtime: Arc<dyn Runtime>,
+        store: Store,
+        keys: ClearanceKeys,
+        audit: Audit,
+        settings: Settings,
+    ) -> Result<Self> {
+        let host_memory = runtime.memory_bytes().await?;
         Ok(Orchestrator {
             inner: Arc::new(Inner {
                 docker,
+                runtime,
                 store,
                 keys,
                 audit,
                 settings,
                 admission: Mutex::new(()),
                 locks: std::sync::Mutex::new(HashMap::new()),
-                host_memory: info.mem_total.unwrap_or(0),
+                host_memory,
                 hooks: Hooks::from_env(),
             }),
         })
@@ -570,17 +583,7 @@ impl Orchestrator {
 
     /// Subnets of every network on the engine (ours and everybody else's).
     async fn engine_subnets(&self) -> Result<Vec<Cidr>> {
-        let nets = self
-            .inner
-            .docker
-            .list_networks(Some(ListNetworksOptionsBuilder::new().build()))
-            .await?;
-        Ok(nets
-            .iter()
-            .filter_map(|n| n.ipam.as_ref()?.config.as_ref())
-            .flatten()
-            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
-            .collect())
+        Ok(self.inner.runtime.subnets().await?)
     }
 
     /// Moves a record to a fresh subnet after the engine refused its current
@@ -620,7 +623,7 @@ impl Orchestrator {
     /// its event, and a crash before the commit leaves `creating`, which
     /// reconcile rolls back (and audits).
     async fn provision(&self, rec: &EnvRecord, caller: &Caller) -> Result<()> {
-        let docker = &self.inner.docker;
+        let runtime = &self.inner.runtime;
         let mut rec = rec.clone();
         self.ensure_image(&rec).await?;
 
@@ -637,7 +640,7 @@ impl Orchestrator {
                 .as_deref()
                 .and_then(|s| s.parse().ok())
                 .ok_or(Error::SubnetsExhausted)?;
-            match docker
+            match runtime
                 .create_network(docker::network_request(&self.target(&rec), subnet))
                 .await
             {
@@ -661,21 +664,14 @@ impl Orchestrator {
             .set_status_message(&rec.id, "creating container")
             .await?;
         for volume in docker::volume_requests(&self.target(&rec), &Self::spec_of(&rec)) {
-            docker.create_volume(volume).await?;
+            runtime.create_volume(volume).await?;
         }
         let body = self.body_of(&rec)?;
         let name = docker::container_name(&rec.id);
-        let id = match docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
-                body,
-            )
-            .await
-        {
-            Ok(r) => r.id,
+        let id = match runtime.create_container(&name, body).await {
+            Ok(id) => id,
             Err(e) if docker_status(&e) == Some(409) => {
-                let existing = docker.inspect_container(&name, None).await?;
-                existing.id.unwrap_or(name.clone())
+                runtime.container_id(&name).await?.unwrap_or(name.clone())
             }
             Err(e) => return Err(self.engine_error(&rec, e)),
         };
@@ -686,8 +682,7 @@ impl Orchestrator {
             .store
             .set_status_message(&rec.id, "starting")
             .await?;
-        tolerate_304(docker.start_container(&id, None).await)
-            .map_err(|e| self.engine_error(&rec, e))?;
+        tolerate_304(runtime.start_container(&id).await).map_err(|e| self.engine_error(&rec, e))?;
         self.inner
             .audit
             .record(Event {
@@ -726,9 +721,9 @@ impl Orchestrator {
     /// Makes sure the image exists, pulling it through the engine otherwise
     /// (progress goes to the record's status message).
     async fn ensure_image(&self, rec: &EnvRecord) -> Result<()> {
-        let docker = &self.inner.docker;
+        let runtime = &self.inner.runtime;
         let image = &rec.canonical_image;
-        match docker.inspect_image(image).await {
+        match runtime.inspect_image(image).await {
             Ok(_) => return Ok(()),
             Err(e) if docker_status(&e) == Some(404) => {}
             Err(e) => return Err(e.into()),
@@ -737,11 +732,7 @@ impl Orchestrator {
             .store
             .set_status_message(&rec.id, &format!("pulling image {image}"))
             .await?;
-        let mut pull = docker.create_image(
-            Some(CreateImageOptionsBuilder::new().from_image(image).build()),
-            None,
-            None,
-        );
+        let mut pull = runtime.pull_image(image);
         let mut last = Instant::now();
         while let Some(item) = pull.next().await {
             match item {
@@ -767,8 +758,8 @@ impl Orchestrator {
                 }
             }
         }
-        match docker.inspect_image(image).await {
-            Ok(_) => Ok(()),
+        match runtime.inspect_image(image).await {
+            Ok(()) => Ok(()),
             Err(e) => Err(Error::ImageUnavailable {
                 image: image.clone(),
                 reason: docker_message(&e),
@@ -779,26 +770,15 @@ impl Orchestrator {
     /// Removes the container, network and volume of an environment (found by
     /// name and by label), tolerating ones already gone.
     pub(crate) async fn remove_objects(&self, rec: &EnvRecord) -> Result<()> {
-        let docker = &self.inner.docker;
-        let rm = RemoveContainerOptionsBuilder::new()
-            .force(true)
-            .v(true)
-            .build();
+        let runtime = self.inner.runtime.as_ref();
         if let Some(id) = &rec.container_id {
-            remove_container(docker, id, &rm).await?;
+            remove_container(runtime, id).await?;
         }
-        remove_container(docker, &docker::container_name(&rec.id), &rm).await?;
-        tolerate(docker.remove_network(&docker::network_name(&rec.id)).await)?;
+        remove_container(runtime, &docker::container_name(&rec.id)).await?;
+        tolerate(runtime.remove_network(&docker::network_name(&rec.id)).await)?;
         for volume in docker::volume_requests(&self.target(rec), &Self::spec_of(rec)) {
             let name = volume.name.unwrap_or_default();
-            tolerate(
-                docker
-                    .remove_volume(
-                        &name,
-                        Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
-                    )
-                    .await,
-            )?;
+            tolerate(runtime.remove_volume(&name).await)?;
         }
         Ok(())
     }
@@ -815,7 +795,7 @@ impl Orchestrator {
             Self::runnable(&rec, "start")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             Ok(tolerate_304(
-                self.inner.docker.start_container(&cid, None).await,
+                self.inner.runtime.start_container(&cid).await,
             )?)
         }
         .await;
@@ -831,11 +811,9 @@ impl Orchestrator {
             Self::runnable(&rec, "stop")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
-            let opts = StopContainerOptionsBuilder::new()
-                .t(i32::try_from(t).unwrap_or(i32::MAX))
-                .build();
+            let t = i32::try_from(t).unwrap_or(i32::MAX);
             Ok(tolerate_304(
-                self.inner.docker.stop_container(&cid, Some(opts)).await,
+                self.inner.runtime.stop_container(&cid, t).await,
             )?)
         }
         .await;
@@ -856,14 +834,8 @@ impl Orchestrator {
             Self::runnable(&rec, "restart")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
-            let opts = RestartContainerOptionsBuilder::new()
-                .t(i32::try_from(t).unwrap_or(i32::MAX))
-                .build();
-            Ok(self
-                .inner
-                .docker
-                .restart_container(&cid, Some(opts))
-                .await?)
+            let t = i32::try_from(t).unwrap_or(i32::MAX);
+            Ok(self.inner.runtime.restart_container(&cid, t).await?)
         }
         .await;
         self.settle("environment.restart", caller, &rec, done, State::Running)
@@ -984,14 +956,10 @@ impl Orchestrator {
 /// it is removing it already (409: a removal started by a process that was
 /// killed, or by a caller that went away), waits for that removal to end
 /// instead of failing the delete.
-async fn remove_container(
-    docker: &Docker,
-    name: &str,
-    options: &bollard::query_parameters::RemoveContainerOptions,
-) -> Result<(), DockerError> {
+async fn remove_container(runtime: &dyn Runtime, name: &str) -> Result<(), DockerError> {
     let mut waited = Duration::ZERO;
     loop {
-        match tolerate(docker.remove_container(name, Some(options.clone())).await) {
+        match tolerate(runtime.remove_container(name).await) {
             Err(e) if docker_status(&e) == Some(409) && waited < Duration::from_secs(10) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 waited += Duration::from_millis(100);
