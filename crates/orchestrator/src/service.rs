@@ -1,13 +1,20 @@
-//! The orchestrator's business logic: environment lifecycle against Docker,
-//! admission (clearance, replay, idempotency, quotas, host capacity, subnet)
-//! as one serialized step, logs, exec and stats. No gRPC types here except
-//! the cleared `ContainerSpec` itself (the exact bytes a clearance binds).
+//! The orchestrator's business logic: clearance checks, provisioning and
+//! the lifecycle of environments. Admission decisions are the pure
+//! functions of [`crate::admission`], taken here over a snapshot read in
+//! one serialized write transaction; every engine call goes through the
+//! [`crate::runtime::Runtime`] seam. Wire types that reach this module are
+//! the cleared `ContainerSpec` and `Clearance` themselves (the exact bytes a
+//! clearance binds) and the audit outcome and severity enums; no `Status`.
 //!
 //! Invariants:
 //! - nothing is created in Docker for a request whose clearance did not
 //!   verify against exactly its spec, environment, team, expiry and a known
 //!   key, or whose clearance id was used before;
-//! - each state change is committed to the store before Docker is touched;
+//! - a create is recorded (`creating`, with its subnet) before the engine is
+//!   asked for anything, and committed `running` only once its
+//!   `environment.create` event is durable; start, stop and restart commit
+//!   their new state after the engine acted and the event is durable
+//!   (reconcile converges the engine to the record after a crash);
 //! - admission runs under one lock inside one transaction, so quotas hold
 //!   under concurrency.
 
