@@ -359,6 +359,16 @@ impl Authenticator {
         })
     }
 
+    /// Runs token work off the async workers, a few jobs at a time (the
+    /// same bounded lane verification uses).
+    pub(crate) async fn evaluate<T, F>(&self, job: F) -> Result<T, TokenError>
+    where
+        F: FnOnce() -> Result<T, TokenError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.evaluator.run(job).await
+    }
+
     /// Decides whether `principal` may perform `operation` on `resource`:
     /// the token's own checks (locally) and identity's decision must both
     /// allow.

@@ -422,6 +422,39 @@ impl Gateway {
         }
     }
 
+    /// The caller's teams its token's own checks allow for the call's
+    /// operation, evaluated off the async workers in one job.
+    pub(crate) async fn teams_allowed(&self, call: &Call) -> Result<Vec<String>> {
+        let teams = self.caller_teams(call).await?;
+        let verified = call.principal.verified.clone();
+        let operation = call.operation();
+        let allowed = self
+            .auth
+            .evaluate(move || {
+                let mut allowed = Vec::new();
+                for team in teams {
+                    match verified
+                        .authorize(&vibebox_token::AuthzRequest::new(operation).team(&team))
+                    {
+                        Ok(()) => allowed.push(team),
+                        Err(vibebox_token::TokenError::Expired) => {
+                            return Err(vibebox_token::TokenError::Expired);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                Ok(allowed)
+            })
+            .await;
+        match allowed {
+            Ok(teams) => Ok(teams),
+            Err(vibebox_token::TokenError::Expired) => {
+                Err(GatewayError::InvalidToken("token expired"))
+            }
+            Err(_) => Err(GatewayError::InvalidToken("token processing failed")),
+        }
+    }
+
     fn refuse_anonymous(&self, info: &CallInfo, reason: &'static str) {
         // A flood of bad tokens is audited only within the per-address budget
         // (the refusals themselves are always counted in metrics).
@@ -608,12 +641,11 @@ fn access_event(
         .build()
 }
 
-/// The host part of `ip:port` (rate limits apply per address, not per connection).
+/// The source of `ip:port` every per-address limit keys on: the IP, not
+/// the connection; an IPv6 client by its /64 (rotating addresses within
+/// one does not buy a fresh budget).
 fn client_host(address: &str) -> String {
-    address
-        .parse::<SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| address.to_owned())
+    meta::source_key(address)
 }
 
 #[cfg(test)]
@@ -730,9 +762,13 @@ mod tests {
     }
 
     #[test]
-    fn hosts_strip_ports() {
+    fn hosts_strip_ports_and_group_ipv6_by_its_64() {
         assert_eq!(client_host("127.0.0.1:5555"), "127.0.0.1");
-        assert_eq!(client_host("[::1]:80"), "::1");
-        assert_eq!(client_host(""), "");
+        assert_eq!(client_host("[::ffff:127.0.0.1]:80"), "127.0.0.1");
+        assert_eq!(
+            client_host("[2001:db8:1:2:aaaa::1]:443"),
+            client_host("[2001:db8:1:2:bbbb::9]:443")
+        );
+        assert_eq!(client_host(""), "unknown");
     }
 }

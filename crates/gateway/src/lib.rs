@@ -110,9 +110,10 @@ pub struct Config {
     #[arg(long, env = "VIBEBOX_AUTHZ_CACHE_MS", default_value_t = 1000)]
     pub authz_cache_ms: u64,
     /// Milliseconds between periodic refreshes of identity's token keys
-    /// (100 to 1000): a key identity retires stops verifying here within
-    /// this interval, and a ring identity has not confirmed for 2 s verifies
-    /// nothing.
+    /// (100 to 500, so that with identity's one-second reload a retirement
+    /// stays within two seconds): a key identity retires stops verifying
+    /// here within this interval, and a ring identity has not confirmed for
+    /// 2 s verifies nothing.
     #[arg(long, env = "VIBEBOX_TOKEN_KEYS_REFRESH_MS", default_value_t = 500)]
     pub token_keys_refresh_ms: u64,
     /// Streams (exec, log and stats follows, audit watch and export) one
@@ -133,7 +134,8 @@ pub struct Config {
     /// Milliseconds between re-authorizations of every open stream: a
     /// revoked token, a disabled user, a demotion or a removal from the team
     /// ends the stream at the next check that misses the decision cache
-    /// (within this plus --authz-cache-ms; at most 1000).
+    /// (within this plus --authz-cache-ms; at most 500, so that the two
+    /// stay within two seconds).
     #[arg(long, env = "VIBEBOX_STREAM_RECHECK_MS", default_value_t = 500)]
     pub stream_recheck_ms: u64,
 }
@@ -204,7 +206,7 @@ pub async fn run_with_listeners(
             user_in_flight: config.user_max_in_flight,
             streams: config.max_streams,
         },
-        stream_recheck: Duration::from_millis(config.stream_recheck_ms.clamp(50, 1000)),
+        stream_recheck: Duration::from_millis(config.stream_recheck_ms.clamp(50, 500)),
     };
     let orchestrator = upstreams.orchestrator.clone();
     let gateway = Arc::new(Gateway::new(upstreams, audit_log, &settings));
@@ -220,7 +222,7 @@ pub async fn run_with_listeners(
 
     let background = shutdown.child_token();
     tokio::spawn(gateway.clone().maintain(
-        Duration::from_millis(config.token_keys_refresh_ms.clamp(100, 1000)),
+        Duration::from_millis(config.token_keys_refresh_ms.clamp(100, 500)),
         background.clone(),
     ));
     tokio::spawn(

@@ -16,7 +16,6 @@
 //!   while its owner can always log in from an address of its own.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -69,29 +68,17 @@ pub struct LoginLimiter {
     blocked: Mutex<HashMap<String, Instant>>,
     /// Slowed accounts, until when.
     slowed: Mutex<HashMap<String, Instant>>,
+    /// How many refused attempts per source are audited (a flood of them
+    /// must not become a flood of fsynced audit events; the first ones
+    /// are the evidence).
+    refusal_audits: DefaultKeyedRateLimiter<String>,
 }
 
 fn quota(per_minute: u32) -> Quota {
     Quota::per_minute(NonZeroU32::new(per_minute.max(1)).expect("at least one"))
 }
 
-/// The key of a client address: its IP (`ip:port` and bare IPs alike; an
-/// IPv4-mapped IPv6 address as IPv4; IPv6 by its /64). Anything else (no
-/// address at all) is one shared "unknown" source.
-pub fn source_key(address: &str) -> String {
-    let ip = address
-        .parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .or_else(|_| address.parse::<IpAddr>());
-    match ip.map(|ip| ip.to_canonical()) {
-        Ok(IpAddr::V4(v4)) => v4.to_string(),
-        Ok(IpAddr::V6(v6)) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        Err(_) => "unknown".to_owned(),
-    }
-}
+pub use vibebox_server_kit::meta::source_key;
 
 impl LoginLimiter {
     pub fn new(limits: LoginLimits) -> Self {
@@ -100,6 +87,10 @@ impl LoginLimiter {
             per_pair: RateLimiter::keyed(quota(limits.per_account_source)),
             per_source: RateLimiter::keyed(quota(limits.per_source)),
             per_account: RateLimiter::keyed(quota(limits.per_account)),
+            refusal_audits: RateLimiter::keyed(
+                Quota::per_minute(NonZeroU32::new(6).expect("non-zero"))
+                    .allow_burst(NonZeroU32::new(3).expect("non-zero")),
+            ),
             blocked: Mutex::new(HashMap::new()),
             slowed: Mutex::new(HashMap::new()),
         }
@@ -111,6 +102,12 @@ impl LoginLimiter {
 
     /// Whether to check the password of a login for `username` from the
     /// client address `address` now, later, or not at all.
+    /// Whether a refused attempt from `address` is still within the audit
+    /// budget (a burst of 3, then one every 10 seconds per source).
+    pub fn audit_refusal(&self, address: &str) -> bool {
+        self.refusal_audits.check_key(&source_key(address)).is_ok()
+    }
+
     pub fn check(&self, username: &str, address: &str) -> Verdict {
         let source = source_key(address);
         let now = Instant::now();
@@ -168,7 +165,12 @@ impl LoginLimiter {
                 .insert(account, until);
         }
         // Keep the limiters' state bounded.
-        for limiter in [&self.per_pair, &self.per_source, &self.per_account] {
+        for limiter in [
+            &self.per_pair,
+            &self.per_source,
+            &self.per_account,
+            &self.refusal_audits,
+        ] {
             if limiter.len() > 10_000 {
                 limiter.retain_recent();
             }
@@ -250,5 +252,23 @@ mod tests {
             Verdict::Delay(Duration::from_millis(500))
         );
         assert_eq!(l.check("other", "192.168.1.1:1"), Verdict::Allow);
+    }
+
+    #[test]
+    fn refused_attempts_are_audited_within_a_budget_per_source() {
+        let limiter = LoginLimiter::new(LoginLimits {
+            per_account_source: 5,
+            per_source: 20,
+            per_account: 60,
+            account_backoff: Duration::from_millis(1000),
+        });
+        let audited = (0..50)
+            .filter(|_| limiter.audit_refusal("10.0.0.1:1234"))
+            .count();
+        assert_eq!(audited, 3, "a burst of three, then one per ten seconds");
+        // Another port of the same address shares the budget; another
+        // address has its own.
+        assert!(!limiter.audit_refusal("10.0.0.1:999"));
+        assert!(limiter.audit_refusal("10.0.0.2:1234"));
     }
 }

@@ -301,8 +301,14 @@ impl Identity {
             Verdict::Allow => {}
             Verdict::Delay(delay) => tokio::time::sleep(delay).await,
             Verdict::Refuse(_) => {
-                self.login_failure(&origin, username, "rate_limited")
-                    .await?;
+                // Refused attempts are audited within a per-source budget:
+                // the first ones are the evidence, the rest only load disk.
+                if self.limiter.audit_refusal(source) {
+                    self.login_failure(&origin, username, "rate_limited")
+                        .await?;
+                } else {
+                    tracing::debug!("login refused (rate limited); audit budget spent");
+                }
                 return Err(Error::RateLimited);
             }
         }

@@ -801,9 +801,10 @@ impl Orchestrator {
         let done = async {
             Self::runnable(&rec, "start")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-            Ok(tolerate_304(
-                self.inner.runtime.start_container(&cid).await,
-            )?)
+            // A refusal of the spec (a mount the runtime cannot make now,
+            // ...) is the caller's to fix, as on create.
+            tolerate_304(self.inner.runtime.start_container(&cid).await)
+                .map_err(|e| self.engine_error(&rec, e))
         }
         .await;
         self.settle("environment.start", caller, &rec, done, State::Running)
@@ -842,7 +843,11 @@ impl Orchestrator {
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
             let t = i32::try_from(t).unwrap_or(i32::MAX);
-            Ok(self.inner.runtime.restart_container(&cid, t).await?)
+            self.inner
+                .runtime
+                .restart_container(&cid, t)
+                .await
+                .map_err(|e| self.engine_error(&rec, e))
         }
         .await;
         self.settle("environment.restart", caller, &rec, done, State::Running)

@@ -19,3 +19,22 @@ pub const TRACEPARENT: &str = "traceparent";
 /// `*` for every team (platform admins and auditors), otherwise team ids
 /// separated by commas (set by the gateway only; absent means none).
 pub const VISIBLE_TEAMS: &str = "x-vibebox-visible-teams";
+
+/// The key of a client address for every per-source limit (the gateway's
+/// and identity's alike, so that they cannot drift apart): its IP (`ip:port`
+/// and bare IPs alike; an IPv4-mapped IPv6 address as IPv4; IPv6 by its
+/// /64). Anything else (no address at all) is one shared "unknown" source.
+pub fn source_key(address: &str) -> String {
+    let ip = address
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| address.parse::<std::net::IpAddr>());
+    match ip.map(|ip| ip.to_canonical()) {
+        Ok(std::net::IpAddr::V4(v4)) => v4.to_string(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Err(_) => "unknown".to_owned(),
+    }
+}

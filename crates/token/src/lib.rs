@@ -106,6 +106,10 @@ fn classify(err: BiscuitError) -> TokenError {
         ) => TokenError::InvalidSignature,
         BiscuitError::Format(_) | BiscuitError::Base64(_) => TokenError::Malformed,
         BiscuitError::FailedLogic(_) => TokenError::Denied,
+        // A check whose expression cannot be evaluated (a date compared with
+        // a string, say) does not pass: the token allows nothing by it, and
+        // its holder cannot turn the answer into an "identity unavailable".
+        BiscuitError::Execution(_) => TokenError::Denied,
         other => TokenError::Internal(format!("{other:?}")),
     }
 }
@@ -846,6 +850,26 @@ mod tests {
         assert!(matches!(
             attenuate("not a token", &Restriction::default().team("a")),
             Err(TokenError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn a_check_that_cannot_be_evaluated_denies_instead_of_failing() {
+        let (_, ring, token) = setup();
+        let mistyped = biscuit_auth::UnverifiedBiscuit::from_base64(&token)
+            .unwrap()
+            .append(
+                BlockBuilder::new()
+                    .code("check if time($t), $t < \"x\";")
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let verified = ring.verify(&mistyped).unwrap();
+        assert!(matches!(
+            verified.authorize(&AuthzRequest::new("identity.whoami")),
+            Err(TokenError::Denied)
         ));
     }
 

@@ -133,18 +133,7 @@ impl Environments {
         validate::text("page_token", &req.page_token, 1024)?;
         let team_ids = if req.team_id.is_empty() {
             // Every team the caller belongs to (and the token allows).
-            let mut allowed = Vec::new();
-            for team in gw.caller_teams(&call).await? {
-                let request = vibebox_token::AuthzRequest::new(call.operation()).team(&team);
-                match call.principal.verified.authorize(&request) {
-                    Ok(()) => allowed.push(team),
-                    Err(vibebox_token::TokenError::Expired) => {
-                        return Err(GatewayError::InvalidToken("token expired"));
-                    }
-                    Err(_) => {}
-                }
-            }
-            allowed
+            gw.teams_allowed(&call).await?
         } else {
             gw.authorize(
                 &call,

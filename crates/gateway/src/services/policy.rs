@@ -62,18 +62,7 @@ impl Policy {
         {
             "*".to_owned()
         } else {
-            let mut teams = Vec::new();
-            for team in gw.caller_teams(&call).await? {
-                let request = vibebox_token::AuthzRequest::new(call.operation()).team(&team);
-                match call.principal.verified.authorize(&request) {
-                    Ok(()) => teams.push(team),
-                    Err(vibebox_token::TokenError::Expired) => {
-                        return Err(GatewayError::InvalidToken("token expired"));
-                    }
-                    Err(_) => {}
-                }
-            }
-            teams.join(",")
+            gw.teams_allowed(&call).await?.join(",")
         };
         let mut forwarded = call.forward(request.into_inner());
         // Team ids are validated ids (ASCII, no commas); one that would not

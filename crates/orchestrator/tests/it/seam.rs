@@ -291,6 +291,21 @@ async fn lifecycle_calls_reach_the_engine_with_the_recorded_container() {
     assert_eq!(stopped.state, State::Stopped);
     let started = seam.orchestrator.start(&caller, &created.id).await.unwrap();
     assert_eq!(started.state, State::Running);
+    // An engine refusal of a start is the caller's to fix, as on create.
+    seam.orchestrator
+        .stop(&caller, &created.id, Some(7))
+        .await
+        .unwrap();
+    *seam.engine.refuse_start.lock().unwrap() = Some("no command specified".into());
+    let refused = seam
+        .orchestrator
+        .start(&caller, &created.id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::EngineRefused { field, .. } if field == "spec.command"),
+        "{refused:?}"
+    );
     let calls = seam.engine.calls();
     assert!(
         calls.contains(&format!("stop_container {cid} t=7")),
@@ -301,7 +316,7 @@ async fn lifecycle_calls_reach_the_engine_with_the_recorded_container() {
             .iter()
             .filter(|c| *c == &format!("start_container {cid}"))
             .count(),
-        2,
+        3,
         "{calls:#?}"
     );
 }
