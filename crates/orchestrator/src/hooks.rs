@@ -4,8 +4,8 @@
 //! through dev-dependencies and no shipped build enables (`tests/tests/e2e/tidy.rs`
 //! checks both); without it every hook is a no-op the compiler removes.
 
-/// Where a create stops as if the process had been killed.
-#[cfg(feature = "test-hooks")]
+/// Where a create may stop as if the process had been killed (the names
+/// exist in every build; only test builds can make a create stop there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// After the environment's network exists.
@@ -26,13 +26,6 @@ pub(crate) struct Hooks {
     crash: std::sync::Mutex<Option<CrashPoint>>,
     #[cfg(feature = "test-hooks")]
     abort_at: Option<CrashPoint>,
-}
-
-/// Where a create may be stopped (names the crash points in both builds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Point {
-    AfterNetwork,
-    AfterContainer,
 }
 
 impl Hooks {
@@ -62,13 +55,9 @@ impl Hooks {
     /// Whether a create must stop at `point` (aborts the process when
     /// [`ABORT_ENV`] names it).
     #[cfg_attr(not(feature = "test-hooks"), allow(clippy::unused_self))]
-    pub(crate) fn crashes_at(&self, point: Point) -> bool {
+    pub(crate) fn crashes_at(&self, point: CrashPoint) -> bool {
         #[cfg(feature = "test-hooks")]
         {
-            let point = match point {
-                Point::AfterNetwork => CrashPoint::AfterNetwork,
-                Point::AfterContainer => CrashPoint::AfterContainer,
-            };
             if self.abort_at == Some(point) {
                 tracing::error!(?point, "{ABORT_ENV} is set: aborting the process");
                 std::process::abort();

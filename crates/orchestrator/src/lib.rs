@@ -44,7 +44,6 @@ use vibebox_audit_client::{AuditClient, AuditClientConfig};
 use vibebox_proto::runtime::runtime_service_server::RuntimeServiceServer;
 use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 
-#[cfg(feature = "test-hooks")]
 pub use hooks::CrashPoint;
 pub use service::Orchestrator;
 

@@ -35,7 +35,7 @@ use vibebox_proto::environment::ContainerSpec;
 use crate::admission::{self, Decision, Refusal};
 use crate::audit::{Audit, Caller, Event};
 use crate::docker::{self, SpecError, Target};
-use crate::hooks::{Hooks, Point};
+use crate::hooks::{CrashPoint, Hooks};
 use crate::keys::ClearanceKeys;
 use crate::runtime::{DockerRuntime, Runtime};
 use crate::store::{self, EnvRecord, State, Store, StoreError};
@@ -272,7 +272,7 @@ impl Orchestrator {
 
     /// Test hook: make the next creates stop at `point` as if killed.
     #[cfg(feature = "test-hooks")]
-    pub fn set_crash_point(&self, point: Option<crate::hooks::CrashPoint>) {
+    pub fn set_crash_point(&self, point: Option<CrashPoint>) {
         self.inner.hooks.set_crash_point(point);
     }
 
@@ -617,7 +617,7 @@ impl Orchestrator {
         Ok(subnet)
     }
 
-    fn crash_at(&self, point: Point) -> Result<()> {
+    fn crash_at(&self, point: CrashPoint) -> Result<()> {
         if self.inner.hooks.crashes_at(point) {
             return Err(Error::SimulatedCrash);
         }
@@ -664,7 +664,7 @@ impl Orchestrator {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.crash_at(Point::AfterNetwork)?;
+        self.crash_at(CrashPoint::AfterNetwork)?;
 
         self.inner
             .store
@@ -683,7 +683,7 @@ impl Orchestrator {
             Err(e) => return Err(self.engine_error(&rec, e)),
         };
         self.inner.store.set_container(&rec.id, &id).await?;
-        self.crash_at(Point::AfterContainer)?;
+        self.crash_at(CrashPoint::AfterContainer)?;
 
         self.inner
             .store
