@@ -187,6 +187,10 @@ impl SpecFile {
                 })
                 .collect(),
             entrypoint: self.entrypoint.clone(),
+            // Egress, lifetime and copy limits: spec-file support comes with #17.
+            egress: None,
+            lifetime: None,
+            copy_limit_mb: None,
         })
     }
 }

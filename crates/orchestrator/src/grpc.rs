@@ -152,6 +152,11 @@ pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
         failure_reason: r.failure_reason.clone(),
         status_message: r.status_message.clone(),
         canonical_image: r.canonical_image.clone(),
+        // Idle stop and lifetime: filled in by the lifecycle work (#17).
+        stop_reason: String::new(),
+        last_activity_time: None,
+        idle_stop_time: None,
+        expire_time: None,
     }
 }
 
@@ -548,10 +553,44 @@ impl RuntimeService for RuntimeHandler {
                     pids: s.pids,
                     network_rx_bytes: s.network_rx_bytes,
                     network_tx_bytes: s.network_tx_bytes,
+                    egress_allowed_connections: 0,
+                    egress_denied_connections: 0,
                 }),
             })
         });
         Ok(Response::new(Box::pin(out)))
+    }
+
+    type PortForwardStream = RpcStream<PortForwardResponse>;
+
+    async fn port_forward(
+        &self,
+        _request: Request<Streaming<PortForwardRequest>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented("PortForward is not available yet"))
+    }
+
+    async fn copy_to(
+        &self,
+        _request: Request<Streaming<CopyToRequest>>,
+    ) -> Result<Response<CopyToResponse>, Status> {
+        Err(Status::unimplemented("CopyTo is not available yet"))
+    }
+
+    type CopyFromStream = RpcStream<CopyFromResponse>;
+
+    async fn copy_from(
+        &self,
+        _request: Request<CopyFromRequest>,
+    ) -> Result<Response<Self::CopyFromStream>, Status> {
+        Err(Status::unimplemented("CopyFrom is not available yet"))
+    }
+
+    async fn extend_environment(
+        &self,
+        _request: Request<ExtendEnvironmentRequest>,
+    ) -> Result<Response<ExtendEnvironmentResponse>, Status> {
+        Err(Status::unimplemented("ExtendEnvironment is not available yet"))
     }
 }
 

@@ -495,4 +495,37 @@ impl EnvironmentService for Environments {
     ) -> std::result::Result<Response<Self::StreamStatsStream>, Status> {
         observe(self.stats(request)).await
     }
+
+    type PortForwardStream = ProxyStream<vibebox_proto::environment::PortForwardResponse>;
+
+    async fn port_forward(
+        &self,
+        _request: Request<Streaming<vibebox_proto::environment::PortForwardRequest>>,
+    ) -> std::result::Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented("PortForward is not available yet"))
+    }
+
+    async fn copy_to(
+        &self,
+        _request: Request<Streaming<vibebox_proto::environment::CopyToRequest>>,
+    ) -> std::result::Result<Response<vibebox_proto::environment::CopyToResponse>, Status> {
+        Err(Status::unimplemented("CopyTo is not available yet"))
+    }
+
+    type CopyFromStream = ProxyStream<vibebox_proto::environment::CopyFromResponse>;
+
+    async fn copy_from(
+        &self,
+        _request: Request<vibebox_proto::environment::CopyFromRequest>,
+    ) -> std::result::Result<Response<Self::CopyFromStream>, Status> {
+        Err(Status::unimplemented("CopyFrom is not available yet"))
+    }
+
+    async fn extend_environment(
+        &self,
+        _request: Request<vibebox_proto::environment::ExtendEnvironmentRequest>,
+    ) -> std::result::Result<Response<vibebox_proto::environment::ExtendEnvironmentResponse>, Status>
+    {
+        Err(Status::unimplemented("ExtendEnvironment is not available yet"))
+    }
 }
