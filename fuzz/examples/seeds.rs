@@ -15,7 +15,8 @@ use vibebox_audit_chain::{ExportLine, GENESIS_HASH};
 use vibebox_fuzz::{POLICY_TOML, check_outcome, mint_token, policy, seed_events, seed_export};
 use vibebox_policy::Policy;
 use vibebox_proto::environment::{
-    ContainerSpec, CreateEnvironmentRequest, Mount, MountType, PortMapping,
+    ContainerSpec, CreateEnvironmentRequest, Egress, EgressMode, EgressRule, Lifetime, Mount,
+    MountType, PortMapping,
 };
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -39,6 +40,14 @@ fn mount(kind: MountType, source: &str, target: &str, size_mb: Option<i64>) -> M
         target: target.into(),
         read_only: false,
         size_mb,
+    }
+}
+
+fn egress_rule(host: &str, cidr: &str, ports: &[u32]) -> EgressRule {
+    EgressRule {
+        host: host.into(),
+        cidr: cidr.into(),
+        ports: ports.to_vec(),
     }
 }
 
@@ -305,6 +314,61 @@ fn main() {
             "",
             ContainerSpec {
                 user: Some("65534:65534".into()),
+                ..benign.clone()
+            },
+        ),
+        (
+            "egress-narrowed",
+            "",
+            ContainerSpec {
+                egress: Some(Egress {
+                    mode: EgressMode::AllowList as i32,
+                    allow: vec![
+                        egress_rule("API.GitHub.com.", "", &[443]),
+                        egress_rule("", "203.0.113.128/25", &[443]),
+                        egress_rule("", "10.20.1.0/24", &[5432]),
+                    ],
+                }),
+                lifetime: Some(Lifetime {
+                    idle_timeout_seconds: Some(1800),
+                    idle_cpu_percent: Some(10.0),
+                    lifetime_seconds: Some(3 * 86_400),
+                    max_lifetime_seconds: None,
+                }),
+                copy_limit_mb: Some(100),
+                ..benign.clone()
+            },
+        ),
+        (
+            "egress-team-internet",
+            "acme",
+            ContainerSpec {
+                image: "python:3.12".into(),
+                egress: Some(Egress {
+                    mode: EgressMode::Internet as i32,
+                    allow: vec![egress_rule("", "10.20.0.0/24", &[5432])],
+                }),
+                ..benign.clone()
+            },
+        ),
+        (
+            "egress-forbidden",
+            "",
+            ContainerSpec {
+                egress: Some(Egress {
+                    mode: EgressMode::AllowList as i32,
+                    allow: vec![
+                        egress_rule("", "169.254.169.254", &[80]),
+                        egress_rule("", "::1", &[]),
+                        egress_rule("", "0.0.0.0/0", &[]),
+                        egress_rule("*", "", &[]),
+                    ],
+                }),
+                lifetime: Some(Lifetime {
+                    idle_timeout_seconds: Some(0),
+                    ..Default::default()
+                }),
+                copy_limit_mb: Some(1 << 40),
                 ..benign.clone()
             },
         ),

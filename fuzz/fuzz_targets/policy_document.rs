@@ -3,15 +3,20 @@
 //! the built-in denials hold (Docker socket, privileged, root, devices, host
 //! namespaces, sensitive paths) for the base and every team; and a team
 //! overlay only tightens: a probe spec built from the document's own values
-//! that a team may run, the base policy allows too.
+//! that a team may run, the base policy allows too. Egress is the exception
+//! (a team's `[egress]` replaces the base one and may widen it): its probes
+//! are judged by the hardened-spec invariants only.
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use vibebox_fuzz::check_outcome;
+use vibebox_policy::egress::Mode;
 use vibebox_policy::{Policy, Rule, evaluate};
-use vibebox_proto::environment::{ContainerSpec, Device, Mount, MountType, PortMapping};
+use vibebox_proto::environment::{
+    ContainerSpec, Device, Egress, EgressMode, EgressRule, Lifetime, Mount, MountType, PortMapping,
+};
 
 fn bind(source: &str, target: &str) -> Mount {
     Mount {
@@ -50,7 +55,24 @@ fn probes(policy: &Policy) -> Vec<ContainerSpec> {
         Some(doc.resources.max_pids),
     )];
     let mut mounts = vec![doc.mounts.max_mounts];
+    let l = &doc.lifetime;
+    let mut lifetimes = vec![(
+        Some(l.idle_timeout.0),
+        Some(l.idle_cpu_percent),
+        Some(l.lifetime.0),
+        Some(l.max_lifetime.0),
+        Some(doc.files.copy_limit_mb),
+    )];
     for overlay in doc.teams.values() {
+        if let Some(l) = &overlay.lifetime {
+            lifetimes.push((
+                l.idle_timeout.map(|d| d.0),
+                l.idle_cpu_percent,
+                l.lifetime.map(|d| d.0),
+                l.max_lifetime.map(|d| d.0),
+                overlay.files.as_ref().and_then(|f| f.copy_limit_mb),
+            ));
+        }
         images.extend(overlay.allow_images.iter().flatten());
         images.extend(&overlay.deny_images);
         prefixes.extend(overlay.allow_bind_prefixes.iter().flatten());
@@ -100,6 +122,18 @@ fn probes(policy: &Policy) -> Vec<ContainerSpec> {
             ..benign.clone()
         });
     }
+    for (idle, cpu, lifetime, max, copy) in lifetimes.into_iter().take(8) {
+        out.push(ContainerSpec {
+            lifetime: Some(Lifetime {
+                idle_timeout_seconds: idle,
+                idle_cpu_percent: cpu,
+                lifetime_seconds: lifetime,
+                max_lifetime_seconds: max,
+            }),
+            copy_limit_mb: copy,
+            ..benign.clone()
+        });
+    }
     for n in mounts.into_iter().take(8) {
         out.push(ContainerSpec {
             mounts: (0..n.min(32))
@@ -113,6 +147,47 @@ fn probes(policy: &Policy) -> Vec<ContainerSpec> {
                 .collect(),
             ..benign.clone()
         });
+    }
+    out
+}
+
+/// Egress requests built from the document's own sections (each mode, and
+/// each rule alone): a team may ask for what its section allows, which the
+/// base may not.
+fn egress_probes(policy: &Policy) -> Vec<ContainerSpec> {
+    let doc = policy.document();
+    let sections = std::iter::once(&doc.egress)
+        .chain(doc.teams.values().filter_map(|o| o.egress.as_ref()))
+        .take(8);
+    let mut out = Vec::new();
+    for section in sections {
+        let mode = match section.mode {
+            Mode::None => EgressMode::None,
+            Mode::AllowList => EgressMode::AllowList,
+            Mode::Internet => EgressMode::Internet,
+        };
+        let rules: Vec<EgressRule> = section
+            .allow
+            .iter()
+            .take(16)
+            .map(|r| EgressRule {
+                host: r.host.clone().unwrap_or_default(),
+                cidr: r.cidr.clone().unwrap_or_default(),
+                ports: r.ports.clone(),
+            })
+            .collect();
+        let spec = |mode: EgressMode, allow: Vec<EgressRule>| ContainerSpec {
+            image: "python:3.12".into(),
+            egress: Some(Egress {
+                mode: mode as i32,
+                allow,
+            }),
+            ..Default::default()
+        };
+        out.push(spec(mode, rules.clone()));
+        for r in rules {
+            out.push(spec(EgressMode::AllowList, vec![r]));
+        }
     }
     out
 }
@@ -245,6 +320,12 @@ fuzz_target!(|data: &[u8]| {
                     base.violations
                 );
             }
+        }
+    }
+    for spec in egress_probes(&policy) {
+        for team in std::iter::once("").chain(teams.iter().copied()) {
+            let outcome = evaluate(policy.rules_for(team), &spec);
+            check_outcome(&policy, team, &spec, &outcome);
         }
     }
 });

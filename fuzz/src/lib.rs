@@ -56,6 +56,25 @@ max_pids = 2048
 read_only_root = false
 workspace_path = "/workspace"
 
+[egress]
+mode = "allow-list"
+allow = [
+    { host = "*.github.com", ports = [443] },
+    { host = "pypi.org" },
+    { cidr = "203.0.113.0/24", ports = [80, 443] },
+    { cidr = "10.20.0.0/16", ports = [5432] },
+    { cidr = "2001:db8::/32" },
+]
+
+[lifetime]
+idle_timeout = "2h"
+idle_cpu_percent = 5.0
+lifetime = "1d"
+max_lifetime = "7d"
+
+[files]
+copy_limit_mb = 512
+
 [teams.acme]
 allow_images = ["ghcr.io/acme/*", "python:*"]
 deny_images = ["node:*"]
@@ -66,6 +85,17 @@ max_memory_mb = 4096
 max_pids = 1024
 max_mounts = 4
 read_only_root = true
+
+[teams.acme.egress]
+mode = "internet"
+allow = [{ cidr = "10.20.0.0/16", ports = [5432] }]
+
+[teams.acme.lifetime]
+idle_timeout = "30m"
+max_lifetime = "2d"
+
+[teams.acme.files]
+copy_limit_mb = 64
 "#;
 
 /// [`POLICY_TOML`], compiled once.

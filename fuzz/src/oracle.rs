@@ -20,10 +20,13 @@
 //! reproducer for a bug in one of them: decide which by Docker's and Linux's
 //! documented behaviour, not by which one is older.
 
+use std::net::IpAddr;
+
 use prost::Message;
 use vibebox_policy::document::PolicyDocument;
+use vibebox_policy::egress::Mode;
 use vibebox_policy::{Outcome, Policy, Rule, evaluate};
-use vibebox_proto::environment::{ContainerSpec, MountType};
+use vibebox_proto::environment::{ContainerSpec, EgressMode, MountType};
 
 /// Lexical paths: normalization and containment, as Linux reads a path
 /// without looking at the disk.
@@ -734,6 +737,13 @@ pub struct Limits {
     allow_ports: bool,
     read_only_root: bool,
     workspace: String,
+    egress_mode: Mode,
+    /// Seconds, 0 = never.
+    idle_timeout: u32,
+    idle_cpu_percent: f64,
+    /// Seconds, 0 = unlimited.
+    max_lifetime: u32,
+    copy_limit_mb: i64,
 }
 
 impl Limits {
@@ -782,6 +792,11 @@ impl Limits {
             read_only_root: doc.filesystem.read_only_root,
             workspace: paths::lexical(&doc.filesystem.workspace_path)
                 .expect("an accepted document has an absolute workspace"),
+            egress_mode: doc.egress.mode,
+            idle_timeout: doc.lifetime.idle_timeout.0,
+            idle_cpu_percent: doc.lifetime.idle_cpu_percent,
+            max_lifetime: doc.lifetime.max_lifetime.0,
+            copy_limit_mb: doc.files.copy_limit_mb,
         };
         if let Some(o) = doc.teams.get(team) {
             if let Some(allow) = &o.allow_images {
@@ -805,6 +820,19 @@ impl Limits {
             limits.max_pids = o.max_pids.unwrap_or(limits.max_pids);
             limits.allow_ports = o.allow_published_ports.unwrap_or(limits.allow_ports);
             limits.read_only_root = o.read_only_root.unwrap_or(limits.read_only_root);
+            // A team's egress section replaces the base one; lifetime and
+            // files values replace the base's field by field.
+            if let Some(e) = &o.egress {
+                limits.egress_mode = e.mode;
+            }
+            if let Some(l) = &o.lifetime {
+                limits.idle_timeout = l.idle_timeout.map_or(limits.idle_timeout, |d| d.0);
+                limits.idle_cpu_percent = l.idle_cpu_percent.unwrap_or(limits.idle_cpu_percent);
+                limits.max_lifetime = l.max_lifetime.map_or(limits.max_lifetime, |d| d.0);
+            }
+            if let Some(c) = o.files.as_ref().and_then(|f| f.copy_limit_mb) {
+                limits.copy_limit_mb = c;
+            }
         }
         limits
     }
@@ -824,7 +852,57 @@ fn is_bind(kind: i32) -> bool {
 }
 
 /// Denials that hold whatever else the spec says: judged from the raw spec.
+/// Whether a CIDR rule, as `address/length`, lies inside a range no
+/// environment may reach (written out from the policy README: "this
+/// network", loopback, link-local and metadata, multicast, reserved and
+/// broadcast, `::`, `::1`, fe80::/10, ff00::/8, fec0::/10, fd00:ec2::254).
+fn inside_forbidden(ip: IpAddr, len: u8) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            (len >= 8 && (o[0] == 0 || o[0] == 127))
+                || (len >= 16 && o[0] == 169 && o[1] == 254)
+                || (len >= 4 && o[0] >= 224)
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            (len == 128 && (a.is_unspecified() || a.is_loopback()))
+                || (len >= 10 && (s[0] & 0xffc0 == 0xfe80 || s[0] & 0xffc0 == 0xfec0))
+                || (len >= 8 && s[0] >> 8 == 0xff)
+                || (len == 128 && s == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254])
+        }
+    }
+}
+
+/// `after` is no later than `limit`, where 0 is never.
+fn within(after: u32, limit: u32) -> bool {
+    limit == 0 || (after != 0 && after <= limit)
+}
+
 fn check_denials(limits: &Limits, spec: &ContainerSpec, outcome: &Outcome) {
+    // An address literal no environment may reach, asked for in a
+    // well-formed list, is refused as such.
+    if let Some(e) = &spec.egress
+        && matches!(
+            EgressMode::try_from(e.mode),
+            Ok(EgressMode::AllowList | EgressMode::Internet)
+        )
+        && e.allow.len() <= 64
+    {
+        for r in &e.allow {
+            let forbidden = r.host.is_empty()
+                && r.cidr
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| inside_forbidden(ip, if ip.is_ipv4() { 32 } else { 128 }));
+            if forbidden {
+                assert!(
+                    outcome.has(Rule::EgressForbiddenDestination),
+                    "forbidden destination {:?} not denied as such",
+                    r.cidr
+                );
+            }
+        }
+    }
     if spec.privileged {
         assert!(
             outcome.has(Rule::Privileged),
@@ -1129,6 +1207,79 @@ pub fn check_outcome(policy: &Policy, team: &str, spec: &ContainerSpec, outcome:
     for key in h.env.keys() {
         assert!(!key.is_empty() && !key.contains(['=', '\0']));
     }
+
+    // Egress: always decided (an explicit mode), never wider than the
+    // team's; rules well-formed, canonical, unique, never inside a
+    // forbidden range.
+    let egress = h.egress.as_ref().expect("hardened egress is set");
+    let ceiling = match limits.egress_mode {
+        Mode::None => EgressMode::None,
+        Mode::AllowList => EgressMode::AllowList,
+        Mode::Internet => EgressMode::Internet,
+    } as i32;
+    assert!(
+        (EgressMode::None as i32..=ceiling).contains(&egress.mode),
+        "egress mode {} above the team's {:?}",
+        egress.mode,
+        limits.egress_mode
+    );
+    if egress.mode == EgressMode::None as i32 {
+        assert!(egress.allow.is_empty(), "rules under mode none");
+    }
+    if egress.mode == EgressMode::AllowList as i32 {
+        assert!(!egress.allow.is_empty(), "an empty allow list");
+    }
+    assert!(egress.allow.len() <= 64);
+    for (i, r) in egress.allow.iter().enumerate() {
+        assert!(!egress.allow[..i].contains(r), "duplicate rule {r:?}");
+        assert!(r.host.is_empty() != r.cidr.is_empty(), "{r:?}");
+        assert!(r.ports.len() <= 32);
+        assert!(
+            r.ports.windows(2).all(|w| w[0] < w[1])
+                && r.ports.iter().all(|p| (1..=65535).contains(p)),
+            "ports {:?}",
+            r.ports
+        );
+        if r.host.is_empty() {
+            let (addr, len) = r
+                .cidr
+                .split_once('/')
+                .expect("a canonical CIDR has a length");
+            let ip: IpAddr = addr.parse().expect("a CIDR's address parses");
+            let len: u8 = len.parse().expect("a CIDR's length parses");
+            assert_eq!(ip.to_string(), addr, "canonical address spelling");
+            assert!(!inside_forbidden(ip, len), "forbidden rule {}", r.cidr);
+        } else {
+            assert!(
+                !r.host.ends_with('.')
+                    && r.host.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || matches!(b, b'-' | b'.' | b'*' | b'?')),
+                "host pattern {:?}",
+                r.host
+            );
+        }
+    }
+
+    // Lifetimes: all four set, none longer than the team's; copy limit set
+    // and within the team's.
+    let l = h.lifetime.as_ref().expect("hardened lifetime is set");
+    let idle = l.idle_timeout_seconds.expect("idle timeout set");
+    let cpu = l.idle_cpu_percent.expect("idle CPU threshold set");
+    let lifetime = l.lifetime_seconds.expect("lifetime set");
+    let max = l.max_lifetime_seconds.expect("max lifetime set");
+    assert!(within(idle, limits.idle_timeout), "idle timeout {idle}");
+    assert!(
+        cpu >= limits.idle_cpu_percent && cpu <= 100.0,
+        "idle CPU threshold {cpu}"
+    );
+    assert!(within(max, limits.max_lifetime), "max lifetime {max}");
+    assert!(within(lifetime, max), "lifetime {lifetime} above {max}");
+    let copy = h.copy_limit_mb.expect("copy limit set");
+    assert!(
+        (1..=limits.copy_limit_mb).contains(&copy),
+        "copy limit {copy}"
+    );
 
     // What is signed is what is applied: the digest survives transport.
     let bytes = h.encode_to_vec();

@@ -95,7 +95,7 @@ async fn raw_create(ctx: &Ctx, like: &Environment) -> anyhow::Result<Duration> {
     let subnet = free_subnet(d).await?;
 
     let t = Instant::now();
-    d.create_network(docker::network_request(&target, subnet))
+    d.create_network(docker::network_request(&target, subnet, false))
         .await?;
     for volume in docker::volume_requests(&target, &spec) {
         d.create_volume(volume).await?;

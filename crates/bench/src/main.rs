@@ -2,7 +2,8 @@
 //! from the same build, on a temporary data directory and ephemeral ports)
 //! and measures what a user feels, each figure next to a baseline measured
 //! in the same run on the same machine: create-to-running, unary RPCs,
-//! policy decisions, exec round trips, log streaming, density, and the
+//! policy decisions, exec round trips, log streaming, port forwarding,
+//! density, and the
 //! audit log's durable appends and chain verification, and the cost of
 //! verifying a token (normal, worst accepted, hostile refused).
 //!
@@ -16,6 +17,7 @@ mod create;
 mod ctx;
 mod density;
 mod exec;
+mod forward;
 mod logs;
 mod platform;
 mod policy;
@@ -35,7 +37,7 @@ use crate::platform::Platform;
 use crate::report::{Figure, Machine, Report, Section};
 
 const SECTIONS: &[&str] = &[
-    "create", "rpc", "exec", "policy", "logs", "density", "audit", "token",
+    "create", "rpc", "exec", "policy", "logs", "forward", "density", "audit", "token",
 ];
 
 /// Benchmarks of the whole platform next to same-run baselines.
@@ -43,7 +45,7 @@ const SECTIONS: &[&str] = &[
 #[command(name = "vibebox-bench")]
 struct Args {
     /// Sections to run (comma separated): create, rpc, exec, policy, logs,
-    /// density, audit, token. Default: all.
+    /// forward, density, audit, token. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Creates through the gateway (and raw Docker creates) to time.
@@ -67,6 +69,15 @@ struct Args {
     /// Times the whole log is read on each path.
     #[arg(long, default_value_t = 3)]
     log_rounds: usize,
+    /// MiB of each port-forward bulk transfer (each way).
+    #[arg(long, default_value_t = 64)]
+    forward_mib: usize,
+    /// Bulk transfers each way and direction through port-forward and direct.
+    #[arg(long, default_value_t = 3)]
+    forward_rounds: usize,
+    /// 64-byte echo round trips through port-forward and direct.
+    #[arg(long, default_value_t = 400)]
+    forward_round_trips: usize,
     /// Idle environments of the density run.
     #[arg(long, default_value_t = 100)]
     density: usize,
@@ -272,6 +283,14 @@ async fn platform_sections(
         )
         .await;
     }
+    if args.wants("forward") {
+        let s = forward::ForwardSettings {
+            mib: args.forward_mib,
+            rounds: args.forward_rounds,
+            round_trips: args.forward_round_trips,
+        };
+        section(sections, "forward", forward::run(&ctx, s)).await;
+    }
     if let Some(env) = &main_env {
         ctx.delete(&env.id).await?;
     }
@@ -292,7 +311,7 @@ async fn run(args: Args, run_id: String, docker: bollard::Docker) -> anyhow::Res
     let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let machine = Machine::describe(&docker).await;
     let mut sections = Vec::new();
-    let platform_wanted = SECTIONS[..6].iter().any(|s| args.wants(s));
+    let platform_wanted = SECTIONS[..7].iter().any(|s| args.wants(s));
     if platform_wanted {
         if let Err(e) = platform_sections(&args, &run_id, &docker, &mut sections).await {
             eprintln!("vibebox-bench: the platform run stopped: {e:#}");
@@ -334,6 +353,9 @@ async fn run(args: Args, run_id: String, docker: bollard::Docker) -> anyhow::Res
             "exec_round_trips": args.exec_round_trips,
             "log_mib": args.log_mib,
             "log_rounds": args.log_rounds,
+            "forward_mib": args.forward_mib,
+            "forward_rounds": args.forward_rounds,
+            "forward_round_trips": args.forward_round_trips,
             "density": args.density,
             "density_concurrency": args.density_concurrency,
             "audit_appends": args.audit_appends,

@@ -92,6 +92,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Inside the helper image this executable is the gate (see vibebox-gate).
+    vibebox_gate::dispatch();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,7 +7,11 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
-use vibebox_proto::environment::{ContainerSpec, Device, Mount, MountType, PortMapping};
+use vibebox_policy::duration::Seconds;
+use vibebox_policy::egress::Mode;
+use vibebox_proto::environment::{
+    ContainerSpec, Device, Egress, EgressMode, EgressRule, Lifetime, Mount, MountType, PortMapping,
+};
 
 /// A container spec as written by users.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -70,6 +74,53 @@ pub(crate) struct SpecFile {
     pub(crate) pids_limit: Option<i64>,
     #[serde(default)]
     pub(crate) ports: Vec<PortFile>,
+    /// Outbound access to ask for (at most what policy allows); absent:
+    /// the policy's decision for the team.
+    #[serde(default)]
+    pub(crate) egress: Option<EgressFile>,
+    /// Idle stop and lifetime to ask for (at most policy's); absent fields:
+    /// the policy's values.
+    #[serde(default)]
+    pub(crate) lifetime: Option<LifetimeFile>,
+    /// Largest archive one copy may move, in MiB (at most policy's).
+    #[serde(default)]
+    pub(crate) copy_limit_mb: Option<i64>,
+}
+
+/// `[egress]`: `mode = "none" | "allow-list" | "internet"` and `allow`
+/// rules `{ host = "*.github.com", ports = [443] }` or `{ cidr = "203.0.113.0/24" }`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EgressFile {
+    pub(crate) mode: Mode,
+    #[serde(default)]
+    pub(crate) allow: Vec<EgressRuleFile>,
+}
+
+/// One allowed destination: `host` or `cidr`, and `ports` (empty: any).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EgressRuleFile {
+    #[serde(default)]
+    pub(crate) host: String,
+    #[serde(default)]
+    pub(crate) cidr: String,
+    #[serde(default)]
+    pub(crate) ports: Vec<u32>,
+}
+
+/// `[lifetime]`: durations as `"30m"`, `"8h"`, `"7d"` or `"never"`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LifetimeFile {
+    #[serde(default)]
+    pub(crate) idle_timeout: Option<Seconds>,
+    #[serde(default)]
+    pub(crate) idle_cpu_percent: Option<f64>,
+    #[serde(default)]
+    pub(crate) lifetime: Option<Seconds>,
+    #[serde(default)]
+    pub(crate) max_lifetime: Option<Seconds>,
 }
 
 /// A mount: `type` is bind, volume or tmpfs.
@@ -187,10 +238,29 @@ impl SpecFile {
                 })
                 .collect(),
             entrypoint: self.entrypoint.clone(),
-            // Egress, lifetime and copy limits: spec-file support comes with #17.
-            egress: None,
-            lifetime: None,
-            copy_limit_mb: None,
+            egress: self.egress.as_ref().map(|e| Egress {
+                mode: match e.mode {
+                    Mode::None => EgressMode::None,
+                    Mode::AllowList => EgressMode::AllowList,
+                    Mode::Internet => EgressMode::Internet,
+                } as i32,
+                allow: e
+                    .allow
+                    .iter()
+                    .map(|r| EgressRule {
+                        host: r.host.clone(),
+                        cidr: r.cidr.clone(),
+                        ports: r.ports.clone(),
+                    })
+                    .collect(),
+            }),
+            lifetime: self.lifetime.as_ref().map(|l| Lifetime {
+                idle_timeout_seconds: l.idle_timeout.map(|d| d.0),
+                idle_cpu_percent: l.idle_cpu_percent,
+                lifetime_seconds: l.lifetime.map(|d| d.0),
+                max_lifetime_seconds: l.max_lifetime.map(|d| d.0),
+            }),
+            copy_limit_mb: self.copy_limit_mb,
         })
     }
 }
@@ -244,6 +314,87 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused() {
         assert!(toml::from_str::<SpecFile>("image = \"x\"\nimagee = 1").is_err());
+        for bad in [
+            "image = \"x\"\n[egress]\nmode = \"open\"",
+            "image = \"x\"\n[egress]\nallow = []",
+            "image = \"x\"\n[egress]\nmode = \"none\"\nextra = 1",
+            "image = \"x\"\n[egress]\nmode = \"allow-list\"\nallow = [{ hosts = \"a.com\" }]",
+            "image = \"x\"\n[lifetime]\nidle_timeout = 1800",
+            "image = \"x\"\n[lifetime]\nidle_timeout = \"1.5h\"",
+            "image = \"x\"\n[lifetime]\nidle = \"1h\"",
+        ] {
+            assert!(toml::from_str::<SpecFile>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn egress_lifetime_and_copy_limit_map_to_proto() {
+        let spec: SpecFile = toml::from_str(
+            r#"
+            image = "busybox"
+            copy_limit_mb = 64
+            [egress]
+            mode = "allow-list"
+            allow = [
+                { host = "*.github.com", ports = [443] },
+                { cidr = "203.0.113.0/24", ports = [80, 443] },
+            ]
+            [lifetime]
+            idle_timeout = "30m"
+            lifetime = "8h"
+            max_lifetime = "never"
+            "#,
+        )
+        .unwrap();
+        let p = spec.to_proto().unwrap();
+        assert_eq!(
+            p.egress,
+            Some(Egress {
+                mode: EgressMode::AllowList as i32,
+                allow: vec![
+                    EgressRule {
+                        host: "*.github.com".into(),
+                        cidr: String::new(),
+                        ports: vec![443],
+                    },
+                    EgressRule {
+                        host: String::new(),
+                        cidr: "203.0.113.0/24".into(),
+                        ports: vec![80, 443],
+                    },
+                ],
+            })
+        );
+        assert_eq!(
+            p.lifetime,
+            Some(Lifetime {
+                idle_timeout_seconds: Some(1800),
+                idle_cpu_percent: None,
+                lifetime_seconds: Some(28_800),
+                max_lifetime_seconds: Some(0),
+            })
+        );
+        assert_eq!(p.copy_limit_mb, Some(64));
+        // JSON spells them the same way.
+        let json: SpecFile = serde_json::from_str(
+            r#"{"image": "busybox", "egress": {"mode": "internet"},
+                "lifetime": {"idle_timeout": "1h"}}"#,
+        )
+        .unwrap();
+        let p = json.to_proto().unwrap();
+        assert_eq!(p.egress.unwrap().mode, EgressMode::Internet as i32);
+        assert_eq!(p.lifetime.unwrap().idle_timeout_seconds, Some(3600));
+        // Absent sections leave the policy to decide.
+        let p = toml::from_str::<SpecFile>("image = \"x\"")
+            .unwrap()
+            .to_proto()
+            .unwrap();
+        assert_eq!((p.egress, p.lifetime, p.copy_limit_mb), (None, None, None));
+        let p = toml::from_str::<SpecFile>("image = \"x\"\n[egress]\nmode = \"none\"")
+            .unwrap()
+            .to_proto()
+            .unwrap();
+        assert_eq!(p.egress.unwrap().mode, EgressMode::None as i32);
     }
 
     #[test]

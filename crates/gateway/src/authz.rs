@@ -69,8 +69,24 @@ pub(crate) const TABLE: &[(&str, Access)] = &[
         Access::Operation("environment.exec"),
     ),
     (
+        "/vibebox.environment.v1.EnvironmentService/PortForward",
+        Access::Operation("environment.port_forward"),
+    ),
+    (
         "/vibebox.environment.v1.EnvironmentService/StreamStats",
         Access::Operation("environment.stats"),
+    ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/CopyTo",
+        Access::Operation("environment.copy_to"),
+    ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/CopyFrom",
+        Access::Operation("environment.copy_from"),
+    ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/ExtendEnvironment",
+        Access::Operation("environment.extend"),
     ),
     // vibebox.identity.v1.IdentityService
     (

@@ -52,7 +52,8 @@ const FEED_SILENCE: Duration = Duration::from_secs(3);
 
 /// The state-changing calls: one that ends without a change mark leaves the
 /// replica unable to vouch for anything until the next mark.
-const CHANGING_METHODS: [&str; 5] = [
+const CHANGING_METHODS: [&str; 6] = [
+    "/vibebox.internal.runtime.v1.RuntimeService/ExtendEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/CreateEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/StartEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/StopEnvironment",

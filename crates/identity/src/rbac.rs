@@ -56,7 +56,11 @@ pub const OPERATIONS: &[&str] = &[
     "environment.delete",
     "environment.logs",
     "environment.exec",
+    "environment.port_forward",
     "environment.stats",
+    "environment.copy_to",
+    "environment.copy_from",
+    "environment.extend",
     "identity.whoami",
     "identity.user.create",
     "identity.user.list",
@@ -116,6 +120,10 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
         | "environment.stop"
         | "environment.restart"
         | "environment.exec"
+        | "environment.copy_to"
+        | "environment.copy_from"
+        | "environment.port_forward"
+        | "environment.extend"
         | "environment.delete" => {
             if let Some(d) = needs_team() {
                 return d;
@@ -251,6 +259,29 @@ mod tests {
             &env("other"),
         );
         assert!(d.allowed());
+    }
+
+    #[test]
+    fn copying_files_is_for_the_owner_or_a_team_admin_like_exec() {
+        for op in ["environment.copy_to", "environment.copy_from"] {
+            let allowed = |role, owner| decide(op, &subject(role), &env(owner)).allowed();
+            assert!(allowed(Some(TeamRole::Developer), "me"), "{op}: owner");
+            assert!(allowed(Some(TeamRole::Admin), "other"), "{op}: team admin");
+            assert!(!allowed(Some(TeamRole::Developer), "other"), "{op}: not owner");
+            assert!(!allowed(Some(TeamRole::Viewer), "me"), "{op}: viewer");
+            assert!(!allowed(None, "me"), "{op}: other team");
+        }
+    }
+
+    #[test]
+    fn extending_is_for_the_owner_or_a_team_admin_like_stop() {
+        let allowed =
+            |role, owner| decide("environment.extend", &subject(role), &env(owner)).allowed();
+        assert!(allowed(Some(TeamRole::Developer), "me"), "owner");
+        assert!(allowed(Some(TeamRole::Admin), "other"), "team admin");
+        assert!(!allowed(Some(TeamRole::Developer), "other"), "not owner");
+        assert!(!allowed(Some(TeamRole::Viewer), "me"), "viewer");
+        assert!(!allowed(None, "me"), "other team");
     }
 
     #[test]

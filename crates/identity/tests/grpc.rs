@@ -388,6 +388,7 @@ async fn role_table_is_enforced() {
         ("environment.restart", [1, 1, 0, 0, 0, 0, 0]),
         ("environment.exec", [1, 1, 0, 0, 0, 0, 0]),
         ("environment.delete", [1, 1, 0, 0, 0, 0, 0]),
+        ("environment.extend", [1, 1, 0, 0, 0, 0, 0]),
         ("identity.member.add", [1, 0, 0, 0, 0, 0, 1]),
         ("identity.member.set_role", [1, 0, 0, 0, 0, 0, 1]),
         ("identity.member.remove", [1, 0, 0, 0, 0, 0, 1]),

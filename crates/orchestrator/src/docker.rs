@@ -324,8 +324,9 @@ pub fn platform_labels(t: &Target<'_>) -> HashMap<String, String> {
 }
 
 /// The isolated network: internal (no route out), no inter-container traffic,
-/// on its own subnet.
-pub fn network_request(t: &Target<'_>, subnet: Cidr) -> NetworkCreateRequest {
+/// on its own subnet. `gated`: the environment has an egress gate on it,
+/// which must reach the environment (and nothing else is on the network).
+pub fn network_request(t: &Target<'_>, subnet: Cidr, gated: bool) -> NetworkCreateRequest {
     NetworkCreateRequest {
         name: network_name(t.environment_id),
         driver: Some("bridge".into()),
@@ -344,7 +345,7 @@ pub fn network_request(t: &Target<'_>, subnet: Cidr) -> NetworkCreateRequest {
             // No traffic between containers on the bridge...
             (
                 "com.docker.network.bridge.enable_icc".to_string(),
-                "false".to_string(),
+                gated.to_string(),
             ),
             // ...and no address of the host on it: `internal` only stops
             // forwarding, so without this a container reaches every host

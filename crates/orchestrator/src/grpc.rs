@@ -96,6 +96,17 @@ impl From<Error> for Status {
             e @ Error::Audit(_) => status::unavailable("audit outbox", &e),
             e @ Error::Keys(_) => status::unavailable("policy clearance keys", &e),
             e @ Error::SimulatedCrash => status::internal(&e),
+            e @ Error::Egress(_) => status::unavailable("egress gate", &e),
+            Error::LifetimeCeiling { latest, max } => status::precondition_failure(
+                &format!(
+                    "cannot extend past the maximum lifetime of {max}: the latest possible time is {latest}"
+                ),
+                &[(
+                    "lifetime.max_lifetime",
+                    "duration",
+                    &format!("the latest possible time is {latest}"),
+                )],
+            ),
         }
     }
 }
@@ -138,13 +149,15 @@ fn state_pb(state: State) -> env_pb::EnvironmentState {
 
 /// The wire form of a record.
 pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
+    let spec = Orchestrator::spec_of(r);
+    let idle_stop_time = crate::lifecycle::idle_stop_at(r, &spec, None).map(ts_ms);
     env_pb::Environment {
         id: r.id.clone(),
         team_id: r.team_id.clone(),
         owner_id: r.owner_id.clone(),
         name: r.name.clone(),
         state: state_pb(r.state) as i32,
-        spec: Some(Orchestrator::spec_of(r)),
+        spec: Some(spec),
         policy_version: r.policy_version.clone(),
         policy_digest: r.policy_digest.clone(),
         create_time: Some(ts_ms(r.create_time_ms)),
@@ -152,11 +165,12 @@ pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
         failure_reason: r.failure_reason.clone(),
         status_message: r.status_message.clone(),
         canonical_image: r.canonical_image.clone(),
-        // Idle stop and lifetime: filled in by the lifecycle work (#17).
-        stop_reason: String::new(),
-        last_activity_time: None,
-        idle_stop_time: None,
-        expire_time: None,
+        // Idle stop and lifetime (see `crate::lifecycle`): the persisted
+        // activity, at most one sweep behind.
+        stop_reason: r.stop_reason.clone(),
+        last_activity_time: r.last_activity_ms.map(ts_ms),
+        idle_stop_time,
+        expire_time: r.expire_at_ms.map(ts_ms),
     }
 }
 
@@ -171,6 +185,23 @@ fn caller_of<T>(req: &Request<T>, c: Option<&vibebox_proto::runtime::Caller>) ->
         .unwrap_or_default();
     if caller.request_id.is_empty() {
         caller.request_id = vibebox_server_kit::request_id(req).unwrap_or_default();
+    }
+    caller
+}
+
+/// The caller of a stream's first message (the request id from the
+/// metadata when it carries none).
+fn caller_of_stream(c: Option<vibebox_proto::runtime::Caller>, request_id: String) -> Caller {
+    let mut caller = c
+        .map(|c| Caller {
+            user_id: c.user_id,
+            token_id: c.token_id,
+            request_id: c.request_id,
+            client_address: c.client_address,
+        })
+        .unwrap_or_default();
+    if caller.request_id.is_empty() {
+        caller.request_id = request_id;
     }
     caller
 }
@@ -200,16 +231,29 @@ pub struct RuntimeHandler {
     /// shuts down, so that its graceful drain does not wait for them.
     shutdown: CancellationToken,
     feed_delay: std::time::Duration,
+    /// CopyTo and CopyFrom (`crate::copy`).
+    copier: crate::copy::Copier,
 }
 
 impl RuntimeHandler {
     /// A handler over `orchestrator`.
     pub fn new(orchestrator: Orchestrator, shutdown: CancellationToken) -> Self {
+        let copier = crate::copy::Copier::new(
+            orchestrator.clone(),
+            std::env::temp_dir().join("vibebox-orchestrator-spool"),
+        );
         RuntimeHandler {
             orchestrator,
             shutdown,
             feed_delay: std::time::Duration::ZERO,
+            copier,
         }
+    }
+
+    /// Spools CopyTo archives in `dir` (the data directory's `spool`).
+    pub fn spool_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.copier = crate::copy::Copier::new(self.orchestrator.clone(), dir);
+        self
     }
 
     /// Holds every change on the environment feed back by `delay` (tests).
@@ -539,8 +583,11 @@ impl RuntimeService for RuntimeHandler {
             .orchestrator
             .stats(&r.environment_id, r.one_shot)
             .await?;
-        let out = stream.map(|item| {
+        let orchestrator = self.orchestrator.clone();
+        let env = r.environment_id.clone();
+        let out = stream.map(move |item| {
             let s = item?;
+            let (allowed, denied) = orchestrator.egress_counts(&env);
             Ok(StreamStatsResponse {
                 sample: Some(env_pb::StreamStatsResponse {
                     time: s.time.map(|t| prost_types::Timestamp {
@@ -553,8 +600,8 @@ impl RuntimeService for RuntimeHandler {
                     pids: s.pids,
                     network_rx_bytes: s.network_rx_bytes,
                     network_tx_bytes: s.network_tx_bytes,
-                    egress_allowed_connections: 0,
-                    egress_denied_connections: 0,
+                    egress_allowed_connections: allowed,
+                    egress_denied_connections: denied,
                 }),
             })
         });
@@ -565,32 +612,162 @@ impl RuntimeService for RuntimeHandler {
 
     async fn port_forward(
         &self,
-        _request: Request<Streaming<PortForwardRequest>>,
+        request: Request<Streaming<PortForwardRequest>>,
     ) -> Result<Response<Self::PortForwardStream>, Status> {
-        Err(Status::unimplemented("PortForward is not available yet"))
+        use crate::forward::{ForwardInput, ForwardOutput};
+        use env_pb::{port_forward_request, port_forward_response};
+        let request_id = vibebox_server_kit::request_id(&request).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| vibebox_server_kit::status::invalid_field("start", "missing"))?;
+        let mut caller = caller_of(&Request::new(()), first.caller.as_ref());
+        if caller.request_id.is_empty() {
+            caller.request_id = request_id;
+        }
+        let Some(port_forward_request::Message::Start(start)) =
+            first.request.and_then(|r| r.message)
+        else {
+            return Err(vibebox_server_kit::status::invalid_field(
+                "start",
+                "the first message must be start",
+            ));
+        };
+        let input = inbound.filter_map(|m| async move {
+            let message = match m {
+                Ok(m) => m.request?.message?,
+                Err(_) => return Some(ForwardInput::Aborted),
+            };
+            Some(match message {
+                port_forward_request::Message::Data(b) => ForwardInput::Data(b.into()),
+                port_forward_request::Message::CloseWrite(_) => ForwardInput::CloseWrite,
+                port_forward_request::Message::Start(_) => ForwardInput::Invalid {
+                    field: "start",
+                    reason: "only the first message may be start".into(),
+                },
+            })
+        });
+        let stream = self
+            .orchestrator
+            .port_forward(&caller, &start.environment_id, start.port, Box::pin(input))
+            .await?;
+        let out = stream.map(|item| {
+            let message = match item? {
+                ForwardOutput::Ready => port_forward_response::Message::Ready(true),
+                ForwardOutput::Data(b) => port_forward_response::Message::Data(b.to_vec()),
+            };
+            Ok(PortForwardResponse {
+                response: Some(env_pb::PortForwardResponse {
+                    message: Some(message),
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn copy_to(
         &self,
-        _request: Request<Streaming<CopyToRequest>>,
+        request: Request<Streaming<CopyToRequest>>,
     ) -> Result<Response<CopyToResponse>, Status> {
-        Err(Status::unimplemented("CopyTo is not available yet"))
+        let request_id = vibebox_server_kit::request_id(&request).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| vibebox_server_kit::status::invalid_field("start", "missing"))?;
+        let caller = caller_of_stream(first.caller, request_id);
+        let Some(env_pb::copy_to_request::Message::Start(start)) =
+            first.request.and_then(|r| r.message)
+        else {
+            return Err(vibebox_server_kit::status::invalid_field(
+                "start",
+                "the first message must be start",
+            ));
+        };
+        // A broken client stream is an error, never the end of the archive.
+        let input = inbound.map(|item| match item {
+            Ok(m) => match m.request.and_then(|r| r.message) {
+                Some(env_pb::copy_to_request::Message::Data(data)) => Ok(bytes::Bytes::from(data)),
+                Some(env_pb::copy_to_request::Message::Start(_)) => {
+                    Err(crate::copy::CopyError::Invalid {
+                        field: "start",
+                        reason: "only the first message may be start".into(),
+                    })
+                }
+                None => Ok(bytes::Bytes::new()),
+            },
+            Err(status) => Err(crate::copy::CopyError::Cancelled(
+                status.message().to_owned(),
+            )),
+        });
+        // Runs to its end (upload and audit) even if the caller goes away.
+        let copier = self.copier.clone();
+        let copied = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                copier
+                    .copy_to(&caller, &start.environment_id, &start.path, input)
+                    .await
+            },
+            tracing::Span::current(),
+        ))
+        .await
+        .map_err(|e| vibebox_server_kit::status::internal(&e))?;
+        let bytes = copied?;
+        Ok(Response::new(CopyToResponse {
+            response: Some(env_pb::CopyToResponse { bytes }),
+        }))
     }
 
     type CopyFromStream = RpcStream<CopyFromResponse>;
 
     async fn copy_from(
         &self,
-        _request: Request<CopyFromRequest>,
+        request: Request<CopyFromRequest>,
     ) -> Result<Response<Self::CopyFromStream>, Status> {
-        Err(Status::unimplemented("CopyFrom is not available yet"))
+        let request_id = vibebox_server_kit::request_id(&request).unwrap_or_default();
+        let r = request.into_inner();
+        let caller = caller_of_stream(r.caller, request_id);
+        let req = r.request.unwrap_or_default();
+        let stream = self
+            .copier
+            .copy_from(&caller, &req.environment_id, &req.path)
+            .await?;
+        let out = stream.map(|item| {
+            Ok(CopyFromResponse {
+                response: Some(env_pb::CopyFromResponse {
+                    data: item?.to_vec(),
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn extend_environment(
         &self,
-        _request: Request<ExtendEnvironmentRequest>,
+        request: Request<ExtendEnvironmentRequest>,
     ) -> Result<Response<ExtendEnvironmentResponse>, Status> {
-        Err(Status::unimplemented("ExtendEnvironment is not available yet"))
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let r = request.into_inner().request.unwrap_or_default();
+        let duration = r
+            .duration
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+            .ok_or_else(|| {
+                vibebox_server_kit::status::invalid_field(
+                    "duration",
+                    "must be a positive duration between 1m and 7 days",
+                )
+            })?;
+        let orchestrator = self.orchestrator.clone();
+        let rec = to_completion(async move {
+            orchestrator
+                .extend(&caller, &r.environment_id, duration)
+                .await
+        })
+        .await;
+        self.marked(rec.map(|rec| ExtendEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
     }
 }
 

@@ -6,6 +6,9 @@
 //! - [`service`]: clearance checks, provisioning and lifecycle;
 //! - [`runtime`]: the seam between them and one container engine;
 //! - [`streams`]: logs, exec, stats;
+//! - [`forward`]: port forwarding through a forwarder container that
+//!   shares the environment's network namespace;
+//! - [`copy`]: files in and out (CopyTo, CopyFrom) over the archive API;
 //! - [`reconcile`]: orphans, lost containers, drift, interrupted operations;
 //! - [`docker`]: spec -> hardened Docker objects, and the drift comparison;
 //! - [`store`]: records and used clearances (sea-orm);
@@ -14,17 +17,23 @@
 //! - [`audit`]: audit events; [`grpc`]: the RuntimeService adapter;
 //! - [`feed`]: the change feed the gateway's replica follows;
 //! - [`lease`]: one orchestrator per database;
+//! - [`lifecycle`]: activity sessions, idle stop, lifetimes and extensions;
 //! - [`hooks`] and [`testkit`] (feature `test-hooks` only): crash points, a
 //!   held-back feed, the test image, signed clearances and a loopback harness.
 
 pub mod admission;
 pub mod audit;
+pub mod copy;
 pub mod docker;
+pub mod egress;
 pub mod feed;
+pub mod forward;
 pub mod grpc;
+pub mod helper_image;
 pub mod hooks;
 pub mod keys;
 pub mod lease;
+pub mod lifecycle;
 pub mod reconcile;
 pub mod runtime;
 pub mod service;
@@ -45,6 +54,7 @@ use vibebox_proto::runtime::runtime_service_server::RuntimeServiceServer;
 use vibebox_server_kit::{ServerArgs, ServerBuilder, ServiceConfig};
 
 pub use hooks::CrashPoint;
+pub use lifecycle::ActivityGuard;
 pub use service::Orchestrator;
 
 /// The service name (mTLS identity, audit source, logs).
@@ -90,6 +100,9 @@ pub struct Config {
     /// Seconds between reconcile passes (0: only at start).
     #[arg(long, env = "VIBEBOX_RECONCILE_INTERVAL", default_value_t = 30)]
     pub reconcile_interval: u64,
+    /// Time between lifecycle sweeps (idle stop, lifetime expiry), e.g. 30s or 500ms (0: off).
+    #[arg(long, env = "VIBEBOX_LIFECYCLE_INTERVAL", default_value = "30s", value_parser = lifecycle::parse_interval)]
+    pub lifecycle_interval: Duration,
     /// Address pool environment networks get their subnets from.
     #[arg(long, env = "VIBEBOX_SUBNET_POOL", default_value = "10.213.0.0/16")]
     pub subnet_pool: String,
@@ -121,6 +134,18 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub docker_labels: Vec<String>,
+    /// The outbound networks egress gates join, comma separated; the first gives them their default route (each created as a plain bridge when missing; never removed). Point it at networks of your own to give environments a different way out.
+    #[arg(long, env = "VIBEBOX_EGRESS_NETWORK", default_value = "vibebox-egress", value_delimiter = ',')]
+    pub egress_network: Vec<String>,
+    /// Upstream DNS servers of the egress gates (IP:PORT, comma separated; default: the engine's resolver as the gates see it).
+    #[arg(long, env = "VIBEBOX_EGRESS_DNS", value_delimiter = ',')]
+    pub egress_dns: Vec<std::net::SocketAddr>,
+    /// Address ranges no environment may reach whatever its rules say (for example the engine host's public addresses), comma separated. Loopback, link-local, metadata and the environments' own pool are always refused.
+    #[arg(long, env = "VIBEBOX_EGRESS_DENY", value_delimiter = ',')]
+    pub egress_deny: Vec<ipnet::IpNet>,
+    /// The VibeBox executable the helper image (egress gates, port forwarding) is built from (default: this one).
+    #[arg(long, env = "VIBEBOX_HELPER_EXECUTABLE")]
+    pub helper_executable: Option<PathBuf>,
     #[command(flatten)]
     pub docker: DockerEndpoint,
     /// Test hook: every change on the environment feed is held back this
@@ -261,7 +286,8 @@ fn runtime_handler(
     orchestrator: Orchestrator,
     shutdown: CancellationToken,
 ) -> grpc::RuntimeHandler {
-    let handler = grpc::RuntimeHandler::new(orchestrator, shutdown);
+    let handler = grpc::RuntimeHandler::new(orchestrator, shutdown)
+        .spool_dir(config.server.data_dir.join("spool"));
     #[cfg(feature = "test-hooks")]
     let handler = handler.feed_delay(config.feed_delay);
     #[cfg(not(feature = "test-hooks"))]
@@ -342,6 +368,12 @@ pub async fn build(config: &Config) -> anyhow::Result<Orchestrator> {
             .collect(),
         extra_labels,
         default_stop_timeout: config.stop_timeout,
+        egress: egress::EgressSettings {
+            networks: config.egress_network.clone(),
+            dns: config.egress_dns.clone(),
+            deny: config.egress_deny.clone(),
+            helper_executable: config.helper_executable.clone(),
+        },
     };
     Ok(Orchestrator::new(
         docker,
@@ -365,6 +397,8 @@ pub fn spawn_reconciler(
                 Ok(r) => tracing::debug!(?r, "reconcile pass"),
                 Err(e) => tracing::warn!(error = %e, "reconcile pass failed"),
             }
+            // The lifecycle sweeper starts after the first pass.
+            orchestrator.mark_reconciled();
             if interval.is_zero() {
                 return;
             }
@@ -462,7 +496,14 @@ async fn run_holding(
         Duration::from_secs(config.reconcile_interval),
         shutdown.clone(),
     );
+    let sweeper = lifecycle::spawn_sweeper(
+        orchestrator.clone(),
+        config.lifecycle_interval,
+        shutdown.clone(),
+    );
+    egress::spawn_gate_watch(orchestrator.clone(), shutdown.clone());
     let result = serve(orchestrator, &config, listener, shutdown).await;
+    sweeper.abort();
     reconciler.abort();
     exit_on_loss.abort();
     drop(lease);

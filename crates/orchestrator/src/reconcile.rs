@@ -35,6 +35,9 @@ struct Found {
     env: String,
     running: bool,
     restarting: bool,
+    /// A platform container beside the environment (its egress gate or
+    /// port forwarder), not the environment's own.
+    helper: bool,
 }
 
 /// How the failure reason of an environment quarantined for drift begins.
@@ -91,23 +94,33 @@ impl Orchestrator {
 
         // Docker objects first, records second: a record is committed before
         // any of its objects exists, so every listed object's record is seen.
-        let containers: Vec<Found> = docker
+        let listed = docker
             .list_containers(Some(
                 ListContainersOptionsBuilder::new()
                     .all(true)
                     .filters(&filters)
                     .build(),
             ))
-            .await?
+            .await?;
+        // Port-forward forwarders beside an environment are not its
+        // container (nor impostors): kept while it runs, removed below
+        // otherwise.
+        let forwarders = crate::forward::forwarders_in(&listed);
+        let containers: Vec<Found> = listed
             .into_iter()
+            .filter(|c| !crate::forward::is_forwarder(c))
             .filter_map(|c| {
                 let env = c.labels.as_ref()?.get(labels::ENVIRONMENT)?.clone();
+                let helper = c.labels.as_ref()?.get(crate::egress::ROLE_LABEL).is_some_and(|role| {
+                    role == crate::egress::GATE_ROLE || role == crate::forward::FORWARDER_ROLE
+                });
                 let state = c.state.map(|s| s.to_string()).unwrap_or_default();
                 Some(Found {
                     id: c.id?,
                     env,
                     running: state == "running",
                     restarting: state == "restarting",
+                    helper,
                 })
             })
             .collect();
@@ -163,6 +176,11 @@ impl Orchestrator {
                 tracing::warn!(environment = %rec.id, error = %e, "reconcile of environment failed");
             }
         }
+
+        self.sweep_forwarders(&forwarders, |env| {
+            busy.contains(env) || by_id.get(env).is_some_and(|r| r.state == State::Running)
+        })
+        .await;
 
         // Orphans: labelled objects without a live record.
         let holds_objects = |env: &str| {
@@ -277,7 +295,10 @@ impl Orchestrator {
             tracing::warn!(environment = %rec.id, error = %e, "drift event not recorded yet");
         }
 
-        let mine: Vec<&Found> = containers.iter().filter(|c| c.env == rec.id).collect();
+        let mine: Vec<&Found> = containers
+            .iter()
+            .filter(|c| c.env == rec.id && !c.helper)
+            .collect();
         let expected_id = rec.container_id.clone().unwrap_or_default();
         let current = mine.iter().find(|c| c.id == expected_id);
         let impostors: Vec<&&Found> = mine.iter().filter(|c| c.id != expected_id).collect();

@@ -80,9 +80,18 @@ pub enum Error {
     /// The clearance key ring is too old to trust (policy unreachable).
     #[error(transparent)]
     Keys(#[from] crate::keys::StaleKeys),
+    /// An extension past the longest lifetime the environment's policy
+    /// allows (`latest`: the latest possible time, RFC 3339).
+    #[error(
+        "cannot extend past the maximum lifetime of {max}: the latest possible time is {latest}"
+    )]
+    LifetimeCeiling { latest: String, max: String },
     /// A create stopped at a test crash point (as if the process was killed).
     #[error("simulated crash (test hook)")]
     SimulatedCrash,
+    /// The environment's egress gate could not be set up.
+    #[error("egress gate: {0}")]
+    Egress(String),
 }
 
 /// Result alias of this module.
@@ -127,6 +136,8 @@ pub struct Settings {
     pub health_cmd: Vec<String>,
     pub extra_labels: Vec<(String, String)>,
     pub default_stop_timeout: u32,
+    /// Egress gates: outbound network, resolvers, ranges never reached.
+    pub egress: crate::egress::EgressSettings,
 }
 
 /// A create, as the gateway asks for it.
@@ -155,6 +166,10 @@ pub(crate) struct Inner {
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     host_memory: i64,
     hooks: Hooks,
+    /// Open sessions and recent activity (idle stop, see [`crate::lifecycle`]).
+    pub(crate) activity: Arc<crate::lifecycle::Activity>,
+    /// Egress gates being followed and their counts (see [`crate::egress`]).
+    pub(crate) gates: crate::egress::GateState,
 }
 
 /// The orchestrator (cheap to clone).
@@ -246,6 +261,8 @@ impl Orchestrator {
                 locks: std::sync::Mutex::new(HashMap::new()),
                 host_memory,
                 hooks: Hooks::from_env(),
+                activity: Arc::default(),
+                gates: Default::default(),
             }),
         })
     }
@@ -307,12 +324,16 @@ impl Orchestrator {
     }
 
     pub(crate) fn body_of(&self, rec: &EnvRecord) -> Result<bollard::models::ContainerCreateBody> {
-        Ok(docker::container_body(
+        let mut body = docker::container_body(
             &Self::spec_of(rec),
             &rec.canonical_image,
             &self.target(rec),
             &self.inner.settings.health_cmd,
-        )?)
+        )?;
+        if let Some(gate) = Self::gate_of(rec) {
+            crate::egress::apply_to_body(&mut body, gate);
+        }
+        Ok(body)
     }
 
     /// A record of this installation.
@@ -464,6 +485,10 @@ impl Orchestrator {
             status_message: "admitted".into(),
             create_time_ms: now,
             update_time_ms: now,
+            stop_reason: String::new(),
+            last_activity_ms: Some(now),
+            keep_alive_until_ms: None,
+            expire_at_ms: crate::lifecycle::expire_at(&spec, now),
         };
         // A spec the orchestrator refuses to apply fails before admission,
         // and so does a bind source that does not hold on the host.
@@ -647,8 +672,9 @@ impl Orchestrator {
                 .as_deref()
                 .and_then(|s| s.parse().ok())
                 .ok_or(Error::SubnetsExhausted)?;
+            let gated = Self::gate_of(&rec).is_some();
             match runtime
-                .create_network(docker::network_request(&self.target(&rec), subnet))
+                .create_network(docker::network_request(&self.target(&rec), subnet, gated))
                 .await
             {
                 Ok(_) => break,
@@ -665,6 +691,13 @@ impl Orchestrator {
             }
         }
         self.crash_at(CrashPoint::AfterNetwork)?;
+        if Self::gate_of(&rec).is_some() {
+            self.inner
+                .store
+                .set_status_message(&rec.id, "starting the egress gate")
+                .await?;
+            self.gate_up(&rec).await?;
+        }
 
         self.inner
             .store
@@ -778,10 +811,12 @@ impl Orchestrator {
     /// name and by label), tolerating ones already gone.
     pub(crate) async fn remove_objects(&self, rec: &EnvRecord) -> Result<()> {
         let runtime = self.inner.runtime.as_ref();
+        self.remove_forwarder(&rec.id).await?;
         if let Some(id) = &rec.container_id {
             remove_container(runtime, id).await?;
         }
         remove_container(runtime, &docker::container_name(&rec.id)).await?;
+        self.gate_remove(&rec.id).await?;
         tolerate(runtime.remove_network(&docker::network_name(&rec.id)).await)?;
         for volume in docker::volume_requests(&self.target(rec), &Self::spec_of(rec)) {
             let name = volume.name.unwrap_or_default();
@@ -801,6 +836,7 @@ impl Orchestrator {
         let done = async {
             Self::runnable(&rec, "start")?;
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
+            self.gate_up(&rec).await?;
             // A refusal of the spec (a mount the runtime cannot make now,
             // ...) is the caller's to fix, as on create.
             tolerate_304(self.inner.runtime.start_container(&cid).await)
@@ -820,11 +856,11 @@ impl Orchestrator {
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
             let t = i32::try_from(t).unwrap_or(i32::MAX);
-            Ok(tolerate_304(
-                self.inner.runtime.stop_container(&cid, t).await,
-            )?)
+            tolerate_304(self.inner.runtime.stop_container(&cid, t).await)?;
+            self.gate_stop(&rec).await
         }
         .await;
+        self.remove_forwarder_logged(id).await;
         self.settle("environment.stop", caller, &rec, done, State::Stopped)
             .await
     }
@@ -843,6 +879,7 @@ impl Orchestrator {
             let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
             let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
             let t = i32::try_from(t).unwrap_or(i32::MAX);
+            self.gate_up(&rec).await?;
             self.inner
                 .runtime
                 .restart_container(&cid, t)
@@ -850,6 +887,8 @@ impl Orchestrator {
                 .map_err(|e| self.engine_error(&rec, e))
         }
         .await;
+        // The restarted container has a new network namespace.
+        self.remove_forwarder_logged(id).await;
         self.settle("environment.restart", caller, &rec, done, State::Running)
             .await
     }
@@ -880,9 +919,12 @@ impl Orchestrator {
         let result = done.map(|()| rec.clone());
         self.audit_op(action, Some(caller), rec, &result).await?;
         result?;
+        // A person's start, stop or restart clears the platform's stop
+        // reason; a start is activity (the idle clock starts over).
+        let started = (state == State::Running).then(store::now_ms);
         self.inner
             .store
-            .set_state(&rec.id, state, None, None)
+            .set_state_reason(&rec.id, state, "", started, None)
             .await?;
         self.get(&rec.id).await
     }
@@ -916,13 +958,26 @@ impl Orchestrator {
         if Self::drift_event_pending(rec) {
             self.record_drift(rec, &rec.failure_reason).await?;
         }
+        // A person's delete clears the platform's stop reason; the
+        // platform's (lifetime) keeps it.
+        let stop_reason = match caller {
+            Some(_) => "",
+            None => rec.stop_reason.as_str(),
+        };
         self.inner
             .store
-            .set_state(&rec.id, State::Deleting, None, Some("deleting"))
+            .set_state_reason(
+                &rec.id,
+                State::Deleting,
+                stop_reason,
+                None,
+                Some("deleting"),
+            )
             .await?;
         self.remove_objects(rec).await?;
         let details = match caller {
             Some(_) => vec![],
+            None if !rec.stop_reason.is_empty() => vec![("reason", rec.stop_reason.clone())],
             None => vec![("reason", "interrupted; finished by reconcile".to_owned())],
         };
         self.inner

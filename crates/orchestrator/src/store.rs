@@ -4,10 +4,11 @@
 //! Every state transition is written here before it is acted on in Docker, so
 //! that reconcile can finish or roll back whatever a crash interrupted.
 
-use sea_orm::sea_query::{Expr, Index};
+use sea_orm::sea_query::{Expr, ExprTrait, Index};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
+    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
+    Statement,
 };
 
 /// Errors of the store.
@@ -96,6 +97,21 @@ pub mod environment {
         /// Milliseconds since the Unix epoch.
         pub create_time_ms: i64,
         pub update_time_ms: i64,
+        /// Why the platform stopped or deleted the environment (idle,
+        /// lifetime); empty when a person did, or while it runs.
+        #[sea_orm(default_value = "")]
+        pub stop_reason: String,
+        /// The last activity persisted (exec, port-forward or copy session,
+        /// CPU above the idle threshold), ms since the epoch.
+        #[sea_orm(nullable)]
+        pub last_activity_ms: Option<i64>,
+        /// An extension keeps the environment from going idle until then.
+        #[sea_orm(nullable)]
+        pub keep_alive_until_ms: Option<i64>,
+        /// When the environment is deleted (its lifetime, maybe extended);
+        /// `None`: never.
+        #[sea_orm(nullable)]
+        pub expire_at_ms: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -220,6 +236,16 @@ impl Store {
         self.db.execute(t.if_not_exists()).await?;
         let mut t = schema.create_table_from_entity(used_clearance::Entity);
         self.db.execute(t.if_not_exists()).await?;
+        // Columns added after the table was first created (idle stop and
+        // lifetimes): added in place to a table an earlier version made.
+        for column in [
+            environment::Column::StopReason,
+            environment::Column::LastActivityMs,
+            environment::Column::KeepAliveUntilMs,
+            environment::Column::ExpireAtMs,
+        ] {
+            self.add_column_if_missing(&schema, column).await?;
+        }
         let idx = Index::create()
             .if_not_exists()
             .name("orchestrator_environments_request")
@@ -238,6 +264,51 @@ impl Store {
             .unique()
             .to_owned();
         self.db.execute(&idx).await?;
+        Ok(())
+    }
+
+    /// The columns the environments table has now.
+    async fn environment_columns(&self) -> Result<Vec<String>> {
+        let backend = self.db.get_database_backend();
+        let sql = match backend {
+            DbBackend::Postgres => {
+                "SELECT column_name AS name FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = 'orchestrator_environments'"
+            }
+            _ => "SELECT name FROM pragma_table_info('orchestrator_environments')",
+        };
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(backend, sql))
+            .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String>("", "name")?))
+            .collect()
+    }
+
+    /// Adds a column of the entity to an existing environments table (a
+    /// portable `ALTER TABLE ... ADD COLUMN`, with the entity's default for
+    /// the rows already there).
+    async fn add_column_if_missing(
+        &self,
+        schema: &Schema,
+        column: environment::Column,
+    ) -> Result<()> {
+        let name = sea_orm::IdenStatic::as_str(&column).to_owned();
+        if self.environment_columns().await?.contains(&name) {
+            return Ok(());
+        }
+        let mut def = schema.get_column_def::<environment::Entity>(column);
+        let alter = sea_orm::sea_query::Table::alter()
+            .table(environment::Entity)
+            .add_column(&mut def)
+            .to_owned();
+        if let Err(e) = self.db.execute(&alter).await {
+            // Another process may have added it meanwhile.
+            if !self.environment_columns().await?.contains(&name) {
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 
@@ -420,7 +491,32 @@ impl Store {
         failure_reason: Option<&str>,
         status_message: Option<&str>,
     ) -> Result<()> {
-        self.update_state(id, state, failure_reason, status_message, false)
+        self.update_state(
+            id,
+            state,
+            failure_reason,
+            status_message,
+            Lifecycle::default(),
+        )
+        .await
+    }
+
+    /// Sets the state with the platform's reason for it (empty: a person
+    /// asked) and, when given, the last activity (a start is activity).
+    pub async fn set_state_reason(
+        &self,
+        id: &str,
+        state: State,
+        stop_reason: &str,
+        last_activity_ms: Option<i64>,
+        status_message: Option<&str>,
+    ) -> Result<()> {
+        let lifecycle = Lifecycle {
+            stop_reason: Some(stop_reason),
+            last_activity_ms,
+            release_subnet: false,
+        };
+        self.update_state(id, state, None, status_message, lifecycle)
             .await
     }
 
@@ -436,7 +532,11 @@ impl Store {
         status_message: Option<&str>,
     ) -> Result<()> {
         debug_assert!(matches!(state, State::Deleted | State::Failed));
-        self.update_state(id, state, failure_reason, status_message, true)
+        let lifecycle = Lifecycle {
+            release_subnet: true,
+            ..Lifecycle::default()
+        };
+        self.update_state(id, state, failure_reason, status_message, lifecycle)
             .await
     }
 
@@ -447,8 +547,13 @@ impl Store {
         state: State,
         failure_reason: Option<&str>,
         status_message: Option<&str>,
-        release_subnet: bool,
+        lifecycle: Lifecycle<'_>,
     ) -> Result<()> {
+        let Lifecycle {
+            stop_reason,
+            last_activity_ms,
+            release_subnet,
+        } = lifecycle;
         let mut q = environment::Entity::update_many()
             .col_expr(environment::Column::State, Expr::value(state))
             .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
@@ -457,6 +562,12 @@ impl Store {
         }
         if let Some(m) = status_message {
             q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
+        }
+        if let Some(r) = stop_reason {
+            q = q.col_expr(environment::Column::StopReason, Expr::value(r));
+        }
+        if let Some(t) = last_activity_ms {
+            q = q.col_expr(environment::Column::LastActivityMs, Expr::value(Some(t)));
         }
         if release_subnet {
             q = q.col_expr(
@@ -495,6 +606,98 @@ impl Store {
         Ok(())
     }
 
+    /// Records the platform's reason on a record (before it acts on it).
+    pub async fn set_stop_reason(&self, id: &str, stop_reason: &str) -> Result<()> {
+        environment::Entity::update_many()
+            .col_expr(environment::Column::StopReason, Expr::value(stop_reason))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        self.changes.publish(id);
+        Ok(())
+    }
+
+    /// Moves the last activity of records forward to `at` (never back).
+    /// Returns how many records changed.
+    pub async fn record_activity(&self, ids: &[String], at: i64) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        // Bounded statements (a parameter per id).
+        for chunk in ids.chunks(500) {
+            let behind = environment::Column::LastActivityMs
+                .is_null()
+                .or(environment::Column::LastActivityMs.lt(at));
+            let changed_ids: Vec<String> = environment::Entity::find()
+                .select_only()
+                .column(environment::Column::Id)
+                .filter(environment::Column::Id.is_in(chunk.iter().cloned()))
+                .filter(behind.clone())
+                .into_tuple::<String>()
+                .all(&self.db)
+                .await?;
+            if changed_ids.is_empty() {
+                continue;
+            }
+            let done = environment::Entity::update_many()
+                .col_expr(environment::Column::LastActivityMs, Expr::value(Some(at)))
+                .filter(environment::Column::Id.is_in(changed_ids.iter().cloned()))
+                .filter(behind)
+                .exec(&self.db)
+                .await?;
+            changed += done.rows_affected;
+            for id in &changed_ids {
+                self.changes.publish(id);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Sets the keep-alive and expiry of a record (an extension).
+    pub async fn set_deadlines(
+        &self,
+        id: &str,
+        keep_alive_until_ms: Option<i64>,
+        expire_at_ms: Option<i64>,
+    ) -> Result<()> {
+        environment::Entity::update_many()
+            .col_expr(
+                environment::Column::KeepAliveUntilMs,
+                Expr::value(keep_alive_until_ms),
+            )
+            .col_expr(environment::Column::ExpireAtMs, Expr::value(expire_at_ms))
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        self.changes.publish(id);
+        Ok(())
+    }
+
+    /// Records of this installation the lifecycle sweeper looks at: running
+    /// ones (idle stop) and settled ones with an expiry (lifetime).
+    pub async fn lifecycle_candidates(&self, installation: &str) -> Result<Vec<EnvRecord>> {
+        let settled = [
+            State::Running,
+            State::Stopped,
+            State::Failed,
+            State::Quarantined,
+        ];
+        Ok(environment::Entity::find()
+            .filter(environment::Column::InstallationId.eq(installation))
+            .filter(
+                environment::Column::State
+                    .eq(State::Running)
+                    .or(environment::Column::State
+                        .is_in(settled)
+                        .and(environment::Column::ExpireAtMs.is_not_null())),
+            )
+            .all(&self.db)
+            .await?)
+    }
+
     /// Replaces the subnet of a record (`None` releases it).
     pub async fn set_subnet(&self, id: &str, subnet: Option<&str>) -> Result<()> {
         environment::Entity::update_many()
@@ -509,4 +712,12 @@ impl Store {
         self.changes.publish(id);
         Ok(())
     }
+}
+
+/// The lifecycle columns one state change also writes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lifecycle<'a> {
+    stop_reason: Option<&'a str>,
+    last_activity_ms: Option<i64>,
+    release_subnet: bool,
 }

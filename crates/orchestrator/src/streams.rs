@@ -262,6 +262,8 @@ impl Orchestrator {
         }
         let rec = self.get(&start.environment_id).await?;
         let cid = self.container_of(&start.environment_id).await?;
+        // An open exec is activity: the environment is not idle until it ends.
+        let session = self.session(&rec.id);
         let command = start.command.join(" ");
         self.audit()
             .record(Event {
@@ -415,6 +417,7 @@ impl Orchestrator {
                     Err(e) => Err(Error::Audit(e)),
                 };
                 let _ = tx.send(last).await;
+                drop(session);
             },
             span,
         ));

@@ -65,6 +65,11 @@ impl Cidr {
     }
 
     /// The first usable address, used as the gateway.
+    /// The last address before the broadcast address.
+    pub fn last_host(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.end() - 1)
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.start() + 1)
     }

@@ -1,14 +1,20 @@
 //! The policy document (TOML): every knob with its secure default built in,
-//! team overlays that can only tighten, validation, the canonical text and
-//! digest, and the compiled [`Rules`] the engine evaluates against.
+//! team overlays that can only tighten (except `egress`, which a team
+//! overlay replaces), validation, the canonical text and digest, and the
+//! compiled [`Rules`] the engine evaluates against.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::duration::{self, Seconds};
+use crate::egress::{self, Destination, Mode, Problem};
 use crate::image::{ImageError, ImagePattern, ListKind};
 use crate::path;
+
+/// The largest copy limit a policy may set, in MiB (1 TiB).
+pub const MAX_COPY_LIMIT_MB: i64 = 1 << 20;
 
 /// Host paths whose bind mount is always denied (with everything below them
 /// and every directory above them, so `/` and `/var` are covered), whatever
@@ -78,7 +84,14 @@ pub struct PolicyDocument {
     pub sysctls: SysctlSection,
     pub resources: ResourceSection,
     pub filesystem: FilesystemSection,
-    /// Team overlays by team id; they can only tighten.
+    /// Outbound access: the default and the ceiling for environments.
+    pub egress: EgressSection,
+    /// Idle stop and lifetimes.
+    pub lifetime: LifetimeSection,
+    /// File copy (`CopyTo`, `CopyFrom`).
+    pub files: FilesSection,
+    /// Team overlays by team id; they can only tighten, except `egress`,
+    /// which replaces the base section for that team.
     pub teams: BTreeMap<String, TeamOverlay>,
 }
 
@@ -161,8 +174,86 @@ pub struct FilesystemSection {
     pub workspace_path: String,
 }
 
+/// Outbound access (`[egress]`, `[teams.<id>.egress]`): the mode an
+/// environment gets when its spec asks for nothing, and the widest it may
+/// ask for. See [`crate::egress`] for the rules' grammar and address classes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSection {
+    /// `"none"` (default), `"allow-list"` or `"internet"`.
+    pub mode: Mode,
+    /// For `allow-list`: the destinations. For `internet`: private ranges
+    /// it may reach besides every public destination. Empty for `none`.
+    pub allow: Vec<EgressRuleEntry>,
+}
+
+/// One allowed destination: exactly one of `host` (pattern) and `cidr`,
+/// with `ports` (empty: any port).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRuleEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u32>,
+}
+
+/// Idle stop and lifetimes (`[lifetime]`). Durations are strings: `"30m"`,
+/// `"8h"`, `"7d"`, `"never"` (or `"0"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifetimeSection {
+    /// Stop an environment idle this long (its workspace is kept). A
+    /// request may ask for less, never more.
+    pub idle_timeout: Seconds,
+    /// CPU use (percent of one core) under which an environment counts as
+    /// idle. A request may raise it (up to 100), never lower it.
+    pub idle_cpu_percent: f64,
+    /// Delete an environment this long after its creation (workspace
+    /// included), unless the request asks otherwise within `max_lifetime`.
+    pub lifetime: Seconds,
+    /// The longest lifetime a request or `ExtendEnvironment` may reach.
+    pub max_lifetime: Seconds,
+}
+
+/// File copy (`[files]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesSection {
+    /// Largest archive one `CopyTo` or `CopyFrom` may move, in MiB.
+    pub copy_limit_mb: i64,
+}
+
+/// A team's `[teams.<id>.lifetime]`: each value at most the base's
+/// (`never` is the longest; `idle_cpu_percent` at least the base's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifetimeOverlay {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Seconds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_cpu_percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<Seconds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<Seconds>,
+}
+
+/// A team's `[teams.<id>.files]`: at most the base's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesOverlay {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_limit_mb: Option<i64>,
+}
+
 /// A team's tightening of the base policy. Every field is optional; a value
-/// looser than the base makes the document invalid.
+/// looser than the base makes the document invalid. The one exception is
+/// `egress`: it **replaces** the base `[egress]` section for the team and
+/// may be wider (the document is the platform admin's: a fresh install
+/// gives no outbound access and a team's overlay opens what it needs).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TeamOverlay {
@@ -191,6 +282,15 @@ pub struct TeamOverlay {
     pub max_pids: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_mounts: Option<u32>,
+    /// Replaces the base `[egress]` for this team (may widen it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressSection>,
+    /// Tightens the base `[lifetime]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<LifetimeOverlay>,
+    /// Tightens the base `[files]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesOverlay>,
 }
 
 impl Default for PolicyDocument {
@@ -205,6 +305,9 @@ impl Default for PolicyDocument {
             sysctls: SysctlSection::default(),
             resources: ResourceSection::default(),
             filesystem: FilesystemSection::default(),
+            egress: EgressSection::default(),
+            lifetime: LifetimeSection::default(),
+            files: FilesSection::default(),
             teams: BTreeMap::new(),
         }
     }
@@ -261,6 +364,25 @@ impl Default for FilesystemSection {
         Self {
             read_only_root: false,
             workspace_path: "/workspace".into(),
+        }
+    }
+}
+
+impl Default for LifetimeSection {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Seconds(2 * 3600),
+            idle_cpu_percent: 5.0,
+            lifetime: Seconds::NEVER,
+            max_lifetime: Seconds::NEVER,
+        }
+    }
+}
+
+impl Default for FilesSection {
+    fn default() -> Self {
+        Self {
+            copy_limit_mb: 1024,
         }
     }
 }
@@ -323,6 +445,17 @@ pub struct Rules {
     pub(crate) max_pids: i64,
     pub(crate) read_only_root: bool,
     pub(crate) workspace_path: String,
+    pub(crate) egress_mode: Mode,
+    /// Canonical (sorted, unique).
+    pub(crate) egress_allow: Vec<Destination>,
+    /// Seconds; 0 = never.
+    pub(crate) idle_timeout: u32,
+    pub(crate) idle_cpu_percent: f64,
+    /// Seconds; 0 = never; at most `max_lifetime`.
+    pub(crate) lifetime: u32,
+    /// Seconds; 0 = unlimited.
+    pub(crate) max_lifetime: u32,
+    pub(crate) copy_limit_mb: i64,
 }
 
 /// Which team overlays a `GetPolicy` caller may see.
@@ -555,6 +688,30 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
     let mut allow_sysctls = doc.sysctls.allow.clone();
     allow_sysctls.sort();
     allow_sysctls.dedup();
+    let (egress_mode, egress_allow) = compile_egress("egress", &doc.egress)?;
+    let l = &doc.lifetime;
+    if !cpu_percent_ok(l.idle_cpu_percent) {
+        return Err(invalid(
+            "lifetime.idle_cpu_percent",
+            "must be a number in (0, 100]",
+        ));
+    }
+    if !duration::at_most(l.lifetime.0, l.max_lifetime.0) {
+        return Err(invalid(
+            "lifetime.lifetime",
+            format!(
+                "{} exceeds max_lifetime {} (never is longer than any duration)",
+                l.lifetime, l.max_lifetime
+            ),
+        ));
+    }
+    let copy_limit_mb = doc.files.copy_limit_mb;
+    if !(1..=MAX_COPY_LIMIT_MB).contains(&copy_limit_mb) {
+        return Err(invalid(
+            "files.copy_limit_mb",
+            format!("must be in 1..={MAX_COPY_LIMIT_MB}"),
+        ));
+    }
     Ok(Rules {
         allow: patterns("images.allow", &doc.images.allow, ListKind::Allow)?,
         team_allow: Vec::new(),
@@ -580,7 +737,60 @@ fn compile_base(doc: &PolicyDocument) -> Result<Rules, DocumentError> {
         max_pids: r.max_pids,
         read_only_root: doc.filesystem.read_only_root,
         workspace_path,
+        egress_mode,
+        egress_allow,
+        idle_timeout: l.idle_timeout.0,
+        idle_cpu_percent: l.idle_cpu_percent,
+        lifetime: l.lifetime.0,
+        max_lifetime: l.max_lifetime.0,
+        copy_limit_mb,
     })
+}
+
+/// An idle CPU threshold a policy may set: in (0, 100].
+pub(crate) fn cpu_percent_ok(p: f64) -> bool {
+    p.is_finite() && p > 0.0 && p <= 100.0
+}
+
+/// Validates an `[egress]` section (`field` is its path in the document):
+/// every rule as [`egress::destination`] wants it (forbidden destinations
+/// included: the document refuses to load), what its mode allows its list
+/// to hold, and returns the canonical (sorted, unique) list.
+fn compile_egress(
+    field: &str,
+    section: &EgressSection,
+) -> Result<(Mode, Vec<Destination>), DocumentError> {
+    if section.allow.len() > egress::MAX_RULES {
+        return Err(invalid(
+            format!("{field}.allow"),
+            format!("at most {} rules", egress::MAX_RULES),
+        ));
+    }
+    let mut allow = Vec::with_capacity(section.allow.len());
+    for (i, entry) in section.allow.iter().enumerate() {
+        let rule = egress::destination(
+            entry.host.as_deref().unwrap_or_default(),
+            entry.cidr.as_deref().unwrap_or_default(),
+            &entry.ports,
+        )
+        .map_err(|problem| match problem {
+            Problem::Invalid { part, message } => {
+                let at = if part.is_empty() {
+                    format!("{field}.allow[{i}]")
+                } else {
+                    format!("{field}.allow[{i}].{part}")
+                };
+                invalid(at, message)
+            }
+            Problem::Forbidden { message } => invalid(format!("{field}.allow[{i}].cidr"), message),
+        })?;
+        allow.push(rule);
+    }
+    egress::check_mode(section.mode, &allow).map_err(|(at, message)| match at {
+        Some(i) => invalid(format!("{field}.allow[{i}]"), message),
+        None => invalid(format!("{field}.allow"), message),
+    })?;
+    Ok((section.mode, egress::canonical(allow)))
 }
 
 fn compile_overlay(base: &Rules, team: &str, o: &TeamOverlay) -> Result<Rules, DocumentError> {
@@ -696,6 +906,82 @@ fn compile_overlay(base: &Rules, team: &str, o: &TeamOverlay) -> Result<Rules, D
             ));
         }
         rules.max_mounts = v as usize;
+    }
+    if let Some(section) = &o.egress {
+        // The one overlay that replaces rather than tightens.
+        let (mode, allow) = compile_egress(&format!("teams.{team}.egress"), section)?;
+        rules.egress_mode = mode;
+        rules.egress_allow = allow;
+    }
+    if let Some(l) = &o.lifetime {
+        let longer = |field: &'static str, value: Seconds, base: u32| {
+            loosens(
+                field,
+                format!(
+                    "{value} is longer than the base policy's {}",
+                    duration::format(base)
+                ),
+            )
+        };
+        if let Some(v) = l.idle_timeout {
+            if !duration::at_most(v.0, base.idle_timeout) {
+                return Err(longer("lifetime.idle_timeout", v, base.idle_timeout));
+            }
+            rules.idle_timeout = v.0;
+        }
+        if let Some(v) = l.idle_cpu_percent {
+            if !cpu_percent_ok(v) {
+                return Err(invalid(
+                    format!("teams.{team}.lifetime.idle_cpu_percent"),
+                    "must be a number in (0, 100]",
+                ));
+            }
+            if v < base.idle_cpu_percent {
+                return Err(loosens(
+                    "lifetime.idle_cpu_percent",
+                    format!(
+                        "{v} is below the base policy's {} (a lower threshold keeps \
+                         environments awake longer)",
+                        base.idle_cpu_percent
+                    ),
+                ));
+            }
+            rules.idle_cpu_percent = v;
+        }
+        if let Some(v) = l.max_lifetime {
+            if !duration::at_most(v.0, base.max_lifetime) {
+                return Err(longer("lifetime.max_lifetime", v, base.max_lifetime));
+            }
+            rules.max_lifetime = v.0;
+        }
+        match l.lifetime {
+            Some(v) => {
+                if !duration::at_most(v.0, base.lifetime) {
+                    return Err(longer("lifetime.lifetime", v, base.lifetime));
+                }
+                if !duration::at_most(v.0, rules.max_lifetime) {
+                    return Err(invalid(
+                        format!("teams.{team}.lifetime.lifetime"),
+                        format!(
+                            "{v} exceeds the team's max_lifetime {}",
+                            duration::format(rules.max_lifetime)
+                        ),
+                    ));
+                }
+                rules.lifetime = v.0;
+            }
+            // The base default, within the team's ceiling.
+            None => rules.lifetime = duration::shorter(rules.lifetime, rules.max_lifetime),
+        }
+    }
+    if let Some(v) = o.files.as_ref().and_then(|f| f.copy_limit_mb) {
+        if !(1..=base.copy_limit_mb).contains(&v) {
+            return Err(loosens(
+                "files.copy_limit_mb",
+                format!("must be in 1..={}", base.copy_limit_mb),
+            ));
+        }
+        rules.copy_limit_mb = v;
     }
     Ok(rules)
 }
@@ -816,5 +1102,453 @@ mod visibility_tests {
         assert!(!none.contains("alpha") && !none.contains("beta"));
         let unknown = p.text_for(&Visible::Teams(vec!["gamma".into()])).unwrap();
         assert_eq!(unknown, none);
+    }
+}
+
+#[cfg(test)]
+mod egress_lifetime_tests {
+    use super::*;
+    use crate::egress::Target;
+
+    #[track_caller]
+    fn refused(doc: &str, needles: &[&str]) {
+        let err = Policy::from_toml(doc)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {doc}"))
+            .to_string();
+        for n in needles {
+            assert!(err.contains(n), "{doc}\n-> {err}\n(expected {n:?})");
+        }
+    }
+
+    #[test]
+    fn the_builtin_gives_no_egress_a_2h_idle_stop_no_lifetime_and_1_gib_copies() {
+        let p = Policy::builtin();
+        let r = p.rules_for("");
+        assert_eq!(r.egress_mode, Mode::None);
+        assert!(r.egress_allow.is_empty());
+        assert_eq!(r.idle_timeout, 7200);
+        assert_eq!(r.idle_cpu_percent, 5.0);
+        assert_eq!((r.lifetime, r.max_lifetime), (0, 0));
+        assert_eq!(r.copy_limit_mb, 1024);
+        // GetPolicy's text shows every new section with its defaults.
+        for line in [
+            "[egress]\nmode = \"none\"\nallow = []",
+            "[lifetime]\nidle_timeout = \"2h\"\nidle_cpu_percent = 5.0\nlifetime = \"never\"\nmax_lifetime = \"never\"",
+            "[files]\ncopy_limit_mb = 1024",
+        ] {
+            assert!(p.text().contains(line), "{line}\nnot in\n{}", p.text());
+        }
+    }
+
+    #[test]
+    fn egress_sections_compile_to_canonical_rules() {
+        let p = Policy::from_toml(
+            r#"
+            [egress]
+            mode = "allow-list"
+            allow = [
+                { host = "Packages.Example.com.", ports = [443, 80, 443] },
+                { cidr = "203.0.113.0/24", ports = [443] },
+                { host = "*.github.com" },
+                { cidr = "2001:DB8::/32" },
+                { host = "*.github.com" },
+                { cidr = "10.20.0.0/16", ports = [5432] },
+            ]
+            "#,
+        )
+        .unwrap();
+        let r = p.rules_for("anyone");
+        assert_eq!(r.egress_mode, Mode::AllowList);
+        let shown: Vec<String> = r.egress_allow.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "*.github.com",
+                "packages.example.com port 80,443",
+                "10.20.0.0/16 port 5432",
+                "203.0.113.0/24 port 443",
+                "2001:db8::/32",
+            ]
+        );
+        // The canonical text keeps what the admin wrote (a fixed point).
+        let again = Policy::from_toml(p.text()).unwrap();
+        assert_eq!(again.text(), p.text());
+        assert_eq!(again.digest(), p.digest());
+        assert!(p.text().contains("Packages.Example.com."));
+        // Tables work as well as inline tables.
+        let tables =
+            "[egress]\nmode = \"internet\"\n[[egress.allow]]\ncidr = \"192.168.10.0/24\"\n";
+        let r = Policy::from_toml(tables).unwrap();
+        assert_eq!(r.rules_for("").egress_mode, Mode::Internet);
+        assert_eq!(
+            r.rules_for("").egress_allow[0].target,
+            Target::Cidr(crate::egress::Cidr::parse("192.168.10.0/24").unwrap())
+        );
+    }
+
+    #[test]
+    fn invalid_egress_sections_refuse_to_load() {
+        let many_rules = format!(
+            "[egress]\nmode = \"allow-list\"\nallow = [{}]",
+            (0..65)
+                .map(|i| format!("{{ host = \"h{i}.example.com\" }}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let many_ports = format!(
+            "[egress]\nmode = \"allow-list\"\nallow = [{{ host = \"a.com\", ports = [{}] }}]",
+            (1..=33)
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (doc, needles) in [
+            ("[egress]\nmode = \"open\"", &["unknown variant"][..]),
+            ("[egress]\nmode = \"ALLOW-LIST\"", &["unknown variant"]),
+            ("[egress]\nmodes = \"none\"", &["unknown field"]),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ hosts = \"a.com\" }]",
+                &["unknown field"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"",
+                &["egress.allow", "at least one rule"],
+            ),
+            (
+                "[egress]\nallow = [{ host = \"a.com\" }]",
+                &["egress.allow", "none"],
+            ),
+            (
+                "[egress]\nmode = \"internet\"\nallow = [{ host = \"a.com\" }]",
+                &["egress.allow[0]", "private ranges"],
+            ),
+            (
+                "[egress]\nmode = \"internet\"\nallow = [{ cidr = \"0.0.0.0/0\" }]",
+                &["egress.allow[0]", "private ranges"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"a.com\", cidr = \"203.0.113.0/24\" }]",
+                &["egress.allow[0]", "exactly one"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ ports = [443] }]",
+                &["egress.allow[0]", "exactly one"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"a..com\" }]",
+                &["egress.allow[0].host", "empty label"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"*\" }]",
+                &["egress.allow[0].host", "internet"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ cidr = \"203.0.113.9/24\" }]",
+                &["egress.allow[0].cidr", "203.0.113.0/24"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"a.com\", ports = [0] }]",
+                &["egress.allow[0].ports"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"a.com\", ports = [65536] }]",
+                &["egress.allow[0].ports"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ host = \"a.com\", ports = [-1] }]",
+                &["invalid value"],
+            ),
+            (many_rules.as_str(), &["egress.allow", "at most 64"]),
+            (
+                many_ports.as_str(),
+                &["egress.allow[0].ports", "at most 32"],
+            ),
+            (
+                "[egress]\nmode = \"allow-list\"\nallow = [{ cidr = \"::ffff:10.0.0.0/104\" }]",
+                &["egress.allow[0].cidr", "IPv4"],
+            ),
+        ] {
+            refused(doc, needles);
+        }
+    }
+
+    #[test]
+    fn forbidden_destinations_refuse_to_load_even_for_the_admin() {
+        for cidr in [
+            "127.0.0.0/8",
+            "127.0.0.1",
+            "169.254.169.254/32",
+            "169.254.0.0/16",
+            "0.0.0.0/8",
+            "224.0.0.0/4",
+            "255.255.255.255",
+            "::1",
+            "fe80::/10",
+            "ff02::/16",
+            "fd00:ec2::254",
+        ] {
+            for mode in ["allow-list", "internet"] {
+                refused(
+                    &format!("[egress]\nmode = \"{mode}\"\nallow = [{{ cidr = \"{cidr}\" }}]"),
+                    &["egress.allow[0].cidr", "never reachable"],
+                );
+                refused(
+                    &format!(
+                        "[teams.acme.egress]\nmode = \"{mode}\"\nallow = [{{ cidr = \"{cidr}\" }}]"
+                    ),
+                    &["teams.acme.egress.allow[0].cidr", "never reachable"],
+                );
+            }
+        }
+        // Private ranges are fine when a rule lies inside them, in both modes.
+        for cidr in [
+            "10.0.0.0/8",
+            "10.20.0.0/16",
+            "172.16.5.0/24",
+            "100.64.0.0/10",
+            "fd12::/16",
+        ] {
+            for mode in ["allow-list", "internet"] {
+                let doc = format!("[egress]\nmode = \"{mode}\"\nallow = [{{ cidr = \"{cidr}\" }}]");
+                assert!(Policy::from_toml(&doc).is_ok(), "{doc}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_team_egress_overlay_replaces_the_base_for_that_team_only() {
+        let doc = r#"
+            [egress]
+            mode = "none"
+            [teams.web.egress]
+            mode = "internet"
+            allow = [{ cidr = "10.20.0.0/16", ports = [5432] }]
+            [teams.ci.egress]
+            mode = "allow-list"
+            allow = [{ host = "*.github.com", ports = [443] }]
+            [teams.locked]
+            max_cpus = 1.0
+        "#;
+        let p = Policy::from_toml(doc).unwrap();
+        assert_eq!(p.rules_for("web").egress_mode, Mode::Internet);
+        assert_eq!(p.rules_for("web").egress_allow.len(), 1);
+        assert_eq!(p.rules_for("ci").egress_mode, Mode::AllowList);
+        assert_eq!(p.rules_for("locked").egress_mode, Mode::None);
+        assert_eq!(p.rules_for("other").egress_mode, Mode::None);
+        // Replacement, not a merge: a narrower team section drops the base rules.
+        let doc = r#"
+            [egress]
+            mode = "allow-list"
+            allow = [{ host = "*.github.com" }, { cidr = "203.0.113.0/24" }]
+            [teams.quiet.egress]
+            mode = "none"
+            [teams.pkg.egress]
+            mode = "allow-list"
+            allow = [{ host = "packages.example.com", ports = [443] }]
+        "#;
+        let p = Policy::from_toml(doc).unwrap();
+        assert_eq!(p.rules_for("quiet").egress_mode, Mode::None);
+        assert!(p.rules_for("quiet").egress_allow.is_empty());
+        let pkg: Vec<String> = p
+            .rules_for("pkg")
+            .egress_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(pkg, ["packages.example.com port 443"]);
+        assert_eq!(p.rules_for("").egress_allow.len(), 2);
+        // The overlay section is validated like the base one.
+        refused(
+            "[teams.x.egress]\nmode = \"allow-list\"",
+            &["teams.x.egress.allow", "at least one rule"],
+        );
+        refused(
+            "[teams.x.egress]\nmode = \"internet\"\nextra = 1",
+            &["unknown field"],
+        );
+    }
+
+    #[test]
+    fn lifetime_sections_validate() {
+        let p = Policy::from_toml(
+            "[lifetime]\nidle_timeout = \"30m\"\nidle_cpu_percent = 2.5\nlifetime = \"8h\"\nmax_lifetime = \"7d\"\n[files]\ncopy_limit_mb = 64\n",
+        )
+        .unwrap();
+        let r = p.rules_for("");
+        assert_eq!(
+            (
+                r.idle_timeout,
+                r.idle_cpu_percent,
+                r.lifetime,
+                r.max_lifetime
+            ),
+            (1800, 2.5, 28_800, 604_800)
+        );
+        assert_eq!(r.copy_limit_mb, 64);
+        assert!(p.text().contains("max_lifetime = \"7d\""));
+        // "0" is never, written back as "never".
+        let p = Policy::from_toml("[lifetime]\nidle_timeout = \"0\"").unwrap();
+        assert_eq!(p.rules_for("").idle_timeout, 0);
+        assert!(p.text().contains("idle_timeout = \"never\""));
+        assert_eq!(Policy::from_toml(p.text()).unwrap().digest(), p.digest());
+        for (doc, needles) in [
+            ("[lifetime]\nidle_timeout = 3600", &["duration string"][..]),
+            ("[lifetime]\nidle_timeout = \"1.5h\"", &["invalid duration"]),
+            ("[lifetime]\nidle = \"1h\"", &["unknown field"]),
+            (
+                "[lifetime]\nidle_cpu_percent = 0.0",
+                &["lifetime.idle_cpu_percent"],
+            ),
+            (
+                "[lifetime]\nidle_cpu_percent = 101.0",
+                &["lifetime.idle_cpu_percent"],
+            ),
+            (
+                "[lifetime]\nidle_cpu_percent = nan",
+                &["lifetime.idle_cpu_percent"],
+            ),
+            (
+                "[lifetime]\nlifetime = \"8d\"\nmax_lifetime = \"7d\"",
+                &["lifetime.lifetime", "max_lifetime"],
+            ),
+            (
+                "[lifetime]\nmax_lifetime = \"7d\"",
+                &["lifetime.lifetime", "never"],
+            ),
+            ("[files]\ncopy_limit_mb = 0", &["files.copy_limit_mb"]),
+            ("[files]\ncopy_limit_mb = -5", &["files.copy_limit_mb"]),
+            ("[files]\ncopy_limit_mb = 2000000", &["files.copy_limit_mb"]),
+            ("[files]\ncopy_limit = 5", &["unknown field"]),
+        ] {
+            refused(doc, needles);
+        }
+    }
+
+    #[test]
+    fn lifetime_and_files_overlays_only_tighten() {
+        let base = "[lifetime]\nidle_timeout = \"2h\"\nidle_cpu_percent = 5.0\nlifetime = \"1d\"\nmax_lifetime = \"7d\"\n";
+        let p = Policy::from_toml(&format!(
+            "{base}[teams.a.lifetime]\nidle_timeout = \"30m\"\nidle_cpu_percent = 10.0\nlifetime = \"8h\"\nmax_lifetime = \"2d\"\n[teams.a.files]\ncopy_limit_mb = 100\n"
+        ))
+        .unwrap();
+        let a = p.rules_for("a");
+        assert_eq!(
+            (
+                a.idle_timeout,
+                a.idle_cpu_percent,
+                a.lifetime,
+                a.max_lifetime,
+                a.copy_limit_mb
+            ),
+            (1800, 10.0, 28_800, 172_800, 100)
+        );
+        let b = p.rules_for("b");
+        assert_eq!(
+            (b.idle_timeout, b.lifetime, b.copy_limit_mb),
+            (7200, 86_400, 1024)
+        );
+        // A team ceiling below the base default lifetime lowers the default.
+        let p = Policy::from_toml(&format!(
+            "{base}[teams.a.lifetime]\nmax_lifetime = \"4h\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (p.rules_for("a").lifetime, p.rules_for("a").max_lifetime),
+            (14_400, 14_400)
+        );
+        // Under a base without limits, a team may set any.
+        let p = Policy::from_toml(
+            "[lifetime]\nidle_timeout = \"never\"\n[teams.a.lifetime]\nidle_timeout = \"12h\"\nmax_lifetime = \"30d\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.rules_for("a").idle_timeout,
+                p.rules_for("a").max_lifetime,
+                p.rules_for("a").lifetime
+            ),
+            (43_200, 2_592_000, 2_592_000)
+        );
+        for (overlay, field) in [
+            (
+                "[teams.a.lifetime]\nidle_timeout = \"3h\"",
+                "lifetime.idle_timeout",
+            ),
+            (
+                "[teams.a.lifetime]\nidle_timeout = \"never\"",
+                "lifetime.idle_timeout",
+            ),
+            (
+                "[teams.a.lifetime]\nidle_cpu_percent = 1.0",
+                "lifetime.idle_cpu_percent",
+            ),
+            ("[teams.a.lifetime]\nlifetime = \"2d\"", "lifetime.lifetime"),
+            (
+                "[teams.a.lifetime]\nlifetime = \"never\"",
+                "lifetime.lifetime",
+            ),
+            (
+                "[teams.a.lifetime]\nmax_lifetime = \"8d\"",
+                "lifetime.max_lifetime",
+            ),
+            (
+                "[teams.a.lifetime]\nmax_lifetime = \"never\"",
+                "lifetime.max_lifetime",
+            ),
+            (
+                "[teams.a.files]\ncopy_limit_mb = 2048",
+                "files.copy_limit_mb",
+            ),
+            ("[teams.a.files]\ncopy_limit_mb = 0", "files.copy_limit_mb"),
+        ] {
+            refused(&format!("{base}{overlay}\n"), &[field, "tighten"]);
+        }
+        // Consistent within the team: its lifetime within its own ceiling.
+        refused(
+            &format!("{base}[teams.a.lifetime]\nlifetime = \"12h\"\nmax_lifetime = \"6h\"\n"),
+            &["teams.a.lifetime.lifetime", "max_lifetime"],
+        );
+        refused(
+            &format!("{base}[teams.a.lifetime]\nidle_cpu_percent = 200.0\n"),
+            &["teams.a.lifetime.idle_cpu_percent"],
+        );
+        refused("[teams.a.lifetime]\nidle = \"1h\"", &["unknown field"]);
+        refused("[teams.a.files]\nlimit = 1", &["unknown field"]);
+        // Overlays round-trip through the canonical text.
+        let p = Policy::from_toml(&format!(
+            "{base}[teams.a.lifetime]\nidle_timeout = \"90m\"\n"
+        ))
+        .unwrap();
+        assert!(
+            p.text()
+                .contains("[teams.a.lifetime]\nidle_timeout = \"1h30m\""),
+            "{}",
+            p.text()
+        );
+        assert_eq!(Policy::from_toml(p.text()).unwrap().digest(), p.digest());
+    }
+}
+
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    /// The README's example policy file loads, and says what it claims.
+    #[test]
+    fn the_readme_example_is_a_valid_policy() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## The policy file")
+            .and_then(|at| readme[at..].find("```toml\n").map(|i| at + i + 8))
+            .expect("the README has an example policy file");
+        let end = start + readme[start..].find("```").unwrap();
+        let p = Policy::from_toml(&readme[start..end]).unwrap();
+        let team = p.rules_for("<team-id>");
+        assert_eq!(team.egress_mode, Mode::AllowList);
+        assert_eq!(team.egress_allow.len(), 5);
+        assert_eq!((team.idle_timeout, team.max_lifetime), (1800, 604_800));
+        assert_eq!(p.rules_for("<other-team>").egress_mode, Mode::Internet);
+        assert_eq!(p.rules_for("anyone").egress_mode, Mode::None);
     }
 }

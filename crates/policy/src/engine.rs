@@ -8,9 +8,15 @@
 
 use std::borrow::Cow;
 
-use vibebox_proto::environment::{ContainerSpec, Mount, MountType, PortMapping};
+use vibebox_proto::environment::{
+    ContainerSpec, Egress, EgressMode, EgressRule, Lifetime, Mount, MountType, PortMapping,
+};
 
-use crate::document::{DOCKER_SOCKETS, Rules, is_reserved_target, normalize_capability};
+use crate::document::{
+    DOCKER_SOCKETS, Rules, cpu_percent_ok, is_reserved_target, normalize_capability,
+};
+use crate::duration::{self, at_most};
+use crate::egress::{self, Destination, Mode, Problem};
 use crate::image::ImageRef;
 use crate::path;
 use crate::rules::{Kind, Rule, Severity};
@@ -130,6 +136,9 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     check_bind_identity(rules, spec, &user, &mut v);
     check_ports(rules, &spec.ports, &mut v);
     let (cpu, memory, pids) = check_resources(rules, spec, &mut v);
+    let egress = check_egress(rules, spec.egress.as_ref(), &mut v);
+    let lifetime = check_lifetime(rules, spec.lifetime.as_ref(), &mut v);
+    let copy_limit_mb = check_copy_limit(rules, spec.copy_limit_mb, &mut v);
     for key in spec.labels.keys() {
         let k = key.trim().to_ascii_lowercase();
         if k == "vibebox" || k.starts_with("vibebox.") {
@@ -186,6 +195,9 @@ pub fn evaluate(rules: &Rules, spec: &ContainerSpec) -> Outcome {
     hardened.memory_limit_mb = Some(memory);
     hardened.pids_limit = Some(pids);
     hardened.mounts = mounts;
+    hardened.egress = Some(egress);
+    hardened.lifetime = Some(lifetime);
+    hardened.copy_limit_mb = Some(copy_limit_mb);
     if !hardened
         .mounts
         .iter()
@@ -788,4 +800,249 @@ fn check_resources(rules: &Rules, spec: &ContainerSpec, v: &mut Vec<Violation>) 
         Some(p) => p,
     };
     (cpu, memory, pids)
+}
+
+fn proto_mode(mode: Mode) -> EgressMode {
+    match mode {
+        Mode::None => EgressMode::None,
+        Mode::AllowList => EgressMode::AllowList,
+        Mode::Internet => EgressMode::Internet,
+    }
+}
+
+/// The contract's form of a canonical decision.
+fn proto_egress(mode: Mode, allow: &[Destination]) -> Egress {
+    Egress {
+        mode: proto_mode(mode) as i32,
+        allow: allow
+            .iter()
+            .map(|d| {
+                let (host, cidr) = d.host_and_cidr();
+                EgressRule {
+                    host,
+                    cidr,
+                    ports: d.ports.iter().map(|p| u32::from(*p)).collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Judges `spec.egress` and returns the decision to apply: the policy's
+/// when the request asks nothing (unset, or mode unspecified without
+/// rules), else the request's, canonical, if policy covers it: its mode no
+/// wider than the policy's, each of its rules covered by the policy (see
+/// [`egress::covers`]). The hardened decision always has an explicit mode.
+fn check_egress(rules: &Rules, requested: Option<&Egress>, v: &mut Vec<Violation>) -> Egress {
+    let policy = || proto_egress(rules.egress_mode, &rules.egress_allow);
+    let Some(req) = requested else {
+        return policy();
+    };
+    let bad = |v: &mut Vec<Violation>, field: String, message: String| {
+        v.push(Violation::new(Rule::EgressInvalid, field, message));
+    };
+    let mode = match EgressMode::try_from(req.mode) {
+        Ok(EgressMode::Unspecified) if req.allow.is_empty() => return policy(),
+        Ok(EgressMode::Unspecified) => {
+            bad(
+                v,
+                "spec.egress.mode".into(),
+                "allow rules need a mode (allow-list or internet)".into(),
+            );
+            return policy();
+        }
+        Ok(EgressMode::None) => Mode::None,
+        Ok(EgressMode::AllowList) => Mode::AllowList,
+        Ok(EgressMode::Internet) => Mode::Internet,
+        Err(_) => {
+            bad(
+                v,
+                "spec.egress.mode".into(),
+                format!("unknown egress mode {}", req.mode),
+            );
+            return policy();
+        }
+    };
+    if req.allow.len() > egress::MAX_RULES {
+        bad(
+            v,
+            "spec.egress.allow".into(),
+            format!("at most {} rules", egress::MAX_RULES),
+        );
+        return policy();
+    }
+    let mut allow = Vec::with_capacity(req.allow.len());
+    for (i, r) in req.allow.iter().enumerate() {
+        match egress::destination(&r.host, &r.cidr, &r.ports) {
+            Ok(d) => allow.push(d),
+            Err(Problem::Invalid { part, message }) => {
+                let field = if part.is_empty() {
+                    format!("spec.egress.allow[{i}]")
+                } else {
+                    format!("spec.egress.allow[{i}].{part}")
+                };
+                bad(v, field, message);
+            }
+            Err(Problem::Forbidden { message }) => v.push(Violation::new(
+                Rule::EgressForbiddenDestination,
+                format!("spec.egress.allow[{i}].cidr"),
+                message,
+            )),
+        }
+    }
+    if allow.len() != req.allow.len() {
+        return policy();
+    }
+    if let Err((at, message)) = egress::check_mode(mode, &allow) {
+        let field = match at {
+            Some(i) => format!("spec.egress.allow[{i}]"),
+            None => "spec.egress.allow".to_owned(),
+        };
+        bad(v, field, message);
+        return policy();
+    }
+    if mode > rules.egress_mode {
+        v.push(Violation::new(
+            Rule::EgressNotAllowed,
+            "spec.egress.mode",
+            format!(
+                "mode \"{mode}\" is wider than this policy allows (\"{}\")",
+                rules.egress_mode
+            ),
+        ));
+        return policy();
+    }
+    for (i, d) in allow.iter().enumerate() {
+        if !egress::covers(rules.egress_mode, &rules.egress_allow, d) {
+            v.push(Violation::new(
+                Rule::EgressNotAllowed,
+                format!("spec.egress.allow[{i}]"),
+                format!(
+                    "{d} is not covered by this policy's egress (mode \"{}\"{})",
+                    rules.egress_mode,
+                    if rules.egress_mode == Mode::Internet {
+                        ": private ranges only through a policy rule inside them"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    proto_egress(mode, &egress::canonical(allow))
+}
+
+/// Judges `spec.lifetime` and returns the values to apply, all four set:
+/// unset fields take the policy's values; a request may ask for a shorter
+/// idle timeout, a higher idle CPU threshold, a lower `max_lifetime`, and a
+/// lifetime up to the (possibly lowered) `max_lifetime`. 0 is never.
+fn check_lifetime(rules: &Rules, requested: Option<&Lifetime>, v: &mut Vec<Violation>) -> Lifetime {
+    let req = requested.copied().unwrap_or_default();
+    let fmt = duration::format;
+    let mut too_long = |field: &'static str, message: String| {
+        v.push(Violation::new(Rule::LifetimeTooLong, field, message));
+    };
+    let idle = match req.idle_timeout_seconds {
+        None => rules.idle_timeout,
+        Some(x) if at_most(x, rules.idle_timeout) => x,
+        Some(x) => {
+            too_long(
+                "spec.lifetime.idle_timeout_seconds",
+                format!(
+                    "idle timeout {} is longer than this policy's {}",
+                    fmt(x),
+                    fmt(rules.idle_timeout)
+                ),
+            );
+            rules.idle_timeout
+        }
+    };
+    let max = match req.max_lifetime_seconds {
+        None => rules.max_lifetime,
+        Some(x) if at_most(x, rules.max_lifetime) => x,
+        Some(x) => {
+            too_long(
+                "spec.lifetime.max_lifetime_seconds",
+                format!(
+                    "max lifetime {} is longer than this policy's {}",
+                    fmt(x),
+                    fmt(rules.max_lifetime)
+                ),
+            );
+            rules.max_lifetime
+        }
+    };
+    let lifetime = match req.lifetime_seconds {
+        None => duration::shorter(rules.lifetime, max),
+        Some(x) if at_most(x, max) => x,
+        Some(x) => {
+            too_long(
+                "spec.lifetime.lifetime_seconds",
+                format!(
+                    "lifetime {} is longer than the max lifetime {}",
+                    fmt(x),
+                    fmt(max)
+                ),
+            );
+            max
+        }
+    };
+    let cpu = match req.idle_cpu_percent {
+        None => rules.idle_cpu_percent,
+        Some(x) if !cpu_percent_ok(x) => {
+            v.push(Violation::new(
+                Rule::LifetimeInvalid,
+                "spec.lifetime.idle_cpu_percent",
+                "idle_cpu_percent must be a number in (0, 100]",
+            ));
+            rules.idle_cpu_percent
+        }
+        Some(x) if x < rules.idle_cpu_percent => {
+            v.push(Violation::new(
+                Rule::LifetimeTooLong,
+                "spec.lifetime.idle_cpu_percent",
+                format!(
+                    "idle_cpu_percent {x} is below this policy's {} (a lower threshold keeps \
+                     the environment awake longer)",
+                    rules.idle_cpu_percent
+                ),
+            ));
+            rules.idle_cpu_percent
+        }
+        Some(x) => x,
+    };
+    Lifetime {
+        idle_timeout_seconds: Some(idle),
+        idle_cpu_percent: Some(cpu),
+        lifetime_seconds: Some(lifetime),
+        max_lifetime_seconds: Some(max),
+    }
+}
+
+/// Judges `spec.copy_limit_mb`: unset is the policy's limit; a request may
+/// ask for less.
+fn check_copy_limit(rules: &Rules, requested: Option<i64>, v: &mut Vec<Violation>) -> i64 {
+    match requested {
+        None => rules.copy_limit_mb,
+        Some(x) if x <= 0 => {
+            v.push(Violation::new(
+                Rule::FilesInvalid,
+                "spec.copy_limit_mb",
+                "copy_limit_mb must be positive",
+            ));
+            rules.copy_limit_mb
+        }
+        Some(x) if x > rules.copy_limit_mb => {
+            v.push(Violation::new(
+                Rule::FilesCopyLimit,
+                "spec.copy_limit_mb",
+                format!(
+                    "copy_limit_mb {x} exceeds this policy's {} MiB",
+                    rules.copy_limit_mb
+                ),
+            ));
+            rules.copy_limit_mb
+        }
+        Some(x) => x,
+    }
 }

@@ -1281,3 +1281,796 @@ fn binds_run_as_the_platform_user() {
     };
     assert!(eval_with(policy, "", &spec).allowed());
 }
+
+// ---- Egress, lifetime and copy limit (#17) ----
+
+use vibebox_proto::environment::{Egress, EgressMode, EgressRule, Lifetime};
+
+fn rule(host: &str, cidr: &str, ports: &[u32]) -> EgressRule {
+    EgressRule {
+        host: host.into(),
+        cidr: cidr.into(),
+        ports: ports.to_vec(),
+    }
+}
+
+fn with_egress(mode: EgressMode, allow: Vec<EgressRule>) -> ContainerSpec {
+    ContainerSpec {
+        egress: Some(Egress {
+            mode: mode as i32,
+            allow,
+        }),
+        ..benign()
+    }
+}
+
+/// The violations as `(rule id, field)`.
+fn found(o: &Outcome) -> Vec<(&'static str, String)> {
+    o.violations
+        .iter()
+        .map(|v| (v.rule.id(), v.field.to_string()))
+        .collect()
+}
+
+#[track_caller]
+fn assert_idempotent(policy: &str, team: &str, hardened: &ContainerSpec) {
+    let again = eval_with(policy, team, hardened);
+    assert!(again.allowed(), "{:?}", again.violations);
+    assert_eq!(again.hardened.as_ref(), Some(hardened));
+}
+
+const ALLOW_LIST: &str = r#"
+    [egress]
+    mode = "allow-list"
+    allow = [
+        { host = "*.github.com", ports = [443] },
+        { host = "packages.example.com" },
+        { cidr = "203.0.113.0/24", ports = [80, 443] },
+        { cidr = "10.20.0.0/16", ports = [5432] },
+    ]
+"#;
+
+#[test]
+fn hardened_spec_always_carries_egress_lifetime_and_copy_limit() {
+    let h = eval(&benign()).hardened.unwrap();
+    assert_eq!(
+        h.egress,
+        Some(Egress {
+            mode: EgressMode::None as i32,
+            allow: vec![],
+        })
+    );
+    assert_eq!(
+        h.lifetime,
+        Some(Lifetime {
+            idle_timeout_seconds: Some(7200),
+            idle_cpu_percent: Some(5.0),
+            lifetime_seconds: Some(0),
+            max_lifetime_seconds: Some(0),
+        })
+    );
+    assert_eq!(h.copy_limit_mb, Some(1024));
+    assert_idempotent("", "", &h);
+    // An unset request takes the policy's decision, rules canonical.
+    let h = eval_with(ALLOW_LIST, "", &benign()).hardened.unwrap();
+    let egress = h.egress.clone().unwrap();
+    assert_eq!(egress.mode, EgressMode::AllowList as i32);
+    assert_eq!(
+        egress.allow,
+        [
+            rule("*.github.com", "", &[443]),
+            rule("packages.example.com", "", &[]),
+            rule("", "10.20.0.0/16", &[5432]),
+            rule("", "203.0.113.0/24", &[80, 443]),
+        ]
+    );
+    assert_idempotent(ALLOW_LIST, "", &h);
+    // A set message with an unspecified mode and no rules asks nothing.
+    let o = eval_with(
+        ALLOW_LIST,
+        "",
+        &with_egress(EgressMode::Unspecified, vec![]),
+    );
+    assert_eq!(o.hardened.unwrap().egress, Some(egress));
+}
+
+#[test]
+fn a_request_may_narrow_egress() {
+    // Allow-list policy: a subset of its rules, canonicalized.
+    let spec = with_egress(
+        EgressMode::AllowList,
+        vec![
+            rule("", "203.0.113.128/25", &[443]),
+            rule("API.GitHub.com.", "", &[443, 443]),
+            rule("*.api.github.com", "", &[443]),
+            rule("packages.example.com", "", &[8443, 443]),
+            rule("", "10.20.3.0/24", &[5432]),
+            rule("api.github.com", "", &[443]),
+        ],
+    );
+    let o = eval_with(ALLOW_LIST, "", &spec);
+    assert!(o.allowed(), "{:?}", found(&o));
+    let h = o.hardened.unwrap();
+    assert_eq!(
+        h.egress.as_ref().unwrap().allow,
+        [
+            rule("*.api.github.com", "", &[443]),
+            rule("api.github.com", "", &[443]),
+            rule("packages.example.com", "", &[443, 8443]),
+            rule("", "10.20.3.0/24", &[5432]),
+            rule("", "203.0.113.128/25", &[443]),
+        ]
+    );
+    assert_idempotent(ALLOW_LIST, "", &h);
+    // Down to none.
+    let h = eval_with(ALLOW_LIST, "", &with_egress(EgressMode::None, vec![]))
+        .hardened
+        .unwrap();
+    assert_eq!(h.egress.unwrap().mode, EgressMode::None as i32);
+    // Internet policy: an allow list of public names and ranges, and the
+    // private range it names.
+    let internet =
+        "[egress]\nmode = \"internet\"\nallow = [{ cidr = \"10.20.0.0/16\", ports = [5432] }]";
+    let spec = with_egress(
+        EgressMode::AllowList,
+        vec![
+            rule("*.pypi.org", "", &[443]),
+            rule("", "0.0.0.0/0", &[443]),
+            rule("", "2001:db8::/32", &[]),
+            rule("", "10.20.0.0/24", &[5432]),
+        ],
+    );
+    let o = eval_with(internet, "", &spec);
+    assert!(o.allowed(), "{:?}", found(&o));
+    assert_idempotent(internet, "", &o.hardened.unwrap());
+    let h = eval_with(internet, "", &benign()).hardened.unwrap();
+    assert_eq!(
+        h.egress.unwrap(),
+        Egress {
+            mode: EgressMode::Internet as i32,
+            allow: vec![rule("", "10.20.0.0/16", &[5432])],
+        }
+    );
+    // Internet without the private rule.
+    let o = eval_with(internet, "", &with_egress(EgressMode::Internet, vec![]));
+    assert_eq!(o.hardened.unwrap().egress.unwrap().allow, []);
+}
+
+#[test]
+fn egress_wider_than_policy_is_not_allowed() {
+    for (policy, spec, expected) in [
+        (
+            "",
+            with_egress(EgressMode::Internet, vec![]),
+            vec![("egress.not_allowed", "spec.egress.mode")],
+        ),
+        (
+            "",
+            with_egress(
+                EgressMode::AllowList,
+                vec![rule("a.example.com", "", &[443])],
+            ),
+            vec![("egress.not_allowed", "spec.egress.mode")],
+        ),
+        (
+            ALLOW_LIST,
+            with_egress(EgressMode::Internet, vec![]),
+            vec![("egress.not_allowed", "spec.egress.mode")],
+        ),
+        (
+            ALLOW_LIST,
+            with_egress(
+                EgressMode::AllowList,
+                vec![
+                    rule("api.github.com", "", &[443]),
+                    rule("api.github.com", "", &[22]),
+                    rule("api.github.com", "", &[]),
+                    rule("github.com", "", &[443]),
+                    rule("*.com", "", &[443]),
+                    rule("", "203.0.112.0/23", &[443]),
+                    rule("", "10.0.0.0/8", &[5432]),
+                    rule("", "192.168.1.0/24", &[]),
+                    rule("", "140.82.112.0/20", &[443]),
+                ],
+            ),
+            vec![
+                ("egress.not_allowed", "spec.egress.allow[1]"),
+                ("egress.not_allowed", "spec.egress.allow[2]"),
+                ("egress.not_allowed", "spec.egress.allow[3]"),
+                ("egress.not_allowed", "spec.egress.allow[4]"),
+                ("egress.not_allowed", "spec.egress.allow[5]"),
+                ("egress.not_allowed", "spec.egress.allow[6]"),
+                ("egress.not_allowed", "spec.egress.allow[7]"),
+                ("egress.not_allowed", "spec.egress.allow[8]"),
+            ],
+        ),
+        // 0.0.0.0/0 names no private range, and internet reaches none
+        // it does not name.
+        (
+            "[egress]\nmode = \"allow-list\"\nallow = [{ cidr = \"0.0.0.0/0\" }]",
+            with_egress(
+                EgressMode::AllowList,
+                vec![
+                    rule("", "10.1.0.0/16", &[]),
+                    rule("", "198.51.100.0/24", &[]),
+                ],
+            ),
+            vec![("egress.not_allowed", "spec.egress.allow[0]")],
+        ),
+        (
+            "[egress]\nmode = \"internet\"",
+            with_egress(
+                EgressMode::Internet,
+                vec![
+                    rule("", "172.16.0.0/12", &[]),
+                    rule("", "100.64.0.0/10", &[]),
+                ],
+            ),
+            vec![
+                ("egress.not_allowed", "spec.egress.allow[0]"),
+                ("egress.not_allowed", "spec.egress.allow[1]"),
+            ],
+        ),
+    ] {
+        let o = eval_with(policy, "", &spec);
+        let expected: Vec<(&str, String)> = expected
+            .into_iter()
+            .map(|(r, f)| (r, f.to_owned()))
+            .collect();
+        assert_eq!(found(&o), expected, "{policy}");
+        assert!(o.hardened.is_none());
+        assert_eq!(o.severity(), Some(Severity::High));
+    }
+}
+
+#[test]
+fn forbidden_destinations_are_refused_whatever_the_policy() {
+    let wide =
+        "[egress]\nmode = \"allow-list\"\nallow = [{ cidr = \"0.0.0.0/0\" }, { cidr = \"::/0\" }]";
+    for policy in ["", wide, "[egress]\nmode = \"internet\"", ALLOW_LIST] {
+        for cidr in [
+            "127.0.0.1",
+            "127.0.0.0/8",
+            "169.254.169.254",
+            "169.254.0.0/16",
+            "0.0.0.0/8",
+            "0.0.0.0",
+            "224.0.0.251",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "fd00:ec2::254",
+        ] {
+            for mode in [EgressMode::AllowList, EgressMode::Internet] {
+                let o = eval_with(policy, "", &with_egress(mode, vec![rule("", cidr, &[80])]));
+                assert_eq!(
+                    found(&o),
+                    [(
+                        "egress.forbidden_destination",
+                        "spec.egress.allow[0].cidr".to_owned()
+                    )],
+                    "{policy} {cidr}"
+                );
+                assert!(!o.only_invalid());
+            }
+        }
+    }
+    // Wide rules are fine: they never name what they contain.
+    let o = eval_with(
+        wide,
+        "",
+        &with_egress(EgressMode::AllowList, vec![rule("", "0.0.0.0/0", &[443])]),
+    );
+    assert!(o.allowed());
+}
+
+#[test]
+fn malformed_egress_is_invalid() {
+    let bad = |spec: ContainerSpec| found(&eval_with(ALLOW_LIST, "", &spec));
+    let one = |field: &str| vec![("egress.invalid", field.to_owned())];
+    assert_eq!(
+        bad(with_egress(
+            EgressMode::Unspecified,
+            vec![rule("a.com", "", &[])]
+        )),
+        one("spec.egress.mode")
+    );
+    let mut unknown = with_egress(EgressMode::AllowList, vec![]);
+    unknown.egress.as_mut().unwrap().mode = 42;
+    assert_eq!(bad(unknown), one("spec.egress.mode"));
+    assert_eq!(
+        bad(with_egress(
+            EgressMode::None,
+            vec![rule("api.github.com", "", &[443])]
+        )),
+        one("spec.egress.allow")
+    );
+    assert_eq!(
+        bad(with_egress(EgressMode::AllowList, vec![])),
+        one("spec.egress.allow")
+    );
+    assert_eq!(
+        bad(with_egress(
+            EgressMode::AllowList,
+            vec![rule("a.github.com", "203.0.113.0/24", &[443])]
+        )),
+        one("spec.egress.allow[0]")
+    );
+    assert_eq!(
+        bad(with_egress(
+            EgressMode::AllowList,
+            vec![rule("", "", &[443])]
+        )),
+        one("spec.egress.allow[0]")
+    );
+    for (r, field) in [
+        (
+            rule("a..github.com", "", &[443]),
+            "spec.egress.allow[0].host",
+        ),
+        (rule("*", "", &[443]), "spec.egress.allow[0].host"),
+        (rule("127.0.0.1", "", &[443]), "spec.egress.allow[0].host"),
+        (
+            rule("a_b.github.com", "", &[443]),
+            "spec.egress.allow[0].host",
+        ),
+        (
+            rule("", "203.0.113.1/24", &[443]),
+            "spec.egress.allow[0].cidr",
+        ),
+        (
+            rule("", "203.0.113.0/33", &[443]),
+            "spec.egress.allow[0].cidr",
+        ),
+        (
+            rule("", "::ffff:127.0.0.1", &[443]),
+            "spec.egress.allow[0].cidr",
+        ),
+        (
+            rule("", "203.0.113.0/24", &[0]),
+            "spec.egress.allow[0].ports",
+        ),
+        (
+            rule("", "203.0.113.0/24", &[65536]),
+            "spec.egress.allow[0].ports",
+        ),
+        (
+            rule("", "203.0.113.0/24", &(1..=33).collect::<Vec<u32>>()),
+            "spec.egress.allow[0].ports",
+        ),
+    ] {
+        assert_eq!(
+            bad(with_egress(EgressMode::AllowList, vec![r.clone()])),
+            one(field),
+            "{r:?}"
+        );
+    }
+    let e = eval_with(
+        ALLOW_LIST,
+        "",
+        &with_egress(
+            EgressMode::AllowList,
+            vec![rule("", "203.0.113.1/24", &[443])],
+        ),
+    );
+    assert!(e.violations[0].message.contains("203.0.113.0/24"));
+    assert!(e.only_invalid());
+    let many = (0..65)
+        .map(|i| rule(&format!("h{i}.github.com"), "", &[443]))
+        .collect();
+    assert_eq!(
+        bad(with_egress(EgressMode::AllowList, many)),
+        one("spec.egress.allow")
+    );
+    // Internet mode: rules only for private ranges.
+    let internet = "[egress]\nmode = \"internet\"";
+    assert_eq!(
+        found(&eval_with(
+            internet,
+            "",
+            &with_egress(EgressMode::Internet, vec![rule("a.com", "", &[])])
+        )),
+        one("spec.egress.allow[0]")
+    );
+}
+
+#[test]
+fn a_team_egress_overlay_widens_for_that_team_only() {
+    let policy = r#"
+        [teams.web.egress]
+        mode = "internet"
+        [teams.ci.egress]
+        mode = "allow-list"
+        allow = [{ host = "*.github.com", ports = [443] }]
+    "#;
+    let mode = |team: &str, spec: &ContainerSpec| {
+        eval_with(policy, team, spec)
+            .hardened
+            .map(|h| h.egress.unwrap().mode)
+    };
+    assert_eq!(mode("web", &benign()), Some(EgressMode::Internet as i32));
+    assert_eq!(mode("ci", &benign()), Some(EgressMode::AllowList as i32));
+    assert_eq!(mode("other", &benign()), Some(EgressMode::None as i32));
+    assert_eq!(mode("", &benign()), Some(EgressMode::None as i32));
+    let internet = with_egress(EgressMode::Internet, vec![]);
+    assert!(eval_with(policy, "web", &internet).allowed());
+    for team in ["ci", "other", ""] {
+        assert!(
+            eval_with(policy, team, &internet).has(Rule::EgressNotAllowed),
+            "{team}"
+        );
+    }
+    let github = with_egress(
+        EgressMode::AllowList,
+        vec![rule("api.github.com", "", &[443])],
+    );
+    assert!(eval_with(policy, "ci", &github).allowed());
+    assert!(eval_with(policy, "web", &github).allowed());
+    assert!(eval_with(policy, "other", &github).has(Rule::EgressNotAllowed));
+}
+
+fn with_lifetime(l: Lifetime) -> ContainerSpec {
+    ContainerSpec {
+        lifetime: Some(l),
+        ..benign()
+    }
+}
+
+const LIMITS: &str = "[lifetime]\nidle_timeout = \"2h\"\nidle_cpu_percent = 5.0\nlifetime = \"1d\"\nmax_lifetime = \"7d\"\n[files]\ncopy_limit_mb = 256\n";
+
+#[test]
+fn a_request_may_shorten_lifetimes_never_lengthen_them() {
+    let lifetime = |l: Lifetime| {
+        let o = eval_with(LIMITS, "", &with_lifetime(l));
+        assert!(o.allowed(), "{:?}", found(&o));
+        let h = o.hardened.unwrap();
+        assert_idempotent(LIMITS, "", &h);
+        let l = h.lifetime.unwrap();
+        (
+            l.idle_timeout_seconds.unwrap(),
+            l.idle_cpu_percent.unwrap(),
+            l.lifetime_seconds.unwrap(),
+            l.max_lifetime_seconds.unwrap(),
+        )
+    };
+    assert_eq!(lifetime(Lifetime::default()), (7200, 5.0, 86_400, 604_800));
+    assert_eq!(
+        lifetime(Lifetime {
+            idle_timeout_seconds: Some(1800),
+            idle_cpu_percent: Some(20.0),
+            lifetime_seconds: Some(3 * 86_400),
+            max_lifetime_seconds: None,
+        }),
+        (1800, 20.0, 259_200, 604_800)
+    );
+    // A lower ceiling lowers the default lifetime with it.
+    assert_eq!(
+        lifetime(Lifetime {
+            max_lifetime_seconds: Some(3600),
+            ..Default::default()
+        }),
+        (7200, 5.0, 3600, 3600)
+    );
+    // Equal to the policy is fine (the hardened spec re-evaluates to itself).
+    assert_eq!(
+        lifetime(Lifetime {
+            idle_timeout_seconds: Some(7200),
+            idle_cpu_percent: Some(5.0),
+            lifetime_seconds: Some(604_800),
+            max_lifetime_seconds: Some(604_800),
+        }),
+        (7200, 5.0, 604_800, 604_800)
+    );
+    for (l, field) in [
+        (
+            Lifetime {
+                idle_timeout_seconds: Some(7201),
+                ..Default::default()
+            },
+            "spec.lifetime.idle_timeout_seconds",
+        ),
+        (
+            Lifetime {
+                idle_timeout_seconds: Some(0),
+                ..Default::default()
+            },
+            "spec.lifetime.idle_timeout_seconds",
+        ),
+        (
+            Lifetime {
+                idle_cpu_percent: Some(1.0),
+                ..Default::default()
+            },
+            "spec.lifetime.idle_cpu_percent",
+        ),
+        (
+            Lifetime {
+                lifetime_seconds: Some(604_801),
+                ..Default::default()
+            },
+            "spec.lifetime.lifetime_seconds",
+        ),
+        (
+            Lifetime {
+                lifetime_seconds: Some(0),
+                ..Default::default()
+            },
+            "spec.lifetime.lifetime_seconds",
+        ),
+        (
+            Lifetime {
+                lifetime_seconds: Some(7200),
+                max_lifetime_seconds: Some(3600),
+                ..Default::default()
+            },
+            "spec.lifetime.lifetime_seconds",
+        ),
+        (
+            Lifetime {
+                max_lifetime_seconds: Some(0),
+                ..Default::default()
+            },
+            "spec.lifetime.max_lifetime_seconds",
+        ),
+        (
+            Lifetime {
+                max_lifetime_seconds: Some(604_801),
+                ..Default::default()
+            },
+            "spec.lifetime.max_lifetime_seconds",
+        ),
+    ] {
+        let o = eval_with(LIMITS, "", &with_lifetime(l));
+        assert_eq!(
+            found(&o),
+            [("lifetime.too_long", field.to_owned())],
+            "{l:?}"
+        );
+        assert_eq!(o.severity(), Some(Severity::Medium));
+    }
+    for cpu in [0.0, -1.0, 100.5, f64::NAN, f64::INFINITY] {
+        let o = eval_with(
+            LIMITS,
+            "",
+            &with_lifetime(Lifetime {
+                idle_cpu_percent: Some(cpu),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            found(&o),
+            [(
+                "lifetime.invalid",
+                "spec.lifetime.idle_cpu_percent".to_owned()
+            )],
+            "{cpu}"
+        );
+        assert!(o.only_invalid());
+    }
+    // Under a policy without limits, "never" (0) may be asked, and any value.
+    let o = eval(&with_lifetime(Lifetime {
+        idle_timeout_seconds: Some(600),
+        lifetime_seconds: Some(0),
+        max_lifetime_seconds: Some(86_400),
+        ..Default::default()
+    }));
+    assert!(
+        o.has(Rule::LifetimeTooLong),
+        "never exceeds a 1d ceiling the request set"
+    );
+    let h = eval(&with_lifetime(Lifetime {
+        idle_timeout_seconds: Some(600),
+        lifetime_seconds: Some(31_536_000),
+        ..Default::default()
+    }))
+    .hardened
+    .unwrap();
+    assert_eq!(
+        h.lifetime.unwrap(),
+        Lifetime {
+            idle_timeout_seconds: Some(600),
+            idle_cpu_percent: Some(5.0),
+            lifetime_seconds: Some(31_536_000),
+            max_lifetime_seconds: Some(0),
+        }
+    );
+    let o = eval_with(
+        "[lifetime]\nidle_timeout = \"never\"",
+        "",
+        &with_lifetime(Lifetime {
+            idle_timeout_seconds: Some(0),
+            ..Default::default()
+        }),
+    );
+    assert!(o.allowed());
+    // A team overlay's tighter limits apply to that team.
+    let team = format!("{LIMITS}[teams.a.lifetime]\nidle_timeout = \"30m\"\n");
+    let idle = with_lifetime(Lifetime {
+        idle_timeout_seconds: Some(3600),
+        ..Default::default()
+    });
+    assert!(eval_with(&team, "a", &idle).has(Rule::LifetimeTooLong));
+    assert!(eval_with(&team, "b", &idle).allowed());
+    assert_eq!(
+        eval_with(&team, "a", &benign())
+            .hardened
+            .unwrap()
+            .lifetime
+            .unwrap()
+            .idle_timeout_seconds,
+        Some(1800)
+    );
+}
+
+#[test]
+fn copy_limits() {
+    let limit = |req: Option<i64>| {
+        let o = eval_with(
+            LIMITS,
+            "",
+            &ContainerSpec {
+                copy_limit_mb: req,
+                ..benign()
+            },
+        );
+        (found(&o), o.hardened.and_then(|h| h.copy_limit_mb))
+    };
+    assert_eq!(limit(None), (vec![], Some(256)));
+    assert_eq!(limit(Some(10)), (vec![], Some(10)));
+    assert_eq!(limit(Some(256)), (vec![], Some(256)));
+    assert_eq!(
+        limit(Some(257)),
+        (
+            vec![("files.copy_limit", "spec.copy_limit_mb".to_owned())],
+            None
+        )
+    );
+    for bad in [0, -1, i64::MIN] {
+        assert_eq!(
+            limit(Some(bad)),
+            (
+                vec![("files.invalid", "spec.copy_limit_mb".to_owned())],
+                None
+            )
+        );
+    }
+    let team = format!("{LIMITS}[teams.a.files]\ncopy_limit_mb = 8\n");
+    let h = eval_with(&team, "a", &benign()).hardened.unwrap();
+    assert_eq!(h.copy_limit_mb, Some(8));
+    assert_idempotent(&team, "a", &h);
+    let ask = ContainerSpec {
+        copy_limit_mb: Some(100),
+        ..benign()
+    };
+    assert!(eval_with(&team, "a", &ask).has(Rule::FilesCopyLimit));
+    assert!(eval_with(&team, "b", &ask).allowed());
+}
+
+#[test]
+fn the_new_rules_are_in_the_catalogue() {
+    for (rule, id, severity) in [
+        (Rule::EgressInvalid, "egress.invalid", Severity::Low),
+        (Rule::EgressNotAllowed, "egress.not_allowed", Severity::High),
+        (
+            Rule::EgressForbiddenDestination,
+            "egress.forbidden_destination",
+            Severity::High,
+        ),
+        (Rule::LifetimeTooLong, "lifetime.too_long", Severity::Medium),
+        (Rule::LifetimeInvalid, "lifetime.invalid", Severity::Low),
+        (Rule::FilesCopyLimit, "files.copy_limit", Severity::Medium),
+        (Rule::FilesInvalid, "files.invalid", Severity::Low),
+    ] {
+        assert!(Rule::ALL.contains(&rule));
+        assert_eq!((rule.id(), rule.severity()), (id, severity));
+    }
+}
+
+/// Short patterns over a small alphabet, wildcards included.
+fn glob() -> impl Strategy<Value = String> {
+    "[ab.*?]{1,7}".prop_map(|s| format!("{s}.x"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// Coverage is sound: a name the requested pattern matches, the policy
+    /// pattern matches too; and it is exact for literal names.
+    #[test]
+    fn host_coverage_never_admits_a_name_policy_does_not(
+        policy in glob(),
+        requested in glob(),
+        name in "[ab.]{0,8}",
+    ) {
+        let name = format!("{name}.x");
+        let matches = |p: &str, n: &str| wildmatch::WildMatch::new(p).matches(n);
+        if crate::egress::host_covers(&policy, &requested) && matches(&requested, &name) {
+            prop_assert!(matches(&policy, &name), "{policy} covers {requested} but not {name}");
+        }
+        prop_assert_eq!(crate::egress::host_covers(&policy, &name), matches(&policy, &name));
+        prop_assert!(crate::egress::host_covers(&requested, &requested));
+    }
+
+    /// Whatever a request asks of egress and lifetimes, an allowed spec's
+    /// decision lies within the policy's and re-evaluates to itself.
+    #[test]
+    fn allowed_egress_and_lifetimes_stay_within_policy(
+        mode in 0i32..4,
+        rules in prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "", "api.github.com", "*.github.com", "*.com", "a.example.com",
+                    "packages.example.com", "*",
+                ]),
+                prop::sample::select(vec![
+                    "", "203.0.113.0/24", "203.0.113.7", "10.20.0.0/16", "10.0.0.0/8",
+                    "0.0.0.0/0", "127.0.0.1", "169.254.169.254", "192.168.0.0/24",
+                ]),
+                prop::collection::vec(prop::sample::select(vec![0u32, 22, 80, 443, 5432]), 0..3),
+            ),
+            0..4,
+        ),
+        idle in prop::option::of(prop::sample::select(vec![0u32, 60, 7200, 7201, 100_000])),
+        life in prop::option::of(prop::sample::select(vec![0u32, 60, 86_400, 604_800, 604_801])),
+        max in prop::option::of(prop::sample::select(vec![0u32, 3600, 604_800, 604_801])),
+        cpu in prop::option::of(prop::sample::select(vec![0.0f64, 1.0, 5.0, 50.0, 100.0, 101.0])),
+        copy in prop::option::of(prop::sample::select(vec![-1i64, 0, 1, 256, 257])),
+        policy in prop::sample::select(vec![0usize, 1, 2]),
+    ) {
+        let policies = [
+            format!("{LIMITS}{ALLOW_LIST}"),
+            format!("{LIMITS}[egress]\nmode = \"internet\"\nallow = [{{ cidr = \"10.20.0.0/16\" }}]\n"),
+            LIMITS.to_owned(),
+        ];
+        let text = &policies[policy];
+        let parsed = Policy::from_toml(text).unwrap();
+        let r = parsed.rules_for("");
+        let spec = ContainerSpec {
+            egress: Some(Egress {
+                mode,
+                allow: rules.iter().map(|(h, c, p)| rule(h, c, p)).collect(),
+            }),
+            lifetime: Some(Lifetime {
+                idle_timeout_seconds: idle,
+                idle_cpu_percent: cpu,
+                lifetime_seconds: life,
+                max_lifetime_seconds: max,
+            }),
+            copy_limit_mb: copy,
+            ..benign()
+        };
+        let o = evaluate(r, &spec);
+        let Some(h) = o.hardened else {
+            prop_assert!(!o.violations.is_empty());
+            return Ok(());
+        };
+        let e = h.egress.clone().unwrap();
+        prop_assert!(e.mode != EgressMode::Unspecified as i32);
+        let ceiling = match r.egress_mode {
+            crate::egress::Mode::None => EgressMode::None,
+            crate::egress::Mode::AllowList => EgressMode::AllowList,
+            crate::egress::Mode::Internet => EgressMode::Internet,
+        };
+        prop_assert!(e.mode <= ceiling as i32);
+        for a in &e.allow {
+            let d = crate::egress::destination(&a.host, &a.cidr, &a.ports).unwrap();
+            prop_assert!(crate::egress::covers(r.egress_mode, &r.egress_allow, &d), "{d}");
+            prop_assert!(a.cidr != "127.0.0.1/32" && a.cidr != "169.254.169.254/32");
+        }
+        let l = h.lifetime.unwrap();
+        let (idle, life, max) = (
+            l.idle_timeout_seconds.unwrap(),
+            l.lifetime_seconds.unwrap(),
+            l.max_lifetime_seconds.unwrap(),
+        );
+        prop_assert!(crate::duration::at_most(idle, r.idle_timeout));
+        prop_assert!(crate::duration::at_most(max, r.max_lifetime));
+        prop_assert!(crate::duration::at_most(life, max));
+        prop_assert!(l.idle_cpu_percent.unwrap() >= r.idle_cpu_percent);
+        prop_assert!((1..=r.copy_limit_mb).contains(&h.copy_limit_mb.unwrap()));
+        let again = evaluate(r, &h);
+        prop_assert_eq!(again.hardened.as_ref(), Some(&h));
+    }
+}

@@ -1,6 +1,8 @@
 //! The policy service: judges, hardens and signs every container spec.
 //!
 //! - [`image`], [`path`]: canonical image references and host paths;
+//! - [`egress`], [`duration`]: outbound rules (host patterns, CIDRs, address
+//!   classes, coverage) and durations as written in policy and spec files;
 //! - [`rules`]: the rule catalogue (stable ids, severities, CIS/PSS controls);
 //! - [`document`]: the TOML policy document, team overlays, digest;
 //! - [`engine`]: the pure evaluation and hardening of a spec;
@@ -10,6 +12,8 @@
 //! port 7702 by default and reloads the policy file on SIGHUP.
 
 pub mod document;
+pub mod duration;
+pub mod egress;
 pub mod engine;
 pub mod image;
 pub mod path;

@@ -94,6 +94,13 @@ rules! {
     RootfsWritable => "rootfs.writable", Forbidden, Medium, "5.12", "";
     EnvInvalid => "env.invalid", Invalid, Low, "", "";
     WorkingDirInvalid => "working_dir.invalid", Invalid, Low, "", "";
+    EgressInvalid => "egress.invalid", Invalid, Low, "", "";
+    EgressNotAllowed => "egress.not_allowed", Forbidden, High, "", "";
+    EgressForbiddenDestination => "egress.forbidden_destination", Forbidden, High, "", "";
+    LifetimeTooLong => "lifetime.too_long", Forbidden, Medium, "", "";
+    LifetimeInvalid => "lifetime.invalid", Invalid, Low, "", "";
+    FilesCopyLimit => "files.copy_limit", Forbidden, Medium, "", "";
+    FilesInvalid => "files.invalid", Invalid, Low, "", "";
 }
 
 impl fmt::Display for Rule {

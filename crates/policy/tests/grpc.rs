@@ -18,7 +18,9 @@ use vibebox_proto::audit_ingest::audit_ingest_service_server::{
 use vibebox_proto::audit_ingest::{AppendEventsRequest, AppendEventsResponse};
 use vibebox_proto::clearance::clearance_service_client::ClearanceServiceClient;
 use vibebox_proto::clearance::{GetClearanceKeysRequest, IssueClearanceRequest};
-use vibebox_proto::environment::{ContainerSpec, Mount, MountType};
+use vibebox_proto::environment::{
+    ContainerSpec, Egress, EgressMode, EgressRule, Lifetime, Mount, MountType,
+};
 use vibebox_proto::policy::policy_service_client::PolicyServiceClient;
 use vibebox_proto::policy::{Decision, EvaluateSpecRequest, GetPolicyRequest, ViolationSeverity};
 use vibebox_server_kit::testing::TestPki;
@@ -757,4 +759,249 @@ async fn key_rotation_keeps_old_clearances_valid_until_retired() {
         Err(VerifyError::UnknownKey(old.key_id.clone()))
     );
     shutdown.cancel();
+}
+
+const EGRESS_POLICY: &str = r#"
+version = "egress-1"
+[lifetime]
+idle_timeout = "1h"
+lifetime = "1d"
+max_lifetime = "7d"
+[files]
+copy_limit_mb = 512
+[teams.team-1.egress]
+mode = "allow-list"
+allow = [
+    { host = "*.github.com", ports = [443] },
+    { cidr = "203.0.113.0/24", ports = [80, 443] },
+]
+[teams.team-1.lifetime]
+idle_timeout = "30m"
+"#;
+
+fn egress_rule(host: &str, cidr: &str, ports: &[u32]) -> EgressRule {
+    EgressRule {
+        host: host.into(),
+        cidr: cidr.into(),
+        ports: ports.to_vec(),
+    }
+}
+
+fn asking(mode: EgressMode, allow: Vec<EgressRule>) -> ContainerSpec {
+    ContainerSpec {
+        egress: Some(Egress {
+            mode: mode as i32,
+            allow,
+        }),
+        ..benign()
+    }
+}
+
+#[tokio::test]
+async fn egress_and_lifetimes_are_decided_by_policy_shown_by_the_dry_run_and_cleared() {
+    let h = Harness::start(Some(EGRESS_POLICY)).await;
+    let dry_run = |team: &'static str, spec: ContainerSpec| {
+        let mut client = h.policy();
+        async move {
+            client
+                .evaluate_spec(EvaluateSpecRequest {
+                    spec: Some(spec),
+                    team_id: team.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .evaluation
+                .unwrap()
+        }
+    };
+
+    // The team with an overlay gets its allow list; its idle timeout is the
+    // overlay's; the rest comes from the base.
+    let eval = dry_run(TEAM, benign()).await;
+    assert_eq!(eval.decision, Decision::Allow as i32);
+    let hardened = eval.hardened_spec.unwrap();
+    assert_eq!(
+        hardened.egress,
+        Some(Egress {
+            mode: EgressMode::AllowList as i32,
+            allow: vec![
+                egress_rule("*.github.com", "", &[443]),
+                egress_rule("", "203.0.113.0/24", &[80, 443]),
+            ],
+        })
+    );
+    assert_eq!(
+        hardened.lifetime,
+        Some(Lifetime {
+            idle_timeout_seconds: Some(1800),
+            idle_cpu_percent: Some(5.0),
+            lifetime_seconds: Some(86_400),
+            max_lifetime_seconds: Some(604_800),
+        })
+    );
+    assert_eq!(hardened.copy_limit_mb, Some(512));
+
+    // Another team (no overlay) gets the base: no egress at all, and may
+    // not ask for what team-1's overlay opens.
+    let other = dry_run("team-2", benign()).await.hardened_spec.unwrap();
+    assert_eq!(other.egress.unwrap().mode, EgressMode::None as i32);
+    assert_eq!(other.lifetime.unwrap().idle_timeout_seconds, Some(3600));
+    let github = asking(
+        EgressMode::AllowList,
+        vec![egress_rule("api.github.com", "", &[443])],
+    );
+    let eval = dry_run("team-2", github.clone()).await;
+    assert_eq!(eval.decision, Decision::Deny as i32);
+    assert_eq!(
+        eval.violations
+            .iter()
+            .map(|v| (v.rule_id.as_str(), v.field.as_str()))
+            .collect::<Vec<_>>(),
+        [("egress.not_allowed", "spec.egress.mode")]
+    );
+    assert_eq!(eval.violations[0].severity, ViolationSeverity::High as i32);
+
+    // A clearance for a narrowed request binds the narrowed decision.
+    let req = request(ContainerSpec {
+        lifetime: Some(Lifetime {
+            lifetime_seconds: Some(3 * 86_400),
+            ..Default::default()
+        }),
+        ..github.clone()
+    });
+    let resp = h
+        .clearance("gateway")
+        .issue_clearance(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let hardened = resp.evaluation.unwrap().hardened_spec.unwrap();
+    assert_eq!(
+        hardened.egress.as_ref().unwrap().allow,
+        [egress_rule("api.github.com", "", &[443])]
+    );
+    assert_eq!(
+        hardened.lifetime.as_ref().unwrap().lifetime_seconds,
+        Some(259_200)
+    );
+    let keys = h
+        .clearance("orchestrator")
+        .get_clearance_keys(GetClearanceKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let ring = KeyRing::from_proto(&keys);
+    let clearance = resp.clearance.unwrap();
+    let expected = Expected {
+        spec: &hardened,
+        environment_id: &req.environment_id,
+        team_id: TEAM,
+    };
+    assert!(vibebox_clearance::verify(&clearance, &ring, expected, SystemTime::now()).is_ok());
+    // Widening the egress or the lifetime after the fact breaks it.
+    let mut wider = hardened.clone();
+    wider.egress.as_mut().unwrap().mode = EgressMode::Internet as i32;
+    let mut longer = hardened.clone();
+    longer.lifetime.as_mut().unwrap().max_lifetime_seconds = Some(0);
+    let mut bigger = hardened.clone();
+    bigger.copy_limit_mb = Some(1 << 20);
+    for tampered in [wider, longer, bigger] {
+        let e = Expected {
+            spec: &tampered,
+            ..expected
+        };
+        assert_eq!(
+            vibebox_clearance::verify(&clearance, &ring, e, SystemTime::now()),
+            Err(VerifyError::SpecMismatch)
+        );
+    }
+
+    // Refusals carry the rule and the field.
+    let (err, _) = denied(
+        &h,
+        asking(
+            EgressMode::AllowList,
+            vec![
+                egress_rule("api.github.com", "", &[443]),
+                egress_rule("", "169.254.169.254", &[80]),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let pf = err.get_details_precondition_failure().unwrap();
+    assert_eq!(pf.violations[0].r#type, "egress.forbidden_destination");
+    assert_eq!(pf.violations[0].subject, "spec.egress.allow[1].cidr");
+    let (err, _) = denied(
+        &h,
+        asking(
+            EgressMode::AllowList,
+            vec![egress_rule("", "203.0.113.9/24", &[443])],
+        ),
+    )
+    .await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let br = err.get_details_bad_request().unwrap();
+    assert_eq!(br.field_violations[0].field, "spec.egress.allow[0].cidr");
+    assert!(
+        br.field_violations[0]
+            .description
+            .contains("203.0.113.0/24"),
+        "{:?}",
+        br.field_violations[0]
+    );
+    let (err, _) = denied(
+        &h,
+        ContainerSpec {
+            lifetime: Some(Lifetime {
+                idle_timeout_seconds: Some(3600),
+                ..Default::default()
+            }),
+            copy_limit_mb: Some(513),
+            ..benign()
+        },
+    )
+    .await;
+    assert_eq!(
+        status::violated_rules(&err),
+        ["lifetime.too_long", "files.copy_limit"]
+    );
+    let ev = h
+        .audited(|e| e.action == "policy.deny" && rule_ids(e).contains(&"files.copy_limit".into()))
+        .await;
+    assert_eq!(rule_ids(&ev), ["lifetime.too_long", "files.copy_limit"]);
+
+    // GetPolicy shows the new sections; the team's egress only to its team.
+    let document = |visible: &'static str| {
+        let mut client = h.policy();
+        async move {
+            let mut request = tonic::Request::new(GetPolicyRequest {});
+            request.metadata_mut().insert(
+                vibebox_server_kit::meta::VISIBLE_TEAMS,
+                visible.parse().unwrap(),
+            );
+            client
+                .get_policy(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .document
+        }
+    };
+    let own = document(TEAM).await;
+    for part in [
+        "[egress]\nmode = \"none\"",
+        "[lifetime]\nidle_timeout = \"1h\"",
+        "max_lifetime = \"7d\"",
+        "[files]\ncopy_limit_mb = 512",
+        "[teams.team-1.egress]\nmode = \"allow-list\"",
+        "*.github.com",
+    ] {
+        assert!(own.contains(part), "{part:?} not in\n{own}");
+    }
+    let stranger = document("team-2").await;
+    assert!(stranger.contains("[egress]\nmode = \"none\""));
+    assert!(!stranger.contains("github"), "{stranger}");
 }

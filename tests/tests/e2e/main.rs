@@ -3,8 +3,11 @@
 //! starts the real binaries itself:
 //! - [`attack`]: what attackers try, outsiders and tenants alike;
 //! - [`chaos`]: services killed mid-operation, the Docker engine cut;
+//! - [`lifecycle`]: idle stop, lifetimes and extensions with a short clock;
 //! - [`load`]: many users at once;
 //! - [`platform`]: the whole journey through the gateway;
+//! - [`forward`]: port forwarding into environments;
+//! - [`copy`]: files in and out of environments (API and `vibebox env cp`);
 //! - [`compose`] and [`chart`]: the deployments;
 //! - [`tidy`]: the invariants that can be checked mechanically.
 
@@ -12,6 +15,10 @@ mod attack;
 mod chaos;
 mod chart;
 mod compose;
+mod copy;
+mod egress;
+mod forward;
+mod lifecycle;
 mod load;
 mod platform;
 mod tidy;

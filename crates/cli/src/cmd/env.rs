@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
-    EnvironmentState, GetEnvironmentRequest, ListEnvironmentsRequest, RestartEnvironmentRequest,
-    StartEnvironmentRequest, StopEnvironmentRequest,
+    EnvironmentState, ExtendEnvironmentRequest, GetEnvironmentRequest, ListEnvironmentsRequest,
+    RestartEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
 };
 
 use crate::client::{CallExt, Session, all_pages};
@@ -47,6 +47,23 @@ pub(crate) enum EnvCommand {
     Exec(exec::ExecArgs),
     /// Show resource usage.
     Stats(stats::StatsArgs),
+    /// Copy files or directories between an environment and here: SRC DST,
+    /// one of them ENV:/path (like docker cp; `-` is a tar archive on
+    /// stdin or stdout).
+    Cp(crate::cmd::cp::CpArgs),
+    /// Forward local ports to ports inside an environment (until Ctrl-C).
+    PortForward(crate::cmd::forward::PortForwardArgs),
+    /// Keep an environment from stopping when idle (and push its expiry) for a while.
+    Extend(ExtendArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ExtendArgs {
+    /// Environment id or name.
+    env: String,
+    /// How long from now, e.g. 30m, 2h, 1d (1m to 7 days; the expiry stays within the policy's maximum lifetime).
+    #[arg(long = "for", value_name = "DURATION")]
+    duration: String,
 }
 
 /// An environment, by id or name.
@@ -131,6 +148,11 @@ pub(crate) struct EnvView {
     update_time: String,
     status_message: String,
     failure_reason: String,
+    /// Why the platform stopped or deleted it (idle, lifetime).
+    stop_reason: String,
+    last_activity_time: String,
+    idle_stop_time: String,
+    expire_time: String,
 }
 
 fn state_name(state: i32) -> String {
@@ -160,7 +182,30 @@ impl From<&Environment> for EnvView {
             update_time: output::time(e.update_time.as_ref()),
             status_message: e.status_message.clone(),
             failure_reason: e.failure_reason.clone(),
+            stop_reason: e.stop_reason.clone(),
+            last_activity_time: output::time(e.last_activity_time.as_ref()),
+            idle_stop_time: output::time(e.idle_stop_time.as_ref()),
+            expire_time: output::time(e.expire_time.as_ref()),
         }
+    }
+}
+
+/// A time relative to now: `in 25m`, `3h ago`, `-` when unset.
+fn relative(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(t) = ts else {
+        return "-".to_owned();
+    };
+    let secs = t.seconds - chrono::Utc::now().timestamp();
+    let span = |s: i64| match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+        s => format!("{}d", s / 86400),
+    };
+    if secs >= 0 {
+        format!("in {}", span(secs))
+    } else {
+        format!("{} ago", span(-secs))
     }
 }
 
@@ -194,6 +239,25 @@ fn print_env(e: &Environment, format: Format) {
     if !v.failure_reason.is_empty() {
         pairs.push(("failure", v.failure_reason));
     }
+    if !v.stop_reason.is_empty() {
+        pairs.push(("stop reason", v.stop_reason));
+    }
+    let when = |s: String, ts| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{s} ({})", relative(ts))
+        }
+    };
+    pairs.push((
+        "last activity",
+        when(v.last_activity_time, e.last_activity_time.as_ref()),
+    ));
+    pairs.push((
+        "idle stop",
+        when(v.idle_stop_time, e.idle_stop_time.as_ref()),
+    ));
+    pairs.push(("expires", when(v.expire_time, e.expire_time.as_ref())));
     output::fields(&pairs);
 }
 
@@ -280,10 +344,37 @@ pub(crate) async fn run(
                     .iter()
                     .map(|e| {
                         let v = EnvView::from(e);
-                        vec![v.id, v.name, v.state, v.image, v.team_id, v.create_time]
+                        vec![
+                            v.id,
+                            v.name,
+                            v.state,
+                            v.image,
+                            v.team_id,
+                            v.create_time,
+                            relative(e.idle_stop_time.as_ref()),
+                            relative(e.expire_time.as_ref()),
+                            if v.stop_reason.is_empty() {
+                                "-".to_owned()
+                            } else {
+                                v.stop_reason
+                            },
+                        ]
                     })
                     .collect();
-                output::table(&["ID", "NAME", "STATE", "IMAGE", "TEAM", "CREATED"], &rows);
+                output::table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "STATE",
+                        "IMAGE",
+                        "TEAM",
+                        "CREATED",
+                        "IDLE STOP",
+                        "EXPIRES",
+                        "REASON",
+                    ],
+                    &rows,
+                );
             }
         }
         EnvCommand::Get(a) => {
@@ -335,6 +426,38 @@ pub(crate) async fn run(
         EnvCommand::Logs(a) => logs::run(a, session).await?,
         EnvCommand::Stats(a) => stats::run(a, session, format).await?,
         EnvCommand::Exec(a) => return exec::run(a, session).await,
+        EnvCommand::Cp(a) => return crate::cmd::cp::run(a, session).await,
+        EnvCommand::PortForward(a) => return crate::cmd::forward::run(a, session).await,
+        EnvCommand::Extend(a) => {
+            let duration = output::parse_duration(&a.duration)?;
+            let id = resolve_env(session, &a.env).await?;
+            let resp = client
+                .extend_environment(ExtendEnvironmentRequest {
+                    environment_id: id,
+                    duration: Some(prost_types::Duration {
+                        seconds: duration.num_seconds(),
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .call()?;
+            let env = resp.environment.unwrap_or_default();
+            if format == Format::Json {
+                output::json(&EnvView::from(&env));
+            } else {
+                let mut until = String::new();
+                if let Some(t) = &env.idle_stop_time {
+                    until += &format!("; idle stop {}", output::time(Some(t)));
+                }
+                if let Some(t) = &env.expire_time {
+                    until += &format!("; expires {}", output::time(Some(t)));
+                }
+                println!(
+                    "extended {} ({}) for {}{until}",
+                    env.name, env.id, a.duration
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,8 +5,10 @@
 
 pub(crate) mod audit;
 pub(crate) mod context;
+pub(crate) mod cp;
 pub(crate) mod env;
 pub(crate) mod exec;
+pub(crate) mod forward;
 pub(crate) mod login;
 pub(crate) mod logs;
 pub(crate) mod policy;

@@ -45,6 +45,52 @@ struct EvaluationView {
     policy_digest: String,
     canonical_image: String,
     violations: Vec<ViolationView>,
+    /// On allow: what the environment would get (egress, lifetimes, copy limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hardened: Option<HardenedView>,
+}
+
+/// The parts of the hardened spec policy decides beyond the request (#17).
+#[derive(Serialize)]
+struct HardenedView {
+    egress: String,
+    egress_allow: Vec<String>,
+    idle_timeout: String,
+    idle_cpu_percent: f64,
+    lifetime: String,
+    max_lifetime: String,
+    copy_limit_mb: i64,
+}
+
+impl HardenedView {
+    fn of(spec: &vibebox_proto::environment::ContainerSpec) -> Self {
+        let egress = spec.egress.clone().unwrap_or_default();
+        let lifetime = spec.lifetime.clone().unwrap_or_default();
+        let duration = |s: Option<u32>| vibebox_policy::duration::format(s.unwrap_or_default());
+        Self {
+            egress: vibebox_proto::environment::EgressMode::try_from(egress.mode)
+                .map(|m| output::enum_name(m.as_str_name(), "EGRESS_MODE_").replace('_', "-"))
+                .unwrap_or_default(),
+            egress_allow: egress
+                .allow
+                .iter()
+                .map(|r| {
+                    let target = if r.host.is_empty() { &r.cidr } else { &r.host };
+                    let ports: Vec<String> = r.ports.iter().map(u32::to_string).collect();
+                    if ports.is_empty() {
+                        target.clone()
+                    } else {
+                        format!("{target} port {}", ports.join(","))
+                    }
+                })
+                .collect(),
+            idle_timeout: duration(lifetime.idle_timeout_seconds),
+            idle_cpu_percent: lifetime.idle_cpu_percent.unwrap_or_default(),
+            lifetime: duration(lifetime.lifetime_seconds),
+            max_lifetime: duration(lifetime.max_lifetime_seconds),
+            copy_limit_mb: spec.copy_limit_mb.unwrap_or_default(),
+        }
+    }
 }
 
 /// Runs a `policy` subcommand.
@@ -89,6 +135,7 @@ pub(crate) async fn run(cmd: PolicyCommand, session: &Session, format: Format) -
                         message: v.message.clone(),
                     })
                     .collect(),
+                hardened: e.hardened_spec.as_ref().map(HardenedView::of),
             };
             if format == Format::Json {
                 output::json(&view);
@@ -99,6 +146,25 @@ pub(crate) async fn run(cmd: PolicyCommand, session: &Session, format: Format) -
                     view.policy_version,
                     view.policy_digest
                 );
+                if let Some(h) = &view.hardened {
+                    println!(
+                        "egress: {}{}",
+                        h.egress,
+                        if h.egress_allow.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", h.egress_allow.join("; "))
+                        }
+                    );
+                    println!(
+                        "idle stop: after {} idle (CPU under {}%); lifetime: {} (max {}); copy limit: {} MiB",
+                        h.idle_timeout,
+                        h.idle_cpu_percent,
+                        h.lifetime,
+                        h.max_lifetime,
+                        h.copy_limit_mb
+                    );
+                }
                 if !view.violations.is_empty() {
                     let rows: Vec<Vec<String>> = view
                         .violations

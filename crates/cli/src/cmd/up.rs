@@ -34,6 +34,21 @@ pub(crate) struct UpArgs {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "VIBEBOX_LOG", default_value = "info")]
     log_filter: String,
+    /// Security policy document (TOML; reloaded on SIGHUP). Default: the
+    /// built-in policy (crates/policy/README.md).
+    #[arg(long, env = "VIBEBOX_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
+    /// Outbound networks of the environments' egress gates, comma separated
+    /// (default: `vibebox-egress`, created when missing).
+    #[arg(long, env = "VIBEBOX_EGRESS_NETWORK")]
+    egress_network: Option<String>,
+    /// Upstream DNS servers of the egress gates (IP:PORT, comma separated).
+    #[arg(long, env = "VIBEBOX_EGRESS_DNS")]
+    egress_dns: Option<String>,
+    /// Ranges no environment reaches whatever its policy says (CIDRs, comma
+    /// separated), for example this host's public addresses.
+    #[arg(long, env = "VIBEBOX_EGRESS_DENY")]
+    egress_deny: Option<String>,
 }
 
 struct Internal {
@@ -144,8 +159,21 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
         )
     });
 
+    let policy_file = match &up.policy_file {
+        Some(p) => Some(
+            p.canonicalize()
+                .with_context(|| format!("reading {}", p.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut policy_args = vec![peer("audit")];
+    if let Some(p) = &policy_file {
+        policy_args.push(("policy-file", p.as_str()));
+    }
     let config =
-        vibebox_policy::Config::parse_from(args("vibebox-policy", &data_dir, &[peer("audit")]));
+        vibebox_policy::Config::parse_from(args("vibebox-policy", &data_dir, &policy_args));
     let token = shutdown.clone();
     tasks.spawn(async move {
         (
@@ -154,10 +182,20 @@ pub(crate) async fn run(up: UpArgs) -> anyhow::Result<()> {
         )
     });
 
+    let mut orchestrator_args = vec![peer("audit"), peer("policy")];
+    for (flag, value) in [
+        ("egress-network", &up.egress_network),
+        ("egress-dns", &up.egress_dns),
+        ("egress-deny", &up.egress_deny),
+    ] {
+        if let Some(v) = value {
+            orchestrator_args.push((flag, v.as_str()));
+        }
+    }
     let config = vibebox_orchestrator::Config::parse_from(args(
         "vibebox-orchestrator",
         &data_dir,
-        &[peer("audit"), peer("policy")],
+        &orchestrator_args,
     ));
     let token = shutdown.clone();
     tasks.spawn(async move {

@@ -270,6 +270,31 @@ impl Environments {
         })
     }
 
+    async fn extend(
+        &self,
+        request: Request<vibebox_proto::environment::ExtendEnvironmentRequest>,
+    ) -> Result<vibebox_proto::environment::ExtendEnvironmentResponse> {
+        let gw = &self.gateway;
+        let call = gw.authenticate(gw.info(&request)).await?;
+        let req = request.into_inner();
+        validate::uuid("environment_id", &req.environment_id)?;
+        extension(req.duration)?;
+        gw.environment(&call, &req.environment_id).await?;
+        let response = gw
+            .runtime
+            .clone()
+            .extend_environment(call.forward(runtime::ExtendEnvironmentRequest {
+                caller: Some(call.caller()),
+                request: Some(req),
+            }))
+            .await
+            .map_err(upstream)?
+            .into_inner();
+        Ok(vibebox_proto::environment::ExtendEnvironmentResponse {
+            environment: response.environment.map(redact),
+        })
+    }
+
     async fn logs(
         &self,
         request: Request<StreamLogsRequest>,
@@ -411,6 +436,19 @@ fn violation(field: &str, description: &str) -> GatewayError {
     })
 }
 
+/// An extension: from one minute to seven days.
+fn extension(value: Option<prost_types::Duration>) -> Result<()> {
+    const RANGE: &str = "must be between 1m and 7 days (168h)";
+    let d = value.ok_or_else(|| violation("duration", RANGE))?;
+    let in_range = d.nanos >= 0 && (60..=7 * 24 * 3600).contains(&d.seconds);
+    let at_most = d.seconds < 7 * 24 * 3600 || d.nanos == 0;
+    if in_range && at_most {
+        Ok(())
+    } else {
+        Err(violation("duration", RANGE))
+    }
+}
+
 fn timeout_seconds(value: Option<u32>) -> Result<()> {
     match value {
         Some(t) if t > 3600 => Err(violation("timeout_seconds", "must be at most 3600")),
@@ -500,32 +538,37 @@ impl EnvironmentService for Environments {
 
     async fn port_forward(
         &self,
-        _request: Request<Streaming<vibebox_proto::environment::PortForwardRequest>>,
+        request: Request<Streaming<vibebox_proto::environment::PortForwardRequest>>,
     ) -> std::result::Result<Response<Self::PortForwardStream>, Status> {
-        Err(Status::unimplemented("PortForward is not available yet"))
+        observe(super::forward::port_forward(
+            &self.gateway,
+            request,
+            resource_of,
+        ))
+        .await
     }
 
     async fn copy_to(
         &self,
-        _request: Request<Streaming<vibebox_proto::environment::CopyToRequest>>,
+        request: Request<Streaming<vibebox_proto::environment::CopyToRequest>>,
     ) -> std::result::Result<Response<vibebox_proto::environment::CopyToResponse>, Status> {
-        Err(Status::unimplemented("CopyTo is not available yet"))
+        observe(super::copy::copy_to(&self.gateway, request, resource_of)).await
     }
 
     type CopyFromStream = ProxyStream<vibebox_proto::environment::CopyFromResponse>;
 
     async fn copy_from(
         &self,
-        _request: Request<vibebox_proto::environment::CopyFromRequest>,
+        request: Request<vibebox_proto::environment::CopyFromRequest>,
     ) -> std::result::Result<Response<Self::CopyFromStream>, Status> {
-        Err(Status::unimplemented("CopyFrom is not available yet"))
+        observe(super::copy::copy_from(&self.gateway, request, resource_of)).await
     }
 
     async fn extend_environment(
         &self,
-        _request: Request<vibebox_proto::environment::ExtendEnvironmentRequest>,
+        request: Request<vibebox_proto::environment::ExtendEnvironmentRequest>,
     ) -> std::result::Result<Response<vibebox_proto::environment::ExtendEnvironmentResponse>, Status>
     {
-        Err(Status::unimplemented("ExtendEnvironment is not available yet"))
+        observe(self.extend(request)).await
     }
 }

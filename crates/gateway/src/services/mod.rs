@@ -20,7 +20,9 @@ use crate::gateway::{Call, Gateway};
 use crate::metrics::StreamGuard;
 
 pub(crate) mod audit;
+pub(crate) mod copy;
 pub(crate) mod environment;
+pub(crate) mod forward;
 pub(crate) mod identity;
 pub(crate) mod policy;
 
@@ -61,7 +63,7 @@ impl Recheck {
     }
 
     /// Asks again; `last_allowed` is when the last decision allowed.
-    async fn still_allowed(&self, last_allowed: &mut Instant) -> Result<()> {
+    pub(crate) async fn still_allowed(&self, last_allowed: &mut Instant) -> Result<()> {
         let decided = self
             .gateway
             .authorize(&self.call, self.resource.clone())

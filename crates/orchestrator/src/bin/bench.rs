@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         let subnet = "10.214.0.0/28".parse()?;
         let t = Instant::now();
         docker
-            .create_network(docker::network_request(&target, subnet))
+            .create_network(docker::network_request(&target, subnet, false))
             .await?;
         docker
             .create_volume(docker::volume_request(&target))

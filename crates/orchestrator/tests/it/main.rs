@@ -5,6 +5,7 @@
 //! - [`killed`]: real orchestrator processes killed at crash points;
 //! - [`keys`]: clearance keys fetched from policy, rotated, retired;
 //! - [`lease`]: one orchestrator per database;
+//! - [`lifecycle`]: idle stop, lifetimes and extensions with a short clock;
 //! - [`seam`]: provisioning and lifecycle through the runtime seam, no Docker;
 //! - [`store`]: records on SQLite and PostgreSQL;
 //! - [`docker_tls`]: the engine over TCP with mutual TLS.
@@ -14,6 +15,7 @@ mod engine;
 mod keys;
 mod killed;
 mod lease;
+mod lifecycle;
 mod recovery;
 mod seam;
 mod store;

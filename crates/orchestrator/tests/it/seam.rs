@@ -187,6 +187,7 @@ async fn seam() -> Seam {
             health_cmd: Vec::new(),
             extra_labels: Vec::new(),
             default_stop_timeout: 3,
+            egress: Default::default(),
         },
     )
     .await

@@ -26,6 +26,10 @@ fn record(id: &str, request: &str, clearance: &str, subnet: Option<&str>, t: i64
         status_message: String::new(),
         create_time_ms: t,
         update_time_ms: t,
+        stop_reason: String::new(),
+        last_activity_ms: Some(t),
+        keep_alive_until_ms: None,
+        expire_at_ms: None,
     }
 }
 

@@ -1,0 +1,1292 @@
+//! Files in and out of an environment (`CopyTo`, `CopyFrom`) over the
+//! engine's archive API: every path is resolved by the engine inside the
+//! container's own filesystem (never on the host).
+//!
+//! Decisions, each with its reason:
+//! - **Running environments only.** The archive API also works on a stopped
+//!   container, but a stopped, failed or quarantined environment is at rest
+//!   (or under investigation) and a copy is activity: FAILED_PRECONDITION
+//!   naming the state.
+//! - **Paths**: absolute, no control characters, at most 4096 bytes,
+//!   normalized lexically (`..` stops at the root) before anything else.
+//!   Nothing is written into `/proc`, `/sys`, `/dev` or the engine-managed
+//!   `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf` (the policy's
+//!   reserved mount targets), whether named as the destination or reached by
+//!   an entry of the archive.
+//! - **No host bind mounts.** The engine reads and writes with its own
+//!   (root) rights and follows the container's symbolic links; in a host
+//!   directory that would get around the host's permissions. An environment
+//!   with a bind mount is refused (`files.bind_mount`); `env exec` with `tar`
+//!   runs as the environment's user and still works there.
+//! - **No tmpfs mounts.** The engine does not see them (a copy would land,
+//!   invisible, in the directory under the mount): refused (`files.tmpfs`).
+//! - **Spool, check, then upload.** The engine extracts an archive while it
+//!   streams, so the client's archive is first read to the end into an
+//!   unnamed spool file under the orchestrator's data directory (gone with
+//!   the process), counted against the environment's copy limit
+//!   (`ContainerSpec.copy_limit_mb`, default [`DEFAULT_COPY_LIMIT_MB`]) and
+//!   checked entry by entry: relative paths without `..`, only files,
+//!   directories, symbolic and hard links (no device nodes, FIFOs or sparse
+//!   files), nothing below a symbolic link of the same archive (links are
+//!   stored, never followed by us), hard links only to files earlier in the
+//!   archive. An archive over the limit (`files.copy_limit`), malformed or
+//!   with one bad entry is refused whole and nothing is extracted.
+//! - **Owned by the environment's user.** The spool holds a rewritten
+//!   archive: every entry owned by the container's user and group (numeric,
+//!   or names resolved in the container's own `/etc/passwd` and
+//!   `/etc/group`), set-id and sticky bits dropped, the destination
+//!   directory itself (a `./` entry) left alone. The engine's own
+//!   `copyUIDGID` is not used: it resolves the user on the host.
+//! - **CopyFrom** stops with `files.copy_limit` once the archive passes the
+//!   limit (a single file over it is refused before a byte moves).
+//! - Messages stay small: clients send chunks of at most [`MAX_CHUNK`];
+//!   the orchestrator sends [`SEND_CHUNK`].
+//! - Every copy that names an existing environment is audited once
+//!   (`environment.copy_to` / `environment.copy_from`) with its path, the
+//!   archive bytes and its outcome, and holds an activity session while it
+//!   runs.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bollard::errors::Error as DockerError;
+use bollard::query_parameters::{
+    ContainerArchiveInfoOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::Status;
+use vibebox_proto::audit::{Outcome, Severity};
+use vibebox_proto::environment::{ContainerSpec, MountType};
+
+use crate::audit::{Caller, Event};
+use crate::service::{Error, Orchestrator};
+use crate::store::{EnvRecord, State};
+
+/// The copy limit of an environment whose spec sets none (older ones).
+pub const DEFAULT_COPY_LIMIT_MB: i64 = 1024;
+/// Largest chunk a client may send in one message.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+/// Size of the chunks the orchestrator sends.
+pub const SEND_CHUNK: usize = 64 * 1024;
+/// Uploads spooled at the same time (each may take up to its limit on disk).
+const MAX_SPOOLED: usize = 4;
+const MAX_PATH: usize = 4096;
+const MIB: u64 = 1024 * 1024;
+/// Largest `/etc/passwd` or `/etc/group` read to resolve a user name.
+const MAX_ACCOUNT_FILE: usize = 1024 * 1024;
+/// Where nothing is ever written (the policy's reserved mount targets).
+pub const RESERVED: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+];
+
+/// Why a copy was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A request field is wrong (`path`, `start`, `data`).
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// The archive is malformed or one of its entries is refused.
+    #[error("the archive is refused: {0}")]
+    Archive(String),
+    /// The archive passed the environment's copy limit.
+    #[error("the archive is larger than the copy limit of {limit_mb} MiB")]
+    TooLarge { limit_mb: i64 },
+    /// A rule of this module refuses the copy (`files.*`).
+    #[error("{reason}")]
+    Refused {
+        rule: &'static str,
+        subject: String,
+        reason: String,
+    },
+    /// The path does not exist in the environment.
+    #[error("no such file or directory in the environment: {0}")]
+    Missing(String),
+    #[error("too many copies are being spooled; retry")]
+    Busy,
+    /// The client went away or broke its stream.
+    #[error("the copy was cancelled: {0}")]
+    Cancelled(String),
+    /// The spool file could not be written or read.
+    #[error("spool: {0}")]
+    Spool(#[from] std::io::Error),
+    #[error(transparent)]
+    Orchestrator(#[from] Error),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = CopyError> = std::result::Result<T, E>;
+
+impl From<CopyError> for Status {
+    fn from(e: CopyError) -> Self {
+        use vibebox_server_kit::status;
+        match e {
+            CopyError::Invalid { field, reason } => status::invalid_field(field, &reason),
+            e @ CopyError::Archive(_) => {
+                let reason = e.to_string();
+                status::bad_request(&reason, &[("data", &reason)])
+            }
+            e @ CopyError::TooLarge { .. } => {
+                let message = e.to_string();
+                status::quota_failure(&message, "files.copy_limit", &message)
+            }
+            CopyError::Refused {
+                rule,
+                subject,
+                reason,
+            } => status::precondition_failure(&reason, &[(rule, &subject, &reason)]),
+            e @ CopyError::Missing(_) => Status::not_found(e.to_string()),
+            e @ CopyError::Busy => {
+                status::retry_later(&e.to_string(), std::time::Duration::from_secs(5))
+            }
+            e @ CopyError::Cancelled(_) => Status::cancelled(e.to_string()),
+            e @ CopyError::Spool(_) => status::internal(&e),
+            CopyError::Orchestrator(e) => Status::from(e),
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> CopyError {
+    CopyError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Normalizes an absolute path inside the environment: `//a/./b/../c/`
+/// becomes `/a/c`; `..` at the root stays at the root.
+pub fn normalize(path: &str) -> Result<String> {
+    if path.is_empty() {
+        return Err(invalid("path", "must not be empty"));
+    }
+    if path.len() > MAX_PATH {
+        return Err(invalid("path", format!("longer than {MAX_PATH} bytes")));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(invalid(
+            "path",
+            "must not contain NUL or control characters",
+        ));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(
+            "path",
+            "must be absolute (a path inside the environment, starting with /)",
+        ));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Whether normalized `path` is `prefix` or lies below it.
+fn within(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+/// The reserved path `path` is or lies below, if any.
+pub fn reserved(path: &str) -> Option<&'static str> {
+    RESERVED.iter().copied().find(|r| within(path, r))
+}
+
+/// The copy limit of a spec, in bytes (unset: the default; zero or less:
+/// copying is off).
+pub fn limit_bytes(spec: &ContainerSpec) -> (i64, u64) {
+    let mb = spec.copy_limit_mb.unwrap_or(DEFAULT_COPY_LIMIT_MB).max(0);
+    (mb, (mb as u64).saturating_mul(MIB))
+}
+
+/// The targets of the spec's tmpfs mounts (normalized).
+fn tmpfs_targets(spec: &ContainerSpec) -> Vec<String> {
+    spec.mounts
+        .iter()
+        .filter(|m| m.r#type == MountType::Tmpfs as i32)
+        .filter_map(|m| normalize(&m.target).ok())
+        .collect()
+}
+
+/// Refuses an environment whose spec binds a host directory.
+fn no_bind_mounts(spec: &ContainerSpec) -> Result<()> {
+    match spec
+        .mounts
+        .iter()
+        .position(|m| m.r#type == MountType::Bind as i32)
+    {
+        Some(i) => Err(CopyError::Refused {
+            rule: "files.bind_mount",
+            subject: format!("spec.mounts[{i}]"),
+            reason: "the environment binds a host directory: copies act with the engine's \
+                     rights and are refused here (use `env exec` with tar, which runs as the \
+                     environment's user)"
+                .into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a path on a tmpfs mount (the engine cannot see it).
+fn not_on_tmpfs(path: &str, tmpfs: &[String]) -> Result<()> {
+    match tmpfs.iter().find(|t| within(path, t)) {
+        Some(t) => Err(CopyError::Refused {
+            rule: "files.tmpfs",
+            subject: "path".into(),
+            reason: format!(
+                "{path} is on the tmpfs mount {t}, which the engine's archive API cannot reach \
+                 (copy to the workspace or another volume)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The engine's refusal of an archive operation on `path`, in the copy's
+/// terms (without the engine's object ids).
+fn engine(path: &str, e: DockerError) -> CopyError {
+    match &e {
+        DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        } => CopyError::Missing(path.to_owned()),
+        DockerError::DockerResponseServerError {
+            status_code: 400 | 403,
+            message,
+        } => CopyError::Refused {
+            rule: "files.engine",
+            subject: "path".into(),
+            reason: format!(
+                "the engine refused the copy at {path}: {}",
+                message.split(" in container ").next().unwrap_or_default()
+            ),
+        },
+        _ => CopyError::Orchestrator(Error::Docker(e)),
+    }
+}
+
+/// Go's `os.ModeType` bits (the engine's path stat): anything but a
+/// regular file.
+const GO_MODE_TYPE: u32 =
+    (1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19);
+const GO_MODE_DIR: u32 = 1 << 31;
+const GO_MODE_SYMLINK: u32 = 1 << 27;
+
+/// Where an archive is extracted and whom its files belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Normalized absolute directory.
+    pub destination: String,
+    pub uid: u64,
+    pub gid: u64,
+    /// Normalized paths no entry may land in or below (reserved, tmpfs).
+    pub forbidden: Vec<String>,
+}
+
+/// What a checked archive holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub entries: u64,
+    /// Bytes of file contents.
+    pub content_bytes: u64,
+}
+
+/// Counts what passes through a reader.
+struct Counted<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Remembers whether its reader reached the end of its input.
+struct EofWatch<R> {
+    inner: R,
+    eof: bool,
+}
+
+impl<R: Read> Read for EofWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// The components of an archive entry's path, relative, without `.`;
+/// refused when absolute or with `..`.
+fn entry_components(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
+    let shown = || String::from_utf8_lossy(raw).escape_debug().to_string();
+    if raw.first() == Some(&b'/') {
+        return Err(format!("{}: absolute paths are not allowed", shown()));
+    }
+    let mut parts = Vec::new();
+    for part in raw.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err(format!("{}: '..' is not allowed", shown())),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts)
+}
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(&b'/')
+}
+
+/// Reads a client's archive from `input`, checks every entry against
+/// `plan` and writes the rewritten archive (owner, modes) to `out`. The
+/// first refused entry ends it with the reason; the input is then read to
+/// its end (its bytes are counted by the caller).
+pub fn check_and_rewrite<R: Read, W: Write>(
+    input: R,
+    out: W,
+    plan: &Plan,
+) -> std::result::Result<Summary, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut watch = EofWatch {
+        inner: input,
+        eof: false,
+    };
+    let mut archive = tar::Archive::new(&mut watch);
+    let mut builder = tar::Builder::new(out);
+    let mut summary = Summary::default();
+    // Paths of the archive so far: files (hard link targets) and symbolic links.
+    let mut files: HashSet<Vec<u8>> = HashSet::new();
+    let mut links: HashSet<Vec<u8>> = HashSet::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("not a tar archive: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("malformed archive: {e}"))?;
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::XGlobalHeader {
+            continue;
+        }
+        let raw = entry.path_bytes().into_owned();
+        let parts = entry_components(&raw)?;
+        let rel = join(&parts);
+        let shown = String::from_utf8_lossy(&rel).escape_debug().to_string();
+        if parts.is_empty() {
+            // `./`: the destination itself is never changed.
+            if kind == tar::EntryType::Directory {
+                continue;
+            }
+            return Err(format!(
+                "an entry of type {kind:?} names the destination itself"
+            ));
+        }
+        for i in 1..parts.len() {
+            let prefix = join(&parts[..i]);
+            if links.contains(&prefix) {
+                return Err(format!(
+                    "{shown}: lies below the symbolic link {} of the same archive",
+                    String::from_utf8_lossy(&prefix).escape_debug()
+                ));
+            }
+        }
+        let landing = if plan.destination == "/" {
+            format!("/{}", String::from_utf8_lossy(&rel))
+        } else {
+            format!("{}/{}", plan.destination, String::from_utf8_lossy(&rel))
+        };
+        if let Some(f) = plan.forbidden.iter().find(|f| within(&landing, f)) {
+            return Err(format!(
+                "{shown}: would land in {f}, where copies cannot write"
+            ));
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let mtime = entry.header().mtime().unwrap_or(0);
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(plan.uid);
+        header.set_gid(plan.gid);
+        header.set_mtime(mtime);
+        header.set_mode(mode);
+        let path = std::ffi::OsStr::from_bytes(&rel);
+        let written = match kind {
+            tar::EntryType::Regular => {
+                let size = entry.size();
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(size);
+                let mut counted = Counted {
+                    inner: &mut entry,
+                    count: 0,
+                };
+                let appended = builder.append_data(&mut header, path, &mut counted);
+                if counted.count != size {
+                    return Err(format!("{shown}: the archive ends inside this file"));
+                }
+                summary.content_bytes += size;
+                files.insert(rel.clone());
+                links.remove(&rel);
+                appended
+            }
+            tar::EntryType::Directory => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                files.remove(&rel);
+                links.remove(&rel);
+                builder.append_data(&mut header, path, std::io::empty())
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| format!("{shown}: a symbolic link without a target"))?;
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                files.remove(&rel);
+                links.insert(rel.clone());
+                builder.append_link(&mut header, path, std::ffi::OsStr::from_bytes(&target))
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                let target = join(&entry_components(&target)?);
+                if !files.contains(&target) {
+                    return Err(format!(
+                        "{shown}: a hard link must point to a file earlier in the archive"
+                    ));
+                }
+                header.set_entry_type(tar::EntryType::Link);
+                header.set_size(0);
+                files.insert(rel.clone());
+                links.remove(&rel);
+                builder.append_link(&mut header, path, std::ffi::OsStr::from_bytes(&target))
+            }
+            other => {
+                return Err(format!(
+                    "{shown}: entries of type {other:?} are not allowed (only files, \
+                     directories, symbolic and hard links)"
+                ));
+            }
+        };
+        written.map_err(|e| format!("spool: {e}"))?;
+        summary.entries += 1;
+    }
+    // A complete archive ends with its end-of-archive blocks: input that
+    // stops without them was cut (a client or a connection gone mid-way),
+    // and is refused rather than extracted in part.
+    if watch.eof {
+        return Err(
+            "the archive is incomplete: it ends without the end-of-archive marker".to_owned(),
+        );
+    }
+    builder
+        .into_inner()
+        .and_then(|mut out| out.flush())
+        .map_err(|e| format!("spool: {e}"))?;
+    Ok(summary)
+}
+
+/// A reader over chunks arriving on a channel (the spooling thread's end).
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// Boxed stream of copy results.
+pub type CopyStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
+
+/// The copy operations of one orchestrator (cheap to clone).
+#[derive(Clone)]
+pub struct Copier {
+    orchestrator: Orchestrator,
+    spool_dir: PathBuf,
+    spooled: Arc<Semaphore>,
+}
+
+/// What a CopyTo or CopyFrom did, for its audit event.
+struct Done<'a> {
+    action: &'static str,
+    rec: &'a EnvRecord,
+    path: String,
+    bytes: u64,
+    entries: Option<u64>,
+}
+
+impl Copier {
+    /// Copies for `orchestrator`, spooling uploads in `spool_dir`.
+    pub fn new(orchestrator: Orchestrator, spool_dir: PathBuf) -> Self {
+        Copier {
+            orchestrator,
+            spool_dir,
+            spooled: Arc::new(Semaphore::new(MAX_SPOOLED)),
+        }
+    }
+
+    /// Records the one audit event of a copy.
+    async fn audit(
+        &self,
+        caller: &Caller,
+        done: Done<'_>,
+        error: Option<&CopyError>,
+    ) -> Result<()> {
+        let mut details = vec![("path", done.path), ("bytes", done.bytes.to_string())];
+        if let Some(entries) = done.entries {
+            details.push(("entries", entries.to_string()));
+        }
+        let (outcome, severity) = match error {
+            None => (Outcome::Success, Severity::Low),
+            Some(e) => {
+                details.push(("error", e.to_string()));
+                (Outcome::Failure, Severity::Medium)
+            }
+        };
+        self.orchestrator
+            .audit()
+            .record(Event {
+                action: done.action,
+                outcome,
+                severity,
+                caller: Some(caller),
+                team_id: &done.rec.team_id,
+                environment_id: &done.rec.id,
+                details,
+            })
+            .await
+            .map_err(|e| CopyError::Orchestrator(Error::Audit(e)))
+    }
+
+    /// The environment's record and container, if it may be copied to or
+    /// from now.
+    fn usable(rec: &EnvRecord, operation: &'static str) -> Result<String> {
+        if rec.state != State::Running {
+            return Err(CopyError::Orchestrator(Error::BadState {
+                state: rec.state.as_str(),
+                operation,
+            }));
+        }
+        rec.container_id
+            .clone()
+            .ok_or(CopyError::Orchestrator(Error::BadState {
+                state: "creating",
+                operation,
+            }))
+    }
+
+    /// Extracts the archive arriving on `input` into the directory `path` of
+    /// an environment (see the module docs); returns the archive bytes
+    /// received.
+    pub async fn copy_to<S>(
+        &self,
+        caller: &Caller,
+        environment_id: &str,
+        path: &str,
+        input: S,
+    ) -> Result<u64>
+    where
+        S: Stream<Item = Result<Bytes>> + Send + Unpin,
+    {
+        let rec = self.orchestrator.get(environment_id).await?;
+        let _session = self.orchestrator.session(&rec.id);
+        let mut received = 0u64;
+        let mut entries = None;
+        let mut shown = path.escape_debug().to_string();
+        shown.truncate(MAX_PATH);
+        let result = self
+            .copy_to_inner(&rec, path, input, &mut received, &mut entries, &mut shown)
+            .await;
+        let done = Done {
+            action: "environment.copy_to",
+            rec: &rec,
+            path: shown,
+            bytes: received,
+            entries,
+        };
+        self.audit(caller, done, result.as_ref().err()).await?;
+        result.map(|()| received)
+    }
+
+    async fn copy_to_inner<S>(
+        &self,
+        rec: &EnvRecord,
+        path: &str,
+        mut input: S,
+        received: &mut u64,
+        entries: &mut Option<u64>,
+        shown: &mut String,
+    ) -> Result<()>
+    where
+        S: Stream<Item = Result<Bytes>> + Send + Unpin,
+    {
+        let destination = normalize(path)?;
+        shown.clone_from(&destination);
+        if let Some(r) = reserved(&destination) {
+            return Err(invalid(
+                "path",
+                format!("{destination} is in {r}, where copies cannot write"),
+            ));
+        }
+        let cid = Self::usable(rec, "copy files into")?;
+        let spec = Orchestrator::spec_of(rec);
+        no_bind_mounts(&spec)?;
+        let tmpfs = tmpfs_targets(&spec);
+        not_on_tmpfs(&destination, &tmpfs)?;
+        let (limit_mb, limit) = limit_bytes(&spec);
+
+        // The destination must be a directory (a symbolic link to one is
+        // followed by the engine: check where it leads, and extract there).
+        let mut target = destination.clone();
+        let mut found = self.stat(&cid, &target).await?;
+        if found.file_mode & GO_MODE_SYMLINK != 0 {
+            target = normalize(&found.link_target).map_err(|_| CopyError::Refused {
+                rule: "files.engine",
+                subject: "path".into(),
+                reason: format!("{destination} is a symbolic link the engine cannot resolve"),
+            })?;
+            if let Some(r) = reserved(&target) {
+                return Err(invalid(
+                    "path",
+                    format!("{destination} leads to {r}, where copies cannot write"),
+                ));
+            }
+            not_on_tmpfs(&target, &tmpfs)?;
+            found = self.stat(&cid, &target).await?;
+        }
+        if found.file_mode & GO_MODE_DIR == 0 {
+            return Err(CopyError::Refused {
+                rule: "files.not_a_directory",
+                subject: "path".into(),
+                reason: format!("{destination} is not a directory in the environment"),
+            });
+        }
+        let (uid, gid) = self.owner(&cid).await?;
+        let mut forbidden: Vec<String> = RESERVED.iter().map(|r| (*r).to_owned()).collect();
+        forbidden.extend(tmpfs);
+        let plan = Plan {
+            destination: target.clone(),
+            uid,
+            gid,
+            forbidden,
+        };
+
+        let _slot = self
+            .spooled
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CopyError::Busy)?;
+        std::fs::create_dir_all(&self.spool_dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.spool_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let spool = tempfile::tempfile_in(&self.spool_dir)?;
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let checker = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            let mut out = std::io::BufWriter::with_capacity(SEND_CHUNK, spool);
+            let checked = check_and_rewrite(&mut reader, &mut out, &plan);
+            // Whatever follows the end of the archive is read (and counted
+            // by the receiving side), never extracted.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            let spool = out.into_inner().map_err(|e| e.to_string());
+            checked.and_then(|summary| spool.map(|file| (summary, file)))
+        });
+
+        // Receive everything, counting against the limit.
+        let mut refused = None;
+        while let Some(item) = input.next().await {
+            let chunk = match item {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            };
+            if chunk.len() > MAX_CHUNK {
+                refused = Some(invalid(
+                    "data",
+                    format!("chunks must be at most {MAX_CHUNK} bytes"),
+                ));
+                break;
+            }
+            *received += chunk.len() as u64;
+            if *received > limit {
+                refused = Some(CopyError::TooLarge { limit_mb });
+                break;
+            }
+            if tx.send(chunk).await.is_err() {
+                // The checker refused the archive (it reads to the end of
+                // the input otherwise): it says why below.
+                break;
+            }
+        }
+        drop(tx);
+        let checked = checker
+            .await
+            .map_err(|e| CopyError::Spool(std::io::Error::other(e)))?;
+        if let Some(refused) = refused {
+            return Err(refused);
+        }
+        let (summary, spool) = checked.map_err(CopyError::Archive)?;
+        *entries = Some(summary.entries);
+
+        // Only a complete, checked archive reaches the engine.
+        let mut file = tokio::fs::File::from_std(spool);
+        tokio::io::AsyncSeekExt::rewind(&mut file).await?;
+        let body = futures::stream::unfold(file, |mut file| async move {
+            let mut buf = BytesMut::zeroed(SEND_CHUNK);
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(buf.freeze()), file))
+                }
+                Err(e) => Some((Err(e), file)),
+            }
+        });
+        let cid = rec.container_id.clone().unwrap_or_default();
+        self.orchestrator
+            .docker()
+            .upload_to_container(
+                &cid,
+                Some(
+                    UploadToContainerOptionsBuilder::new()
+                        .path(&target)
+                        .no_overwrite_dir_non_dir("true")
+                        .build(),
+                ),
+                bollard::body_try_stream(body),
+            )
+            .await
+            .map_err(|e| engine(&destination, e))?;
+        Ok(())
+    }
+
+    /// Streams a path of an environment (file or directory) as a tar
+    /// archive, ending with `files.copy_limit` once it passes the limit.
+    pub async fn copy_from(
+        &self,
+        caller: &Caller,
+        environment_id: &str,
+        path: &str,
+    ) -> Result<CopyStream<Bytes>> {
+        let rec = self.orchestrator.get(environment_id).await?;
+        let session = self.orchestrator.session(&rec.id);
+        let mut shown = path.escape_debug().to_string();
+        shown.truncate(MAX_PATH);
+        let prepared = self.copy_from_prepare(&rec, path, &mut shown).await;
+        let (cid, source, limit_mb, limit) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let done = Done {
+                    action: "environment.copy_from",
+                    rec: &rec,
+                    path: shown,
+                    bytes: 0,
+                    entries: None,
+                };
+                self.audit(caller, done, Some(&e)).await?;
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Result<Bytes>>(4);
+        let this = self.clone();
+        let caller = caller.clone();
+        // The copy outlives the call: keep its span for the audit event.
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _session = session;
+                let mut archive = this.orchestrator.docker().download_from_container(
+                    &cid,
+                    Some(
+                        DownloadFromContainerOptionsBuilder::new()
+                            .path(&source)
+                            .build(),
+                    ),
+                );
+                let mut sent = 0u64;
+                let mut result: Result<()> = Ok(());
+                'stream: while let Some(item) = archive.next().await {
+                    let mut chunk = match item {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            result = Err(engine(&source, e));
+                            break;
+                        }
+                    };
+                    if sent + chunk.len() as u64 > limit {
+                        result = Err(CopyError::TooLarge { limit_mb });
+                        break;
+                    }
+                    while !chunk.is_empty() {
+                        let piece = chunk.split_to(chunk.len().min(SEND_CHUNK));
+                        let n = piece.len() as u64;
+                        if tx.send(Ok(piece)).await.is_err() {
+                            result = Err(CopyError::Cancelled("the client went away".into()));
+                            break 'stream;
+                        }
+                        sent += n;
+                    }
+                }
+                drop(archive);
+                let done = Done {
+                    action: "environment.copy_from",
+                    rec: &rec,
+                    path: source.clone(),
+                    bytes: sent,
+                    entries: None,
+                };
+                let audited = this.audit(&caller, done, result.as_ref().err()).await;
+                if let Err(e) = result.and(audited) {
+                    let _ = tx.send(Err(e)).await;
+                }
+            },
+            span,
+        ));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// Checks a CopyFrom before a byte moves: its path, the environment, a
+    /// single file over the limit.
+    async fn copy_from_prepare(
+        &self,
+        rec: &EnvRecord,
+        path: &str,
+        shown: &mut String,
+    ) -> Result<(String, String, i64, u64)> {
+        let source = normalize(path)?;
+        shown.clone_from(&source);
+        let cid = Self::usable(rec, "copy files from")?;
+        let spec = Orchestrator::spec_of(rec);
+        no_bind_mounts(&spec)?;
+        not_on_tmpfs(&source, &tmpfs_targets(&spec))?;
+        let (limit_mb, limit) = limit_bytes(&spec);
+        let found = self.stat(&cid, &source).await?;
+        if found.file_mode & GO_MODE_TYPE == 0 && found.size.max(0) as u64 > limit {
+            return Err(CopyError::TooLarge { limit_mb });
+        }
+        Ok((cid, source, limit_mb, limit))
+    }
+
+    /// The engine's stat of a path in the container.
+    async fn stat(&self, cid: &str, path: &str) -> Result<bollard::container::PathStatResponse> {
+        self.orchestrator
+            .docker()
+            .get_container_archive_info(
+                cid,
+                Some(ContainerArchiveInfoOptionsBuilder::new().path(path).build()),
+            )
+            .await
+            .map_err(|e| engine(path, e))
+    }
+
+    /// The uid and gid the container runs as (its configured user: numeric,
+    /// or names resolved in its own account files).
+    async fn owner(&self, cid: &str) -> Result<(u64, u64)> {
+        let docker = self.orchestrator.docker();
+        let inspected = docker
+            .inspect_container(cid, None)
+            .await
+            .map_err(|e| CopyError::Orchestrator(Error::Docker(e)))?;
+        let user = inspected.config.and_then(|c| c.user).unwrap_or_default();
+        let (name, group) = match user.split_once(':') {
+            Some((u, g)) => (u.to_owned(), Some(g.to_owned())),
+            None => (user.clone(), None),
+        };
+        if name.is_empty() {
+            // No user anywhere: the container runs as root, and so do its files.
+            return Ok((0, 0));
+        }
+        let numeric = |s: &str| s.parse::<u32>().ok().map(u64::from);
+        if let (Some(uid), Some(gid)) = (numeric(&name), group.as_deref().and_then(numeric)) {
+            return Ok((uid, gid));
+        }
+        let unresolved = |what: &str| CopyError::Refused {
+            rule: "files.owner",
+            subject: "spec.user".into(),
+            reason: format!(
+                "cannot resolve the environment's {what} {user:?} in its /etc/passwd or \
+                 /etc/group (use a numeric uid:gid)"
+            ),
+        };
+        let passwd = self.account_file(cid, "/etc/passwd").await?;
+        let account = passwd.as_deref().and_then(|text| {
+            text.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                let (uid, gid) = (numeric(fields.get(2)?)?, numeric(fields.get(3)?)?);
+                (fields[0] == name || numeric(&name) == Some(uid)).then_some((uid, gid))
+            })
+        });
+        let uid = match (numeric(&name), account) {
+            (Some(uid), _) => uid,
+            (None, Some((uid, _))) => uid,
+            (None, None) => return Err(unresolved("user")),
+        };
+        let gid = match group.as_deref() {
+            Some(g) => match numeric(g) {
+                Some(gid) => gid,
+                None => {
+                    let groups = self.account_file(cid, "/etc/group").await?;
+                    groups
+                        .as_deref()
+                        .and_then(|text| {
+                            text.lines().find_map(|line| {
+                                let fields: Vec<&str> = line.split(':').collect();
+                                (fields.first() == Some(&g))
+                                    .then(|| numeric(fields.get(2)?))
+                                    .flatten()
+                            })
+                        })
+                        .ok_or_else(|| unresolved("group"))?
+                }
+            },
+            // As the runtime does: the account's group, else root's group.
+            None => account.map_or(0, |(_, gid)| gid),
+        };
+        Ok((uid, gid))
+    }
+
+    /// A small regular file of the container (`None`: missing or not one).
+    async fn account_file(&self, cid: &str, path: &str) -> Result<Option<String>> {
+        let mut archive = self.orchestrator.docker().download_from_container(
+            cid,
+            Some(
+                DownloadFromContainerOptionsBuilder::new()
+                    .path(path)
+                    .build(),
+            ),
+        );
+        let mut bytes = Vec::new();
+        while let Some(item) = archive.next().await {
+            match item {
+                Ok(chunk) => {
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() > MAX_ACCOUNT_FILE + 64 * 1024 {
+                        return Ok(None);
+                    }
+                }
+                Err(DockerError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return Ok(None),
+                Err(e) => return Err(CopyError::Orchestrator(Error::Docker(e))),
+            }
+        }
+        let mut tar = tar::Archive::new(bytes.as_slice());
+        let Ok(mut entries) = tar.entries() else {
+            return Ok(None);
+        };
+        let Some(Ok(mut entry)) = entries.next() else {
+            return Ok(None);
+        };
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Ok(None);
+        }
+        let mut text = String::new();
+        Ok(entry.read_to_string(&mut text).ok().map(|_| text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            destination: "/workspace".into(),
+            uid: 1000,
+            gid: 1000,
+            forbidden: RESERVED.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    /// A raw archive whose headers say exactly what the test wants (the
+    /// tar crate's builder refuses some of the paths attackers send).
+    fn raw_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, link: &[u8], data: &[u8], mode: u32) {
+        let mut header = tar::Header::new_old();
+        {
+            let bytes = header.as_old_mut();
+            bytes.name[..name.len()].copy_from_slice(name);
+            bytes.linkname[..link.len()].copy_from_slice(link);
+        }
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_size(data.len() as u64);
+        header.set_mtime(1_700_000_000);
+        header.as_old_mut().linkflag[0] = kind;
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        out.extend(std::iter::repeat_n(0u8, pad));
+    }
+
+    fn finish(mut out: Vec<u8>) -> Vec<u8> {
+        out.extend(std::iter::repeat_n(0u8, 1024));
+        out
+    }
+
+    fn rewrite(archive: &[u8], plan: &Plan) -> std::result::Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        check_and_rewrite(archive, &mut out, plan).map(|_| out)
+    }
+
+    #[test]
+    fn paths_are_absolute_normalized_and_free_of_control_characters() {
+        assert_eq!(normalize("//workspace/./a/../b/").unwrap(), "/workspace/b");
+        assert_eq!(normalize("/../../etc").unwrap(), "/etc");
+        assert_eq!(normalize("/").unwrap(), "/");
+        for bad in ["", "workspace", "./x", "/a\0b", "/a\nb"] {
+            assert!(
+                matches!(
+                    normalize(bad),
+                    Err(CopyError::Invalid { field: "path", .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(normalize(&format!("/{}", "a".repeat(5000))).is_err());
+        assert_eq!(reserved("/proc/self"), Some("/proc"));
+        assert_eq!(reserved("/dev"), Some("/dev"));
+        assert_eq!(reserved("/etc/hosts"), Some("/etc/hosts"));
+        assert_eq!(reserved("/devices"), None);
+        assert_eq!(reserved("/etc"), None);
+    }
+
+    #[test]
+    fn limits_default_and_zero_turns_copying_off() {
+        let spec = |mb| ContainerSpec {
+            copy_limit_mb: mb,
+            ..Default::default()
+        };
+        assert_eq!(limit_bytes(&spec(None)), (1024, 1024 * MIB));
+        assert_eq!(limit_bytes(&spec(Some(2))), (2, 2 * MIB));
+        assert_eq!(limit_bytes(&spec(Some(0))), (0, 0));
+        assert_eq!(limit_bytes(&spec(Some(-5))), (0, 0));
+    }
+
+    #[test]
+    fn a_good_archive_is_rewritten_for_the_environments_user() {
+        let mut archive = Vec::new();
+        raw_entry(&mut archive, b"./", b'5', b"", b"", 0o700);
+        raw_entry(&mut archive, b"./dir/", b'5', b"", b"", 0o2755);
+        raw_entry(
+            &mut archive,
+            b"./dir/tool",
+            b'0',
+            b"",
+            b"#!/bin/sh\n",
+            0o4755,
+        );
+        raw_entry(&mut archive, b"./dir/rel", b'2', b"tool", b"", 0o777);
+        // A symbolic link may point anywhere: it is stored, never followed.
+        raw_entry(&mut archive, b"./dir/abs", b'2', b"/etc/passwd", b"", 0o777);
+        raw_entry(&mut archive, b"./dir/hard", b'1', b"dir/tool", b"", 0o644);
+        let long = format!("dir/{}", "n".repeat(150));
+        // A long name through the tar crate's own writer (GNU long name).
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o600);
+        h.set_uid(0);
+        builder.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let long_part = builder.into_inner().unwrap();
+        archive.extend_from_slice(&long_part);
+        let archive = finish(archive);
+
+        let out = rewrite(&archive, &plan()).expect("accepted");
+        let mut read = tar::Archive::new(out.as_slice());
+        let mut seen = Vec::new();
+        for entry in read.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let h = entry.header().clone();
+            let path = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (1000, 1000), "{path}");
+            assert_eq!(
+                h.mode().unwrap() & !0o777,
+                0,
+                "{path}: no set-id or sticky bits"
+            );
+            seen.push((path, h.entry_type(), data));
+        }
+        let names: Vec<&str> = seen.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dir",
+                "dir/tool",
+                "dir/rel",
+                "dir/abs",
+                "dir/hard",
+                long.as_str()
+            ],
+            "the destination itself (./) is left alone"
+        );
+        assert_eq!(seen[1].2, b"#!/bin/sh\n");
+        assert_eq!(seen[1].1, tar::EntryType::Regular);
+        assert_eq!(seen[3].1, tar::EntryType::Symlink);
+        assert_eq!(seen[4].1, tar::EntryType::Link);
+        assert_eq!(seen[5].2, b"abc");
+    }
+
+    #[test]
+    fn hostile_entries_refuse_the_whole_archive() {
+        let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+            ("absolute", "absolute paths", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"/etc/passwd", b'0', b"", b"x", 0o644);
+                a
+            }),
+            ("dotdot", "'..' is not allowed", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"a/../../etc/x", b'0', b"", b"x", 0o644);
+                a
+            }),
+            ("char device", "Char", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"null", b'3', b"", b"", 0o666);
+                a
+            }),
+            ("block device", "Block", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"sda", b'4', b"", b"", 0o666);
+                a
+            }),
+            ("fifo", "Fifo", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"pipe", b'6', b"", b"", 0o666);
+                a
+            }),
+            (
+                "below a symlink of the archive",
+                "below the symbolic link escape",
+                {
+                    let mut a = Vec::new();
+                    raw_entry(&mut a, b"escape", b'2', b"/proc", b"", 0o777);
+                    raw_entry(&mut a, b"escape/x", b'0', b"", b"x", 0o644);
+                    a
+                },
+            ),
+            ("hard link outside", "'..' is not allowed", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"h", b'1', b"../../etc/shadow", b"", 0o644);
+                a
+            }),
+            ("hard link to nothing", "earlier in the archive", {
+                let mut a = Vec::new();
+                raw_entry(&mut a, b"h", b'1', b"missing", b"", 0o644);
+                a
+            }),
+        ];
+        for (what, why, entries) in cases {
+            let archive = finish(entries);
+            let refused = rewrite(&archive, &plan()).unwrap_err();
+            assert!(refused.contains(why), "{what}: {refused}");
+        }
+        // Landing in a reserved path from the root.
+        let mut a = Vec::new();
+        raw_entry(&mut a, b"proc/x", b'0', b"", b"x", 0o644);
+        let root = Plan {
+            destination: "/".into(),
+            ..plan()
+        };
+        let e = rewrite(&finish(a), &root).unwrap_err();
+        assert!(e.contains("/proc"), "{e}");
+        // Truncated inside a file.
+        let mut a = Vec::new();
+        raw_entry(&mut a, b"big", b'0', b"", &[7u8; 2000], 0o644);
+        a.truncate(1024);
+        let e = rewrite(&a, &plan()).unwrap_err();
+        assert!(e.contains("ends inside this file"), "{e}");
+        // Cut at an entry boundary: no end-of-archive marker.
+        let mut a = Vec::new();
+        raw_entry(&mut a, b"one", b'0', b"", b"1", 0o644);
+        let e = rewrite(&a, &plan()).unwrap_err();
+        assert!(e.contains("incomplete"), "{e}");
+        let e = rewrite(&[], &plan()).unwrap_err();
+        assert!(e.contains("incomplete"), "{e}");
+        // Not a tar at all.
+        let e = rewrite(&[1u8; 4096], &plan()).unwrap_err();
+        assert!(e.contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn statuses_name_the_rule_or_field() {
+        let s = Status::from(CopyError::TooLarge { limit_mb: 1 });
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(s.message().contains("copy limit of 1 MiB"), "{s:?}");
+        let s = Status::from(normalize("relative").unwrap_err());
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().starts_with("invalid path"), "{s:?}");
+        let s = Status::from(CopyError::Archive("x".into()));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s = Status::from(
+            no_bind_mounts(&ContainerSpec {
+                mounts: vec![vibebox_proto::environment::Mount {
+                    r#type: MountType::Bind as i32,
+                    source: "/srv".into(),
+                    target: "/srv".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .unwrap_err(),
+        );
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            vibebox_server_kit::status::violated_rules(&s),
+            ["files.bind_mount"]
+        );
+        let s = Status::from(engine(
+            "/nope",
+            DockerError::DockerResponseServerError {
+                status_code: 404,
+                message: "Could not find the file /nope in container 1f2e3d".into(),
+            },
+        ));
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(!s.message().contains("1f2e3d"), "{}", s.message());
+    }
+}
