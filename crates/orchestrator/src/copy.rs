@@ -210,6 +210,15 @@ pub fn reserved(path: &str) -> Option<&'static str> {
     RESERVED.iter().copied().find(|r| within(path, r))
 }
 
+/// Why `path` (reserved by `r`) is refused.
+fn reserved_reason(path: &str, r: &str) -> String {
+    if path == r {
+        format!("{r} is reserved: copies cannot write there")
+    } else {
+        format!("{path} is under {r}, where copies cannot write")
+    }
+}
+
 /// The copy limit of a spec, in bytes (unset: the default; zero or less:
 /// copying is off).
 pub fn limit_bytes(spec: &ContainerSpec) -> (i64, u64) {
@@ -657,10 +666,7 @@ impl Copier {
         let destination = normalize(path)?;
         shown.clone_from(&destination);
         if let Some(r) = reserved(&destination) {
-            return Err(invalid(
-                "path",
-                format!("{destination} is in {r}, where copies cannot write"),
-            ));
+            return Err(invalid("path", reserved_reason(&destination, r)));
         }
         let cid = Self::usable(rec, "copy files into")?;
         let spec = Orchestrator::spec_of(rec);

@@ -329,9 +329,21 @@ impl Orchestrator {
                 ..Default::default()
             };
             let options = CreateContainerOptionsBuilder::new().name(&name).build();
-            match docker.create_container(Some(options), body).await {
+            match docker.create_container(Some(options.clone()), body.clone()).await {
                 Ok(_) => {}
                 Err(e) if status(&e) == Some(409) => {}
+                // The image went away (another build pruned it): import
+                // it again, once.
+                Err(e) if status(&e) == Some(404) => {
+                    *self.inner.gates.image.lock().await = None;
+                    let mut body = body;
+                    body.image = Some(self.ensure_helper_image().await?);
+                    match docker.create_container(Some(options), body).await {
+                        Ok(_) => {}
+                        Err(e) if status(&e) == Some(409) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
             let subnet = Self::subnet_of(rec)
@@ -364,25 +376,28 @@ impl Orchestrator {
                 }
             }
         }
-        match docker.start_container(&name, None).await {
-            Ok(()) => {}
-            Err(e) if status(&e) == Some(304) => {}
+        let since = chrono::Utc::now().timestamp() - 1;
+        let fresh = match docker.start_container(&name, None).await {
+            Ok(()) => true,
+            Err(e) if status(&e) == Some(304) => false,
             Err(e) => return Err(e.into()),
-        }
-        self.wait_gate_ready(&name).await?;
+        };
+        // A gate that was already running said it was ready long ago.
+        self.wait_gate_ready(&name, if fresh { since } else { 0 })
+            .await?;
         self.follow_gate(rec);
         Ok(())
     }
 
     /// Waits until the gate says it listens (its DNS must answer before the
     /// environment's first lookup).
-    async fn wait_gate_ready(&self, name: &str) -> Result<()> {
+    async fn wait_gate_ready(&self, name: &str, since: i64) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let options = LogsOptionsBuilder::new()
                 .stdout(true)
                 .stderr(true)
-                .tail("50")
+                .since(i32::try_from(since).unwrap_or(0))
                 .build();
             let mut logs = self.docker().logs(name, Some(options));
             let mut text = String::new();

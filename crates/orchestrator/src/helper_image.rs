@@ -82,7 +82,36 @@ pub async fn ensure(docker: &Docker, exe: &Path) -> Result<String, HelperImageEr
     }
     docker.inspect_image(&reference).await?;
     tracing::info!(%reference, "helper image imported");
+    prune_other_builds(docker, &reference).await;
     Ok(reference)
+}
+
+/// Removes the helper images of other builds that no container uses (the
+/// engine refuses to remove one in use; an installation whose image went
+/// away imports its own again). Keeps the engine's disk bounded across
+/// upgrades and rebuilds.
+async fn prune_other_builds(docker: &Docker, keep: &str) {
+    use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
+    let filters = std::collections::HashMap::from([(
+        "reference".to_string(),
+        vec![REPOSITORY.to_string()],
+    )]);
+    let Ok(images) = docker
+        .list_images(Some(ListImagesOptionsBuilder::new().filters(&filters).build()))
+        .await
+    else {
+        return;
+    };
+    for tag in images
+        .into_iter()
+        .flat_map(|i| i.repo_tags)
+        .filter(|t| t != keep && t.starts_with(&format!("{REPOSITORY}:")))
+    {
+        let options = RemoveImageOptionsBuilder::new().force(false).build();
+        if docker.remove_image(&tag, Some(options), None).await.is_ok() {
+            tracing::info!(image = %tag, "removed the helper image of another build");
+        }
+    }
 }
 
 /// The shared objects this process has mapped.

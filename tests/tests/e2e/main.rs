@@ -16,7 +16,6 @@ mod chaos;
 mod chart;
 mod compose;
 mod copy;
-mod egress;
 mod forward;
 mod lifecycle;
 mod load;

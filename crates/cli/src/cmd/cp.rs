@@ -158,8 +158,7 @@ fn progress(show: bool, total: Option<u64>, message: String) -> ProgressBar {
 /// The last component of a path inside the environment (`None` for `/`).
 fn remote_name(path: &str) -> Option<String> {
     path.split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .next_back()
+        .rfind(|p| !p.is_empty() && *p != ".")
         .map(str::to_owned)
 }
 

@@ -20,6 +20,11 @@
 //!   key, an audit tail cut from the database) and [`tenant_policy`] (the dry
 //!   run against the create on every attack spec, swap, other teams'
 //!   overlays, binds escaping their prefix through a symlink, chosen uids);
+//! - [`egress`] (issue 17): a process inside an environment reaching for
+//!   what its egress policy forbids (private ranges, loopback and metadata
+//!   through rebinding names, the Docker host, another environment) through
+//!   the gate's proxy and around it, against a stand-in internet built by
+//!   the test;
 //! - every environment the suite creates is inspected: from Docker, and from
 //!   inside through the platform's Exec and `docker exec`.
 //!
@@ -28,6 +33,7 @@
 //! counted as tried and not refused, with a `HOLE ...` note, rather than
 //! failing the run.
 
+mod egress;
 mod policy;
 mod tenant_keys_audit;
 mod tenant_policy;

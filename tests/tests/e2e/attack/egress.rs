@@ -222,6 +222,31 @@ impl Env {
     }
 }
 
+/// A minimal TLS ClientHello naming `name` (SNI), as printf escapes.
+fn client_hello_printf(name: &str) -> String {
+    let n = name.as_bytes();
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&sni);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec.iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
 fn container_ip(env: &str) -> String {
     let out = Command::new("docker")
         .args([
@@ -254,6 +279,28 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
     objects.server(&image, &public_net, web, "public-ok");
     objects.server(&image, &public_net, other, "other-ok");
     objects.server(&image, &private_net, secret, "private-ok");
+    // A TLS "server" that keeps the first bytes it receives.
+    let sink = offset(public, 12);
+    let sink_name = format!("vbt-{}-tls-sink", objects.run);
+    let out = Command::new("docker")
+        .args(["run", "-d", "--user", "0"])
+        .arg(format!("--label={}", objects.label()))
+        .arg(format!("--network={public_net}"))
+        .arg(format!("--ip={sink}"))
+        .arg(format!("--name={sink_name}"))
+        .args([
+            image.as_str(),
+            "sh",
+            "-c",
+            "nc -l -p 443 > /tmp/got; sleep 3600",
+        ])
+        .output()
+        .expect("docker run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let host_port = host_server();
     let dns = dns_server(
         host_gw,
@@ -267,6 +314,7 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
                 Ipv4Addr::new(169, 254, 169, 254),
             ),
             ("host.test".to_string(), host_gw),
+            ("tls.test".to_string(), sink),
         ]),
     )
     .await;
@@ -365,6 +413,38 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
             .as_deref(),
         Some("other-ok")
     );
+    // TLS without the proxy: the gate reads the server name from the
+    // ClientHello and passes the handshake on unchanged.
+    let hello = client_hello_printf("tls.test");
+    let sent = exec(
+        &mut ctx.cluster.environments(&ctx.token),
+        e,
+        &[
+            "sh",
+            "-c",
+            &format!("printf '{hello}' | timeout 5 nc tls.test 443; true"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.exit_code, 0, "{sent:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = Command::new("docker")
+            .args(["exec", &sink_name, "cat", "/tmp/got"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&got.stdout).contains("tls.test") {
+            assert_eq!(got.stdout[0], 0x16, "the handshake arrives as sent");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ClientHello reached the TLS server"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Every forbidden class, each routable from the gate.
     let sealed_ip = container_ip(&sealed.id);
     for url in [
