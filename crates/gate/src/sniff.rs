@@ -227,7 +227,7 @@ fn hello(r: &mut Reader<'_>) -> Option<Option<String>> {
                 let name = list.take(len)?;
                 if name_type == 0 {
                     let name = std::str::from_utf8(name).ok()?;
-                    return Some(Some(name.to_owned()));
+                    return Some((!name.is_empty()).then(|| name.to_owned()));
                 }
             }
         }
