@@ -198,6 +198,20 @@ pub fn normalize(path: &str) -> Result<String> {
     Ok(format!("/{}", parts.join("/")))
 }
 
+/// A path as the audit records it before it is normalized: escaped, at
+/// most [`MAX_PATH`] bytes.
+fn shown(path: &str) -> String {
+    let mut s = path.escape_debug().to_string();
+    if s.len() > MAX_PATH {
+        let mut end = MAX_PATH;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
 /// Whether normalized `path` is `prefix` or lies below it.
 fn within(path: &str, prefix: &str) -> bool {
     prefix == "/"
@@ -635,8 +649,7 @@ impl Copier {
         let _session = self.orchestrator.session(&rec.id);
         let mut received = 0u64;
         let mut entries = None;
-        let mut shown = path.escape_debug().to_string();
-        shown.truncate(MAX_PATH);
+        let mut shown = shown(path);
         let result = self
             .copy_to_inner(&rec, path, input, &mut received, &mut entries, &mut shown)
             .await;
@@ -817,8 +830,7 @@ impl Copier {
     ) -> Result<CopyStream<Bytes>> {
         let rec = self.orchestrator.get(environment_id).await?;
         let session = self.orchestrator.session(&rec.id);
-        let mut shown = path.escape_debug().to_string();
-        shown.truncate(MAX_PATH);
+        let mut shown = shown(path);
         let prepared = self.copy_from_prepare(&rec, path, &mut shown).await;
         let (cid, source, limit_mb, limit) = match prepared {
             Ok(p) => p,
@@ -1092,6 +1104,15 @@ mod tests {
             );
         }
         assert!(normalize(&format!("/{}", "a".repeat(5000))).is_err());
+        // What the audit records of a refused path: escaped and bounded,
+        // cut on a character boundary.
+        assert_eq!(shown("/a\0b"), "/a\\0b");
+        let long = shown(&format!("/{}", "é".repeat(3000)));
+        assert!(
+            long.len() <= MAX_PATH && long.ends_with('é'),
+            "{}",
+            long.len()
+        );
         assert_eq!(reserved("/proc/self"), Some("/proc"));
         assert_eq!(reserved("/dev"), Some("/dev"));
         assert_eq!(reserved("/etc/hosts"), Some("/etc/hosts"));
@@ -1155,6 +1176,9 @@ mod tests {
                 0,
                 "{path}: no set-id or sticky bits"
             );
+            if let Some(target) = entry.link_name_bytes() {
+                data = target.into_owned();
+            }
             seen.push((path, h.entry_type(), data));
         }
         let names: Vec<&str> = seen.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -1172,8 +1196,12 @@ mod tests {
         );
         assert_eq!(seen[1].2, b"#!/bin/sh\n");
         assert_eq!(seen[1].1, tar::EntryType::Regular);
+        assert_eq!(seen[2].1, tar::EntryType::Symlink);
+        assert_eq!(seen[2].2, b"tool", "a relative link target is kept");
         assert_eq!(seen[3].1, tar::EntryType::Symlink);
+        assert_eq!(seen[3].2, b"/etc/passwd", "an absolute link target is kept");
         assert_eq!(seen[4].1, tar::EntryType::Link);
+        assert_eq!(seen[4].2, b"dir/tool");
         assert_eq!(seen[5].2, b"abc");
     }
 

@@ -29,7 +29,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -444,12 +444,7 @@ impl Orchestrator {
     /// Removes the gate (whatever the spec says: a gate left behind by an
     /// earlier spec goes too).
     pub(crate) async fn gate_remove(&self, env: &str) -> Result<()> {
-        let rm = RemoveContainerOptionsBuilder::new().force(true).build();
-        let r = match self
-            .docker()
-            .remove_container(&gate_name(env), Some(rm))
-            .await
-        {
+        let r = match self.inner.runtime.remove_container(&gate_name(env)).await {
             Ok(()) => Ok(()),
             Err(e) if status(&e) == Some(404) => Ok(()),
             Err(e) => Err(e.into()),

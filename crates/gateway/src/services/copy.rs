@@ -129,9 +129,10 @@ pub(crate) async fn copy_to(
     let recheck = Recheck::new(gw.clone(), call, resource_of(&environment));
     let _active = StreamGuard::new(recheck.call.info.method);
 
-    // The client's chunks go upstream through a small channel; the sender
-    // is dropped (a clean end of the archive) only when the client's stream
-    // ended cleanly. Every other way out drops the upstream call first.
+    // The client's chunks go upstream through a small channel. A client
+    // stream that fails or breaks the protocol, or rights withdrawn, end the
+    // call with an error and drop the upstream call: the orchestrator sees a
+    // reset or an archive without its end marker, and extracts nothing.
     let (tx, rx) = mpsc::channel::<runtime::CopyToRequest>(4);
     tx.send(runtime::CopyToRequest {
         caller: Some(recheck.call.caller()),
@@ -144,8 +145,7 @@ pub(crate) async fn copy_to(
     });
     let mut client = gw.runtime.clone();
     let upstream = client.copy_to(recheck.call.forward_stream(outbound));
-    let mut sender = Some(tx);
-    let pump = async {
+    let pump = async move {
         while let Some(item) = inbound.next().await {
             let request = item.map_err(|status| GatewayError::Upstream {
                 service: "client",
@@ -154,7 +154,6 @@ pub(crate) async fn copy_to(
             if let Some(error) = check_next(&request) {
                 return Err(error);
             }
-            let Some(tx) = &sender else { break };
             if tx
                 .send(runtime::CopyToRequest {
                     caller: None,
@@ -167,7 +166,6 @@ pub(crate) async fn copy_to(
                 break;
             }
         }
-        sender = None;
         Ok(())
     };
     let withdrawn = until_withdrawn(&recheck);

@@ -279,6 +279,7 @@ async fn an_open_exec_is_a_session() {
     for _ in 0..4 {
         let r = h.orchestrator.sweep(INTERVAL).await.unwrap();
         assert!(!r.stopped.contains(&env.id), "{r:?}");
+        assert!(!r.sampled.contains(&env.id), "not even a candidate: {r:?}");
         tokio::time::sleep(INTERVAL).await;
     }
     assert_eq!(
