@@ -383,8 +383,9 @@ impl Orchestrator {
             Err(e) => return Err(e.into()),
         };
         // A gate that was already running said it was ready long ago.
-        self.wait_gate_ready(&name, if fresh { since } else { 0 })
-            .await?;
+        if fresh {
+            self.wait_gate_ready(&name, since).await?;
+        }
         self.follow_gate(rec);
         Ok(())
     }

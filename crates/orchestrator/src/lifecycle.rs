@@ -669,6 +669,12 @@ impl Orchestrator {
             }) => {}
             Err(e) => return Err(e.into()),
         }
+        // Its egress gate and port forwarder go with it (a stopped
+        // environment keeps nothing running).
+        if let Err(e) = self.gate_stop(&rec).await {
+            tracing::warn!(environment = %rec.id, error = %e, "cannot stop the egress gate");
+        }
+        self.remove_forwarder_logged(&rec.id).await;
         let since = rfc3339(
             persisted_activity(&rec)
                 .max(self.inner.activity.seen(id).unwrap_or(0))

@@ -378,6 +378,16 @@ impl Orchestrator {
             return Ok(());
         }
 
+        // The egress gate follows its environment: running with it
+        // (recreated if it went missing), stopped without it.
+        let gate = match state {
+            State::Running => self.gate_up(rec).await,
+            _ => self.gate_stop(rec).await,
+        };
+        if let Err(e) = gate {
+            tracing::warn!(environment = %rec.id, error = %e, "cannot converge the egress gate");
+        }
+
         // Converge the run state.
         match state {
             State::Running if !current.running && !current.restarting => {

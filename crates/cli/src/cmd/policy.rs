@@ -65,7 +65,7 @@ struct HardenedView {
 impl HardenedView {
     fn of(spec: &vibebox_proto::environment::ContainerSpec) -> Self {
         let egress = spec.egress.clone().unwrap_or_default();
-        let lifetime = spec.lifetime.clone().unwrap_or_default();
+        let lifetime = spec.lifetime.unwrap_or_default();
         let duration = |s: Option<u32>| vibebox_policy::duration::format(s.unwrap_or_default());
         Self {
             egress: vibebox_proto::environment::EgressMode::try_from(egress.mode)

@@ -22,7 +22,8 @@ use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
 use vibebox_proto::audit::{EventFilter, QueryEventsRequest};
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Egress, EgressMode,
-    EgressRule, Environment, EnvironmentState, StreamStatsRequest,
+    EgressRule, Environment, EnvironmentState, StartEnvironmentRequest, StopEnvironmentRequest,
+    StreamStatsRequest,
 };
 use vibebox_proto::identity::TeamRole;
 use vibebox_proto::policy::EvaluateSpecRequest;
@@ -331,6 +332,7 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
             format!("--egress-network={public_net},{private_net}"),
         )
         .arg(Service::Orchestrator, format!("--egress-dns={dns}"))
+        .arg(Service::Orchestrator, "--reconcile-interval=1")
         .start()
         .await;
     let team = cluster.team("egress").await;
@@ -569,6 +571,49 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A gate removed behind the platform's back comes back (reconcile),
+    // and egress works again; until then the environment has no way out.
+    let gate = format!("vibebox-gate-{}", listed.id);
+    let removed = Command::new("docker")
+        .args(["rm", "-f", &gate])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if ctx.fetch(l, "http://public.test/", true).await.as_deref() == Some("public-ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gate did not come back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Stopping the environment stops its gate; starting it starts it again.
+    let mut envs = ctx.cluster.environments(&ctx.token);
+    envs.stop_environment(StopEnvironmentRequest {
+        environment_id: listed.id.clone(),
+        timeout_seconds: Some(1),
+    })
+    .await
+    .unwrap();
+    let running = |name: &str| {
+        let out = Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "true"
+    };
+    assert!(!running(&gate), "a stopped environment's gate is stopped");
+    envs.start_environment(StartEnvironmentRequest {
+        environment_id: listed.id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(running(&gate));
+    assert_eq!(
+        ctx.fetch(l, "http://public.test/", true).await.as_deref(),
+        Some("public-ok")
+    );
 
     // Deleting the environment removes its gate.
     ctx.cluster
