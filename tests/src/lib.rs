@@ -176,6 +176,69 @@ impl Platform {
         PolicyServiceClient::with_interceptor(self.channel(), bearer(token))
     }
 
+    /// Creates the team `name` as `admin`; its id.
+    pub async fn team(&self, admin: &str, name: &str) -> String {
+        use vibebox_proto::identity::CreateTeamRequest;
+        self.identity(admin)
+            .create_team(CreateTeamRequest {
+                name: name.into(),
+                display_name: name.into(),
+            })
+            .await
+            .expect("create team")
+            .into_inner()
+            .team
+            .expect("team")
+            .id
+    }
+
+    /// Creates a user in `team` with `role` and logs in; (user id, session
+    /// token).
+    pub async fn member(
+        &self,
+        admin: &str,
+        name: &str,
+        team: &str,
+        role: vibebox_proto::identity::TeamRole,
+    ) -> (String, String) {
+        use vibebox_proto::identity::{
+            AddTeamMemberRequest, CreateUserRequest, LoginRequest, PlatformRole,
+        };
+        let password = format!("{name}-password-123");
+        let user = self
+            .identity(admin)
+            .create_user(CreateUserRequest {
+                username: name.into(),
+                display_name: name.into(),
+                password: password.clone(),
+                platform_role: PlatformRole::None as i32,
+            })
+            .await
+            .expect("create user")
+            .into_inner()
+            .user
+            .expect("user");
+        self.identity(admin)
+            .add_team_member(AddTeamMemberRequest {
+                team_id: team.into(),
+                user_id: user.id.clone(),
+                role: role as i32,
+            })
+            .await
+            .expect("add member");
+        let token = self
+            .identity("")
+            .login(LoginRequest {
+                username: name.into(),
+                password,
+            })
+            .await
+            .expect("login")
+            .into_inner()
+            .token;
+        (user.id, token)
+    }
+
     /// Stops the platform with SIGTERM (as Ctrl-C would) and waits for it.
     pub fn stop(mut self) -> tempfile::TempDir {
         self.terminate();

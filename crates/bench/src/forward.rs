@@ -10,7 +10,7 @@
 //! it at all, which is why forwarding exists), so the baseline container
 //! sits on the default bridge, the path `docker run -p` or a developer's
 //! local container would take. Both sides run the same busybox servers
-//! (`nc -ll -e`): `head -c N /dev/zero` for downloads, `cat >/dev/null` for
+//! (`nc -ll -e`): `dd` of N MiB in 64 KiB writes for downloads, `cat >/dev/null` for
 //! uploads and `cat` for the echo. Throughput counts from the first byte to
 //! the last (connection setup is reported apart); round trips are 64-byte
 //! echoes on one open connection, alternating the two paths in rounds.
@@ -19,8 +19,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,11 +55,11 @@ fn command(mib: usize) -> Vec<String> {
         "sh".into(),
         "-c".into(),
         format!(
-            "nc -ll -p {DOWNLOAD_PORT} -e head -c {} /dev/zero & \
+            "nc -ll -p {DOWNLOAD_PORT} -e sh -c 'dd if=/dev/zero bs=65536 count={} 2>/dev/null' & \
              nc -ll -p {UPLOAD_PORT} -e sh -c 'cat >/dev/null; echo done' & \
              nc -ll -p {ECHO_PORT} -e cat & \
              exec sleep 2147483647",
-            mib * 1024 * 1024
+            mib * 16
         ),
     ]
 }
@@ -101,8 +104,8 @@ async fn measure(
     // warm-up transfer each way (also waits for the servers to listen).
     wait_until_up(ctx, env, direct).await?;
     let mut setup = Vec::new();
-    let (mut fwd_down, mut dir_down, mut fwd_up, mut dir_up) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fwd_down, mut dir_down, mut fwd_up, mut dir_up, mut exec_down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..s.rounds.max(1) {
         let (bytes, t, opened) = forward_download(ctx, env).await?;
         anyhow::ensure!(
@@ -121,6 +124,12 @@ async fn measure(
         fwd_up.push(want as f64 / MIB / t.as_secs_f64());
         let t = direct_upload(direct, want).await?;
         dir_up.push(want as f64 / MIB / t.as_secs_f64());
+        let (bytes, t) = exec_download(ctx, env).await?;
+        anyhow::ensure!(
+            bytes == want,
+            "the Docker exec delivered {bytes} of {want} bytes"
+        );
+        exec_down.push(bytes as f64 / MIB / t.as_secs_f64());
     }
     let mut through = Vec::new();
     let mut plain = Vec::new();
@@ -134,11 +143,12 @@ async fn measure(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (fd, dd, fu, du) = (
+    let (fd, dd, fu, du, ed) = (
         median(&fwd_down),
         median(&dir_down),
         median(&fwd_up),
         median(&dir_up),
+        median(&exec_down),
     );
     let g = Summary::of(&through);
     let d = Summary::of(&plain);
@@ -153,11 +163,22 @@ async fn measure(
         .baseline("direct TCP to a bridge container", dd)
         .ratio_at_least(0.5)
         .note(format!(
-            "{} MiB from `head -c` behind `nc`, first byte to last, median of {} each way; connection setup (open to first byte) p50 {:.1} ms",
+            "{} MiB from `dd bs=64k` behind `nc`, first byte to last, median of {} each way; connection setup (open to first byte) p50 {:.1} ms",
             s.mib,
             s.rounds.max(1),
             setup.p50
         )),
+        Figure::new(
+            "forward.download_vs_engine",
+            "port-forward download throughput vs its engine path",
+            fd,
+            Unit::MibPerSecond,
+        )
+        .baseline("the same helper's Docker exec attached directly", ed)
+        .note(
+            "what the platform (gateway, orchestrator, two gRPC hops) costs over the engine path it wraps: \
+             the same `gate connect` exec in the forwarder, attached over the Docker API by this process",
+        ),
         Figure::new(
             "forward.upload",
             "port-forward upload throughput (PortForward via gateway)",
@@ -194,6 +215,7 @@ async fn measure(
             "direct_download_mib_s": dir_down,
             "forward_upload_mib_s": fwd_up,
             "direct_upload_mib_s": dir_up,
+            "engine_exec_download_mib_s": exec_down,
             "setup_ms": setup,
             "forward_round_trip_ms": g,
             "direct_round_trip_ms": d,
@@ -379,6 +401,64 @@ async fn direct_download(address: &str) -> anyhow::Result<(u64, Duration)> {
         }
         bytes += n as u64;
     }
+}
+
+/// The engine path alone: the connect helper exec'd in the environment's
+/// forwarder and attached here over the Docker API (first byte to last).
+async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> {
+    let created = ctx
+        .docker
+        .create_exec(
+            &vibebox_orchestrator::forward::forwarder_name(env),
+            CreateExecOptions::<String> {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(false),
+                cmd: Some(vibebox_orchestrator::forward::connect_command(
+                    DOWNLOAD_PORT,
+                )),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("exec in the forwarder")?;
+    let StartExecResults::Attached {
+        mut output,
+        mut input,
+    } = ctx
+        .docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: false,
+                output_capacity: Some(128 * 1024),
+            }),
+        )
+        .await?
+    else {
+        bail!("the exec detached");
+    };
+    input.shutdown().await?;
+    let mut bytes = 0u64;
+    let mut started = None;
+    while let Some(frame) = tokio::time::timeout(TIMEOUT, output.next())
+        .await
+        .context("the exec stalled")?
+    {
+        match frame? {
+            LogOutput::StdOut { message } => {
+                started.get_or_insert_with(Instant::now);
+                bytes += message.len() as u64;
+            }
+            LogOutput::StdErr { message } => {
+                bail!("the helper failed: {}", String::from_utf8_lossy(&message))
+            }
+            _ => {}
+        }
+    }
+    Ok((bytes, started.map(|t| t.elapsed()).unwrap_or_default()))
 }
 
 /// Time from the first byte sent to the server's answer after the half close.

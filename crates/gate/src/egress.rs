@@ -278,8 +278,26 @@ impl Gate {
         Ok(stream)
     }
 
-    /// Dials, counting and reporting the outcome.
-    async fn dial_counted(&self, host: &str, port: u16) -> Result<TcpStream, String> {
+    /// Dials for a proxy client; a failure is answered (403 for a refusal
+    /// by policy, 502 for an unreachable destination).
+    async fn dial_for_proxy(
+        &self,
+        client: &mut TcpStream,
+        host: &str,
+        port: u16,
+    ) -> Option<TcpStream> {
+        match self.dial_counted(host, port).await {
+            Ok(s) => Some(s),
+            Err((refused, why)) => {
+                let _ = respond(client, if refused { 403 } else { 502 }, &why).await;
+                None
+            }
+        }
+    }
+
+    /// Dials, counting and reporting the outcome; on failure, whether policy
+    /// refused and why.
+    async fn dial_counted(&self, host: &str, port: u16) -> Result<TcpStream, (bool, String)> {
         let destination = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -292,9 +310,9 @@ impl Gate {
             }
             Err(DialError::Refused(r, address)) => {
                 self.refuse(&destination, &address, r);
-                Err(format!("egress to {destination} refused: {r}"))
+                Err((true, format!("egress to {destination} refused: {r}")))
             }
-            Err(DialError::Connect(e)) => Err(e),
+            Err(DialError::Connect(e)) => Err((false, e)),
         }
     }
 
@@ -369,13 +387,8 @@ impl Gate {
                 let _ = respond(&mut client, 400, "CONNECT needs host:port").await;
                 return;
             };
-            let mut upstream = match self.dial_counted(&host, port).await {
-                Ok(s) => s,
-                Err(why) => {
-                    let code = if why.contains("refused:") { 403 } else { 502 };
-                    let _ = respond(&mut client, code, &why).await;
-                    return;
-                }
+            let Some(mut upstream) = self.dial_for_proxy(&mut client, &host, port).await else {
+                return;
             };
             if client
                 .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -392,13 +405,8 @@ impl Gate {
             let _ = respond(&mut client, 400, "only CONNECT and http:// targets").await;
             return;
         };
-        let mut upstream = match self.dial_counted(&host, port).await {
-            Ok(s) => s,
-            Err(why) => {
-                let code = if why.contains("refused:") { 403 } else { 502 };
-                let _ = respond(&mut client, code, &why).await;
-                return;
-            }
+        let Some(mut upstream) = self.dial_for_proxy(&mut client, &host, port).await else {
+            return;
         };
         let mut out = format!("{} {} {}\r\n", head.method, path, head.version);
         for (name, value) in &head.headers {

@@ -235,39 +235,40 @@ fn hello(r: &mut Reader<'_>) -> Option<Option<String>> {
     Some(None)
 }
 
+/// A minimal TLS 1.3 ClientHello carrying `name` as its server name (for
+/// tests and benchmarks of the gate: what a client sends first).
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let mut sni = Vec::new();
+    let n = name.as_bytes();
+    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0u16.to_be_bytes());
+    ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&sni);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(0); // session id
+    body.extend_from_slice(&2u16.to_be_bytes());
+    body.extend_from_slice(&[0x13, 0x01]);
+    body.push(1);
+    body.push(0);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A minimal ClientHello carrying `name` as SNI.
-    pub(crate) fn client_hello(name: &str) -> Vec<u8> {
-        let mut sni = Vec::new();
-        let n = name.as_bytes();
-        sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-        sni.push(0);
-        sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        sni.extend_from_slice(n);
-        let mut ext = Vec::new();
-        ext.extend_from_slice(&0u16.to_be_bytes());
-        ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-        ext.extend_from_slice(&sni);
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(0); // session id
-        body.extend_from_slice(&2u16.to_be_bytes());
-        body.extend_from_slice(&[0x13, 0x01]);
-        body.push(1);
-        body.push(0);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut hs = vec![1];
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&body);
-        let mut rec = vec![0x16, 3, 1];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        rec
-    }
 
     #[test]
     fn sni_is_read_from_a_client_hello() {

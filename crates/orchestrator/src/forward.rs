@@ -75,6 +75,8 @@ pub const MAX_FORWARDS_PER_ENVIRONMENT: usize = 32;
 pub const MAX_DATA_BYTES: usize = 1024 * 1024;
 /// Largest data message sent to a client.
 const CHUNK_BYTES: usize = 64 * 1024;
+/// Engine output frames taken at once when they are ready.
+const READY_FRAMES: usize = 16;
 /// The forwarder's user (not root, no name needed in the image).
 const FORWARDER_USER: &str = "65532:65532";
 const FORWARDER_MEMORY: i64 = 64 * 1024 * 1024;
@@ -85,6 +87,12 @@ const FORWARDER_PIDS: i64 = 2 * MAX_FORWARDS_PER_ENVIRONMENT as i64 + 8;
 const STDERR_BYTES: usize = 1024;
 /// How long a helper whose client went away may take to end.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// Argv, in the forwarder, of one connection to `port` inside the
+/// environment.
+pub fn connect_command(port: u16) -> Vec<String> {
+    vibebox_gate::connect_command("127.0.0.1", port)
+}
 
 /// Container name of an environment's forwarder.
 pub fn forwarder_name(environment_id: &str) -> String {
@@ -454,7 +462,7 @@ impl Orchestrator {
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     tty: Some(false),
-                    cmd: Some(vibebox_gate::connect_command("127.0.0.1", port)),
+                    cmd: Some(connect_command(port)),
                     ..Default::default()
                 },
             )
@@ -577,7 +585,7 @@ impl Connection {
     /// protocol).
     async fn run<I>(
         &self,
-        mut output: ExecOutputStream,
+        output: ExecOutputStream,
         stdin: ExecInputSink,
         input: I,
         tx: mpsc::Sender<ForwardResult<ForwardOutput>>,
@@ -586,6 +594,9 @@ impl Connection {
         I: Stream<Item = ForwardInput> + Send + Unpin + 'static,
     {
         let _ = tx.send(Ok(ForwardOutput::Ready)).await;
+        // What the engine has ready is sent as fewer, larger messages
+        // (nothing waits for more to arrive).
+        let mut output = output.ready_chunks(READY_FRAMES);
         let received = Arc::new(AtomicU64::new(0));
         let mut pump = tokio::spawn(pump_input(input, stdin, Arc::clone(&received)));
         let mut pump_done = false;
@@ -602,21 +613,12 @@ impl Connection {
                         Err(_) => break End::ClientGone,
                     }
                 }
-                item = output.next() => match item {
-                    None => break End::Helper,
-                    Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
-                        bytes_out += message.len() as u64;
-                        if !send_chunks(&tx, message).await {
-                            break End::ClientGone;
-                        }
+                batch = output.next() => {
+                    let Some(batch) = batch else { break End::Helper };
+                    if let Some(end) = relay_batch(batch, &tx, &mut bytes_out, &mut stderr).await {
+                        break end;
                     }
-                    Some(Ok(LogOutput::StdErr { message })) => {
-                        let room = STDERR_BYTES.saturating_sub(stderr.len());
-                        stderr.extend_from_slice(&message[..message.len().min(room)]);
-                    }
-                    Some(Ok(LogOutput::StdIn { .. })) => {}
-                    Some(Err(e)) => break End::Engine(e),
-                },
+                }
             }
         };
         if !pump_done {
@@ -759,6 +761,52 @@ fn helper_reason(stderr: &str) -> String {
         .chars()
         .take(200)
         .collect()
+}
+
+/// Relays a batch of the engine's output frames: stdout merged into
+/// messages of at most [`CHUNK_BYTES`], stderr kept (bounded) for the
+/// error; how the connection ended, if the batch ended it.
+async fn relay_batch(
+    batch: Vec<Result<LogOutput, bollard::errors::Error>>,
+    tx: &mpsc::Sender<ForwardResult<ForwardOutput>>,
+    bytes_out: &mut u64,
+    stderr: &mut Vec<u8>,
+) -> Option<End> {
+    let mut pending = bytes::BytesMut::new();
+    for item in batch {
+        match item {
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                *bytes_out += message.len() as u64;
+                if pending.is_empty() && message.len() >= CHUNK_BYTES {
+                    if !send_chunks(tx, message).await {
+                        return Some(End::ClientGone);
+                    }
+                    continue;
+                }
+                if pending.len() + message.len() > CHUNK_BYTES
+                    && !send_chunks(tx, pending.split().freeze()).await
+                {
+                    return Some(End::ClientGone);
+                }
+                pending.extend_from_slice(&message);
+            }
+            Ok(LogOutput::StdErr { message }) => {
+                let room = STDERR_BYTES.saturating_sub(stderr.len());
+                stderr.extend_from_slice(&message[..message.len().min(room)]);
+            }
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(e) => {
+                if !pending.is_empty() {
+                    let _ = send_chunks(tx, pending.split().freeze()).await;
+                }
+                return Some(End::Engine(e));
+            }
+        }
+    }
+    if !pending.is_empty() && !send_chunks(tx, pending.freeze()).await {
+        return Some(End::ClientGone);
+    }
+    None
 }
 
 /// Sends `message` in chunks of at most [`CHUNK_BYTES`]; false when the

@@ -20,10 +20,7 @@ use vibebox_proto::environment::{
     ContainerSpec, CopyFromRequest, CopyToRequest, CopyToStart, CreateEnvironmentRequest,
     EnvironmentState, StopEnvironmentRequest, copy_to_request,
 };
-use vibebox_proto::identity::{
-    AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
-    TeamRole,
-};
+use vibebox_proto::identity::TeamRole;
 use vibebox_server_kit::status::violated_rules;
 use vibebox_tests::cluster::exec;
 use vibebox_tests::{Authed, Platform, dev_image};
@@ -34,17 +31,7 @@ type Client = EnvironmentServiceClient<Authed>;
 // Set-up.
 
 async fn team(p: &Platform, admin: &str, name: &str) -> String {
-    p.identity(admin)
-        .create_team(CreateTeamRequest {
-            name: name.into(),
-            display_name: name.into(),
-        })
-        .await
-        .expect("create team")
-        .into_inner()
-        .team
-        .expect("team")
-        .id
+    p.team(admin, name).await
 }
 
 /// A user with `role` in `team`: (user id, token).
@@ -55,39 +42,7 @@ async fn member(
     team: &str,
     role: TeamRole,
 ) -> (String, String) {
-    let password = format!("{name}-password-123");
-    let user = p
-        .identity(admin)
-        .create_user(CreateUserRequest {
-            username: name.into(),
-            display_name: name.into(),
-            password: password.clone(),
-            platform_role: PlatformRole::None as i32,
-        })
-        .await
-        .expect("create user")
-        .into_inner()
-        .user
-        .expect("user");
-    p.identity(admin)
-        .add_team_member(AddTeamMemberRequest {
-            team_id: team.into(),
-            user_id: user.id.clone(),
-            role: role as i32,
-        })
-        .await
-        .expect("add member");
-    let token = p
-        .identity("")
-        .login(LoginRequest {
-            username: name.into(),
-            password,
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .token;
-    (user.id, token)
+    p.member(admin, name, team, role).await
 }
 
 /// Creates a running environment; its id.

@@ -223,29 +223,12 @@ impl Env {
     }
 }
 
-/// A minimal TLS ClientHello naming `name` (SNI), as printf escapes.
+/// A TLS ClientHello naming `name` (SNI), as printf escapes.
 fn client_hello_printf(name: &str) -> String {
-    let n = name.as_bytes();
-    let mut sni = Vec::new();
-    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-    sni.push(0);
-    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
-    sni.extend_from_slice(n);
-    let mut ext = vec![0, 0];
-    ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    ext.extend_from_slice(&sni);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7u8; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1];
-    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    hs.extend_from_slice(&body);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec.iter().map(|b| format!("\\{b:03o}")).collect()
+    vibebox_gate::sniff::client_hello(name)
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect()
 }
 
 fn container_ip(env: &str) -> String {

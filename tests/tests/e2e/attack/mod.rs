@@ -65,7 +65,7 @@ use vibebox_proto::environment::{
     StreamLogsRequest, StreamStatsRequest, exec_request,
 };
 use vibebox_proto::identity::{
-    AddTeamMemberRequest, CreateApiTokenRequest, CreateTeamRequest, CreateUserRequest,
+    AddTeamMemberRequest, CreateApiTokenRequest, CreateUserRequest,
     LoginRequest, PlatformRole, RevokeTokenRequest, SetUserDisabledRequest, TeamRole,
     WhoAmIRequest,
 };
@@ -83,20 +83,10 @@ const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef012
 // Shared set-up.
 
 async fn team(p: &Platform, admin: &str, name: &str) -> String {
-    p.identity(admin)
-        .create_team(CreateTeamRequest {
-            name: name.into(),
-            display_name: name.into(),
-        })
-        .await
-        .expect("create team")
-        .into_inner()
-        .team
-        .expect("team")
-        .id
+    p.team(admin, name).await
 }
 
-/// Creates a user in `team` with `role`; returns (user id, session token).
+/// A user with `role` in `team`: (user id, token).
 async fn member(
     p: &Platform,
     admin: &str,
@@ -104,39 +94,7 @@ async fn member(
     team: &str,
     role: TeamRole,
 ) -> (String, String) {
-    let password = format!("{name}-password-123");
-    let user = p
-        .identity(admin)
-        .create_user(CreateUserRequest {
-            username: name.into(),
-            display_name: name.into(),
-            password: password.clone(),
-            platform_role: PlatformRole::None as i32,
-        })
-        .await
-        .expect("create user")
-        .into_inner()
-        .user
-        .expect("user");
-    p.identity(admin)
-        .add_team_member(AddTeamMemberRequest {
-            team_id: team.into(),
-            user_id: user.id.clone(),
-            role: role as i32,
-        })
-        .await
-        .expect("add member");
-    let token = p
-        .identity("")
-        .login(LoginRequest {
-            username: name.into(),
-            password,
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .token;
-    (user.id, token)
+    p.member(admin, name, team, role).await
 }
 
 fn spec(image: &str) -> ContainerSpec {
