@@ -104,8 +104,8 @@ async fn measure(
     // warm-up transfer each way (also waits for the servers to listen).
     wait_until_up(ctx, env, direct).await?;
     let mut setup = Vec::new();
-    let (mut fwd_down, mut dir_down, mut fwd_up, mut dir_up, mut exec_down) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fwd_down, mut dir_down, mut exec_down) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fwd_up, mut dir_up, mut exec_up) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..s.rounds.max(1) {
         let (bytes, t, opened) = forward_download(ctx, env).await?;
         anyhow::ensure!(
@@ -130,6 +130,8 @@ async fn measure(
             "the Docker exec delivered {bytes} of {want} bytes"
         );
         exec_down.push(bytes as f64 / MIB / t.as_secs_f64());
+        let t = exec_upload(ctx, env, want).await?;
+        exec_up.push(want as f64 / MIB / t.as_secs_f64());
     }
     let mut through = Vec::new();
     let mut plain = Vec::new();
@@ -143,13 +145,8 @@ async fn measure(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (fd, dd, fu, du, ed) = (
-        median(&fwd_down),
-        median(&dir_down),
-        median(&fwd_up),
-        median(&dir_up),
-        median(&exec_down),
-    );
+    let (fd, dd, ed) = (median(&fwd_down), median(&dir_down), median(&exec_down));
+    let (fu, du, eu) = (median(&fwd_up), median(&dir_up), median(&exec_up));
     let g = Summary::of(&through);
     let d = Summary::of(&plain);
     let setup = Summary::of(&setup);
@@ -192,6 +189,13 @@ async fn measure(
             s.mib
         )),
         Figure::new(
+            "forward.upload_vs_engine",
+            "port-forward upload throughput vs its engine path",
+            fu,
+            Unit::MibPerSecond,
+        )
+        .baseline("the same helper's Docker exec attached directly", eu),
+        Figure::new(
             "forward.p50",
             "port-forward 64-byte echo round trip p50",
             g.p50,
@@ -216,6 +220,7 @@ async fn measure(
             "forward_upload_mib_s": fwd_up,
             "direct_upload_mib_s": dir_up,
             "engine_exec_download_mib_s": exec_down,
+            "engine_exec_upload_mib_s": exec_up,
             "setup_ms": setup,
             "forward_round_trip_ms": g,
             "direct_round_trip_ms": d,
@@ -403,9 +408,14 @@ async fn direct_download(address: &str) -> anyhow::Result<(u64, Duration)> {
     }
 }
 
+type ExecOutput = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+>;
+type ExecInput = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
 /// The engine path alone: the connect helper exec'd in the environment's
-/// forwarder and attached here over the Docker API (first byte to last).
-async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> {
+/// forwarder, attached here over the Docker API.
+async fn exec_attach(ctx: &Ctx, env: &str, port: u16) -> anyhow::Result<(ExecOutput, ExecInput)> {
     let created = ctx
         .docker
         .create_exec(
@@ -415,18 +425,13 @@ async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> 
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 tty: Some(false),
-                cmd: Some(vibebox_orchestrator::forward::connect_command(
-                    DOWNLOAD_PORT,
-                )),
+                cmd: Some(vibebox_orchestrator::forward::connect_command(port)),
                 ..Default::default()
             },
         )
         .await
         .context("exec in the forwarder")?;
-    let StartExecResults::Attached {
-        mut output,
-        mut input,
-    } = ctx
+    match ctx
         .docker
         .start_exec(
             &created.id,
@@ -437,20 +442,28 @@ async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> 
             }),
         )
         .await?
-    else {
-        bail!("the exec detached");
-    };
-    input.shutdown().await?;
-    let mut bytes = 0u64;
-    let mut started = None;
+    {
+        StartExecResults::Attached { output, input } => Ok((output, input)),
+        StartExecResults::Detached => bail!("the exec detached"),
+    }
+}
+
+/// The helper's stdout until it ends (a failure on stderr is an error).
+async fn exec_read(
+    output: &mut ExecOutput,
+    mut each: impl FnMut(usize),
+) -> anyhow::Result<Vec<u8>> {
+    let mut kept = Vec::new();
     while let Some(frame) = tokio::time::timeout(TIMEOUT, output.next())
         .await
         .context("the exec stalled")?
     {
         match frame? {
             LogOutput::StdOut { message } => {
-                started.get_or_insert_with(Instant::now);
-                bytes += message.len() as u64;
+                each(message.len());
+                if kept.len() < 64 {
+                    kept.extend_from_slice(&message[..message.len().min(64)]);
+                }
             }
             LogOutput::StdErr { message } => {
                 bail!("the helper failed: {}", String::from_utf8_lossy(&message))
@@ -458,7 +471,38 @@ async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> 
             _ => {}
         }
     }
+    Ok(kept)
+}
+
+/// Download over the engine path (first byte to last).
+async fn exec_download(ctx: &Ctx, env: &str) -> anyhow::Result<(u64, Duration)> {
+    let (mut output, mut input) = exec_attach(ctx, env, DOWNLOAD_PORT).await?;
+    input.shutdown().await?;
+    let mut bytes = 0u64;
+    let mut started = None;
+    exec_read(&mut output, |n| {
+        started.get_or_insert_with(Instant::now);
+        bytes += n as u64;
+    })
+    .await?;
     Ok((bytes, started.map(|t| t.elapsed()).unwrap_or_default()))
+}
+
+/// Upload over the engine path (first byte to the server's answer).
+async fn exec_upload(ctx: &Ctx, env: &str, bytes: u64) -> anyhow::Result<Duration> {
+    let (mut output, mut input) = exec_attach(ctx, env, UPLOAD_PORT).await?;
+    let chunk = vec![0u8; CHUNK];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = CHUNK.min((bytes - sent) as usize);
+        input.write_all(&chunk[..n]).await?;
+        sent += n as u64;
+    }
+    input.shutdown().await?;
+    let answer = exec_read(&mut output, |_| {}).await?;
+    anyhow::ensure!(answer == b"done\n", "the upload server answered {answer:?}");
+    Ok(t.elapsed())
 }
 
 /// Time from the first byte sent to the server's answer after the half close.

@@ -267,7 +267,10 @@ mod tests {
             let allowed = |role, owner| decide(op, &subject(role), &env(owner)).allowed();
             assert!(allowed(Some(TeamRole::Developer), "me"), "{op}: owner");
             assert!(allowed(Some(TeamRole::Admin), "other"), "{op}: team admin");
-            assert!(!allowed(Some(TeamRole::Developer), "other"), "{op}: not owner");
+            assert!(
+                !allowed(Some(TeamRole::Developer), "other"),
+                "{op}: not owner"
+            );
             assert!(!allowed(Some(TeamRole::Viewer), "me"), "{op}: viewer");
             assert!(!allowed(None, "me"), "{op}: other team");
         }

@@ -329,7 +329,10 @@ impl Orchestrator {
                 ..Default::default()
             };
             let options = CreateContainerOptionsBuilder::new().name(&name).build();
-            match docker.create_container(Some(options.clone()), body.clone()).await {
+            match docker
+                .create_container(Some(options.clone()), body.clone())
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if status(&e) == Some(409) => {}
                 // The image went away (another build pruned it): import

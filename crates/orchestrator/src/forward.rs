@@ -8,14 +8,18 @@
 //! (`network_mode: container:<environment container>`). The forwarder is
 //! created on demand at the first port-forward of a running environment and
 //! removed when the environment stops, restarts or is deleted (and by
-//! reconcile when its environment is not running); it runs the helper image
-//! (`crate::helper_image`, the one the egress gates run) as uid 65532 with every capability dropped,
+//! reconcile when its environment is not running; reconcile never takes it
+//! for an impostor). It runs the helper image (`crate::helper_image`, the
+//! egress gates' image) as uid 65532 with every capability dropped,
 //! no-new-privileges, a read-only root, no mounts and small memory and
-//! process limits, and idles (`vibebox_gate::idle_command`).
+//! process limits, and idles (`vibebox_gate::idle_command`). A restarted
+//! environment container has a new network namespace: the forwarder records
+//! the start it joined and is recreated when that changed.
 //!
 //! Each connection is one Docker exec in the forwarder of
-//! `vibebox_gate::connect_command("127.0.0.1", port)`, attached without a
-//! TTY: the client's bytes go to its stdin, its stdout comes back. The
+//! `vibebox_gate::connect_command("127.0.0.1", port)` ([`connect_command`]),
+//! attached without a TTY: the client's bytes go to its stdin, its stdout
+//! comes back (ready frames merged into messages of at most 64 KiB). The
 //! helper writes nothing before it is connected; a failed connect prints one
 //! line on stderr and exits 1, which ends the stream with
 //! FAILED_PRECONDITION ("connection refused on port N inside the

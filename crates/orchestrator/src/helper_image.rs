@@ -92,12 +92,12 @@ pub async fn ensure(docker: &Docker, exe: &Path) -> Result<String, HelperImageEr
 /// upgrades and rebuilds.
 async fn prune_other_builds(docker: &Docker, keep: &str) {
     use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
-    let filters = std::collections::HashMap::from([(
-        "reference".to_string(),
-        vec![REPOSITORY.to_string()],
-    )]);
+    let filters =
+        std::collections::HashMap::from([("reference".to_string(), vec![REPOSITORY.to_string()])]);
     let Ok(images) = docker
-        .list_images(Some(ListImagesOptionsBuilder::new().filters(&filters).build()))
+        .list_images(Some(
+            ListImagesOptionsBuilder::new().filters(&filters).build(),
+        ))
         .await
     else {
         return;

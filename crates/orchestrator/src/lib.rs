@@ -135,7 +135,12 @@ pub struct Config {
     )]
     pub docker_labels: Vec<String>,
     /// The outbound networks egress gates join, comma separated; the first gives them their default route (each created as a plain bridge when missing; never removed). Point it at networks of your own to give environments a different way out.
-    #[arg(long, env = "VIBEBOX_EGRESS_NETWORK", default_value = "vibebox-egress", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "VIBEBOX_EGRESS_NETWORK",
+        default_value = "vibebox-egress",
+        value_delimiter = ','
+    )]
     pub egress_network: Vec<String>,
     /// Upstream DNS servers of the egress gates (IP:PORT, comma separated; default: the engine's resolver as the gates see it).
     #[arg(long, env = "VIBEBOX_EGRESS_DNS", value_delimiter = ',')]

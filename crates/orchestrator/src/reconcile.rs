@@ -35,8 +35,8 @@ struct Found {
     env: String,
     running: bool,
     restarting: bool,
-    /// A platform container beside the environment (its egress gate or
-    /// port forwarder), not the environment's own.
+    /// The environment's egress gate, not its own container (forwarders
+    /// are taken out of the list before).
     helper: bool,
 }
 
@@ -111,9 +111,11 @@ impl Orchestrator {
             .filter(|c| !crate::forward::is_forwarder(c))
             .filter_map(|c| {
                 let env = c.labels.as_ref()?.get(labels::ENVIRONMENT)?.clone();
-                let helper = c.labels.as_ref()?.get(crate::egress::ROLE_LABEL).is_some_and(|role| {
-                    role == crate::egress::GATE_ROLE || role == crate::forward::FORWARDER_ROLE
-                });
+                let helper = c
+                    .labels
+                    .as_ref()?
+                    .get(crate::egress::ROLE_LABEL)
+                    .is_some_and(|role| role == crate::egress::GATE_ROLE);
                 let state = c.state.map(|s| s.to_string()).unwrap_or_default();
                 Some(Found {
                     id: c.id?,

@@ -21,14 +21,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
+use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
     PortForwardRequest, PortForwardResponse, PortForwardStart, RestartEnvironmentRequest,
     StartEnvironmentRequest, StopEnvironmentRequest, port_forward_request, port_forward_response,
 };
 use vibebox_proto::identity::{
-    AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
-    RemoveTeamMemberRequest, RevokeTokenRequest, TeamRole, WhoAmIRequest,
+    CreateTeamRequest, RemoveTeamMemberRequest, RevokeTokenRequest, TeamRole, WhoAmIRequest,
 };
 use vibebox_tests::attack::{Refusal, events_for, patiently};
 use vibebox_tests::report::SuiteReport;
@@ -62,63 +62,6 @@ fn spec(image: &str) -> ContainerSpec {
         command: vec!["sh".into(), "-c".into(), SERVERS.into()],
         ..Default::default()
     }
-}
-
-async fn team(p: &Platform, admin: &str, name: &str) -> String {
-    p.identity(admin)
-        .create_team(CreateTeamRequest {
-            name: name.into(),
-            display_name: name.into(),
-        })
-        .await
-        .expect("create team")
-        .into_inner()
-        .team
-        .expect("team")
-        .id
-}
-
-/// A user in `team` with `role`: (user id, session token).
-async fn member(
-    p: &Platform,
-    admin: &str,
-    name: &str,
-    team: &str,
-    role: TeamRole,
-) -> (String, String) {
-    let password = format!("{name}-password-123");
-    let user = p
-        .identity(admin)
-        .create_user(CreateUserRequest {
-            username: name.into(),
-            display_name: name.into(),
-            password: password.clone(),
-            platform_role: PlatformRole::None as i32,
-        })
-        .await
-        .expect("create user")
-        .into_inner()
-        .user
-        .expect("user");
-    p.identity(admin)
-        .add_team_member(AddTeamMemberRequest {
-            team_id: team.into(),
-            user_id: user.id.clone(),
-            role: role as i32,
-        })
-        .await
-        .expect("add member");
-    let token = p
-        .identity("")
-        .login(LoginRequest {
-            username: name.into(),
-            password,
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .token;
-    (user.id, token)
 }
 
 async fn create(p: &Platform, token: &str, team: &str, name: &str, image: &str) -> String {
@@ -346,8 +289,8 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
     let image = dev_image();
     let p = Platform::start();
     let admin = p.admin_token();
-    let t = team(&p, &admin, "forwarding").await;
-    let (owner_id, owner) = member(&p, &admin, "owner", &t, TeamRole::Developer).await;
+    let t = p.team(&admin, "forwarding").await;
+    let (owner_id, owner) = p.member(&admin, "owner", &t, TeamRole::Developer).await;
     let env = create(&p, &owner, &t, "web", &image).await;
 
     // A server on every address and one on loopback only: both reached.
@@ -567,13 +510,15 @@ async fn port_forward_is_refused_to_viewers_other_developers_other_teams_and_bad
     let image = dev_image();
     let p = Platform::start();
     let admin = p.admin_token();
-    let t = team(&p, &admin, "forwarding").await;
-    let other_team = team(&p, &admin, "elsewhere").await;
-    let (_, owner) = member(&p, &admin, "owner", &t, TeamRole::Developer).await;
-    let (_, viewer) = member(&p, &admin, "viewer", &t, TeamRole::Viewer).await;
-    let (_, colleague) = member(&p, &admin, "colleague", &t, TeamRole::Developer).await;
-    let (_, team_admin) = member(&p, &admin, "lead", &t, TeamRole::Admin).await;
-    let (_, outsider) = member(&p, &admin, "outsider", &other_team, TeamRole::Admin).await;
+    let t = p.team(&admin, "forwarding").await;
+    let other_team = p.team(&admin, "elsewhere").await;
+    let (_, owner) = p.member(&admin, "owner", &t, TeamRole::Developer).await;
+    let (_, viewer) = p.member(&admin, "viewer", &t, TeamRole::Viewer).await;
+    let (_, colleague) = p.member(&admin, "colleague", &t, TeamRole::Developer).await;
+    let (_, team_admin) = p.member(&admin, "lead", &t, TeamRole::Admin).await;
+    let (_, outsider) = p
+        .member(&admin, "outsider", &other_team, TeamRole::Admin)
+        .await;
     let env = create(&p, &owner, &t, "web", &image).await;
 
     for (who, token) in [
@@ -629,8 +574,8 @@ async fn port_forward_is_refused_to_viewers_other_developers_other_teams_and_bad
         .environments(&owner)
         .port_forward(ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("a stream without start is refused");
+        .map(|_| ())
+        .expect_err("a stream without start is refused");
     report.case(refused.code() == Code::InvalidArgument);
     assert!(Refusal::of(&refused).names_field("start"), "{refused:?}");
 
@@ -674,14 +619,15 @@ async fn an_open_port_forward_ends_when_its_rights_are_withdrawn() {
     let image = dev_image();
     let p = Platform::start();
     let admin = p.admin_token();
-    let t = team(&p, &admin, "forwarding").await;
-    let (_, owner) = member(&p, &admin, "owner", &t, TeamRole::Developer).await;
+    let t = p.team(&admin, "forwarding").await;
+    let (_, owner) = p.member(&admin, "owner", &t, TeamRole::Developer).await;
     let env = create(&p, &owner, &t, "echo", &image).await;
     get_when_up(&p, &owner, &env, 8080, "/index.html").await;
 
     for scenario in ["revoke", "remove"] {
-        let (user_id, token) =
-            member(&p, &admin, &format!("held-{scenario}"), &t, TeamRole::Admin).await;
+        let (user_id, token) = p
+            .member(&admin, &format!("held-{scenario}"), &t, TeamRole::Admin)
+            .await;
         let mut forward = open(&p, &token, &env, 9000, &format!("held-{scenario}"))
             .await
             .expect("open echo");
@@ -814,8 +760,8 @@ async fn the_cli_forwards_local_connections_and_survives_a_failed_one() {
     let image = dev_image();
     let p = Platform::start();
     let admin = p.admin_token();
-    let t = team(&p, &admin, "forwarding").await;
-    let (_, owner) = member(&p, &admin, "owner", &t, TeamRole::Developer).await;
+    let t = p.team(&admin, "forwarding").await;
+    let (_, owner) = p.member(&admin, "owner", &t, TeamRole::Developer).await;
     let env = create(&p, &owner, &t, "web", &image).await;
     get_when_up(&p, &owner, &env, 8081, "/index.html").await;
 
@@ -859,4 +805,199 @@ async fn the_cli_forwards_local_connections_and_survives_a_failed_one() {
         .await
         .expect("local GET after a failed connection");
     assert_eq!(http_body(&response).1, b"hello\n");
+}
+
+/// A `vibebox up` whose orchestrator reconciles every second (the harness's
+/// platform keeps the default interval); stopped and its Docker objects
+/// removed on drop.
+struct ReconcilingPlatform {
+    child: Child,
+    data_dir: tempfile::TempDir,
+    gateway: String,
+}
+
+impl ReconcilingPlatform {
+    fn start() -> Self {
+        let data_dir = tempfile::tempdir().expect("data dir");
+        let mut child = Platform::up_command(data_dir.path())
+            .env("VIBEBOX_RECONCILE_INTERVAL", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning vibebox up");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim().strip_prefix("gateway listening on ")
+                    && let Some(addr) = rest.split_whitespace().next()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let gateway = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("vibebox up reported its gateway");
+        Self {
+            child,
+            data_dir,
+            gateway,
+        }
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.data_dir.path().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn environments(&self, token: &str) -> EnvironmentServiceClient<vibebox_tests::Authed> {
+        let channel = vibebox_server_kit::connect_plaintext(&format!("http://{}", self.gateway))
+            .expect("gateway channel");
+        EnvironmentServiceClient::with_interceptor(channel, vibebox_tests::bearer(token))
+    }
+}
+
+impl Drop for ReconcilingPlatform {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(id) = std::fs::read_to_string(self.data_dir.path().join("installation-id")) {
+            for object in vibebox_tests::attack::labelled_objects(id.trim()) {
+                let args: &[&str] = match object.split_once(':') {
+                    Some(("container", name)) => &["rm", "-f", "-v", name],
+                    Some(("network", name)) => &["network", "rm", name],
+                    Some(("volume", name)) => &["volume", "rm", "-f", name],
+                    _ => continue,
+                };
+                let _ = Command::new("docker").args(args).output();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover_one() {
+    let image = dev_image();
+    let p = ReconcilingPlatform::start();
+    let admin = p.read("admin.token");
+    let installation = p.read("installation-id");
+    let team_id = {
+        let channel = vibebox_server_kit::connect_plaintext(&format!("http://{}", p.gateway))
+            .expect("gateway channel");
+        vibebox_proto::identity::identity_service_client::IdentityServiceClient::with_interceptor(
+            channel,
+            vibebox_tests::bearer(&admin),
+        )
+        .create_team(CreateTeamRequest {
+            name: "forwarding".into(),
+            display_name: "forwarding".into(),
+        })
+        .await
+        .expect("create team")
+        .into_inner()
+        .team
+        .expect("team")
+        .id
+    };
+    let mut created = Vec::new();
+    for name in ["running", "stopped"] {
+        let env = p
+            .environments(&admin)
+            .create_environment(CreateEnvironmentRequest {
+                request_id: format!("create-{name}"),
+                team_id: team_id.clone(),
+                name: name.into(),
+                spec: Some(spec(&image)),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .environment
+            .expect("environment");
+        created.push(env.id);
+    }
+    let (running, stopped) = (created[0].clone(), created[1].clone());
+
+    // A forward makes the running environment's forwarder.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(start_message(&running, 8080)).await.unwrap();
+        tx.send(data_message(&get("/index.html"))).await.unwrap();
+        tx.send(close_write()).await.unwrap();
+        let answer = async {
+            let mut stream = p
+                .environments(&admin)
+                .port_forward(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(m) = stream.message().await? {
+                if let Some(port_forward_response::Message::Data(b)) = m.message {
+                    out.extend(b);
+                }
+            }
+            Ok::<_, Status>(out)
+        }
+        .await;
+        match answer {
+            Ok(out) if !out.is_empty() => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the server never answered: {answer:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let kept = forwarder(&running).await.expect("a forwarder").id;
+
+    // A forwarder left beside an environment that is not running (a crash
+    // between its stop and the forwarder's removal).
+    p.environments(&admin)
+        .stop_environment(StopEnvironmentRequest {
+            environment_id: stopped.clone(),
+            timeout_seconds: Some(1),
+        })
+        .await
+        .expect("stop");
+    let leftover = format!("vibebox-fwd-{stopped}");
+    let made = Command::new("docker")
+        .args(["create", "--name", &leftover])
+        .args(["--label", &format!("vibebox.installation={installation}")])
+        .args(["--label", &format!("vibebox.environment={stopped}")])
+        .args(["--label", "vibebox.managed=true"])
+        .args(["--label", "vibebox.role=forwarder"])
+        .arg(&image)
+        .output()
+        .expect("docker create");
+    assert!(made.status.success(), "{made:?}");
+
+    // A reconcile pass removes the leftover ...
+    forwarder_gone(&stopped, "reconcile").await;
+    // ... and, in the same pass, took the running environment's forwarder
+    // for what it is: not an impostor (no quarantine), kept.
+    let env = p
+        .environments(&admin)
+        .get_environment(vibebox_proto::environment::GetEnvironmentRequest {
+            environment_id: running.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .environment
+        .expect("environment");
+    assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
+    assert_eq!(forwarder(&running).await.expect("kept").id, kept);
 }

@@ -165,9 +165,7 @@ fn until_broken(
     futures::stream::unfold(
         (relayed, Some(Box::pin(broken))),
         |(mut relayed, broken)| async move {
-            let Some(mut broken) = broken else {
-                return None;
-            };
+            let mut broken = broken?;
             tokio::select! {
                 error = &mut broken => {
                     drop(relayed);

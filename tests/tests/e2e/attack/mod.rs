@@ -65,9 +65,8 @@ use vibebox_proto::environment::{
     StreamLogsRequest, StreamStatsRequest, exec_request,
 };
 use vibebox_proto::identity::{
-    AddTeamMemberRequest, CreateApiTokenRequest, CreateUserRequest,
-    LoginRequest, PlatformRole, RevokeTokenRequest, SetUserDisabledRequest, TeamRole,
-    WhoAmIRequest,
+    AddTeamMemberRequest, CreateApiTokenRequest, CreateUserRequest, LoginRequest, PlatformRole,
+    RevokeTokenRequest, SetUserDisabledRequest, TeamRole, WhoAmIRequest,
 };
 use vibebox_proto::runtime;
 use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
