@@ -127,12 +127,14 @@ fn v6(addr: Ipv6Addr, p: u8) -> IpNet {
 
 /// Classes no rule can open.
 fn forbidden_class(ip: IpAddr) -> Option<&'static str> {
-    let table: [(IpNet, &'static str); 12] = [
+    let table: [(IpNet, &'static str); 18] = [
         (v4(0, 0, 0, 0, 8), "unspecified"),
         (v4(127, 0, 0, 0, 8), "loopback"),
         (v4(169, 254, 0, 0, 16), "link-local / cloud metadata"),
         (v4(224, 0, 0, 0, 4), "multicast"),
         (v4(240, 0, 0, 0, 4), "reserved"),
+        (v4(192, 0, 0, 0, 24), "IETF protocol assignments"),
+        (v4(198, 18, 0, 0, 15), "benchmarking"),
         (v6(Ipv6Addr::UNSPECIFIED, 128), "unspecified"),
         (v6(Ipv6Addr::LOCALHOST, 128), "loopback"),
         (
@@ -147,8 +149,26 @@ fn forbidden_class(ip: IpAddr) -> Option<&'static str> {
             v6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254), 128),
             "cloud metadata",
         ),
-        // IPv4-compatible and site-local leftovers.
+        // IPv4-compatible and site-local leftovers, and the IPv4-embedding
+        // ranges whose IPv4 side the gate cannot judge (local-use NAT64,
+        // 6to4, Teredo, SIIT).
         (v6(Ipv6Addr::UNSPECIFIED, 96), "IPv4-compatible"),
+        (
+            v6(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48),
+            "IPv4-embedding (local NAT64)",
+        ),
+        (
+            v6(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16),
+            "IPv4-embedding (6to4)",
+        ),
+        (
+            v6(Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32),
+            "IPv4-embedding (Teredo)",
+        ),
+        (
+            v6(Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, 0, 0), 96),
+            "IPv4-embedding (SIIT)",
+        ),
         (
             v6(Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10),
             "site-local",
@@ -245,16 +265,11 @@ impl Policy {
         match self.mode {
             Mode::None => Err(Refusal::ModeNone),
             Mode::Internet => Ok(NameGrant::ByName),
-            Mode::AllowList => {
-                if self.host_rule_admits(name, port) {
-                    Ok(NameGrant::ByName)
-                } else if self.cidrs.iter().any(|r| r.port_ok(port)) {
-                    // A CIDR rule may still admit one of its addresses.
-                    Ok(NameGrant::ByAddressOnly)
-                } else {
-                    Err(Refusal::NotAllowed)
-                }
-            }
+            // Only a host rule admits a name: a name no rule names is not
+            // even looked up (the lookup itself would carry data out).
+            // CIDR rules admit address literals (through the proxy).
+            Mode::AllowList if self.host_rule_admits(name, port) => Ok(NameGrant::ByName),
+            Mode::AllowList => Err(Refusal::NotAllowed),
         }
     }
 
@@ -377,6 +392,13 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::7f00:1",
             "::127.0.0.1",
+            "192.0.0.170",
+            "198.18.0.1",
+            "198.19.255.255",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::1",
+            "2001:0:7f00:1::1",
+            "::ffff:0:a00:1",
         ] {
             assert!(
                 matches!(
@@ -490,19 +512,18 @@ mod tests {
     }
 
     #[test]
-    fn cidr_rules_admit_addresses_of_any_name() {
+    fn cidr_rules_admit_address_literals_never_names() {
         let p = Policy::new(Mode::AllowList, &[rule_cidr("198.51.100.0/24", &[80])], &[]);
+        // Not even looked up: a lookup would carry data out (DNS tunnel).
+        assert_eq!(p.admit_name("svc.test", Some(80)), Err(Refusal::NotAllowed));
+        assert_eq!(p.admit_name("svc.test", None), Err(Refusal::NotAllowed));
+        assert_eq!(p.admit_literal(ip("198.51.100.10"), 80), Ok(()));
         assert_eq!(
-            p.admit_name("svc.test", Some(80)),
-            Ok(NameGrant::ByAddressOnly)
+            p.admit_literal(ip("198.51.100.10"), 81),
+            Err(Refusal::NotAllowed)
         );
-        assert_eq!(p.admit_name("svc.test", Some(81)), Err(Refusal::NotAllowed));
         assert_eq!(
-            p.admit_address(ip("198.51.100.10"), Some(80), NameGrant::ByAddressOnly),
-            Ok(())
-        );
-        assert_eq!(
-            p.admit_address(ip("203.0.113.10"), Some(80), NameGrant::ByAddressOnly),
+            p.admit_literal(ip("203.0.113.10"), 80),
             Err(Refusal::NotAllowed)
         );
     }

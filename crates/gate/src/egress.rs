@@ -298,10 +298,12 @@ impl Gate {
     /// Dials, counting and reporting the outcome; on failure, whether policy
     /// refused and why.
     async fn dial_counted(&self, host: &str, port: u16) -> Result<TcpStream, (bool, String)> {
-        let destination = if host.contains(':') {
-            format!("[{host}]:{port}")
+        // What the client named, bounded: it goes into events and the audit.
+        let shown = canonical_name(host).unwrap_or_else(|| host.chars().take(64).collect());
+        let destination = if shown.contains(':') {
+            format!("[{shown}]:{port}")
         } else {
-            format!("{host}:{port}")
+            format!("{shown}:{port}")
         };
         match self.dial(host, port).await {
             Ok(s) => {
@@ -319,8 +321,29 @@ impl Gate {
     /// A connection to one of the transparent ports: the destination name
     /// comes from TLS SNI or the HTTP Host header.
     async fn transparent(&self, mut client: TcpStream, port: u16) {
+        // The whole head within HEAD_TIMEOUT (not per read: one byte every
+        // few seconds would hold a connection slot for hours).
+        let head = tokio::time::timeout(HEAD_TIMEOUT, self.transparent_head(&mut client, port));
+        let Ok(Some((name, buf))) = head.await else {
+            return;
+        };
+        let Ok(mut upstream) = self.dial_counted(&name, port).await else {
+            return;
+        };
+        if upstream.write_all(&buf).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+
+    /// Reads until the destination name is known: (name, bytes read).
+    async fn transparent_head(
+        &self,
+        client: &mut TcpStream,
+        port: u16,
+    ) -> Option<(String, Vec<u8>)> {
         let mut buf = Vec::with_capacity(2048);
-        let name = loop {
+        loop {
             let parsed = if buf.is_empty() {
                 Parse::Partial
             } else if sniff::looks_like_tls(&buf) {
@@ -337,49 +360,35 @@ impl Gate {
                 }
             };
             match parsed {
-                Parse::Done(Some(name)) => break name,
-                Parse::Done(None) | Parse::Invalid => {
+                Parse::Done(Some(name))
+                    if name.parse::<IpAddr>().is_ok() || canonical_name(&name).is_some() =>
+                {
+                    return Some((name, buf));
+                }
+                Parse::Done(_) | Parse::Invalid => {
                     let who = format!("{}:{port}", self.listen);
                     self.refuse(&who, "", Refusal::NoDestination);
-                    return;
+                    return None;
                 }
                 Parse::Partial => {}
             }
             if buf.len() >= sniff::MAX_HEAD {
-                return;
+                return None;
             }
             let mut chunk = [0u8; 4096];
-            match tokio::time::timeout(HEAD_TIMEOUT, client.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return,
+            match client.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
             }
-        };
-        let Ok(mut upstream) = self.dial_counted(&name, port).await else {
-            return;
-        };
-        if upstream.write_all(&buf).await.is_err() {
-            return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     }
 
     /// The HTTP proxy: `CONNECT host:port` and absolute-form requests.
     async fn proxy(&self, mut client: TcpStream) {
-        let mut buf = Vec::with_capacity(2048);
-        let head = loop {
-            match sniff::request_head(&buf) {
-                Parse::Done(h) => break h,
-                Parse::Invalid => {
-                    let _ = respond(&mut client, 400, "bad proxy request").await;
-                    return;
-                }
-                Parse::Partial => {}
-            }
-            let mut chunk = [0u8; 4096];
-            match tokio::time::timeout(HEAD_TIMEOUT, client.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return,
-            }
+        let read = tokio::time::timeout(HEAD_TIMEOUT, proxy_head(&mut client));
+        let Ok(Some((head, buf))) = read.await else {
+            let _ = respond(&mut client, 400, "bad or slow proxy request").await;
+            return;
         };
         let rest = buf[head.len..].to_vec();
         if head.method == "CONNECT" {
@@ -422,6 +431,24 @@ impl Gate {
             return;
         }
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+}
+
+/// Reads a proxy request head (bounded by [`sniff::MAX_HEAD`]): the head
+/// and every byte read.
+async fn proxy_head(client: &mut TcpStream) -> Option<(sniff::RequestHead, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        match sniff::request_head(&buf) {
+            Parse::Done(h) => return Some((h, buf)),
+            Parse::Invalid => return None,
+            Parse::Partial => {}
+        }
+        let mut chunk = [0u8; 4096];
+        match client.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
     }
 }
 

@@ -20,6 +20,8 @@
 //!   to stdout (one port-forward connection, run by `docker exec` in a
 //!   forwarder container that shares the environment's network namespace).
 //! - `idle`: waits forever (the forwarder's main process).
+//! - `local-addresses`: prints the addresses of its network namespace (run
+//!   on the engine's host network, the engine host's own addresses).
 //!
 //! Binaries that can be the helper image call [`dispatch`] first thing in
 //! `main`.
@@ -29,6 +31,7 @@ pub mod destination;
 pub mod dns;
 mod egress;
 pub mod events;
+pub mod local;
 pub mod sniff;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -102,6 +105,16 @@ pub fn connect_command(host: &str, port: u16) -> Vec<String> {
     ]
 }
 
+/// Argv (inside the helper image) that prints the addresses of its network
+/// namespace as a JSON array.
+pub fn local_addresses_command() -> Vec<String> {
+    vec![
+        EXECUTABLE.into(),
+        SUBCOMMAND.into(),
+        "local-addresses".into(),
+    ]
+}
+
 /// Argv (inside the helper image) of a process that waits forever.
 pub fn idle_command() -> Vec<String> {
     vec![EXECUTABLE.into(), SUBCOMMAND.into(), "idle".into()]
@@ -125,8 +138,9 @@ fn run(args: &[String]) -> i32 {
             std::thread::park();
         },
         Some("egress") => egress::run(),
+        Some("local-addresses") => local::run(),
         _ => {
-            eprintln!("usage: gate (egress | connect HOST PORT | idle)");
+            eprintln!("usage: gate (egress | connect HOST PORT | idle | local-addresses)");
             2
         }
     }

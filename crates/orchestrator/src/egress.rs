@@ -90,6 +90,8 @@ pub(crate) struct GateState {
     audited: Mutex<HashMap<String, HashSet<String>>>,
     /// The helper image, once built.
     image: tokio::sync::Mutex<Option<String>>,
+    /// What no gate reaches, learnt from the engine, and when.
+    engine_deny: tokio::sync::Mutex<Option<(std::time::Instant, Vec<ipnet::IpNet>)>>,
 }
 
 /// Name of an environment's gate container.
@@ -224,14 +226,33 @@ impl Orchestrator {
         }
     }
 
-    /// The engine host's addresses on the outbound networks (their
-    /// gateways): a gate reaches them directly, and no rule opens them.
-    async fn egress_gateways(&self) -> Vec<ipnet::IpNet> {
-        let mut out = Vec::new();
-        for name in &self.inner.settings.egress.networks {
-            let Ok(network) = self.docker().inspect_network(name, None).await else {
-                continue;
-            };
+    /// What no gate may reach whatever the rules say, learnt from the
+    /// engine: every address of the engine host (a one-shot probe on its
+    /// host network, so public addresses too), the gateway of every network
+    /// on the engine (the host again, on each bridge), and the subnets of
+    /// every network that is not an outbound one (the platform's own
+    /// containers under compose, other installations, other environments).
+    /// Cached for a minute; fails closed (no gate without it).
+    async fn engine_deny(&self) -> Result<Vec<ipnet::IpNet>> {
+        let mut cache = self.inner.gates.engine_deny.lock().await;
+        if let Some((at, nets)) = cache.as_ref()
+            && at.elapsed() < Duration::from_secs(60)
+        {
+            return Ok(nets.clone());
+        }
+        let mut out: Vec<ipnet::IpNet> = self
+            .host_addresses()
+            .await?
+            .into_iter()
+            .map(ipnet::IpNet::from)
+            .collect();
+        let outbound = &self.inner.settings.egress.networks;
+        let networks = self
+            .docker()
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await?;
+        for network in networks {
+            let own = network.name.as_ref().is_some_and(|n| outbound.contains(n));
             for config in network.ipam.and_then(|i| i.config).unwrap_or_default() {
                 if let Some(ip) = config
                     .gateway
@@ -239,16 +260,87 @@ impl Orchestrator {
                 {
                     out.push(ipnet::IpNet::from(ip));
                 }
-                // Without an explicit gateway the engine takes the
-                // subnet's first address (and does not record it).
-                if let Some(net) = config.subnet.and_then(|s| s.parse::<ipnet::IpNet>().ok())
-                    && let Some(first) = net.hosts().next()
-                {
-                    out.push(ipnet::IpNet::from(first));
+                let Some(net) = config.subnet.and_then(|s| s.parse::<ipnet::IpNet>().ok()) else {
+                    continue;
+                };
+                if own {
+                    // The outbound networks' own hosts are the world the
+                    // gates reach; only the host's address on them is not
+                    // (without an explicit gateway the engine takes the
+                    // subnet's first address and does not record it).
+                    if let Some(first) = net.hosts().next() {
+                        out.push(ipnet::IpNet::from(first));
+                    }
+                } else {
+                    out.push(net);
                 }
             }
         }
-        out
+        out.sort();
+        out.dedup();
+        *cache = Some((std::time::Instant::now(), out.clone()));
+        Ok(out)
+    }
+
+    /// The engine host's own addresses: `gate local-addresses` in a
+    /// one-shot container on the engine's host network (no capability,
+    /// read-only, not root), the same against a local engine and a
+    /// Docker-in-Docker daemon.
+    async fn host_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
+        let image = self.ensure_helper_image().await?;
+        let docker = self.docker();
+        let name = format!("vibebox-probe-{}", uuid::Uuid::new_v4().simple());
+        let mut labels = HashMap::from([
+            (labels::MANAGED.to_string(), "true".to_string()),
+            (
+                labels::INSTALLATION.to_string(),
+                self.installation().to_string(),
+            ),
+            (ROLE_LABEL.to_string(), "probe".to_string()),
+        ]);
+        labels.extend(self.inner.settings.extra_labels.iter().cloned());
+        let body = ContainerCreateBody {
+            image: Some(image),
+            entrypoint: Some(vibebox_gate::local_addresses_command()),
+            cmd: Some(vec![]),
+            user: Some(GATE_USER.into()),
+            labels: Some(labels),
+            network_disabled: Some(false),
+            host_config: Some(HostConfig {
+                network_mode: Some("host".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                readonly_rootfs: Some(true),
+                memory: Some(32 * 1024 * 1024),
+                pids_limit: Some(16),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        docker.create_container(Some(options), body).await?;
+        let result = async {
+            docker.start_container(&name, None).await?;
+            let mut wait = docker.wait_container(
+                &name,
+                None::<bollard::query_parameters::WaitContainerOptions>,
+            );
+            while let Some(step) = wait.next().await {
+                step?;
+            }
+            let options = LogsOptionsBuilder::new().stdout(true).build();
+            let mut logs = docker.logs(&name, Some(options));
+            let mut text = String::new();
+            while let Some(chunk) = logs.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
+            }
+            let all: Vec<String> = serde_json::from_str(text.trim())
+                .map_err(|e| Error::Egress(format!("engine host addresses: {e}")))?;
+            Ok::<_, Error>(all.iter().filter_map(|a| a.parse().ok()).collect())
+        }
+        .await;
+        let _ = self.inner.runtime.remove_container(&name).await;
+        result
     }
 
     fn gate_config(&self, rec: &EnvRecord, mode: Mode, rules: Vec<Rule>) -> Result<EgressConfig> {
@@ -283,7 +375,7 @@ impl Orchestrator {
             self.egress_networks().await?;
             let image = self.ensure_helper_image().await?;
             let mut config = self.gate_config(rec, mode, rules)?;
-            config.deny.extend(self.egress_gateways().await);
+            config.deny.extend(self.engine_deny().await?);
             let config = serde_json::to_string(&config)
                 .map_err(|e| Error::Egress(format!("gate configuration: {e}")))?;
             let mut labels = docker::platform_labels(&self.target(rec));
@@ -308,11 +400,26 @@ impl Orchestrator {
                     memory_swap: Some(64 * 1024 * 1024),
                     nano_cpus: Some(500_000_000),
                     pids_limit: Some(128),
-                    // Ports 53, 80 and 443 without any capability.
-                    sysctls: Some(HashMap::from([(
-                        "net.ipv4.ip_unprivileged_port_start".to_string(),
-                        "0".to_string(),
-                    )])),
+                    // Ports 53, 80 and 443 without any capability; and the
+                    // gate is not a router: a packet sent to it (by an
+                    // environment that somehow held NET_RAW) is not
+                    // forwarded, whatever the host's defaults.
+                    sysctls: Some(HashMap::from([
+                        (
+                            "net.ipv4.ip_unprivileged_port_start".to_string(),
+                            "0".to_string(),
+                        ),
+                        ("net.ipv4.ip_forward".to_string(), "0".to_string()),
+                        ("net.ipv4.conf.all.rp_filter".to_string(), "1".to_string()),
+                    ])),
+                    // Its output is the orchestrator's feed: bounded.
+                    log_config: Some(bollard::models::HostConfigLogConfig {
+                        typ: Some("json-file".into()),
+                        config: Some(HashMap::from([
+                            ("max-size".to_string(), "1m".to_string()),
+                            ("max-file".to_string(), "2".to_string()),
+                        ])),
+                    }),
                     network_mode: Some(egress_network.clone()),
                     restart_policy: Some(RestartPolicy {
                         name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
@@ -459,6 +566,12 @@ impl Orchestrator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(env);
+        self.inner
+            .gates
+            .audited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(env);
         r
     }
 
@@ -549,22 +662,30 @@ impl Orchestrator {
                 if !first {
                     return;
                 }
+                // One event per destination per environment, whoever reads
+                // the gate's output and however often (a restarted
+                // orchestrator reads it again from the start).
+                let id =
+                    crate::audit::once_id(env, &format!("network.egress_denied {destination}"));
                 let result = self
                     .audit()
-                    .record(Event {
-                        action: "network.egress_denied",
-                        outcome: Outcome::Denied,
-                        severity: Severity::Medium,
-                        caller: None,
-                        team_id: team,
-                        environment_id: env,
-                        details: vec![
-                            ("destination", destination),
-                            ("address", address),
-                            ("rule", format!("egress.{code}")),
-                            ("reason", reason),
-                        ],
-                    })
+                    .record_once(
+                        id,
+                        Event {
+                            action: "network.egress_denied",
+                            outcome: Outcome::Denied,
+                            severity: Severity::Medium,
+                            caller: None,
+                            team_id: team,
+                            environment_id: env,
+                            details: vec![
+                                ("destination", destination),
+                                ("address", address),
+                                ("rule", format!("egress.{code}")),
+                                ("reason", reason),
+                            ],
+                        },
+                    )
                     .await;
                 if let Err(e) = result {
                     tracing::warn!(environment = env, error = %e, "egress refusal not audited");

@@ -231,6 +231,28 @@ fn client_hello_printf(name: &str) -> String {
         .collect()
 }
 
+/// The host's own IPv4 addresses outside loopback and Docker's bridges
+/// (its uplink: what a tenant would try to reach host services through).
+fn host_uplink_addresses() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let dev = f.nth(1)?;
+            let addr = f.nth(1)?.split('/').next()?.to_owned();
+            let docker = dev == "lo"
+                || dev.starts_with("docker")
+                || dev.starts_with("br-")
+                || dev.starts_with("veth");
+            (!docker).then_some(addr)
+        })
+        .collect()
+}
+
 fn container_ip(env: &str) -> String {
     let out = Command::new("docker")
         .args([
@@ -432,6 +454,15 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
 
     // Every forbidden class, each routable from the gate.
     let sealed_ip = container_ip(&sealed.id);
+    let mut forbidden: Vec<String> = host_uplink_addresses()
+        .into_iter()
+        .flat_map(|ip| [format!("http://{ip}:{host_port}/"), format!("http://{ip}/")])
+        .collect();
+    // The engine's default bridge: the host again.
+    forbidden.push(format!("http://172.17.0.1:{host_port}/"));
+    for url in forbidden {
+        assert_eq!(ctx.fetch(e, &url, true).await, None, "{url}");
+    }
     for url in [
         "http://private.test/".to_string(),
         format!("http://{secret}/"),
@@ -563,7 +594,7 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
         .output()
         .unwrap();
     assert!(removed.status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if ctx.fetch(l, "http://public.test/", true).await.as_deref() == Some("public-ok") {
             break;
