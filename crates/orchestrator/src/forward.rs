@@ -32,11 +32,21 @@
 //! connection; when the remote side closes, the helper flushes and exits,
 //! and the stream ends.
 //!
-//! Every connection is audited when it ends (`environment.port_forward`,
-//! with the port, `bytes_in` (client to environment), `bytes_out`
-//! (environment to client) and how it ended). At most
+//! Every connection is audited twice (`environment.port_forward`): when it
+//! opens (phase `open`, the port; before the helper is started, so a
+//! connection held for days, or one cut by a crash of the orchestrator, has
+//! a record from its start; no audit, no connection) and when it ends
+//! (phase `close`, with the port, `bytes_in` (client to environment),
+//! `bytes_out` (environment to client) and how it ended). At most
 //! [`MAX_FORWARDS_PER_ENVIRONMENT`] connections per environment are open at
-//! once; each holds an activity session (idle stop).
+//! once; each holds an activity session (idle stop), taken before anything
+//! is checked or started: refused while an automatic stop of the
+//! environment is under way.
+//!
+//! The helper image can vanish while the orchestrator runs (another build's
+//! import prunes the images of other builds that no container uses, see
+//! `crate::helper_image`): a forwarder create the engine answers with 404
+//! imports it again and retries once, as the egress gates do.
 //!
 //! A limit of the engine: a Docker exec is not killed when its client goes
 //! away (the engine only closes its stdin). A helper whose client vanished
@@ -381,17 +391,45 @@ impl Orchestrator {
         }
         self.remove_forwarder(&rec.id).await?;
         let name = forwarder_name(&rec.id);
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let body = forwarder_body(&self.target(&rec), &cid, &joined, &image);
-        let created = self
+        let created = match self
             .docker()
-            .create_container(
-                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
-                body,
-            )
-            .await?;
+            .create_container(Some(options.clone()), body)
+            .await
+        {
+            Ok(created) => created,
+            // No such image: it went away since it was imported (another
+            // build pruned it). Import it again, once.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) => {
+                tracing::info!(environment = %rec.id, %message, "the helper image is gone; importing it again");
+                let image = self.reimport_helper_image().await?;
+                let body = forwarder_body(&self.target(&rec), &cid, &joined, &image);
+                self.docker().create_container(Some(options), body).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.docker().start_container(&created.id, None).await?;
         tracing::debug!(environment = %rec.id, "forwarder started");
         Ok(created.id)
+    }
+
+    /// Imports the helper image again after the engine said it is missing;
+    /// its reference. The reference names the executable it is built from,
+    /// so it is the one the orchestrator keeps (`ensure_helper_image`).
+    async fn reimport_helper_image(&self) -> ForwardResult<String> {
+        let exe = match &self.inner.settings.egress.helper_executable {
+            Some(p) => p.clone(),
+            None => crate::helper_image::running_executable().map_err(|e| {
+                ForwardError::HelperImage(format!("cannot find the running executable: {e}"))
+            })?,
+        };
+        crate::helper_image::ensure(self.docker(), &exe)
+            .await
+            .map_err(|e| ForwardError::HelperImage(e.to_string()))
     }
 
     /// The forwarder, when it runs the current image in the namespace of
@@ -448,6 +486,10 @@ impl Orchestrator {
     {
         let port = port_of(port)?;
         let rec = self.get(environment_id).await?;
+        // An open forward is activity (idle stop). Taken before the checks:
+        // refused while an automatic stop is under way (and one decided
+        // after this is not, as long as the session lives).
+        let session = self.live_session(&rec.id, "port-forward")?;
         if rec.state != State::Running {
             return Err(Error::BadState {
                 state: rec.state.as_str(),
@@ -457,44 +499,26 @@ impl Orchestrator {
         }
         let slot = Slot::acquire(self, &rec.id)?;
         let forwarder = self.forwarder(&rec).await?;
-        let created = self
-            .docker()
-            .create_exec(
-                &forwarder,
-                CreateExecOptions::<String> {
-                    attach_stdin: Some(true),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    tty: Some(false),
-                    cmd: Some(connect_command(port)),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let exec_id = created.id;
-        let started = self
-            .docker()
-            .start_exec(
-                &exec_id,
-                Some(StartExecOptions {
-                    detach: false,
-                    tty: false,
-                    output_capacity: Some(2 * CHUNK_BYTES),
-                }),
-            )
-            .await?;
-        let StartExecResults::Attached {
-            output,
-            input: stdin,
-        } = started
-        else {
-            return Err(Error::InvalidArgument {
-                field: "start",
-                reason: "the connection detached unexpectedly".into(),
-            }
-            .into());
+        let audit = Audit {
+            orchestrator: self,
+            caller,
+            rec: &rec,
+            port,
         };
-        let session = self.session(&rec.id);
+        // Audited at open (no record, no connection), and at close.
+        audit.opened().await.map_err(Error::Audit)?;
+        let (exec_id, output, stdin) = match self.attach(&forwarder, port).await {
+            Ok(attached) => attached,
+            Err(e) => {
+                let closed = audit
+                    .closed(Outcome::Failure, 0, 0, "engine error", Some(&e))
+                    .await;
+                if let Err(a) = closed {
+                    tracing::warn!(environment = %rec.id, error = %a, "port-forward end not audited");
+                }
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::channel::<ForwardResult<ForwardOutput>>(4);
         let connection = Connection {
             orchestrator: self.clone(),
@@ -519,6 +543,113 @@ impl Orchestrator {
             span,
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// Starts the connection helper for `port` in the forwarder, attached:
+    /// its exec id, output and stdin.
+    async fn attach(
+        &self,
+        forwarder: &str,
+        port: u16,
+    ) -> ForwardResult<(String, ExecOutputStream, ExecInputSink)> {
+        let created = self
+            .docker()
+            .create_exec(
+                forwarder,
+                CreateExecOptions::<String> {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    cmd: Some(connect_command(port)),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let exec_id = created.id;
+        let started = self
+            .docker()
+            .start_exec(
+                &exec_id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: Some(2 * CHUNK_BYTES),
+                }),
+            )
+            .await?;
+        match started {
+            StartExecResults::Attached { output, input } => Ok((exec_id, output, input)),
+            StartExecResults::Detached => Err(Error::InvalidArgument {
+                field: "start",
+                reason: "the connection detached unexpectedly".into(),
+            }
+            .into()),
+        }
+    }
+}
+
+/// The audit records of one connection (`environment.port_forward`).
+struct Audit<'a> {
+    orchestrator: &'a Orchestrator,
+    caller: &'a Caller,
+    rec: &'a EnvRecord,
+    port: u16,
+}
+
+impl Audit<'_> {
+    /// The connection opens (phase `open`).
+    async fn opened(&self) -> Result<(), vibebox_audit_client::AuditClientError> {
+        self.record(
+            Outcome::Success,
+            vec![
+                ("port", self.port.to_string()),
+                ("phase", "open".to_owned()),
+            ],
+        )
+        .await
+    }
+
+    /// The connection ended (phase `close`): the bytes each way, how it
+    /// ended, and the error the client got.
+    async fn closed(
+        &self,
+        outcome: Outcome,
+        bytes_in: u64,
+        bytes_out: u64,
+        how: &str,
+        error: Option<&ForwardError>,
+    ) -> Result<(), vibebox_audit_client::AuditClientError> {
+        let mut details = vec![
+            ("port", self.port.to_string()),
+            ("phase", "close".to_owned()),
+            ("bytes_in", bytes_in.to_string()),
+            ("bytes_out", bytes_out.to_string()),
+            ("end", how.to_owned()),
+        ];
+        if let Some(error) = error {
+            details.push(("error", error.to_string()));
+        }
+        self.record(outcome, details).await
+    }
+
+    async fn record(
+        &self,
+        outcome: Outcome,
+        details: Vec<(&'static str, String)>,
+    ) -> Result<(), vibebox_audit_client::AuditClientError> {
+        self.orchestrator
+            .audit()
+            .record(Event {
+                action: "environment.port_forward",
+                outcome,
+                severity: Severity::Low,
+                caller: Some(self.caller),
+                team_id: &self.rec.team_id,
+                environment_id: &self.rec.id,
+                details,
+            })
+            .await
     }
 }
 
@@ -636,28 +767,14 @@ impl Connection {
         };
         let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
         let (outcome, how, error) = self.judge(&end, exit, bytes_out, &stderr);
-        let mut details = vec![
-            ("port", self.port.to_string()),
-            ("bytes_in", bytes_in.to_string()),
-            ("bytes_out", bytes_out.to_string()),
-            ("end", how.to_owned()),
-        ];
-        if let Some(error) = &error {
-            details.push(("error", error.to_string()));
+        let audited = Audit {
+            orchestrator: &self.orchestrator,
+            caller: &self.caller,
+            rec: &self.rec,
+            port: self.port,
         }
-        let audited = self
-            .orchestrator
-            .audit()
-            .record(Event {
-                action: "environment.port_forward",
-                outcome,
-                severity: Severity::Low,
-                caller: Some(&self.caller),
-                team_id: &self.rec.team_id,
-                environment_id: &self.rec.id,
-                details,
-            })
-            .await;
+        .closed(outcome, bytes_in, bytes_out, how, error.as_ref())
+        .await;
         let last = match (error, audited) {
             (Some(error), _) => Some(error),
             (None, Err(e)) => {

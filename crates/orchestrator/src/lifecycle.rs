@@ -21,8 +21,26 @@
 //! (the container's cumulative CPU time), so one sample only sets a
 //! baseline: an environment is never stopped on a single sample.
 //!
+//! Extensions (`ExtendEnvironment`, [`Orchestrator::extend`]) have two
+//! parts. The expiry part pushes the expiry to at least `now + duration`,
+//! never past creation plus the policy's `max_lifetime` (beyond it:
+//! FAILED_PRECONDITION `lifetime.max_lifetime`). The keep-alive part keeps
+//! the environment from idling until `now + duration`, but never more than
+//! [`MAX_KEEP_ALIVE`] (24 hours) ahead and never past the expiry: a longer
+//! request still succeeds, with the keep-alive cut to 24 hours (rule
+//! `lifetime.max_keep_alive`, audited as the `keep_alive_capped` detail of
+//! `environment.extend`), and the answer carries the times applied. So an
+//! environment nobody uses stops at most 24 hours plus its idle timeout
+//! after the last extension, whatever its `max_lifetime` (never, by
+//! default): only a person extending again (audited) keeps it longer.
+//!
 //! Invariants:
-//! - an environment with an open session is never stopped for idleness;
+//! - an environment with an open session is never stopped for idleness, and
+//!   the check and the stop are atomic against opening sessions that need
+//!   the container running (exec, port-forward): once an automatic stop is
+//!   decided (under the tracker's lock, with no session open), such a
+//!   session is refused with FAILED_PRECONDITION "environment is stopping"
+//!   until the stop is committed (then the environment is stopped);
 //! - deadlines live in the database (`expire_at_ms`, `keep_alive_until_ms`,
 //!   `last_activity_ms`): what came due while the orchestrator was down is
 //!   applied by the first sweep, which runs after the first reconcile pass;
@@ -50,6 +68,10 @@ pub const DEFAULT_IDLE_CPU_PERCENT: f64 = 5.0;
 pub const MIN_EXTENSION: Duration = Duration::from_secs(60);
 /// The longest extension.
 pub const MAX_EXTENSION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How far ahead an extension may keep an environment from idling (rule
+/// `lifetime.max_keep_alive`): a longer extension is cut to it (the expiry
+/// part is not).
+pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 /// Stats calls in flight at once during a sweep (each waits for the
 /// engine's next collection, about a second; the engine collects for every
 /// container on one tick, so waiting callers cost it little).
@@ -125,6 +147,36 @@ pub fn idle_stop_at(rec: &EnvRecord, spec: &ContainerSpec, seen: Option<i64>) ->
         .max(rec.keep_alive_until_ms.unwrap_or(i64::MIN))
         .max(seen.unwrap_or(i64::MIN));
     Some(since.saturating_add(ms(timeout)))
+}
+
+/// The deadlines an extension sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extension {
+    /// The environment does not go idle before this (ms since the epoch).
+    pub keep_alive_until_ms: i64,
+    /// Its expiry (`None`: it has no lifetime).
+    pub expire_at_ms: Option<i64>,
+    /// Whether the keep-alive was cut to [`MAX_KEEP_ALIVE`] ahead.
+    pub keep_alive_capped: bool,
+}
+
+/// What extending `rec` by `duration` at `now` sets: the expiry pushed to
+/// at least `now + duration` (never pulled in; the caller checks the
+/// maximum lifetime), the keep-alive pushed to `now + duration` but at most
+/// [`MAX_KEEP_ALIVE`] ahead of `now` and never past the expiry (a
+/// keep-alive further ahead, from a version without the cap, is pulled in
+/// to it).
+pub fn extension(rec: &EnvRecord, now: i64, duration: Duration) -> Extension {
+    let until = now.saturating_add(ms(duration));
+    let expire_at_ms = rec.expire_at_ms.map(|e| e.max(until));
+    let wanted = rec.keep_alive_until_ms.unwrap_or(i64::MIN).max(until);
+    let ceiling = now.saturating_add(ms(MAX_KEEP_ALIVE));
+    let keep_alive_until_ms = wanted.min(ceiling).min(expire_at_ms.unwrap_or(i64::MAX));
+    Extension {
+        keep_alive_until_ms,
+        expire_at_ms,
+        keep_alive_capped: wanted > ceiling,
+    }
 }
 
 /// A duration the way Go prints one, at second precision: `30m0s`,
@@ -223,12 +275,48 @@ struct Entry {
     persisted_ms: i64,
     /// The previous CPU sample: cumulative CPU nanoseconds, and when.
     cpu: Option<(u64, Instant)>,
+    /// An automatic stop was decided and is under way: sessions that need
+    /// the container running are refused.
+    stopping: bool,
 }
 
 impl Activity {
     fn with<R>(&self, env: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         f(entries.entry(env.to_owned()).or_default())
+    }
+
+    /// Opens a session (counted, and activity now). A `live` one (it needs
+    /// the container running: exec, port-forward) is refused, returning
+    /// false, while an automatic stop is under way; decided under the same
+    /// lock as [`begin_stop`](Self::begin_stop), so a session is either
+    /// counted before the stop is decided (and there is no stop) or refused.
+    fn open(&self, env: &str, live: bool) -> bool {
+        let now = store::now_ms();
+        self.with(env, |e| {
+            if live && e.stopping {
+                return false;
+            }
+            e.open += 1;
+            e.last_ms = e.last_ms.max(now);
+            true
+        })
+    }
+
+    /// Decides an automatic stop: marks the environment as stopping when no
+    /// session is open (and no other stop is under way); whether it did.
+    fn begin_stop(&self, env: &str) -> bool {
+        self.with(env, |e| {
+            if e.open > 0 || e.stopping {
+                return false;
+            }
+            e.stopping = true;
+            true
+        })
+    }
+
+    fn end_stop(&self, env: &str) {
+        self.with(env, |e| e.stopping = false);
     }
 
     fn touch(&self, env: &str) {
@@ -292,8 +380,9 @@ impl Activity {
     /// everything persisted).
     fn forget_except(&self, keep: &HashSet<&str>) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .retain(|id, e| keep.contains(id.as_str()) || e.open > 0 || e.last_ms > e.persisted_ms);
+        entries.retain(|id, e| {
+            keep.contains(id.as_str()) || e.open > 0 || e.stopping || e.last_ms > e.persisted_ms
+        });
     }
 
     fn mark_reconciled(&self) {
@@ -343,6 +432,47 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// An automatic stop under way (see [`Activity::begin_stop`]); dropping it
+/// (the stop committed, or given up) lets sessions open again.
+struct Stopping {
+    activity: Arc<Activity>,
+    env: String,
+}
+
+impl Stopping {
+    fn begin(activity: &Arc<Activity>, env: &str) -> Option<Stopping> {
+        activity.begin_stop(env).then(|| Stopping {
+            activity: Arc::clone(activity),
+            env: env.to_owned(),
+        })
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.activity.end_stop(&self.env);
+    }
+}
+
+/// Test hook: an automatic stop held under way (see
+/// [`Orchestrator::hold_stopping`]); dropping it ends it.
+#[cfg(feature = "test-hooks")]
+#[must_use = "the stop is under way while the guard lives"]
+pub struct HeldStop {
+    _stopping: Stopping,
+}
+
+#[cfg(feature = "test-hooks")]
+impl Orchestrator {
+    /// Test hook: decides an automatic stop of an environment, as the
+    /// sweeper does, without stopping it, until the guard drops (`None`
+    /// when a session is open: no stop is decided then). Meanwhile exec and
+    /// port-forward are refused as the sweeper's stop would have them.
+    pub fn hold_stopping(&self, env_id: &str) -> Option<HeldStop> {
+        Stopping::begin(&self.inner.activity, env_id).map(|s| HeldStop { _stopping: s })
+    }
+}
+
 /// What one sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -367,19 +497,38 @@ enum Cpu {
 }
 
 impl Orchestrator {
-    /// Opens an activity session on an environment (exec, port-forward,
-    /// copy): the environment does not go idle while the guard lives, and
-    /// counts as active at the moment it is dropped.
+    /// Opens an activity session on an environment (copy): the environment
+    /// does not go idle while the guard lives, and counts as active at the
+    /// moment it is dropped. Never refused: for sessions that do not need
+    /// the container running (the archive API works on a stopped
+    /// container); those that do use [`live_session`](Self::live_session).
     pub fn session(&self, env_id: &str) -> ActivityGuard {
-        let now = store::now_ms();
-        self.inner.activity.with(env_id, |e| {
-            e.open += 1;
-            e.last_ms = e.last_ms.max(now);
-        });
+        self.inner.activity.open(env_id, false);
         ActivityGuard {
             activity: Arc::clone(&self.inner.activity),
             env: env_id.to_owned(),
         }
+    }
+
+    /// Opens an activity session that needs the environment's container
+    /// running (exec, port-forward; `operation` names it): like
+    /// [`session`](Self::session), but refused with `BadState`
+    /// (FAILED_PRECONDITION "environment is stopping; cannot ...") while an
+    /// automatic stop of the environment is under way. Take it before the
+    /// check that the environment runs: a session taken before the stop is
+    /// decided prevents it, one asked for after it is refused, and once the
+    /// stop is committed the environment shows as stopped.
+    pub fn live_session(&self, env_id: &str, operation: &'static str) -> Result<ActivityGuard> {
+        if !self.inner.activity.open(env_id, true) {
+            return Err(Error::BadState {
+                state: "stopping",
+                operation,
+            });
+        }
+        Ok(ActivityGuard {
+            activity: Arc::clone(&self.inner.activity),
+            env: env_id.to_owned(),
+        })
     }
 
     /// Marks an environment active now (for example when data moves on a
@@ -398,10 +547,16 @@ impl Orchestrator {
         self.inner.activity.mark_reconciled();
     }
 
-    /// Keeps an environment from going idle until `now + duration` and
-    /// pushes its expiry to at least then, never past its creation plus
-    /// the maximum lifetime its policy allows. Owner or team admin (checked
-    /// by the gateway); audited `environment.extend`.
+    /// Extends an environment by `duration` (see the module docs): pushes
+    /// its expiry to at least `now + duration`, never past its creation plus
+    /// the maximum lifetime its policy allows (beyond it: `LifetimeCeiling`,
+    /// FAILED_PRECONDITION `lifetime.max_lifetime`, nothing changed), and
+    /// keeps it from going idle until then, but at most [`MAX_KEEP_ALIVE`]
+    /// (24 hours) ahead and never past its expiry: a longer keep-alive is
+    /// cut, not refused (rule `lifetime.max_keep_alive`; the audit event
+    /// carries `keep_alive_capped`), and the returned record holds the
+    /// deadlines applied. Owner or team admin (checked by the gateway);
+    /// audited `environment.extend`.
     pub async fn extend(&self, caller: &Caller, id: &str, duration: Duration) -> Result<EnvRecord> {
         if !(MIN_EXTENSION..=MAX_EXTENSION).contains(&duration) {
             return Err(Error::InvalidArgument {
@@ -433,21 +588,28 @@ impl Orchestrator {
                 operation: "extend",
             }),
         };
-        let keep_alive = rec.keep_alive_until_ms.unwrap_or(i64::MIN).max(until);
-        let expire = rec.expire_at_ms.map(|e| e.max(until));
+        let Extension {
+            keep_alive_until_ms: keep_alive,
+            expire_at_ms: expire,
+            keep_alive_capped,
+        } = extension(&rec, now, duration);
         let (outcome, severity, details) = match &decided {
-            Ok(()) => (
-                Outcome::Success,
-                Severity::Low,
-                vec![
+            Ok(()) => {
+                let mut details = vec![
                     ("duration", go_duration(duration)),
                     ("keep_alive_until", rfc3339(keep_alive)),
                     (
                         "expire_time",
                         expire.map(rfc3339).unwrap_or_else(|| "never".into()),
                     ),
-                ],
-            ),
+                ];
+                if keep_alive_capped {
+                    // Rule lifetime.max_keep_alive: what the keep-alive was
+                    // cut to.
+                    details.push(("keep_alive_capped", go_duration(MAX_KEEP_ALIVE)));
+                }
+                (Outcome::Success, Severity::Low, details)
+            }
             Err(e) => (
                 Outcome::Failure,
                 Severity::Medium,
@@ -648,12 +810,20 @@ impl Orchestrator {
         };
         let rec = self.get(id).await?;
         let limits = Limits::of(&Self::spec_of(&rec));
-        if rec.state != State::Running
-            || self.open_sessions(id) > 0
-            || limits != *sampled
-            || self
-                .idle_stop_time(&rec)
-                .is_none_or(|t| t > store::now_ms())
+        if rec.state != State::Running || limits != *sampled {
+            return Ok(false);
+        }
+        // Decided atomically against sessions opening: with none open, and
+        // from now until the state is committed (or this gives up), exec
+        // and port-forward are refused ("environment is stopping"). The
+        // deadline is checked after, so it sees the activity of a session
+        // that ended just before.
+        let Some(_stopping) = Stopping::begin(&self.inner.activity, id) else {
+            return Ok(false);
+        };
+        if self
+            .idle_stop_time(&rec)
+            .is_none_or(|t| t > store::now_ms())
         {
             return Ok(false);
         }
@@ -911,6 +1081,129 @@ mod tests {
         assert!(activity.unpersisted().1.is_empty());
         activity.forget_except(&HashSet::new());
         assert!(activity.seen("e").is_none(), "forgotten once persisted");
+    }
+
+    const HOUR_MS: i64 = 3600 * 1000;
+
+    #[test]
+    fn an_extension_keeps_an_environment_from_idling_at_most_a_day_ahead() {
+        // The built-in default: no lifetime, no maximum. A week asked for,
+        // a day applied (the expiry part has nothing to push).
+        let forever = ContainerSpec::default();
+        let mut rec = record(State::Running, &forever);
+        let now = 5 * HOUR_MS;
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let e = extension(&rec, now, week);
+        assert_eq!(e.keep_alive_until_ms, now + 24 * HOUR_MS);
+        assert_eq!(e.expire_at_ms, None);
+        assert!(e.keep_alive_capped);
+        // A day exactly, or less: applied as asked, not capped.
+        let e = extension(&rec, now, MAX_KEEP_ALIVE);
+        assert_eq!(e.keep_alive_until_ms, now + 24 * HOUR_MS);
+        assert!(!e.keep_alive_capped);
+        let e = extension(&rec, now, Duration::from_secs(7200));
+        assert_eq!(e.keep_alive_until_ms, now + 2 * HOUR_MS);
+        assert!(!e.keep_alive_capped);
+        // A shorter extension never pulls an earlier keep-alive in ...
+        rec.keep_alive_until_ms = Some(now + 10 * HOUR_MS);
+        let e = extension(&rec, now, Duration::from_secs(60));
+        assert_eq!(e.keep_alive_until_ms, now + 10 * HOUR_MS);
+        assert!(!e.keep_alive_capped);
+        // ... but one further than a day ahead (from a version without the
+        // cap) is cut to a day.
+        rec.keep_alive_until_ms = Some(now + 7 * 24 * HOUR_MS);
+        let e = extension(&rec, now, Duration::from_secs(60));
+        assert_eq!(e.keep_alive_until_ms, now + 24 * HOUR_MS);
+        assert!(e.keep_alive_capped);
+
+        // With a lifetime: the expiry part moves as asked (the maximum is
+        // the caller's check), the keep-alive part at most a day, and never
+        // past the expiry.
+        let lives = spec(Lifetime {
+            idle_timeout_seconds: Some(7200),
+            lifetime_seconds: Some(8 * 3600),
+            ..Lifetime::default()
+        });
+        let mut rec = record(State::Running, &lives);
+        rec.expire_at_ms = expire_at(&lives, rec.create_time_ms);
+        let e = extension(&rec, now, Duration::from_secs(3 * 24 * 3600));
+        assert_eq!(e.expire_at_ms, Some(now + 3 * 24 * HOUR_MS));
+        assert_eq!(e.keep_alive_until_ms, now + 24 * HOUR_MS);
+        assert!(e.keep_alive_capped);
+        rec.keep_alive_until_ms = Some(now + 20 * HOUR_MS);
+        rec.expire_at_ms = Some(now + HOUR_MS);
+        let e = extension(&rec, now, Duration::from_secs(60));
+        assert_eq!(e.expire_at_ms, Some(now + HOUR_MS), "never pulled in");
+        assert_eq!(e.keep_alive_until_ms, now + HOUR_MS, "not past the expiry");
+        // And the idle deadline follows: a day, then the idle timeout.
+        let mut rec = record(State::Running, &lives);
+        let e = extension(&rec, now, week);
+        rec.keep_alive_until_ms = Some(e.keep_alive_until_ms);
+        assert_eq!(
+            idle_stop_at(&rec, &lives, None),
+            Some(now + 24 * HOUR_MS + 2 * HOUR_MS)
+        );
+    }
+
+    #[test]
+    fn once_an_automatic_stop_is_decided_live_sessions_are_refused_until_it_ends() {
+        let activity = Arc::new(Activity::default());
+        // A session open: no stop.
+        assert!(activity.open("e", true));
+        assert!(Stopping::begin(&activity, "e").is_none());
+        activity.with("e", |e| e.open -= 1);
+        // None open: the stop is decided, and from then on an exec or a
+        // port-forward is refused; a second stop is not decided twice.
+        let stopping = Stopping::begin(&activity, "e").expect("nothing open");
+        assert!(!activity.open("e", true), "a live session while stopping");
+        assert_eq!(
+            activity.with("e", |e| e.open),
+            0,
+            "the refused one is not counted"
+        );
+        assert!(Stopping::begin(&activity, "e").is_none());
+        assert!(
+            activity.open("other", true),
+            "other environments are not concerned"
+        );
+        // A copy (works on a stopped container) is counted, never refused.
+        assert!(activity.open("e", false));
+        activity.with("e", |e| e.open -= 1);
+        // Kept while the sweeper forgets what it no longer watches.
+        activity.forget_except(&HashSet::new());
+        assert!(!activity.open("e", true), "still stopping after forget");
+        // The stop committed (or given up): sessions open again.
+        drop(stopping);
+        assert!(activity.open("e", true));
+    }
+
+    #[test]
+    fn a_session_and_an_automatic_stop_never_both_win_a_race() {
+        // From two threads at once, many times: exactly one of them wins,
+        // either the session is counted (and the stop is not decided) or
+        // the stop is decided (and the session is refused).
+        for round in 0..2000 {
+            let activity = Arc::new(Activity::default());
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let opener = {
+                let (activity, barrier) = (Arc::clone(&activity), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    activity.open("e", true)
+                })
+            };
+            barrier.wait();
+            let stopped = activity.begin_stop("e");
+            let opened = opener.join().expect("opener");
+            assert!(
+                opened != stopped,
+                "round {round}: opened {opened}, stopped {stopped}"
+            );
+            assert_eq!(
+                activity.with("e", |e| (e.open, e.stopping)),
+                (u32::from(opened), stopped)
+            );
+        }
     }
 
     #[test]

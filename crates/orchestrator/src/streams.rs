@@ -261,9 +261,10 @@ impl Orchestrator {
             });
         }
         let rec = self.get(&start.environment_id).await?;
+        // An open exec is activity: the environment is not idle until it
+        // ends. Taken first: refused while an automatic stop is under way.
+        let session = self.live_session(&rec.id, "exec")?;
         let cid = self.container_of(&start.environment_id).await?;
-        // An open exec is activity: the environment is not idle until it ends.
-        let session = self.session(&rec.id);
         let command = start.command.join(" ");
         self.audit()
             .record(Event {

@@ -6,11 +6,14 @@
 //! (a 1 MiB upload echoed back, a download larger than 1 MiB), half close,
 //! the audit record with the port and byte counts, the forwarder container
 //! as Docker shows it (hardened, in the environment's network namespace,
-//! gone when the environment stops, restarts or is deleted), and the
+//! gone when the environment stops, restarts or is deleted), the audit
+//! record at open (there while the connection is still open) and at close,
+//! a helper image another build pruned (imported again), and the
 //! refusals: viewers, another developer, another team, bad ports, a stopped
 //! environment, nothing listening, a broken protocol, and rights withdrawn
 //! from an open forward.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
+use vibebox_proto::audit::AuditEvent;
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
@@ -30,7 +34,7 @@ use vibebox_proto::environment::{
 use vibebox_proto::identity::{
     CreateTeamRequest, RemoveTeamMemberRequest, RevokeTokenRequest, TeamRole, WhoAmIRequest,
 };
-use vibebox_tests::attack::{Refusal, events_for, patiently};
+use vibebox_tests::attack::{Refusal, events, patiently};
 use vibebox_tests::report::SuiteReport;
 use vibebox_tests::{Platform, binary, dev_image, docker};
 
@@ -273,11 +277,50 @@ async fn forwarder_gone(env: &str, after: &str) {
 }
 
 /// A detail of an audit event, as a string.
-fn detail(event: &vibebox_proto::audit::AuditEvent, key: &str) -> String {
+fn detail(event: &AuditEvent, key: &str) -> String {
     vibebox_tests::attack::detail_strings(event, key)
         .into_iter()
         .next()
         .unwrap_or_else(|| panic!("no {key} in {event:?}"))
+}
+
+/// The `environment.port_forward` events of a request id, by phase.
+fn phase<'a>(events: &'a [AuditEvent], request_id: &str, phase: &str) -> Vec<&'a AuditEvent> {
+    events
+        .iter()
+        .filter(|e| e.request_id == request_id)
+        .filter(|e| vibebox_tests::attack::detail_strings(e, "phase") == [phase])
+        .collect()
+}
+
+/// The `environment.port_forward` events of `phase` for each request id,
+/// once each has one (polled: audit delivery is asynchronous).
+async fn forward_events(
+    p: &Platform,
+    admin: &str,
+    wanted: &str,
+    ids: &[&str],
+) -> HashMap<String, AuditEvent> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = events(p, admin, "environment.port_forward").await;
+        let found: HashMap<String, AuditEvent> = ids
+            .iter()
+            .filter_map(|id| {
+                let of = phase(&all, id, wanted);
+                assert!(of.len() <= 1, "{id} has {} {wanted} events", of.len());
+                Some((id.to_string(), of.first().copied()?.clone()))
+            })
+            .collect();
+        if found.len() == ids.len() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {wanted} event for some of {ids:?}: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,6 +386,22 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
         let back = echo.read_exactly(line.len()).await.expect("echo");
         assert_eq!(back, line.as_bytes());
     }
+    // Audited at open: the record is there while the connection is still
+    // open (one held for days, or cut by a crash, is not invisible).
+    let opened = forward_events(&p, &admin, "open", &["forward-echo"]).await;
+    let opened = &opened["forward-echo"];
+    assert_eq!(
+        opened.actor.as_ref().map(|a| a.user_id.as_str()),
+        Some(owner_id.as_str())
+    );
+    assert_eq!(opened.resource_id, env);
+    assert_eq!(opened.outcome(), vibebox_proto::audit::Outcome::Success);
+    assert_eq!(detail(opened, "port"), "9000");
+    let all = events(&p, &admin, "environment.port_forward").await;
+    assert!(
+        phase(&all, "forward-echo", "close").is_empty(),
+        "closed before it closed"
+    );
     echo.close_write().await;
     let rest = echo.read_to_end().await.expect("the echo ends cleanly");
     assert!(rest.is_empty(), "{rest:?}");
@@ -362,17 +421,37 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
         ["port_forward.connection_refused"]
     );
 
-    // The audit log: who, which port, the bytes each way, how it ended.
-    let ids: Vec<String> = [
+    // The audit log: each connection at open (who, which port) and at
+    // close (the bytes each way, how it ended).
+    let ids = [
         "forward-post",
         "forward-get",
         "forward-echo",
         "forward-refused",
-    ]
-    .map(String::from)
-    .to_vec();
-    let events = events_for(&p, &admin, "environment.port_forward", &ids).await;
-    let post_event = &events["forward-post"][0];
+    ];
+    let opens = forward_events(&p, &admin, "open", &ids).await;
+    let events = forward_events(&p, &admin, "close", &ids).await;
+    for (id, port) in ids.iter().zip(["8080", "8081", "9000", "9"]) {
+        let open = &opens[*id];
+        assert_eq!(
+            open.actor.as_ref().map(|a| a.user_id.as_str()),
+            Some(owner_id.as_str()),
+            "{id}"
+        );
+        assert_eq!(open.resource_id, env, "{id}");
+        assert_eq!(
+            open.outcome(),
+            vibebox_proto::audit::Outcome::Success,
+            "{id}"
+        );
+        assert_eq!(detail(open, "port"), port, "{id}");
+        assert!(
+            vibebox_tests::attack::detail_strings(open, "bytes_in").is_empty(),
+            "{id}: no bytes at open"
+        );
+        assert_eq!(detail(&events[*id], "phase"), "close", "{id}");
+    }
+    let post_event = &events["forward-post"];
     assert_eq!(
         post_event.actor.as_ref().map(|a| a.user_id.as_str()),
         Some(owner_id.as_str())
@@ -383,14 +462,14 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
     assert_eq!(detail(post_event, "port"), "8080");
     assert_eq!(detail(post_event, "bytes_in"), post.len().to_string());
     assert_eq!(detail(post_event, "bytes_out"), echoed.len().to_string());
-    let get_event = &events["forward-get"][0];
+    let get_event = &events["forward-get"];
     assert_eq!(detail(get_event, "port"), "8081");
     assert_eq!(detail(get_event, "bytes_in"), get("/big").len().to_string());
     assert_eq!(detail(get_event, "bytes_out"), downloaded.len().to_string());
-    let echo_event = &events["forward-echo"][0];
+    let echo_event = &events["forward-echo"];
     assert_eq!(detail(echo_event, "bytes_in"), "24");
     assert_eq!(detail(echo_event, "bytes_out"), "24");
-    let refused_event = &events["forward-refused"][0];
+    let refused_event = &events["forward-refused"];
     assert_eq!(
         refused_event.outcome(),
         vibebox_proto::audit::Outcome::Failure
@@ -807,20 +886,23 @@ async fn the_cli_forwards_local_connections_and_survives_a_failed_one() {
     assert_eq!(http_body(&response).1, b"hello\n");
 }
 
-/// A `vibebox up` whose orchestrator reconciles every second (the harness's
-/// platform keeps the default interval); stopped and its Docker objects
-/// removed on drop.
-struct ReconcilingPlatform {
+/// A `vibebox up` with extra environment variables (the harness's platform
+/// takes none), for example an orchestrator that reconciles every second;
+/// stopped and its Docker objects removed on drop.
+struct UpPlatform {
     child: Child,
     data_dir: tempfile::TempDir,
     gateway: String,
 }
 
-impl ReconcilingPlatform {
-    fn start() -> Self {
+impl UpPlatform {
+    fn start(env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let data_dir = tempfile::tempdir().expect("data dir");
-        let mut child = Platform::up_command(data_dir.path())
-            .env("VIBEBOX_RECONCILE_INTERVAL", "1")
+        let mut command = Platform::up_command(data_dir.path());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -858,9 +940,82 @@ impl ReconcilingPlatform {
             .expect("gateway channel");
         EnvironmentServiceClient::with_interceptor(channel, vibebox_tests::bearer(token))
     }
+
+    /// A team named `name`, made by `admin`.
+    async fn team(&self, admin: &str, name: &str) -> String {
+        let channel = vibebox_server_kit::connect_plaintext(&format!("http://{}", self.gateway))
+            .expect("gateway channel");
+        vibebox_proto::identity::identity_service_client::IdentityServiceClient::with_interceptor(
+            channel,
+            vibebox_tests::bearer(admin),
+        )
+        .create_team(CreateTeamRequest {
+            name: name.into(),
+            display_name: name.into(),
+        })
+        .await
+        .expect("create team")
+        .into_inner()
+        .team
+        .expect("team")
+        .id
+    }
+
+    /// GET `path` on `port` through a forward, until it answers (an
+    /// environment runs before its servers listen: a refused connection is
+    /// tried again for a minute). Any other failure is returned at once
+    /// when `strict`, tried again otherwise.
+    async fn get_when_up(
+        &self,
+        token: &str,
+        env: &str,
+        port: u32,
+        path: &str,
+        strict: bool,
+    ) -> Result<Vec<u8>, Status> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(start_message(env, port)).await.unwrap();
+            tx.send(data_message(&get(path))).await.unwrap();
+            tx.send(close_write()).await.unwrap();
+            let answer = async {
+                let mut stream = self
+                    .environments(token)
+                    .port_forward(ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                let mut out = Vec::new();
+                while let Some(m) = stream.message().await? {
+                    if let Some(port_forward_response::Message::Data(b)) = m.message {
+                        out.extend(b);
+                    }
+                }
+                Ok::<_, Status>(out)
+            }
+            .await;
+            match answer {
+                Ok(out) if !out.is_empty() => return Ok(out),
+                Err(s)
+                    if strict
+                        && !(s.code() == Code::FailedPrecondition
+                            && s.message().contains("refused")) =>
+                {
+                    return Err(s);
+                }
+                _ => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the server never answered: {answer:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
 }
 
-impl Drop for ReconcilingPlatform {
+impl Drop for UpPlatform {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -888,27 +1043,10 @@ impl Drop for ReconcilingPlatform {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover_one() {
     let image = dev_image();
-    let p = ReconcilingPlatform::start();
+    let p = UpPlatform::start(&[("VIBEBOX_RECONCILE_INTERVAL", "1".as_ref())]);
     let admin = p.read("admin.token");
     let installation = p.read("installation-id");
-    let team_id = {
-        let channel = vibebox_server_kit::connect_plaintext(&format!("http://{}", p.gateway))
-            .expect("gateway channel");
-        vibebox_proto::identity::identity_service_client::IdentityServiceClient::with_interceptor(
-            channel,
-            vibebox_tests::bearer(&admin),
-        )
-        .create_team(CreateTeamRequest {
-            name: "forwarding".into(),
-            display_name: "forwarding".into(),
-        })
-        .await
-        .expect("create team")
-        .into_inner()
-        .team
-        .expect("team")
-        .id
-    };
+    let team_id = p.team(&admin, "forwarding").await;
     let mut created = Vec::new();
     for name in ["running", "stopped"] {
         let env = p
@@ -929,38 +1067,9 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
     let (running, stopped) = (created[0].clone(), created[1].clone());
 
     // A forward makes the running environment's forwarder.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(start_message(&running, 8080)).await.unwrap();
-        tx.send(data_message(&get("/index.html"))).await.unwrap();
-        tx.send(close_write()).await.unwrap();
-        let answer = async {
-            let mut stream = p
-                .environments(&admin)
-                .port_forward(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(m) = stream.message().await? {
-                if let Some(port_forward_response::Message::Data(b)) = m.message {
-                    out.extend(b);
-                }
-            }
-            Ok::<_, Status>(out)
-        }
-        .await;
-        match answer {
-            Ok(out) if !out.is_empty() => break,
-            _ => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the server never answered: {answer:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    p.get_when_up(&admin, &running, 8080, "/index.html", false)
+        .await
+        .expect("the server answers");
     let kept = forwarder(&running).await.expect("a forwarder").id;
 
     // A forwarder left beside an environment that is not running (a crash
@@ -1000,4 +1109,110 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
         .expect("environment");
     assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
     assert_eq!(forwarder(&running).await.expect("kept").id, kept);
+}
+
+/// Whether the engine has `image`.
+fn image_exists(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .expect("docker image inspect")
+        .status
+        .success()
+}
+
+/// Removes this test's own helper image on drop (best effort).
+struct OwnImage(Option<String>);
+
+impl Drop for OwnImage {
+    fn drop(&mut self) {
+        if let Some(image) = &self.0 {
+            let _ = Command::new("docker").args(["rmi", image]).output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it() {
+    let image = dev_image();
+    // A copy of the executable: its own inode, so its own helper image
+    // (the reference fingerprints the file), which nothing else on the
+    // engine uses and this test may remove.
+    let helper_dir = tempfile::tempdir().expect("helper dir");
+    let helper = helper_dir.path().join("vibebox");
+    std::fs::copy(binary("vibebox"), &helper).expect("copying the executable");
+    let mut own = OwnImage(None);
+    let p = UpPlatform::start(&[("VIBEBOX_HELPER_EXECUTABLE", helper.as_os_str())]);
+    let admin = p.read("admin.token");
+    let team_id = p.team(&admin, "forwarding").await;
+    let env = p
+        .environments(&admin)
+        .create_environment(CreateEnvironmentRequest {
+            request_id: "create-pruned".into(),
+            team_id,
+            name: "pruned".into(),
+            spec: Some(spec(&image)),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .environment
+        .expect("environment")
+        .id;
+
+    // A forward: the forwarder runs this platform's helper image.
+    let response = p
+        .get_when_up(&admin, &env, 8080, "/index.html", true)
+        .await
+        .expect("a forward");
+    assert_eq!(http_body(&response).1, b"hello\n");
+    let reference = forwarder(&env)
+        .await
+        .expect("a forwarder")
+        .config
+        .and_then(|c| c.image)
+        .expect("the forwarder's image");
+    assert!(reference.starts_with("vibebox/helper:"), "{reference}");
+    own.0 = Some(reference.clone());
+
+    // Stopped: the forwarder goes, and with it the last container using
+    // the image; then the image goes too, as when another build's import
+    // prunes it (an engine refuses to remove an image a container uses).
+    p.environments(&admin)
+        .stop_environment(StopEnvironmentRequest {
+            environment_id: env.clone(),
+            timeout_seconds: Some(1),
+        })
+        .await
+        .expect("stop");
+    forwarder_gone(&env, "a stop").await;
+    let removed = Command::new("docker")
+        .args(["rmi", &reference])
+        .output()
+        .expect("docker rmi");
+    // (Pruned already by another orchestrator's import: fine, it is gone.)
+    assert!(
+        removed.status.success()
+            || String::from_utf8_lossy(&removed.stderr).contains("No such image"),
+        "{removed:?}"
+    );
+    assert!(!image_exists(&reference), "the helper image is still there");
+
+    // Started again, the next forward works: the orchestrator, which had
+    // the image's reference cached, imports it again.
+    p.environments(&admin)
+        .start_environment(StartEnvironmentRequest {
+            environment_id: env.clone(),
+        })
+        .await
+        .expect("start");
+    let response = p
+        .get_when_up(&admin, &env, 8080, "/index.html", true)
+        .await
+        .unwrap_or_else(|s| panic!("a forward after the helper image went away: {s:?}"));
+    assert_eq!(http_body(&response).1, b"hello\n");
+    assert!(image_exists(&reference), "imported again");
+    let again = forwarder(&env).await.expect("a new forwarder");
+    assert_eq!(again.config.and_then(|c| c.image), Some(reference));
+    drop(p);
 }

@@ -4,8 +4,9 @@
 //! environment stops itself and says why (its workspace kept), an open exec
 //! or a busy CPU keeps one running, a lifetime ends in a delete, an
 //! extension pushes the deadlines within the policy's maximum (owner or team
-//! admin only), and deadlines that came due while the orchestrator was down
-//! are applied once it is back.
+//! admin only) and keeps an environment from idling at most a day ahead even
+//! when its lifetime is unbounded, and deadlines that came due while the
+//! orchestrator was down are applied once it is back.
 
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,17 @@ use vibebox_tests::dev_image;
 const POLICY: &str = "[lifetime]\nidle_timeout = \"4s\"\nidle_cpu_percent = 5.0\n\
                       lifetime = \"1h\"\nmax_lifetime = \"2h\"\n";
 const IDLE_REASON: &str = "idle for 4s (no exec, port-forward or copy session, CPU below 5%)";
+/// Idle after 4 s; no lifetime and no maximum lifetime (the built-in
+/// defaults).
+const UNBOUNDED_POLICY: &str = "[lifetime]\nidle_timeout = \"4s\"\nidle_cpu_percent = 5.0\n";
 
 async fn cluster(dir: &tempfile::TempDir) -> Cluster {
+    cluster_with(dir, POLICY).await
+}
+
+async fn cluster_with(dir: &tempfile::TempDir, policy: &str) -> Cluster {
     let file = dir.path().join("policy.toml");
-    std::fs::write(&file, POLICY).expect("policy file");
+    std::fs::write(&file, policy).expect("policy file");
     Cluster::builder()
         .arg(Service::Policy, format!("--policy-file={}", file.display()))
         .arg(Service::Orchestrator, "--lifecycle-interval=500ms")
@@ -480,4 +488,50 @@ async fn deadlines_that_came_due_while_the_orchestrator_was_down_are_applied_aft
     let stopped = wait_state(&c, &dev, &idle.id, EnvironmentState::Stopped).await;
     assert_eq!(stopped.stop_reason, IDLE_REASON);
     audited(&c, "environment.auto_stop", &idle.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_keeps_an_environment_from_idling_at_most_a_day_ahead() {
+    const DAY: i64 = 24 * 3600;
+    let image = dev_image();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = cluster_with(&dir, UNBOUNDED_POLICY).await;
+    let alpha = c.team("alpha").await;
+    let dev = c.user("dev", &alpha, TeamRole::Developer).await;
+    let env = create(
+        &c,
+        &dev,
+        &alpha,
+        "unbounded",
+        spec(&image, &["sleep", "3600"]),
+    )
+    .await;
+    assert!(env.expire_time.is_none(), "no lifetime: {env:?}");
+
+    // The longest extension, a week: granted, but the environment is kept
+    // from idling a day ahead only (then the idle timeout), not a week; the
+    // answer says so, and the audit record says it was capped.
+    let now = chrono::Utc::now().timestamp();
+    let extended = extend(&c, &dev, &env.id, secs(7 * DAY))
+        .await
+        .expect("extend by a week");
+    let idle_stop = seconds(extended.idle_stop_time.as_ref());
+    assert!(
+        (idle_stop - (now + DAY + 4)).abs() <= 5,
+        "a day, then the idle timeout: {extended:?}"
+    );
+    assert!(extended.expire_time.is_none(), "{extended:?}");
+    let events = audited(&c, "environment.extend", &env.id).await;
+    assert_eq!(detail(&events[0], "duration"), "168h0m0s");
+    assert_eq!(detail(&events[0], "keep_alive_capped"), "24h0m0s");
+    assert_eq!(detail(&events[0], "expire_time"), "never");
+    let shown = get(&c, &dev, &env.id).await;
+    assert_eq!(shown.state(), EnvironmentState::Running);
+    assert_eq!(shown.idle_stop_time, extended.idle_stop_time, "as applied");
+
+    // Asking again does not push it further than a day from now.
+    let again = extend(&c, &dev, &env.id, secs(7 * DAY))
+        .await
+        .expect("again");
+    assert!(seconds(again.idle_stop_time.as_ref()) <= chrono::Utc::now().timestamp() + DAY + 4 + 1);
 }

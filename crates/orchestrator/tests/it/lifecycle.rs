@@ -473,3 +473,146 @@ async fn a_table_an_earlier_version_created_gains_the_lifecycle_columns() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_keeps_an_environment_from_idling_at_most_a_day_ahead() {
+    for db in vibebox_db::testing::databases().await {
+        keep_alive_cap(&db.url).await;
+    }
+}
+
+async fn keep_alive_cap(database_url: &str) {
+    const DAY: i64 = 24 * 3600;
+    let h = Harness::start(|c| c.database.url = Some(database_url.to_owned()))
+        .await
+        .unwrap();
+    // The built-in default: idle stop, no lifetime, no maximum lifetime.
+    // A week asked for: granted, with the keep-alive cut to a day, so the
+    // idle stop comes a day and the idle timeout from now (not a week).
+    let env = create(&h, &["sleep", "3600"], lifetime(600, 0, 0)).await;
+    let now = chrono::Utc::now().timestamp();
+    let extended = extend(&h, &env.id, 7 * DAY)
+        .await
+        .expect("extend by a week");
+    let stop = extended.idle_stop_time.unwrap().seconds;
+    assert!(
+        (stop - (now + DAY + 600)).abs() <= 5,
+        "kept alive a day, then the idle timeout: {extended:?}"
+    );
+    assert!(extended.expire_time.is_none(), "{extended:?}");
+    // What the answer says is what is stored.
+    let stored = get(&h, &env.id).await;
+    assert_eq!(stored.idle_stop_time, extended.idle_stop_time);
+    let audited = events(&h, "environment.extend", &env.id);
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(detail(&audited[0], "duration"), "168h0m0s");
+    assert_eq!(detail(&audited[0], "keep_alive_capped"), "24h0m0s");
+    assert_eq!(detail(&audited[0], "expire_time"), "never");
+    let until = chrono::DateTime::parse_from_rfc3339(&detail(&audited[0], "keep_alive_until"))
+        .expect("keep_alive_until is RFC 3339")
+        .timestamp();
+    assert!((until - (now + DAY)).abs() <= 5, "{until} vs {now}");
+
+    // Extending again (a week, again) moves it no further than a day from
+    // now; a shorter one never pulls it in and is not capped.
+    let again = extend(&h, &env.id, 7 * DAY).await.expect("again");
+    assert!(again.idle_stop_time.unwrap().seconds - (now + DAY + 600) <= 5);
+    let short = extend(&h, &env.id, 3600).await.expect("an hour");
+    assert_eq!(short.idle_stop_time, again.idle_stop_time);
+    let audited = events(&h, "environment.extend", &env.id);
+    let last = audited
+        .iter()
+        .find(|e| detail(e, "duration") == "1h0m0s")
+        .expect("the hour's event");
+    assert!(
+        !last
+            .details
+            .as_ref()
+            .is_some_and(|d| d.fields.contains_key("keep_alive_capped")),
+        "{last:?}"
+    );
+
+    // With a lifetime and no maximum: the expiry part moves as far as
+    // asked, the keep-alive part a day.
+    let lives = create(&h, &["sleep", "3600"], lifetime(600, 3600, 0)).await;
+    let now = chrono::Utc::now().timestamp();
+    let extended = extend(&h, &lives.id, 3 * DAY).await.expect("three days");
+    let expire = extended.expire_time.unwrap().seconds;
+    assert!((expire - (now + 3 * DAY)).abs() <= 5, "{extended:?}");
+    let stop = extended.idle_stop_time.unwrap().seconds;
+    assert!((stop - (now + DAY + 600)).abs() <= 5, "{extended:?}");
+}
+
+/// Runs `command` through the runtime's Exec: the refusal, if any.
+async fn exec_status(h: &Harness, env: &str, command: &[&str]) -> Result<(), tonic::Status> {
+    let start = ExecRequest {
+        caller: caller(),
+        request: Some(pb::ExecRequest {
+            message: Some(pb::exec_request::Message::Start(pb::ExecStart {
+                environment_id: env.into(),
+                command: command.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
+            })),
+        }),
+    };
+    let mut out = h
+        .client()
+        .exec(tokio_stream::iter(vec![start]))
+        .await?
+        .into_inner();
+    while out.message().await?.is_some() {}
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_port_forward_are_refused_while_an_automatic_stop_is_under_way() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let env = create(&h, &["sleep", "3600"], lifetime(1, 0, 0)).await;
+    exec_status(&h, &env.id, &["true"])
+        .await
+        .expect("exec runs");
+
+    // With a session open, no automatic stop is decided.
+    let session = h.orchestrator.session(&env.id);
+    assert!(h.orchestrator.hold_stopping(&env.id).is_none());
+    drop(session);
+
+    // Once one is decided (as the sweeper decides it), a new exec or
+    // port-forward is refused, not opened and then cut by the stop.
+    let held = h
+        .orchestrator
+        .hold_stopping(&env.id)
+        .expect("no session open");
+    let refused = exec_status(&h, &env.id, &["true"]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refused.message(), "environment is stopping; cannot exec");
+    let start = PortForwardRequest {
+        caller: caller(),
+        request: Some(pb::PortForwardRequest {
+            message: Some(pb::port_forward_request::Message::Start(
+                pb::PortForwardStart {
+                    environment_id: env.id.clone(),
+                    port: 8080,
+                },
+            )),
+        }),
+    };
+    let refused = h
+        .client()
+        .port_forward(tokio_stream::iter(vec![start]))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "environment is stopping; cannot port-forward"
+    );
+    assert_eq!(h.orchestrator.open_sessions(&env.id), 0, "nothing counted");
+
+    // The stop given up (or done): sessions open again.
+    drop(held);
+    exec_status(&h, &env.id, &["true"])
+        .await
+        .expect("exec runs again");
+}
