@@ -9,10 +9,25 @@
 //!   naming the state.
 //! - **Paths**: absolute, no control characters, at most 4096 bytes,
 //!   normalized lexically (`..` stops at the root) before anything else.
-//!   Nothing is written into `/proc`, `/sys`, `/dev` or the engine-managed
-//!   `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf` (the policy's
-//!   reserved mount targets), whether named as the destination or reached by
-//!   an entry of the archive.
+//! - **Reserved paths, checked lexically.** `/proc`, `/sys`, `/dev` and the
+//!   engine-managed `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf` (the
+//!   policy's reserved mount targets) are refused as the destination (after
+//!   normalization, and after following the destination itself once when
+//!   the engine reports it as a symbolic link) and as the landing path of
+//!   an archive entry (destination joined with the entry's path). These
+//!   checks compare strings: they do not resolve symbolic links already in
+//!   the container below the destination. With `/workspace/e -> /etc` in
+//!   the container, an entry `e/hosts` passes the check and the engine
+//!   follows the link. That is accepted, because it reaches nothing the
+//!   environment's own user could not: the engine resolves every link
+//!   inside the container's filesystem (never the host's), the
+//!   engine-managed files are bind mounts there that it cannot replace
+//!   (the engine fails the copy with EBUSY at that entry; entries before
+//!   it may already be extracted), and under
+//!   `/proc`, `/sys`, `/dev` it writes into the container's image
+//!   directories that the running container's own mounts hide. So the
+//!   reserved-path check is a guard against mistakes, not a security
+//!   boundary; the boundary is the container's filesystem.
 //! - **No host bind mounts.** The engine reads and writes with its own
 //!   (root) rights and follows the container's symbolic links; in a host
 //!   directory that would get around the host's permissions. An environment
@@ -31,14 +46,39 @@
 //!   stored, never followed by us), hard links only to files earlier in the
 //!   archive. An archive over the limit (`files.copy_limit`), malformed or
 //!   with one bad entry is refused whole and nothing is extracted.
+//! - **Bounded memory per archive** (`files.archive_limits`,
+//!   FAILED_PRECONDITION). The tar crate reads a GNU long-name or long-link
+//!   header or a PAX header whole into memory, so the raw 512-byte headers
+//!   are checked by us before it reads them (sizes parsed as the crate
+//!   parses them, a PAX `size` applied as it applies it, so that both see
+//!   the same headers): such a header's body is at most [`MAX_META`] bytes,
+//!   a name at most 4096 bytes, an archive at most [`MAX_ENTRIES`] entries
+//!   and [`MAX_NAME_BYTES`] bytes of names and link targets.
+//! - **Spool slots are taken when data arrives**: at most
+//!   [`UPLOADS_PER_ENV`] uploads of one environment are spooled at once
+//!   (more: RESOURCE_EXHAUSTED with a QuotaFailure `files.copy_concurrency`,
+//!   to that caller only) and [`UPLOADS`] in all (more: RESOURCE_EXHAUSTED
+//!   with a RetryInfo). A CopyTo that has sent no data holds no slot.
+//! - **Idle copies end** (`files.copy_idle`, DEADLINE_EXCEEDED): a CopyTo
+//!   whose client sends no data for [`IDLE_TIMEOUT`] (before its first
+//!   chunk or between two), or a CopyFrom whose client reads nothing for as
+//!   long, fails and frees its slot (an abandoned CopyTo extracts nothing).
 //! - **Owned by the environment's user.** The spool holds a rewritten
 //!   archive: every entry owned by the container's user and group (numeric,
 //!   or names resolved in the container's own `/etc/passwd` and
 //!   `/etc/group`), set-id and sticky bits dropped, the destination
 //!   directory itself (a `./` entry) left alone. The engine's own
 //!   `copyUIDGID` is not used: it resolves the user on the host.
-//! - **CopyFrom** stops with `files.copy_limit` once the archive passes the
-//!   limit (a single file over it is refused before a byte moves).
+//! - **CopyFrom is spooled too.** The engine holds the container's lock
+//!   while it streams an archive (Docker 20.10: its stat and inspect of that
+//!   container wait meanwhile, the reconciler's drift check included), so
+//!   its archive is read at the engine's pace into an unnamed spool file,
+//!   and the client is served from there at its own. It stops with
+//!   `files.copy_limit` once the archive passes the limit, before a byte
+//!   is sent (a single file over it is refused before the engine is
+//!   asked). At most [`DOWNLOADS_PER_ENV`] run at once per environment
+//!   (more: RESOURCE_EXHAUSTED, QuotaFailure `files.copy_concurrency`) and
+//!   [`DOWNLOADS`] in all (more: RESOURCE_EXHAUSTED with a RetryInfo).
 //! - Messages stay small: clients send chunks of at most [`MAX_CHUNK`];
 //!   the orchestrator sends [`SEND_CHUNK`].
 //! - Every copy that names an existing environment is audited once
@@ -46,11 +86,12 @@
 //!   archive bytes and its outcome, and holds an activity session while it
 //!   runs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{
@@ -60,8 +101,8 @@ use bollard::query_parameters::{
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Semaphore, mpsc};
-use tonic::Status;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::{Code, Status};
 use vibebox_proto::audit::{Outcome, Severity};
 use vibebox_proto::environment::{ContainerSpec, MountType};
 
@@ -75,8 +116,26 @@ pub const DEFAULT_COPY_LIMIT_MB: i64 = 1024;
 pub const MAX_CHUNK: usize = 1024 * 1024;
 /// Size of the chunks the orchestrator sends.
 pub const SEND_CHUNK: usize = 64 * 1024;
-/// Uploads spooled at the same time (each may take up to its limit on disk).
-const MAX_SPOOLED: usize = 4;
+/// Uploads of one environment spooled at the same time (each may take up
+/// to its limit on disk).
+pub const UPLOADS_PER_ENV: usize = 2;
+/// Uploads spooled at the same time in all.
+pub const UPLOADS: usize = 16;
+/// CopyFrom streams of one environment at the same time (each spools up
+/// to its limit on disk).
+pub const DOWNLOADS_PER_ENV: usize = 4;
+/// CopyFrom streams at the same time in all.
+pub const DOWNLOADS: usize = 16;
+/// How long a copy may wait for its client (the next chunk of a CopyTo, a
+/// CopyFrom's client reading the next one).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest body of a GNU long-name or long-link header or a PAX header (the
+/// tar crate reads each whole into memory).
+pub const MAX_META: u64 = 64 * 1024;
+/// Most entries in one archive (each costs memory while it is checked).
+pub const MAX_ENTRIES: u64 = 100_000;
+/// Most bytes of entry names and link targets in one archive.
+pub const MAX_NAME_BYTES: u64 = 16 * MIB;
 const MAX_PATH: usize = 4096;
 const MIB: u64 = 1024 * 1024;
 /// Largest `/etc/passwd` or `/etc/group` read to resolve a user name.
@@ -115,6 +174,18 @@ pub enum CopyError {
     Missing(String),
     #[error("too many copies are being spooled; retry")]
     Busy,
+    /// The environment has as many copies of this kind running as it may.
+    #[error(
+        "this environment already has {max} {what} running, the most it may have at once; \
+         retry when one has ended"
+    )]
+    Crowded { what: &'static str, max: usize },
+    /// The client sent (or read) nothing for too long.
+    #[error(
+        "the client {what} nothing for {} s: the copy was abandoned",
+        .idle.as_secs()
+    )]
+    Idle { what: &'static str, idle: Duration },
     /// The client went away or broke its stream.
     #[error("the copy was cancelled: {0}")]
     Cancelled(String),
@@ -150,10 +221,57 @@ impl From<CopyError> for Status {
             e @ CopyError::Busy => {
                 status::retry_later(&e.to_string(), std::time::Duration::from_secs(5))
             }
+            e @ CopyError::Crowded { .. } => {
+                let message = e.to_string();
+                status::quota_failure(&message, "files.copy_concurrency", &message)
+            }
+            e @ CopyError::Idle { .. } => {
+                let message = e.to_string();
+                with_code(
+                    status::precondition_failure(
+                        &message,
+                        &[("files.copy_idle", "data", &message)],
+                    ),
+                    Code::DeadlineExceeded,
+                )
+            }
             e @ CopyError::Cancelled(_) => Status::cancelled(e.to_string()),
             e @ CopyError::Spool(_) => status::internal(&e),
             CopyError::Orchestrator(e) => Status::from(e),
         }
+    }
+}
+
+/// `google.rpc.Status`, the encoding of a status's details.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// `status` with another code, its details kept (a PreconditionFailure
+/// naming the rule on a status whose code is not FAILED_PRECONDITION).
+fn with_code(status: Status, code: Code) -> Status {
+    use prost::Message as _;
+    let mut details = RpcStatus::decode(status.details()).unwrap_or_default();
+    details.code = code as i32;
+    Status::with_details(
+        code,
+        status.message().to_owned(),
+        details.encode_to_vec().into(),
+    )
+}
+
+/// A refusal of `files.archive_limits`.
+fn over_limit(reason: String) -> CopyError {
+    CopyError::Refused {
+        rule: "files.archive_limits",
+        subject: "data".into(),
+        reason,
     }
 }
 
@@ -345,19 +463,227 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Remembers whether its reader reached the end of its input.
-struct EofWatch<R> {
-    inner: R,
-    eof: bool,
+/// Where a [`Guard`] is in the raw archive.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    /// Reading the next header block: `filled` bytes of it so far.
+    Header { filled: usize },
+    /// Handing on a checked header block (`len` bytes, fewer at a cut
+    /// end); `then` the data and padding after it (`None`: the end).
+    Release {
+        given: usize,
+        len: usize,
+        then: Option<u64>,
+    },
+    /// Passing on `left` bytes of a member's data and padding.
+    Data { left: u64 },
+    /// After the end-of-archive block, where the tar crate stops reading
+    /// (or after a cut header): the rest passes on unchecked.
+    End,
 }
 
-impl<R: Read> Read for EofWatch<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+const BLOCK: usize = 512;
+
+/// Checks the raw headers of an archive before the tar crate reads them:
+/// the crate reads the body of a GNU long-name or long-link header or of a
+/// PAX header whole into memory, so a body over [`MAX_META`] (or a long
+/// name over 4096 bytes, or an archive of more than [`MAX_ENTRIES`]
+/// entries) is refused before a byte of it is handed on. Each header block
+/// is read whole and checked first; data blocks pass through counted.
+///
+/// The framing is the tar crate's own (`tar::Header` parses the size field,
+/// octal or base-256; a PAX `size` record replaces the size of the next
+/// entry as the crate does), so both see the same headers.
+struct Guard<R> {
+    inner: R,
+    at: At,
+    block: [u8; BLOCK],
+    /// The body of a PAX header being passed on, and its size.
+    pax_body: Option<(Vec<u8>, usize)>,
+    /// The records of the last PAX header, for the next entry.
+    pax: Option<Vec<u8>>,
+    /// Entries so far (extension headers not counted).
+    entries: u64,
+    /// The input ended.
+    eof: bool,
+    /// Why the archive was refused (the tar crate sees a read error).
+    refused: Option<CopyError>,
+}
+
+impl<R: Read> Guard<R> {
+    fn new(inner: R) -> Self {
+        Guard {
+            inner,
+            at: At::Header { filled: 0 },
+            block: [0; BLOCK],
+            pax_body: None,
+            pax: None,
+            entries: 0,
+            eof: false,
+            refused: None,
+        }
+    }
+
+    fn pass(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
             self.eof = true;
         }
         Ok(n)
+    }
+
+    /// Checks the header block read whole: the data and padding after it,
+    /// or `None` for the end-of-archive block.
+    fn check(&mut self) -> Result<Option<u64>> {
+        if self.block.iter().all(|b| *b == 0) {
+            return Ok(None);
+        }
+        let header = tar::Header::from_byte_slice(&self.block);
+        let kind = header.entry_type();
+        let named = kind.is_gnu_longname() || kind.is_gnu_longlink();
+        let extension = named || kind.is_pax_local_extensions() || kind.is_pax_global_extensions();
+        // As the tar crate: only a GNU or ustar header describes the next
+        // entry; anything else is an entry of its own.
+        let recognized = header.as_gnu().is_some() || header.as_ustar().is_some();
+        let mut size = header
+            .entry_size()
+            .map_err(|e| CopyError::Archive(format!("malformed archive: {e}")))?;
+        if !extension && let Some(pax_size) = self.pax.as_deref().and_then(pax_size) {
+            size = pax_size;
+        }
+        if !(recognized && (named || kind.is_pax_local_extensions())) {
+            self.pax = None;
+            self.entries += 1;
+            if self.entries > MAX_ENTRIES {
+                return Err(over_limit(format!(
+                    "the archive has more than {MAX_ENTRIES} entries"
+                )));
+            }
+        }
+        if extension && size > MAX_META {
+            return Err(over_limit(format!(
+                "a {kind:?} header of {size} bytes: long names, long links and PAX headers may \
+                 be at most {MAX_META} bytes"
+            )));
+        }
+        if named && size > MAX_PATH as u64 + 1 {
+            return Err(over_limit(format!(
+                "a {kind:?} header of {size} bytes: names may be at most {MAX_PATH} bytes"
+            )));
+        }
+        if kind.is_gnu_sparse() {
+            // The tar crate would read its extension blocks as part of the
+            // header; sparse files are refused anyway.
+            return Err(CopyError::Archive(format!(
+                "entries of type {kind:?} are not allowed (only files, directories, symbolic \
+                 and hard links)"
+            )));
+        }
+        if recognized && kind.is_pax_local_extensions() {
+            self.pax_body = Some((Vec::with_capacity(size as usize), size as usize));
+        }
+        size.checked_add(BLOCK as u64 - 1)
+            .map(|s| Some(s & !(BLOCK as u64 - 1)))
+            .ok_or_else(|| CopyError::Archive("malformed archive: size overflow".into()))
+    }
+
+    fn refuse(&mut self, e: CopyError) -> std::io::Error {
+        let error = std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+        self.refused = Some(e);
+        error
+    }
+}
+
+/// The `size` record of PAX records, read as the tar crate reads it.
+fn pax_size(records: &[u8]) -> Option<u64> {
+    for record in tar::PaxExtensions::new(records) {
+        let record = record.ok()?;
+        if record.key() != Ok("size") {
+            continue;
+        }
+        return record.value().ok()?.parse().ok();
+    }
+    None
+}
+
+impl<R: Read> Read for Guard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(refused) = &self.refused {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                refused.to_string(),
+            ));
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.at {
+                At::End => return self.pass(buf),
+                At::Data { left: 0 } => {
+                    if let Some((body, _)) = self.pax_body.take() {
+                        self.pax = Some(body);
+                    }
+                    self.at = At::Header { filled: 0 };
+                }
+                At::Data { left } => {
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self.pass(&mut buf[..want])?;
+                    if let Some((body, size)) = &mut self.pax_body {
+                        let room = size.saturating_sub(body.len()).min(n);
+                        body.extend_from_slice(&buf[..room]);
+                    }
+                    self.at = At::Data {
+                        left: left - n as u64,
+                    };
+                    return Ok(n);
+                }
+                At::Release { given, len, then } if given == len => {
+                    self.at = match then {
+                        Some(left) if len == BLOCK => At::Data { left },
+                        _ => At::End,
+                    };
+                }
+                At::Release { given, len, then } => {
+                    let n = buf.len().min(len - given);
+                    buf[..n].copy_from_slice(&self.block[given..given + n]);
+                    self.at = At::Release {
+                        given: given + n,
+                        len,
+                        then,
+                    };
+                    return Ok(n);
+                }
+                At::Header { mut filled } => {
+                    while filled < BLOCK {
+                        let n = self.inner.read(&mut self.block[filled..])?;
+                        if n == 0 {
+                            self.eof = true;
+                            break;
+                        }
+                        filled += n;
+                        self.at = At::Header { filled };
+                    }
+                    if filled == 0 {
+                        return Ok(0);
+                    }
+                    let then = if filled < BLOCK {
+                        // Cut inside a header: the tar crate says so.
+                        None
+                    } else {
+                        match self.check() {
+                            Ok(then) => then,
+                            Err(e) => return Err(self.refuse(e)),
+                        }
+                    };
+                    self.at = At::Release {
+                        given: 0,
+                        len: filled,
+                        then,
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -385,35 +711,54 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
 
 /// Reads a client's archive from `input`, checks every entry against
 /// `plan` and writes the rewritten archive (owner, modes) to `out`. The
-/// first refused entry ends it with the reason; the input is then read to
-/// its end (its bytes are counted by the caller).
-pub fn check_and_rewrite<R: Read, W: Write>(
-    input: R,
-    out: W,
-    plan: &Plan,
-) -> std::result::Result<Summary, String> {
+/// first refused entry ends it with the reason, and nothing more of the
+/// input is read. Headers are checked by a [`Guard`] before the tar crate
+/// reads them.
+pub fn check_and_rewrite<R: Read, W: Write>(input: R, out: W, plan: &Plan) -> Result<Summary> {
+    let mut guard = Guard::new(input);
+    let rewritten = rewrite(&mut guard, out, plan);
+    // A refusal of the guard reaches the tar crate as a read error: the
+    // guard says why.
+    match guard.refused.take() {
+        Some(refused) => Err(refused),
+        None => rewritten,
+    }
+}
+
+fn rewrite<R: Read, W: Write>(guard: &mut Guard<R>, out: W, plan: &Plan) -> Result<Summary> {
     use std::os::unix::ffi::OsStrExt;
-    let mut watch = EofWatch {
-        inner: input,
-        eof: false,
-    };
-    let mut archive = tar::Archive::new(&mut watch);
+    let refused = |reason: String| CopyError::Archive(reason);
+    let mut archive = tar::Archive::new(&mut *guard);
     let mut builder = tar::Builder::new(out);
     let mut summary = Summary::default();
     // Paths of the archive so far: files (hard link targets) and symbolic links.
     let mut files: HashSet<Vec<u8>> = HashSet::new();
     let mut links: HashSet<Vec<u8>> = HashSet::new();
+    let mut names = 0u64;
     let entries = archive
         .entries()
-        .map_err(|e| format!("not a tar archive: {e}"))?;
+        .map_err(|e| refused(format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| format!("malformed archive: {e}"))?;
+        let mut entry = entry.map_err(|e| refused(format!("malformed archive: {e}")))?;
         let kind = entry.header().entry_type();
         if kind == tar::EntryType::XGlobalHeader {
             continue;
         }
         let raw = entry.path_bytes().into_owned();
-        let parts = entry_components(&raw)?;
+        let link_len = entry.link_name_bytes().map_or(0, |l| l.len());
+        if raw.len().max(link_len) > MAX_PATH {
+            return Err(over_limit(format!(
+                "an entry with a name or link target of {} bytes: at most {MAX_PATH}",
+                raw.len().max(link_len)
+            )));
+        }
+        names += (raw.len() + link_len) as u64;
+        if names > MAX_NAME_BYTES {
+            return Err(over_limit(format!(
+                "the archive's names and link targets pass {MAX_NAME_BYTES} bytes"
+            )));
+        }
+        let parts = entry_components(&raw).map_err(refused)?;
         let rel = join(&parts);
         let shown = String::from_utf8_lossy(&rel).escape_debug().to_string();
         if parts.is_empty() {
@@ -421,17 +766,17 @@ pub fn check_and_rewrite<R: Read, W: Write>(
             if kind == tar::EntryType::Directory {
                 continue;
             }
-            return Err(format!(
+            return Err(refused(format!(
                 "an entry of type {kind:?} names the destination itself"
-            ));
+            )));
         }
         for i in 1..parts.len() {
             let prefix = join(&parts[..i]);
             if links.contains(&prefix) {
-                return Err(format!(
+                return Err(refused(format!(
                     "{shown}: lies below the symbolic link {} of the same archive",
                     String::from_utf8_lossy(&prefix).escape_debug()
-                ));
+                )));
             }
         }
         let landing = if plan.destination == "/" {
@@ -440,9 +785,9 @@ pub fn check_and_rewrite<R: Read, W: Write>(
             format!("{}/{}", plan.destination, String::from_utf8_lossy(&rel))
         };
         if let Some(f) = plan.forbidden.iter().find(|f| within(&landing, f)) {
-            return Err(format!(
+            return Err(refused(format!(
                 "{shown}: would land in {f}, where copies cannot write"
-            ));
+            )));
         }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         let mtime = entry.header().mtime().unwrap_or(0);
@@ -463,7 +808,9 @@ pub fn check_and_rewrite<R: Read, W: Write>(
                 };
                 let appended = builder.append_data(&mut header, path, &mut counted);
                 if counted.count != size {
-                    return Err(format!("{shown}: the archive ends inside this file"));
+                    return Err(refused(format!(
+                        "{shown}: the archive ends inside this file"
+                    )));
                 }
                 summary.content_bytes += size;
                 files.insert(rel.clone());
@@ -482,7 +829,7 @@ pub fn check_and_rewrite<R: Read, W: Write>(
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .filter(|t| !t.is_empty())
-                    .ok_or_else(|| format!("{shown}: a symbolic link without a target"))?;
+                    .ok_or_else(|| refused(format!("{shown}: a symbolic link without a target")))?;
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
                 files.remove(&rel);
@@ -494,11 +841,11 @@ pub fn check_and_rewrite<R: Read, W: Write>(
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let target = join(&entry_components(&target)?);
+                let target = join(&entry_components(&target).map_err(refused)?);
                 if !files.contains(&target) {
-                    return Err(format!(
+                    return Err(refused(format!(
                         "{shown}: a hard link must point to a file earlier in the archive"
-                    ));
+                    )));
                 }
                 header.set_entry_type(tar::EntryType::Link);
                 header.set_size(0);
@@ -507,27 +854,24 @@ pub fn check_and_rewrite<R: Read, W: Write>(
                 builder.append_link(&mut header, path, std::ffi::OsStr::from_bytes(&target))
             }
             other => {
-                return Err(format!(
+                return Err(refused(format!(
                     "{shown}: entries of type {other:?} are not allowed (only files, \
                      directories, symbolic and hard links)"
-                ));
+                )));
             }
         };
-        written.map_err(|e| format!("spool: {e}"))?;
+        written?;
         summary.entries += 1;
     }
     // A complete archive ends with its end-of-archive blocks: input that
     // stops without them was cut (a client or a connection gone mid-way),
     // and is refused rather than extracted in part.
-    if watch.eof {
-        return Err(
+    if guard.eof {
+        return Err(refused(
             "the archive is incomplete: it ends without the end-of-archive marker".to_owned(),
-        );
+        ));
     }
-    builder
-        .into_inner()
-        .and_then(|mut out| out.flush())
-        .map_err(|e| format!("spool: {e}"))?;
+    builder.into_inner().and_then(|mut out| out.flush())?;
     Ok(summary)
 }
 
@@ -555,12 +899,252 @@ impl Read for ChannelReader {
 /// Boxed stream of copy results.
 pub type CopyStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
 
+/// Copies of one kind running at once: at most `per_env` for one
+/// environment and, when `total` is set, that many in all.
+struct Limiter {
+    /// What the copies are, as a refusal names them.
+    what: &'static str,
+    per_env: usize,
+    total: Option<Arc<Semaphore>>,
+    running: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One running copy of a [`Limiter`]: freed when dropped.
+#[must_use]
+struct Slot {
+    env: String,
+    running: Arc<Mutex<HashMap<String, usize>>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = running.get_mut(&self.env) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.env);
+            }
+        }
+    }
+}
+
+impl Limiter {
+    fn new(what: &'static str, per_env: usize, total: Option<usize>) -> Self {
+        Limiter {
+            what,
+            per_env,
+            total: total.map(|n| Arc::new(Semaphore::new(n))),
+            running: Arc::default(),
+        }
+    }
+
+    /// A slot for a copy of `env`, if it may run now: the environment's
+    /// cap first (a refusal for its callers only), then the total.
+    fn take(&self, env: &str) -> Result<Slot> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.get(env).copied().unwrap_or(0) >= self.per_env {
+            return Err(CopyError::Crowded {
+                what: self.what,
+                max: self.per_env,
+            });
+        }
+        let permit = match &self.total {
+            Some(total) => Some(
+                total
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| CopyError::Busy)?,
+            ),
+            None => None,
+        };
+        *running.entry(env.to_owned()).or_default() += 1;
+        Ok(Slot {
+            env: env.to_owned(),
+            running: self.running.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Copies of `env` running now.
+    #[cfg(test)]
+    fn running(&self, env: &str) -> usize {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get(env).copied().unwrap_or(0)
+    }
+}
+
+/// The next non-empty chunk of a client's stream (`None`: it ended),
+/// waiting at most `idle` (empty messages do not count as activity).
+async fn next_data<S>(input: &mut S, idle: Duration) -> Result<Option<Bytes>>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    let next = async {
+        while let Some(item) = input.next().await {
+            let chunk = item?;
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
+        }
+        Ok(None)
+    };
+    tokio::time::timeout(idle, next)
+        .await
+        .map_err(|_| CopyError::Idle { what: "sent", idle })?
+}
+
+/// Receives uploads into checked spool files: the spool directory, the
+/// upload slots and the idle timeout.
+#[derive(Clone)]
+struct Spooler {
+    dir: PathBuf,
+    uploads: Arc<Limiter>,
+    idle: Duration,
+}
+
+/// A checked archive waiting in its spool file, and the slot it holds.
+struct Spooled {
+    summary: Summary,
+    file: std::fs::File,
+    _slot: Slot,
+}
+
+impl Spooler {
+    fn new(dir: PathBuf) -> Self {
+        Spooler {
+            dir,
+            uploads: Arc::new(Limiter::new(
+                "uploads being spooled",
+                UPLOADS_PER_ENV,
+                Some(UPLOADS),
+            )),
+            idle: IDLE_TIMEOUT,
+        }
+    }
+
+    /// A new unnamed spool file (gone when closed, and with the process).
+    fn file(&self) -> Result<std::fs::File> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(tempfile::tempfile_in(&self.dir)?)
+    }
+
+    /// Receives the archive of an upload to `env` from `input`, counting
+    /// its bytes in `received` against `limit` (bytes; `limit_mb` as the
+    /// refusal says it), and checks it against `plan` into an unnamed spool
+    /// file. The upload slot is taken when the first data arrives; each
+    /// wait for the client is bounded by the idle timeout. Any refusal
+    /// leaves nothing but the error.
+    async fn receive<S>(
+        &self,
+        env: &str,
+        plan: Plan,
+        (limit_mb, limit): (i64, u64),
+        input: &mut S,
+        received: &mut u64,
+    ) -> Result<Spooled>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let mut next = next_data(input, self.idle).await?;
+        let slot = self.uploads.take(env)?;
+        let spool = self.file()?;
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let checker = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            let mut out = std::io::BufWriter::with_capacity(SEND_CHUNK, spool);
+            let checked = check_and_rewrite(&mut reader, &mut out, &plan);
+            // Whatever follows the end of an accepted archive is read (and
+            // counted by the receiving side), never extracted; a refused
+            // one is not read further (the receiving side stops).
+            if checked.is_ok() {
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            }
+            let spool = out
+                .into_inner()
+                .map_err(|e| CopyError::Spool(e.into_error()));
+            checked.and_then(|summary| spool.map(|file| (summary, file)))
+        });
+
+        // Receive everything, counting against the limit.
+        let mut refused = None;
+        while let Some(chunk) = next {
+            if chunk.len() > MAX_CHUNK {
+                refused = Some(invalid(
+                    "data",
+                    format!("chunks must be at most {MAX_CHUNK} bytes"),
+                ));
+                break;
+            }
+            *received += chunk.len() as u64;
+            if *received > limit {
+                refused = Some(CopyError::TooLarge { limit_mb });
+                break;
+            }
+            if tx.send(chunk).await.is_err() {
+                // The checker refused the archive (it reads to the end of
+                // the input otherwise): it says why below.
+                break;
+            }
+            next = match next_data(input, self.idle).await {
+                Ok(next) => next,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            };
+        }
+        drop(tx);
+        let checked = checker
+            .await
+            .map_err(|e| CopyError::Spool(std::io::Error::other(e)))?;
+        if let Some(refused) = refused {
+            return Err(refused);
+        }
+        let (summary, file) = checked?;
+        Ok(Spooled {
+            summary,
+            file,
+            _slot: slot,
+        })
+    }
+}
+
+/// Sends a spooled archive to a CopyFrom's client in [`SEND_CHUNK`]
+/// messages, counting them in `sent`; a client that reads nothing for
+/// `idle` ends it (`files.copy_idle`).
+async fn send_spool(
+    mut spool: tokio::fs::File,
+    client: &mpsc::Sender<Result<Bytes>>,
+    idle: Duration,
+    sent: &mut u64,
+) -> Result<()> {
+    loop {
+        let mut buf = BytesMut::zeroed(SEND_CHUNK);
+        let n = spool.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.truncate(n);
+        match tokio::time::timeout(idle, client.send(Ok(buf.freeze()))).await {
+            Ok(Ok(())) => *sent += n as u64,
+            Ok(Err(_)) => return Err(CopyError::Cancelled("the client went away".into())),
+            Err(_) => return Err(CopyError::Idle { what: "read", idle }),
+        }
+    }
+}
+
 /// The copy operations of one orchestrator (cheap to clone).
 #[derive(Clone)]
 pub struct Copier {
     orchestrator: Orchestrator,
-    spool_dir: PathBuf,
-    spooled: Arc<Semaphore>,
+    spooler: Spooler,
+    downloads: Arc<Limiter>,
 }
 
 /// What a CopyTo or CopyFrom did, for its audit event.
@@ -577,8 +1161,12 @@ impl Copier {
     pub fn new(orchestrator: Orchestrator, spool_dir: PathBuf) -> Self {
         Copier {
             orchestrator,
-            spool_dir,
-            spooled: Arc::new(Semaphore::new(MAX_SPOOLED)),
+            spooler: Spooler::new(spool_dir),
+            downloads: Arc::new(Limiter::new(
+                "downloads",
+                DOWNLOADS_PER_ENV,
+                Some(DOWNLOADS),
+            )),
         }
     }
 
@@ -724,72 +1312,14 @@ impl Copier {
             forbidden,
         };
 
-        let _slot = self
-            .spooled
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| CopyError::Busy)?;
-        std::fs::create_dir_all(&self.spool_dir)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&self.spool_dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        let spool = tempfile::tempfile_in(&self.spool_dir)?;
-        let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let checker = tokio::task::spawn_blocking(move || {
-            let mut reader = ChannelReader {
-                rx,
-                current: Bytes::new(),
-            };
-            let mut out = std::io::BufWriter::with_capacity(SEND_CHUNK, spool);
-            let checked = check_and_rewrite(&mut reader, &mut out, &plan);
-            // Whatever follows the end of the archive is read (and counted
-            // by the receiving side), never extracted.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-            let spool = out.into_inner().map_err(|e| e.to_string());
-            checked.and_then(|summary| spool.map(|file| (summary, file)))
-        });
-
-        // Receive everything, counting against the limit.
-        let mut refused = None;
-        while let Some(item) = input.next().await {
-            let chunk = match item {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            };
-            if chunk.len() > MAX_CHUNK {
-                refused = Some(invalid(
-                    "data",
-                    format!("chunks must be at most {MAX_CHUNK} bytes"),
-                ));
-                break;
-            }
-            *received += chunk.len() as u64;
-            if *received > limit {
-                refused = Some(CopyError::TooLarge { limit_mb });
-                break;
-            }
-            if tx.send(chunk).await.is_err() {
-                // The checker refused the archive (it reads to the end of
-                // the input otherwise): it says why below.
-                break;
-            }
-        }
-        drop(tx);
-        let checked = checker
-            .await
-            .map_err(|e| CopyError::Spool(std::io::Error::other(e)))?;
-        if let Some(refused) = refused {
-            return Err(refused);
-        }
-        let (summary, spool) = checked.map_err(CopyError::Archive)?;
-        *entries = Some(summary.entries);
+        let spooled = self
+            .spooler
+            .receive(&rec.id, plan, (limit_mb, limit), &mut input, received)
+            .await?;
+        *entries = Some(spooled.summary.entries);
 
         // Only a complete, checked archive reaches the engine.
-        let mut file = tokio::fs::File::from_std(spool);
+        let mut file = tokio::fs::File::from_std(spooled.file);
         tokio::io::AsyncSeekExt::rewind(&mut file).await?;
         let body = futures::stream::unfold(file, |mut file| async move {
             let mut buf = BytesMut::zeroed(SEND_CHUNK);
@@ -832,7 +1362,7 @@ impl Copier {
         let session = self.orchestrator.session(&rec.id);
         let mut shown = shown(path);
         let prepared = self.copy_from_prepare(&rec, path, &mut shown).await;
-        let (cid, source, limit_mb, limit) = match prepared {
+        let (cid, source, limit_mb, limit, slot) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let done = Done {
@@ -847,6 +1377,7 @@ impl Copier {
             }
         };
         let (tx, rx) = mpsc::channel::<Result<Bytes>>(4);
+        let idle = self.spooler.idle;
         let this = self.clone();
         let caller = caller.clone();
         // The copy outlives the call: keep its span for the audit event.
@@ -854,39 +1385,12 @@ impl Copier {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _session = session;
-                let mut archive = this.orchestrator.docker().download_from_container(
-                    &cid,
-                    Some(
-                        DownloadFromContainerOptionsBuilder::new()
-                            .path(&source)
-                            .build(),
-                    ),
-                );
+                let _slot = slot;
                 let mut sent = 0u64;
-                let mut result: Result<()> = Ok(());
-                'stream: while let Some(item) = archive.next().await {
-                    let mut chunk = match item {
-                        Ok(chunk) => chunk,
-                        Err(e) => {
-                            result = Err(engine(&source, e));
-                            break;
-                        }
-                    };
-                    if sent + chunk.len() as u64 > limit {
-                        result = Err(CopyError::TooLarge { limit_mb });
-                        break;
-                    }
-                    while !chunk.is_empty() {
-                        let piece = chunk.split_to(chunk.len().min(SEND_CHUNK));
-                        let n = piece.len() as u64;
-                        if tx.send(Ok(piece)).await.is_err() {
-                            result = Err(CopyError::Cancelled("the client went away".into()));
-                            break 'stream;
-                        }
-                        sent += n;
-                    }
-                }
-                drop(archive);
+                let result = match this.download(&cid, &source, (limit_mb, limit), &tx).await {
+                    Ok(spool) => send_spool(spool, &tx, idle, &mut sent).await,
+                    Err(e) => Err(e),
+                };
                 let done = Done {
                     action: "environment.copy_from",
                     rec: &rec,
@@ -896,7 +1400,8 @@ impl Copier {
                 };
                 let audited = this.audit(&caller, done, result.as_ref().err()).await;
                 if let Err(e) = result.and(audited) {
-                    let _ = tx.send(Err(e)).await;
+                    // A client that reads nothing does not hold the copy.
+                    let _ = tokio::time::timeout(idle, tx.send(Err(e))).await;
                 }
             },
             span,
@@ -904,17 +1409,59 @@ impl Copier {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    /// Checks a CopyFrom before a byte moves: its path, the environment, a
-    /// single file over the limit.
+    /// Reads the engine's archive of `source` whole into an unnamed spool
+    /// file (rewound), stopping with `files.copy_limit` once it passes the
+    /// limit. The engine holds the container's lock while it streams an
+    /// archive (its stat and inspect of the container wait meanwhile, the
+    /// reconciler's too): a client that reads slowly must not hold it, so
+    /// the engine is read at its own pace and the client from the spool.
+    async fn download(
+        &self,
+        cid: &str,
+        source: &str,
+        (limit_mb, limit): (i64, u64),
+        client: &mpsc::Sender<Result<Bytes>>,
+    ) -> Result<tokio::fs::File> {
+        use tokio::io::AsyncWriteExt;
+        let mut spool = tokio::fs::File::from_std(self.spooler.file()?);
+        let mut archive = self.orchestrator.docker().download_from_container(
+            cid,
+            Some(
+                DownloadFromContainerOptionsBuilder::new()
+                    .path(source)
+                    .build(),
+            ),
+        );
+        let mut size = 0u64;
+        while let Some(item) = archive.next().await {
+            let chunk = item.map_err(|e| engine(source, e))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(CopyError::TooLarge { limit_mb });
+            }
+            if client.is_closed() {
+                return Err(CopyError::Cancelled("the client went away".into()));
+            }
+            spool.write_all(&chunk).await?;
+        }
+        drop(archive);
+        spool.flush().await?;
+        tokio::io::AsyncSeekExt::rewind(&mut spool).await?;
+        Ok(spool)
+    }
+
+    /// Checks a CopyFrom before a byte moves: its path, the environment,
+    /// its downloads running, a single file over the limit.
     async fn copy_from_prepare(
         &self,
         rec: &EnvRecord,
         path: &str,
         shown: &mut String,
-    ) -> Result<(String, String, i64, u64)> {
+    ) -> Result<(String, String, i64, u64, Slot)> {
         let source = normalize(path)?;
         shown.clone_from(&source);
         let cid = Self::usable(rec, "copy files from")?;
+        let slot = self.downloads.take(&rec.id)?;
         let spec = Orchestrator::spec_of(rec);
         no_bind_mounts(&spec)?;
         not_on_tmpfs(&source, &tmpfs_targets(&spec))?;
@@ -923,7 +1470,7 @@ impl Copier {
         if found.file_mode & GO_MODE_TYPE == 0 && found.size.max(0) as u64 > limit {
             return Err(CopyError::TooLarge { limit_mb });
         }
-        Ok((cid, source, limit_mb, limit))
+        Ok((cid, source, limit_mb, limit, slot))
     }
 
     /// The engine's stat of a path in the container.
@@ -1086,7 +1633,9 @@ mod tests {
 
     fn rewrite(archive: &[u8], plan: &Plan) -> std::result::Result<Vec<u8>, String> {
         let mut out = Vec::new();
-        check_and_rewrite(archive, &mut out, plan).map(|_| out)
+        check_and_rewrite(archive, &mut out, plan)
+            .map(|_| out)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -1322,5 +1871,333 @@ mod tests {
         ));
         assert_eq!(s.code(), tonic::Code::NotFound);
         assert!(!s.message().contains("1f2e3d"), "{}", s.message());
+    }
+
+    /// A reader over blocks made on demand (archives too large to hold),
+    /// counting what was read of it.
+    struct Made<I> {
+        blocks: I,
+        current: Vec<u8>,
+        at: usize,
+        read: u64,
+    }
+
+    fn made<I: Iterator<Item = Vec<u8>>>(blocks: I) -> Made<I> {
+        Made {
+            blocks,
+            current: Vec::new(),
+            at: 0,
+            read: 0,
+        }
+    }
+
+    impl<I: Iterator<Item = Vec<u8>>> Read for Made<I> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            while self.at == self.current.len() {
+                match self.blocks.next() {
+                    Some(next) => (self.current, self.at) = (next, 0),
+                    None => return Ok(0),
+                }
+            }
+            let n = buf.len().min(self.current.len() - self.at);
+            buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+            self.at += n;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    /// A GNU header block (the tar crate treats its extension headers as
+    /// such) of `kind` declaring `size` bytes (octal, or base-256 past 8 GiB).
+    fn gnu_header(name: &[u8], kind: u8, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    /// `data` padded to whole blocks.
+    fn padded(data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        out.extend(std::iter::repeat_n(0u8, (512 - data.len() % 512) % 512));
+        out
+    }
+
+    fn rule_of(e: CopyError) -> (String, Vec<String>) {
+        let message = e.to_string();
+        let status = Status::from(e);
+        (message, vibebox_server_kit::status::violated_rules(&status))
+    }
+
+    #[test]
+    fn huge_long_name_and_pax_headers_are_refused_before_they_are_read() {
+        // 1 GiB (octal) and 1 TiB (base-256) declared; 8 MiB supplied.
+        for size in [1 << 30, 1 << 40] {
+            for kind in [b'L', b'K', b'x', b'g'] {
+                let mut input = made(
+                    std::iter::once(gnu_header(b"././@LongLink", kind, size))
+                        .chain(std::iter::repeat_n(vec![b'a'; 64 * 1024], 128)),
+                );
+                let e = check_and_rewrite(&mut input, std::io::sink(), &plan()).unwrap_err();
+                let (message, rules) = rule_of(e);
+                assert_eq!(rules, ["files.archive_limits"], "{kind} {size}: {message}");
+                assert!(
+                    message.contains(&format!("{size} bytes")) && message.contains("65536"),
+                    "{message}"
+                );
+                assert_eq!(
+                    input.read, 512,
+                    "{kind} {size}: nothing past the header was read"
+                );
+            }
+        }
+        // A long name within the body limit but over 4096 bytes.
+        let name = vec![b'n'; 5000];
+        let mut a = gnu_header(b"././@LongLink", b'L', name.len() as u64 + 1);
+        a.extend(padded(&[name.as_slice(), b"\0"].concat()));
+        raw_entry(&mut a, b"short", b'0', b"", b"x", 0o644);
+        let (message, rules) =
+            rule_of(check_and_rewrite(&finish(a)[..], std::io::sink(), &plan()).unwrap_err());
+        assert_eq!(rules, ["files.archive_limits"], "{message}");
+        assert!(message.contains("at most 4096"), "{message}");
+        // The same through a PAX path record.
+        let record = format!("{} path={}\n", 5000 + 11, "p".repeat(5000));
+        assert_eq!(record.len(), 5011);
+        let mut a = gnu_header(b"pax", b'x', record.len() as u64);
+        a[257..265].copy_from_slice(b"ustar\x0000");
+        let mut h = tar::Header::from_byte_slice(&a[..512]).clone();
+        h.set_cksum();
+        a[..512].copy_from_slice(h.as_bytes());
+        a.extend(padded(record.as_bytes()));
+        raw_entry(&mut a, b"short", b'0', b"", b"x", 0o644);
+        let (message, rules) =
+            rule_of(check_and_rewrite(&finish(a)[..], std::io::sink(), &plan()).unwrap_err());
+        assert_eq!(rules, ["files.archive_limits"], "{message}");
+        assert!(message.contains("5000 bytes: at most 4096"), "{message}");
+    }
+
+    #[test]
+    fn pax_sizes_frame_the_archive_as_the_tar_crate_reads_it() {
+        let pax = |size: u64| {
+            let record = format!("{} size={size}\n", 8 + size.to_string().len());
+            let mut a = gnu_header(b"pax", b'x', record.len() as u64);
+            a.extend(padded(record.as_bytes()));
+            a
+        };
+        // The PAX size replaces the header's: five bytes of data.
+        let mut a = pax(5);
+        raw_entry(&mut a, b"five", b'0', b"", b"", 0o644);
+        a.extend(padded(b"12345"));
+        let out = rewrite(&finish(a), &plan()).expect("accepted");
+        let mut read = tar::Archive::new(out.as_slice());
+        let mut entry = read.entries().unwrap().next().unwrap().unwrap();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        assert_eq!(data, b"12345");
+        // A header hidden in what its own header calls data, where the PAX
+        // size (0) says the next header is: checked as a header.
+        let mut a = pax(0);
+        let mut hidden = gnu_header(b"././@LongLink", b'L', 1 << 30);
+        hidden.extend(std::iter::repeat_n(b'a', 512));
+        raw_entry(&mut a, b"cover", b'0', b"", &hidden, 0o644);
+        let mut input = made(std::iter::once(a).chain(std::iter::repeat_n(vec![b'a'; 65536], 64)));
+        let e = check_and_rewrite(&mut input, std::io::sink(), &plan()).unwrap_err();
+        let (message, rules) = rule_of(e);
+        assert_eq!(rules, ["files.archive_limits"], "{message}");
+        assert!(input.read < 64 * 1024, "{} bytes read", input.read);
+    }
+
+    #[test]
+    fn entry_and_name_floods_are_refused() {
+        // MAX_ENTRIES empty files are fine; one more is not.
+        let files = |n: u64| {
+            (0..n)
+                .map(|i| {
+                    let mut block = Vec::new();
+                    raw_entry(
+                        &mut block,
+                        format!("f{i}").as_bytes(),
+                        b'0',
+                        b"",
+                        b"",
+                        0o644,
+                    );
+                    block
+                })
+                .chain(std::iter::once(vec![0u8; 1024]))
+        };
+        let summary = check_and_rewrite(made(files(MAX_ENTRIES)), std::io::sink(), &plan())
+            .expect("as many entries as allowed");
+        assert_eq!(summary.entries, MAX_ENTRIES);
+        let mut input = made(files(MAX_ENTRIES + 1));
+        let (message, rules) =
+            rule_of(check_and_rewrite(&mut input, std::io::sink(), &plan()).unwrap_err());
+        assert_eq!(rules, ["files.archive_limits"], "{message}");
+        assert!(message.contains("more than 100000 entries"), "{message}");
+        // Names of 4000 bytes until they pass MAX_NAME_BYTES.
+        let long = (0..)
+            .flat_map(|i: u64| {
+                let name = format!("{i:0>4000}");
+                let mut block = gnu_header(b"././@LongLink", b'L', 4001);
+                block.extend(padded(&[name.as_bytes(), b"\0"].concat()));
+                raw_entry(&mut block, b"x", b'0', b"", b"", 0o644);
+                [block]
+            })
+            .take((MAX_NAME_BYTES / 4000 + 2) as usize)
+            .chain(std::iter::once(vec![0u8; 1024]));
+        let (message, rules) =
+            rule_of(check_and_rewrite(made(long), std::io::sink(), &plan()).unwrap_err());
+        assert_eq!(rules, ["files.archive_limits"], "{message}");
+        assert!(message.contains("names and link targets"), "{message}");
+    }
+
+    fn stream_of(
+        chunks: Vec<Bytes>,
+        then_stall: bool,
+    ) -> Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>> {
+        let chunks = futures::stream::iter(chunks.into_iter().map(Ok));
+        if then_stall {
+            Box::pin(chunks.chain(futures::stream::pending()))
+        } else {
+            Box::pin(chunks)
+        }
+    }
+
+    fn good_archive() -> Bytes {
+        let mut a = Vec::new();
+        raw_entry(&mut a, b"one.txt", b'0', b"", b"one\n", 0o644);
+        Bytes::from(finish(a))
+    }
+
+    /// Runs one upload to `env` on `spooler`: its summary or refusal.
+    fn upload(
+        spooler: &Spooler,
+        env: &'static str,
+        mut input: Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>,
+    ) -> tokio::task::JoinHandle<Result<Summary>> {
+        let spooler = spooler.clone();
+        tokio::spawn(async move {
+            let mut received = 0;
+            spooler
+                .receive(env, plan(), (1, MIB), &mut input, &mut received)
+                .await
+                .map(|spooled| spooled.summary)
+        })
+    }
+
+    #[tokio::test]
+    async fn stalled_uploads_do_not_block_another_environments_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let spooler = Spooler {
+            idle: Duration::from_secs(3600),
+            ..Spooler::new(dir.path().to_owned())
+        };
+        let part = good_archive().slice(..512);
+        // Streams that send nothing hold no slot, however many.
+        let silent: Vec<_> = (0..3)
+            .map(|_| upload(&spooler, "a", stream_of(vec![], true)))
+            .collect();
+        // Two that sent part of an archive and stall hold the two of "a".
+        let stalled: Vec<_> = (0..2)
+            .map(|_| upload(&spooler, "a", stream_of(vec![part.clone()], true)))
+            .collect();
+        while spooler.uploads.running("a") < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A third upload to "a" is refused, to its caller only.
+        let crowded = upload(&spooler, "a", stream_of(vec![part.clone()], true))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(crowded, CopyError::Crowded { max: 2, .. }),
+            "{crowded}"
+        );
+        let s = Status::from(crowded);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("already has 2 uploads"), "{s:?}");
+        // Another environment copies meanwhile.
+        let summary = upload(&spooler, "b", stream_of(vec![good_archive()], false))
+            .await
+            .unwrap()
+            .expect("a copy to another environment");
+        assert_eq!(summary.entries, 1);
+        assert_eq!(spooler.uploads.running("b"), 0, "its slot was freed");
+        // Once the stalled ones end, "a" copies again.
+        for task in stalled {
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(spooler.uploads.running("a"), 0);
+        upload(&spooler, "a", stream_of(vec![good_archive()], false))
+            .await
+            .unwrap()
+            .expect("a copy to a once the stalled uploads ended");
+        for task in silent {
+            assert!(!task.is_finished(), "a silent upload waits");
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_upload_fails_naming_the_rule_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let spooler = Spooler {
+            idle: Duration::from_millis(100),
+            ..Spooler::new(dir.path().to_owned())
+        };
+        let part = good_archive().slice(..512);
+        let silent = upload(&spooler, "a", stream_of(vec![], true));
+        let stalled = upload(&spooler, "a", stream_of(vec![part], true));
+        for task in [silent, stalled] {
+            let e = task.await.unwrap().unwrap_err();
+            assert!(matches!(e, CopyError::Idle { what: "sent", .. }), "{e}");
+            let s = Status::from(e);
+            assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
+            assert_eq!(
+                vibebox_server_kit::status::violated_rules(&s),
+                ["files.copy_idle"]
+            );
+            assert!(s.message().contains("the copy was abandoned"), "{s:?}");
+        }
+        assert_eq!(spooler.uploads.running("a"), 0, "the slot was freed");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("")).unwrap().count(),
+            0,
+            "no spool file is left"
+        );
+    }
+
+    #[test]
+    fn copies_are_capped_per_environment_then_in_all() {
+        let limiter = Limiter::new("uploads", 2, Some(3));
+        let a1 = limiter.take("a").unwrap();
+        let _a2 = limiter.take("a").unwrap();
+        assert!(matches!(
+            limiter.take("a"),
+            Err(CopyError::Crowded { max: 2, .. })
+        ));
+        let _b1 = limiter.take("b").unwrap();
+        let busy = limiter.take("c").err().expect("all slots taken");
+        assert!(matches!(busy, CopyError::Busy));
+        assert_eq!(Status::from(busy).code(), tonic::Code::ResourceExhausted);
+        drop(a1);
+        assert_eq!(limiter.running("a"), 1);
+        let _c1 = limiter.take("c").expect("a slot freed");
+        // Without a total: only the environment's cap.
+        let downloads = Limiter::new("downloads", DOWNLOADS_PER_ENV, None);
+        let held: Vec<_> = (0..DOWNLOADS_PER_ENV)
+            .map(|_| downloads.take("a").unwrap())
+            .collect();
+        assert!(matches!(
+            downloads.take("a"),
+            Err(CopyError::Crowded { max: 4, .. })
+        ));
+        assert!(downloads.take("b").is_ok());
+        drop(held);
+        assert_eq!(downloads.running("a"), 0);
     }
 }

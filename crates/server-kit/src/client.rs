@@ -23,6 +23,16 @@ pub struct GrpcChannel {
     inner: Channel,
 }
 
+/// HTTP/2 flow-control window of one stream on a channel (what a stream
+/// whose reader stalls can hold of the connection).
+pub(crate) const STREAM_WINDOW: u32 = 1 << 20;
+/// The connection's window: room for every stream the gateway admits at
+/// once (its stream cap, 256) to stall at the same time. One shared
+/// connection carries every user's streams to a service; with the HTTP/2
+/// defaults (2 MiB a stream, 5 MiB the connection) three streams whose
+/// clients stop reading would freeze every other user's calls.
+pub(crate) const CONNECTION_WINDOW: u32 = 320 * STREAM_WINDOW;
+
 fn endpoint(url: &str) -> Result<Endpoint, KitError> {
     Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|e| KitError::Endpoint {
@@ -32,7 +42,9 @@ fn endpoint(url: &str) -> Result<Endpoint, KitError> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW))
 }
 
 /// A mutual-TLS channel to `url` (`https://host:port`), presenting

@@ -727,6 +727,181 @@ async fn copy_a_directory_in_and_out_within_limits_rights_and_audit() {
     assert!(!denied.is_empty());
 }
 
+/// The opening of a CopyTo: its start and one data message.
+fn opening(env: &str, path: &str, data: Vec<u8>) -> Vec<CopyToRequest> {
+    vec![
+        CopyToRequest {
+            message: Some(copy_to_request::Message::Start(CopyToStart {
+                environment_id: env.into(),
+                path: path.into(),
+            })),
+        },
+        CopyToRequest {
+            message: Some(copy_to_request::Message::Data(data)),
+        },
+    ]
+}
+
+/// Tasks aborted when dropped: a test that fails half-way must not leave
+/// streams open (the platform's graceful shutdown would wait for them).
+struct Tasks<T>(Vec<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for Tasks<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+fn quota_subjects(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_quota_failure()
+        .map(|q| q.violations.into_iter().map(|v| v.subject).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_copies_of_one_environment_do_not_block_another() {
+    use futures::StreamExt as _;
+    let image = dev_image();
+    let p = Platform::start();
+    let admin = p.admin_token();
+    let alpha = team(&p, &admin, "alpha").await;
+    let (_, dev) = member(&p, &admin, "dev", &alpha, TeamRole::Developer).await;
+    let stuck = environment(&p, &dev, &alpha, "stuck", spec(&image, None)).await;
+    let other = environment(&p, &dev, &alpha, "other", spec(&image, None)).await;
+    let mut client = p.environments(&dev);
+
+    // Four uploads to `stuck` that send the start of an archive, then
+    // nothing (their clients stay connected).
+    let mut part = archive(&[
+        Item::Dir("stalled"),
+        Item::File("stalled/f.txt", b"f\n", 0o644),
+    ]);
+    part.truncate(part.len() - 1024);
+    let mut stalled = Tasks(
+        (0..4)
+            .map(|_| {
+                let mut theirs = p.environments(&dev);
+                let requests = tokio_stream::iter(opening(&stuck, "/workspace", part.clone()))
+                    .chain(futures::stream::pending());
+                tokio::spawn(async move { theirs.copy_to(requests).await })
+            })
+            .collect(),
+    );
+    // Two of them hold the environment's spool slots; the other two are
+    // refused at once, to their callers only.
+    let mut refused = Vec::new();
+    for _ in 0..300 {
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut stalled.0)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        stalled.0 = waiting;
+        for task in done {
+            refused.push(
+                task.await
+                    .unwrap()
+                    .expect_err("a stalled upload cannot succeed"),
+            );
+        }
+        if refused.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        refused.len(),
+        2,
+        "two of four stalled uploads to one environment are refused: {refused:?}"
+    );
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            quota_subjects(status),
+            ["files.copy_concurrency"],
+            "{status:?}"
+        );
+    }
+    assert_eq!(
+        stalled.0.len(),
+        2,
+        "two uploads still wait for their clients"
+    );
+
+    // Meanwhile another environment takes copies in and out.
+    let small = archive(&[Item::File("ok.txt", b"ok\n", 0o644)]);
+    copy_to(&mut client, &other, "/workspace", &small, 1024)
+        .await
+        .expect("a copy to another environment is not blocked");
+    assert_eq!(
+        sh(&mut client, &other, "cat /workspace/ok.txt").await,
+        "ok\n"
+    );
+
+    // A CopyFrom whose client does not read holds neither the engine (which
+    // locks the container while it streams an archive) nor anyone else.
+    sh(
+        &mut client,
+        &stuck,
+        "head -c 33554432 /dev/zero > /workspace/big",
+    )
+    .await;
+    let mut theirs = p.environments(&dev);
+    let not_read = theirs
+        .copy_from(CopyFromRequest {
+            environment_id: stuck.clone(),
+            path: "/workspace/big".into(),
+        })
+        .await
+        .expect("a CopyFrom")
+        .into_inner();
+    assert_eq!(
+        sh(&mut client, &stuck, "ls /workspace").await,
+        "big\n",
+        "the environment still answers while its download waits"
+    );
+    let (out, _) = copy_from(&mut client, &other, "/workspace/ok.txt")
+        .await
+        .expect("a CopyFrom of another environment");
+    assert_eq!(listing(&out)["ok.txt"].1, b"ok\n");
+    drop((not_read, theirs));
+
+    // An archive declaring a 1 GiB long name is refused before it is read,
+    // naming the rule; nothing of it is extracted.
+    let mut huge = tar::Header::new_gnu();
+    huge.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    huge.set_entry_type(tar::EntryType::GNULongName);
+    huge.set_size(1 << 30);
+    huge.set_cksum();
+    let mut bomb = huge.as_bytes().to_vec();
+    bomb.extend(std::iter::repeat_n(b'a', 256 * 1024));
+    let refused = copy_to(&mut client, &other, "/workspace", &bomb, 64 * 1024)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        violated_rules(&refused),
+        ["files.archive_limits"],
+        "{refused:?}"
+    );
+    assert_eq!(
+        sh(&mut client, &other, "ls -A /workspace").await,
+        "ok.txt\n"
+    );
+
+    // The stalled uploads end with their clients: nothing was extracted.
+    for task in std::mem::take(&mut stalled.0) {
+        task.abort();
+        let _ = task.await;
+    }
+    assert_eq!(
+        sh(&mut client, &stuck, "ls -A /workspace").await,
+        "big\n",
+        "nothing of a stalled upload was extracted"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The CLI.
 
@@ -945,6 +1120,41 @@ async fn vibebox_env_cp_copies_directories_both_ways_like_docker_cp() {
     assert!(e.contains("copy limit"), "{e}");
     assert!(!partial.exists(), "nothing unpacked from a refused copy");
 
+    // A symbolic link a first copy left on disk is never written through
+    // by a later one (the environment controls what it sends).
+    let victim = local.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    sh(
+        &mut client,
+        &env,
+        &format!(
+            "mkdir /workspace/trap && ln -s {} /workspace/trap/evil",
+            victim.display()
+        ),
+    )
+    .await;
+    let landed = local.path().join("landed");
+    cli.ok(&["env", "cp", "box:/workspace/trap", landed.to_str().unwrap()]);
+    assert_eq!(std::fs::read_link(landed.join("evil")).unwrap(), victim);
+    sh(
+        &mut client,
+        &env,
+        "rm /workspace/trap/evil && mkdir /workspace/trap/evil && echo owned > /workspace/trap/evil/x",
+    )
+    .await;
+    let e = cli.fails(&[
+        "env",
+        "cp",
+        "box:/workspace/trap/.",
+        landed.to_str().unwrap(),
+    ]);
+    assert!(e.contains("symbolic link"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&victim).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+
     // A viewer may not copy.
     let as_viewer = Cli {
         config: tempfile::tempdir().unwrap(),
@@ -960,4 +1170,57 @@ async fn vibebox_env_cp_copies_directories_both_ways_like_docker_cp() {
         local.path().join("v").to_str().unwrap(),
     ]);
     assert!(e.contains("PERMISSION_DENIED"), "{e}");
+}
+
+/// Downloads whose clients stop reading hold only their own stream's share
+/// of the gateway's one connection to the orchestrator: other users' calls
+/// (another team's exec and download) still go through. With the HTTP/2
+/// defaults (2 MiB a stream, 5 MiB the connection) three such streams froze
+/// every call through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_nobody_reads_do_not_freeze_other_users() {
+    let image = dev_image();
+    let p = Platform::start();
+    let admin = p.admin_token();
+    let alpha = team(&p, &admin, "alpha").await;
+    let beta = team(&p, &admin, "beta").await;
+    let (_, greedy) = member(&p, &admin, "greedy", &alpha, TeamRole::Developer).await;
+    let (_, other) = member(&p, &admin, "other", &beta, TeamRole::Developer).await;
+    let big = environment(&p, &greedy, &alpha, "big", spec(&image, None)).await;
+    let theirs = environment(&p, &other, &beta, "theirs", spec(&image, None)).await;
+    let mut greedy_client = p.environments(&greedy);
+    sh(
+        &mut greedy_client,
+        &big,
+        "head -c 16777216 /dev/zero > /workspace/big",
+    )
+    .await;
+    // Four downloads (the per-environment cap) that are never read.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let stream = p
+            .environments(&greedy)
+            .copy_from(CopyFromRequest {
+                environment_id: big.clone(),
+                path: "/workspace/big".into(),
+            })
+            .await
+            .expect("a CopyFrom")
+            .into_inner();
+        held.push(stream);
+    }
+    // Give the orchestrator time to spool and push what the windows allow.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut client = p.environments(&other);
+    let call = async {
+        sh(&mut client, &theirs, "echo fine").await;
+        sh(&mut client, &theirs, "echo ok > /workspace/ok.txt").await;
+        copy_from(&mut client, &theirs, "/workspace/ok.txt").await
+    };
+    let (out, _) = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("another user's calls are not frozen by unread downloads")
+        .expect("a CopyFrom of another environment");
+    assert_eq!(listing(&out)["ok.txt"].1, b"ok\n");
+    drop(held);
 }

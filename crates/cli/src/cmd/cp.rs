@@ -14,9 +14,13 @@
 //! Archives are built and unpacked with the `tar` crate in blocking tasks,
 //! streamed through bounded channels in 256 KiB messages. A copy out is
 //! received whole into an unnamed spool file beside its destination before
-//! anything is unpacked, so a refused or broken copy leaves nothing behind;
-//! the environment side does the same for a copy in. A progress bar shows
-//! on stderr when it is a terminal.
+//! anything is unpacked, so a copy the platform refuses or a broken stream
+//! leaves nothing behind; the environment side does the same for a copy in.
+//! Unpacking never goes through a symbolic link below the destination, one
+//! of the archive (its root included) or one already on disk (say, left by
+//! an earlier copy): such an entry stops the copy there, with an error (the
+//! entries before it stay). A progress bar shows on stderr when it is a
+//! terminal.
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Seek, Write};
@@ -513,6 +517,27 @@ async fn copy_out(
         Location::Local(local) => local,
         Location::Remote { .. } => unreachable!("checked by the caller"),
     };
+    let (target, parent) = local_target(path, local)?;
+    // Everything is received before anything is unpacked.
+    let mut spool = tempfile::tempfile_in(&parent)
+        .with_context(|| format!("cannot write in {}", parent.display()))?;
+    while let Some(message) = stream.message().await.map_err(CallError)? {
+        spool.write_all(&message.data)?;
+        received += message.data.len() as u64;
+        bar.inc(message.data.len() as u64);
+    }
+    bar.finish_and_clear();
+    spool.rewind()?;
+    let into = target.clone();
+    tokio::task::spawn_blocking(move || unpack(spool, &into))
+        .await
+        .map_err(|e| anyhow!("unpacking failed: {e}"))??;
+    Ok(received)
+}
+
+/// Where a copy of the environment's `path` into the local path `local`
+/// lands (docker cp's rules), and the directory its spool goes in.
+fn local_target(path: &str, local: &str) -> Result<(PathBuf, PathBuf)> {
     let dpath = PathBuf::from(local);
     let target = if contents_of(path) {
         dpath.clone()
@@ -533,21 +558,14 @@ async fn copy_out(
     if !parent.is_dir() {
         bail!("{}: no such directory", parent.display());
     }
-    // Everything is received before anything is unpacked.
-    let mut spool = tempfile::tempfile_in(&parent)
-        .with_context(|| format!("cannot write in {}", parent.display()))?;
-    while let Some(message) = stream.message().await.map_err(CallError)? {
-        spool.write_all(&message.data)?;
-        received += message.data.len() as u64;
-        bar.inc(message.data.len() as u64);
+    // The directory the user named is followed when it is a symbolic link
+    // (nothing below it is: see `unpack`).
+    if target == dpath && dpath.is_dir() {
+        let resolved = std::fs::canonicalize(&dpath)
+            .with_context(|| format!("resolving {}", dpath.display()))?;
+        return Ok((resolved, parent));
     }
-    bar.finish_and_clear();
-    spool.rewind()?;
-    let into = target.clone();
-    tokio::task::spawn_blocking(move || unpack(spool, &into))
-        .await
-        .map_err(|e| anyhow!("unpacking failed: {e}"))??;
-    Ok(received)
+    Ok((target, parent))
 }
 
 /// The components below the archive's root of an entry path, and that root
@@ -575,10 +593,41 @@ fn split_entry(raw: &[u8]) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
     Ok((root, components))
 }
 
+/// Refuses to write through a symbolic link already on disk: `target`
+/// (when `with_target`) and every directory from it down to the parent of
+/// `components` must be missing or a real directory (checked with
+/// `symlink_metadata`, never followed).
+fn no_link_on_the_way(target: &Path, components: &[Vec<u8>], with_target: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut path = target.to_path_buf();
+    let depth = components.len().saturating_sub(1);
+    for i in 0..=depth {
+        if i > 0 {
+            path.push(std::ffi::OsStr::from_bytes(&components[i - 1]));
+        } else if !with_target {
+            continue;
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => bail!(
+                "refused to write through the symbolic link {} (it is on the way to an entry \
+                 of the archive)",
+                path.display()
+            ),
+            Ok(_) => {}
+            // Nothing there: nothing below it either.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks a received archive so that its root becomes `target`: checked
 /// entry by entry (no `..`, nothing below a symbolic link of the same
-/// archive, hard links only to files unpacked before), owners not kept,
-/// set-id bits dropped.
+/// archive, the root included, hard links only to files unpacked before),
+/// never through a symbolic link already on disk at or below `target`
+/// (`target` itself is followed only when it is the directory the user
+/// named: the caller resolves it), owners not kept, set-id bits dropped.
 fn unpack(file: std::fs::File, target: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let mut archive = tar::Archive::new(file);
@@ -592,6 +641,11 @@ fn unpack(file: std::fs::File, target: &Path) -> Result<()> {
             p.join(std::ffi::OsStr::from_bytes(c))
         })
     };
+    // Whether an entry lies below a symbolic link of the archive (its root
+    // included: the empty prefix).
+    let below_link = |links: &HashSet<Vec<Vec<u8>>>, components: &[Vec<u8>]| {
+        (0..components.len()).any(|i| links.contains(&components[..i]))
+    };
     for entry in archive.entries().context("reading the archive")? {
         let mut entry = entry.context("reading the archive")?;
         let raw = entry.path_bytes().into_owned();
@@ -604,22 +658,33 @@ fn unpack(file: std::fs::File, target: &Path) -> Result<()> {
                 String::from_utf8_lossy(&raw)
             ),
         }
-        if (1..components.len()).any(|i| links.contains(&components[..i])) {
+        if below_link(&links, &components) {
             bail!(
                 "refused an archive entry below a symbolic link: {}",
                 String::from_utf8_lossy(&raw)
             );
         }
+        let kind = entry.header().entry_type();
+        // Directories on the way, and a directory entry itself (unpacking
+        // one sets the mode of what is there), are never symbolic links.
+        no_link_on_the_way(target, &components, !components.is_empty())?;
         let path = local(&components);
+        if kind == tar::EntryType::Directory
+            && std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            bail!(
+                "refused to unpack the directory {} over the symbolic link there",
+                path.display()
+            );
+        }
         if let Some(parent) = path.parent()
             && !components.is_empty()
         {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        match entry.header().entry_type() {
+        match kind {
             tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Symlink => {
-                let kind = entry.header().entry_type();
                 entry
                     .unpack(&path)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -634,12 +699,16 @@ fn unpack(file: std::fs::File, target: &Path) -> Result<()> {
             tar::EntryType::Link => {
                 let name = entry.link_name_bytes().unwrap_or_default().into_owned();
                 let (link_root, link_components) = split_entry(&name)?;
-                if Some(&link_root) != root.as_ref() || !files.contains(&link_components) {
+                if Some(&link_root) != root.as_ref()
+                    || !files.contains(&link_components)
+                    || below_link(&links, &link_components)
+                {
                     bail!(
                         "refused a hard link to a file not in the archive: {}",
                         String::from_utf8_lossy(&raw)
                     );
                 }
+                no_link_on_the_way(target, &link_components, true)?;
                 let _ = std::fs::remove_file(&path);
                 std::fs::hard_link(local(&link_components), &path)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -769,5 +838,136 @@ mod tests {
         let single = dir.path().join("single.txt");
         unpack(archive(&[("f", Regular, "", b"one")]), &single).unwrap();
         assert_eq!(std::fs::read(&single).unwrap(), b"one");
+    }
+
+    /// What `dir` holds, recursively (not following links).
+    fn held(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                out.extend(held(&path));
+            }
+            out.push(path);
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn nothing_is_written_through_a_symbolic_link_of_the_archive_or_on_disk() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let away = outside.to_str().unwrap();
+
+        // The archive's root is a symbolic link, then an entry below it.
+        let target = dir.path().join("out");
+        let e = unpack(
+            archive(&[("d", Symlink, away, b""), ("d/x", Regular, "", b"evil")]),
+            &target,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("below a symbolic link"), "{e}");
+        // The same root written as `d/` then `d/./x`.
+        let target = dir.path().join("out-dot");
+        let e = unpack(
+            archive(&[("d/", Symlink, away, b""), ("d/./x", Regular, "", b"evil")]),
+            &target,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("below a symbolic link"), "{e}");
+
+        // A symbolic link already on disk below the target (say, left by an
+        // earlier copy): a directory on the way, a directory entry on it.
+        let target = dir.path().join("existing");
+        std::fs::create_dir(&target).unwrap();
+        symlink(&outside, target.join("sub")).unwrap();
+        let e = unpack(
+            archive(&[
+                ("d/", Directory, "", b""),
+                ("d/sub/x", Regular, "", b"evil"),
+            ]),
+            &target,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("through the symbolic link"), "{e}");
+        let e = unpack(
+            archive(&[("d/", Directory, "", b""), ("d/sub/", Directory, "", b"")]),
+            &target,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("over the symbolic link"), "{e}");
+        // The target itself a link (made by an earlier copy out of a link),
+        // with a directory root or entries only below it.
+        let target = dir.path().join("was-a-link");
+        symlink(&outside, &target).unwrap();
+        let e = unpack(
+            archive(&[("d/", Directory, "", b""), ("d/x", Regular, "", b"evil")]),
+            &target,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("over the symbolic link"), "{e}");
+        let e = unpack(archive(&[("d/x", Regular, "", b"evil")]), &target)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("through the symbolic link"), "{e}");
+
+        assert_eq!(held(&outside), Vec::<PathBuf>::new(), "nothing outside");
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700, "its mode untouched");
+
+        // A link the archive replaces with a file, and a file that replaces
+        // a link on disk, are fine (links are replaced, never followed).
+        let target = dir.path().join("replaced");
+        std::fs::create_dir(&target).unwrap();
+        symlink(&outside, target.join("f")).unwrap();
+        unpack(
+            archive(&[
+                ("d/", Directory, "", b""),
+                ("d/l", Symlink, away, b""),
+                ("d/l", Regular, "", b"file"),
+                ("d/f", Regular, "", b"file"),
+            ]),
+            &target,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(target.join("l")).unwrap(), b"file");
+        assert_eq!(std::fs::read(target.join("f")).unwrap(), b"file");
+        assert_eq!(held(&outside), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn the_named_local_directory_is_followed_when_it_is_a_link() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let named = dir.path().join("named");
+        symlink(&real, &named).unwrap();
+        let named_str = named.to_str().unwrap();
+        // `ENV:/x/. ./named`: into what `named` points to.
+        let (target, spool) = local_target("/x/.", named_str).unwrap();
+        assert_eq!(target, std::fs::canonicalize(&real).unwrap());
+        assert_eq!(spool, dir.path());
+        // `ENV:/x ./named`: `named/x`, below the link the user named.
+        let (target, _) = local_target("/x", named_str).unwrap();
+        assert_eq!(target, named.join("x"));
+        // `ENV:/x ./new`: `new`, created.
+        let new = dir.path().join("new");
+        let (target, _) = local_target("/x", new.to_str().unwrap()).unwrap();
+        assert_eq!(target, new);
+        let e = local_target("/x", &format!("{}/", new.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such directory"), "{e}");
     }
 }

@@ -4,8 +4,11 @@
 //! authorizes `environment.copy_to` / `environment.copy_from` on the
 //! environment (its owner or a team admin, like exec) and relays the stream
 //! to the orchestrator, which owns every other rule (state, reserved paths,
-//! limits, the archive's entries; see its `copy` module) and audits each
-//! copy. Both streams are re-authorized like every long stream
+//! limits, the archive's entries, copies running at once per environment,
+//! the idle timeout; see its `copy` module) and audits each copy. Its
+//! refusals pass through with their details (`files.copy_concurrency` in a
+//! QuotaFailure, `files.copy_idle` and `files.archive_limits` in a
+//! PreconditionFailure). Both streams are re-authorized like every long stream
 //! ([`Recheck`]): losing the right ends them with PERMISSION_DENIED or
 //! UNAUTHENTICATED.
 //!
