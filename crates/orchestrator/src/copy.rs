@@ -55,9 +55,10 @@
 //!   a name at most 4096 bytes, an archive at most [`MAX_ENTRIES`] entries
 //!   and [`MAX_NAME_BYTES`] bytes of names and link targets.
 //! - **Spool slots are taken when data arrives**: at most
-//!   [`UPLOADS_PER_ENV`] uploads of one environment are spooled at once
-//!   (more: RESOURCE_EXHAUSTED with a QuotaFailure `files.copy_concurrency`,
-//!   to that caller only) and [`UPLOADS`] in all (more: RESOURCE_EXHAUSTED
+//!   [`UPLOADS_PER_ENV`] uploads of one environment and
+//!   [`UPLOADS_PER_USER`] of one caller are spooled at once (more:
+//!   RESOURCE_EXHAUSTED with a QuotaFailure `files.copy_concurrency`, to
+//!   that caller only) and [`UPLOADS`] in all (more: RESOURCE_EXHAUSTED
 //!   with a RetryInfo). A CopyTo that has sent no data holds no slot.
 //! - **Idle copies end** (`files.copy_idle`, DEADLINE_EXCEEDED): a CopyTo
 //!   whose client sends no data for [`IDLE_TIMEOUT`] (before its first
@@ -76,8 +77,8 @@
 //!   and the client is served from there at its own. It stops with
 //!   `files.copy_limit` once the archive passes the limit, before a byte
 //!   is sent (a single file over it is refused before the engine is
-//!   asked). At most [`DOWNLOADS_PER_ENV`] run at once per environment
-//!   (more: RESOURCE_EXHAUSTED, QuotaFailure `files.copy_concurrency`) and
+//!   asked). At most [`DOWNLOADS_PER_ENV`] run at once per environment and
+//!   [`DOWNLOADS_PER_USER`] per caller (more: RESOURCE_EXHAUSTED, QuotaFailure `files.copy_concurrency`) and
 //!   [`DOWNLOADS`] in all (more: RESOURCE_EXHAUSTED with a RetryInfo).
 //! - Messages stay small: clients send chunks of at most [`MAX_CHUNK`];
 //!   the orchestrator sends [`SEND_CHUNK`].
@@ -119,11 +120,16 @@ pub const SEND_CHUNK: usize = 64 * 1024;
 /// Uploads of one environment spooled at the same time (each may take up
 /// to its limit on disk).
 pub const UPLOADS_PER_ENV: usize = 2;
+/// Uploads of one user spooled at the same time, whatever environments
+/// they go to (so that one user cannot take every slot there is).
+pub const UPLOADS_PER_USER: usize = 4;
 /// Uploads spooled at the same time in all.
 pub const UPLOADS: usize = 16;
 /// CopyFrom streams of one environment at the same time (each spools up
 /// to its limit on disk).
 pub const DOWNLOADS_PER_ENV: usize = 4;
+/// CopyFrom streams of one user at the same time.
+pub const DOWNLOADS_PER_USER: usize = 8;
 /// CopyFrom streams at the same time in all.
 pub const DOWNLOADS: usize = 16;
 /// How long a copy may wait for its client (the next chunk of a CopyTo, a
@@ -175,11 +181,13 @@ pub enum CopyError {
     #[error("too many copies are being spooled; retry")]
     Busy,
     /// The environment has as many copies of this kind running as it may.
-    #[error(
-        "this environment already has {max} {what} running, the most it may have at once; \
-         retry when one has ended"
-    )]
-    Crowded { what: &'static str, max: usize },
+    #[error("{whose} already has {max} {what} running, the most at once; retry when one has ended")]
+    Crowded {
+        /// "this environment" or "the caller".
+        whose: &'static str,
+        what: &'static str,
+        max: usize,
+    },
     /// The client sent (or read) nothing for too long.
     #[error(
         "the client {what} nothing for {} s: the copy was abandoned",
@@ -900,19 +908,22 @@ impl Read for ChannelReader {
 pub type CopyStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
 
 /// Copies of one kind running at once: at most `per_env` for one
-/// environment and, when `total` is set, that many in all.
+/// environment, `per_user` for one caller and, when `total` is set, that
+/// many in all.
 struct Limiter {
     /// What the copies are, as a refusal names them.
     what: &'static str,
     per_env: usize,
+    per_user: usize,
     total: Option<Arc<Semaphore>>,
+    /// Copies running per key (`env:<id>`, `user:<id>`).
     running: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// One running copy of a [`Limiter`]: freed when dropped.
 #[must_use]
 struct Slot {
-    env: String,
+    keys: [String; 2],
     running: Arc<Mutex<HashMap<String, usize>>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -920,34 +931,45 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = running.get_mut(&self.env) {
-            *n -= 1;
-            if *n == 0 {
-                running.remove(&self.env);
+        for key in &self.keys {
+            if let Some(n) = running.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    running.remove(key);
+                }
             }
         }
     }
 }
 
 impl Limiter {
-    fn new(what: &'static str, per_env: usize, total: Option<usize>) -> Self {
+    fn new(what: &'static str, per_env: usize, per_user: usize, total: Option<usize>) -> Self {
         Limiter {
             what,
             per_env,
+            per_user,
             total: total.map(|n| Arc::new(Semaphore::new(n))),
             running: Arc::default(),
         }
     }
 
-    /// A slot for a copy of `env`, if it may run now: the environment's
-    /// cap first (a refusal for its callers only), then the total.
-    fn take(&self, env: &str) -> Result<Slot> {
+    /// A slot for a copy of `env` by `user`, if it may run now: the
+    /// environment's and the caller's caps first (a refusal for those
+    /// callers only), then the total.
+    fn take(&self, env: &str, user: &str) -> Result<Slot> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.get(env).copied().unwrap_or(0) >= self.per_env {
-            return Err(CopyError::Crowded {
-                what: self.what,
-                max: self.per_env,
-            });
+        let keys = [format!("env:{env}"), format!("user:{user}")];
+        for (key, whose, max) in [
+            (&keys[0], "this environment", self.per_env),
+            (&keys[1], "the caller", self.per_user),
+        ] {
+            if running.get(key).copied().unwrap_or(0) >= max {
+                return Err(CopyError::Crowded {
+                    whose,
+                    what: self.what,
+                    max,
+                });
+            }
         }
         let permit = match &self.total {
             Some(total) => Some(
@@ -958,9 +980,11 @@ impl Limiter {
             ),
             None => None,
         };
-        *running.entry(env.to_owned()).or_default() += 1;
+        for key in &keys {
+            *running.entry(key.clone()).or_default() += 1;
+        }
         Ok(Slot {
-            env: env.to_owned(),
+            keys,
             running: self.running.clone(),
             _permit: permit,
         })
@@ -970,7 +994,7 @@ impl Limiter {
     #[cfg(test)]
     fn running(&self, env: &str) -> usize {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.get(env).copied().unwrap_or(0)
+        running.get(&format!("env:{env}")).copied().unwrap_or(0)
     }
 }
 
@@ -1017,6 +1041,7 @@ impl Spooler {
             uploads: Arc::new(Limiter::new(
                 "uploads being spooled",
                 UPLOADS_PER_ENV,
+                UPLOADS_PER_USER,
                 Some(UPLOADS),
             )),
             idle: IDLE_TIMEOUT,
@@ -1039,7 +1064,7 @@ impl Spooler {
     /// leaves nothing but the error.
     async fn receive<S>(
         &self,
-        env: &str,
+        (env, user): (&str, &str),
         plan: Plan,
         (limit_mb, limit): (i64, u64),
         input: &mut S,
@@ -1049,7 +1074,7 @@ impl Spooler {
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
         let mut next = next_data(input, self.idle).await?;
-        let slot = self.uploads.take(env)?;
+        let slot = self.uploads.take(env, user)?;
         let spool = self.file()?;
         let (tx, rx) = mpsc::channel::<Bytes>(8);
         let checker = tokio::task::spawn_blocking(move || {
@@ -1165,6 +1190,7 @@ impl Copier {
             downloads: Arc::new(Limiter::new(
                 "downloads",
                 DOWNLOADS_PER_ENV,
+                DOWNLOADS_PER_USER,
                 Some(DOWNLOADS),
             )),
         }
@@ -1239,7 +1265,14 @@ impl Copier {
         let mut entries = None;
         let mut shown = shown(path);
         let result = self
-            .copy_to_inner(&rec, path, input, &mut received, &mut entries, &mut shown)
+            .copy_to_inner(
+                (&rec, &caller.user_id),
+                path,
+                input,
+                &mut received,
+                &mut entries,
+                &mut shown,
+            )
             .await;
         let done = Done {
             action: "environment.copy_to",
@@ -1254,7 +1287,7 @@ impl Copier {
 
     async fn copy_to_inner<S>(
         &self,
-        rec: &EnvRecord,
+        (rec, user): (&EnvRecord, &str),
         path: &str,
         mut input: S,
         received: &mut u64,
@@ -1314,7 +1347,13 @@ impl Copier {
 
         let spooled = self
             .spooler
-            .receive(&rec.id, plan, (limit_mb, limit), &mut input, received)
+            .receive(
+                (&rec.id, user),
+                plan,
+                (limit_mb, limit),
+                &mut input,
+                received,
+            )
             .await?;
         *entries = Some(spooled.summary.entries);
 
@@ -1361,7 +1400,9 @@ impl Copier {
         let rec = self.orchestrator.get(environment_id).await?;
         let session = self.orchestrator.session(&rec.id);
         let mut shown = shown(path);
-        let prepared = self.copy_from_prepare(&rec, path, &mut shown).await;
+        let prepared = self
+            .copy_from_prepare((&rec, &caller.user_id), path, &mut shown)
+            .await;
         let (cid, source, limit_mb, limit, slot) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -1454,14 +1495,14 @@ impl Copier {
     /// its downloads running, a single file over the limit.
     async fn copy_from_prepare(
         &self,
-        rec: &EnvRecord,
+        (rec, user): (&EnvRecord, &str),
         path: &str,
         shown: &mut String,
     ) -> Result<(String, String, i64, u64, Slot)> {
         let source = normalize(path)?;
         shown.clone_from(&source);
         let cid = Self::usable(rec, "copy files from")?;
-        let slot = self.downloads.take(&rec.id)?;
+        let slot = self.downloads.take(&rec.id, user)?;
         let spec = Orchestrator::spec_of(rec);
         no_bind_mounts(&spec)?;
         not_on_tmpfs(&source, &tmpfs_targets(&spec))?;
@@ -2082,7 +2123,7 @@ mod tests {
         tokio::spawn(async move {
             let mut received = 0;
             spooler
-                .receive(env, plan(), (1, MIB), &mut input, &mut received)
+                .receive((env, env), plan(), (1, MIB), &mut input, &mut received)
                 .await
                 .map(|spooled| spooled.summary)
         })
@@ -2172,31 +2213,47 @@ mod tests {
     }
 
     #[test]
-    fn copies_are_capped_per_environment_then_in_all() {
-        let limiter = Limiter::new("uploads", 2, Some(3));
-        let a1 = limiter.take("a").unwrap();
-        let _a2 = limiter.take("a").unwrap();
+    fn copies_are_capped_per_environment_per_caller_then_in_all() {
+        let limiter = Limiter::new("uploads", 2, 3, Some(4));
+        let a1 = limiter.take("a", "ann").unwrap();
+        let _a2 = limiter.take("a", "bob").unwrap();
         assert!(matches!(
-            limiter.take("a"),
-            Err(CopyError::Crowded { max: 2, .. })
+            limiter.take("a", "cid"),
+            Err(CopyError::Crowded {
+                max: 2,
+                whose: "this environment",
+                ..
+            })
         ));
-        let _b1 = limiter.take("b").unwrap();
-        let busy = limiter.take("c").err().expect("all slots taken");
+        let _b1 = limiter.take("b", "ann").unwrap();
+        // One caller cannot take every slot, whatever environments it uses.
+        let _c1 = limiter.take("c", "ann").unwrap();
+        let crowded = limiter.take("d", "ann").err().expect("ann's cap");
+        assert!(matches!(
+            crowded,
+            CopyError::Crowded {
+                max: 3,
+                whose: "the caller",
+                ..
+            }
+        ));
+        assert_eq!(Status::from(crowded).code(), tonic::Code::ResourceExhausted);
+        let busy = limiter.take("d", "dan").err().expect("all slots taken");
         assert!(matches!(busy, CopyError::Busy));
         assert_eq!(Status::from(busy).code(), tonic::Code::ResourceExhausted);
         drop(a1);
         assert_eq!(limiter.running("a"), 1);
-        let _c1 = limiter.take("c").expect("a slot freed");
-        // Without a total: only the environment's cap.
-        let downloads = Limiter::new("downloads", DOWNLOADS_PER_ENV, None);
+        let _d1 = limiter.take("d", "dan").expect("a slot freed");
+        // Without a total: only the environment's and the caller's caps.
+        let downloads = Limiter::new("downloads", DOWNLOADS_PER_ENV, DOWNLOADS_PER_USER, None);
         let held: Vec<_> = (0..DOWNLOADS_PER_ENV)
-            .map(|_| downloads.take("a").unwrap())
+            .map(|_| downloads.take("a", "ann").unwrap())
             .collect();
         assert!(matches!(
-            downloads.take("a"),
+            downloads.take("a", "bob"),
             Err(CopyError::Crowded { max: 4, .. })
         ));
-        assert!(downloads.take("b").is_ok());
+        assert!(downloads.take("b", "bob").is_ok());
         drop(held);
         assert_eq!(downloads.running("a"), 0);
     }
