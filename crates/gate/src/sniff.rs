@@ -104,7 +104,7 @@ pub fn authority(s: &str, default: u16) -> Option<(String, u16)> {
             None if after.is_empty() => default,
             None => return None,
         };
-        return Some((host.to_owned(), port));
+        return (!host.is_empty() && port != 0).then(|| (host.to_owned(), port));
     }
     match s.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => Some((host.to_owned(), port.parse().ok()?)),
@@ -311,6 +311,8 @@ mod tests {
         );
         assert_eq!(authority("example.com:0", 80), None);
         assert_eq!(authority("a:b:c", 80), None);
+        assert_eq!(authority("[]:80", 80), None);
+        assert_eq!(authority("[::1]:0", 80), None);
         assert_eq!(absolute_target("http://user@evil/"), None);
         assert_eq!(
             absolute_target("http://198.51.100.10"),
