@@ -454,6 +454,7 @@ impl Cluster {
     pub async fn team(&self, name: &str) -> String {
         self.identity(&self.admin_token())
             .create_team(CreateTeamRequest {
+                request_id: Default::default(),
                 name: name.into(),
                 display_name: name.into(),
             })
@@ -472,6 +473,7 @@ impl Cluster {
         let password = format!("{name}-password-123");
         let user = identity
             .create_user(CreateUserRequest {
+                request_id: Default::default(),
                 username: name.into(),
                 display_name: name.into(),
                 password: password.clone(),

@@ -181,6 +181,7 @@ impl Platform {
         use vibebox_proto::identity::CreateTeamRequest;
         self.identity(admin)
             .create_team(CreateTeamRequest {
+                request_id: Default::default(),
                 name: name.into(),
                 display_name: name.into(),
             })
@@ -208,6 +209,7 @@ impl Platform {
         let user = self
             .identity(admin)
             .create_user(CreateUserRequest {
+                request_id: Default::default(),
                 username: name.into(),
                 display_name: name.into(),
                 password: password.clone(),

@@ -26,6 +26,10 @@ pub struct Actor {
     pub token_id: String,
     #[serde(default)]
     pub service: String,
+    /// "user", "service_account" or "service"; empty in events recorded
+    /// before kinds existed (their canonical encoding stays version 1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
 }
 
 /// Result of the audited operation.
@@ -166,6 +170,9 @@ pub struct Canonical<'a> {
     actor_user_id: &'a str,
     actor_token_id: &'a str,
     actor_service: &'a str,
+    /// Only in version 2 (an actor with a kind).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    actor_kind: &'a str,
     team_id: &'a str,
     action: &'a str,
     resource_type: &'a str,
@@ -188,13 +195,14 @@ impl Event {
     /// The canonical view hashed into the chain.
     pub fn canonical_view(&self) -> Canonical<'_> {
         Canonical {
-            v: 1,
+            v: if self.actor.kind.is_empty() { 1 } else { 2 },
             id: &self.id,
             sequence: self.sequence,
             time: canonical_time(&self.time),
             actor_user_id: &self.actor.user_id,
             actor_token_id: &self.actor.token_id,
             actor_service: &self.actor.service,
+            actor_kind: &self.actor.kind,
             team_id: &self.team_id,
             action: &self.action,
             resource_type: &self.resource_type,
@@ -219,6 +227,10 @@ impl Event {
         out.push(b'{');
         field(&mut out, "action", false);
         jcs_str(&mut out, v.action);
+        if !v.actor_kind.is_empty() {
+            field(&mut out, "actor_kind", true);
+            jcs_str(&mut out, v.actor_kind);
+        }
         field(&mut out, "actor_service", true);
         jcs_str(&mut out, v.actor_service);
         field(&mut out, "actor_token_id", true);
@@ -441,6 +453,7 @@ impl TryFrom<pb::AuditEvent> for Event {
                 user_id: actor.user_id,
                 token_id: actor.token_id,
                 service: actor.service,
+                kind: actor.kind,
             },
             team_id: e.team_id,
             action: e.action,
@@ -469,6 +482,7 @@ impl From<&Event> for pb::AuditEvent {
                 user_id: e.actor.user_id.clone(),
                 token_id: e.actor.token_id.clone(),
                 service: e.actor.service.clone(),
+                kind: e.actor.kind.clone(),
             }),
             team_id: e.team_id.clone(),
             action: e.action.clone(),
@@ -503,6 +517,7 @@ pub(crate) mod tests {
             sequence: 0,
             time: DateTime::from_timestamp(1_790_000_000 + n as i64, 123_456_789).unwrap(),
             actor: Actor {
+                kind: Default::default(),
                 user_id: "u1".into(),
                 token_id: "t1".into(),
                 service: String::new(),
@@ -551,6 +566,19 @@ pub(crate) mod tests {
         assert_eq!(
             String::from_utf8(e.canonical_bytes()).unwrap(),
             String::from_utf8(slow).unwrap()
+        );
+        let mut kinded = sample(4);
+        kinded.actor.kind = "service_account".into();
+        let fast = String::from_utf8(kinded.canonical_bytes()).unwrap();
+        assert_eq!(
+            fast,
+            String::from_utf8(serde_jcs::to_vec(&kinded.canonical_view()).unwrap()).unwrap()
+        );
+        assert!(fast.contains(r#""actor_kind":"service_account""#) && fast.contains(r#""v":2"#));
+        assert!(
+            !String::from_utf8(sample(4).canonical_bytes())
+                .unwrap()
+                .contains("actor_kind")
         );
         for n in 0..50 {
             let e = sample(n);

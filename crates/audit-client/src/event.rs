@@ -203,6 +203,7 @@ mod tests {
         let expected = AuditEvent {
             id: "id-1".into(),
             actor: Some(Actor {
+                kind: Default::default(),
                 user_id: "u1".into(),
                 token_id: "t1".into(),
                 service: String::new(),

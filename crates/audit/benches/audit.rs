@@ -29,6 +29,7 @@ fn wire_event(i: usize) -> pb::AuditEvent {
     pb::AuditEvent {
         id: uuid::Uuid::now_v7().to_string(),
         actor: Some(pb::Actor {
+            kind: Default::default(),
             user_id: format!("user-{}", i % 1000),
             token_id: "tok".into(),
             service: String::new(),
@@ -126,6 +127,7 @@ fn bench_verify(total: u64) {
             sequence: 0,
             time: base + chrono::Duration::milliseconds(seq as i64),
             actor: Actor {
+                kind: Default::default(),
                 user_id: format!("user-{}", seq % 1000),
                 token_id: "tok".into(),
                 service: String::new(),

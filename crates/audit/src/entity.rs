@@ -18,6 +18,9 @@ pub mod event {
         pub actor_user_id: String,
         pub actor_token_id: String,
         pub actor_service: String,
+        /// Added after the first release (empty in older rows).
+        #[sea_orm(default_value = "")]
+        pub actor_kind: String,
         #[sea_orm(indexed)]
         pub team_id: String,
         #[sea_orm(indexed)]

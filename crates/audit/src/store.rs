@@ -97,6 +97,7 @@ fn to_row(e: &Event) -> event::ActiveModel {
         actor_user_id: Set(e.actor.user_id.clone()),
         actor_token_id: Set(e.actor.token_id.clone()),
         actor_service: Set(e.actor.service.clone()),
+        actor_kind: Set(e.actor.kind.clone()),
         team_id: Set(e.team_id.clone()),
         action: Set(e.action.clone()),
         resource_type: Set(e.resource_type.clone()),
@@ -131,6 +132,7 @@ fn from_row(m: event::Model) -> Result<Event> {
             user_id: m.actor_user_id,
             token_id: m.actor_token_id,
             service: m.actor_service,
+            kind: m.actor_kind,
         },
         team_id: m.team_id,
         action: m.action,
@@ -193,6 +195,8 @@ impl Store {
         }
         let mut checkpoints = schema.create_table_from_entity(checkpoint::Entity);
         self.db.execute(&*checkpoints.if_not_exists()).await?;
+        vibebox_db::add_column_if_missing(&self.db, event::Entity, event::Column::ActorKind)
+            .await?;
         Ok(())
     }
 

@@ -28,6 +28,7 @@ fn wire_event(i: usize) -> pb::AuditEvent {
     pb::AuditEvent {
         id: uuid::Uuid::now_v7().to_string(),
         actor: Some(pb::Actor {
+            kind: Default::default(),
             user_id: format!("user-{}", i % 1000),
             token_id: "tok".into(),
             service: String::new(),
@@ -140,6 +141,7 @@ fn build_export(
             sequence: 0,
             time: base + chrono::Duration::milliseconds(seq as i64),
             actor: Actor {
+                kind: Default::default(),
                 user_id: format!("user-{}", seq % 1000),
                 token_id: "tok".into(),
                 service: String::new(),

@@ -87,6 +87,7 @@ impl Ctx {
         let env = self
             .environments()
             .create_environment(CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: uuid::Uuid::new_v4().to_string(),
                 team_id: self.team.clone(),
                 name: name.to_owned(),

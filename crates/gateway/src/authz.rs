@@ -88,6 +88,18 @@ pub(crate) const TABLE: &[(&str, Access)] = &[
         "/vibebox.environment.v1.EnvironmentService/ExtendEnvironment",
         Access::Operation("environment.extend"),
     ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/UpdateEnvironment",
+        Access::Operation("environment.update"),
+    ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/WaitEnvironment",
+        Access::Operation("environment.wait"),
+    ),
+    (
+        "/vibebox.environment.v1.EnvironmentService/WatchEnvironments",
+        Access::Operation("environment.watch"),
+    ),
     // vibebox.identity.v1.IdentityService
     (
         "/vibebox.identity.v1.IdentityService/Login",
@@ -140,6 +152,26 @@ pub(crate) const TABLE: &[(&str, Access)] = &[
     (
         "/vibebox.identity.v1.IdentityService/RevokeToken",
         Access::Operation("identity.token.revoke"),
+    ),
+    (
+        "/vibebox.identity.v1.IdentityService/CreateServiceAccount",
+        Access::Operation("identity.service_account.create"),
+    ),
+    (
+        "/vibebox.identity.v1.IdentityService/ListServiceAccounts",
+        Access::Operation("identity.service_account.list"),
+    ),
+    (
+        "/vibebox.identity.v1.IdentityService/DeleteServiceAccount",
+        Access::Operation("identity.service_account.delete"),
+    ),
+    (
+        "/vibebox.identity.v1.IdentityService/CreateServiceAccountToken",
+        Access::Operation("identity.service_account.token_create"),
+    ),
+    (
+        "/vibebox.identity.v1.IdentityService/ListApiTokens",
+        Access::Operation("identity.token.list"),
     ),
     // vibebox.audit.v1.AuditService
     (

@@ -170,6 +170,7 @@ impl Call {
             token_id: self.principal.token_id().to_owned(),
             request_id: self.info.request_id.clone(),
             client_address: self.info.client_address.clone(),
+            actor_kind: String::new(),
         }
     }
 
@@ -680,6 +681,7 @@ mod tests {
             event,
             AuditEvent {
                 actor: Some(Actor {
+                    kind: Default::default(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),

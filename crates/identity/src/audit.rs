@@ -107,6 +107,7 @@ mod tests {
             event,
             AuditEvent {
                 actor: Some(Actor {
+                    kind: Default::default(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),

@@ -104,6 +104,7 @@ fn user_to_pb(u: User) -> pb::User {
         username: u.username,
         display_name: u.display_name,
         disabled: u.disabled,
+        kind: pb::PrincipalKind::Human as i32,
     }
 }
 
@@ -305,6 +306,7 @@ impl IdentityService for Handlers {
         let members = self.identity.list_members(&caller, &req.team_id).await?;
         Ok(Response::new(pb::ListTeamMembersResponse {
             memberships: members.into_iter().map(membership_to_pb).collect(),
+            next_page_token: String::new(),
         }))
     }
 
@@ -343,6 +345,41 @@ impl IdentityService for Handlers {
             .await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
+
+    async fn create_service_account(
+        &self,
+        _request: Request<pb::CreateServiceAccountRequest>,
+    ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn list_service_accounts(
+        &self,
+        _request: Request<pb::ListServiceAccountsRequest>,
+    ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn delete_service_account(
+        &self,
+        _request: Request<pb::DeleteServiceAccountRequest>,
+    ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn create_service_account_token(
+        &self,
+        _request: Request<pb::CreateServiceAccountTokenRequest>,
+    ) -> Result<Response<pb::CreateServiceAccountTokenResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn list_api_tokens(
+        &self,
+        _request: Request<pb::ListApiTokensRequest>,
+    ) -> Result<Response<pb::ListApiTokensResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
 }
 
 #[tonic::async_trait]
@@ -373,6 +410,7 @@ impl AuthorizationService for Handlers {
             team_role: d.team_role.map_or(0, |r| team_role_to_pb(r) as i32),
             platform_role: d.platform_role.map_or(0, |r| platform_role_to_pb(r) as i32),
             cache_ttl_ms: crate::service::DECISION_CACHE_TTL_MS,
+            principal_kind: pb::PrincipalKind::Human as i32,
         }))
     }
 

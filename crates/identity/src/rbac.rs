@@ -61,6 +61,9 @@ pub const OPERATIONS: &[&str] = &[
     "environment.copy_to",
     "environment.copy_from",
     "environment.extend",
+    "environment.update",
+    "environment.wait",
+    "environment.watch",
     "identity.whoami",
     "identity.user.create",
     "identity.user.list",
@@ -73,6 +76,11 @@ pub const OPERATIONS: &[&str] = &[
     "identity.member.list",
     "identity.token.create",
     "identity.token.revoke",
+    "identity.token.list",
+    "identity.service_account.create",
+    "identity.service_account.list",
+    "identity.service_account.delete",
+    "identity.service_account.token_create",
     "audit.query",
     "audit.watch",
     "audit.verify",
@@ -104,10 +112,11 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
                 None => deny("not a member of the team"),
             }
         }
-        "environment.list" if resource.team_id.is_empty() => {
+        "environment.list" | "environment.watch" if resource.team_id.is_empty() => {
             Decision::Allow("scoped to the caller's teams")
         }
-        "environment.get" | "environment.list" | "environment.logs" | "environment.stats" => {
+        "environment.get" | "environment.list" | "environment.watch" | "environment.wait"
+        | "environment.logs" | "environment.stats" => {
             if let Some(d) = needs_team() {
                 return d;
             }
@@ -124,6 +133,7 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
         | "environment.copy_from"
         | "environment.port_forward"
         | "environment.extend"
+        | "environment.update"
         | "environment.delete" => {
             if let Some(d) = needs_team() {
                 return d;
@@ -140,7 +150,34 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
         "identity.whoami"
         | "identity.token.create"
         | "identity.token.revoke"
+        | "identity.token.list"
         | "identity.team.list" => Decision::Allow("authenticated"),
+        // Service accounts of a team: its admins (and platform admins);
+        // listing them: any member.
+        "identity.service_account.create"
+        | "identity.service_account.delete"
+        | "identity.service_account.token_create" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else if let Some(d) = needs_team() {
+                d
+            } else if role == Some(TeamRole::Admin) {
+                Decision::Allow("team admin")
+            } else {
+                deny("team admins only")
+            }
+        }
+        "identity.service_account.list" => {
+            if platform_admin {
+                Decision::Allow("platform admin")
+            } else if let Some(d) = needs_team() {
+                d
+            } else if role.is_some() {
+                Decision::Allow("team member")
+            } else {
+                deny("not a member of the team")
+            }
+        }
         "identity.user.create"
         | "identity.user.list"
         | "identity.user.disable"

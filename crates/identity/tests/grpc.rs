@@ -103,6 +103,7 @@ impl Harness {
         self.identity
             .create_user(bearer(
                 pb::CreateUserRequest {
+                    request_id: Default::default(),
                     username: username.into(),
                     display_name: String::new(),
                     password: PASSWORD.into(),
@@ -122,6 +123,7 @@ impl Harness {
         self.identity
             .create_team(bearer(
                 pb::CreateTeamRequest {
+                    request_id: Default::default(),
                     name: name.into(),
                     display_name: String::new(),
                 },
@@ -392,6 +394,17 @@ async fn role_table_is_enforced() {
         ("environment.port_forward", [1, 1, 0, 0, 0, 0, 0]),
         ("environment.copy_to", [1, 1, 0, 0, 0, 0, 0]),
         ("environment.copy_from", [1, 1, 0, 0, 0, 0, 0]),
+        ("environment.update", [1, 1, 0, 0, 0, 0, 0]),
+        ("environment.wait", [1, 1, 1, 1, 0, 0, 0]),
+        ("environment.watch", [1, 1, 1, 1, 0, 0, 0]),
+        ("identity.service_account.create", [1, 0, 0, 0, 0, 0, 1]),
+        ("identity.service_account.delete", [1, 0, 0, 0, 0, 0, 1]),
+        (
+            "identity.service_account.token_create",
+            [1, 0, 0, 0, 0, 0, 1],
+        ),
+        ("identity.service_account.list", [1, 1, 1, 1, 0, 0, 1]),
+        ("identity.token.list", [1, 1, 1, 1, 1, 1, 1]),
         ("identity.member.add", [1, 0, 0, 0, 0, 0, 1]),
         ("identity.member.set_role", [1, 0, 0, 0, 0, 0, 1]),
         ("identity.member.remove", [1, 0, 0, 0, 0, 0, 1]),
@@ -543,6 +556,8 @@ async fn revocation_demotion_and_disabling_apply_within_two_seconds() {
         .identity
         .create_api_token(bearer(
             pb::CreateApiTokenRequest {
+                request_id: Default::default(),
+                restrictions: Default::default(),
                 description: "ci".into(),
                 ttl_seconds: Some(3600),
             },
@@ -686,6 +701,8 @@ async fn expired_tampered_and_foreign_tokens_are_denied() {
         .identity
         .create_api_token(bearer(
             pb::CreateApiTokenRequest {
+                request_id: Default::default(),
+                restrictions: Default::default(),
                 description: "short".into(),
                 ttl_seconds: Some(1),
             },
@@ -762,6 +779,7 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .create_user(bearer(
             pb::CreateUserRequest {
+                request_id: Default::default(),
                 username: "Bad Name".into(),
                 display_name: String::new(),
                 password: PASSWORD.into(),
@@ -777,6 +795,7 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .create_user(bearer(
             pb::CreateUserRequest {
+                request_id: Default::default(),
                 username: "carol".into(),
                 display_name: String::new(),
                 password: "short".into(),
@@ -792,6 +811,7 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .create_user(bearer(
             pb::CreateUserRequest {
+                request_id: Default::default(),
                 username: "alice".into(),
                 display_name: String::new(),
                 password: PASSWORD.into(),
@@ -807,6 +827,7 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .create_team(bearer(
             pb::CreateTeamRequest {
+                request_id: Default::default(),
                 name: "team-x".into(),
                 display_name: String::new(),
             },
@@ -837,6 +858,8 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .list_team_members(bearer(
             pb::ListTeamMembersRequest {
+                page_size: Default::default(),
+                page_token: Default::default(),
                 team_id: team.clone(),
             },
             &bob,
@@ -847,6 +870,8 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .list_team_members(bearer(
             pb::ListTeamMembersRequest {
+                page_size: Default::default(),
+                page_token: Default::default(),
                 team_id: uuid::Uuid::new_v4().to_string(),
             },
             &bob,
@@ -885,6 +910,7 @@ async fn validation_duplicates_and_no_existence_oracle() {
         .identity
         .create_user(bearer(
             pb::CreateUserRequest {
+                request_id: Default::default(),
                 username: "mallory".into(),
                 display_name: String::new(),
                 password: PASSWORD.into(),
@@ -1052,6 +1078,8 @@ async fn storage_flows_on_every_database() {
             .identity
             .list_team_members(bearer(
                 pb::ListTeamMembersRequest {
+                    page_size: Default::default(),
+                    page_token: Default::default(),
                     team_id: team.clone(),
                 },
                 &h.admin_token,
@@ -1180,6 +1208,7 @@ async fn concurrent_writes_all_succeed_on_every_database() {
                 identity
                     .create_team(bearer(
                         pb::CreateTeamRequest {
+                            request_id: Default::default(),
                             name: format!("busy-team-{i}"),
                             display_name: String::new(),
                         },
@@ -1227,6 +1256,8 @@ async fn concurrent_writes_all_succeed_on_every_database() {
             .identity
             .list_team_members(bearer(
                 pb::ListTeamMembersRequest {
+                    page_size: Default::default(),
+                    page_token: Default::default(),
                     team_id: team.clone(),
                 },
                 &admin,

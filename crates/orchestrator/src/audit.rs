@@ -175,6 +175,7 @@ mod tests {
             AuditEvent {
                 id: "id-1".into(),
                 actor: Some(Actor {
+                    kind: Default::default(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),

@@ -68,6 +68,7 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
     // Subscribe before reading: a change committed after the read is
     // announced on the receiver, one before it is in the snapshot.
     let mut subscription = changes.subscribe();
+    let snapshot_time = crate::store::now_ms();
     let live = store
         .live(orchestrator.installation())
         .await
@@ -83,6 +84,8 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
             synced: chunks.peek().is_none(),
             upserted: chunk.iter().map(environment_pb).collect(),
             removed: Vec::new(),
+            server_time_ms: snapshot_time,
+            deleted: Vec::new(),
         };
         let done = message.synced;
         if sink.send(Ok(message)).await.is_err() {
@@ -103,6 +106,7 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
                 let heartbeat = WatchEnvironmentsResponse {
                     epoch: epoch.clone(),
                     sequence: forwarded,
+                    server_time_ms: crate::store::now_ms(),
                     ..Default::default()
                 };
                 if sink.send(Ok(heartbeat)).await.is_err() {
@@ -129,18 +133,23 @@ async fn feed(orchestrator: &Orchestrator, sink: &Sink, delay: Duration) -> Resu
                 Err(TryRecvError::Lagged(_)) => return Err(lagged()),
             }
         }
+        // Taken before the records are read: every change stamped earlier
+        // and committed by now is in what follows.
         let mut message = WatchEnvironmentsResponse {
             epoch: epoch.clone(),
             sequence,
+            server_time_ms: crate::store::now_ms(),
             ..Default::default()
         };
         for id in ids {
             match store.get(&id).await {
-                Ok(Some(record))
-                    if record.installation_id == orchestrator.installation()
-                        && record.state != State::Deleted =>
-                {
-                    message.upserted.push(environment_pb(&record));
+                Ok(Some(record)) if record.installation_id == orchestrator.installation() => {
+                    if record.state == State::Deleted {
+                        message.deleted.push(environment_pb(&record));
+                        message.removed.push(id);
+                    } else {
+                        message.upserted.push(environment_pb(&record));
+                    }
                 }
                 Ok(_) => message.removed.push(id),
                 Err(e) => return Err(vibebox_server_kit::status::internal(&e)),

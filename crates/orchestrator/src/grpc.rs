@@ -171,6 +171,8 @@ pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
         last_activity_time: r.last_activity_ms.map(ts_ms),
         idle_stop_time,
         expire_time: r.expire_at_ms.map(ts_ms),
+        progress_percent: 100,
+        labels: Default::default(),
     }
 }
 
@@ -741,6 +743,15 @@ impl RuntimeService for RuntimeHandler {
             })
         });
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn update_environment(
+        &self,
+        _request: Request<vibebox_proto::runtime::UpdateEnvironmentRequest>,
+    ) -> Result<Response<vibebox_proto::runtime::UpdateEnvironmentResponse>, Status> {
+        Err(Status::unimplemented(
+            "UpdateEnvironment is not implemented yet",
+        ))
     }
 
     async fn extend_environment(

@@ -592,6 +592,7 @@ mod tests {
             |action: &str, outcome: AuditOutcome, severity: AuditSeverity, fields| AuditEvent {
                 action: action.into(),
                 actor: Some(Actor {
+                    kind: Default::default(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),

@@ -149,6 +149,7 @@ impl Ctx {
         self.cluster
             .environments(&self.dev)
             .create_environment(CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: request_id.into(),
                 team_id: self.team.clone(),
                 name: name.into(),
@@ -443,6 +444,7 @@ async fn killed_services_leave_no_orphans_no_stuck_states_and_an_exact_audit_log
             match op {
                 Op::Create => envs
                     .create_environment(CreateEnvironmentRequest {
+                        labels: Default::default(),
                         request_id: rid.clone(),
                         team_id: team,
                         name: rid,

@@ -432,6 +432,7 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
     // A team and a developer, through the gateway with the bootstrap admin token.
     let team = identity(&gateway, &admin)
         .create_team(CreateTeamRequest {
+            request_id: Default::default(),
             name: "compose".into(),
             display_name: "Compose".into(),
         })
@@ -443,6 +444,7 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         .id;
     let user = identity(&gateway, &admin)
         .create_user(CreateUserRequest {
+            request_id: Default::default(),
             username: "composer".into(),
             display_name: "Composer".into(),
             password: "composer-password-123".into(),
@@ -473,6 +475,7 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
 
     let created = environments(&gateway, &dev)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("compose-{}", d.project),
             team_id: team.clone(),
             name: "compose-env".into(),

@@ -56,6 +56,7 @@ async fn environment(
     let created = p
         .environments(token)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("copy-{name}"),
             team_id: team.into(),
             name: name.into(),

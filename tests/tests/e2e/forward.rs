@@ -72,6 +72,7 @@ async fn create(p: &Platform, token: &str, team: &str, name: &str, image: &str) 
     let created = p
         .environments(token)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("create-{name}"),
             team_id: team.into(),
             name: name.into(),
@@ -950,6 +951,7 @@ impl UpPlatform {
             vibebox_tests::bearer(admin),
         )
         .create_team(CreateTeamRequest {
+            request_id: Default::default(),
             name: name.into(),
             display_name: name.into(),
         })
@@ -1052,6 +1054,7 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
         let env = p
             .environments(&admin)
             .create_environment(CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("create-{name}"),
                 team_id: team_id.clone(),
                 name: name.into(),
@@ -1148,6 +1151,7 @@ async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it()
     let env = p
         .environments(&admin)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "create-pruned".into(),
             team_id,
             name: "pruned".into(),

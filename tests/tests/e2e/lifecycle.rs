@@ -64,6 +64,7 @@ async fn create(
     let env = c
         .environments(token)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("lifecycle-{name}"),
             team_id: team.into(),
             name: name.into(),

@@ -116,6 +116,7 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
     let attempt = |token: &str, team: &str, n: usize| {
         let mut envs = cluster.environments(token);
         let request = CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("quota-{n}"),
             team_id: team.into(),
             name: format!("quota-{n}"),
@@ -246,6 +247,7 @@ async fn concurrent_execs_and_log_streams_each_see_their_own_output() {
         let command =
             format!("i=0; while true; do echo \"mark-{u} line $i\"; i=$((i+1)); sleep 0.1; done");
         let request = CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("load-{u}"),
             team_id: team.clone(),
             name: format!("load-{u}"),

@@ -25,6 +25,7 @@ async fn user(p: &Platform, admin: &str, name: &str, team: &str, role: TeamRole)
     let password = format!("{name}-password-123");
     let created = identity
         .create_user(CreateUserRequest {
+            request_id: Default::default(),
             username: name.into(),
             display_name: name.into(),
             password: password.clone(),
@@ -57,6 +58,7 @@ async fn user(p: &Platform, admin: &str, name: &str, team: &str, role: TeamRole)
 async fn team(p: &Platform, admin: &str, name: &str) -> String {
     p.identity(admin)
         .create_team(CreateTeamRequest {
+            request_id: Default::default(),
             name: name.into(),
             display_name: name.into(),
         })
@@ -151,6 +153,7 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     let created = p
         .environments(&dev)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "e2e-create-1".into(),
             team_id: alpha.clone(),
             name: "workbench".into(),
@@ -168,6 +171,7 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     let again = p
         .environments(&dev)
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "e2e-create-1".into(),
             team_id: alpha.clone(),
             name: "workbench".into(),
@@ -337,6 +341,7 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
         let refused = p
             .environments(&dev)
             .create_environment(CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("attack-{n}"),
                 team_id: alpha.clone(),
                 name: format!("attack{n}"),

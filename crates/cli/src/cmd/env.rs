@@ -284,6 +284,8 @@ async fn list_all(
         async move {
             let r = client
                 .list_environments(ListEnvironmentsRequest {
+                    filter: Default::default(),
+                    order_by: Default::default(),
                     team_id,
                     page_size: 200,
                     page_token,
@@ -521,6 +523,7 @@ async fn create(
     let mut client = session.environments();
     let created = client
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: uuid::Uuid::new_v4().to_string(),
             team_id,
             name: name.clone(),

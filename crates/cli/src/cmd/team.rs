@@ -164,6 +164,7 @@ pub(crate) async fn run(cmd: TeamCommand, session: &Session, format: Format) -> 
         TeamCommand::Create { name, display_name } => {
             let r = client
                 .create_team(CreateTeamRequest {
+                    request_id: Default::default(),
                     display_name: display_name.unwrap_or_else(|| name.clone()),
                     name,
                 })
@@ -175,7 +176,11 @@ pub(crate) async fn run(cmd: TeamCommand, session: &Session, format: Format) -> 
         TeamCommand::Members { team } => {
             let team_id = resolve_team(session, Some(&team), None).await?;
             let r = client
-                .list_team_members(ListTeamMembersRequest { team_id })
+                .list_team_members(ListTeamMembersRequest {
+                    page_size: Default::default(),
+                    page_token: Default::default(),
+                    team_id,
+                })
                 .await
                 .call()?;
             print_members(&r.memberships, format);

@@ -74,6 +74,8 @@ pub(crate) async fn run(cmd: TokenCommand, ctx: &Context, format: Format) -> Res
             let r = session
                 .identity()
                 .create_api_token(CreateApiTokenRequest {
+                    request_id: Default::default(),
+                    restrictions: Default::default(),
                     description,
                     ttl_seconds,
                 })

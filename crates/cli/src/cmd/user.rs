@@ -142,6 +142,7 @@ pub(crate) async fn run(cmd: UserCommand, session: &Session, format: Format) -> 
             };
             let r = client
                 .create_user(CreateUserRequest {
+                    request_id: Default::default(),
                     display_name: display_name.unwrap_or_else(|| username.clone()),
                     username,
                     password,

@@ -101,6 +101,7 @@ impl Environments {
                 spec: evaluation.hardened_spec,
                 clearance: cleared.clearance,
                 canonical_image: evaluation.canonical_image,
+                labels: Default::default(),
             }))
             .await
             .map_err(upstream)?
@@ -160,6 +161,8 @@ impl Environments {
                 page_size: req.page_size,
                 page_token: req.page_token,
                 show_deleted: req.show_deleted,
+                filter: String::new(),
+                order_by: String::new(),
             }))
             .await
             .map_err(upstream)?
@@ -570,5 +573,31 @@ impl EnvironmentService for Environments {
     ) -> std::result::Result<Response<vibebox_proto::environment::ExtendEnvironmentResponse>, Status>
     {
         observe(self.extend(request)).await
+    }
+
+    async fn update_environment(
+        &self,
+        _request: Request<vibebox_proto::environment::UpdateEnvironmentRequest>,
+    ) -> std::result::Result<Response<vibebox_proto::environment::UpdateEnvironmentResponse>, Status>
+    {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn wait_environment(
+        &self,
+        _request: Request<vibebox_proto::environment::WaitEnvironmentRequest>,
+    ) -> std::result::Result<Response<vibebox_proto::environment::WaitEnvironmentResponse>, Status>
+    {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    type WatchEnvironmentsStream =
+        ProxyStream<vibebox_proto::environment::WatchEnvironmentsResponse>;
+
+    async fn watch_environments(
+        &self,
+        _request: Request<vibebox_proto::environment::WatchEnvironmentsRequest>,
+    ) -> std::result::Result<Response<Self::WatchEnvironmentsStream>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
     }
 }

@@ -296,4 +296,39 @@ impl IdentityService for Identity {
         );
         observe(call).await
     }
+
+    async fn create_service_account(
+        &self,
+        _request: Request<CreateServiceAccountRequest>,
+    ) -> std::result::Result<Response<CreateServiceAccountResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn list_service_accounts(
+        &self,
+        _request: Request<ListServiceAccountsRequest>,
+    ) -> std::result::Result<Response<ListServiceAccountsResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn delete_service_account(
+        &self,
+        _request: Request<DeleteServiceAccountRequest>,
+    ) -> std::result::Result<Response<DeleteServiceAccountResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn create_service_account_token(
+        &self,
+        _request: Request<CreateServiceAccountTokenRequest>,
+    ) -> std::result::Result<Response<CreateServiceAccountTokenResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
+
+    async fn list_api_tokens(
+        &self,
+        _request: Request<ListApiTokensRequest>,
+    ) -> std::result::Result<Response<ListApiTokensResponse>, Status> {
+        Err(Status::unimplemented("not implemented yet"))
+    }
 }

@@ -62,6 +62,7 @@ async fn developer_team(
     let team_id = identity
         .create_team(bearer(
             CreateTeamRequest {
+                request_id: Default::default(),
                 name: name.into(),
                 display_name: format!("{name} (gateway test)"),
             },
@@ -112,6 +113,7 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
 
     let mut environments = EnvironmentServiceClient::new(channel.clone());
     let request = CreateEnvironmentRequest {
+        labels: Default::default(),
         request_id: format!("create-{}", uuid::Uuid::new_v4()),
         team_id: team_id.clone(),
         name: "proxied".into(),
@@ -353,6 +355,7 @@ async fn environment_reads_follow_the_orchestrator_feed() {
     let created = environments
         .create_environment(bearer(
             CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("create-{}", uuid::Uuid::new_v4()),
                 team_id,
                 name: "replicated".into(),

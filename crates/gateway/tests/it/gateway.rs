@@ -321,6 +321,8 @@ async fn revoked_token_stops_working_within_two_seconds() {
     let created = identity
         .create_api_token(bearer(
             CreateApiTokenRequest {
+                request_id: Default::default(),
+                restrictions: Default::default(),
                 description: "gateway revocation test".into(),
                 ttl_seconds: Some(3600),
             },

@@ -27,6 +27,7 @@ const PASSWORD: &str = "correct horse battery staple";
 
 fn create(team_id: &str, spec: ContainerSpec) -> CreateEnvironmentRequest {
     CreateEnvironmentRequest {
+        labels: Default::default(),
         request_id: String::new(),
         team_id: team_id.to_owned(),
         name: "dev-env".into(),
@@ -62,6 +63,7 @@ async fn roles_isolation_and_policy_denials_through_the_gateway() {
             identity
                 .create_team(bearer(
                     CreateTeamRequest {
+                        request_id: Default::default(),
                         name: name.into(),
                         display_name: name.into(),
                     },
@@ -82,6 +84,7 @@ async fn roles_isolation_and_policy_denials_through_the_gateway() {
         let user = identity
             .create_user(bearer(
                 CreateUserRequest {
+                    request_id: Default::default(),
                     username: name.into(),
                     display_name: name.into(),
                     password: PASSWORD.into(),

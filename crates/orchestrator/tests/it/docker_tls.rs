@@ -110,6 +110,7 @@ async fn environments_are_created_on_an_engine_reached_over_mutual_tls() {
     let created = h
         .client()
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             caller: Some(Caller {
                 user_id: "user-1".into(),
                 ..Default::default()

@@ -23,6 +23,7 @@ fn create_req(
     request_id: &str,
 ) -> CreateEnvironmentRequest {
     CreateEnvironmentRequest {
+        labels: Default::default(),
         caller: Some(Caller {
             user_id: "user-1".into(),
             ..Default::default()

@@ -43,6 +43,7 @@ async fn create(h: &Harness, command: &[&str], l: pb::Lifetime) -> pb::Environme
     let created = h
         .client()
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             caller: caller(),
             request_id: env.clone(),
             environment_id: env.clone(),

@@ -19,6 +19,7 @@ async fn create(h: &Harness) -> String {
     let created = h
         .client()
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             caller: Some(Caller {
                 user_id: "user-r".into(),
                 ..Default::default()

@@ -178,6 +178,7 @@ impl Env {
             .cluster
             .environments(&self.token)
             .create_environment(CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("egress-{name}"),
                 team_id: self.team.clone(),
                 name: name.into(),

@@ -114,6 +114,7 @@ async fn create_ok(
     let created = patiently(|| {
         let mut client = p.environments(token);
         let request = CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("ok-{name}"),
             team_id: team.into(),
             name: name.into(),

@@ -969,6 +969,7 @@ pub(super) fn policy_cases(image: &str, team: &str) -> Vec<Case> {
         .map(|(n, (what, spec, expect))| Case {
             what,
             request: CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("attack-{n}"),
                 team_id: team.into(),
                 name: format!("attack-{n}"),
@@ -980,6 +981,7 @@ pub(super) fn policy_cases(image: &str, team: &str) -> Vec<Case> {
 
     // Malformed requests around a valid spec.
     let good = || CreateEnvironmentRequest {
+        labels: Default::default(),
         request_id: String::new(),
         team_id: team.into(),
         name: "fine".into(),

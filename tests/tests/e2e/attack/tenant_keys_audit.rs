@@ -61,6 +61,7 @@ fn runtime_create(
     with_id(
         &request_id,
         runtime::CreateEnvironmentRequest {
+            labels: Default::default(),
             caller: Some(runtime::Caller {
                 user_id: "key-retirement-user".into(),
                 request_id: request_id.clone(),

@@ -299,6 +299,7 @@ async fn dry_run_and_create_agree_on_every_attack_spec() {
         cases.push(Case {
             what,
             request: CreateEnvironmentRequest {
+                labels: Default::default(),
                 request_id: format!("tenant-{}", cases.len()),
                 team_id: alpha.clone(),
                 name: format!("tenant-{}", cases.len()),
@@ -467,6 +468,7 @@ async fn platform_user(c: &Cluster, name: &str, role: PlatformRole) -> String {
     let password = format!("{name}-password-123");
     c.identity(&admin)
         .create_user(CreateUserRequest {
+            request_id: Default::default(),
             username: name.into(),
             display_name: name.into(),
             password: password.clone(),
@@ -610,6 +612,7 @@ async fn binds_never_escape_their_prefix_and_run_as_the_platform_user() {
     let create = |name: &str, spec: ContainerSpec| {
         let mut client = c.environments(&dev);
         let request = CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: format!("bind-{name}"),
             team_id: alpha.clone(),
             name: name.into(),

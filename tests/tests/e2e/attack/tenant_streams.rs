@@ -62,6 +62,7 @@ async fn environment_variable_values_are_write_only() {
     let created = patiently(|| {
         let mut client = p.environments(&owner);
         let request = CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "secret-env".into(),
             team_id: t.clone(),
             name: "secret-env".into(),

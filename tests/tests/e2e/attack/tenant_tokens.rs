@@ -70,6 +70,8 @@ async fn hostile_tokens_do_not_freeze_the_gateway() {
     let mut dev_identity = p.identity(&dev);
     let expired = dev_identity
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "expires at once".into(),
             ttl_seconds: Some(1),
         })
@@ -78,6 +80,8 @@ async fn hostile_tokens_do_not_freeze_the_gateway() {
         .into_inner();
     let revoked = dev_identity
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "revoked at once".into(),
             ttl_seconds: Some(3600),
         })
@@ -224,6 +228,7 @@ async fn minted_tokens_never_widen() {
     let user = p
         .identity(&admin)
         .create_user(CreateUserRequest {
+            request_id: Default::default(),
             username: "minter".into(),
             display_name: "minter".into(),
             password: password.into(),
@@ -283,6 +288,8 @@ async fn minted_tokens_never_widen() {
         let result = p
             .identity(token)
             .create_api_token(CreateApiTokenRequest {
+                request_id: Default::default(),
+                restrictions: Default::default(),
                 description: "escape".into(),
                 ttl_seconds: Some(year),
             })
@@ -307,6 +314,8 @@ async fn minted_tokens_never_widen() {
         let result = p
             .identity(token)
             .create_api_token(CreateApiTokenRequest {
+                request_id: Default::default(),
+                restrictions: Default::default(),
                 description: "escape".into(),
                 ttl_seconds: None,
             })
@@ -323,6 +332,8 @@ async fn minted_tokens_never_widen() {
     let result = p
         .identity(&session.token)
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "a year".into(),
             ttl_seconds: Some(year),
         })
@@ -342,6 +353,8 @@ async fn minted_tokens_never_widen() {
     let minted = p
         .identity(&session.token)
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "default".into(),
             ttl_seconds: None,
         })
@@ -365,6 +378,8 @@ async fn minted_tokens_never_widen() {
     let hour = p
         .identity(&session.token)
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "an hour".into(),
             ttl_seconds: Some(3600),
         })
@@ -376,6 +391,8 @@ async fn minted_tokens_never_widen() {
     let result = p
         .identity(&hour.token)
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "longer than its parent".into(),
             ttl_seconds: Some(7200),
         })

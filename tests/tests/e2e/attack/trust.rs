@@ -178,6 +178,7 @@ async fn the_trust_chain_cannot_be_bypassed() {
         with_id(
             request_id,
             runtime::CreateEnvironmentRequest {
+                labels: Default::default(),
                 caller: Some(runtime::Caller {
                     user_id: dev_id.clone(),
                     request_id: request_id.to_owned(),
@@ -963,6 +964,7 @@ async fn the_trust_chain_cannot_be_bypassed() {
     );
     let made = spoofed
         .create_user(CreateUserRequest {
+            request_id: Default::default(),
             username: "mallory-admin".into(),
             display_name: "m".into(),
             password: "mallory-password-123".into(),
@@ -1123,6 +1125,7 @@ async fn the_trust_chain_cannot_be_bypassed() {
     );
     let created = envs(&p, to_a.clone())
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "att-1".into(),
             team_id: alpha.clone(),
             name: "att".into(),
@@ -1206,6 +1209,8 @@ async fn the_trust_chain_cannot_be_bypassed() {
     let api = p
         .identity(&dev)
         .create_api_token(CreateApiTokenRequest {
+            request_id: Default::default(),
+            restrictions: Default::default(),
             description: "attack".into(),
             ttl_seconds: Some(3600),
         })
@@ -1388,6 +1393,7 @@ async fn the_trust_chain_cannot_be_bypassed() {
     );
     let created = envs(&p, bearer(&outsider))
         .create_environment(CreateEnvironmentRequest {
+            labels: Default::default(),
             request_id: "cross-1".into(),
             team_id: alpha.clone(),
             name: "cross".into(),

@@ -197,6 +197,7 @@ impl Harness {
 pub fn event(action: &str, user: &str) -> pb::AuditEvent {
     pb::AuditEvent {
         actor: Some(pb::Actor {
+            kind: Default::default(),
             user_id: user.to_owned(),
             token_id: "tok".to_owned(),
             service: String::new(),
