@@ -24,9 +24,17 @@ lint:
     buf lint
     if [ -d helm/vibebox ]; then helm-lite lint helm/vibebox --strict; fi
 
-# breaking-change check of the protos against the previous commit (or REF)
+# breaking-change check of the protos against the previous commit (or REF) and the last release (proto/RELEASE)
 breaking *REF:
     bash scripts/breaking.sh {{REF}}
+
+# the client packages' examples (Rust and Python) against a live platform
+client-examples:
+    bash scripts/client-examples.sh
+
+# regenerate the Python client's code from the protos (--check: fail when it differs)
+python-client *ARGS:
+    bash clients/python/generate.sh {{ARGS}}
 
 # format the code
 fmt:

@@ -52,6 +52,26 @@ while IFS= read -r line; do
     refused=$((refused+1))
   elif [[ "$line" == export* || "$line" == *=\$\(* ]]; then
     eval "$line"
+  elif [[ "$line" == *"EnvironmentService/WaitEnvironment"* ]]; then
+    # Create answers CREATING; WaitEnvironment returns once it has settled,
+    # and the README's next steps need it running. (A gateway that does not
+    # serve WaitEnvironment yet answers Unimplemented: GetEnvironment is
+    # polled instead, saying so.)
+    if out=$(eval "$line" 2>&1); then
+      :
+    elif grep -q "Unimplemented" <<<"$out"; then
+      echo "grpcurl smoke: WaitEnvironment is not served; polling GetEnvironment" >&2
+      get=${line//EnvironmentService\/WaitEnvironment/EnvironmentService\/GetEnvironment}
+      for _ in $(seq 1 600); do
+        out=$(eval "$get" 2>&1) || { echo "README example failed: $get" >&2; echo "$out" >&2; exit 1; }
+        grep -Eq 'ENVIRONMENT_STATE_(CREATING|STARTING|STOPPING|DELETING)' <<<"$out" || break
+        sleep 0.2
+      done
+    else
+      echo "README example failed: $line" >&2; echo "$out" >&2; exit 1
+    fi
+    grep -q "ENVIRONMENT_STATE_RUNNING" <<<"$out" || { echo "not running after WaitEnvironment: $out" >&2; exit 1; }
+    echo "$out" | head -5
   else
     out=$(eval "$line" 2>&1) || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
     echo "$out" | head -5

@@ -424,5 +424,22 @@ fn main() {
         serde_json::to_string(&fresh).expect("event json"),
     );
     write(&root, "audit_event", "checkpoint", to_json_line(&full[3]));
+    lines(
+        &root,
+        "list_filter",
+        &[
+            "state = RUNNING AND labels.ci = \"true\" AND create_time > \"2026-01-01T00:00:00Z\"",
+            "(state = RUNNING OR state = STOPPED) AND owner_id = alice",
+            "NOT labels:ci OR -name = 'web-*'",
+            "update_time >= \"2026-01-01T00:00:00.123+01:00\"",
+            "labels.example.com/team:* AND image = ghcr.io/acme/app:1.0",
+            "name != \"a\\*b*\" AND id <= e",
+            "((((name = x))))",
+            "state = ENVIRONMENT_STATE_DELETED",
+            "name desc, create_time",
+            "state asc,update_time DESC",
+            "state = RUNNING AND name = x OR owner_id = y",
+        ],
+    );
     println!("seeds written to {}", root.display());
 }

@@ -6,6 +6,9 @@
 pub mod attack;
 pub mod cluster;
 pub mod report;
+pub mod settle;
+
+pub use settle::Settle;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

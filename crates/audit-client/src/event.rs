@@ -69,6 +69,16 @@ impl From<Detail> for Value {
     }
 }
 
+/// The values of `Actor.kind`.
+pub mod actor_kind {
+    /// A person (a user account).
+    pub const USER: &str = "user";
+    /// A service account: a non-human principal of one team.
+    pub const SERVICE_ACCOUNT: &str = "service_account";
+    /// A platform service acting on its own (reconcile, bootstrap, alerts).
+    pub const SERVICE: &str = "service";
+}
+
 /// Builds an [`AuditEvent`]: `new` names the action, outcome and severity;
 /// the rest is optional and empty unless set. The actor is always present
 /// and the details always an object (empty when none were given). Id, time,
@@ -109,9 +119,18 @@ impl EventBuilder {
         self
     }
 
-    /// The service that acted on its own.
+    /// The service that acted on its own (its kind is [`actor_kind::SERVICE`]
+    /// unless a user is named too).
     pub fn service(mut self, service: impl Into<String>) -> Self {
         self.actor.service = service.into();
+        self
+    }
+
+    /// The kind of the acting user ([`actor_kind::USER`] or
+    /// [`actor_kind::SERVICE_ACCOUNT`], as identity said when it authorized
+    /// the call); empty leaves it unknown.
+    pub fn actor_kind(mut self, kind: impl Into<String>) -> Self {
+        self.actor.kind = kind.into();
         self
     }
 
@@ -164,8 +183,15 @@ impl EventBuilder {
         self
     }
 
-    /// The event.
-    pub fn build(self) -> AuditEvent {
+    /// The event. A service acting on its own (a service named, no user)
+    /// is of kind [`actor_kind::SERVICE`] unless a kind was given.
+    pub fn build(mut self) -> AuditEvent {
+        if self.actor.kind.is_empty()
+            && self.actor.user_id.is_empty()
+            && !self.actor.service.is_empty()
+        {
+            self.actor.kind = actor_kind::SERVICE.to_owned();
+        }
         AuditEvent {
             actor: Some(self.actor),
             details: Some(Struct {
@@ -240,6 +266,26 @@ mod tests {
             ..AuditEvent::default()
         };
         assert_eq!(event, expected);
+    }
+
+    #[test]
+    fn actors_carry_their_kind_and_services_acting_alone_are_of_kind_service() {
+        let by = |b: EventBuilder| b.build().actor.unwrap().kind;
+        let new = || EventBuilder::new("a", Outcome::Success, Severity::Low);
+        assert_eq!(by(new().service("orchestrator")), actor_kind::SERVICE);
+        assert_eq!(
+            by(new()
+                .user("sa-1", "t1")
+                .actor_kind(actor_kind::SERVICE_ACCOUNT)),
+            "service_account"
+        );
+        assert_eq!(
+            by(new().user("u1", "t1").actor_kind(actor_kind::USER)),
+            "user"
+        );
+        // Unknown stays unknown (canonical encoding v1), never guessed.
+        assert_eq!(by(new().user("u1", "t1")), "");
+        assert_eq!(by(new()), "");
     }
 
     #[test]

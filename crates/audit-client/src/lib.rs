@@ -24,7 +24,7 @@ mod event;
 mod outbox;
 mod receipt;
 
-pub use event::{Detail, EventBuilder};
+pub use event::{Detail, EventBuilder, actor_kind};
 
 use std::fs::File;
 use std::path::PathBuf;

@@ -215,6 +215,7 @@ fn alert(trigger: &Event, rule: &str, severity: Severity, extra: Value) -> Event
         time: Utc::now(),
         actor: Actor {
             service: "audit".into(),
+            kind: "service".into(),
             ..Actor::default()
         },
         team_id: trigger.team_id.clone(),
@@ -252,6 +253,7 @@ pub fn tail_alert(failure: &TailError) -> Event {
         time: Utc::now(),
         actor: Actor {
             service: "audit".into(),
+            kind: "service".into(),
             ..Actor::default()
         },
         team_id: String::new(),

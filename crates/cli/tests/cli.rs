@@ -434,6 +434,112 @@ fn attenuated_token_is_made_offline_and_refused_beyond_its_restriction() {
     cli.ok(&["env", "rm", "scoped"]);
 }
 
+/// An image with neither a command nor an entrypoint (built once from the
+/// development image, without a registry): the engine refuses to run it.
+fn no_command_image(base: &str) -> String {
+    let tag = "vibebox/nocmd:1";
+    let exists = Command::new("docker")
+        .args(["image", "inspect", tag])
+        .output()
+        .expect("docker image inspect")
+        .status
+        .success();
+    if !exists {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            format!("FROM {base}\nCMD []\nLABEL vibebox.test=tenant-policy\n"),
+        )
+        .expect("Dockerfile");
+        let built = Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", tag])
+            .arg(dir.path())
+            .output()
+            .expect("docker build");
+        assert!(
+            built.status.success(),
+            "building {tag}: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+    }
+    tag.to_owned()
+}
+
+/// The state at the end of a `verb name (id): state` line.
+fn printed_state(out: &str) -> String {
+    out.trim_end()
+        .rsplit_once(": ")
+        .map(|(_, s)| s.to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn lifecycle_commands_wait_until_done_and_a_failed_environment_says_why() {
+    let p = Platform::start();
+    let image = vibebox_tests::dev_image();
+    let nocmd = no_command_image(&image);
+    let cli = Cli::new();
+    cli.login_as_new_developer(&p, "fay");
+
+    // Each command returns once the environment has settled; its progress
+    // goes to stderr as plain lines (stderr is not a terminal here),
+    // starting with the transitional state the platform answered.
+    let run = cli.run(&["env", "create", "box", "--image", &image]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = stdout(&run);
+    assert!(out.starts_with("created box ("), "{out}");
+    assert_eq!(printed_state(&out), "running", "{out}");
+    let progress = stderr(&run);
+    assert!(
+        progress.lines().any(|l| l.starts_with("box: creating")),
+        "{progress}"
+    );
+    assert!(!progress.contains('\r'), "plain lines: {progress:?}");
+    let run = cli.run(&["env", "stop", "box", "--timeout", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = stdout(&run);
+    assert!(out.starts_with("stopped box ("), "{out}");
+    assert_eq!(printed_state(&out), "stopped", "{out}");
+    assert!(
+        stderr(&run).lines().any(|l| l.starts_with("box: stopping")),
+        "{}",
+        stderr(&run)
+    );
+    assert_eq!(cli.json(&["env", "get", "box"])["state"], "stopped");
+    let out = cli.ok(&["env", "start", "box"]);
+    assert!(out.starts_with("started box ("), "{out}");
+    assert_eq!(printed_state(&out), "running", "{out}");
+    let restarted = cli.json(&["env", "restart", "box", "--timeout", "1"]);
+    assert_eq!(restarted["state"], "running", "{restarted}");
+    let out = cli.run(&["env", "exec", "box", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // --no-wait returns as soon as the platform accepted the change, with
+    // the state it answered (the transitional one, unless already done).
+    let out = cli.ok(&["env", "stop", "box", "--no-wait", "--timeout", "1"]);
+    assert!(out.starts_with("stopping box ("), "{out}");
+    let state = printed_state(&out);
+    assert!(state == "stopping" || state == "stopped", "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cli.json(&["env", "get", "box"])["state"] != "stopped" {
+        assert!(Instant::now() < deadline, "box never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deleted = cli.json(&["env", "rm", "box"]);
+    assert_eq!(deleted["state"], "deleted", "{deleted}");
+
+    // What the engine refuses (an image without a command) fails the
+    // command with exit code 1, naming the field to fix in one last line.
+    let out = cli.run(&["env", "create", "nocmd", "--image", &nocmd]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("vibebox: error: "), "{err}");
+    assert!(last.contains("spec.command"), "{err}");
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+}
+
 /// Reads a pseudo-terminal's output into a shared buffer.
 fn collect(mut reader: Box<dyn Read + Send>) -> Arc<Mutex<Vec<u8>>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
@@ -461,6 +567,54 @@ fn wait_for(buf: &Arc<Mutex<Vec<u8>>>, what: &str, mut retry: impl FnMut()) {
         retry();
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+#[test]
+fn create_shows_one_updating_progress_line_on_a_terminal() {
+    use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+
+    let p = Platform::start();
+    let image = vibebox_tests::dev_image();
+    let cli = Cli::new();
+    cli.login_as_new_developer(&p, "gus");
+
+    let pty = native_pty_system();
+    let pair = pty
+        .openpty(PtySize {
+            rows: 30,
+            cols: 120,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .expect("openpty");
+    let mut cmd = CommandBuilder::new(BIN);
+    cmd.args(["env", "create", "shown", "--image", &image]);
+    cmd.env("VIBEBOX_CONFIG_DIR", cli.config.path());
+    cmd.env("TERM", "xterm");
+    let mut child = pair.slave.spawn_command(cmd).expect("spawn in pty");
+    drop(pair.slave);
+    let output = collect(pair.master.try_clone_reader().expect("reader"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for vibebox") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the create never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    wait_for(&output, "created shown (", || {});
+    let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+    assert!(status.success(), "{text:?}");
+    // One line, rewritten in place (carriage return, erase line): the
+    // state the create answered with, then cleared before the result.
+    assert!(text.contains("\r\x1b[2K"), "{text:?}");
+    assert!(text.contains("shown: creating"), "{text:?}");
+    let result = text
+        .lines()
+        .find(|l| l.contains("created shown ("))
+        .unwrap_or_default();
+    assert!(result.trim_end().ends_with(": running"), "{text:?}");
+    cli.ok(&["env", "rm", "shown"]);
 }
 
 #[test]

@@ -274,6 +274,64 @@ pub mod testing {
     }
 }
 
+/// The column names a table has now.
+pub async fn table_columns(
+    db: &DatabaseConnection,
+    table: &str,
+) -> Result<Vec<String>, sea_orm::DbErr> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => Statement::from_sql_and_values(
+            backend,
+            "SELECT column_name AS name FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1",
+            [table.into()],
+        ),
+        _ => Statement::from_sql_and_values(
+            backend,
+            "SELECT name FROM pragma_table_info(?)",
+            [table.into()],
+        ),
+    };
+    let rows = db.query_all_raw(sql).await?;
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "name"))
+        .collect()
+}
+
+/// Adds a column of an entity to its existing table (a portable `ALTER
+/// TABLE ... ADD COLUMN`, with the entity's default for the rows already
+/// there); a column that exists, or that another process adds meanwhile, is
+/// left alone.
+pub async fn add_column_if_missing<E>(
+    db: &DatabaseConnection,
+    entity: E,
+    column: E::Column,
+) -> Result<(), sea_orm::DbErr>
+where
+    E: sea_orm::EntityTrait,
+{
+    use sea_orm::{ConnectionTrait, IdenStatic, Schema};
+    let table = entity.table_name().to_owned();
+    let name = column.as_str().to_owned();
+    if table_columns(db, &table).await?.contains(&name) {
+        return Ok(());
+    }
+    let schema = Schema::new(db.get_database_backend());
+    let mut def = schema.get_column_def::<E>(column);
+    let alter = sea_orm::sea_query::Table::alter()
+        .table(entity)
+        .add_column(&mut def)
+        .to_owned();
+    if let Err(e) = db.execute(&alter).await
+        && !table_columns(db, &table).await?.contains(&name)
+    {
+        return Err(e);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,62 +418,4 @@ mod tests {
                 .unwrap();
         }
     }
-}
-
-/// The column names a table has now.
-pub async fn table_columns(
-    db: &DatabaseConnection,
-    table: &str,
-) -> Result<Vec<String>, sea_orm::DbErr> {
-    use sea_orm::{ConnectionTrait, DbBackend, Statement};
-    let backend = db.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => Statement::from_sql_and_values(
-            backend,
-            "SELECT column_name AS name FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = $1",
-            [table.into()],
-        ),
-        _ => Statement::from_sql_and_values(
-            backend,
-            "SELECT name FROM pragma_table_info(?)",
-            [table.into()],
-        ),
-    };
-    let rows = db.query_all_raw(sql).await?;
-    rows.iter()
-        .map(|r| r.try_get::<String>("", "name"))
-        .collect()
-}
-
-/// Adds a column of an entity to its existing table (a portable `ALTER
-/// TABLE ... ADD COLUMN`, with the entity's default for the rows already
-/// there); a column that exists, or that another process adds meanwhile, is
-/// left alone.
-pub async fn add_column_if_missing<E>(
-    db: &DatabaseConnection,
-    entity: E,
-    column: E::Column,
-) -> Result<(), sea_orm::DbErr>
-where
-    E: sea_orm::EntityTrait,
-{
-    use sea_orm::{ConnectionTrait, IdenStatic, Schema};
-    let table = entity.table_name().to_owned();
-    let name = column.as_str().to_owned();
-    if table_columns(db, &table).await?.contains(&name) {
-        return Ok(());
-    }
-    let schema = Schema::new(db.get_database_backend());
-    let mut def = schema.get_column_def::<E>(column);
-    let alter = sea_orm::sea_query::Table::alter()
-        .table(entity)
-        .add_column(&mut def)
-        .to_owned();
-    if let Err(e) = db.execute(&alter).await
-        && !table_columns(db, &table).await?.contains(&name)
-    {
-        return Err(e);
-    }
-    Ok(())
 }

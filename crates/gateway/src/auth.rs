@@ -27,7 +27,7 @@
 //! before verifying a token it has not verified already.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
@@ -73,11 +73,17 @@ pub(crate) enum AuthError {
     Unavailable(String),
 }
 
+/// User ids whose kind is remembered before the map is emptied.
+const MAX_KNOWN_KINDS: usize = 50_000;
+
 /// A caller whose token verified against the key ring.
 #[derive(Clone, Debug)]
 pub(crate) struct Principal {
     pub(crate) token: String,
     pub(crate) verified: Arc<VerifiedToken>,
+    /// `user` or `service_account`, once identity said (see
+    /// [`Principal::actor_kind`]).
+    kind: Arc<OnceLock<&'static str>>,
 }
 
 impl Principal {
@@ -86,6 +92,24 @@ impl Principal {
     }
     pub(crate) fn token_id(&self) -> &str {
         self.verified.token_id()
+    }
+    /// The caller's kind for audit records (`Actor.kind`): `user` or
+    /// `service_account` as identity last said for this user id (a user's
+    /// kind never changes), empty while identity has not been asked yet.
+    pub(crate) fn actor_kind(&self) -> &'static str {
+        self.kind.get().copied().unwrap_or_default()
+    }
+}
+
+/// `Actor.kind` of a `vibebox.identity.v1.PrincipalKind` number (empty:
+/// unknown).
+fn actor_kind_of(principal_kind: i32) -> &'static str {
+    use vibebox_audit_client::actor_kind;
+    use vibebox_proto::identity::PrincipalKind;
+    match PrincipalKind::try_from(principal_kind) {
+        Ok(PrincipalKind::Human) => actor_kind::USER,
+        Ok(PrincipalKind::ServiceAccount) => actor_kind::SERVICE_ACCOUNT,
+        Ok(PrincipalKind::Unspecified) | Err(_) => "",
     }
 }
 
@@ -189,6 +213,9 @@ pub(crate) struct Authenticator {
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
     client: AuthorizationServiceClient<GrpcChannel>,
     cache: DecisionCache,
+    /// Each user id's kind as identity said (it never changes), so that
+    /// refusals recorded before identity is asked name it too.
+    kinds: Mutex<HashMap<String, &'static str>>,
 }
 
 impl Authenticator {
@@ -205,7 +232,23 @@ impl Authenticator {
             last_refresh: tokio::sync::Mutex::new(None),
             client: AuthorizationServiceClient::new(channel),
             cache: DecisionCache::new(max_ttl),
+            kinds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records what identity said `principal` is (`principal_kind`, a
+    /// `PrincipalKind` number; unknown values are ignored).
+    fn learn_kind(&self, principal: &Principal, user_id: &str, principal_kind: i32) {
+        let kind = actor_kind_of(principal_kind);
+        if kind.is_empty() || user_id != principal.user_id() {
+            return;
+        }
+        let _ = principal.kind.set(kind);
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        if kinds.len() >= MAX_KNOWN_KINDS {
+            kinds.clear();
+        }
+        kinds.insert(user_id.to_owned(), kind);
     }
 
     /// Fetches identity's token keys and replaces the ring when they changed
@@ -353,9 +396,19 @@ impl Authenticator {
             }
             other => other?,
         };
+        let kind = Arc::new(OnceLock::new());
+        if let Some(known) = self
+            .kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(verified.user_id())
+        {
+            let _ = kind.set(*known);
+        }
         Ok(Principal {
             token: token.to_owned(),
             verified,
+            kind,
         })
     }
 
@@ -410,6 +463,9 @@ impl Authenticator {
                 cached
             }
         };
+        if !decision.user_id.is_empty() {
+            self.learn_kind(principal, &decision.user_id, decision.principal_kind);
+        }
         if !decision.allowed && decision.user_id.is_empty() {
             // Identity could not authenticate the token (revoked, disabled
             // user, expired): an answer, not an error.
@@ -462,7 +518,11 @@ impl Authenticator {
         });
         request.set_timeout(IDENTITY_TIMEOUT);
         match client.list_caller_scopes(request).await {
-            Ok(response) => Ok(response.into_inner()),
+            Ok(response) => {
+                let scopes = response.into_inner();
+                self.learn_kind(principal, &scopes.user_id, scopes.principal_kind);
+                Ok(scopes)
+            }
             Err(status) => Err(classify_identity_status(&status)),
         }
     }
@@ -637,6 +697,46 @@ mod tests {
             auth.verify_locally(&token).await,
             Err(AuthError::Unauthenticated(why)) if why == reason(&TokenError::UnknownKey)
         ));
+    }
+
+    #[tokio::test]
+    async fn kinds_come_from_identity_and_stay_with_the_user_id() {
+        use vibebox_proto::identity::PrincipalKind;
+        let root = vibebox_token::RootKey::generate(7);
+        let claims = vibebox_token::Claims::new(
+            "sa-1",
+            "t1",
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        );
+        let token = vibebox_token::mint(&root, &claims).unwrap();
+        let mut ring = KeyRing::new();
+        ring.insert(7, &root.public_key_bytes()).unwrap();
+        let verified = Arc::new(ring.verify(&token).unwrap());
+        let channel = vibebox_server_kit::connect_plaintext("http://127.0.0.1:9").unwrap();
+        let auth = Authenticator::new(channel, Duration::from_secs(1));
+        let principal = || Principal {
+            token: token.clone(),
+            verified: verified.clone(),
+            kind: Arc::new(OnceLock::new()),
+        };
+        let first = principal();
+        assert_eq!(first.actor_kind(), "", "unknown until identity says");
+        // An answer about another user id teaches nothing.
+        auth.learn_kind(&first, "someone-else", PrincipalKind::Human as i32);
+        assert_eq!(first.actor_kind(), "");
+        auth.learn_kind(&first, "sa-1", PrincipalKind::Unspecified as i32);
+        assert_eq!(first.actor_kind(), "");
+        auth.learn_kind(&first, "sa-1", PrincipalKind::ServiceAccount as i32);
+        assert_eq!(first.actor_kind(), "service_account");
+        assert_eq!(actor_kind_of(PrincipalKind::Human as i32), "user");
+        assert_eq!(actor_kind_of(99), "");
+        // Clones share it; the id's kind is remembered for later calls.
+        let clone = first.clone();
+        assert_eq!(clone.actor_kind(), "service_account");
+        assert_eq!(
+            auth.kinds.lock().unwrap().get("sa-1").copied(),
+            Some("service_account")
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) const ACCESS_REVOKED: &str = "ACCESS_REVOKED";
 /// `ErrorInfo.reason` of a stream ended because the caller lost the right to it.
 pub(crate) const ACCESS_WITHDRAWN: &str = "ACCESS_WITHDRAWN";
+/// `ErrorInfo.reason` of an update path that needs a new environment (the
+/// orchestrator answers the same for a spec that changes more).
+pub(crate) const REQUIRES_RECREATE: &str = "update.requires_recreate";
 
 /// The answer given for a missing environment and for another team's
 /// environment alike (no existence oracle).
@@ -55,6 +58,10 @@ pub(crate) enum GatewayError {
     StreamWithdrawn { operation: &'static str },
     #[error("invalid argument {0}")]
     Invalid(#[from] FieldViolation),
+    /// An update path that cannot change in place (the environment must be
+    /// created again): `update.requires_recreate`, naming the path.
+    #[error("{0} cannot be changed in place")]
+    RequiresRecreate(String),
     /// A dependency could not be reached.
     #[error("{service} unavailable: {detail}")]
     Unavailable {
@@ -143,6 +150,13 @@ impl From<GatewayError> for Status {
             GatewayError::Invalid(v) => {
                 vibebox_server_kit::status::invalid_field(&v.field, &v.description)
             }
+            GatewayError::RequiresRecreate(path) => vibebox_server_kit::status::with_reason(
+                Code::FailedPrecondition,
+                &format!("{path} cannot be changed in place: create a new environment"),
+                REQUIRES_RECREATE,
+                &[("path", &path)],
+                &[(REQUIRES_RECREATE, &path, "cannot be changed in place")],
+            ),
             GatewayError::Unavailable { service, detail } => {
                 vibebox_server_kit::status::unavailable(service, &detail)
             }

@@ -56,6 +56,8 @@ pub(crate) struct Settings {
     pub(crate) shares: ShareLimits,
     /// Time between re-authorizations of an open stream.
     pub(crate) stream_recheck: Duration,
+    /// How old a `WatchEnvironments` resume token may be.
+    pub(crate) watch_retention: Duration,
 }
 
 /// State shared by every handler.
@@ -81,6 +83,8 @@ pub(crate) struct Gateway {
     shares: Arc<Shares>,
     /// Time between re-authorizations of an open stream.
     pub(crate) stream_recheck: Duration,
+    /// How old a `WatchEnvironments` resume token may be.
+    pub(crate) watch_retention: Duration,
 }
 
 /// What is known about a call before it is authenticated.
@@ -170,7 +174,7 @@ impl Call {
             token_id: self.principal.token_id().to_owned(),
             request_id: self.info.request_id.clone(),
             client_address: self.info.client_address.clone(),
-            actor_kind: String::new(),
+            actor_kind: self.principal.actor_kind().to_owned(),
         }
     }
 
@@ -188,6 +192,10 @@ impl Call {
         let md = request.metadata_mut();
         insert(md, meta::USER_ID, self.principal.user_id());
         insert(md, meta::TOKEN_ID, self.principal.token_id());
+        let kind = self.principal.actor_kind();
+        if !kind.is_empty() {
+            insert(md, meta::ACTOR_KIND, kind);
+        }
         insert(md, meta::REQUEST_ID, &self.info.request_id);
         insert(md, meta::CLIENT_ADDRESS, &self.info.client_address);
         request
@@ -212,7 +220,7 @@ fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
 }
 
 /// The client's `grpc-timeout`, if any.
-fn client_timeout(md: &MetadataMap) -> Option<Duration> {
+pub(crate) fn client_timeout(md: &MetadataMap) -> Option<Duration> {
     let value = md.get("grpc-timeout")?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;
@@ -251,6 +259,7 @@ impl Gateway {
             upstream_timeout: settings.upstream_timeout,
             shares: Shares::new(settings.shares),
             stream_recheck: settings.stream_recheck,
+            watch_retention: settings.watch_retention,
         }
     }
 
@@ -590,7 +599,7 @@ impl Gateway {
         crate::metrics::record_access_event(action);
         tracing::debug!(action, method = info.method, reason, "call refused");
         let user = principal
-            .map(|p| (p.user_id(), p.token_id()))
+            .map(|p| (p.user_id(), p.token_id(), p.actor_kind()))
             .unwrap_or_default();
         let event = access_event(
             info.method,
@@ -610,13 +619,13 @@ impl Gateway {
     }
 }
 
-/// An access event: `user` (user id, token id; empty when unauthenticated)
-/// was refused `action` on `method` for `reason`; `request` is the request
-/// id and the client's address.
+/// An access event: `user` (user id, token id and kind; empty when
+/// unauthenticated) was refused `action` on `method` for `reason`;
+/// `request` is the request id and the client's address.
 fn access_event(
     method: &str,
     request: (&str, &str),
-    user: (&str, &str),
+    user: (&str, &str, &str),
     action: &str,
     severity: Severity,
     reason: &str,
@@ -633,6 +642,7 @@ fn access_event(
         .unwrap_or_default();
     EventBuilder::new(action, Outcome::Denied, severity)
         .user(user.0, user.1)
+        .actor_kind(user.2)
         .team(team_id)
         .resource(resource_type, resource_id)
         .detail("method", method)
@@ -671,7 +681,7 @@ mod tests {
         let event = access_event(
             "EnvironmentService/GetEnvironment",
             ("req-1", "10.0.0.1:5"),
-            ("u1", "t1"),
+            ("u1", "t1", "service_account"),
             "access.denied",
             Severity::High,
             "not a member",
@@ -681,7 +691,7 @@ mod tests {
             event,
             AuditEvent {
                 actor: Some(Actor {
-                    kind: Default::default(),
+                    kind: "service_account".into(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),
@@ -712,7 +722,7 @@ mod tests {
         let anonymous = access_event(
             "IdentityService/WhoAmI",
             ("req-2", "10.0.0.2:6"),
-            ("", ""),
+            ("", "", ""),
             "access.unauthenticated",
             Severity::Medium,
             "no token",
@@ -735,7 +745,7 @@ mod tests {
         let event = access_event(
             "m",
             ("", ""),
-            ("u", "t"),
+            ("u", "t", "user"),
             "access.denied",
             Severity::High,
             "r",

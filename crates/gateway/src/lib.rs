@@ -138,6 +138,16 @@ pub struct Config {
     /// stay within two seconds).
     #[arg(long, env = "VIBEBOX_STREAM_RECHECK_MS", default_value_t = 500)]
     pub stream_recheck_ms: u64,
+    /// How old a `WatchEnvironments` resume token may be, in milliseconds
+    /// (default a day): an older one is FAILED_PRECONDITION with reason
+    /// `watch.resume_token_expired`, and the client lists again. Keep it
+    /// within how long the orchestrator keeps deleted records.
+    #[arg(
+        long,
+        env = "VIBEBOX_WATCH_RESUME_RETENTION_MS",
+        default_value_t = 86_400_000
+    )]
+    pub watch_resume_retention_ms: u64,
 }
 
 impl ServiceConfig for Config {
@@ -207,6 +217,7 @@ pub async fn run_with_listeners(
             streams: config.max_streams,
         },
         stream_recheck: Duration::from_millis(config.stream_recheck_ms.clamp(50, 500)),
+        watch_retention: Duration::from_millis(config.watch_resume_retention_ms.max(1)),
     };
     let orchestrator = upstreams.orchestrator.clone();
     let gateway = Arc::new(Gateway::new(upstreams, audit_log, &settings));
@@ -239,12 +250,14 @@ pub async fn run_with_listeners(
     let limit = config.max_request_bytes;
     let result = ServerBuilder::new(SERVICE_NAME, &config.server)
         .tls(public_tls)
-        .add_service(authz::guard(
+        .add_service(authz::guard(services::wait::LongUnary::new(
             EnvironmentServiceServer::new(services::environment::Environments {
                 gateway: gateway.clone(),
             })
             .max_decoding_message_size(limit),
-        ))
+            gateway.clone(),
+            limit,
+        )))
         .add_service(authz::guard(
             IdentityServiceServer::new(services::identity::Identity {
                 gateway: gateway.clone(),

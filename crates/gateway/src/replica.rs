@@ -24,6 +24,12 @@
 //!
 //! Changes made by the orchestrator alone (a container that died, a
 //! reconcile) reach the replica as fast as the feed delivers them.
+//!
+//! Every change the replica applies while in sync is also broadcast
+//! ([`Replica::subscribe`], [`Change`]): `WaitEnvironment` and
+//! `WatchEnvironments` wait on it instead of asking the orchestrator. A feed
+//! that breaks or starts over is broadcast as [`Change::Lost`]: what changed
+//! in between is unknown here.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,6 +39,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use vibebox_proto::environment::Environment;
@@ -50,10 +57,15 @@ const SYNCED: &str = "vibebox_gateway_replica_synced";
 /// second) is taken for broken.
 const FEED_SILENCE: Duration = Duration::from_secs(3);
 
+/// Changes kept for subscribers that have not read them yet (a subscriber
+/// further behind is told it lagged).
+const CHANGE_BACKLOG: usize = 1024;
+
 /// The state-changing calls: one that ends without a change mark leaves the
 /// replica unable to vouch for anything until the next mark.
-const CHANGING_METHODS: [&str; 6] = [
+const CHANGING_METHODS: [&str; 7] = [
     "/vibebox.internal.runtime.v1.RuntimeService/ExtendEnvironment",
+    "/vibebox.internal.runtime.v1.RuntimeService/UpdateEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/CreateEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/StartEnvironment",
     "/vibebox.internal.runtime.v1.RuntimeService/StopEnvironment",
@@ -85,6 +97,9 @@ struct State {
     /// A state-changing call ended without a mark.
     unmarked_change: bool,
     environments: HashMap<String, Environment>,
+    /// The orchestrator's clock (Unix ms) of the last feed message applied:
+    /// every change stamped earlier is reflected.
+    server_time_ms: i64,
 }
 
 impl State {
@@ -104,15 +119,100 @@ impl State {
     }
 }
 
+/// What the replica applied, as broadcast to its subscribers.
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// Environments one feed message changed, each as it is after the
+    /// change (a deleted one once more, with state DELETED), in commit
+    /// order; every change stamped before `server_time_ms` (the
+    /// orchestrator's clock) is reflected once this is applied.
+    Applied {
+        server_time_ms: i64,
+        environments: Vec<Environment>,
+    },
+    /// The feed broke or started over (a new snapshot): changes may have
+    /// been missed.
+    Lost,
+}
+
+/// A consistent start for a watcher: the changes after `environments`.
+pub(crate) struct Start {
+    pub(crate) changes: broadcast::Receiver<Arc<Change>>,
+    /// The live environments the filter selected, oldest update first.
+    pub(crate) environments: Vec<Environment>,
+    /// The orchestrator's clock the environments reflect.
+    pub(crate) server_time_ms: i64,
+}
+
 /// The replica (shared by every call of the gateway).
-#[derive(Default)]
 pub(crate) struct Replica {
     state: RwLock<State>,
     /// Asks the follower to subscribe again (a mark from another process).
     resubscribe: tokio::sync::Notify,
+    /// Every change applied in sync, and every loss of the feed.
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Self {
+            state: RwLock::default(),
+            resubscribe: tokio::sync::Notify::default(),
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+        }
+    }
 }
 
 impl Replica {
+    /// The changes applied from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    /// Whether the snapshot is complete and the feed is up.
+    pub(crate) fn is_synced(&self) -> bool {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).synced
+    }
+
+    /// The live environments `select` keeps and the changes after them,
+    /// taken together (no change falls between the two); `None` while the
+    /// replica is not in sync.
+    pub(crate) fn start(&self, select: impl Fn(&Environment) -> bool) -> Option<Start> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if !state.synced {
+            return None;
+        }
+        let changes = self.changes.subscribe();
+        let mut environments: Vec<Environment> = state
+            .environments
+            .values()
+            .filter(|e| select(e))
+            .cloned()
+            .collect();
+        environments.sort_by(|a, b| {
+            let key = |e: &Environment| {
+                e.update_time
+                    .as_ref()
+                    .map(|t| (t.seconds, t.nanos))
+                    .unwrap_or_default()
+            };
+            key(a).cmp(&key(b)).then_with(|| a.id.cmp(&b.id))
+        });
+        Some(Start {
+            changes,
+            environments,
+            server_time_ms: state.server_time_ms,
+        })
+    }
+
+    /// The orchestrator's clock the replica reflects, if `changes` (a
+    /// subscription of this replica) holds nothing unread: then every change
+    /// stamped earlier has been read from it. `None` while not in sync.
+    pub(crate) fn position_after(&self, changes: &broadcast::Receiver<Arc<Change>>) -> Option<i64> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        (state.synced && changes.is_empty()).then_some(state.server_time_ms)
+    }
+
     /// The environment, when the replica can vouch for it being current.
     pub(crate) fn get(&self, id: &str) -> Option<Environment> {
         let found = self.lookup(id);
@@ -176,6 +276,7 @@ impl Replica {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if state.synced {
             tracing::info!("environment feed lost; reads go to the orchestrator");
+            let _ = self.changes.send(Arc::new(Change::Lost));
         }
         state.synced = false;
         state.environments.clear();
@@ -184,6 +285,14 @@ impl Replica {
 
     fn apply(&self, message: WatchEnvironmentsResponse) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        // A change is broadcast only by a replica in sync before and after
+        // it (a snapshot is not a change); the broadcast is sent under the
+        // lock, so that `start` sees each change either in its snapshot or
+        // on its subscription.
+        let was_synced = state.synced && !message.reset && message.epoch == state.epoch;
+        if state.synced && !was_synced {
+            let _ = self.changes.send(Arc::new(Change::Lost));
+        }
         if message.reset {
             state.synced = false;
             state.environments.clear();
@@ -205,6 +314,20 @@ impl Replica {
         if message.reset {
             state.sequence = message.sequence;
         }
+        state.server_time_ms = state.server_time_ms.max(message.server_time_ms);
+        if message.reset {
+            state.server_time_ms = message.server_time_ms;
+        }
+        let changed = if was_synced
+            && (!message.upserted.is_empty() || !message.deleted.is_empty())
+            && self.changes.receiver_count() > 0
+        {
+            let mut changed = message.upserted.clone();
+            changed.extend(message.deleted);
+            Some(changed)
+        } else {
+            None
+        };
         for id in message.removed {
             state.environments.remove(&id);
         }
@@ -212,6 +335,12 @@ impl Replica {
             state
                 .environments
                 .insert(environment.id.clone(), environment);
+        }
+        if let Some(environments) = changed {
+            let _ = self.changes.send(Arc::new(Change::Applied {
+                server_time_ms: state.server_time_ms,
+                environments,
+            }));
         }
         let (epoch, sequence) = (state.epoch.clone(), state.sequence);
         state
@@ -514,6 +643,91 @@ mod tests {
             ..message("e2", 50)
         });
         assert_eq!(replica.lookup("a").unwrap().name, "new");
+    }
+
+    fn applied(change: &Change) -> (i64, Vec<(&str, &str)>) {
+        match change {
+            Change::Applied {
+                server_time_ms,
+                environments,
+            } => (
+                *server_time_ms,
+                environments
+                    .iter()
+                    .map(|e| (e.id.as_str(), e.name.as_str()))
+                    .collect(),
+            ),
+            Change::Lost => panic!("a change was expected, the feed was lost"),
+        }
+    }
+
+    #[test]
+    fn changes_in_sync_are_broadcast_with_their_clock_and_losses_say_so() {
+        let replica = Replica::default();
+        let mut early = replica.subscribe();
+        replica.subscribing();
+        // A snapshot is not a change.
+        replica.apply(WatchEnvironmentsResponse {
+            reset: true,
+            synced: true,
+            upserted: vec![env("a", "one")],
+            server_time_ms: 100,
+            ..message("e1", 5)
+        });
+        assert!(early.try_recv().is_err());
+        let mut rx = replica.subscribe();
+        assert_eq!(replica.position_after(&rx), Some(100));
+        replica.apply(WatchEnvironmentsResponse {
+            upserted: vec![env("b", "two")],
+            deleted: vec![Environment {
+                state: vibebox_proto::environment::EnvironmentState::Deleted as i32,
+                ..env("a", "one")
+            }],
+            removed: vec!["a".into()],
+            server_time_ms: 150,
+            ..message("e1", 6)
+        });
+        // A heartbeat moves the clock without a broadcast.
+        replica.apply(WatchEnvironmentsResponse {
+            server_time_ms: 160,
+            ..message("e1", 6)
+        });
+        assert_eq!(
+            replica.position_after(&rx),
+            None,
+            "a subscriber with an unread change is not at the replica's position"
+        );
+        let change = rx.try_recv().unwrap();
+        assert_eq!(applied(&change), (150, vec![("b", "two"), ("a", "one")]));
+        assert_eq!(replica.position_after(&rx), Some(160));
+        assert!(rx.try_recv().is_err());
+
+        // A watcher's start: the selected environments, then what follows.
+        let start = replica.start(|e| e.id == "b").unwrap();
+        assert_eq!(start.server_time_ms, 160);
+        assert_eq!(
+            start
+                .environments
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+
+        // Starting over (a new snapshot) and a broken feed are losses.
+        replica.apply(WatchEnvironmentsResponse {
+            reset: true,
+            synced: true,
+            server_time_ms: 200,
+            ..message("e2", 1)
+        });
+        assert!(matches!(*rx.try_recv().unwrap(), Change::Lost));
+        let mut watcher = start.changes;
+        assert!(matches!(*watcher.try_recv().unwrap(), Change::Lost));
+        replica.broken();
+        assert!(matches!(*rx.try_recv().unwrap(), Change::Lost));
+        assert!(replica.start(|_| true).is_none(), "no start out of sync");
+        assert_eq!(replica.position_after(&rx), None);
     }
 
     #[test]

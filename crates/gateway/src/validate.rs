@@ -157,6 +157,45 @@ fn map(
     Ok(())
 }
 
+/// Most labels an environment carries.
+pub(crate) const MAX_LABELS: usize = 64;
+
+/// Labels of an environment (`Environment.labels`): at most
+/// [`MAX_LABELS`]; keys 1-63 characters of `[a-z0-9_.\/-]` starting with a
+/// letter or digit; values at most 63 characters without control
+/// characters. A violation names the label (`labels[KEY]`).
+pub(crate) fn labels(field: &str, values: &std::collections::BTreeMap<String, String>) -> Result {
+    if values.len() > MAX_LABELS {
+        return Err(violation(
+            field,
+            format!("must have at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (key, value) in values {
+        let first_ok = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok = key.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '/' | '-')
+        });
+        if !(first_ok && rest_ok && key.len() <= 63) {
+            return Err(violation(
+                format!("{field}[{key:?}]"),
+                "keys must be 1 to 63 lower-case letters, digits, '_', '.', '/' or '-', \
+                 starting with a letter or digit",
+            ));
+        }
+        if value.chars().count() > 63 || value.chars().any(char::is_control) {
+            return Err(violation(
+                format!("{field}[{key:?}]"),
+                "values must be at most 63 characters without control characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Sizes and shapes of a container spec (security rules are policy's).
 pub(crate) fn container_spec(field: &str, spec: Option<&ContainerSpec>) -> Result {
     let Some(spec) = spec else {
@@ -273,6 +312,23 @@ pub(crate) fn exec_start(start: &ExecStart) -> Result<uuid::Uuid> {
     Ok(id)
 }
 
+/// The listing fields of a `ListEnvironments` request: the filter and
+/// order_by parse (the violation says where and what was expected), and a
+/// page token was issued for exactly this filter, order_by and
+/// show_deleted (AIP-158).
+pub(crate) fn listing(
+    filter: &str,
+    order_by: &str,
+    show_deleted: bool,
+    page_token: &str,
+) -> Result {
+    let to_violation = |e: vibebox_listing::InvalidArgument| violation(e.field, e.description);
+    let query =
+        vibebox_listing::Query::new(filter, order_by, show_deleted).map_err(to_violation)?;
+    query.cursor(page_token).map_err(to_violation)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +374,44 @@ mod tests {
     }
 
     #[test]
+    fn labels_follow_the_contract() {
+        use std::collections::BTreeMap;
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        for key in ["ci", "a", "0", "team/app", "x.y_z-1", &"k".repeat(63)] {
+            assert!(labels("labels", &one(key, "v")).is_ok(), "{key}");
+        }
+        for key in [
+            "",
+            "Ci",
+            "-a",
+            "_a",
+            ".a",
+            "/a",
+            "a b",
+            "a=b",
+            "é",
+            &"k".repeat(64),
+        ] {
+            let v = labels("labels", &one(key, "v")).unwrap_err();
+            assert_eq!(v.field, format!("labels[{key:?}]"), "{key}");
+        }
+        assert!(labels("labels", &one("k", "")).is_ok());
+        assert!(labels("labels", &one("k", &"v".repeat(63))).is_ok());
+        // Characters, not bytes: 63 two-byte characters are fine.
+        assert!(labels("labels", &one("k", &"é".repeat(63))).is_ok());
+        for value in ["v".repeat(64), "a\nb".into(), "\0".into()] {
+            let v = labels("environment.labels", &one("k", &value)).unwrap_err();
+            assert_eq!(v.field, "environment.labels[\"k\"]");
+        }
+        let many: BTreeMap<String, String> =
+            (0..64).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(labels("labels", &many).is_ok());
+        let too_many: BTreeMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(labels("labels", &too_many).unwrap_err().field, "labels");
+    }
+
+    #[test]
     fn names_and_page_sizes() {
         assert!(environment_name("name", "my-env-1").is_ok());
         assert!(environment_name("name", "My Env").is_err());
@@ -325,5 +419,25 @@ mod tests {
         assert!(page_size("page_size", -1).is_err());
         assert!(page_size("page_size", 501).is_err());
         assert!(page_size("page_size", 0).is_ok());
+    }
+
+    #[test]
+    fn listing_fields() {
+        assert!(listing("", "", false, "").is_ok());
+        assert!(listing("state = RUNNING AND labels:ci", "name desc", true, "").is_ok());
+        let e = listing("state = RUNNING AND", "", false, "").unwrap_err();
+        assert_eq!(e.field, "filter");
+        assert!(
+            e.description
+                .starts_with("column 20: expected a comparison"),
+            "{e}"
+        );
+        let e = listing("", "owner_id", false, "").unwrap_err();
+        assert_eq!(e.field, "order_by");
+        let e = listing("", "", false, "garbage").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.description.as_str()),
+            ("page_token", "not a token from a previous page")
+        );
     }
 }

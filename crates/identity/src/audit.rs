@@ -1,5 +1,7 @@
 //! Audit events of the identity service (`auth.login`, `user.*`, `team.*`,
-//! `membership.*`, `token.create`, `token.revoke`), recorded through the
+//! `membership.*`, `service_account.*`, `token.create`, `token.revoke`),
+//! each naming its actor's kind (`user`, `service_account`, or `service`
+//! for bootstrap), recorded through the
 //! durable audit client. Mutations record their event inside their database
 //! transaction and commit only once the event is durable (fail closed).
 
@@ -17,6 +19,9 @@ pub struct Origin {
     pub request_id: String,
     /// Set when the service acts on its own (bootstrap).
     pub service: String,
+    /// `user` or `service_account` for a caller (empty for none, and for
+    /// the service acting alone, which the builder records as `service`).
+    pub actor_kind: String,
 }
 
 /// One event to record.
@@ -61,6 +66,7 @@ impl Auditor {
 fn to_audit_event(origin: &Origin, event: &Event<'_>) -> AuditEvent {
     EventBuilder::new(event.action, event.outcome, event.severity)
         .user(&origin.user_id, &origin.token_id)
+        .actor_kind(&origin.actor_kind)
         .service(&origin.service)
         .team(event.team_id)
         .resource(event.resource_type, event.resource_id)
@@ -87,6 +93,7 @@ mod tests {
             client_address: "10.0.0.1:5".into(),
             request_id: "req-1".into(),
             service: String::new(),
+            actor_kind: "service_account".into(),
         };
         let event = to_audit_event(
             &origin,
@@ -107,7 +114,7 @@ mod tests {
             event,
             AuditEvent {
                 actor: Some(Actor {
-                    kind: Default::default(),
+                    kind: "service_account".into(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),
@@ -150,6 +157,7 @@ mod tests {
             event.actor,
             Some(Actor {
                 service: "identity".into(),
+                kind: "service".into(),
                 ..Actor::default()
             })
         );

@@ -111,11 +111,13 @@ async fn create_admin(
     let issued = identity
         .issue(
             &txn,
-            &admin.id,
-            None,
-            "api",
-            "bootstrap admin token",
-            identity.settings().max_api_token_ttl,
+            crate::service::NewToken {
+                user_id: &admin.id,
+                kind: "api",
+                description: "bootstrap admin token",
+                ttl: identity.settings().max_api_token_ttl,
+                ..Default::default()
+            },
         )
         .await?;
     let origin = Origin {

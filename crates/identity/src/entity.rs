@@ -1,5 +1,6 @@
-//! sea-orm entities of the identity database: users, teams, memberships,
-//! issued tokens and the public halves of the token signing keys.
+//! sea-orm entities of the identity database: users (people and service
+//! accounts), teams, memberships, issued tokens, idempotency keys and the
+//! public halves of the token signing keys.
 //!
 //! Ids are UUID text, roles are stored as short strings and times as
 //! timestamps with time zone, so the same schema works on SQLite and
@@ -24,6 +25,15 @@ pub mod user {
         pub platform_role: String,
         pub disabled: bool,
         pub created_at: DateTimeUtc,
+        /// "human" or "service_account".
+        #[sea_orm(default_value = "human")]
+        pub kind: String,
+        /// A service account's one team.
+        pub team_id: Option<String>,
+        /// Set when a service account was deleted (disabled for good).
+        pub deleted_at: Option<DateTimeUtc>,
+        /// Who created a service account.
+        pub created_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -97,6 +107,16 @@ pub mod token {
         pub created_at: DateTimeUtc,
         pub expires_at: DateTimeUtc,
         pub revoked_at: Option<DateTimeUtc>,
+        /// The owning team of a service account's token.
+        pub team_id: Option<String>,
+        /// Who issued it (a team admin for a service account's token).
+        pub created_by: Option<String>,
+        /// `Restrictions::encode` of what the token is restricted to.
+        #[sea_orm(default_value = "")]
+        pub restrictions: String,
+        /// Last authorization decision or scope lookup for it (updated at
+        /// most once a minute).
+        pub last_used_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -121,6 +141,37 @@ pub mod token_key {
         pub created_at: DateTimeUtc,
         /// Set when retired: tokens signed by it stop verifying.
         pub retired_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod idempotency {
+    //! What a create with a `request_id` made, so that a retry with the same
+    //! key gets the same answer (kept for a day).
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `idempotency_keys`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotency_keys")]
+    pub struct Model {
+        /// The caller's user id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub caller_id: String,
+        /// "user.create", "team.create", "service_account.create",
+        /// "token.create" or "service_account.token_create".
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub operation: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub request_id: String,
+        /// SHA-256 (hex) of the request's fields (never a secret).
+        pub fingerprint: String,
+        /// What it made (for tokens: the one valid token of this key).
+        pub resource_id: String,
+        pub created_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

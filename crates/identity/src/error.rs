@@ -37,6 +37,10 @@ pub enum Error {
         /// The rules broken.
         violations: Vec<(&'static str, String, String)>,
     },
+    /// A `request_id` already used by the same caller for a different
+    /// request (FAILED_PRECONDITION with ErrorInfo `request_id.reused`).
+    #[error("request_id was already used for a different request")]
+    RequestReused,
     /// Too many failed logins.
     #[error("too many failed login attempts, retry later")]
     RateLimited,
@@ -67,6 +71,10 @@ impl Error {
     }
 }
 
+/// `ErrorInfo.reason` (and PreconditionFailure type) of a `request_id`
+/// reused for a different request.
+pub const REQUEST_ID_REUSED: &str = "request_id.reused";
+
 /// The RetryInfo of a refused login (a spent budget refills one failure in
 /// a few seconds to a minute).
 const LOGIN_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
@@ -95,6 +103,25 @@ impl From<Error> for Status {
                     .collect();
                 vibebox_server_kit::status::precondition_failure(&message, &violations)
             }
+            Error::RequestReused => {
+                let mut details = tonic_types::ErrorDetails::new();
+                details.set_error_info(
+                    REQUEST_ID_REUSED,
+                    vibebox_server_kit::status::ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                details.add_precondition_failure_violation(
+                    REQUEST_ID_REUSED,
+                    "request_id",
+                    "this request_id was used within the last 24 hours for a request \
+                     with different fields; use a new request_id",
+                );
+                <Status as tonic_types::StatusExt>::with_error_details(
+                    tonic::Code::FailedPrecondition,
+                    "request_id was already used for a different request",
+                    details,
+                )
+            }
             Error::RateLimited => vibebox_server_kit::status::retry_later(
                 "too many failed login attempts from this address, retry later",
                 LOGIN_RETRY_AFTER,
@@ -119,6 +146,21 @@ mod tests {
     use tonic::Code;
 
     #[test]
+    fn a_reused_request_id_says_so_in_error_info_and_precondition_failure() {
+        use tonic_types::StatusExt;
+        let status = Status::from(Error::RequestReused);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            REQUEST_ID_REUSED
+        );
+        assert_eq!(
+            vibebox_server_kit::status::violated_rules(&status),
+            [REQUEST_ID_REUSED]
+        );
+    }
+
+    #[test]
     fn maps_to_codes_without_leaking_internals() {
         let cases = [
             (Error::Unauthenticated("x".into()), Code::Unauthenticated),
@@ -131,6 +173,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::RateLimited, Code::ResourceExhausted),
+            (Error::RequestReused, Code::FailedPrecondition),
             (
                 Error::Refused {
                     message: "x".into(),

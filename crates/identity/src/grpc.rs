@@ -13,9 +13,12 @@ use vibebox_proto::identity::{self as pb, identity_service_server::IdentityServi
 use vibebox_server_kit::meta;
 
 use crate::error::Error;
-use crate::model::{Membership, PlatformRole, Team, TeamRole, User};
+use crate::model::{
+    ApiToken, Membership, PlatformRole, PrincipalKind, Restrictions, ServiceAccount, Team,
+    TeamRole, User,
+};
 use crate::rbac::Resource;
-use crate::service::{Caller, Identity, Page, RequestContext};
+use crate::service::{ApiTokenQuery, Caller, Identity, NewServiceAccount, Page, RequestContext};
 
 /// Both services share one `Identity`.
 #[derive(Clone)]
@@ -96,15 +99,67 @@ fn team_role_from_pb(v: i32) -> Result<Option<TeamRole>, Error> {
     }
 }
 
+fn kind_to_pb(k: PrincipalKind) -> pb::PrincipalKind {
+    match k {
+        PrincipalKind::Human => pb::PrincipalKind::Human,
+        PrincipalKind::ServiceAccount => pb::PrincipalKind::ServiceAccount,
+    }
+}
+
 fn user_to_pb(u: User) -> pb::User {
     pb::User {
         platform_role: platform_role_to_pb(u.platform_role) as i32,
         create_time: Some(timestamp(u.created_at)),
+        kind: kind_to_pb(u.kind) as i32,
         id: u.id,
         username: u.username,
         display_name: u.display_name,
         disabled: u.disabled,
-        kind: pb::PrincipalKind::Human as i32,
+    }
+}
+
+fn service_account_to_pb(sa: ServiceAccount) -> pb::ServiceAccount {
+    pb::ServiceAccount {
+        role: sa.role.map_or(0, |r| team_role_to_pb(r) as i32),
+        create_time: Some(timestamp(sa.user.created_at)),
+        id: sa.user.id,
+        team_id: sa.user.team_id,
+        name: sa.user.username,
+        display_name: sa.user.display_name,
+        disabled: sa.user.disabled,
+    }
+}
+
+fn restrictions_from_pb(r: Option<pb::TokenRestrictions>) -> Restrictions {
+    let r = r.unwrap_or_default();
+    Restrictions {
+        team_ids: r.team_ids,
+        operations: r.operations,
+        environment_ids: r.environment_ids,
+    }
+}
+
+fn restrictions_to_pb(r: Restrictions) -> pb::TokenRestrictions {
+    pb::TokenRestrictions {
+        team_ids: r.team_ids,
+        operations: r.operations,
+        environment_ids: r.environment_ids,
+    }
+}
+
+fn api_token_to_pb(t: ApiToken) -> pb::ApiToken {
+    pb::ApiToken {
+        owner_kind: kind_to_pb(t.owner_kind) as i32,
+        create_time: Some(timestamp(t.created_at)),
+        last_used_time: t.last_used_at.map(timestamp),
+        expire_time: Some(timestamp(t.expires_at)),
+        restrictions: Some(restrictions_to_pb(t.restrictions)),
+        id: t.id,
+        owner_id: t.owner_id,
+        owner_name: t.owner_name,
+        team_id: t.team_id,
+        description: t.description,
+        revoked: t.revoked,
     }
 }
 
@@ -177,6 +232,7 @@ impl IdentityService for Handlers {
                 &req.display_name,
                 &req.password,
                 role,
+                &req.request_id,
             )
             .await?;
         Ok(Response::new(pb::CreateUserResponse {
@@ -226,7 +282,7 @@ impl IdentityService for Handlers {
         let req = request.into_inner();
         let team = self
             .identity
-            .create_team(&caller, &ctx, &req.name, &req.display_name)
+            .create_team(&caller, &ctx, &req.name, &req.display_name, &req.request_id)
             .await?;
         Ok(Response::new(pb::CreateTeamResponse {
             team: Some(team_to_pb(team)),
@@ -303,10 +359,17 @@ impl IdentityService for Handlers {
     ) -> Result<Response<pb::ListTeamMembersResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
-        let members = self.identity.list_members(&caller, &req.team_id).await?;
+        let page = Page {
+            size: req.page_size,
+            token: req.page_token,
+        };
+        let (members, next) = self
+            .identity
+            .list_members(&caller, &req.team_id, &page)
+            .await?;
         Ok(Response::new(pb::ListTeamMembersResponse {
             memberships: members.into_iter().map(membership_to_pb).collect(),
-            next_page_token: String::new(),
+            next_page_token: next,
         }))
     }
 
@@ -324,12 +387,14 @@ impl IdentityService for Handlers {
                 &ctx,
                 &req.description,
                 req.ttl_seconds.map(Duration::from_secs),
+                restrictions_from_pb(req.restrictions),
+                &req.request_id,
             )
             .await?;
         Ok(Response::new(pb::CreateApiTokenResponse {
+            expire_time: Some(timestamp(issued.expires_at)),
             token: issued.token,
             token_id: issued.token_id,
-            expire_time: Some(timestamp(issued.expires_at)),
         }))
     }
 
@@ -348,37 +413,109 @@ impl IdentityService for Handlers {
 
     async fn create_service_account(
         &self,
-        _request: Request<pb::CreateServiceAccountRequest>,
+        request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        let caller = self.caller(&request).await?;
+        let ctx = context(&request);
+        let req = request.into_inner();
+        let new = NewServiceAccount {
+            role: team_role_from_pb(req.role)?,
+            team_id: req.team_id,
+            name: req.name,
+            display_name: req.display_name,
+            request_id: req.request_id,
+        };
+        let sa = self
+            .identity
+            .create_service_account(&caller, &ctx, &new)
+            .await?;
+        Ok(Response::new(pb::CreateServiceAccountResponse {
+            service_account: Some(service_account_to_pb(sa)),
+        }))
     }
 
     async fn list_service_accounts(
         &self,
-        _request: Request<pb::ListServiceAccountsRequest>,
+        request: Request<pb::ListServiceAccountsRequest>,
     ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let page = Page {
+            size: req.page_size,
+            token: req.page_token,
+        };
+        let (accounts, next) = self
+            .identity
+            .list_service_accounts(&caller, &req.team_id, &page)
+            .await?;
+        Ok(Response::new(pb::ListServiceAccountsResponse {
+            service_accounts: accounts.into_iter().map(service_account_to_pb).collect(),
+            next_page_token: next,
+        }))
     }
 
     async fn delete_service_account(
         &self,
-        _request: Request<pb::DeleteServiceAccountRequest>,
+        request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        let caller = self.caller(&request).await?;
+        let ctx = context(&request);
+        let req = request.into_inner();
+        let sa = self
+            .identity
+            .delete_service_account(&caller, &ctx, &req.service_account_id)
+            .await?;
+        Ok(Response::new(pb::DeleteServiceAccountResponse {
+            service_account: Some(service_account_to_pb(sa)),
+        }))
     }
 
     async fn create_service_account_token(
         &self,
-        _request: Request<pb::CreateServiceAccountTokenRequest>,
+        request: Request<pb::CreateServiceAccountTokenRequest>,
     ) -> Result<Response<pb::CreateServiceAccountTokenResponse>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        let caller = self.caller(&request).await?;
+        let ctx = context(&request);
+        let req = request.into_inner();
+        let issued = self
+            .identity
+            .create_service_account_token(
+                &caller,
+                &ctx,
+                &req.service_account_id,
+                &req.description,
+                req.ttl_seconds.map(Duration::from_secs),
+                restrictions_from_pb(req.restrictions),
+                &req.request_id,
+            )
+            .await?;
+        Ok(Response::new(pb::CreateServiceAccountTokenResponse {
+            expire_time: Some(timestamp(issued.expires_at)),
+            token: issued.token,
+            token_id: issued.token_id,
+        }))
     }
 
     async fn list_api_tokens(
         &self,
-        _request: Request<pb::ListApiTokensRequest>,
+        request: Request<pb::ListApiTokensRequest>,
     ) -> Result<Response<pb::ListApiTokensResponse>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let query = ApiTokenQuery {
+            owner_id: req.owner_id,
+            team_id: req.team_id,
+            show_inactive: req.show_inactive,
+            page: Page {
+                size: req.page_size,
+                token: req.page_token,
+            },
+        };
+        let (tokens, next) = self.identity.list_api_tokens(&caller, &query).await?;
+        Ok(Response::new(pb::ListApiTokensResponse {
+            tokens: tokens.into_iter().map(api_token_to_pb).collect(),
+            next_page_token: next,
+        }))
     }
 }
 
@@ -410,7 +547,7 @@ impl AuthorizationService for Handlers {
             team_role: d.team_role.map_or(0, |r| team_role_to_pb(r) as i32),
             platform_role: d.platform_role.map_or(0, |r| platform_role_to_pb(r) as i32),
             cache_ttl_ms: crate::service::DECISION_CACHE_TTL_MS,
-            principal_kind: pb::PrincipalKind::Human as i32,
+            principal_kind: d.principal_kind.map_or(0, |k| kind_to_pb(k) as i32),
         }))
     }
 
@@ -438,6 +575,7 @@ impl AuthorizationService for Handlers {
         let req = request.into_inner();
         let scopes = self.identity.caller_scopes(&req.token).await?;
         Ok(Response::new(authz::ListCallerScopesResponse {
+            principal_kind: kind_to_pb(scopes.kind) as i32,
             user_id: scopes.user_id,
             platform_role: platform_role_to_pb(scopes.platform_role) as i32,
             teams: scopes

@@ -4,10 +4,13 @@
 //! It serves `vibebox.identity.v1.IdentityService` and the internal
 //! `vibebox.internal.authz.v1.AuthorizationService` to the gateway only
 //! (mutual TLS). Module map:
-//! - [`model`]: roles, users, teams and name/password rules;
+//! - [`model`]: roles, users, service accounts, teams, token restrictions
+//!   and name/password rules;
 //! - [`entity`] / [`migration`] / [`store`]: the database;
 //! - [`keys`]: token signing keys (files + table, rotation, retirement);
-//! - [`rbac`]: the role rules; [`service`]: the logic; [`grpc`]: adapters;
+//! - [`rbac`]: the role rules; [`service`]: the logic (service accounts,
+//!   the token registry and idempotent creates in `service/accounts.rs`);
+//!   [`grpc`]: adapters;
 //! - [`ratelimit`]: failed-login limits; [`audit`]: audit events;
 //! - [`bootstrap`]: first-start admin, default team and admin token file.
 
@@ -94,6 +97,10 @@ pub struct Config {
     /// token too.
     #[arg(long, env = "VIBEBOX_MAX_API_TOKEN_TTL_SECS", default_value_t = 90 * 24 * 3600)]
     pub max_api_token_ttl_secs: u64,
+    /// Least time between two recordings of one token's last use
+    /// (`ApiToken.last_used_time`), in seconds.
+    #[arg(long, env = "VIBEBOX_TOKEN_USAGE_INTERVAL_SECS", default_value_t = 60)]
+    pub token_usage_interval_secs: u64,
     /// Create a new token signing key at start; older keys keep verifying until retired.
     #[arg(long, env = "VIBEBOX_ROTATE_TOKEN_KEY")]
     pub rotate_token_key: bool,
@@ -164,6 +171,7 @@ pub async fn open(config: &Config, audit: audit::Auditor) -> anyhow::Result<Arc<
             account_backoff: Duration::from_millis(config.login_backoff_ms.min(10_000)),
         },
         max_api_token_ttl: Duration::from_secs(config.max_api_token_ttl_secs.max(60)),
+        token_usage_interval: Duration::from_secs(config.token_usage_interval_secs.max(1)),
     };
     service::warm_up().await;
     let identity = Arc::new(Identity::new(db, Arc::new(keys), audit, settings));

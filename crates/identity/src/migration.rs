@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(ServiceAccounts)]
     }
 }
 
@@ -27,6 +27,10 @@ enum Users {
     PlatformRole,
     Disabled,
     CreatedAt,
+    Kind,
+    TeamId,
+    DeletedAt,
+    CreatedBy,
 }
 
 #[derive(DeriveIden)]
@@ -58,6 +62,21 @@ enum Tokens {
     CreatedAt,
     ExpiresAt,
     RevokedAt,
+    TeamId,
+    CreatedBy,
+    Restrictions,
+    LastUsedAt,
+}
+
+#[derive(DeriveIden)]
+enum IdempotencyKeys {
+    Table,
+    CallerId,
+    Operation,
+    RequestId,
+    Fingerprint,
+    ResourceId,
+    CreatedAt,
 }
 
 #[derive(DeriveIden)]
@@ -184,5 +203,188 @@ impl MigrationTrait for Initial {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Service accounts (users of kind `service_account` with one team), the
+/// token registry's columns (team, issuer, restrictions, last use) and the
+/// idempotency keys of creates.
+struct ServiceAccounts;
+
+impl MigrationName for ServiceAccounts {
+    fn name(&self) -> &str {
+        "m20261210_000002_identity_service_accounts"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ServiceAccounts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One column per statement: SQLite alters one thing at a time.
+        let users: [ColumnDef; 4] = [
+            string(Users::Kind).default("human").to_owned(),
+            string_null(Users::TeamId),
+            timestamp_with_time_zone_null(Users::DeletedAt),
+            string_null(Users::CreatedBy),
+        ];
+        for mut column in users {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Users::Table)
+                        .add_column(&mut column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        let tokens: [ColumnDef; 4] = [
+            string_null(Tokens::TeamId),
+            string_null(Tokens::CreatedBy),
+            string(Tokens::Restrictions).default("").to_owned(),
+            timestamp_with_time_zone_null(Tokens::LastUsedAt),
+        ];
+        for mut column in tokens {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Tokens::Table)
+                        .add_column(&mut column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        for (name, table, column) in [
+            (
+                "idx_users_team",
+                Users::Table.into_iden(),
+                Users::TeamId.into_iden(),
+            ),
+            (
+                "idx_tokens_user",
+                Tokens::Table.into_iden(),
+                Tokens::UserId.into_iden(),
+            ),
+            (
+                "idx_tokens_team",
+                Tokens::Table.into_iden(),
+                Tokens::TeamId.into_iden(),
+            ),
+        ] {
+            manager
+                .create_index(
+                    Index::create()
+                        .name(name)
+                        .table(table)
+                        .col(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        manager
+            .create_table(
+                Table::create()
+                    .table(IdempotencyKeys::Table)
+                    .col(string(IdempotencyKeys::CallerId))
+                    .col(string(IdempotencyKeys::Operation))
+                    .col(string(IdempotencyKeys::RequestId))
+                    .col(string(IdempotencyKeys::Fingerprint))
+                    .col(string(IdempotencyKeys::ResourceId))
+                    .col(timestamp_with_time_zone(IdempotencyKeys::CreatedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(IdempotencyKeys::CallerId)
+                            .col(IdempotencyKeys::Operation)
+                            .col(IdempotencyKeys::RequestId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_idempotency_created")
+                    .table(IdempotencyKeys::Table)
+                    .col(IdempotencyKeys::CreatedAt)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::ConnectionTrait;
+
+    use super::*;
+    use crate::model::{PrincipalKind, Restrictions};
+    use crate::store;
+
+    /// A database made before service accounts keeps its users and tokens:
+    /// people of kind `human`, tokens without restrictions or last use.
+    #[tokio::test]
+    async fn an_older_database_upgrades_in_place_on_every_database() {
+        for test_db in vibebox_db::testing::databases().await {
+            let db = test_db.connect().await;
+            Migrator::up(&db, Some(1)).await.unwrap();
+            let now = chrono::Utc::now();
+            let user = Query::insert()
+                .into_table(Users::Table)
+                .columns([
+                    Users::Id,
+                    Users::Username,
+                    Users::DisplayName,
+                    Users::PasswordHash,
+                    Users::PlatformRole,
+                    Users::Disabled,
+                    Users::CreatedAt,
+                ])
+                .values_panic([
+                    "u-old".into(),
+                    "old-user".into(),
+                    "Old".into(),
+                    "hash".into(),
+                    "none".into(),
+                    false.into(),
+                    now.into(),
+                ])
+                .to_owned();
+            db.execute(&user).await.unwrap();
+            let token = Query::insert()
+                .into_table(Tokens::Table)
+                .columns([
+                    Tokens::Id,
+                    Tokens::UserId,
+                    Tokens::Kind,
+                    Tokens::Description,
+                    Tokens::CreatedAt,
+                    Tokens::ExpiresAt,
+                ])
+                .values_panic([
+                    "t-old".into(),
+                    "u-old".into(),
+                    "api".into(),
+                    "from before".into(),
+                    now.into(),
+                    (now + chrono::Duration::days(1)).into(),
+                ])
+                .to_owned();
+            db.execute(&token).await.unwrap();
+            Migrator::up(&db, None).await.unwrap();
+            let user = store::user_by_id(&db, "u-old").await.unwrap().unwrap();
+            assert_eq!(
+                (user.kind, user.team_id.as_str(), user.deleted_at),
+                (PrincipalKind::Human, "", None),
+                "{:?}",
+                test_db.kind
+            );
+            let listed = store::list_api_tokens(&db, &store::TokenFilter::default(), now, 0, 10)
+                .await
+                .unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].restrictions, Restrictions::default());
+            assert_eq!(listed[0].last_used_at, None);
+            assert_eq!(listed[0].description, "from before");
+        }
     }
 }

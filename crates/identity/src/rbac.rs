@@ -25,7 +25,26 @@ pub struct Subject<'a> {
     pub team_role: Option<TeamRole>,
     /// Whether the user belongs to at least one team.
     pub member_of_any_team: bool,
+    /// Whether the caller is a service account: it uses environments as
+    /// its team role allows, but never manages identities (no users, teams,
+    /// members, service accounts or tokens), whatever its role.
+    pub service_account: bool,
 }
+
+/// Operations that manage identities: never allowed to a service account
+/// (an automation's leaked token must not mint more tokens or principals).
+pub const IDENTITY_MANAGEMENT: &[&str] = &[
+    "identity.user.create",
+    "identity.user.disable",
+    "identity.team.create",
+    "identity.member.add",
+    "identity.member.set_role",
+    "identity.member.remove",
+    "identity.token.create",
+    "identity.service_account.create",
+    "identity.service_account.delete",
+    "identity.service_account.token_create",
+];
 
 /// Allow or deny, with a short reason (returned to the gateway, audited).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +114,9 @@ pub fn decide(operation: &str, subject: &Subject<'_>, resource: &Resource) -> De
     let platform_admin = subject.platform_role == PlatformRole::Admin;
     let auditor = subject.platform_role == PlatformRole::Auditor;
     let role = subject.team_role;
+    if subject.service_account && IDENTITY_MANAGEMENT.contains(&operation) {
+        return deny("service accounts cannot manage identities or tokens");
+    }
     let needs_team = || -> Option<Decision> {
         resource
             .team_id
@@ -267,6 +289,7 @@ mod tests {
             platform_role: PlatformRole::None,
             team_role: role,
             member_of_any_team: role.is_some(),
+            service_account: false,
         }
     }
 
@@ -366,9 +389,44 @@ mod tests {
             platform_role: PlatformRole::Admin,
             team_role: Some(TeamRole::Admin),
             member_of_any_team: true,
+            service_account: false,
         };
         for op in OPERATIONS {
             assert!(decide(op, &admin, &env("me")).allowed(), "{op}");
+        }
+    }
+
+    #[test]
+    fn service_accounts_use_environments_by_role_but_never_manage_identities() {
+        let sa = |role| Subject {
+            service_account: true,
+            ..subject(Some(role))
+        };
+        let team = Resource {
+            kind: "team".into(),
+            team_id: "t".into(),
+            ..Default::default()
+        };
+        assert!(decide("environment.create", &sa(TeamRole::Developer), &env("x")).allowed());
+        assert!(decide("environment.delete", &sa(TeamRole::Admin), &env("x")).allowed());
+        assert!(!decide("environment.create", &sa(TeamRole::Viewer), &env("x")).allowed());
+        for op in IDENTITY_MANAGEMENT {
+            assert!(OPERATIONS.contains(op), "{op}");
+            assert!(!decide(op, &sa(TeamRole::Admin), &team).allowed(), "{op}");
+            // The same role as a person is allowed where the role allows.
+            let person = subject(Some(TeamRole::Admin));
+            if op.starts_with("identity.member") || op.starts_with("identity.service_account") {
+                assert!(decide(op, &person, &team).allowed(), "{op}");
+            }
+        }
+        for op in [
+            "identity.whoami",
+            "identity.token.list",
+            "identity.token.revoke",
+            "identity.service_account.list",
+            "identity.member.list",
+        ] {
+            assert!(decide(op, &sa(TeamRole::Viewer), &team).allowed(), "{op}");
         }
     }
 }

@@ -21,12 +21,18 @@ use crate::audit::{Auditor, Event, Origin};
 use crate::error::{Error, Result};
 use crate::keys::{KeyInfo, KeyStore};
 use crate::model::{
-    IssuedToken, Membership, PlatformRole, Team, TeamRole, User, validate_display_name,
-    validate_id, validate_name, validate_password,
+    IssuedToken, Membership, PlatformRole, PrincipalKind, Team, TeamRole, User,
+    validate_display_name, validate_id, validate_name, validate_password,
 };
 use crate::ratelimit::{LoginLimiter, LoginLimits, Verdict};
 use crate::rbac::{self, Decision, Resource, Subject};
 use crate::store;
+
+mod accounts;
+mod usage;
+
+pub use accounts::{ApiTokenQuery, IDEMPOTENCY_WINDOW, NewServiceAccount, NewToken};
+pub use usage::USAGE_INTERVAL;
 
 /// How long the gateway may cache an authorization decision.
 pub const DECISION_CACHE_TTL_MS: u32 = 1000;
@@ -47,6 +53,8 @@ pub struct Settings {
     pub login_limits: LoginLimits,
     /// Longest lifetime of any API token (the bootstrap admin token included).
     pub max_api_token_ttl: Duration,
+    /// Least time between two recordings of one token's last use.
+    pub token_usage_interval: Duration,
 }
 
 impl Default for Settings {
@@ -55,6 +63,7 @@ impl Default for Settings {
             session_ttl: Duration::from_secs(12 * 3600),
             login_limits: LoginLimits::default(),
             max_api_token_ttl: API_TOKEN_MAX_TTL,
+            token_usage_interval: USAGE_INTERVAL,
         }
     }
 }
@@ -78,7 +87,14 @@ impl Caller {
             client_address: client_address.to_owned(),
             request_id: request_id.to_owned(),
             service: String::new(),
+            actor_kind: self.user.kind.actor_kind().to_owned(),
         }
+    }
+
+    /// Whether the calling token carries attenuation blocks (restrictions
+    /// its holder or identity added).
+    pub fn attenuated(&self) -> bool {
+        self.token.attenuation_blocks() > 0
     }
 }
 
@@ -99,6 +115,8 @@ pub struct AuthzDecision {
     pub username: String,
     pub team_role: Option<TeamRole>,
     pub platform_role: Option<PlatformRole>,
+    /// The caller's kind (set whenever the token authenticated someone).
+    pub principal_kind: Option<PrincipalKind>,
 }
 
 /// The teams a caller belongs to.
@@ -107,6 +125,7 @@ pub struct Scopes {
     pub user_id: String,
     pub platform_role: PlatformRole,
     pub teams: Vec<(String, TeamRole)>,
+    pub kind: PrincipalKind,
 }
 
 /// A page request.
@@ -125,12 +144,46 @@ impl Page {
                 .parse::<u64>()
                 .map_err(|_| Error::invalid("page_token", "not a token from a previous page"))?
         };
-        let size = match self.size {
+        Ok((offset, self.size()))
+    }
+
+    /// The page size: 0 means the default (50); at most 500.
+    fn size(&self) -> u64 {
+        match self.size {
             n if n <= 0 => PAGE_DEFAULT,
             n => u64::try_from(n).unwrap_or(PAGE_MAX).min(PAGE_MAX),
-        };
-        Ok((offset, size))
+        }
     }
+}
+
+/// The page token of a team's member list after `username`: opaque to
+/// clients, bound to its team.
+fn member_token(team_id: &str, username: &str) -> String {
+    hex::encode(format!("m1\0{team_id}\0{username}"))
+}
+
+/// The username a member list continues after (`None`: the first page).
+fn member_cursor(team_id: &str, token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let malformed = || Error::invalid("page_token", "not a token from a previous page");
+    let text = hex::decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(malformed)?;
+    let mut parts = text.splitn(3, '\0');
+    let (Some("m1"), Some(team), Some(username)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed());
+    };
+    if team != team_id {
+        return Err(Error::invalid(
+            "page_token",
+            "was issued for another team: list again without a page token",
+        ));
+    }
+    Ok(Some(username.to_owned()))
 }
 
 fn next_token(offset: u64, size: u64, got: usize) -> String {
@@ -186,6 +239,8 @@ pub struct Identity {
     settings: Settings,
     /// Token verification and evaluation, off the async workers.
     evaluator: Evaluator,
+    /// Records tokens' last use, throttled, off the request path.
+    usage: usage::UsageRecorder,
 }
 
 impl Identity {
@@ -198,6 +253,7 @@ impl Identity {
     ) -> Self {
         Self {
             limiter: LoginLimiter::new(settings.login_limits),
+            usage: usage::UsageRecorder::start(db.clone(), settings.token_usage_interval),
             db,
             keys,
             audit,
@@ -226,35 +282,46 @@ impl Identity {
         &self.keys
     }
 
-    /// Mints and records a token for `user_id`.
+    /// Mints and records a token; its restrictions become one attenuation
+    /// block of checks (the shape every service accepts), so that the token
+    /// allows no more than they say whoever holds it.
     pub(crate) async fn issue(
         &self,
         db: &impl sea_orm::ConnectionTrait,
-        user_id: &str,
-        parent_id: Option<&str>,
-        kind: &str,
-        description: &str,
-        ttl: Duration,
+        new: NewToken<'_>,
     ) -> Result<IssuedToken> {
         let token_id = uuid::Uuid::new_v4().to_string();
         let expires_at = Utc::now()
-            + chrono::Duration::from_std(ttl).map_err(|e| Error::Internal(e.to_string()))?;
+            + chrono::Duration::from_std(new.ttl).map_err(|e| Error::Internal(e.to_string()))?;
         store::insert_token(
             db,
             store::NewToken {
                 id: &token_id,
-                user_id,
-                parent_id,
-                kind,
-                description,
+                user_id: new.user_id,
+                parent_id: new.parent_id,
+                kind: new.kind,
+                description: new.description,
                 expires_at,
+                team_id: new.team_id,
+                created_by: new.created_by,
+                restrictions: new.restrictions,
             },
         )
         .await?;
-        let token = vibebox_token::mint(
+        let mut token = vibebox_token::mint(
             &self.keys.current(),
-            &Claims::new(user_id, &token_id, expires_at),
+            &Claims::new(new.user_id, &token_id, expires_at),
         )?;
+        if !new.restrictions.is_empty() {
+            token = vibebox_token::restrict(&token, &new.restrictions.scope()).map_err(
+                |e| match e {
+                    vibebox_token::TokenError::Invalid { field, reason } => {
+                        Error::invalid(field, reason)
+                    }
+                    other => Error::Token(other),
+                },
+            )?;
+        }
         Ok(IssuedToken {
             token,
             token_id,
@@ -318,6 +385,12 @@ impl Identity {
             store::user_with_hash(&self.db, username).await?
         };
         let (user, ok) = match found {
+            // A service account has no password: refused exactly as a
+            // wrong password is (same answer, same work, same limits).
+            Some((user, _)) if user.is_service_account() => {
+                verify_password(password.to_owned(), DUMMY_HASH.clone()).await;
+                (Some(user), false)
+            }
             Some((user, hash)) => {
                 let ok = verify_password(password.to_owned(), hash).await;
                 (Some(user), ok)
@@ -333,6 +406,7 @@ impl Identity {
                 self.limiter.record_failure(username, source);
                 let reason = match other {
                     Some(u) if ok && u.disabled => "disabled",
+                    Some(u) if u.is_service_account() => "service_account",
                     _ => "bad_credentials",
                 };
                 origin.user_id = String::new();
@@ -346,14 +420,17 @@ impl Identity {
         let issued = self
             .issue(
                 &txn,
-                &user.id,
-                None,
-                "session",
-                "login",
-                self.settings.session_ttl,
+                NewToken {
+                    user_id: &user.id,
+                    kind: "session",
+                    description: "login",
+                    ttl: self.settings.session_ttl,
+                    ..NewToken::default()
+                },
             )
             .await?;
         origin.user_id = user.id.clone();
+        origin.actor_kind = user.kind.actor_kind().to_owned();
         origin.token_id = issued.token_id.clone();
         self.audit
             .record(
@@ -465,6 +542,7 @@ impl Identity {
             platform_role: caller.user.platform_role,
             team_role,
             member_of_any_team: !roles.is_empty(),
+            service_account: caller.user.is_service_account(),
         };
         Ok((rbac::decide(operation, &subject, resource), team_role))
     }
@@ -502,6 +580,8 @@ impl Identity {
             Err(Error::Unauthenticated(reason)) => return Ok(unauthenticated(reason)),
             Err(e) => return Err(e),
         };
+        self.usage.note(&caller.token_id);
+        let resource = &self.resolve(resource).await?;
         let (decision, team_role) = match self.decide(&caller, operation, resource).await {
             Ok(decided) => decided,
             Err(Error::Unauthenticated(reason)) => return Ok(unauthenticated(reason)),
@@ -519,16 +599,42 @@ impl Identity {
             username: caller.user.username.clone(),
             team_role,
             platform_role: Some(caller.user.platform_role),
+            principal_kind: Some(caller.user.kind),
+        })
+    }
+
+    /// The resource as identity knows it: a service account is decided on
+    /// in its own team, looked up here, whatever team the request named
+    /// (an unknown one has no team: only platform admins get past that,
+    /// and then find nothing).
+    async fn resolve(&self, resource: &Resource) -> Result<Resource> {
+        if resource.kind != "service_account" || resource.id.is_empty() {
+            return Ok(resource.clone());
+        }
+        let team_id = if resource.id.len() > 64 {
+            String::new()
+        } else {
+            store::user_by_id(&self.db, &resource.id)
+                .await?
+                .filter(User::is_service_account)
+                .map(|sa| sa.team_id)
+                .unwrap_or_default()
+        };
+        Ok(Resource {
+            team_id,
+            ..resource.clone()
         })
     }
 
     /// The caller's teams and roles.
     pub async fn caller_scopes(&self, token: &str) -> Result<Scopes> {
         let caller = self.authenticate(token).await?;
+        self.usage.note(&caller.token_id);
         Ok(Scopes {
             teams: store::roles_of(&self.db, &caller.user.id).await?,
             user_id: caller.user.id,
             platform_role: caller.user.platform_role,
+            kind: caller.user.kind,
         })
     }
 
@@ -545,7 +651,10 @@ impl Identity {
         Ok((caller.user.clone(), memberships))
     }
 
-    /// Creates a user (platform admins).
+    /// Creates a user (platform admins). Idempotent by `request_id` (see
+    /// [`accounts`]): a retry within a day returns the same user, provided
+    /// every field, the password included, is the same.
+    #[allow(clippy::too_many_arguments)] // the request's fields, one each
     pub async fn create_user(
         &self,
         caller: &Caller,
@@ -554,28 +663,94 @@ impl Identity {
         display_name: &str,
         password: &str,
         platform_role: PlatformRole,
+        request_id: &str,
     ) -> Result<User> {
         self.require(caller, "identity.user.create", &Resource::default())
             .await?;
         validate_name("username", username)?;
         validate_display_name("display_name", display_name)?;
         validate_password(password)?;
+        accounts::validate_request_id(request_id)?;
+        let display_name = if display_name.is_empty() {
+            username
+        } else {
+            display_name
+        };
+        // The password is not in the fingerprint (never in a fast hash):
+        // a replay checks it against the user's own Argon2 hash instead.
+        let key = accounts::Key::new(
+            caller,
+            "user.create",
+            request_id,
+            &[username, display_name, platform_role.as_str()],
+        );
+        if let Some(user) = self.replayed_user(&key, password).await? {
+            return Ok(user);
+        }
         let hash = hash_password(password.to_owned()).await?;
+        let created = self
+            .insert_new_user(
+                caller,
+                ctx,
+                username,
+                display_name,
+                hash,
+                platform_role,
+                &key,
+            )
+            .await;
+        match created {
+            Err(Error::AlreadyExists(_)) if key.is_set() => {
+                // A concurrent attempt with the same key won the race.
+                match self.replayed_user(&key, password).await? {
+                    Some(user) => Ok(user),
+                    None => created,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The user an earlier `create_user` with `key` made, if any.
+    async fn replayed_user(&self, key: &accounts::Key<'_>, password: &str) -> Result<Option<User>> {
+        let Some(user_id) = self.replayed(key).await? else {
+            return Ok(None);
+        };
+        let user = store::user_by_id(&self.db, &user_id)
+            .await?
+            .ok_or(Error::NotFound("user"))?;
+        let hash = store::password_hash(&self.db, &user_id)
+            .await?
+            .unwrap_or_default();
+        if !verify_password(password.to_owned(), hash).await {
+            return Err(Error::RequestReused);
+        }
+        Ok(Some(user))
+    }
+
+    #[allow(clippy::too_many_arguments)] // the request's fields, one each
+    async fn insert_new_user(
+        &self,
+        caller: &Caller,
+        ctx: &RequestContext,
+        username: &str,
+        display_name: &str,
+        hash: String,
+        platform_role: PlatformRole,
+        key: &accounts::Key<'_>,
+    ) -> Result<User> {
         let txn = vibebox_db::begin_write(&self.db).await?;
         let user = store::insert_user(
             &txn,
             store::NewUser {
                 username,
-                display_name: if display_name.is_empty() {
-                    username
-                } else {
-                    display_name
-                },
+                display_name,
                 password_hash: hash,
                 platform_role,
             },
         )
         .await?;
+        key.put(&txn, &user.id).await?;
         self.audit
             .record(
                 &caller.origin(&ctx.client_address, &ctx.request_id),
@@ -623,6 +798,20 @@ impl Identity {
                 "you cannot disable yourself".into(),
             ));
         }
+        if !disabled
+            && store::user_by_id(&self.db, user_id)
+                .await?
+                .is_some_and(|u| u.deleted_at.is_some())
+        {
+            return Err(Error::Refused {
+                message: "a deleted service account cannot be enabled again".into(),
+                violations: vec![(
+                    "service_account.deleted",
+                    "user_id".into(),
+                    "deleting a service account disables it for good".into(),
+                )],
+            });
+        }
         let txn = vibebox_db::begin_write(&self.db).await?;
         let user = store::set_user_disabled(&txn, user_id, disabled)
             .await?
@@ -650,29 +839,65 @@ impl Identity {
     }
 
     /// Creates a team (platform admins); the creator becomes its admin.
+    /// Idempotent by `request_id` (see [`accounts`]).
     pub async fn create_team(
         &self,
         caller: &Caller,
         ctx: &RequestContext,
         name: &str,
         display_name: &str,
+        request_id: &str,
     ) -> Result<Team> {
         self.require(caller, "identity.team.create", &Resource::default())
             .await?;
         validate_name("name", name)?;
         validate_display_name("display_name", display_name)?;
-        let txn = vibebox_db::begin_write(&self.db).await?;
-        let team = store::insert_team(
-            &txn,
-            name,
-            if display_name.is_empty() {
-                name
-            } else {
-                display_name
+        accounts::validate_request_id(request_id)?;
+        let display_name = if display_name.is_empty() {
+            name
+        } else {
+            display_name
+        };
+        let key = accounts::Key::new(caller, "team.create", request_id, &[name, display_name]);
+        if let Some(team) = self.replayed_team(&key).await? {
+            return Ok(team);
+        }
+        let created = self
+            .insert_new_team(caller, ctx, name, display_name, &key)
+            .await;
+        match created {
+            Err(Error::AlreadyExists(_)) if key.is_set() => match self.replayed_team(&key).await? {
+                Some(team) => Ok(team),
+                None => created,
             },
-        )
-        .await?;
+            other => other,
+        }
+    }
+
+    /// The team an earlier `create_team` with `key` made, if any.
+    async fn replayed_team(&self, key: &accounts::Key<'_>) -> Result<Option<Team>> {
+        let Some(team_id) = self.replayed(key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            store::team_by_id(&self.db, &team_id)
+                .await?
+                .ok_or(Error::NotFound("team"))?,
+        ))
+    }
+
+    async fn insert_new_team(
+        &self,
+        caller: &Caller,
+        ctx: &RequestContext,
+        name: &str,
+        display_name: &str,
+        key: &accounts::Key<'_>,
+    ) -> Result<Team> {
+        let txn = vibebox_db::begin_write(&self.db).await?;
+        let team = store::insert_team(&txn, name, display_name).await?;
         store::add_member(&txn, &team.id, &caller.user.id, TeamRole::Admin).await?;
+        key.put(&txn, &team.id).await?;
         self.audit
             .record(
                 &caller.origin(&ctx.client_address, &ctx.request_id),
@@ -777,9 +1002,14 @@ impl Identity {
             .await?;
         let role = role.ok_or_else(|| Error::invalid("role", "a team role is required"))?;
         validate_id("user_id", user_id)?;
-        store::user_by_id(&self.db, user_id)
+        let user = store::user_by_id(&self.db, user_id)
             .await?
             .ok_or(Error::NotFound("user"))?;
+        if user.is_service_account() {
+            return Err(accounts::single_team(
+                "a service account belongs to the one team it was created in",
+            ));
+        }
         let txn = vibebox_db::begin_write(&self.db).await?;
         store::add_member(&txn, team_id, user_id, role).await?;
         self.membership_event(
@@ -861,6 +1091,14 @@ impl Identity {
         )
         .await?;
         validate_id("user_id", user_id)?;
+        if store::user_by_id(&self.db, user_id)
+            .await?
+            .is_some_and(|u| u.is_service_account())
+        {
+            return Err(accounts::single_team(
+                "a service account cannot leave its team: delete the service account instead",
+            ));
+        }
         let txn = vibebox_db::begin_write(&self.db).await?;
         let current = store::role_in(&txn, team_id, user_id)
             .await?
@@ -884,8 +1122,14 @@ impl Identity {
         Ok(())
     }
 
-    /// A team's members (members, platform admins).
-    pub async fn list_members(&self, caller: &Caller, team_id: &str) -> Result<Vec<Membership>> {
+    /// A team's members, ordered by username, a page at a time (members,
+    /// platform admins); with the token of the next page, empty on the last.
+    pub async fn list_members(
+        &self,
+        caller: &Caller,
+        team_id: &str,
+        page: &Page,
+    ) -> Result<(Vec<Membership>, String)> {
         self.visible_team(caller, team_id).await?;
         self.require(
             caller,
@@ -893,138 +1137,23 @@ impl Identity {
             &Self::team_resource(team_id),
         )
         .await?;
-        store::members_of_team(&self.db, team_id).await
-    }
-
-    /// Issues an API token for the caller, derived from the calling token
-    /// (revoking that one revokes this one too). Tokens never widen:
-    /// - the calling token must be unattenuated (a Login session or an API
-    ///   token as issued): an attenuated token's restrictions cannot be
-    ///   carried into a fresh token, so it mints nothing (`token.attenuated_parent`);
-    /// - the new token never outlives the calling one (`token.outlives_parent`;
-    ///   without a requested TTL the default is cut to fit);
-    /// - no API token lives longer than the platform maximum (`token.max_ttl`).
-    pub async fn create_api_token(
-        &self,
-        caller: &Caller,
-        ctx: &RequestContext,
-        description: &str,
-        ttl: Option<Duration>,
-    ) -> Result<IssuedToken> {
-        self.require(caller, "identity.token.create", &Resource::default())
-            .await?;
-        if description.chars().count() > 256 || description.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                "description",
-                "at most 256 characters, no control characters",
-            ));
-        }
-        let ttl = self.api_token_ttl(caller, ttl, Utc::now())?;
-        let txn = vibebox_db::begin_write(&self.db).await?;
-        let issued = self
-            .issue(
-                &txn,
-                &caller.user.id,
-                Some(&caller.token_id),
-                "api",
-                description,
-                ttl,
-            )
-            .await?;
-        self.audit
-            .record(
-                &caller.origin(&ctx.client_address, &ctx.request_id),
-                Event {
-                    action: "token.create",
-                    resource_type: "token",
-                    resource_id: &issued.token_id,
-                    team_id: "",
-                    outcome: Outcome::Success,
-                    severity: Severity::Low,
-                    details: &[("description", description)],
-                },
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(issued)
-    }
-
-    /// The lifetime of an API token minted by `caller` at `now` (see
-    /// [`Identity::create_api_token`] for the rules).
-    fn api_token_ttl(
-        &self,
-        caller: &Caller,
-        requested: Option<Duration>,
-        now: chrono::DateTime<Utc>,
-    ) -> Result<Duration> {
-        if caller.token.attenuation_blocks() > 0 {
-            return Err(Error::Refused {
-                message: "an attenuated token cannot mint API tokens".into(),
-                violations: vec![(
-                    "token.attenuated_parent",
-                    "authorization".into(),
-                    "API tokens are minted only with an unattenuated token (a Login \
-                     session or an API token as issued): restrictions are never dropped"
-                        .into(),
-                )],
-            });
-        }
-        let max = self.settings.max_api_token_ttl;
-        let parent_left = (caller.token_expires_at - now)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        let Some(requested) = requested else {
-            let ttl = API_TOKEN_DEFAULT_TTL.min(max).min(parent_left);
-            if ttl < Duration::from_secs(1) {
-                return Err(Error::Refused {
-                    message: "the calling token is about to expire".into(),
-                    violations: vec![(
-                        "token.outlives_parent",
-                        "ttl_seconds".into(),
-                        "the calling token expires within a second".into(),
-                    )],
-                });
+        let after = member_cursor(team_id, &page.token)?;
+        let size = page.size();
+        let mut members =
+            store::members_of_team(&self.db, team_id, after.as_deref(), size + 1).await?;
+        let mut next = String::new();
+        if members.len() as u64 > size {
+            members.truncate(size as usize);
+            if let Some(last) = members.last() {
+                next = member_token(team_id, &last.username);
             }
-            return Ok(ttl);
-        };
-        if requested.is_zero() {
-            return Err(Error::invalid("ttl_seconds", "at least 1 second"));
         }
-        let mut violations = Vec::new();
-        if requested > max {
-            violations.push((
-                "token.max_ttl",
-                "ttl_seconds".into(),
-                format!(
-                    "API tokens live at most {} seconds on this platform",
-                    max.as_secs()
-                ),
-            ));
-        }
-        if requested > parent_left {
-            violations.push((
-                "token.outlives_parent",
-                "ttl_seconds".into(),
-                format!(
-                    "a minted token never outlives the calling token, which expires at {} \
-                     (at most {} seconds from now)",
-                    caller.token_expires_at.to_rfc3339(),
-                    parent_left.as_secs()
-                ),
-            ));
-        }
-        if violations.is_empty() {
-            Ok(requested)
-        } else {
-            Err(Error::Refused {
-                message: "the requested token lifetime is not allowed".into(),
-                violations,
-            })
-        }
+        Ok((members, next))
     }
 
-    /// Revokes a token of the caller's (any token for platform admins) and
-    /// every token derived from it.
+    /// Revokes a token of the caller's (a team admin: any token of the
+    /// team's service accounts; a platform admin: any token) and every
+    /// token derived from it. Anything else is NOT_FOUND, as an unknown id.
     pub async fn revoke_token(
         &self,
         caller: &Caller,
@@ -1036,10 +1165,18 @@ impl Identity {
         validate_id("token_id", token_id)?;
         let record = store::token_by_id(&self.db, token_id)
             .await?
-            .filter(|t| {
-                t.user_id == caller.user.id || caller.user.platform_role == PlatformRole::Admin
-            })
             .ok_or(Error::NotFound("token"))?;
+        let allowed = record.user_id == caller.user.id
+            || caller.user.platform_role == PlatformRole::Admin
+            || match record.team_id.as_deref() {
+                Some(team) if !caller.user.is_service_account() => {
+                    store::role_in(&self.db, team, &caller.user.id).await? == Some(TeamRole::Admin)
+                }
+                _ => false,
+            };
+        if !allowed {
+            return Err(Error::NotFound("token"));
+        }
         let txn = vibebox_db::begin_write(&self.db).await?;
         let count = store::revoke_tree(&txn, &record.id, Utc::now()).await?;
         self.audit
@@ -1049,7 +1186,7 @@ impl Identity {
                     action: "token.revoke",
                     resource_type: "token",
                     resource_id: &record.id,
-                    team_id: "",
+                    team_id: record.team_id.as_deref().unwrap_or_default(),
                     outcome: Outcome::Success,
                     severity: Severity::Medium,
                     details: &[("revoked", &count.to_string()), ("owner", &record.user_id)],

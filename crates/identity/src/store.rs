@@ -8,9 +8,11 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, Set, SqlErr,
 };
 
-use crate::entity::{membership, team, token, token_key, user};
+use crate::entity::{idempotency, membership, team, token, token_key, user};
 use crate::error::{Error, Result};
-use crate::model::{Membership, PlatformRole, Team, TeamRole, User};
+use crate::model::{
+    ApiToken, Membership, PlatformRole, PrincipalKind, Restrictions, Team, TeamRole, User,
+};
 
 fn unique(err: DbErr, what: &'static str) -> Error {
     match err.sql_err() {
@@ -28,6 +30,9 @@ impl From<user::Model> for User {
             platform_role: PlatformRole::parse(&m.platform_role),
             disabled: m.disabled,
             created_at: m.created_at,
+            kind: PrincipalKind::parse(&m.kind),
+            team_id: m.team_id.unwrap_or_default(),
+            deleted_at: m.deleted_at,
         }
     }
 }
@@ -61,11 +66,94 @@ pub async fn insert_user(db: &impl ConnectionTrait, new: NewUser<'_>) -> Result<
         platform_role: Set(new.platform_role.as_str().to_owned()),
         disabled: Set(false),
         created_at: Set(Utc::now()),
+        kind: Set(PrincipalKind::Human.as_str().to_owned()),
+        team_id: Set(None),
+        deleted_at: Set(None),
+        created_by: Set(None),
     }
     .insert(db)
     .await
     .map_err(|e| unique(e, "user"))?;
     Ok(model.into())
+}
+
+/// A service account to insert.
+pub struct NewServiceAccount<'a> {
+    pub name: &'a str,
+    pub display_name: &'a str,
+    pub team_id: &'a str,
+    pub created_by: &'a str,
+}
+
+/// Inserts a service account: a user of kind `service_account` with no
+/// password (no hash verifies against an empty string) and no platform
+/// role. Its name shares the usernames' uniqueness (`AlreadyExists`).
+pub async fn insert_service_account(
+    db: &impl ConnectionTrait,
+    new: NewServiceAccount<'_>,
+) -> Result<User> {
+    let model = user::ActiveModel {
+        id: Set(uuid::Uuid::new_v4().to_string()),
+        username: Set(new.name.to_owned()),
+        display_name: Set(new.display_name.to_owned()),
+        password_hash: Set(String::new()),
+        platform_role: Set(PlatformRole::None.as_str().to_owned()),
+        disabled: Set(false),
+        created_at: Set(Utc::now()),
+        kind: Set(PrincipalKind::ServiceAccount.as_str().to_owned()),
+        team_id: Set(Some(new.team_id.to_owned())),
+        deleted_at: Set(None),
+        created_by: Set(Some(new.created_by.to_owned())),
+    }
+    .insert(db)
+    .await
+    .map_err(|e| unique(e, "user or service account"))?;
+    Ok(model.into())
+}
+
+/// A team's service accounts ordered by name, paged by offset; deleted
+/// ones only with `include_deleted`.
+pub async fn list_service_accounts(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    include_deleted: bool,
+    offset: u64,
+    limit: u64,
+) -> Result<Vec<User>> {
+    let mut q = user::Entity::find()
+        .filter(user::Column::Kind.eq(PrincipalKind::ServiceAccount.as_str()))
+        .filter(user::Column::TeamId.eq(team_id));
+    if !include_deleted {
+        q = q.filter(user::Column::DeletedAt.is_null());
+    }
+    Ok(q.order_by_asc(user::Column::Username)
+        .offset(offset)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect())
+}
+
+/// Marks a service account deleted and disabled, for good; `None` if no
+/// such service account.
+pub async fn delete_service_account(
+    db: &impl ConnectionTrait,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<User>> {
+    let Some(m) = user::Entity::find_by_id(id.to_owned())
+        .filter(user::Column::Kind.eq(PrincipalKind::ServiceAccount.as_str()))
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut am: user::ActiveModel = m.into();
+    am.disabled = Set(true);
+    am.deleted_at = Set(Some(now));
+    Ok(Some(am.update(db).await?.into()))
 }
 
 /// Number of users (bootstrap runs on zero).
@@ -83,6 +171,23 @@ pub async fn user_by_id(db: &impl ConnectionTrait, id: &str) -> Result<Option<Us
         .await?
         .pop()
         .map(Into::into))
+}
+
+/// A user by username (people and service accounts alike).
+pub async fn user_by_name(db: &impl ConnectionTrait, username: &str) -> Result<Option<User>> {
+    Ok(user::Entity::find()
+        .filter(user::Column::Username.eq(username))
+        .one(db)
+        .await?
+        .map(Into::into))
+}
+
+/// A user's password hash (empty for service accounts).
+pub async fn password_hash(db: &impl ConnectionTrait, id: &str) -> Result<Option<String>> {
+    Ok(user::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await?
+        .map(|m| m.password_hash))
 }
 
 /// A user and their password hash, by username.
@@ -242,14 +347,58 @@ pub async fn memberships_of_user(
     decorate(db, rows).await
 }
 
-/// A team's memberships with display names.
-pub async fn members_of_team(db: &impl ConnectionTrait, team_id: &str) -> Result<Vec<Membership>> {
-    let rows = membership::Entity::find()
+/// A page of a team's memberships with display names, ordered by username
+/// (unique): at most `limit`, those after the username `after` when given.
+pub async fn members_of_team(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<Membership>> {
+    use sea_orm::QueryTrait;
+    let in_team = membership::Entity::find()
+        .select_only()
+        .column(membership::Column::UserId)
         .filter(membership::Column::TeamId.eq(team_id))
-        .order_by_asc(membership::Column::UserId)
+        .into_query();
+    let mut users = user::Entity::find().filter(user::Column::Id.in_subquery(in_team));
+    if let Some(after) = after {
+        users = users.filter(user::Column::Username.gt(after));
+    }
+    let users = users
+        .order_by_asc(user::Column::Username)
+        .limit(limit)
         .all(db)
         .await?;
-    decorate(db, rows).await
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let roles: std::collections::HashMap<String, String> = membership::Entity::find()
+        .filter(membership::Column::TeamId.eq(team_id))
+        .filter(membership::Column::UserId.is_in(users.iter().map(|u| u.id.clone())))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| (m.user_id, m.role))
+        .collect();
+    let team_name = team::Entity::find_by_id(team_id.to_owned())
+        .one(db)
+        .await?
+        .map(|t| t.name)
+        .unwrap_or_default();
+    Ok(users
+        .into_iter()
+        .filter_map(|u| {
+            let role = TeamRole::parse(roles.get(&u.id)?)?;
+            Some(Membership {
+                team_id: team_id.to_owned(),
+                user_id: u.id,
+                role,
+                team_name: team_name.clone(),
+                username: u.username,
+            })
+        })
+        .collect())
 }
 
 /// One membership with display names.
@@ -330,6 +479,11 @@ pub struct NewToken<'a> {
     pub kind: &'a str,
     pub description: &'a str,
     pub expires_at: DateTime<Utc>,
+    /// The owning team of a service account's token.
+    pub team_id: Option<&'a str>,
+    /// Who issued it (absent for logins and bootstrap).
+    pub created_by: Option<&'a str>,
+    pub restrictions: &'a Restrictions,
 }
 
 /// Records an issued token.
@@ -343,9 +497,191 @@ pub async fn insert_token(db: &impl ConnectionTrait, new: NewToken<'_>) -> Resul
         created_at: Set(Utc::now()),
         expires_at: Set(new.expires_at),
         revoked_at: Set(None),
+        team_id: Set(new.team_id.map(str::to_owned)),
+        created_by: Set(new.created_by.map(str::to_owned)),
+        restrictions: Set(new.restrictions.encode()),
+        last_used_at: Set(None),
     }
     .insert(db)
     .await?;
+    Ok(())
+}
+
+/// Revokes every unrevoked token of a user (a deleted service account's)
+/// and every token derived from them. Returns the number newly revoked.
+pub async fn revoke_all_of_user(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let ids: Vec<String> = token::Entity::find()
+        .filter(token::Column::UserId.eq(user_id))
+        .filter(token::Column::RevokedAt.is_null())
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let mut count = 0;
+    for id in ids {
+        count += revoke_tree(db, &id, now).await?;
+    }
+    Ok(count)
+}
+
+/// Records that a token was used at `at` (never moves backwards).
+pub async fn touch_token(db: &impl ConnectionTrait, id: &str, at: DateTime<Utc>) -> Result<()> {
+    token::Entity::update_many()
+        .col_expr(token::Column::LastUsedAt, Expr::value(at))
+        .filter(token::Column::Id.eq(id))
+        .filter(
+            sea_orm::Condition::any()
+                .add(token::Column::LastUsedAt.is_null())
+                .add(token::Column::LastUsedAt.lt(at)),
+        )
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Which API tokens to list.
+#[derive(Clone, Debug, Default)]
+pub struct TokenFilter {
+    /// Only this owner's.
+    pub owner_id: Option<String>,
+    /// Only those of this team's service accounts.
+    pub team_id: Option<String>,
+    /// Revoked and expired ones too.
+    pub show_inactive: bool,
+}
+
+/// API tokens (never sessions), newest first, paged by offset.
+pub async fn list_api_tokens(
+    db: &impl ConnectionTrait,
+    filter: &TokenFilter,
+    now: DateTime<Utc>,
+    offset: u64,
+    limit: u64,
+) -> Result<Vec<ApiToken>> {
+    let mut q = token::Entity::find().filter(token::Column::Kind.eq("api"));
+    if let Some(owner) = &filter.owner_id {
+        q = q.filter(token::Column::UserId.eq(owner.as_str()));
+    }
+    if let Some(team) = &filter.team_id {
+        q = q.filter(token::Column::TeamId.eq(team.as_str()));
+    }
+    if !filter.show_inactive {
+        q = q
+            .filter(token::Column::RevokedAt.is_null())
+            .filter(token::Column::ExpiresAt.gt(now));
+    }
+    let rows = q
+        .order_by_desc(token::Column::CreatedAt)
+        .order_by_asc(token::Column::Id)
+        .offset(offset)
+        .limit(limit)
+        .all(db)
+        .await?;
+    let mut owners: std::collections::HashMap<String, Option<User>> =
+        std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for t in rows {
+        if !owners.contains_key(&t.user_id) {
+            let owner = user_by_id(db, &t.user_id).await?;
+            owners.insert(t.user_id.clone(), owner);
+        }
+        let owner = owners.get(&t.user_id).cloned().flatten();
+        out.push(ApiToken {
+            owner_kind: owner.as_ref().map_or(PrincipalKind::Human, |u| u.kind),
+            owner_name: owner.map(|u| u.username).unwrap_or_default(),
+            id: t.id,
+            owner_id: t.user_id,
+            team_id: t.team_id.unwrap_or_default(),
+            description: t.description,
+            created_at: t.created_at,
+            last_used_at: t.last_used_at,
+            expires_at: t.expires_at,
+            restrictions: Restrictions::decode(&t.restrictions),
+            revoked: t.revoked_at.is_some(),
+        });
+    }
+    Ok(out)
+}
+
+/// What an earlier create with the same key made.
+pub struct IdempotencyRecord {
+    pub fingerprint: String,
+    pub resource_id: String,
+}
+
+/// The record of `(caller, operation, request_id)` made after `since`.
+pub async fn idempotency_key(
+    db: &impl ConnectionTrait,
+    caller_id: &str,
+    operation: &str,
+    request_id: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<IdempotencyRecord>> {
+    Ok(idempotency::Entity::find_by_id((
+        caller_id.to_owned(),
+        operation.to_owned(),
+        request_id.to_owned(),
+    ))
+    .one(db)
+    .await?
+    .filter(|m| m.created_at > since)
+    .map(|m| IdempotencyRecord {
+        fingerprint: m.fingerprint,
+        resource_id: m.resource_id,
+    }))
+}
+
+/// Records (or, for a key older than the window, replaces) what a create
+/// made. A concurrent create with the same key is `AlreadyExists`.
+pub async fn put_idempotency_key(
+    db: &impl ConnectionTrait,
+    caller_id: &str,
+    operation: &str,
+    request_id: &str,
+    fingerprint: &str,
+    resource_id: &str,
+    before: DateTime<Utc>,
+) -> Result<()> {
+    // Keys past the window are forgotten (this one included, so that it
+    // can be used again), a few at a time on every create.
+    idempotency::Entity::delete_many()
+        .filter(idempotency::Column::CreatedAt.lte(before))
+        .exec(db)
+        .await?;
+    idempotency::ActiveModel {
+        caller_id: Set(caller_id.to_owned()),
+        operation: Set(operation.to_owned()),
+        request_id: Set(request_id.to_owned()),
+        fingerprint: Set(fingerprint.to_owned()),
+        resource_id: Set(resource_id.to_owned()),
+        created_at: Set(Utc::now()),
+    }
+    .insert(db)
+    .await
+    .map_err(|e| unique(e, "request"))?;
+    Ok(())
+}
+
+/// Points a key at what its latest attempt made (a token retry).
+pub async fn update_idempotency_key(
+    db: &impl ConnectionTrait,
+    caller_id: &str,
+    operation: &str,
+    request_id: &str,
+    resource_id: &str,
+) -> Result<()> {
+    idempotency::Entity::update_many()
+        .col_expr(idempotency::Column::ResourceId, Expr::value(resource_id))
+        .filter(idempotency::Column::CallerId.eq(caller_id))
+        .filter(idempotency::Column::Operation.eq(operation))
+        .filter(idempotency::Column::RequestId.eq(request_id))
+        .exec(db)
+        .await?;
     Ok(())
 }
 

@@ -1274,3 +1274,982 @@ async fn concurrent_writes_all_succeed_on_every_database() {
         h.stop().await;
     }
 }
+
+fn team_resource(team: &str) -> authz::Resource {
+    authz::Resource {
+        kind: "team".into(),
+        team_id: team.into(),
+        id: team.into(),
+        ..Default::default()
+    }
+}
+
+fn rules(status: &tonic::Status) -> Vec<String> {
+    vibebox_server_kit::status::violated_rules(status)
+}
+
+impl Harness {
+    async fn create_service_account(
+        &mut self,
+        token: &str,
+        team: &str,
+        name: &str,
+        role: TeamRole,
+        request_id: &str,
+    ) -> Result<pb::ServiceAccount, tonic::Status> {
+        self.identity
+            .create_service_account(bearer(
+                pb::CreateServiceAccountRequest {
+                    team_id: team.into(),
+                    name: name.into(),
+                    display_name: String::new(),
+                    role: role as i32,
+                    request_id: request_id.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|r| r.into_inner().service_account.unwrap())
+    }
+
+    async fn service_account_token(
+        &mut self,
+        token: &str,
+        sa: &str,
+        restrictions: Option<pb::TokenRestrictions>,
+        request_id: &str,
+    ) -> Result<pb::CreateServiceAccountTokenResponse, tonic::Status> {
+        self.identity
+            .create_service_account_token(bearer(
+                pb::CreateServiceAccountTokenRequest {
+                    service_account_id: sa.into(),
+                    description: "ci".into(),
+                    ttl_seconds: None,
+                    request_id: request_id.into(),
+                    restrictions,
+                },
+                token,
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn list_tokens(
+        &mut self,
+        token: &str,
+        owner: &str,
+        team: &str,
+        show_inactive: bool,
+    ) -> Result<Vec<pb::ApiToken>, tonic::Status> {
+        self.identity
+            .list_api_tokens(bearer(
+                pb::ListApiTokensRequest {
+                    owner_id: owner.into(),
+                    team_id: team.into(),
+                    show_inactive,
+                    page_size: 0,
+                    page_token: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(|r| r.into_inner().tokens)
+    }
+}
+
+#[tokio::test]
+async fn service_accounts_are_team_principals_that_never_log_in_or_manage_identities() {
+    for db in vibebox_db::testing::databases().await {
+        service_account_journey(Harness::start(Some(db.url.clone())).await).await;
+    }
+}
+
+async fn service_account_journey(mut h: Harness) {
+    let admin = h.admin_token.clone();
+    let team = h.create_team("team-sa").await;
+    let other = h.create_team("team-other").await;
+    let alice = h.create_user("alice", PlatformRole::None).await;
+    let bob = h.create_user("bob", PlatformRole::None).await;
+    let carol = h.create_user("carol", PlatformRole::None).await;
+    h.add_member(&team, &alice, TeamRole::Admin).await;
+    h.add_member(&team, &bob, TeamRole::Developer).await;
+    h.add_member(&other, &carol, TeamRole::Admin).await;
+    let alice_t = h.login("alice").await.token;
+    let bob_t = h.login("bob").await.token;
+    let carol_t = h.login("carol").await.token;
+
+    // A team admin creates it; a retry with the same request id is the same
+    // account, the same id with other fields is refused as reused.
+    let sa = h
+        .create_service_account(&alice_t, &team, "ci-bot", TeamRole::Developer, "sa-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        (sa.team_id.as_str(), sa.role, sa.disabled),
+        (team.as_str(), TeamRole::Developer as i32, false)
+    );
+    let again = h
+        .create_service_account(&alice_t, &team, "ci-bot", TeamRole::Developer, "sa-1")
+        .await
+        .unwrap();
+    assert_eq!(again.id, sa.id);
+    let reused = h
+        .create_service_account(&alice_t, &team, "ci-bot", TeamRole::Admin, "sa-1")
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::FailedPrecondition);
+    assert_eq!(rules(&reused), ["request_id.reused"]);
+    // Without a request id, the name is simply taken (as a username is).
+    for name in ["ci-bot", "alice"] {
+        let taken = h
+            .create_service_account(&alice_t, &team, name, TeamRole::Viewer, "")
+            .await
+            .unwrap_err();
+        assert_eq!(taken.code(), Code::AlreadyExists, "{name}");
+    }
+    // Developers cannot; outsiders do not even see the team.
+    let denied = h
+        .create_service_account(&bob_t, &team, "bob-bot", TeamRole::Viewer, "")
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let hidden = h
+        .create_service_account(&carol_t, &team, "carol-bot", TeamRole::Viewer, "")
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+    assert!(
+        h.create_service_account(&alice_t, &team, "Bad Name", TeamRole::Viewer, "")
+            .await
+            .unwrap_err()
+            .code()
+            == Code::InvalidArgument
+    );
+
+    // It never logs in: the same answer as a wrong password.
+    for (user, password) in [
+        ("ci-bot", ""),
+        ("ci-bot", PASSWORD),
+        ("alice", "wrong password!"),
+    ] {
+        let err = h
+            .identity
+            .login(pb::LoginRequest {
+                username: user.into(),
+                password: password.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Unauthenticated, "invalid username or password"),
+            "{user}"
+        );
+    }
+
+    // One team only: not added elsewhere, not removed (deleted instead).
+    let add = h
+        .identity
+        .add_team_member(bearer(
+            pb::AddTeamMemberRequest {
+                team_id: other.clone(),
+                user_id: sa.id.clone(),
+                role: TeamRole::Viewer as i32,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&add), ["service_account.single_team"]);
+    let remove = h
+        .identity
+        .remove_team_member(bearer(
+            pb::RemoveTeamMemberRequest {
+                team_id: team.clone(),
+                user_id: sa.id.clone(),
+            },
+            &alice_t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&remove), ["service_account.single_team"]);
+
+    // Its token holds its own id, is of its kind, and works in its team only.
+    let issued = h
+        .service_account_token(&alice_t, &sa.id, None, "")
+        .await
+        .unwrap();
+    let lifetime = issued.expire_time.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!(
+        (29 * 86400..=30 * 86400).contains(&lifetime),
+        "default 30 days: {lifetime}"
+    );
+    let sa_t = issued.token.clone();
+    let who = h
+        .identity
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &sa_t))
+        .await
+        .unwrap()
+        .into_inner();
+    let user = who.user.unwrap();
+    assert_eq!(
+        (user.id.as_str(), user.kind),
+        (sa.id.as_str(), pb::PrincipalKind::ServiceAccount as i32)
+    );
+    assert_eq!(who.memberships.len(), 1);
+    let d = h
+        .authorize(&sa_t, "environment.create", team_resource(&team))
+        .await;
+    assert!(d.allowed, "{}", d.reason);
+    assert_eq!(d.user_id, sa.id);
+    assert_eq!(d.principal_kind, pb::PrincipalKind::ServiceAccount as i32);
+    assert!(
+        !h.authorize(&sa_t, "environment.create", team_resource(&other))
+            .await
+            .allowed
+    );
+    let human = h
+        .authorize(&bob_t, "environment.create", team_resource(&team))
+        .await;
+    assert_eq!(human.principal_kind, pb::PrincipalKind::Human as i32);
+
+    // It manages no identities, whatever its role.
+    let minted = h
+        .identity
+        .create_api_token(bearer(pb::CreateApiTokenRequest::default(), &sa_t))
+        .await
+        .unwrap_err();
+    assert_eq!(minted.code(), Code::PermissionDenied);
+    let own = h
+        .service_account_token(&sa_t, &sa.id, None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), Code::PermissionDenied);
+    let spawn = h
+        .create_service_account(&sa_t, &team, "sa-child", TeamRole::Viewer, "")
+        .await
+        .unwrap_err();
+    assert_eq!(spawn.code(), Code::PermissionDenied);
+    for op in ["identity.member.add", "identity.service_account.delete"] {
+        assert!(
+            !h.authorize(&sa_t, op, team_resource(&team)).await.allowed,
+            "{op}"
+        );
+    }
+
+    // Tokens for it: only from its team's admins, with an unattenuated
+    // token, never past the platform maximum, and not bound to the caller.
+    assert_eq!(
+        h.service_account_token(&bob_t, &sa.id, None, "")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        h.service_account_token(&carol_t, &sa.id, None, "")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let narrow =
+        vibebox_token::attenuate(&alice_t, &vibebox_token::Restriction::default().team(&team))
+            .unwrap();
+    let attenuated = h
+        .service_account_token(&narrow, &sa.id, None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&attenuated), ["token.attenuated_parent"]);
+    let too_long = h
+        .identity
+        .create_service_account_token(bearer(
+            pb::CreateServiceAccountTokenRequest {
+                service_account_id: sa.id.clone(),
+                ttl_seconds: Some(91 * 86400),
+                ..Default::default()
+            },
+            &alice_t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&too_long), ["token.max_ttl"]);
+    // Longer than alice's 12-hour session: fine, it does not derive from it.
+    let long = h
+        .identity
+        .create_service_account_token(bearer(
+            pb::CreateServiceAccountTokenRequest {
+                service_account_id: sa.id.clone(),
+                ttl_seconds: Some(60 * 86400),
+                ..Default::default()
+            },
+            &alice_t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let alice_session = h.login("alice").await;
+    h.identity
+        .revoke_token(bearer(
+            pb::RevokeTokenRequest {
+                token_id: alice_session.token_id.clone(),
+            },
+            &alice_session.token,
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        h.authorize(&long.token, "environment.get", team_resource(&team))
+            .await
+            .allowed,
+        "revoking an admin's session leaves the service account's tokens"
+    );
+
+    // Members list them; outsiders do not see the team.
+    let listed = h
+        .identity
+        .list_service_accounts(bearer(
+            pb::ListServiceAccountsRequest {
+                team_id: team.clone(),
+                ..Default::default()
+            },
+            &bob_t,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .service_accounts;
+    assert_eq!(
+        listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["ci-bot"]
+    );
+    assert_eq!(
+        h.identity
+            .list_service_accounts(bearer(
+                pb::ListServiceAccountsRequest {
+                    team_id: team.clone(),
+                    ..Default::default()
+                },
+                &carol_t,
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Delete: developers cannot; the admin disables it for good and every
+    // token it has stops.
+    let delete = |token: &str| {
+        bearer(
+            pb::DeleteServiceAccountRequest {
+                service_account_id: sa.id.clone(),
+            },
+            token,
+        )
+    };
+    assert_eq!(
+        h.identity
+            .delete_service_account(delete(&bob_t))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let deleted = h
+        .identity
+        .delete_service_account(delete(&alice_t))
+        .await
+        .unwrap()
+        .into_inner()
+        .service_account
+        .unwrap();
+    assert!(deleted.disabled);
+    for t in [&sa_t, &long.token] {
+        let d = h
+            .authorize(t, "environment.get", team_resource(&team))
+            .await;
+        assert!(!d.allowed && d.user_id.is_empty(), "{}", d.reason);
+    }
+    let listed = h.list_tokens(&alice_t, &sa.id, "", true).await.unwrap();
+    assert!(
+        listed.len() >= 2 && listed.iter().all(|t| t.revoked),
+        "{listed:?}"
+    );
+    // Deleting again changes nothing; it is never enabled again nor given
+    // tokens.
+    h.identity
+        .delete_service_account(delete(&alice_t))
+        .await
+        .unwrap();
+    let enable = h
+        .identity
+        .set_user_disabled(bearer(
+            pb::SetUserDisabledRequest {
+                user_id: sa.id.clone(),
+                disabled: false,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&enable), ["service_account.deleted"]);
+    assert_eq!(
+        h.service_account_token(&alice_t, &sa.id, None, "")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+
+    // Audited with the actor's kind.
+    let events = outbox_events(&h.data_dir);
+    let created = events
+        .iter()
+        .find(|e| e.action == "service_account.create")
+        .expect("service_account.create audited");
+    let actor = created.actor.clone().unwrap();
+    assert_eq!(
+        (actor.user_id.as_str(), actor.kind.as_str()),
+        (alice.as_str(), "user")
+    );
+    assert_eq!(created.team_id, team);
+    assert!(events.iter().any(|e| e.action == "service_account.delete"));
+    let sa_token_event = events
+        .iter()
+        .find(|e| e.action == "token.create" && e.resource_id == issued.token_id)
+        .expect("token.create audited");
+    assert_eq!(sa_token_event.team_id, team);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn restrictions_are_baked_into_tokens() {
+    let mut h = Harness::start(None).await;
+    let team = h.create_team("team-r1").await;
+    let other = h.create_team("team-r2").await;
+    let dev = h.create_user("dev", PlatformRole::None).await;
+    h.add_member(&team, &dev, TeamRole::Developer).await;
+    h.add_member(&other, &dev, TeamRole::Developer).await;
+    let dev_t = h.login("dev").await.token;
+    let create = |restrictions: pb::TokenRestrictions| {
+        bearer(
+            pb::CreateApiTokenRequest {
+                description: "narrow".into(),
+                restrictions: Some(restrictions),
+                ..Default::default()
+            },
+            &dev_t,
+        )
+    };
+    let narrow = h
+        .identity
+        .create_api_token(create(pb::TokenRestrictions {
+            team_ids: vec![team.clone()],
+            operations: vec!["environment.get".into(), "environment.logs".into()],
+            environment_ids: vec![],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        h.authorize(&narrow.token, "environment.get", env(&team, "e1", &dev))
+            .await
+            .allowed
+    );
+    for (op, t) in [
+        ("environment.create", &team),
+        ("environment.exec", &team),
+        ("environment.get", &other),
+    ] {
+        assert!(
+            !h.authorize(&narrow.token, op, env(t, "e1", &dev))
+                .await
+                .allowed,
+            "{op}"
+        );
+    }
+    // Restricted tokens are attenuated: they mint nothing.
+    let err = h
+        .identity
+        .create_api_token(bearer(pb::CreateApiTokenRequest::default(), &narrow.token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Listed as issued.
+    let listed = h.list_tokens(&dev_t, "", "", false).await.unwrap();
+    let mine = listed.iter().find(|t| t.id == narrow.token_id).unwrap();
+    let r = mine.restrictions.clone().unwrap();
+    assert_eq!(r.team_ids, [team.as_str()]);
+    assert_eq!(r.operations, ["environment.get", "environment.logs"]);
+    // Bounded and checked.
+    for (bad, field) in [
+        (
+            pb::TokenRestrictions {
+                operations: vec!["environment.explode".into()],
+                ..Default::default()
+            },
+            "restrictions.operations",
+        ),
+        (
+            pb::TokenRestrictions {
+                team_ids: (0..17).map(|i| format!("t{i}")).collect(),
+                ..Default::default()
+            },
+            "restrictions.team_ids",
+        ),
+        (
+            pb::TokenRestrictions {
+                environment_ids: vec!["a,b".into()],
+                ..Default::default()
+            },
+            "restrictions.environment_ids",
+        ),
+    ] {
+        let err = h.identity.create_api_token(create(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn api_tokens_are_listed_by_scope_with_last_use_and_never_their_secret() {
+    for db in vibebox_db::testing::databases().await {
+        let pki = TestPki::new();
+        let data_dir = pki.server_args("identity").data_dir.clone();
+        let h = Harness::start_with(pki, data_dir, Some(db.url.clone()), |c| {
+            c.token_usage_interval_secs = 1;
+        })
+        .await;
+        token_listing(h).await;
+    }
+}
+
+async fn token_listing(mut h: Harness) {
+    let admin = h.admin_token.clone();
+    let team = h.create_team("team-l").await;
+    let other = h.create_team("team-l2").await;
+    let alice = h.create_user("alice", PlatformRole::None).await;
+    let bob = h.create_user("bob", PlatformRole::None).await;
+    let carol = h.create_user("carol", PlatformRole::None).await;
+    h.add_member(&team, &alice, TeamRole::Admin).await;
+    h.add_member(&team, &bob, TeamRole::Developer).await;
+    h.add_member(&other, &carol, TeamRole::Admin).await;
+    let alice_t = h.login("alice").await.token;
+    let bob_t = h.login("bob").await.token;
+    let carol_t = h.login("carol").await.token;
+    let sa = h
+        .create_service_account(&alice_t, &team, "lister", TeamRole::Viewer, "")
+        .await
+        .unwrap();
+    let sa_token = h
+        .service_account_token(&alice_t, &sa.id, None, "")
+        .await
+        .unwrap();
+    let bob_api = h
+        .identity
+        .create_api_token(bearer(
+            pb::CreateApiTokenRequest {
+                description: "bob's laptop".into(),
+                ..Default::default()
+            },
+            &bob_t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Own: API tokens only (no sessions), never anyone else's.
+    let ids = |tokens: &[pb::ApiToken]| tokens.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&h.list_tokens(&bob_t, "", "", false).await.unwrap()),
+        [bob_api.token_id.as_str()]
+    );
+    assert!(
+        h.list_tokens(&alice_t, "", "", false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A team admin: the team's service accounts', by team or by owner.
+    for (owner, t) in [
+        ("", team.as_str()),
+        (sa.id.as_str(), ""),
+        (sa.id.as_str(), team.as_str()),
+    ] {
+        let listed = h.list_tokens(&alice_t, owner, t, false).await.unwrap();
+        assert_eq!(ids(&listed), [sa_token.token_id.as_str()], "{owner} {t}");
+        let only = &listed[0];
+        assert_eq!(
+            (
+                only.owner_id.as_str(),
+                only.owner_kind,
+                only.owner_name.as_str(),
+                only.team_id.as_str(),
+                only.description.as_str(),
+                only.revoked
+            ),
+            (
+                sa.id.as_str(),
+                pb::PrincipalKind::ServiceAccount as i32,
+                "lister",
+                team.as_str(),
+                "ci",
+                false
+            )
+        );
+    }
+    // Not for developers, not for other teams' admins, not other people's.
+    for (token, owner, t, code) in [
+        (&bob_t, "", team.as_str(), Code::PermissionDenied),
+        (&bob_t, sa.id.as_str(), "", Code::PermissionDenied),
+        (&alice_t, bob.as_str(), "", Code::PermissionDenied),
+        (&carol_t, "", team.as_str(), Code::NotFound),
+        (&carol_t, sa.id.as_str(), "", Code::PermissionDenied),
+    ] {
+        let err = h.list_tokens(token, owner, t, false).await.unwrap_err();
+        assert_eq!(err.code(), code, "{owner} {t}");
+    }
+    // A platform admin sees every API token (the bootstrap one included),
+    // and anyone's by owner.
+    let all = ids(&h.list_tokens(&admin, "", "", false).await.unwrap());
+    for id in [&sa_token.token_id, &bob_api.token_id] {
+        assert!(all.contains(id), "{all:?}");
+    }
+    assert!(all.len() >= 3);
+    assert_eq!(
+        ids(&h.list_tokens(&admin, &bob, "", false).await.unwrap()),
+        [bob_api.token_id.as_str()]
+    );
+
+    // Last use: set once identity decides for the token, throttled.
+    let listed = h.list_tokens(&alice_t, &sa.id, "", false).await.unwrap();
+    assert!(listed[0].last_used_time.is_none());
+    let before = chrono::Utc::now().timestamp();
+    assert!(
+        h.authorize(&sa_token.token, "environment.get", team_resource(&team))
+            .await
+            .allowed
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let used = loop {
+        let listed = h.list_tokens(&alice_t, &sa.id, "", false).await.unwrap();
+        if let Some(t) = listed[0].last_used_time {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "last_used_time never set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(used.seconds >= before - 1);
+
+    // Never the secret, in any listing.
+    use prost::Message as _;
+    for token in [&admin, &alice_t, &bob_t] {
+        let listed = h.list_tokens(token, "", "", true).await.unwrap();
+        let bytes = pb::ListApiTokensResponse {
+            tokens: listed,
+            next_page_token: String::new(),
+        }
+        .encode_to_vec();
+        for secret in [&sa_token.token, &bob_api.token] {
+            let needle = &secret.as_bytes()[..40];
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+
+    // Revoking: a team admin may revoke the service account's token; a
+    // developer of the team finds nothing to revoke.
+    let revoke = |token: &str| {
+        bearer(
+            pb::RevokeTokenRequest {
+                token_id: sa_token.token_id.clone(),
+            },
+            token,
+        )
+    };
+    assert_eq!(
+        h.identity
+            .revoke_token(revoke(&bob_t))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    h.identity.revoke_token(revoke(&alice_t)).await.unwrap();
+    assert!(
+        !h.authorize(&sa_token.token, "environment.get", team_resource(&team))
+            .await
+            .allowed
+    );
+    // Inactive tokens only on request.
+    assert!(
+        h.list_tokens(&alice_t, "", &team, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let inactive = h.list_tokens(&alice_t, "", &team, true).await.unwrap();
+    assert_eq!(ids(&inactive), [sa_token.token_id.as_str()]);
+    assert!(inactive[0].revoked);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn creates_are_idempotent_by_request_id() {
+    for db in vibebox_db::testing::databases().await {
+        idempotent_creates(Harness::start(Some(db.url.clone())).await).await;
+    }
+}
+
+async fn idempotent_creates(mut h: Harness) {
+    let admin = h.admin_token.clone();
+    let user = |display: &str, password: &str| {
+        bearer(
+            pb::CreateUserRequest {
+                username: "idem".into(),
+                display_name: display.into(),
+                password: password.into(),
+                platform_role: PlatformRole::None as i32,
+                request_id: "user-1".into(),
+            },
+            &admin,
+        )
+    };
+    let first = h
+        .identity
+        .create_user(user("Idem", PASSWORD))
+        .await
+        .unwrap();
+    let again = h
+        .identity
+        .create_user(user("Idem", PASSWORD))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.into_inner().user.unwrap().id,
+        again.into_inner().user.unwrap().id
+    );
+    for (display, password) in [("Other", PASSWORD), ("Idem", "another long password")] {
+        let err = h
+            .identity
+            .create_user(user(display, password))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{display}");
+        use tonic_types::StatusExt as _;
+        assert_eq!(
+            err.get_details_error_info().unwrap().reason,
+            "request_id.reused"
+        );
+    }
+
+    let team = |name: &str, request_id: &str, token: &str| {
+        bearer(
+            pb::CreateTeamRequest {
+                name: name.into(),
+                display_name: String::new(),
+                request_id: request_id.into(),
+            },
+            token,
+        )
+    };
+    let a = h
+        .identity
+        .create_team(team("idem-team", "team-1", &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .team
+        .unwrap();
+    let b = h
+        .identity
+        .create_team(team("idem-team", "team-1", &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .team
+        .unwrap();
+    assert_eq!(a.id, b.id);
+    // Without the key, a second create is a duplicate.
+    assert_eq!(
+        h.identity
+            .create_team(team("idem-team", "", &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    // Keys are per caller: another admin's same key is a new request.
+    h.create_user("root2", PlatformRole::Admin).await;
+    let root2 = h.login("root2").await.token;
+    let c = h
+        .identity
+        .create_team(team("idem-team-2", "team-1", &root2))
+        .await
+        .unwrap()
+        .into_inner()
+        .team
+        .unwrap();
+    assert_ne!(c.id, a.id);
+
+    // Tokens: a retry revokes what the earlier attempt issued.
+    let token = |description: &str| {
+        bearer(
+            pb::CreateApiTokenRequest {
+                description: description.into(),
+                request_id: "tok-1".into(),
+                ..Default::default()
+            },
+            &admin,
+        )
+    };
+    let t1 = h
+        .identity
+        .create_api_token(token("ci"))
+        .await
+        .unwrap()
+        .into_inner();
+    let t2 = h
+        .identity
+        .create_api_token(token("ci"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(t1.token_id, t2.token_id);
+    let platform = authz::Resource {
+        kind: "platform".into(),
+        ..Default::default()
+    };
+    assert!(
+        !h.authorize(&t1.token, "identity.user.list", platform.clone())
+            .await
+            .allowed
+    );
+    assert!(
+        h.authorize(&t2.token, "identity.user.list", platform)
+            .await
+            .allowed
+    );
+    let err = h
+        .identity
+        .create_api_token(token("something else"))
+        .await
+        .unwrap_err();
+    assert_eq!(rules(&err), ["request_id.reused"]);
+    // The same for a service account's token.
+    let sa = h
+        .create_service_account(&admin, &a.id, "idem-bot", TeamRole::Viewer, "")
+        .await
+        .unwrap();
+    let s1 = h
+        .service_account_token(&admin, &sa.id, None, "sa-tok")
+        .await
+        .unwrap();
+    let s2 = h
+        .service_account_token(&admin, &sa.id, None, "sa-tok")
+        .await
+        .unwrap();
+    assert_ne!(s1.token_id, s2.token_id);
+    assert!(
+        !h.authorize(&s1.token, "environment.get", team_resource(&a.id))
+            .await
+            .allowed
+    );
+    assert!(
+        h.authorize(&s2.token, "environment.get", team_resource(&a.id))
+            .await
+            .allowed
+    );
+    let listed = h.list_tokens(&admin, &sa.id, "", false).await.unwrap();
+    assert_eq!(listed.len(), 1, "one valid token per key");
+    h.stop().await;
+}
+
+/// ListTeamMembers is paged: ordered by username, pages of the size asked
+/// for (default 50), an opaque token bound to its team, on every database.
+#[tokio::test]
+async fn team_members_are_paged_by_username_on_every_database() {
+    use tonic_types::StatusExt;
+    for db in vibebox_db::testing::databases().await {
+        let pki = TestPki::new();
+        let dir = pki.server_args("identity").data_dir;
+        let mut h = Harness::start_with(pki, dir, Some(db.url.clone()), |_| {}).await;
+        let team = h.create_team("paged-team").await;
+        let other = h.create_team("other-team").await;
+        // Created out of order; the creator (the bootstrap admin) is a
+        // member too.
+        let names = ["mira", "bert", "zoe", "anna", "carl", "yuki", "dora"];
+        for name in names {
+            let id = h.create_user(name, PlatformRole::None).await;
+            h.add_member(&team, &id, TeamRole::Developer).await;
+        }
+        let admin_token = h.admin_token.clone();
+        let list = |page_size: i32, page_token: String, team_id: String| {
+            let mut client = h.identity.clone();
+            let token = admin_token.clone();
+            async move {
+                client
+                    .list_team_members(bearer(
+                        pb::ListTeamMembersRequest {
+                            team_id,
+                            page_size,
+                            page_token,
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        };
+        let everyone = list(0, String::new(), team.clone()).await.unwrap();
+        assert!(everyone.next_page_token.is_empty());
+        let mut expected: Vec<String> = everyone
+            .memberships
+            .iter()
+            .map(|m| m.username.clone())
+            .collect();
+        assert_eq!(expected.len(), names.len() + 1, "{:?}", db.kind);
+        expected.sort();
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = list(3, token.clone(), team.clone()).await.unwrap();
+            sizes.push(page.memberships.len());
+            assert!(
+                page.memberships
+                    .iter()
+                    .all(|m| m.team_id == team && m.team_name == "paged-team")
+            );
+            got.extend(page.memberships.iter().map(|m| m.username.clone()));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            // Opaque: not the username in the clear.
+            assert!(!page.next_page_token.contains(got.last().unwrap().as_str()));
+            token = page.next_page_token;
+        }
+        assert_eq!(got, expected, "{:?}", db.kind);
+        assert_eq!(sizes, [3, 3, 2], "{:?}", db.kind);
+
+        // A token is refused for another team, and garbage is refused.
+        let first = list(3, String::new(), team.clone()).await.unwrap();
+        for (bad, why) in [
+            (first.next_page_token.clone(), "another team"),
+            ("zz".to_owned(), "not a token"),
+            ("42".to_owned(), "not a token"),
+        ] {
+            let err = list(3, bad, other.clone()).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            let violations = err
+                .get_details_bad_request()
+                .expect("a BadRequest")
+                .field_violations;
+            assert_eq!(violations[0].field, "page_token");
+            assert!(violations[0].description.contains(why), "{violations:?}");
+        }
+        h.stop().await;
+    }
+}

@@ -15,6 +15,9 @@
 //!    of the engine's memory the operator allows;
 //! 6. a subnet from the installation's pool that overlaps nothing held by a
 //!    record (in any state) or present on the engine.
+//!
+//! A resize of an environment in place ([`admit_resize`]) is judged by the
+//! same quota and capacity rules, over every reservation but its own.
 
 use crate::subnet::{self, Cidr};
 
@@ -94,7 +97,7 @@ pub enum Refusal {
     IdTaken,
     /// A team quota would be exceeded.
     #[error("{0}")]
-    Quota(String),
+    Quota(QuotaExceeded),
     /// The host has no room for the reservation.
     #[error("{0}")]
     Capacity(String),
@@ -104,6 +107,85 @@ pub enum Refusal {
 }
 
 const MIB: i64 = 1024 * 1024;
+
+/// One of a team's quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quota {
+    /// Environments held at once.
+    Environments,
+    /// CPU reserved.
+    Cpu,
+    /// Memory reserved.
+    Memory,
+}
+
+impl Quota {
+    /// Its stable name (`environments`, `cpu`, `memory`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quota::Environments => "environments",
+            Quota::Cpu => "cpu",
+            Quota::Memory => "memory",
+        }
+    }
+
+    /// The unit [`QuotaExceeded::amount`] gives its amounts in.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Quota::Environments => "environments",
+            Quota::Cpu => "cores",
+            Quota::Memory => "MiB",
+        }
+    }
+}
+
+/// A team quota a reservation would exceed. Amounts are in the quota's
+/// base unit: environments, billionths of a core, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaExceeded {
+    pub quota: Quota,
+    /// The team's limit.
+    pub limit: i64,
+    /// What the team holds already.
+    pub reserved: i64,
+    /// What the refused change asked for on top of it.
+    pub requested: i64,
+}
+
+impl QuotaExceeded {
+    /// An amount of this quota in its [`unit`](Quota::unit), as text.
+    pub fn amount(&self, raw: i64) -> String {
+        match self.quota {
+            Quota::Environments => raw.to_string(),
+            Quota::Cpu => format!("{:.2}", raw as f64 / 1e9),
+            Quota::Memory => (raw / MIB).to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (limit, reserved, requested) = (
+            self.amount(self.limit),
+            self.amount(self.reserved),
+            self.amount(self.requested),
+        );
+        match self.quota {
+            Quota::Environments => write!(
+                f,
+                "team environment quota: {reserved} of {limit} environments in use"
+            ),
+            Quota::Cpu => write!(
+                f,
+                "team CPU quota: {reserved} cores reserved of {limit}, {requested} more requested"
+            ),
+            Quota::Memory => write!(
+                f,
+                "team memory quota: {reserved} MiB reserved of {limit} MiB, {requested} MiB more requested"
+            ),
+        }
+    }
+}
 
 /// Decides whether `wanted` is admitted given `snapshot`.
 pub fn admit(
@@ -136,31 +218,77 @@ pub fn check_quota(
     quotas: &Quotas,
 ) -> Result<(), Refusal> {
     if team.len() as u64 >= u64::from(quotas.max_environments) {
-        return Err(Refusal::Quota(format!(
-            "team already has {} of {} environments",
-            team.len(),
-            quotas.max_environments
-        )));
+        return Err(Refusal::Quota(QuotaExceeded {
+            quota: Quota::Environments,
+            limit: i64::from(quotas.max_environments),
+            reserved: i64::try_from(team.len()).unwrap_or(i64::MAX),
+            requested: 1,
+        }));
     }
+    check_cpu_quota(team, wanted, quotas)?;
+    check_memory_quota(team, wanted, quotas)
+}
+
+/// The team's CPU quota with `wanted` added to what it holds.
+fn check_cpu_quota(
+    team: &[Reservation],
+    wanted: Reservation,
+    quotas: &Quotas,
+) -> Result<(), Refusal> {
     let cpu = team
         .iter()
         .fold(wanted.nano_cpus, |sum, r| sum.saturating_add(r.nano_cpus));
     if cpu > quotas.max_cpu_nanos {
-        return Err(Refusal::Quota(format!(
-            "CPU {:.2} cores over the team limit of {:.2}",
-            cpu as f64 / 1e9,
-            quotas.max_cpu_nanos as f64 / 1e9
-        )));
+        return Err(Refusal::Quota(QuotaExceeded {
+            quota: Quota::Cpu,
+            limit: quotas.max_cpu_nanos,
+            reserved: cpu.saturating_sub(wanted.nano_cpus),
+            requested: wanted.nano_cpus,
+        }));
     }
+    Ok(())
+}
+
+/// The team's memory quota with `wanted` added to what it holds.
+fn check_memory_quota(
+    team: &[Reservation],
+    wanted: Reservation,
+    quotas: &Quotas,
+) -> Result<(), Refusal> {
     let memory = team.iter().fold(wanted.memory_bytes, |sum, r| {
         sum.saturating_add(r.memory_bytes)
     });
     if memory > quotas.max_memory_bytes {
-        return Err(Refusal::Quota(format!(
-            "memory {} MiB over the team limit of {} MiB",
-            memory / MIB,
-            quotas.max_memory_bytes / MIB
-        )));
+        return Err(Refusal::Quota(QuotaExceeded {
+            quota: Quota::Memory,
+            limit: quotas.max_memory_bytes,
+            reserved: memory.saturating_sub(wanted.memory_bytes),
+            requested: wanted.memory_bytes,
+        }));
+    }
+    Ok(())
+}
+
+/// Decides whether an environment that reserves `current` may reserve
+/// `wanted` instead (a resize in place). `team` and `all` are the
+/// reservations of its team and of the installation *without its own*. The
+/// environment already counts against the team's number of environments;
+/// a dimension that does not grow is not judged, so that an environment of
+/// a team over a quota lowered since can still shrink.
+pub fn admit_resize(
+    team: &[Reservation],
+    all: &[Reservation],
+    current: Reservation,
+    wanted: Reservation,
+    quotas: &Quotas,
+    capacity: &Capacity,
+) -> Result<(), Refusal> {
+    if wanted.nano_cpus > current.nano_cpus {
+        check_cpu_quota(team, wanted, quotas)?;
+    }
+    if wanted.memory_bytes > current.memory_bytes {
+        check_memory_quota(team, wanted, quotas)?;
+        check_capacity(all, wanted, capacity)?;
     }
     Ok(())
 }
@@ -267,7 +395,16 @@ mod tests {
         let refusal = decide(&snapshot, Reservation::default()).unwrap_err();
         assert_eq!(
             refusal,
-            Refusal::Quota("team already has 3 of 3 environments".into())
+            Refusal::Quota(QuotaExceeded {
+                quota: Quota::Environments,
+                limit: 3,
+                reserved: 3,
+                requested: 1,
+            })
+        );
+        assert_eq!(
+            refusal.to_string(),
+            "team environment quota: 3 of 3 environments in use"
         );
         // Two held: the third fits.
         let snapshot = Snapshot {
@@ -294,12 +431,14 @@ mod tests {
             nano_cpus: 2_000_000_001,
             ..two_cores
         };
-        assert!(matches!(decide(&snapshot, over), Err(Refusal::Quota(m)) if m.contains("CPU")));
+        assert!(matches!(decide(&snapshot, over), Err(Refusal::Quota(m)) if m.quota == Quota::Cpu));
         let big = Reservation {
             nano_cpus: 1,
             memory_bytes: 7 * GIB + 1,
         };
-        assert!(matches!(decide(&snapshot, big), Err(Refusal::Quota(m)) if m.contains("memory")));
+        assert!(
+            matches!(decide(&snapshot, big), Err(Refusal::Quota(m)) if m.quota == Quota::Memory)
+        );
     }
 
     #[test]
@@ -337,6 +476,94 @@ mod tests {
             share: 0.5,
         };
         assert!(admit(&others, two, &quotas(), &unknown, &pool()).is_ok());
+    }
+
+    fn cores(n: f64, gib: i64) -> Reservation {
+        Reservation {
+            nano_cpus: (n * 1e9) as i64,
+            memory_bytes: gib * GIB,
+        }
+    }
+
+    fn resize(
+        team: &[Reservation],
+        all: &[Reservation],
+        current: Reservation,
+        wanted: Reservation,
+    ) -> Result<(), Refusal> {
+        admit_resize(team, all, current, wanted, &quotas(), &capacity())
+    }
+
+    #[test]
+    fn a_resize_counts_every_other_reservation_but_not_its_own() {
+        // The team holds 3 of 3 environments and 3 of 4 cores; the one
+        // resized holds 1 core of them.
+        let others = [cores(1.0, 1), cores(1.0, 1)];
+        // Growing to 2 cores: 1 + 1 + 2 = 4, exactly the limit (its own
+        // core is not counted twice, nor is it a fourth environment).
+        assert_eq!(
+            resize(&others, &others, cores(1.0, 1), cores(2.0, 1)),
+            Ok(())
+        );
+        // One nanocore more is over it.
+        let over = Reservation {
+            nano_cpus: 2_000_000_001,
+            memory_bytes: GIB,
+        };
+        assert!(matches!(
+            resize(&others, &others, cores(1.0, 1), over),
+            Err(Refusal::Quota(m)) if m.quota == Quota::Cpu
+        ));
+        // Memory: 1 + 1 + 6 = 8 GiB fits, 1 + 1 + 7 does not.
+        assert_eq!(resize(&others, &[], cores(1.0, 1), cores(1.0, 6)), Ok(()));
+        assert!(matches!(
+            resize(&others, &[], cores(1.0, 1), cores(1.0, 7)),
+            Err(Refusal::Quota(m)) if m.quota == Quota::Memory
+        ));
+    }
+
+    #[test]
+    fn a_resize_that_grows_memory_is_judged_against_the_host() {
+        // 8 GiB allowed on the host; other teams hold 6.
+        let elsewhere = [cores(0.0, 6)];
+        assert_eq!(
+            resize(&[], &elsewhere, cores(1.0, 1), cores(1.0, 2)),
+            Ok(())
+        );
+        assert!(matches!(
+            resize(&[], &elsewhere, cores(1.0, 1), cores(1.0, 3)),
+            Err(Refusal::Capacity(_))
+        ));
+    }
+
+    #[test]
+    fn what_does_not_grow_is_not_judged() {
+        // A team already over every quota (lowered since) may still shrink
+        // or keep a dimension, and grow another only within its limit.
+        let over = [cores(4.0, 8), cores(4.0, 8)];
+        let full_host = [cores(0.0, 100)];
+        assert_eq!(
+            resize(&over, &full_host, cores(2.0, 2), cores(1.0, 1)),
+            Ok(())
+        );
+        assert_eq!(
+            resize(&over, &full_host, cores(2.0, 2), cores(2.0, 2)),
+            Ok(())
+        );
+        assert!(matches!(
+            resize(&over, &full_host, cores(2.0, 2), cores(2.5, 1)),
+            Err(Refusal::Quota(m)) if m.quota == Quota::Cpu
+        ));
+        assert!(matches!(
+            resize(&over, &[], cores(2.0, 2), cores(1.0, 3)),
+            Err(Refusal::Quota(m)) if m.quota == Quota::Memory
+        ));
+        // Overflow cannot wrap a sum below a limit.
+        let huge = [Reservation {
+            nano_cpus: i64::MAX,
+            memory_bytes: i64::MAX,
+        }];
+        assert!(resize(&huge, &huge, cores(1.0, 1), cores(2.0, 2)).is_err());
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Caller {
     pub token_id: String,
     pub request_id: String,
     pub client_address: String,
+    /// `user` or `service_account`, as identity told the gateway (empty:
+    /// unknown).
+    pub actor_kind: String,
 }
 
 const RECENT: usize = 4096;
@@ -118,6 +121,7 @@ fn to_audit_event(id: String, e: Event<'_>) -> AuditEvent {
     match e.caller {
         Some(c) => event
             .user(&c.user_id, &c.token_id)
+            .actor_kind(&c.actor_kind)
             .request(&c.request_id, &c.client_address),
         None => event.service(SERVICE_NAME),
     }
@@ -157,6 +161,7 @@ mod tests {
             token_id: "t1".into(),
             request_id: "req-1".into(),
             client_address: "10.0.0.1:5".into(),
+            actor_kind: "service_account".into(),
         };
         let event = to_audit_event(
             "id-1".into(),
@@ -175,7 +180,7 @@ mod tests {
             AuditEvent {
                 id: "id-1".into(),
                 actor: Some(Actor {
-                    kind: Default::default(),
+                    kind: "service_account".into(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),
@@ -215,6 +220,7 @@ mod tests {
             AuditEvent {
                 actor: Some(Actor {
                     service: SERVICE_NAME.into(),
+                    kind: "service".into(),
                     ..Actor::default()
                 }),
                 team_id: "team-a".into(),

@@ -1232,6 +1232,7 @@ impl Copier {
     /// The environment's record and container, if it may be copied to or
     /// from now.
     fn usable(rec: &EnvRecord, operation: &'static str) -> Result<String> {
+        crate::operations::not_in_progress(rec, operation).map_err(CopyError::Orchestrator)?;
         if rec.state != State::Running {
             return Err(CopyError::Orchestrator(Error::BadState {
                 state: rec.state.as_str(),

@@ -376,9 +376,9 @@ impl Orchestrator {
             return Ok(id);
         }
         // Created under the environment's lock: serialized with stop,
-        // restart and delete (which remove it) and with other creates.
-        let _g = self.lock_env(&rec.id).await;
-        let rec = self.get(&rec.id).await?;
+        // restart and delete (which remove it) and with other creates;
+        // never waiting for an operation in progress (refused instead).
+        let (_g, rec) = self.lock_settled(&rec.id, "port-forward").await?;
         if rec.state != State::Running {
             return Err(Error::BadState {
                 state: rec.state.as_str(),
@@ -490,6 +490,7 @@ impl Orchestrator {
         // refused while an automatic stop is under way (and one decided
         // after this is not, as long as the session lives).
         let session = self.live_session(&rec.id, "port-forward")?;
+        crate::operations::not_in_progress(&rec, "port-forward")?;
         if rec.state != State::Running {
             return Err(Error::BadState {
                 state: rec.state.as_str(),

@@ -19,8 +19,48 @@ use crate::service::{CreateRequest, Error, Orchestrator, Rejection};
 use crate::store::{EnvRecord, State};
 use crate::streams::{ExecInput, ExecOutput, ExecStart, LogOptions, Output};
 
-const DEFAULT_PAGE: u64 = 50;
-const MAX_PAGE: u64 = 500;
+/// `ErrorInfo.reason` of a refusal because another operation is in
+/// progress on the environment (metadata `state`, `operation`: the one in
+/// progress, `requested`: the one refused).
+pub const OPERATION_IN_PROGRESS: &str = "environment.operation_in_progress";
+/// `ErrorInfo.reason` of an operation that does not apply to the
+/// environment's state (metadata `state`, `operation`).
+pub const BAD_STATE: &str = "environment.bad_state";
+/// `ErrorInfo.reason` of a create whose environment id is taken.
+pub const ID_TAKEN: &str = "environment.id_taken";
+/// `ErrorInfo.reason` of a refusal by a team quota (with a QuotaFailure;
+/// metadata `quota`, `unit`, `limit`, `reserved`, `requested`).
+pub const QUOTA_EXCEEDED: &str = "environment.quota_exceeded";
+/// `ErrorInfo.reason` of an environment held by a short platform action
+/// for longer than an operation waits (ABORTED: retry).
+pub const BUSY: &str = "environment.busy";
+
+/// RESOURCE_EXHAUSTED for a team quota: a QuotaFailure naming the team
+/// (`team:<id>`) and the quota with its limit, and an ErrorInfo with the
+/// figures.
+fn quota_status(team: &str, exceeded: &crate::admission::QuotaExceeded) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let description = exceeded.to_string();
+    let mut details = ErrorDetails::new();
+    details.add_quota_failure_violation(format!("team:{team}"), description.clone());
+    details.set_error_info(
+        QUOTA_EXCEEDED,
+        vibebox_server_kit::status::ERROR_DOMAIN,
+        [
+            ("quota", exceeded.quota.as_str().to_owned()),
+            ("unit", exceeded.quota.unit().to_owned()),
+            ("limit", exceeded.amount(exceeded.limit)),
+            ("reserved", exceeded.amount(exceeded.reserved)),
+            ("requested", exceeded.amount(exceeded.requested)),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("team quota exceeded: {description}"),
+        details,
+    )
+}
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
@@ -58,12 +98,14 @@ impl From<Error> for Status {
                 &[("orchestrator.spec", "spec", &s.to_string())],
             ),
             Error::NotFound => Status::not_found("environment not found"),
-            Error::AlreadyExists(id) => {
-                Status::already_exists(format!("environment id {id} is already in use"))
-            }
-            Error::Quota(m) => {
-                status::quota_failure(&format!("team quota exceeded: {m}"), "team", &m)
-            }
+            Error::AlreadyExists(id) => status::with_reason(
+                tonic::Code::AlreadyExists,
+                &format!("environment id {id} is already in use"),
+                ID_TAKEN,
+                &[("environment_id", &id)],
+                &[],
+            ),
+            Error::Quota { team, exceeded } => quota_status(&team, &exceeded),
             Error::Capacity(m) => status::retry_later(
                 &format!("host capacity exceeded: {m}"),
                 std::time::Duration::from_secs(30),
@@ -72,7 +114,46 @@ impl From<Error> for Status {
                 "no free subnet left in the environment address pool",
                 std::time::Duration::from_secs(30),
             ),
-            e @ Error::BadState { .. } => Status::failed_precondition(e.to_string()),
+            Error::BadState { state, operation } => status::with_reason(
+                tonic::Code::FailedPrecondition,
+                &format!("environment is {state}; cannot {operation}"),
+                BAD_STATE,
+                &[("state", state), ("operation", operation)],
+                &[],
+            ),
+            e @ Error::OperationInProgress {
+                state,
+                operation,
+                requested,
+            } => status::with_reason(
+                tonic::Code::FailedPrecondition,
+                &e.to_string(),
+                OPERATION_IN_PROGRESS,
+                &[
+                    ("state", state),
+                    ("operation", operation),
+                    ("requested", requested),
+                ],
+                &[],
+            ),
+            e @ Error::Busy { requested } => status::with_reason(
+                tonic::Code::Aborted,
+                &e.to_string(),
+                BUSY,
+                &[("requested", requested)],
+                &[],
+            ),
+            e @ Error::Superseded { operation } => status::with_reason(
+                tonic::Code::Aborted,
+                &e.to_string(),
+                OPERATION_IN_PROGRESS,
+                &[
+                    ("state", "deleting"),
+                    ("operation", "delete"),
+                    ("requested", operation),
+                ],
+                &[],
+            ),
             e @ Error::ImageUnavailable { .. } => status::precondition_failure(
                 &e.to_string(),
                 &[("orchestrator.image", "image", "image not available")],
@@ -97,6 +178,7 @@ impl From<Error> for Status {
             e @ Error::Keys(_) => status::unavailable("policy clearance keys", &e),
             e @ Error::SimulatedCrash => status::internal(&e),
             e @ Error::Egress(_) => status::unavailable("egress gate", &e),
+            Error::Update(refusal) => update_refusal(&refusal),
             Error::LifetimeCeiling { latest, max } => status::precondition_failure(
                 &format!(
                     "cannot extend past the maximum lifetime of {max}: the latest possible time is {latest}"
@@ -108,6 +190,32 @@ impl From<Error> for Status {
                 )],
             ),
         }
+    }
+}
+
+/// The status of an in-place update refused for what it asks: a path that
+/// needs a new container (FAILED_PRECONDITION, the path in the ErrorInfo's
+/// metadata and in a PreconditionFailure), or a spec made from an older
+/// record (ABORTED: read again and retry).
+fn update_refusal(refusal: &crate::update::UpdateRefusal) -> Status {
+    use crate::update::{REQUIRES_RECREATE, UpdateRefusal};
+    use vibebox_server_kit::status::with_reason;
+    let message = refusal.to_string();
+    match refusal {
+        UpdateRefusal::RequiresRecreate { path } => with_reason(
+            tonic::Code::FailedPrecondition,
+            &message,
+            REQUIRES_RECREATE,
+            &[("path", path)],
+            &[(REQUIRES_RECREATE, path, "cannot be changed in place")],
+        ),
+        UpdateRefusal::ChangedMeanwhile => with_reason(
+            tonic::Code::Aborted,
+            &message,
+            crate::update::CHANGED_MEANWHILE,
+            &[],
+            &[],
+        ),
     }
 }
 
@@ -144,6 +252,8 @@ fn state_pb(state: State) -> env_pb::EnvironmentState {
         State::Deleting => env_pb::EnvironmentState::Deleting,
         State::Deleted => env_pb::EnvironmentState::Deleted,
         State::Quarantined => env_pb::EnvironmentState::Quarantined,
+        State::Starting => env_pb::EnvironmentState::Starting,
+        State::Stopping => env_pb::EnvironmentState::Stopping,
     }
 }
 
@@ -171,8 +281,8 @@ pub fn environment_pb(r: &EnvRecord) -> env_pb::Environment {
         last_activity_time: r.last_activity_ms.map(ts_ms),
         idle_stop_time,
         expire_time: r.expire_at_ms.map(ts_ms),
-        progress_percent: 100,
-        labels: Default::default(),
+        progress_percent: r.progress_percent,
+        labels: crate::update::labels_of(r),
     }
 }
 
@@ -183,6 +293,7 @@ fn caller_of<T>(req: &Request<T>, c: Option<&vibebox_proto::runtime::Caller>) ->
             token_id: c.token_id.clone(),
             request_id: c.request_id.clone(),
             client_address: c.client_address.clone(),
+            actor_kind: c.actor_kind.clone(),
         })
         .unwrap_or_default();
     if caller.request_id.is_empty() {
@@ -200,6 +311,7 @@ fn caller_of_stream(c: Option<vibebox_proto::runtime::Caller>, request_id: Strin
             token_id: c.token_id,
             request_id: c.request_id,
             client_address: c.client_address,
+            actor_kind: c.actor_kind,
         })
         .unwrap_or_default();
     if caller.request_id.is_empty() {
@@ -315,6 +427,7 @@ impl RuntimeService for RuntimeHandler {
                     spec: r.spec,
                     clearance: r.clearance,
                     canonical_image: r.canonical_image,
+                    labels: r.labels,
                 })
                 .await
         })
@@ -345,30 +458,20 @@ impl RuntimeService for RuntimeHandler {
         request: Request<ListEnvironmentsRequest>,
     ) -> Result<Response<ListEnvironmentsResponse>, Status> {
         let r = request.into_inner();
-        let limit = match r.page_size {
-            n if n <= 0 => DEFAULT_PAGE,
-            n => (n as u64).min(MAX_PAGE),
+        let invalid = |e: vibebox_listing::InvalidArgument| {
+            vibebox_server_kit::status::invalid_field(e.field, &e.description)
         };
-        let offset: u64 = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse()
-                .map_err(|_| vibebox_server_kit::status::invalid_field("page_token", "malformed"))?
-        };
-        let mut recs = self
+        let query =
+            vibebox_listing::Query::new(&r.filter, &r.order_by, r.show_deleted).map_err(invalid)?;
+        let size = vibebox_listing::page_size(r.page_size).map_err(invalid)?;
+        let cursor = query.cursor(&r.page_token).map_err(invalid)?;
+        let page = self
             .orchestrator
-            .list(&r.team_ids, r.show_deleted, offset, limit + 1)
+            .list(&r.team_ids, &query, size, cursor.as_ref())
             .await?;
-        let next = if recs.len() as u64 > limit {
-            recs.truncate(limit as usize);
-            (offset + limit).to_string()
-        } else {
-            String::new()
-        };
         self.marked(Ok(ListEnvironmentsResponse {
-            environments: recs.iter().map(environment_pb).collect(),
-            next_page_token: next,
+            environments: page.environments,
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -513,6 +616,7 @@ impl RuntimeService for RuntimeHandler {
                 token_id: c.token_id,
                 request_id: c.request_id,
                 client_address: c.client_address,
+                actor_kind: c.actor_kind,
             })
             .unwrap_or_default();
         if caller.request_id.is_empty() {
@@ -747,11 +851,31 @@ impl RuntimeService for RuntimeHandler {
 
     async fn update_environment(
         &self,
-        _request: Request<vibebox_proto::runtime::UpdateEnvironmentRequest>,
-    ) -> Result<Response<vibebox_proto::runtime::UpdateEnvironmentResponse>, Status> {
-        Err(Status::unimplemented(
-            "UpdateEnvironment is not implemented yet",
-        ))
+        request: Request<UpdateEnvironmentRequest>,
+    ) -> Result<Response<UpdateEnvironmentResponse>, Status> {
+        let caller = caller_of(&request, request.get_ref().caller.as_ref());
+        let r = request.into_inner();
+        let orchestrator = self.orchestrator.clone();
+        // Runs to its end (engine, audit, commit, or the restore of the old
+        // limits) even if the caller goes away.
+        let rec = to_completion(async move {
+            orchestrator
+                .update(crate::update::UpdateRequest {
+                    caller,
+                    environment_id: r.environment_id,
+                    update_mask: r.update_mask,
+                    name: r.name,
+                    labels: r.labels,
+                    spec: r.spec,
+                    clearance: r.clearance,
+                    request_id: r.request_id,
+                })
+                .await
+        })
+        .await;
+        self.marked(rec.map(|rec| UpdateEnvironmentResponse {
+            environment: Some(environment_pb(&rec)),
+        }))
     }
 
     async fn extend_environment(
@@ -862,5 +986,98 @@ mod tests {
             ["mount.bind_source"]
         );
         assert!(s.message().contains("symbolic link"), "{s:?}");
+    }
+
+    #[test]
+    fn refusals_carry_a_stable_reason_and_quotas_their_limit() {
+        use tonic_types::StatusExt;
+        let reason = |s: &Status| {
+            let info = s.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.domain, "vibebox");
+            (info.reason, info.metadata)
+        };
+        let s = Status::from(Error::OperationInProgress {
+            state: "starting",
+            operation: "start",
+            requested: "stop",
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            s.message(),
+            "environment is starting (start in progress); cannot stop"
+        );
+        let (r, m) = reason(&s);
+        assert_eq!(r, OPERATION_IN_PROGRESS);
+        assert_eq!(
+            (m["state"].as_str(), m["operation"].as_str()),
+            ("starting", "start")
+        );
+        assert_eq!(m["requested"], "stop");
+
+        let s = Status::from(Error::BadState {
+            state: "running",
+            operation: "start",
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(s.message(), "environment is running; cannot start");
+        assert_eq!(reason(&s).0, BAD_STATE);
+
+        let s = Status::from(Error::AlreadyExists("e1".into()));
+        assert_eq!(s.code(), tonic::Code::AlreadyExists);
+        let (r, m) = reason(&s);
+        assert_eq!((r.as_str(), m["environment_id"].as_str()), (ID_TAKEN, "e1"));
+
+        let s = Status::from(Error::Quota {
+            team: "t1".into(),
+            exceeded: crate::admission::QuotaExceeded {
+                quota: crate::admission::Quota::Memory,
+                limit: 8192 << 20,
+                reserved: 8192 << 20,
+                requested: 512 << 20,
+            },
+        });
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        let quota = s.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(quota.violations[0].subject, "team:t1");
+        assert_eq!(
+            quota.violations[0].description,
+            "team memory quota: 8192 MiB reserved of 8192 MiB, 512 MiB more requested"
+        );
+        let (r, m) = reason(&s);
+        assert_eq!(r, QUOTA_EXCEEDED);
+        assert_eq!(
+            (m["quota"].as_str(), m["limit"].as_str()),
+            ("memory", "8192")
+        );
+        assert!(
+            s.get_details_retry_info().is_none(),
+            "a quota is no rate limit"
+        );
+
+        let s = Status::from(Error::Busy { requested: "stop" });
+        assert_eq!(s.code(), tonic::Code::Aborted);
+        assert_eq!(reason(&s).0, BUSY);
+    }
+
+    #[test]
+    fn update_refusals_carry_their_reason_and_path() {
+        use crate::update::UpdateRefusal;
+        use vibebox_server_kit::status::{error_reason, violated_rules};
+        let s = Status::from(Error::Update(UpdateRefusal::RequiresRecreate {
+            path: "spec.image".into(),
+        }));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            error_reason(&s).as_deref(),
+            Some(crate::update::REQUIRES_RECREATE)
+        );
+        assert_eq!(violated_rules(&s), [crate::update::REQUIRES_RECREATE]);
+        assert!(s.message().contains("spec.image"), "{s:?}");
+        let s = Status::from(Error::Update(UpdateRefusal::ChangedMeanwhile));
+        assert_eq!(s.code(), tonic::Code::Aborted);
+        assert_eq!(
+            error_reason(&s).as_deref(),
+            Some(crate::update::CHANGED_MEANWHILE)
+        );
     }
 }

@@ -1,21 +1,33 @@
-//! Test hooks: crash points that stop a create halfway (as if the process
-//! were killed there) and a held-back environment feed. They exist only in
+//! Test hooks: crash points that stop an operation halfway (as if the
+//! process were killed there) and a held-back environment feed. They exist only in
 //! builds with the `test-hooks` feature, which the workspace's tests turn on
 //! through dev-dependencies and no shipped build enables (`tests/tests/e2e/tidy.rs`
 //! checks both); without it every hook is a no-op the compiler removes.
 
-/// Where a create may stop as if the process had been killed (the names
-/// exist in every build; only test builds can make a create stop there).
+/// Where an operation may stop as if the process had been killed (the
+/// names exist in every build; only test builds can make one stop there).
+/// The record is left as the crash would leave it (`creating`, `stopping`,
+/// `starting`), for reconcile to finish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// After the environment's network exists.
     AfterNetwork,
     /// After its container exists (not started).
     AfterContainer,
+    /// A stop (or the first half of a restart): after the engine stopped
+    /// the container, before the event and the commit.
+    AfterStop,
+    /// A start (or the second half of a restart): after the engine started
+    /// the container, before the event and the commit.
+    AfterStart,
+    /// A resource update: after the engine applied the new limits, before
+    /// the event and the commit (the update stays pending).
+    AfterUpdate,
 }
 
 /// Environment variable that makes the process abort at a crash point
-/// (`network` or `container`), to test recovery from a killed process.
+/// (`network`, `container`, `stop`, `start` or `update`), to test recovery from a
+/// killed process.
 #[cfg(feature = "test-hooks")]
 pub const ABORT_ENV: &str = "VIBEBOX_TEST_ABORT_AFTER";
 
@@ -38,6 +50,9 @@ impl Hooks {
                 abort_at: match std::env::var(ABORT_ENV).as_deref() {
                     Ok("network") => Some(CrashPoint::AfterNetwork),
                     Ok("container") => Some(CrashPoint::AfterContainer),
+                    Ok("stop") => Some(CrashPoint::AfterStop),
+                    Ok("start") => Some(CrashPoint::AfterStart),
+                    Ok("update") => Some(CrashPoint::AfterUpdate),
                     _ => None,
                 },
             }
@@ -46,13 +61,13 @@ impl Hooks {
         Self::default()
     }
 
-    /// Makes the next creates stop at `point`.
+    /// Makes the next operations stop at `point`.
     #[cfg(feature = "test-hooks")]
     pub(crate) fn set_crash_point(&self, point: Option<CrashPoint>) {
         *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = point;
     }
 
-    /// Whether a create must stop at `point` (aborts the process when
+    /// Whether an operation must stop at `point` (aborts the process when
     /// [`ABORT_ENV`] names it).
     #[cfg_attr(not(feature = "test-hooks"), allow(clippy::unused_self))]
     pub(crate) fn crashes_at(&self, point: CrashPoint) -> bool {

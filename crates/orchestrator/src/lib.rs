@@ -4,6 +4,8 @@
 //! Code map:
 //! - [`admission`]: quota, capacity, subnet and idempotency as pure functions;
 //! - [`service`]: clearance checks, provisioning and lifecycle;
+//! - [`operations`]: long-running operations (accepted at once, engine work
+//!   in the background, settled; finished by reconcile after a crash);
 //! - [`runtime`]: the seam between them and one container engine;
 //! - [`streams`]: logs, exec, stats;
 //! - [`forward`]: port forwarding through a forwarder container that
@@ -18,6 +20,7 @@
 //! - [`feed`]: the change feed the gateway's replica follows;
 //! - [`lease`]: one orchestrator per database;
 //! - [`lifecycle`]: activity sessions, idle stop, lifetimes and extensions;
+//! - [`update`]: in-place updates (name, labels, resources applied live);
 //! - [`hooks`] and [`testkit`] (feature `test-hooks` only): crash points, a
 //!   held-back feed, the test image, signed clearances and a loopback harness.
 
@@ -34,6 +37,7 @@ pub mod hooks;
 pub mod keys;
 pub mod lease;
 pub mod lifecycle;
+pub mod operations;
 pub mod reconcile;
 pub mod runtime;
 pub mod service;
@@ -42,6 +46,7 @@ pub mod streams;
 pub mod subnet;
 #[cfg(feature = "test-hooks")]
 pub mod testkit;
+pub mod update;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -429,11 +434,16 @@ pub async fn serve(
         .allow_callers(&["gateway"])
         .add_service(RuntimeServiceServer::new(runtime_handler(
             config,
-            orchestrator,
+            orchestrator.clone(),
             shutdown.clone(),
         )))
         .serve(listener, shutdown)
         .await?;
+    // Operations still in flight get a short grace, then are abandoned as
+    // a crash would abandon them: the next reconcile pass finishes them.
+    orchestrator
+        .shutdown_operations(operations::OPERATION_GRACE)
+        .await;
     Ok(())
 }
 

@@ -520,9 +520,10 @@ impl Orchestrator {
     /// stop is committed the environment shows as stopped.
     pub fn live_session(&self, env_id: &str, operation: &'static str) -> Result<ActivityGuard> {
         if !self.inner.activity.open(env_id, true) {
-            return Err(Error::BadState {
-                state: "stopping",
-                operation,
+            return Err(Error::OperationInProgress {
+                state: State::Stopping.as_str(),
+                operation: crate::operations::Operation::AutoStop.as_str(),
+                requested: operation,
             });
         }
         Ok(ActivityGuard {
@@ -568,8 +569,8 @@ impl Orchestrator {
                 ),
             });
         }
-        let _g = self.lock_env(id).await;
-        let rec = self.get(id).await?;
+        // Never waits for an operation in progress (refused instead).
+        let (_g, rec) = self.lock_settled(id, "extend").await?;
         let now = store::now_ms();
         let until = now.saturating_add(ms(duration));
         let limits = Limits::of(&Self::spec_of(&rec));
@@ -827,45 +828,62 @@ impl Orchestrator {
         {
             return Ok(false);
         }
-        let Some(cid) = rec.container_id.clone() else {
+        if rec.container_id.is_none() {
             return Ok(false);
-        };
+        }
         let reason = idle_reason(&limits);
-        let timeout = i32::try_from(self.inner.settings.default_stop_timeout).unwrap_or(i32::MAX);
-        match self.inner.runtime.stop_container(&cid, timeout).await {
-            Ok(()) => {}
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        // Its egress gate and port forwarder go with it (a stopped
-        // environment keeps nothing running).
-        if let Err(e) = self.gate_stop(&rec).await {
-            tracing::warn!(environment = %rec.id, error = %e, "cannot stop the egress gate");
-        }
-        self.remove_forwarder_logged(&rec.id).await;
         let since = rfc3339(
             persisted_activity(&rec)
                 .max(self.inner.activity.seen(id).unwrap_or(0))
                 .max(rec.keep_alive_until_ms.unwrap_or(0)),
         );
-        self.audit()
-            .record(Event {
-                action: "environment.auto_stop",
-                outcome: Outcome::Success,
-                severity: Severity::Low,
-                caller: None,
-                team_id: &rec.team_id,
-                environment_id: &rec.id,
-                details: vec![("reason", reason.clone()), ("idle_since", since)],
-            })
+        // `stopping` with its reason first (a person's operation meanwhile
+        // is refused as in progress; a crash from here is finished by
+        // reconcile), then the stop of the container, its gate and its
+        // forwarder (a stopped environment keeps nothing running), the
+        // event and `stopped` (see `crate::operations`).
+        use crate::operations::{ADMITTED_PERCENT, Operation};
+        let operation_id = uuid::Uuid::new_v4().to_string();
+        let stopping = self
+            .store()
+            .transition(
+                id,
+                &[State::Running],
+                State::Stopping,
+                store::Transition {
+                    stop_reason: Some(&reason),
+                    status_message: Some("stopping: idle"),
+                    progress_percent: Some(ADMITTED_PERCENT),
+                    operation: Some((Operation::AutoStop.as_str(), &operation_id)),
+                    ..store::Transition::default()
+                },
+            )
             .await?;
-        self.store()
-            .set_state_reason(&rec.id, State::Stopped, &reason, None, None)
-            .await?;
-        tracing::info!(environment = %rec.id, %reason, "stopped idle environment");
-        Ok(true)
+        if !stopping {
+            return Ok(false);
+        }
+        let rec = self.get(id).await?;
+        let result = self
+            .run_state_change(
+                Operation::AutoStop,
+                &rec,
+                None,
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await;
+        let stopped = result.is_ok();
+        self.conclude(
+            Operation::AutoStop,
+            None,
+            &rec,
+            result,
+            vec![("reason", reason.clone()), ("idle_since", since)],
+        )
+        .await?;
+        if stopped {
+            tracing::info!(environment = %rec.id, %reason, "stopped idle environment");
+        }
+        Ok(stopped)
     }
 
     /// Deletes an environment past its expiry (the delete path of
@@ -980,6 +998,12 @@ mod tests {
             last_activity_ms: Some(1_000_000),
             keep_alive_until_ms: None,
             expire_at_ms: None,
+            labels: "{}".into(),
+            update_request_id: String::new(),
+            pending_update: String::new(),
+            progress_percent: 100,
+            operation: String::new(),
+            operation_id: String::new(),
         }
     }
 

@@ -1,6 +1,15 @@
 //! Level-triggered reconcile of this installation's Docker objects against
 //! the store: orphans removed, lost containers failed, drift quarantined,
-//! interrupted creates and deletes finished, desired run state converged.
+//! interrupted operations finished, desired run state converged.
+//!
+//! An operation is interrupted when its record is transitional and nothing
+//! in this process holds the environment (a crash, or a shutdown that
+//! abandoned it): `creating` is rolled back (everything removed, `failed`;
+//! a create is not resumed: its caller was told it failed or not at all,
+//! and a retried request gets the failed record), `starting` is started,
+//! `stopping` stopped with the default timeout (a restart's goes on to
+//! start), `deleting` deleted (whatever of it still exists); each is
+//! audited under the id its own event has, so it is logged once.
 //!
 //! Invariant: only objects labelled with this installation's id are ever
 //! touched, so installations (and parallel test runs) can share an engine.
@@ -16,7 +25,7 @@ use vibebox_proto::audit::{Outcome, Severity};
 use crate::audit::Event;
 use crate::docker::{self, labels};
 use crate::service::{Orchestrator, Result};
-use crate::store::{EnvRecord, State};
+use crate::store::{EnvRecord, State, Transition};
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +35,8 @@ pub struct Report {
     pub quarantined: Vec<String>,
     pub rolled_back: Vec<String>,
     pub deletes_finished: Vec<String>,
+    /// Starts, stops, restarts and automatic stops finished.
+    pub operations_finished: Vec<String>,
     pub started: Vec<String>,
     pub stopped: Vec<String>,
 }
@@ -254,7 +265,9 @@ impl Orchestrator {
                 self.remove_objects(rec).await?;
                 self.audit()
                     .record_once(
-                        crate::audit::once_id(&rec.id, "environment.create.rolled_back"),
+                        // The id of the create's own failure event: a crash
+                        // after the create recorded its failure leaves one.
+                        crate::audit::once_id(&rec.id, crate::service::CREATE_FAILED),
                         Event {
                             action: "environment.create",
                             outcome: Outcome::Failure,
@@ -269,12 +282,21 @@ impl Orchestrator {
                         },
                     )
                     .await?;
+                let reason = match rec.failure_reason.as_str() {
+                    "" => "create was interrupted; rolled back by reconcile",
+                    failed => failed,
+                };
                 store
-                    .settle(
+                    .transition(
                         &rec.id,
+                        &[State::Creating],
                         State::Failed,
-                        Some("create was interrupted; rolled back by reconcile"),
-                        Some(""),
+                        Transition {
+                            failure_reason: Some(reason),
+                            status_message: Some(""),
+                            release_subnet: true,
+                            ..Transition::default()
+                        },
                     )
                     .await?;
                 report.rolled_back.push(rec.id.clone());
@@ -285,9 +307,17 @@ impl Orchestrator {
                 report.deletes_finished.push(rec.id.clone());
                 return Ok(());
             }
+            State::Starting | State::Stopping => {
+                self.resume(rec).await?;
+                report.operations_finished.push(rec.id.clone());
+                return Ok(());
+            }
             State::Deleted | State::Failed => return Ok(()),
             State::Running | State::Stopped | State::Quarantined => {}
         }
+        // An update a crash left pending is rolled back before the drift
+        // check: the container may hold limits the record never committed.
+        self.roll_back_update(rec).await?;
         // A quarantine's event that a crash or a full audit outbox kept from
         // being written: first, before anything below can change the
         // record, and without holding up the rest of the pass.
@@ -323,11 +353,15 @@ impl Orchestrator {
                 )
                 .await?;
             store
-                .set_state(
+                .transition(
                     &rec.id,
+                    &[state],
                     State::Failed,
-                    Some("container vanished outside the platform"),
-                    Some(""),
+                    Transition {
+                        failure_reason: Some("container vanished outside the platform"),
+                        status_message: Some(""),
+                        ..Transition::default()
+                    },
                 )
                 .await?;
             report.lost.push(rec.id.clone());
@@ -367,9 +401,22 @@ impl Orchestrator {
             // the next pass (`drift_event_pending`), and the log holds it
             // once.
             let reason = format!("{DRIFT_REASON}{}", drift.join("; "));
-            store
-                .set_state(&rec.id, State::Quarantined, Some(&reason), Some(""))
+            let quarantined = store
+                .transition(
+                    &rec.id,
+                    &[state],
+                    State::Quarantined,
+                    Transition {
+                        failure_reason: Some(&reason),
+                        status_message: Some(""),
+                        ..Transition::default()
+                    },
+                )
                 .await?;
+            if !quarantined {
+                // A delete was accepted meanwhile: it removes the container.
+                return Ok(());
+            }
             if let Err(e) = self.docker().stop_container(&current.id, Some(stop)).await {
                 tracing::warn!(error = %e, "cannot stop drifted container");
             }

@@ -15,7 +15,8 @@
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, CreateImageInfo, NetworkCreateRequest, VolumeCreateRequest,
+    ContainerCreateBody, ContainerUpdateBody, CreateImageInfo, NetworkCreateRequest,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListNetworksOptionsBuilder,
@@ -66,6 +67,13 @@ pub trait Runtime: Send + Sync + 'static {
         &'a self,
         id: &'a str,
         timeout_secs: i32,
+    ) -> BoxFuture<'a, EngineResult<()>>;
+    /// Changes the resource limits of a container in place, running or
+    /// stopped (`docker update`).
+    fn update_container<'a>(
+        &'a self,
+        id: &'a str,
+        body: ContainerUpdateBody,
     ) -> BoxFuture<'a, EngineResult<()>>;
     /// Removes a container, running or not, with its anonymous volumes.
     fn remove_container<'a>(&'a self, name: &'a str) -> BoxFuture<'a, EngineResult<()>>;
@@ -167,6 +175,14 @@ impl Runtime for DockerRuntime {
             .t(timeout_secs)
             .build();
         Box::pin(self.docker.restart_container(id, Some(options)))
+    }
+
+    fn update_container<'a>(
+        &'a self,
+        id: &'a str,
+        body: ContainerUpdateBody,
+    ) -> BoxFuture<'a, EngineResult<()>> {
+        Box::pin(async move { self.docker.update_container(id, body).await.map(|_| ()) })
     }
 
     fn remove_container<'a>(&'a self, name: &'a str) -> BoxFuture<'a, EngineResult<()>> {

@@ -13,8 +13,9 @@
 //! - a create is recorded (`creating`, with its subnet) before the engine is
 //!   asked for anything, and committed `running` only once its
 //!   `environment.create` event is durable; start, stop and restart commit
-//!   their new state after the engine acted and the event is durable
-//!   (reconcile converges the engine to the record after a crash);
+//!   their transitional state at once and their settled state after the
+//!   engine acted and the event is durable (see [`crate::operations`];
+//!   reconcile finishes an operation a crash interrupted);
 //! - admission runs under one lock inside one transaction, so quotas hold
 //!   under concurrency.
 
@@ -26,6 +27,7 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use futures::StreamExt;
 use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
 use vibebox_audit_client::AuditClientError;
 use vibebox_clearance::{Expected, VerifyError};
 use vibebox_proto::audit::{Outcome, Severity};
@@ -38,7 +40,7 @@ use crate::docker::{self, SpecError, Target};
 use crate::hooks::{CrashPoint, Hooks};
 use crate::keys::ClearanceKeys;
 use crate::runtime::{DockerRuntime, Runtime};
-use crate::store::{self, EnvRecord, State, Store, StoreError};
+use crate::store::{self, EnvRecord, State, Store, StoreError, Transition};
 use crate::subnet::{self, Cidr};
 
 /// Errors of the orchestrator's operations.
@@ -54,8 +56,12 @@ pub enum Error {
     NotFound,
     #[error("environment id {0} is already in use")]
     AlreadyExists(String),
-    #[error("team quota exceeded: {0}")]
-    Quota(String),
+    /// A quota of `team` would be exceeded.
+    #[error("team quota exceeded: {exceeded}")]
+    Quota {
+        team: String,
+        exceeded: crate::admission::QuotaExceeded,
+    },
     #[error("host capacity exceeded: {0}")]
     Capacity(String),
     #[error("no free subnet left in the environment address pool")]
@@ -65,6 +71,21 @@ pub enum Error {
         state: &'static str,
         operation: &'static str,
     },
+    /// `requested` was asked while `operation` is in progress (the record
+    /// is in the transitional `state`): wait for it to settle.
+    #[error("environment is {state} ({operation} in progress); cannot {requested}")]
+    OperationInProgress {
+        state: &'static str,
+        operation: &'static str,
+        requested: &'static str,
+    },
+    /// The environment stayed locked by a short platform action (reconcile,
+    /// an update) for longer than an operation waits: retry.
+    #[error("environment is busy; cannot {requested} now, retry")]
+    Busy { requested: &'static str },
+    /// An operation in progress gave way to a delete accepted meanwhile.
+    #[error("the environment was deleted while the {operation} was in progress")]
+    Superseded { operation: &'static str },
     #[error("image {image} is not available locally and could not be pulled: {reason}")]
     ImageUnavailable { image: String, reason: String },
     /// The engine refused the cleared spec (a 400 on create or start): the
@@ -86,12 +107,16 @@ pub enum Error {
         "cannot extend past the maximum lifetime of {max}: the latest possible time is {latest}"
     )]
     LifetimeCeiling { latest: String, max: String },
-    /// A create stopped at a test crash point (as if the process was killed).
+    /// An operation stopped at a test crash point (as if the process was
+    /// killed).
     #[error("simulated crash (test hook)")]
     SimulatedCrash,
     /// The environment's egress gate could not be set up.
     #[error("egress gate: {0}")]
     Egress(String),
+    /// An in-place update refused (see [`crate::update`]).
+    #[error(transparent)]
+    Update(#[from] crate::update::UpdateRefusal),
 }
 
 /// Result alias of this module.
@@ -152,6 +177,8 @@ pub struct CreateRequest {
     pub spec: Option<ContainerSpec>,
     pub clearance: Option<Clearance>,
     pub canonical_image: String,
+    /// Labels of the environment itself (not of its container).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub(crate) struct Inner {
@@ -162,14 +189,16 @@ pub(crate) struct Inner {
     pub(crate) keys: ClearanceKeys,
     pub(crate) audit: Audit,
     pub(crate) settings: Settings,
-    admission: Mutex<()>,
+    pub(crate) admission: Mutex<()>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    host_memory: i64,
+    pub(crate) host_memory: i64,
     hooks: Hooks,
     /// Open sessions and recent activity (idle stop, see [`crate::lifecycle`]).
     pub(crate) activity: Arc<crate::lifecycle::Activity>,
     /// Egress gates being followed and their counts (see [`crate::egress`]).
     pub(crate) gates: crate::egress::GateState,
+    /// Operations running in the background (see [`crate::operations`]).
+    pub(crate) ops: crate::operations::Operations,
 }
 
 /// The orchestrator (cheap to clone).
@@ -206,6 +235,10 @@ fn tolerate(r: Result<(), DockerError>) -> Result<(), DockerError> {
         other => other,
     }
 }
+
+/// The fixed name of a create's failure event (a create happens once per
+/// environment): its failure and reconcile's rollback of it are one event.
+pub(crate) const CREATE_FAILED: &str = "environment.create.failed";
 
 /// What a record reserves.
 fn reservation(rec: &EnvRecord) -> admission::Reservation {
@@ -263,6 +296,7 @@ impl Orchestrator {
                 hooks: Hooks::from_env(),
                 activity: Arc::default(),
                 gates: Default::default(),
+                ops: Default::default(),
             }),
         })
     }
@@ -287,7 +321,7 @@ impl Orchestrator {
         &self.inner.settings.installation
     }
 
-    /// Test hook: make the next creates stop at `point` as if killed.
+    /// Test hook: make the next operations stop at `point` as if killed.
     #[cfg(feature = "test-hooks")]
     pub fn set_crash_point(&self, point: Option<CrashPoint>) {
         self.inner.hooks.set_crash_point(point);
@@ -344,25 +378,26 @@ impl Orchestrator {
         }
     }
 
-    /// A page of records, newest first.
+    /// A page of a listing (`query` parsed from the request's filter,
+    /// order_by and show_deleted) among the records of `team_ids` (every
+    /// team when empty); see [`list_page`].
     pub async fn list(
         &self,
         team_ids: &[String],
-        show_deleted: bool,
-        offset: u64,
-        limit: u64,
-    ) -> Result<Vec<EnvRecord>> {
-        Ok(self
-            .inner
-            .store
-            .list(
-                &self.inner.settings.installation,
-                team_ids,
-                show_deleted,
-                offset,
-                limit,
-            )
-            .await?)
+        query: &vibebox_listing::Query,
+        size: usize,
+        cursor: Option<&vibebox_listing::Cursor>,
+    ) -> Result<vibebox_listing::Page> {
+        Ok(list_page(
+            &self.inner.store,
+            &self.inner.settings.installation,
+            team_ids,
+            query,
+            size,
+            cursor,
+            LIST_CHUNK,
+        )
+        .await?)
     }
 
     async fn reject(&self, req: &CreateRequest, why: Rejection) -> Error {
@@ -386,7 +421,7 @@ impl Orchestrator {
         }
     }
 
-    async fn audit_op(
+    pub(crate) async fn audit_op(
         &self,
         action: &str,
         caller: Option<&Caller>,
@@ -417,7 +452,11 @@ impl Orchestrator {
     }
 
     /// Creates and starts an environment for a cleared spec. Idempotent by
-    /// `(team_id, request_id)`.
+    /// `(team_id, request_id)`. Returns once the environment is admitted and
+    /// recorded (`creating`); provisioning runs in the background and
+    /// settles the record `running` or `failed` (see
+    /// [`crate::operations`]). What can be decided at once is refused here:
+    /// arguments, clearance, the bind sources, admission.
     pub async fn create(&self, req: CreateRequest) -> Result<EnvRecord> {
         required("request_id", &req.request_id)?;
         required("team_id", &req.team_id)?;
@@ -489,6 +528,12 @@ impl Orchestrator {
             last_activity_ms: Some(now),
             keep_alive_until_ms: None,
             expire_at_ms: crate::lifecycle::expire_at(&spec, now),
+            progress_percent: crate::operations::ADMITTED_PERCENT,
+            operation: crate::operations::Operation::Create.as_str().to_owned(),
+            operation_id: uuid::Uuid::new_v4().to_string(),
+            labels: crate::update::labels_json(&req.labels),
+            update_request_id: String::new(),
+            pending_update: String::new(),
         };
         // A spec the orchestrator refuses to apply fails before admission,
         // and so does a bind source that does not hold on the host.
@@ -525,30 +570,79 @@ impl Orchestrator {
             }
         }
 
-        let result = match self.provision(&rec, &req.caller).await {
-            // Audited inside, before `running` was committed.
-            Ok(()) => return self.get(&rec.id).await,
-            Err(Error::SimulatedCrash) => {
-                // As if killed: leave everything as it is for reconcile.
-                drop(guard);
-                return Err(Error::SimulatedCrash);
-            }
-            Err(e) => {
-                tracing::warn!(environment = %rec.id, error = %e, "create failed; rolling back");
-                if let Err(re) = self.remove_objects(&rec).await {
-                    tracing::warn!(environment = %rec.id, error = %re, "rollback incomplete");
-                }
-                self.inner
-                    .store
-                    .settle(&rec.id, State::Failed, Some(&e.to_string()), Some(""))
-                    .await?;
-                Err(e)
-            }
+        // Admitted and durable (the record as inserted): the engine work
+        // goes on in the background, holding the environment's lock.
+        let admitted = rec.clone();
+        let (this, caller, id) = (self.clone(), req.caller.clone(), rec.id.clone());
+        self.spawn_operation(&id, guard, move |cancel| async move {
+            this.run_create(rec, caller, cancel).await;
+        });
+        Ok(admitted)
+    }
+
+    /// Provisions an admitted environment and settles its record: `running`
+    /// (audited first, inside [`provision`](Self::provision)), or `failed`
+    /// with the objects removed and the failure audited first (under a
+    /// fixed id, which reconcile's rollback of an interrupted create shares,
+    /// so the failure is logged once).
+    async fn run_create(&self, rec: EnvRecord, caller: Caller, cancel: CancellationToken) {
+        let error = match self.provision(&rec, &caller, &cancel).await {
+            Ok(()) => return,
+            // As if killed: everything stays as it is, for reconcile.
+            Err(Error::SimulatedCrash) => return,
+            Err(e) => e,
         };
-        drop(guard);
-        self.audit_op("environment.create", Some(&req.caller), &rec, &result)
-            .await?;
-        result
+        let superseded = matches!(error, Error::Superseded { .. });
+        if !superseded {
+            tracing::warn!(environment = %rec.id, error = %error, "create failed; rolling back");
+            if let Err(re) = self.remove_objects(&rec).await {
+                tracing::warn!(environment = %rec.id, error = %re, "rollback incomplete");
+            }
+        }
+        // Audit first, then commit: a crash between them leaves `creating`,
+        // which reconcile rolls back under the same event id.
+        let audited = self
+            .inner
+            .audit
+            .record_once(
+                crate::audit::once_id(&rec.id, CREATE_FAILED),
+                Event {
+                    action: "environment.create",
+                    outcome: Outcome::Failure,
+                    severity: Severity::Medium,
+                    caller: Some(&caller),
+                    team_id: &rec.team_id,
+                    environment_id: &rec.id,
+                    details: vec![("error", error.to_string())],
+                },
+            )
+            .await;
+        if let Err(e) = audited {
+            tracing::warn!(environment = %rec.id, error = %e, "create failure not audited; reconcile rolls it back");
+            return;
+        }
+        // A delete accepted meanwhile settles the record itself.
+        if superseded {
+            return;
+        }
+        let settled = self
+            .inner
+            .store
+            .transition(
+                &rec.id,
+                &[State::Creating],
+                State::Failed,
+                Transition {
+                    failure_reason: Some(&error.to_string()),
+                    status_message: Some(""),
+                    release_subnet: true,
+                    ..Transition::default()
+                },
+            )
+            .await;
+        if let Err(e) = settled {
+            tracing::warn!(environment = %rec.id, error = %e, "cannot settle the failed create; reconcile rolls it back");
+        }
     }
 
     /// Admission: idempotency, replay, quota, capacity and subnet in one
@@ -602,7 +696,12 @@ impl Orchestrator {
                 Ok(Decision::Admit(subnet)) => subnet,
                 Err(Refusal::Replayed) => return Err(Error::Clearance(Rejection::Replayed)),
                 Err(Refusal::IdTaken) => return Err(Error::AlreadyExists(rec.id.clone())),
-                Err(Refusal::Quota(why)) => return Err(Error::Quota(why)),
+                Err(Refusal::Quota(exceeded)) => {
+                    return Err(Error::Quota {
+                        team: rec.team_id.clone(),
+                        exceeded,
+                    });
+                }
                 Err(Refusal::Capacity(why)) => return Err(Error::Capacity(why)),
                 Err(Refusal::SubnetsExhausted) => return Err(Error::SubnetsExhausted),
             };
@@ -642,7 +741,7 @@ impl Orchestrator {
         Ok(subnet)
     }
 
-    fn crash_at(&self, point: CrashPoint) -> Result<()> {
+    pub(crate) fn crash_at(&self, point: CrashPoint) -> Result<()> {
         if self.inner.hooks.crashes_at(point) {
             return Err(Error::SimulatedCrash);
         }
@@ -654,14 +753,23 @@ impl Orchestrator {
     /// `environment.create` event is durable: a `running` record always has
     /// its event, and a crash before the commit leaves `creating`, which
     /// reconcile rolls back (and audits).
-    async fn provision(&self, rec: &EnvRecord, caller: &Caller) -> Result<()> {
+    ///
+    /// Each step shows on the record (status message and progress) through
+    /// a write that only lands while it is still `creating`: a delete
+    /// accepted meanwhile ends provisioning at the next step
+    /// ([`Error::Superseded`]), and so does `cancel` during an image pull.
+    async fn provision(
+        &self,
+        rec: &EnvRecord,
+        caller: &Caller,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        use crate::operations::Operation::Create;
         let runtime = &self.inner.runtime;
         let mut rec = rec.clone();
-        self.ensure_image(&rec).await?;
+        self.ensure_image(&rec, cancel).await?;
 
-        self.inner
-            .store
-            .set_status_message(&rec.id, "creating network")
+        self.step(&rec, State::Creating, Create, 65, "creating the network")
             .await?;
         // The engine may refuse a subnet another installation took (or one
         // it has not released yet): move on, remembering every refusal.
@@ -692,16 +800,18 @@ impl Orchestrator {
         }
         self.crash_at(CrashPoint::AfterNetwork)?;
         if Self::gate_of(&rec).is_some() {
-            self.inner
-                .store
-                .set_status_message(&rec.id, "starting the egress gate")
-                .await?;
+            self.step(
+                &rec,
+                State::Creating,
+                Create,
+                70,
+                "starting the egress gate",
+            )
+            .await?;
             self.gate_up(&rec).await?;
         }
 
-        self.inner
-            .store
-            .set_status_message(&rec.id, "creating container")
+        self.step(&rec, State::Creating, Create, 80, "creating the container")
             .await?;
         for volume in docker::volume_requests(&self.target(&rec), &Self::spec_of(&rec)) {
             runtime.create_volume(volume).await?;
@@ -718,11 +828,11 @@ impl Orchestrator {
         self.inner.store.set_container(&rec.id, &id).await?;
         self.crash_at(CrashPoint::AfterContainer)?;
 
-        self.inner
-            .store
-            .set_status_message(&rec.id, "starting")
+        self.step(&rec, State::Creating, Create, 90, "starting the container")
             .await?;
         tolerate_304(runtime.start_container(&id).await).map_err(|e| self.engine_error(&rec, e))?;
+        // The health check is not waited for: its first probe comes at its
+        // interval (30 s), and a failing one shows in the engine's state.
         self.inner
             .audit
             .record(Event {
@@ -735,9 +845,22 @@ impl Orchestrator {
                 details: vec![],
             })
             .await?;
+        // Only from `creating`: a delete accepted meanwhile goes on from
+        // here. Running is activity (the idle clock starts now, not at the
+        // request: an image pull may have taken minutes).
         self.inner
             .store
-            .set_state(&rec.id, State::Running, None, Some(""))
+            .transition(
+                &rec.id,
+                &[State::Creating],
+                State::Running,
+                Transition {
+                    failure_reason: Some(""),
+                    status_message: Some(""),
+                    last_activity_ms: Some(store::now_ms()),
+                    ..Transition::default()
+                },
+            )
             .await?;
         Ok(())
     }
@@ -745,7 +868,7 @@ impl Orchestrator {
     /// A Docker error of a create or start: a refusal of the spec itself (400:
     /// no command, a mount the runtime cannot make, ...) is the caller's to
     /// fix and names the field; anything else stays an engine error.
-    fn engine_error(&self, rec: &EnvRecord, e: DockerError) -> Error {
+    pub(crate) fn engine_error(&self, rec: &EnvRecord, e: DockerError) -> Error {
         match &e {
             DockerError::DockerResponseServerError {
                 status_code: 400,
@@ -759,8 +882,12 @@ impl Orchestrator {
     }
 
     /// Makes sure the image exists, pulling it through the engine otherwise
-    /// (progress goes to the record's status message).
-    async fn ensure_image(&self, rec: &EnvRecord) -> Result<()> {
+    /// (progress goes to the record: status message and percentage, at most
+    /// [`crate::operations::PULL_PROGRESS_EVERY`] apart).
+    async fn ensure_image(&self, rec: &EnvRecord, cancel: &CancellationToken) -> Result<()> {
+        use crate::operations::{
+            Operation::Create, PULL_PERCENT, PULL_PROGRESS_EVERY, PullProgress,
+        };
         let runtime = &self.inner.runtime;
         let image = &rec.canonical_image;
         match runtime.inspect_image(image).await {
@@ -768,29 +895,35 @@ impl Orchestrator {
             Err(e) if docker_status(&e) == Some(404) => {}
             Err(e) => return Err(e.into()),
         }
-        self.inner
-            .store
-            .set_status_message(&rec.id, &format!("pulling image {image}"))
-            .await?;
+        self.step(
+            rec,
+            State::Creating,
+            Create,
+            PULL_PERCENT.start,
+            &format!("pulling image {image}"),
+        )
+        .await?;
         let mut pull = runtime.pull_image(image);
+        let mut progress = PullProgress::default();
         let mut last = Instant::now();
-        while let Some(item) = pull.next().await {
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(Error::Superseded { operation: Create.as_str() }),
+                item = pull.next() => item,
+            };
             match item {
-                Ok(info) => {
-                    if last.elapsed() >= Duration::from_millis(500) {
+                None => break,
+                Some(Ok(info)) => {
+                    progress.update(&info);
+                    if last.elapsed() >= PULL_PROGRESS_EVERY {
                         last = Instant::now();
-                        let progress = info
-                            .progress_detail
-                            .and_then(|p| Some(format!(" {}/{}", p.current?, p.total?)))
-                            .unwrap_or_default();
-                        let msg = format!(
-                            "pulling image {image}: {}{progress}",
-                            info.status.unwrap_or_default(),
-                        );
-                        self.inner.store.set_status_message(&rec.id, &msg).await?;
+                        let msg = format!("pulling image {image}: {}", progress.describe());
+                        self.step(rec, State::Creating, Create, progress.percent(), &msg)
+                            .await?;
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     return Err(Error::ImageUnavailable {
                         image: image.clone(),
                         reason: docker_message(&e),
@@ -810,139 +943,38 @@ impl Orchestrator {
     /// Removes the container, network and volume of an environment (found by
     /// name and by label), tolerating ones already gone.
     pub(crate) async fn remove_objects(&self, rec: &EnvRecord) -> Result<()> {
+        self.remove_containers(rec).await?;
+        self.remove_network(rec).await?;
+        self.remove_volumes(rec).await
+    }
+
+    /// Removes the forwarder and the container of an environment.
+    pub(crate) async fn remove_containers(&self, rec: &EnvRecord) -> Result<()> {
         let runtime = self.inner.runtime.as_ref();
         self.remove_forwarder(&rec.id).await?;
         if let Some(id) = &rec.container_id {
             remove_container(runtime, id).await?;
         }
         remove_container(runtime, &docker::container_name(&rec.id)).await?;
+        Ok(())
+    }
+
+    /// Removes the egress gate and the network of an environment.
+    pub(crate) async fn remove_network(&self, rec: &EnvRecord) -> Result<()> {
         self.gate_remove(&rec.id).await?;
+        let runtime = self.inner.runtime.as_ref();
         tolerate(runtime.remove_network(&docker::network_name(&rec.id)).await)?;
+        Ok(())
+    }
+
+    /// Removes the volumes of an environment.
+    pub(crate) async fn remove_volumes(&self, rec: &EnvRecord) -> Result<()> {
+        let runtime = self.inner.runtime.as_ref();
         for volume in docker::volume_requests(&self.target(rec), &Self::spec_of(rec)) {
             let name = volume.name.unwrap_or_default();
             tolerate(runtime.remove_volume(&name).await)?;
         }
         Ok(())
-    }
-
-    fn state_of(rec: &EnvRecord) -> Result<State> {
-        Ok(rec.state)
-    }
-
-    /// Starts a stopped environment.
-    pub async fn start(&self, caller: &Caller, id: &str) -> Result<EnvRecord> {
-        let _g = self.lock_env(id).await;
-        let rec = self.get(id).await?;
-        let done = async {
-            Self::runnable(&rec, "start")?;
-            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-            self.gate_up(&rec).await?;
-            // A refusal of the spec (a mount the runtime cannot make now,
-            // ...) is the caller's to fix, as on create.
-            tolerate_304(self.inner.runtime.start_container(&cid).await)
-                .map_err(|e| self.engine_error(&rec, e))
-        }
-        .await;
-        self.settle("environment.start", caller, &rec, done, State::Running)
-            .await
-    }
-
-    /// Stops an environment: SIGTERM, then SIGKILL after the timeout.
-    pub async fn stop(&self, caller: &Caller, id: &str, timeout: Option<u32>) -> Result<EnvRecord> {
-        let _g = self.lock_env(id).await;
-        let rec = self.get(id).await?;
-        let done = async {
-            Self::runnable(&rec, "stop")?;
-            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-            let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
-            let t = i32::try_from(t).unwrap_or(i32::MAX);
-            tolerate_304(self.inner.runtime.stop_container(&cid, t).await)?;
-            self.gate_stop(&rec).await
-        }
-        .await;
-        self.remove_forwarder_logged(id).await;
-        self.settle("environment.stop", caller, &rec, done, State::Stopped)
-            .await
-    }
-
-    /// Restarts an environment.
-    pub async fn restart(
-        &self,
-        caller: &Caller,
-        id: &str,
-        timeout: Option<u32>,
-    ) -> Result<EnvRecord> {
-        let _g = self.lock_env(id).await;
-        let rec = self.get(id).await?;
-        let done = async {
-            Self::runnable(&rec, "restart")?;
-            let cid = rec.container_id.clone().ok_or(Error::NotFound)?;
-            let t = timeout.unwrap_or(self.inner.settings.default_stop_timeout);
-            let t = i32::try_from(t).unwrap_or(i32::MAX);
-            self.gate_up(&rec).await?;
-            self.inner
-                .runtime
-                .restart_container(&cid, t)
-                .await
-                .map_err(|e| self.engine_error(&rec, e))
-        }
-        .await;
-        // The restarted container has a new network namespace.
-        self.remove_forwarder_logged(id).await;
-        self.settle("environment.restart", caller, &rec, done, State::Running)
-            .await
-    }
-
-    /// Start, stop and restart act on an environment that has a container.
-    fn runnable(rec: &EnvRecord, operation: &'static str) -> Result<()> {
-        match Self::state_of(rec)? {
-            State::Running | State::Stopped => Ok(()),
-            other => Err(Error::BadState {
-                state: other.as_str(),
-                operation,
-            }),
-        }
-    }
-
-    /// Audits a run-state change, then commits it: the event is durable
-    /// before the new state is. A crash after the Docker call but before the
-    /// commit leaves the record as it was, and reconcile (which enforces the
-    /// record) converges the container back: nothing changed unaudited.
-    async fn settle(
-        &self,
-        action: &str,
-        caller: &Caller,
-        rec: &EnvRecord,
-        done: Result<()>,
-        state: State,
-    ) -> Result<EnvRecord> {
-        let result = done.map(|()| rec.clone());
-        self.audit_op(action, Some(caller), rec, &result).await?;
-        result?;
-        // A person's start, stop or restart clears the platform's stop
-        // reason; a start is activity (the idle clock starts over).
-        let started = (state == State::Running).then(store::now_ms);
-        self.inner
-            .store
-            .set_state_reason(&rec.id, state, "", started, None)
-            .await?;
-        self.get(&rec.id).await
-    }
-
-    /// Deletes an environment's container, network and volume; the record
-    /// stays as `deleted`.
-    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<EnvRecord> {
-        let _g = self.lock_env(id).await;
-        let rec = self.get(id).await?;
-        if Self::state_of(&rec)? == State::Deleted {
-            return Ok(rec);
-        }
-        let result = self.delete_locked(&rec, Some(caller)).await;
-        if result.is_err() {
-            self.audit_op("environment.delete", Some(caller), &rec, &result)
-                .await?;
-        }
-        result
     }
 
     /// `deleting`, objects removed, `environment.delete` recorded, `deleted`.
@@ -964,17 +996,34 @@ impl Orchestrator {
             Some(_) => "",
             None => rec.stop_reason.as_str(),
         };
-        self.inner
-            .store
-            .set_state_reason(
-                &rec.id,
-                State::Deleting,
-                stop_reason,
-                None,
-                Some("deleting"),
-            )
+        use crate::operations::Operation::Delete;
+        if rec.state != State::Deleting {
+            let operation_id = uuid::Uuid::new_v4().to_string();
+            self.inner
+                .store
+                .transition(
+                    &rec.id,
+                    &[rec.state],
+                    State::Deleting,
+                    Transition {
+                        stop_reason: Some(stop_reason),
+                        status_message: Some("deleting"),
+                        progress_percent: Some(crate::operations::ADMITTED_PERCENT),
+                        operation: Some((Delete.as_str(), &operation_id)),
+                        ..Transition::default()
+                    },
+                )
+                .await?;
+        }
+        self.step(rec, State::Deleting, Delete, 30, "removing the container")
             .await?;
-        self.remove_objects(rec).await?;
+        self.remove_containers(rec).await?;
+        self.step(rec, State::Deleting, Delete, 60, "removing the network")
+            .await?;
+        self.remove_network(rec).await?;
+        self.step(rec, State::Deleting, Delete, 85, "removing the volumes")
+            .await?;
+        self.remove_volumes(rec).await?;
         let details = match caller {
             Some(_) => vec![],
             None if !rec.stop_reason.is_empty() => vec![("reason", rec.stop_reason.clone())],
@@ -1006,7 +1055,7 @@ impl Orchestrator {
     /// stats.
     pub async fn container_of(&self, id: &str) -> Result<String> {
         let rec = self.get(id).await?;
-        match Self::state_of(&rec)? {
+        match rec.state {
             State::Deleted | State::Deleting => Err(Error::BadState {
                 state: "deleted",
                 operation: "attach",
@@ -1036,7 +1085,7 @@ async fn remove_container(runtime: &dyn Runtime, name: &str) -> Result<(), Docke
     }
 }
 
-fn tolerate_304(r: Result<(), DockerError>) -> Result<(), DockerError> {
+pub(crate) fn tolerate_304(r: Result<(), DockerError>) -> Result<(), DockerError> {
     match r {
         Err(e) if docker_status(&e) == Some(304) => Ok(()),
         other => other,
@@ -1050,4 +1099,99 @@ pub(crate) fn docker_message(e: &DockerError) -> String {
         DockerError::DockerStreamError { error } => error.clone(),
         other => other.to_string(),
     }
+}
+
+/// Records read per database query of a listing scan (see [`list_page`]).
+pub const LIST_CHUNK: u64 = 256;
+
+/// A page of a listing of `installation`'s records of `team_ids` (every
+/// team when empty).
+///
+/// The database narrows by installation, teams, deleted and what the filter
+/// requires of owner, id, state and times (see [`vibebox_listing::Bounds`]);
+/// the filter is judged exactly on the wire form. When the order starts with
+/// a time, records are read in that order, `chunk` at a time, until the page
+/// is full: a listing of a long history (`show_deleted`, or
+/// `update_time >= T` to replay the changes since T) reads about one page,
+/// not the whole table. Ordered by name or state first, every candidate is
+/// read.
+pub async fn list_page(
+    store: &Store,
+    installation: &str,
+    team_ids: &[String],
+    query: &vibebox_listing::Query,
+    size: usize,
+    cursor: Option<&vibebox_listing::Cursor>,
+    chunk: u64,
+) -> std::result::Result<vibebox_listing::Page, StoreError> {
+    use crate::grpc::environment_pb;
+    use vibebox_listing::OrderField;
+    use vibebox_proto::environment::Environment;
+
+    let chunk = chunk.max(1);
+    let mut bounds = query.bounds(cursor);
+    let first = query.order().keys()[0];
+    let by = match first.field {
+        OrderField::CreateTime => store::ScanBy::CreateTime,
+        OrderField::UpdateTime => store::ScanBy::UpdateTime,
+        OrderField::Name | OrderField::State => {
+            let records = store.list(installation, team_ids, &bounds, None).await?;
+            return Ok(query.page(records.iter().map(environment_pb), size, cursor));
+        }
+    };
+    let after_cursor =
+        |env: &Environment| cursor.is_none_or(|c| query.order().compare(c.last(), env).is_lt());
+    // Candidates by id: a record changed between two reads may come twice;
+    // the later read wins.
+    let mut found: HashMap<String, Environment> = HashMap::new();
+    loop {
+        let scan = store::Scan {
+            by,
+            descending: first.descending,
+            limit: chunk,
+        };
+        let mut records = store
+            .list(installation, team_ids, &bounds, Some(scan))
+            .await?;
+        let Some(edge) = records.last().map(|r| by.of(r)) else {
+            break;
+        };
+        let complete = (records.len() as u64) < chunk;
+        if !complete {
+            // The read may end inside the records sharing its last time:
+            // read all of those, so that the next read starts strictly
+            // after that time.
+            records.retain(|r| by.of(r) != edge);
+            let mut ties = bounds.clone();
+            let range = match by {
+                store::ScanBy::CreateTime => &mut ties.create_time_ms,
+                store::ScanBy::UpdateTime => &mut ties.update_time_ms,
+            };
+            range.min = Some(edge);
+            range.max = Some(edge);
+            records.extend(store.list(installation, team_ids, &ties, None).await?);
+        }
+        for record in &records {
+            let env = environment_pb(record);
+            if query.matches(&env) && after_cursor(&env) {
+                found.insert(env.id.clone(), env);
+            }
+        }
+        // Every record not read yet sorts after every record read (its first
+        // key is strictly beyond): once one more than a page matched, the
+        // page is known.
+        if complete || found.len() > size {
+            break;
+        }
+        let range = match by {
+            store::ScanBy::CreateTime => &mut bounds.create_time_ms,
+            store::ScanBy::UpdateTime => &mut bounds.update_time_ms,
+        };
+        if first.descending {
+            range.max = Some(edge.saturating_sub(1));
+        } else {
+            range.min = Some(edge.saturating_add(1));
+        }
+    }
+    Ok(query.page(found.into_values(), size, cursor))
 }

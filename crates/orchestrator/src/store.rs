@@ -7,8 +7,7 @@
 use sea_orm::sea_query::{Expr, ExprTrait, Index};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
-    Statement,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Schema, Set,
 };
 
 /// Errors of the store.
@@ -46,6 +45,12 @@ pub enum State {
     Deleted,
     #[sea_orm(string_value = "quarantined")]
     Quarantined,
+    /// A start (or the second half of a restart) is in progress.
+    #[sea_orm(string_value = "starting")]
+    Starting,
+    /// A stop (or the first half of a restart) is in progress.
+    #[sea_orm(string_value = "stopping")]
+    Stopping,
 }
 
 impl State {
@@ -59,7 +64,19 @@ impl State {
             State::Deleting => "deleting",
             State::Deleted => "deleted",
             State::Quarantined => "quarantined",
+            State::Starting => "starting",
+            State::Stopping => "stopping",
         }
+    }
+
+    /// Whether an operation is in progress (`creating`, `starting`,
+    /// `stopping`, `deleting`): the record settles by itself (or, after a
+    /// crash, through reconcile).
+    pub fn is_transitional(self) -> bool {
+        matches!(
+            self,
+            State::Creating | State::Starting | State::Stopping | State::Deleting
+        )
     }
 }
 
@@ -112,6 +129,32 @@ pub mod environment {
         /// `None`: never.
         #[sea_orm(nullable)]
         pub expire_at_ms: Option<i64>,
+        /// Progress of the operation in progress, 0 to 100 (100 when none
+        /// is).
+        #[sea_orm(default_value = 100)]
+        pub progress_percent: i32,
+        /// The operation in progress (`create`, `start`, `stop`, `restart`,
+        /// `delete`, `auto_stop`; see `crate::operations`), empty when none
+        /// is.
+        #[sea_orm(default_value = "")]
+        pub operation: String,
+        /// The id of the operation in progress: its audit event's id is
+        /// made of it, so that reconcile finishing it records it once.
+        #[sea_orm(default_value = "")]
+        pub operation_id: String,
+        /// Labels of the environment itself (not of its container), a JSON
+        /// object of strings.
+        #[sea_orm(column_type = "Text", default_value = "{}")]
+        pub labels: String,
+        /// Request id of the last update applied (a retry with it is
+        /// answered with the record as it is).
+        #[sea_orm(default_value = "")]
+        pub update_request_id: String,
+        /// Request id of a resource update whose engine change is not
+        /// committed yet (its reservation is held); empty otherwise. Left
+        /// behind by a crash, reconcile rolls it back (`crate::update`).
+        #[sea_orm(default_value = "")]
+        pub pending_update: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -141,6 +184,36 @@ pub mod used_clearance {
 }
 
 pub use environment::Model as EnvRecord;
+
+/// The time column a listing scans in order (see [`Store::list`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanBy {
+    /// `create_time_ms`.
+    CreateTime,
+    /// `update_time_ms`.
+    UpdateTime,
+}
+
+/// A scan of at most `limit` records in the order of a time column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// The column.
+    pub by: ScanBy,
+    /// Largest first.
+    pub descending: bool,
+    /// Records at most.
+    pub limit: u64,
+}
+
+impl ScanBy {
+    /// The value of this column in `record`.
+    pub fn of(self, record: &EnvRecord) -> i64 {
+        match self {
+            ScanBy::CreateTime => record.create_time_ms,
+            ScanBy::UpdateTime => record.update_time_ms,
+        }
+    }
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
@@ -243,8 +316,20 @@ impl Store {
             environment::Column::LastActivityMs,
             environment::Column::KeepAliveUntilMs,
             environment::Column::ExpireAtMs,
+            // Long-running operations (`crate::operations`).
+            environment::Column::ProgressPercent,
+            environment::Column::Operation,
+            environment::Column::OperationId,
         ] {
-            self.add_column_if_missing(&schema, column).await?;
+            vibebox_db::add_column_if_missing(&self.db, environment::Entity, column).await?;
+        }
+        // Labels and in-place updates (`crate::update`).
+        for column in [
+            environment::Column::Labels,
+            environment::Column::UpdateRequestId,
+            environment::Column::PendingUpdate,
+        ] {
+            vibebox_db::add_column_if_missing(&self.db, environment::Entity, column).await?;
         }
         let idx = Index::create()
             .if_not_exists()
@@ -264,50 +349,26 @@ impl Store {
             .unique()
             .to_owned();
         self.db.execute(&idx).await?;
-        Ok(())
-    }
-
-    /// The columns the environments table has now.
-    async fn environment_columns(&self) -> Result<Vec<String>> {
-        let backend = self.db.get_database_backend();
-        let sql = match backend {
-            DbBackend::Postgres => {
-                "SELECT column_name AS name FROM information_schema.columns \
-                 WHERE table_schema = current_schema() AND table_name = 'orchestrator_environments'"
-            }
-            _ => "SELECT name FROM pragma_table_info('orchestrator_environments')",
-        };
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_string(backend, sql))
-            .await?;
-        rows.iter()
-            .map(|r| Ok(r.try_get::<String>("", "name")?))
-            .collect()
-    }
-
-    /// Adds a column of the entity to an existing environments table (a
-    /// portable `ALTER TABLE ... ADD COLUMN`, with the entity's default for
-    /// the rows already there).
-    async fn add_column_if_missing(
-        &self,
-        schema: &Schema,
-        column: environment::Column,
-    ) -> Result<()> {
-        let name = sea_orm::IdenStatic::as_str(&column).to_owned();
-        if self.environment_columns().await?.contains(&name) {
-            return Ok(());
-        }
-        let mut def = schema.get_column_def::<environment::Entity>(column);
-        let alter = sea_orm::sea_query::Table::alter()
-            .table(environment::Entity)
-            .add_column(&mut def)
-            .to_owned();
-        if let Err(e) = self.db.execute(&alter).await {
-            // Another process may have added it meanwhile.
-            if !self.environment_columns().await?.contains(&name) {
-                return Err(e.into());
-            }
+        // Listings scan in time order (`Store::list`): newest first by
+        // default, and by update time to replay changes since a moment.
+        for (name, column) in [
+            (
+                "orchestrator_environments_create_time",
+                environment::Column::CreateTimeMs,
+            ),
+            (
+                "orchestrator_environments_update_time",
+                environment::Column::UpdateTimeMs,
+            ),
+        ] {
+            let idx = Index::create()
+                .if_not_exists()
+                .name(name)
+                .table(environment::Entity)
+                .col(environment::Column::InstallationId)
+                .col(column)
+                .to_owned();
+            self.db.execute(&idx).await?;
         }
         Ok(())
     }
@@ -436,29 +497,68 @@ impl Store {
             .await?)
     }
 
-    /// A page of environments, newest first.
+    /// Candidates of a listing: the installation's records of `team_ids`
+    /// (every team when empty) within `bounds` (a superset of what the
+    /// listing returns: the caller judges each record exactly). With
+    /// `scan`, at most `limit` of them in the order of a time column;
+    /// otherwise all of them, unordered.
     pub async fn list(
         &self,
         installation: &str,
         team_ids: &[String],
-        show_deleted: bool,
-        offset: u64,
-        limit: u64,
+        bounds: &vibebox_listing::Bounds,
+        scan: Option<Scan>,
     ) -> Result<Vec<EnvRecord>> {
-        let mut q = environment::Entity::find()
-            .filter(environment::Column::InstallationId.eq(installation));
+        use environment::Column;
+        let mut q = environment::Entity::find().filter(Column::InstallationId.eq(installation));
         if !team_ids.is_empty() {
-            q = q.filter(environment::Column::TeamId.is_in(team_ids.iter().cloned()));
+            q = q.filter(Column::TeamId.is_in(team_ids.iter().cloned()));
         }
-        if !show_deleted {
-            q = q.filter(environment::Column::State.ne(State::Deleted));
+        if !bounds.include_deleted {
+            q = q.filter(Column::State.ne(State::Deleted));
         }
-        Ok(q.order_by_desc(environment::Column::CreateTimeMs)
-            .order_by_desc(environment::Column::Id)
-            .offset(offset)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
+        if let Some(public) = bounds.state {
+            // The stored name of the public state (`ENVIRONMENT_STATE_RUNNING`
+            // is stored `running`); a state never stored matches nothing.
+            let stored = <State as sea_orm::Iterable>::iter().find(|s| {
+                public.as_str_name().strip_prefix("ENVIRONMENT_STATE_")
+                    == Some(s.as_str().to_ascii_uppercase().as_str())
+            });
+            match stored {
+                Some(state) => q = q.filter(Column::State.eq(state)),
+                None => return Ok(Vec::new()),
+            }
+        }
+        if let Some(owner) = &bounds.owner_id {
+            q = q.filter(Column::OwnerId.eq(owner.as_str()));
+        }
+        if let Some(id) = &bounds.id {
+            q = q.filter(Column::Id.eq(id.as_str()));
+        }
+        for (column, range) in [
+            (Column::CreateTimeMs, bounds.create_time_ms),
+            (Column::UpdateTimeMs, bounds.update_time_ms),
+        ] {
+            if let Some(min) = range.min {
+                q = q.filter(column.gte(min));
+            }
+            if let Some(max) = range.max {
+                q = q.filter(column.lte(max));
+            }
+        }
+        if let Some(scan) = scan {
+            let column = match scan.by {
+                ScanBy::CreateTime => Column::CreateTimeMs,
+                ScanBy::UpdateTime => Column::UpdateTimeMs,
+            };
+            q = if scan.descending {
+                q.order_by_desc(column)
+            } else {
+                q.order_by_asc(column)
+            };
+            q = q.limit(scan.limit);
+        }
+        Ok(q.all(&self.db).await?)
     }
 
     /// Number of records (for tests and metrics).
@@ -491,14 +591,13 @@ impl Store {
         failure_reason: Option<&str>,
         status_message: Option<&str>,
     ) -> Result<()> {
-        self.update_state(
-            id,
-            state,
+        let change = Transition {
             failure_reason,
             status_message,
-            Lifecycle::default(),
-        )
-        .await
+            ..Transition::default()
+        };
+        self.update_state(id, None, state, change).await?;
+        Ok(())
     }
 
     /// Sets the state with the platform's reason for it (empty: a person
@@ -511,13 +610,14 @@ impl Store {
         last_activity_ms: Option<i64>,
         status_message: Option<&str>,
     ) -> Result<()> {
-        let lifecycle = Lifecycle {
+        let change = Transition {
             stop_reason: Some(stop_reason),
             last_activity_ms,
-            release_subnet: false,
+            status_message,
+            ..Transition::default()
         };
-        self.update_state(id, state, None, status_message, lifecycle)
-            .await
+        self.update_state(id, None, state, change).await?;
+        Ok(())
     }
 
     /// Settles a record (`deleted`, or `failed` after a rolled-back create)
@@ -532,28 +632,51 @@ impl Store {
         status_message: Option<&str>,
     ) -> Result<()> {
         debug_assert!(matches!(state, State::Deleted | State::Failed));
-        let lifecycle = Lifecycle {
+        let change = Transition {
+            failure_reason,
+            status_message,
             release_subnet: true,
-            ..Lifecycle::default()
+            ..Transition::default()
         };
-        self.update_state(id, state, failure_reason, status_message, lifecycle)
-            .await
+        self.update_state(id, None, state, change).await?;
+        Ok(())
     }
 
-    /// One statement: the state, and whatever else is given.
+    /// Moves a record to `state` only if it is in one of `from` (one
+    /// statement), with whatever else `change` gives; returns whether it
+    /// moved. Operations write through this, so that a change committed
+    /// meanwhile (a delete accepted while they ran) is never overwritten.
+    /// A state that is not transitional also ends the operation: progress
+    /// 100, no operation.
+    pub async fn transition(
+        &self,
+        id: &str,
+        from: &[State],
+        state: State,
+        change: Transition<'_>,
+    ) -> Result<bool> {
+        self.update_state(id, Some(from), state, change).await
+    }
+
+    /// One statement: the state, and whatever else is given; only from the
+    /// states `from` lists (any when `None`). Returns whether the record
+    /// changed.
     async fn update_state(
         &self,
         id: &str,
+        from: Option<&[State]>,
         state: State,
-        failure_reason: Option<&str>,
-        status_message: Option<&str>,
-        lifecycle: Lifecycle<'_>,
-    ) -> Result<()> {
-        let Lifecycle {
+        change: Transition<'_>,
+    ) -> Result<bool> {
+        let Transition {
+            failure_reason,
+            status_message,
+            progress_percent,
             stop_reason,
             last_activity_ms,
             release_subnet,
-        } = lifecycle;
+            operation,
+        } = change;
         let mut q = environment::Entity::update_many()
             .col_expr(environment::Column::State, Expr::value(state))
             .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()));
@@ -562,6 +685,19 @@ impl Store {
         }
         if let Some(m) = status_message {
             q = q.col_expr(environment::Column::StatusMessage, Expr::value(m));
+        }
+        let (progress_percent, operation) = match state.is_transitional() {
+            true => (progress_percent, operation),
+            // Settled: no operation in progress.
+            false => (Some(progress_percent.unwrap_or(100)), Some(("", ""))),
+        };
+        if let Some(p) = progress_percent {
+            q = q.col_expr(environment::Column::ProgressPercent, Expr::value(p));
+        }
+        if let Some((kind, operation_id)) = operation {
+            q = q
+                .col_expr(environment::Column::Operation, Expr::value(kind))
+                .col_expr(environment::Column::OperationId, Expr::value(operation_id));
         }
         if let Some(r) = stop_reason {
             q = q.col_expr(environment::Column::StopReason, Expr::value(r));
@@ -575,11 +711,45 @@ impl Store {
                 Expr::value(Option::<String>::None),
             );
         }
-        q.filter(environment::Column::Id.eq(id))
+        let mut q = q.filter(environment::Column::Id.eq(id));
+        if let Some(from) = from {
+            q = q.filter(environment::Column::State.is_in(from.iter().copied()));
+        }
+        let done = q.exec(&self.db).await?;
+        let changed = from.is_none() || done.rows_affected > 0;
+        if changed {
+            self.changes.publish(id);
+        }
+        Ok(changed)
+    }
+
+    /// Progress of the operation in progress on a record that is still in
+    /// `state`: the status message and the percentage together. Returns
+    /// whether the record is still in `state` (false: the operation was
+    /// overtaken, for example by a delete).
+    pub async fn set_progress(
+        &self,
+        id: &str,
+        state: State,
+        message: &str,
+        percent: i32,
+    ) -> Result<bool> {
+        let done = environment::Entity::update_many()
+            .col_expr(environment::Column::StatusMessage, Expr::value(message))
+            .col_expr(
+                environment::Column::ProgressPercent,
+                Expr::value(percent.clamp(0, 100)),
+            )
+            .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
+            .filter(environment::Column::Id.eq(id))
+            .filter(environment::Column::State.eq(state))
             .exec(&self.db)
             .await?;
+        if done.rows_affected == 0 {
+            return Ok(false);
+        }
         self.changes.publish(id);
-        Ok(())
+        Ok(true)
     }
 
     /// Sets the progress message of a record.
@@ -714,10 +884,21 @@ impl Store {
     }
 }
 
-/// The lifecycle columns one state change also writes.
+/// What one state change writes besides the state (and the update time);
+/// `None` leaves a column as it is. See [`Store::transition`].
 #[derive(Debug, Default, Clone, Copy)]
-struct Lifecycle<'a> {
-    stop_reason: Option<&'a str>,
-    last_activity_ms: Option<i64>,
-    release_subnet: bool,
+pub struct Transition<'a> {
+    pub failure_reason: Option<&'a str>,
+    pub status_message: Option<&'a str>,
+    /// Of the operation in progress (a settled state writes 100 unless
+    /// told otherwise).
+    pub progress_percent: Option<i32>,
+    /// The platform's reason for a stop or delete (empty: a person asked).
+    pub stop_reason: Option<&'a str>,
+    pub last_activity_ms: Option<i64>,
+    /// Releases the subnet in the same statement (`deleted`, `failed`).
+    pub release_subnet: bool,
+    /// The operation that begins and its id (with a transitional state; a
+    /// settled state clears them).
+    pub operation: Option<(&'a str, &'a str)>,
 }

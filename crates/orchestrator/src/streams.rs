@@ -264,6 +264,8 @@ impl Orchestrator {
         // An open exec is activity: the environment is not idle until it
         // ends. Taken first: refused while an automatic stop is under way.
         let session = self.live_session(&rec.id, "exec")?;
+        // Not while an operation is in progress (a start, a stop, ...).
+        crate::operations::not_in_progress(&rec, "exec")?;
         let cid = self.container_of(&start.environment_id).await?;
         let command = start.command.join(" ");
         self.audit()

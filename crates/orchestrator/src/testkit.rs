@@ -224,6 +224,9 @@ pub fn remove_labelled(installation: &str) {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        // Operations in flight stop where they are (nothing recreates what
+        // is removed below).
+        self.orchestrator.abandon_operations();
         remove_labelled(&self.installation);
     }
 }

@@ -271,6 +271,8 @@ pub fn to_evaluation(policy: &Policy, outcome: &Outcome) -> Evaluation {
 struct Asker {
     user_id: String,
     token_id: String,
+    /// `user` or `service_account` (the gateway's [`meta::ACTOR_KIND`]).
+    actor_kind: String,
     team_id: String,
     environment_id: String,
     request_id: String,
@@ -312,6 +314,7 @@ fn decision(
 ) -> AuditEvent {
     let event = EventBuilder::new(action, result, severity)
         .user(asker.user_id, asker.token_id)
+        .actor_kind(asker.actor_kind)
         .team(asker.team_id)
         .resource("environment", asker.environment_id)
         .request(asker.request_id, asker.client_address)
@@ -340,6 +343,7 @@ fn asker_from<T>(
     Asker {
         user_id: user_id.map_or_else(|| metadata(request, meta::USER_ID), str::to_owned),
         token_id: metadata(request, meta::TOKEN_ID),
+        actor_kind: metadata(request, meta::ACTOR_KIND),
         team_id: team_id.to_owned(),
         environment_id: environment_id.to_owned(),
         request_id: vibebox_server_kit::request_id(request).unwrap_or_default(),
@@ -575,6 +579,7 @@ mod tests {
         Asker {
             user_id: "u1".into(),
             token_id: "t1".into(),
+            actor_kind: "service_account".into(),
             team_id: "team-a".into(),
             environment_id: "env-1".into(),
             request_id: "req-1".into(),
@@ -592,7 +597,7 @@ mod tests {
             |action: &str, outcome: AuditOutcome, severity: AuditSeverity, fields| AuditEvent {
                 action: action.into(),
                 actor: Some(Actor {
-                    kind: Default::default(),
+                    kind: "service_account".into(),
                     user_id: "u1".into(),
                     token_id: "t1".into(),
                     service: String::new(),
@@ -713,6 +718,7 @@ mod tests {
                 }),
                 actor: Some(Actor {
                     service: "policy".into(),
+                    kind: "service".into(),
                     ..Actor::default()
                 }),
                 ..AuditEvent::default()

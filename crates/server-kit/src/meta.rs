@@ -11,6 +11,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub const USER_ID: &str = "x-vibebox-user-id";
 /// The id of the token the end user presented (set by the gateway only).
 pub const TOKEN_ID: &str = "x-vibebox-token-id";
+/// The kind of the authenticated caller, `user` or `service_account`, as
+/// identity told the gateway (set by the gateway only; absent: unknown).
+pub const ACTOR_KIND: &str = "x-vibebox-actor-kind";
 /// The end user's network address as the gateway saw it.
 pub const CLIENT_ADDRESS: &str = "x-vibebox-client-address";
 /// W3C trace context.

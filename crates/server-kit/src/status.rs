@@ -131,6 +131,39 @@ pub fn unavailable_dependency(status: &Status) -> Option<String> {
     info.metadata.get("dependency").cloned()
 }
 
+/// A refusal a client handles by its stable reason: `code` with an
+/// `ErrorInfo` (`reason`, domain [`ERROR_DOMAIN`], `metadata`) and, when
+/// `violations` is not empty, a PreconditionFailure as in
+/// [`precondition_failure`] (so [`violated_rules`] names it too).
+pub fn with_reason(
+    code: Code,
+    message: &str,
+    reason: &str,
+    metadata: &[(&str, &str)],
+    violations: &[(&str, &str, &str)],
+) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        ERROR_DOMAIN,
+        metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
+    for (rule, subject, description) in violations {
+        details.add_precondition_failure_violation(*rule, *subject, *description);
+    }
+    Status::with_error_details(code, message, details)
+}
+
+/// The `ErrorInfo.reason` of a status a VibeBox service made (domain
+/// [`ERROR_DOMAIN`]), if it carries one.
+pub fn error_reason(status: &Status) -> Option<String> {
+    let info = status.get_details_error_info()?;
+    (info.domain == ERROR_DOMAIN).then_some(info.reason)
+}
+
 /// The rule ids in a status's PreconditionFailure details.
 pub fn violated_rules(status: &Status) -> Vec<String> {
     status
@@ -189,6 +222,41 @@ mod tests {
             unavailable_dependency(&Status::internal("Docker Engine")),
             None
         );
+    }
+
+    #[test]
+    fn reasons_round_trip_with_their_metadata_and_rules() {
+        let status = with_reason(
+            Code::FailedPrecondition,
+            "spec.image cannot be changed in place",
+            "update.requires_recreate",
+            &[("path", "spec.image")],
+            &[("update.requires_recreate", "spec.image", "recreate")],
+        );
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            error_reason(&status).as_deref(),
+            Some("update.requires_recreate")
+        );
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            info.metadata.get("path").map(String::as_str),
+            Some("spec.image")
+        );
+        assert_eq!(violated_rules(&status), ["update.requires_recreate"]);
+        let bare = with_reason(
+            Code::Aborted,
+            "busy",
+            "environment.operation_in_progress",
+            &[],
+            &[],
+        );
+        assert_eq!(
+            error_reason(&bare).as_deref(),
+            Some("environment.operation_in_progress")
+        );
+        assert!(violated_rules(&bare).is_empty());
+        assert_eq!(error_reason(&Status::aborted("x")), None);
     }
 
     #[test]

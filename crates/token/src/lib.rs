@@ -421,6 +421,85 @@ pub fn attenuate(token: &str, restriction: &Restriction) -> Result<String> {
     attenuated.to_base64().map_err(classify)
 }
 
+/// Most values in one list of a [`Scope`] (teams, environments or
+/// operations): one check of at most this many alternatives each, well
+/// inside the shape every service accepts (see [`shape`]).
+pub const MAX_SCOPE_VALUES: usize = 16;
+
+/// Limits identity bakes into a token at issue (`TokenRestrictions`): each
+/// non-empty list becomes one check of the token's one attenuation block,
+/// `check if team("a") or team("b")`, so that the token allows only
+/// requests naming one of the teams, one of the environments and one of the
+/// operations listed. Empty lists restrict nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Requests on one of these teams only.
+    pub teams: Vec<String>,
+    /// Requests on one of these environments only.
+    pub environments: Vec<String>,
+    /// One of these operations only.
+    pub operations: Vec<String>,
+}
+
+impl Scope {
+    /// Whether nothing is restricted.
+    pub fn is_empty(&self) -> bool {
+        self.teams.is_empty() && self.environments.is_empty() && self.operations.is_empty()
+    }
+}
+
+/// Appends `scope` to `token` as one attenuation block of checks only (one
+/// per non-empty list, each an `or` of its values), exactly the shape
+/// [`shape`] accepts. At most [`MAX_SCOPE_VALUES`] values per list.
+pub fn restrict(token: &str, scope: &Scope) -> Result<String> {
+    if scope.is_empty() {
+        return Err(TokenError::Invalid {
+            field: "restriction",
+            reason: "at least one restriction is required",
+        });
+    }
+    let unverified =
+        biscuit_auth::UnverifiedBiscuit::from_base64(token.trim()).map_err(classify)?;
+    let mut block = BlockBuilder::new();
+    for (field, predicate, values) in [
+        ("team_ids", "team", &scope.teams),
+        ("environment_ids", "environment", &scope.environments),
+        ("operations", "operation", &scope.operations),
+    ] {
+        if values.is_empty() {
+            continue;
+        }
+        if values.len() > MAX_SCOPE_VALUES {
+            return Err(TokenError::Invalid {
+                field,
+                reason: "at most 16 values",
+            });
+        }
+        let mut params = HashMap::new();
+        let mut alternatives = Vec::with_capacity(values.len());
+        for (i, value) in values.iter().enumerate() {
+            check_value(field, value)?;
+            params.insert(format!("v{i}"), Term::Str(value.clone()));
+            alternatives.push(format!("{predicate}({{v{i}}})"));
+        }
+        let code = format!("check if {};", alternatives.join(" or "));
+        block = block_code(block, &code, params)?;
+    }
+    let restricted = unverified
+        .append(block)
+        .map_err(classify)?
+        .to_base64()
+        .map_err(classify)?;
+    if restricted.len() > MAX_TOKEN_CHARS {
+        // Every service would refuse it unread (see [`shape`]).
+        return Err(TokenError::Invalid {
+            field: "restrictions",
+            reason: "too many or too long values: the token would exceed 4096 characters",
+        });
+    }
+    Ok(restricted)
+}
+
 /// A request to authorize a verified token for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthzRequest {
@@ -834,6 +913,106 @@ mod tests {
             ),
             Err(TokenError::Denied)
         ));
+    }
+
+    #[test]
+    fn a_scope_becomes_one_block_of_or_checks_the_shape_guard_accepts() {
+        let (_, ring, token) = setup();
+        let ids = |prefix: u8| -> Vec<String> {
+            (0..MAX_SCOPE_VALUES)
+                .map(|i| format!("{prefix:02x}{i:06x}-2f4d-4c3b-9a8e-1d2c3b4a5f60"))
+                .collect()
+        };
+        // A large scope as identity issues it: 16 team and 16 environment
+        // UUIDs and 16 operations as long as the real ones.
+        let scope = Scope {
+            teams: ids(1),
+            environments: ids(2),
+            operations: (0..MAX_SCOPE_VALUES)
+                .map(|i| format!("identity.service_account.op_{i:02}"))
+                .collect(),
+        };
+        let scoped = restrict(&token, &scope).unwrap();
+        assert!(scoped.len() <= MAX_TOKEN_CHARS, "{} chars", scoped.len());
+        let verified = ring.verify(&scoped).unwrap();
+        assert_eq!(verified.attenuation_blocks(), 1);
+        let request =
+            |team: &str, env: &str, op: &str| AuthzRequest::new(op).team(team).environment(env);
+        let (team, env, op) = (
+            &scope.teams[15],
+            &scope.environments[3],
+            &scope.operations[7],
+        );
+        assert!(verified.authorize(&request(team, env, op)).is_ok());
+        assert!(verified.authorize(&request("other", env, op)).is_err());
+        assert!(verified.authorize(&request(team, "other", op)).is_err());
+        assert!(verified.authorize(&request(team, env, "other")).is_err());
+        // A request naming no team is outside a team-scoped token.
+        assert!(
+            verified
+                .authorize(&AuthzRequest::new(op.as_str()).environment(env))
+                .is_err()
+        );
+
+        // Operations only: any team, that operation only.
+        let ops = Scope {
+            operations: vec!["environment.get".into()],
+            ..Scope::default()
+        };
+        let verified = ring.verify(&restrict(&token, &ops).unwrap()).unwrap();
+        assert!(
+            verified
+                .authorize(&AuthzRequest::new("environment.get").team("t"))
+                .is_ok()
+        );
+        assert!(
+            verified
+                .authorize(&AuthzRequest::new("environment.create").team("t"))
+                .is_err()
+        );
+
+        // Nothing, too many, or bad values: refused.
+        assert!(restrict(&token, &Scope::default()).is_err());
+        let mut too_many = ids(1);
+        too_many.push("one-more".into());
+        // Within the counts but too long for a token: refused, not issued.
+        let long = |c: char| -> Vec<String> {
+            (0..MAX_SCOPE_VALUES)
+                .map(|i| format!("{i:02}{}", c.to_string().repeat(62)))
+                .collect()
+        };
+        let huge = Scope {
+            teams: long('t'),
+            environments: long('e'),
+            operations: long('o'),
+        };
+        assert!(matches!(
+            restrict(&token, &huge),
+            Err(TokenError::Invalid {
+                field: "restrictions",
+                ..
+            })
+        ));
+        assert!(
+            restrict(
+                &token,
+                &Scope {
+                    teams: too_many,
+                    ..Scope::default()
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            restrict(
+                &token,
+                &Scope {
+                    teams: vec!["a\") or true; //".into()],
+                    ..Scope::default()
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]

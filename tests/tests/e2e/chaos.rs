@@ -32,7 +32,8 @@ use vibebox_proto::environment::{
 use vibebox_proto::identity::TeamRole;
 use vibebox_tests::cluster::{self, Cluster, Service};
 use vibebox_tests::report::SuiteReport;
-use vibebox_tests::{dev_image, docker};
+use vibebox_tests::settle::is_transitional;
+use vibebox_tests::{Settle, dev_image, docker};
 
 /// A small deterministic generator (xorshift64*), seeded per run.
 struct Rng(u64);
@@ -145,16 +146,35 @@ impl Ctx {
         }
     }
 
+    fn create_request(&self, request_id: &str, name: &str) -> CreateEnvironmentRequest {
+        CreateEnvironmentRequest {
+            labels: Default::default(),
+            request_id: request_id.into(),
+            team_id: self.team.clone(),
+            name: name.into(),
+            spec: Some(spec(&self.image)),
+        }
+    }
+
+    /// Creates and waits until the environment has settled (create is a
+    /// long operation: it answers CREATING). A retry with the same request
+    /// id waits for the same environment.
     async fn create(&self, request_id: &str, name: &str) -> Result<Environment, tonic::Status> {
         self.cluster
             .environments(&self.dev)
-            .create_environment(CreateEnvironmentRequest {
-                labels: Default::default(),
-                request_id: request_id.into(),
-                team_id: self.team.clone(),
-                name: name.into(),
-                spec: Some(spec(&self.image)),
-            })
+            .create_settled(self.create_request(request_id, name))
+            .await
+    }
+
+    /// Creates without waiting: the environment as the create answered.
+    async fn create_unsettled(
+        &self,
+        request_id: &str,
+        name: &str,
+    ) -> Result<Environment, tonic::Status> {
+        self.cluster
+            .environments(&self.dev)
+            .create_environment(self.create_request(request_id, name))
             .await
             .map(|r| r.into_inner().environment.expect("environment"))
     }
@@ -169,7 +189,8 @@ impl Ctx {
             .map(|r| r.into_inner().environment.expect("environment"))
     }
 
-    async fn delete(&self, id: &str) -> Result<Environment, tonic::Status> {
+    /// Deletes without waiting: the environment as the delete answered.
+    async fn delete_unsettled(&self, id: &str) -> Result<Environment, tonic::Status> {
         self.cluster
             .environments(&self.dev)
             .delete_environment(DeleteEnvironmentRequest {
@@ -177,6 +198,25 @@ impl Ctx {
             })
             .await
             .map(|r| r.into_inner().environment.expect("environment"))
+    }
+
+    /// Deletes and waits until the environment has settled (DELETED). A
+    /// retry of a delete that was accepted before (the environment is still
+    /// DELETING, which may refuse a second delete as a state it cannot act
+    /// in) waits for that one.
+    async fn delete(&self, id: &str) -> Result<Environment, tonic::Status> {
+        let mut envs = self.cluster.environments(&self.dev);
+        match self.delete_unsettled(id).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                let now = self.get(id).await?;
+                if now.state() != EnvironmentState::Deleting {
+                    return Err(s);
+                }
+            }
+            Err(s) => return Err(s),
+        }
+        envs.settle(id).await
     }
 
     /// Retries `call` while it fails as an interrupted call would, up to 60 s.
@@ -197,18 +237,17 @@ impl Ctx {
         }
     }
 
-    /// Waits until reconcile has moved an environment out of creating/deleting.
+    /// Waits until the operation (or reconcile) has moved an environment
+    /// out of its transitional state (creating, starting, stopping,
+    /// deleting).
     async fn defined(&self, id: &str) -> Environment {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let env = self.settle("get", || self.get(id)).await;
-            match env.state() {
-                EnvironmentState::Creating | EnvironmentState::Deleting
-                    if Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                _ => return env,
+            if is_transitional(env.state()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else {
+                return env;
             }
         }
     }
@@ -569,12 +608,7 @@ async fn killed_services_leave_no_orphans_no_stuck_states_and_an_exact_audit_log
         let objects = labelled_objects(&installation).await;
         let states: HashMap<&str, EnvironmentState> =
             envs.iter().map(|e| (e.id.as_str(), e.state())).collect();
-        let stuck = envs.iter().any(|e| {
-            matches!(
-                e.state(),
-                EnvironmentState::Creating | EnvironmentState::Deleting
-            )
-        });
+        let stuck = envs.iter().any(|e| is_transitional(e.state()));
         let orphans = objects.iter().any(|(_, env)| {
             !matches!(
                 states.get(env.as_str()),
@@ -842,16 +876,43 @@ async fn docker_engine_outage_is_unavailable_and_recovers_without_restart() {
             "{what}: the message names the engine: {s:?}"
         );
     };
-    let refused = ctx.create("during", "during").await.unwrap_err();
-    unavailable("create", &refused);
+    // A create is refused at once when admission needs the engine, or
+    // accepted (CREATING) and settled once the engine is back; it never
+    // claims to run without one.
+    let during = match ctx.create_unsettled("during", "during").await {
+        Err(refused) => {
+            unavailable("create", &refused);
+            None
+        }
+        Ok(env) => {
+            assert!(
+                is_transitional(env.state()) || env.state() == EnvironmentState::Failed,
+                "a create without an engine: {env:?}"
+            );
+            Some(env.id)
+        }
+    };
     report.case(true);
     let refused = exec_once(&ctx.cluster, &ctx.dev, &before.id, "during-outage", 0)
         .await
         .unwrap_err();
     unavailable("exec", &refused);
     report.case(true);
-    let refused = ctx.delete(&doomed.id).await.unwrap_err();
-    unavailable("delete", &refused);
+    // A delete is refused at once, or accepted (DELETING) and finished
+    // once the engine is back (below); it is not DELETED without one.
+    match ctx.delete_unsettled(&doomed.id).await {
+        Err(refused) => unavailable("delete", &refused),
+        Ok(env) => assert_eq!(
+            env.state(),
+            EnvironmentState::Deleting,
+            "a delete without an engine: {env:?}"
+        ),
+    }
+    assert_ne!(
+        ctx.get(&doomed.id).await.expect("get doomed").state(),
+        EnvironmentState::Deleted,
+        "deleted without an engine"
+    );
     report.case(true);
     let refused = ctx
         .cluster
@@ -895,6 +956,20 @@ async fn docker_engine_outage_is_unavailable_and_recovers_without_restart() {
     };
     assert_eq!(after.state(), EnvironmentState::Running, "{after:?}");
     report.case(false);
+    // A create accepted during the outage has settled: running, or failed
+    // naming the engine.
+    if let Some(id) = &during {
+        let env = ctx.defined(id).await;
+        match env.state() {
+            EnvironmentState::Running => {}
+            EnvironmentState::Failed => assert!(
+                env.failure_reason.contains("Docker Engine")
+                    || env.failure_reason.contains("docker"),
+                "the reason names the engine: {env:?}"
+            ),
+            _ => panic!("the create accepted during the outage ended: {env:?}"),
+        }
+    }
     let out = exec_once(&ctx.cluster, &ctx.dev, &before.id, "after-outage", 4)
         .await
         .expect("exec after the outage");
@@ -925,13 +1000,7 @@ async fn docker_engine_outage_is_unavailable_and_recovers_without_restart() {
     }
     let envs = ctx.list_all().await;
     for e in &envs {
-        assert!(
-            !matches!(
-                e.state(),
-                EnvironmentState::Creating | EnvironmentState::Deleting
-            ),
-            "{e:?}"
-        );
+        assert!(!is_transitional(e.state()), "{e:?}");
     }
     assert_eq!(
         ctx.cluster.pid(Service::Orchestrator),

@@ -16,15 +16,15 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBu
 use tonic::Code;
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
-    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
-    ExecRequest, ExecStart, ListEnvironmentsRequest, exec_request, exec_response,
+    ContainerSpec, CreateEnvironmentRequest, EnvironmentState, ExecRequest, ExecStart,
+    ListEnvironmentsRequest, exec_request, exec_response,
 };
 use vibebox_proto::identity::identity_service_client::IdentityServiceClient;
 use vibebox_proto::identity::{
     AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
     TeamRole,
 };
-use vibebox_tests::{Authed, bearer, binary, dev_image, docker, repo_root};
+use vibebox_tests::{Authed, Settle, bearer, binary, dev_image, docker, repo_root};
 
 const SERVICES: [&str; 5] = ["gateway", "identity", "policy", "orchestrator", "audit"];
 
@@ -473,8 +473,9 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         .into_inner()
         .token;
 
+    // Create returns CREATING; settled, it runs.
     let created = environments(&gateway, &dev)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: format!("compose-{}", d.project),
             team_id: team.clone(),
@@ -485,10 +486,7 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
             }),
         })
         .await
-        .expect("create environment")
-        .into_inner()
-        .environment
-        .expect("environment");
+        .expect("create environment");
     assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
 
     // The orchestrator container created it on this engine, hardened and
@@ -559,12 +557,11 @@ async fn compose_deployment_creates_a_hardened_environment_through_the_gateway()
         "an environment cannot reach the orchestrator"
     );
 
-    environments(&gateway, &dev)
-        .delete_environment(DeleteEnvironmentRequest {
-            environment_id: created.id.clone(),
-        })
+    let deleted = environments(&gateway, &dev)
+        .delete_settled(&created.id)
         .await
         .expect("delete environment");
+    assert_eq!(deleted.state(), EnvironmentState::Deleted, "{deleted:?}");
     let left = docker()
         .list_containers(Some(
             ListContainersOptionsBuilder::default()

@@ -18,12 +18,12 @@ use vibebox_proto::audit::{AuditEvent, EventFilter, Outcome, QueryEventsRequest}
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CopyFromRequest, CopyToRequest, CopyToStart, CreateEnvironmentRequest,
-    EnvironmentState, StopEnvironmentRequest, copy_to_request,
+    EnvironmentState, copy_to_request,
 };
 use vibebox_proto::identity::TeamRole;
 use vibebox_server_kit::status::violated_rules;
 use vibebox_tests::cluster::exec;
-use vibebox_tests::{Authed, Platform, dev_image};
+use vibebox_tests::{Authed, Platform, Settle, dev_image};
 
 type Client = EnvironmentServiceClient<Authed>;
 
@@ -55,7 +55,7 @@ async fn environment(
 ) -> String {
     let created = p
         .environments(token)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: format!("copy-{name}"),
             team_id: team.into(),
@@ -63,10 +63,7 @@ async fn environment(
             spec: Some(spec),
         })
         .await
-        .unwrap_or_else(|s| panic!("creating {name}: {s:?}"))
-        .into_inner()
-        .environment
-        .expect("environment");
+        .unwrap_or_else(|s| panic!("creating {name}: {s:?}"));
     assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
     created.id
 }
@@ -656,13 +653,8 @@ async fn copy_a_directory_in_and_out_within_limits_rights_and_audit() {
     assert_eq!(listing(&from_admin)["ok.txt"].1, b"ok\n");
 
     // --- A stopped environment: refused, naming its state. ---
-    client
-        .stop_environment(StopEnvironmentRequest {
-            environment_id: small.clone(),
-            timeout_seconds: Some(1),
-        })
-        .await
-        .expect("stop");
+    let stopped = client.stop_settled(&small, Some(1)).await.expect("stop");
+    assert_eq!(stopped.state(), EnvironmentState::Stopped, "{stopped:?}");
     let refused = copy_to(&mut client, &small, "/workspace", &small_archive, 1024)
         .await
         .unwrap_err();

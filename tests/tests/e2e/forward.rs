@@ -27,16 +27,15 @@ use tonic::{Code, Status, Streaming};
 use vibebox_proto::audit::AuditEvent;
 use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
-    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
-    PortForwardRequest, PortForwardResponse, PortForwardStart, RestartEnvironmentRequest,
-    StartEnvironmentRequest, StopEnvironmentRequest, port_forward_request, port_forward_response,
+    ContainerSpec, CreateEnvironmentRequest, EnvironmentState, PortForwardRequest,
+    PortForwardResponse, PortForwardStart, port_forward_request, port_forward_response,
 };
 use vibebox_proto::identity::{
     CreateTeamRequest, RemoveTeamMemberRequest, RevokeTokenRequest, TeamRole, WhoAmIRequest,
 };
 use vibebox_tests::attack::{Refusal, events, patiently};
 use vibebox_tests::report::SuiteReport;
-use vibebox_tests::{Platform, binary, dev_image, docker};
+use vibebox_tests::{Platform, Settle, binary, dev_image, docker};
 
 /// The environment's servers: `httpd` on every address (8080) and on
 /// 127.0.0.1 only (8081), both serving `index.html` ("hello"), `big` (the
@@ -71,7 +70,7 @@ fn spec(image: &str) -> ContainerSpec {
 async fn create(p: &Platform, token: &str, team: &str, name: &str, image: &str) -> String {
     let created = p
         .environments(token)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: format!("create-{name}"),
             team_id: team.into(),
@@ -79,10 +78,7 @@ async fn create(p: &Platform, token: &str, team: &str, name: &str, image: &str) 
             spec: Some(spec(image)),
         })
         .await
-        .unwrap_or_else(|s| panic!("creating {name}: {s:?}"))
-        .into_inner()
-        .environment
-        .expect("environment");
+        .unwrap_or_else(|s| panic!("creating {name}: {s:?}"));
     assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
     created.id
 }
@@ -523,13 +519,16 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
     // A restart gives the container a new network namespace: the old
     // forwarder goes, a new one comes with the next forward.
     let before = fwd.id.clone().expect("forwarder id");
-    p.environments(&owner)
-        .restart_environment(RestartEnvironmentRequest {
-            environment_id: env.clone(),
-            timeout_seconds: Some(1),
-        })
+    let restarted = p
+        .environments(&owner)
+        .restart_settled(&env, Some(1))
         .await
         .expect("restart");
+    assert_eq!(
+        restarted.state(),
+        EnvironmentState::Running,
+        "{restarted:?}"
+    );
     forwarder_gone(&env, "a restart").await;
     let response = get_when_up(&p, &owner, &env, 8080, "/index.html").await;
     assert_eq!(http_body(&response).1, b"hello\n");
@@ -537,13 +536,12 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
     assert_ne!(after, Some(before), "the forwarder was recreated");
 
     // Stopped: the forwarder goes and a forward is refused.
-    p.environments(&owner)
-        .stop_environment(StopEnvironmentRequest {
-            environment_id: env.clone(),
-            timeout_seconds: Some(1),
-        })
+    let stopped = p
+        .environments(&owner)
+        .stop_settled(&env, Some(1))
         .await
         .expect("stop");
+    assert_eq!(stopped.state(), EnvironmentState::Stopped, "{stopped:?}");
     forwarder_gone(&env, "a stop").await;
     let stopped = exchange(&p, &owner, &env, 8080, &get("/"), "forward-stopped")
         .await
@@ -557,21 +555,21 @@ async fn port_forward_reaches_servers_inside_the_environment_both_ways_and_is_au
     );
 
     // Started again, forwarding works again; deleted, the forwarder goes.
-    p.environments(&owner)
-        .start_environment(StartEnvironmentRequest {
-            environment_id: env.clone(),
-        })
+    let started = p
+        .environments(&owner)
+        .start_settled(&env)
         .await
         .expect("start");
+    assert_eq!(started.state(), EnvironmentState::Running, "{started:?}");
     let response = get_when_up(&p, &owner, &env, 8081, "/index.html").await;
     assert_eq!(http_body(&response).1, b"hello\n");
     assert!(forwarder(&env).await.is_some());
-    p.environments(&owner)
-        .delete_environment(DeleteEnvironmentRequest {
-            environment_id: env.clone(),
-        })
+    let deleted = p
+        .environments(&owner)
+        .delete_settled(&env)
         .await
         .expect("delete");
+    assert_eq!(deleted.state(), EnvironmentState::Deleted, "{deleted:?}");
     forwarder_gone(&env, "a delete").await;
     let deleted = exchange(&p, &owner, &env, 8080, &get("/"), "forward-deleted").await;
     report.case(deleted.is_err());
@@ -1053,7 +1051,7 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
     for name in ["running", "stopped"] {
         let env = p
             .environments(&admin)
-            .create_environment(CreateEnvironmentRequest {
+            .create_settled(CreateEnvironmentRequest {
                 labels: Default::default(),
                 request_id: format!("create-{name}"),
                 team_id: team_id.clone(),
@@ -1061,10 +1059,8 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
                 spec: Some(spec(&image)),
             })
             .await
-            .expect("create")
-            .into_inner()
-            .environment
-            .expect("environment");
+            .expect("create");
+        assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
         created.push(env.id);
     }
     let (running, stopped) = (created[0].clone(), created[1].clone());
@@ -1077,13 +1073,12 @@ async fn reconcile_keeps_a_running_environments_forwarder_and_removes_a_leftover
 
     // A forwarder left beside an environment that is not running (a crash
     // between its stop and the forwarder's removal).
-    p.environments(&admin)
-        .stop_environment(StopEnvironmentRequest {
-            environment_id: stopped.clone(),
-            timeout_seconds: Some(1),
-        })
+    let settled = p
+        .environments(&admin)
+        .stop_settled(&stopped, Some(1))
         .await
         .expect("stop");
+    assert_eq!(settled.state(), EnvironmentState::Stopped, "{settled:?}");
     let leftover = format!("vibebox-fwd-{stopped}");
     let made = Command::new("docker")
         .args(["create", "--name", &leftover])
@@ -1148,9 +1143,9 @@ async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it()
     let p = UpPlatform::start(&[("VIBEBOX_HELPER_EXECUTABLE", helper.as_os_str())]);
     let admin = p.read("admin.token");
     let team_id = p.team(&admin, "forwarding").await;
-    let env = p
+    let created = p
         .environments(&admin)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: "create-pruned".into(),
             team_id,
@@ -1158,11 +1153,9 @@ async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it()
             spec: Some(spec(&image)),
         })
         .await
-        .expect("create")
-        .into_inner()
-        .environment
-        .expect("environment")
-        .id;
+        .expect("create");
+    assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
+    let env = created.id;
 
     // A forward: the forwarder runs this platform's helper image.
     let response = p
@@ -1182,13 +1175,12 @@ async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it()
     // Stopped: the forwarder goes, and with it the last container using
     // the image; then the image goes too, as when another build's import
     // prunes it (an engine refuses to remove an image a container uses).
-    p.environments(&admin)
-        .stop_environment(StopEnvironmentRequest {
-            environment_id: env.clone(),
-            timeout_seconds: Some(1),
-        })
+    let stopped = p
+        .environments(&admin)
+        .stop_settled(&env, Some(1))
         .await
         .expect("stop");
+    assert_eq!(stopped.state(), EnvironmentState::Stopped, "{stopped:?}");
     forwarder_gone(&env, "a stop").await;
     let removed = Command::new("docker")
         .args(["rmi", &reference])
@@ -1204,12 +1196,12 @@ async fn a_forward_imports_the_helper_image_again_when_another_build_pruned_it()
 
     // Started again, the next forward works: the orchestrator, which had
     // the image's reference cached, imports it again.
-    p.environments(&admin)
-        .start_environment(StartEnvironmentRequest {
-            environment_id: env.clone(),
-        })
+    let started = p
+        .environments(&admin)
+        .start_settled(&env)
         .await
         .expect("start");
+    assert_eq!(started.state(), EnvironmentState::Running, "{started:?}");
     let response = p
         .get_when_up(&admin, &env, 8080, "/index.html", true)
         .await

@@ -14,13 +14,12 @@ use tonic::Code;
 use vibebox_proto::audit::{AuditEvent, EventFilter, QueryEventsRequest};
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, Environment, EnvironmentState, ExecRequest, ExecStart,
-    ExtendEnvironmentRequest, GetEnvironmentRequest, Lifetime, StartEnvironmentRequest,
-    exec_request, exec_response,
+    ExtendEnvironmentRequest, GetEnvironmentRequest, Lifetime, exec_request, exec_response,
 };
 use vibebox_proto::identity::TeamRole;
 use vibebox_server_kit::status::violated_rules;
 use vibebox_tests::cluster::{Cluster, Service};
-use vibebox_tests::dev_image;
+use vibebox_tests::{Settle, dev_image};
 
 /// Idle after 4 s, deleted after an hour unless extended, never past two.
 const POLICY: &str = "[lifetime]\nidle_timeout = \"4s\"\nidle_cpu_percent = 5.0\n\
@@ -61,9 +60,10 @@ async fn create(
     name: &str,
     spec: ContainerSpec,
 ) -> Environment {
+    // Settled: create returns CREATING, the deadlines count from RUNNING on.
     let env = c
         .environments(token)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: format!("lifecycle-{name}"),
             team_id: team.into(),
@@ -71,10 +71,7 @@ async fn create(
             spec: Some(spec),
         })
         .await
-        .unwrap_or_else(|e| panic!("creating {name}: {e:?}"))
-        .into_inner()
-        .environment
-        .expect("environment");
+        .unwrap_or_else(|e| panic!("creating {name}: {e:?}"));
     assert_eq!(env.state(), EnvironmentState::Running, "{name}: {env:?}");
     env
 }
@@ -303,14 +300,9 @@ async fn an_idle_environment_stops_itself_says_why_and_an_exec_or_a_busy_cpu_kee
     let before = chrono::Utc::now().timestamp();
     let started = c
         .environments(&dev)
-        .start_environment(StartEnvironmentRequest {
-            environment_id: idle.id.clone(),
-        })
+        .start_settled(&idle.id)
         .await
-        .expect("start")
-        .into_inner()
-        .environment
-        .unwrap();
+        .expect("start");
     assert_eq!(started.state(), EnvironmentState::Running);
     assert_eq!(started.stop_reason, "");
     assert!(

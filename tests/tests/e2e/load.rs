@@ -14,13 +14,13 @@ use futures::future::join_all;
 use tonic::Code;
 use vibebox_proto::audit::{EventFilter, QueryEventsRequest};
 use vibebox_proto::environment::{
-    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
-    ListEnvironmentsRequest, StreamLogsRequest,
+    ContainerSpec, CreateEnvironmentRequest, EnvironmentState, ListEnvironmentsRequest,
+    StreamLogsRequest,
 };
 use vibebox_proto::identity::{TeamRole, WhoAmIRequest};
 use vibebox_tests::cluster::{self, Cluster, Service};
 use vibebox_tests::report::SuiteReport;
-use vibebox_tests::{dev_image, docker};
+use vibebox_tests::{Settle, dev_image, docker};
 
 /// Resident memory may grow by at most this much under the load (KiB).
 const RSS_GROWTH_BOUND_KIB: u64 = 200 * 1024;
@@ -112,7 +112,9 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
         .await;
     let before = rss(&cluster);
 
-    // Every user creates at once, twice.
+    // Every user creates at once, twice. The quota is judged when a create
+    // is accepted (synchronously); an accepted one is waited for (create
+    // answers CREATING) and must run.
     let attempt = |token: &str, team: &str, n: usize| {
         let mut envs = cluster.environments(token);
         let request = CreateEnvironmentRequest {
@@ -122,7 +124,7 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
             name: format!("quota-{n}"),
             spec: Some(small_spec(&image, None)),
         };
-        async move { envs.create_environment(request).await }
+        async move { envs.create_settled(request).await }
     };
     let tries: Vec<(usize, usize)> = (0..USERS)
         .flat_map(|u| (0..CREATES_PER_USER).map(move |c| (u, u * CREATES_PER_USER + c)))
@@ -132,8 +134,7 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
     let mut admitted = Vec::new();
     for ((owner, _), result) in tries.iter().zip(results) {
         match result {
-            Ok(r) => {
-                let env = r.into_inner().environment.expect("environment");
+            Ok(env) => {
                 assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
                 admitted.push((*owner, env.id));
                 report.case(false);
@@ -179,18 +180,17 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
         .await
         .expect("another team creates while this one is full");
     report.case(false);
-    let theirs = theirs.into_inner().environment.expect("environment");
     assert_eq!(theirs.state(), EnvironmentState::Running, "{theirs:?}");
 
-    // A delete frees one slot, and a second wave takes exactly that one.
+    // A delete (once it has settled) frees one slot, and a second wave
+    // takes exactly that one.
     let (owner, freed) = &admitted[0];
-    cluster
+    let deleted = cluster
         .environments(&users[*owner])
-        .delete_environment(DeleteEnvironmentRequest {
-            environment_id: freed.clone(),
-        })
+        .delete_settled(freed)
         .await
         .expect("delete");
+    assert_eq!(deleted.state(), EnvironmentState::Deleted, "{deleted:?}");
     let wave = join_all(
         users
             .iter()
@@ -207,6 +207,9 @@ async fn concurrent_creates_never_over_admit_a_team_quota() {
         }
     }
     assert_eq!(second.len(), 1, "one freed slot, one admission: {wave:?}");
+    for env in second.iter().filter_map(|r| r.as_ref().ok()) {
+        assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
+    }
     assert_eq!(team_containers(&team).await, QUOTA);
     assert_eq!(team_containers(&other_team).await, 1);
     report.inspected += 1;
@@ -241,7 +244,8 @@ async fn concurrent_execs_and_log_streams_each_see_their_own_output() {
     let before = rss(&cluster);
     let started = Instant::now();
 
-    // One environment per user, created at once; each prints its own mark.
+    // One environment per user, created at once (each waited for until it
+    // runs); each prints its own mark.
     let creates = users.iter().enumerate().map(|(u, token)| {
         let mut envs = cluster.environments(token);
         let command =
@@ -253,13 +257,13 @@ async fn concurrent_execs_and_log_streams_each_see_their_own_output() {
             name: format!("load-{u}"),
             spec: Some(small_spec(&image, Some(command))),
         };
-        async move { envs.create_environment(request).await }
+        async move { envs.create_settled(request).await }
     });
     let envs: Vec<String> = join_all(creates)
         .await
         .into_iter()
         .map(|r| {
-            let env = r.expect("create").into_inner().environment.expect("env");
+            let env = r.expect("create");
             assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
             env.id
         })
@@ -333,13 +337,10 @@ async fn concurrent_execs_and_log_streams_each_see_their_own_output() {
 
     let deletes = users.iter().zip(&envs).map(|(token, env)| {
         let mut envs = cluster.environments(token);
-        let request = DeleteEnvironmentRequest {
-            environment_id: env.clone(),
-        };
-        async move { envs.delete_environment(request).await }
+        async move { envs.delete_settled(env).await }
     });
     for r in join_all(deletes).await {
-        let env = r.expect("delete").into_inner().environment.expect("env");
+        let env = r.expect("delete");
         assert_eq!(env.state(), EnvironmentState::Deleted);
         report.case(false);
     }

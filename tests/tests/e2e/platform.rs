@@ -10,15 +10,14 @@ use vibebox_proto::audit::{EventFilter, QueryEventsRequest, VerifyChainRequest};
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, EnvironmentState,
     ExecRequest, ExecStart, GetEnvironmentRequest, ListEnvironmentsRequest, Mount, MountType,
-    StartEnvironmentRequest, StopEnvironmentRequest, StreamLogsRequest, exec_request,
-    exec_response,
+    StreamLogsRequest, exec_request, exec_response,
 };
 use vibebox_proto::identity::{
     AddTeamMemberRequest, CreateTeamRequest, CreateUserRequest, LoginRequest, PlatformRole,
     TeamRole,
 };
 use vibebox_server_kit::status::violated_rules;
-use vibebox_tests::{Platform, dev_image, docker};
+use vibebox_tests::{Platform, Settle, dev_image, docker};
 
 async fn user(p: &Platform, admin: &str, name: &str, team: &str, role: TeamRole) -> String {
     let mut identity = p.identity(admin);
@@ -150,9 +149,10 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     let outsider = user(&p, &admin, "outsider", &beta, TeamRole::Developer).await;
 
     // The developer creates an environment; it runs hardened.
+    // Create returns CREATING; it runs once settled.
     let created = p
         .environments(&dev)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: "e2e-create-1".into(),
             team_id: alpha.clone(),
@@ -160,9 +160,6 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
             spec: Some(spec(&image)),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .environment
         .unwrap();
     assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
     let env_id = created.id.clone();
@@ -170,7 +167,7 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     // A retried create with the same request id is the same environment.
     let again = p
         .environments(&dev)
-        .create_environment(CreateEnvironmentRequest {
+        .create_settled(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: "e2e-create-1".into(),
             team_id: alpha.clone(),
@@ -178,11 +175,9 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
             spec: Some(spec(&image)),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .environment
         .unwrap();
     assert_eq!(again.id, env_id);
+    assert_eq!(again.state(), EnvironmentState::Running, "{again:?}");
     assert_eq!(containers_of(&installation).await, 1);
 
     let filters: HashMap<String, Vec<String>> = HashMap::from([(
@@ -372,40 +367,16 @@ async fn a_team_works_in_a_hardened_environment_end_to_end() {
     }
     assert!(metrics.contains(alert_series), "{metrics}");
 
-    // Stop, start, delete.
+    // Stop, start, delete (each settled before the next).
     let stopped = p
         .environments(&dev)
-        .stop_environment(StopEnvironmentRequest {
-            environment_id: env_id.clone(),
-            timeout_seconds: Some(1),
-        })
+        .stop_settled(&env_id, Some(1))
         .await
-        .unwrap()
-        .into_inner()
-        .environment
         .unwrap();
     assert_eq!(stopped.state(), EnvironmentState::Stopped);
-    let started = p
-        .environments(&dev)
-        .start_environment(StartEnvironmentRequest {
-            environment_id: env_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .environment
-        .unwrap();
+    let started = p.environments(&dev).start_settled(&env_id).await.unwrap();
     assert_eq!(started.state(), EnvironmentState::Running);
-    let deleted = p
-        .environments(&dev)
-        .delete_environment(DeleteEnvironmentRequest {
-            environment_id: env_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .environment
-        .unwrap();
+    let deleted = p.environments(&dev).delete_settled(&env_id).await.unwrap();
     assert_eq!(deleted.state(), EnvironmentState::Deleted);
     assert_eq!(containers_of(&installation).await, 0, "no container left");
     let nets = std::process::Command::new("docker")

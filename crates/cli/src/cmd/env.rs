@@ -1,5 +1,13 @@
-//! `vibebox env ...`: create (with progress), ls, get, start/stop/restart/rm;
-//! `logs`, `exec` and `stats` live in their own modules.
+//! `vibebox env ...`: create, ls, get, start/stop/restart/rm; `logs`, `exec`
+//! and `stats` live in their own modules.
+//!
+//! Create, start, stop, restart and rm are long operations on the platform:
+//! the call answers at once with the environment in its transitional state
+//! (CREATING, STARTING, STOPPING, DELETING). The commands wait until it has
+//! settled (`WaitEnvironment`, falling back to polling `GetEnvironment` on a
+//! gateway that does not serve it), showing the progress on stderr, and
+//! fail naming the reason when it ends FAILED; `--no-wait` prints the
+//! transitional state and returns.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -9,13 +17,16 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
     EnvironmentState, ExtendEnvironmentRequest, GetEnvironmentRequest, ListEnvironmentsRequest,
     RestartEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
+    WaitEnvironmentRequest,
 };
+use vibebox_server_kit::Authed;
 
-use crate::client::{CallExt, Session, all_pages};
+use crate::client::{CallError, CallExt, Session, all_pages};
 use crate::cmd::team::resolve_team;
 use crate::cmd::{exec, logs, stats};
 use crate::config::Context;
@@ -32,15 +43,16 @@ pub(crate) enum EnvCommand {
     Ls(LsArgs),
     /// Show one environment.
     Get(EnvArg),
-    /// Start a stopped environment.
-    Start(EnvArg),
-    /// Stop a running environment.
+    /// Start a stopped environment and wait until it runs.
+    Start(OpArgs),
+    /// Stop a running environment and wait until it has stopped.
     Stop(StopArgs),
-    /// Restart an environment.
+    /// Restart an environment and wait until it runs again.
     Restart(StopArgs),
-    /// Delete an environment (its container, network and workspace).
+    /// Delete an environment (its container, network and workspace) and
+    /// wait until it is gone.
     #[command(alias = "delete")]
-    Rm(EnvArg),
+    Rm(OpArgs),
     /// Print an environment's logs.
     Logs(logs::LogsArgs),
     /// Run a command in an environment (`-it` for an interactive terminal).
@@ -73,6 +85,17 @@ pub(crate) struct EnvArg {
     pub(crate) env: String,
 }
 
+/// An environment to start or delete.
+#[derive(Args, Debug)]
+pub(crate) struct OpArgs {
+    /// Environment id or name.
+    env: String,
+    /// Return as soon as the platform accepted the change, printing the
+    /// transitional state (STARTING, DELETING), instead of waiting.
+    #[arg(long)]
+    no_wait: bool,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct CreateArgs {
     /// Name of the environment (or `name` in the spec file).
@@ -101,7 +124,8 @@ pub(crate) struct CreateArgs {
     /// Team id or name (default: the context's team, or your only team).
     #[arg(long)]
     team: Option<String>,
-    /// Do not wait for the environment to be running.
+    /// Return as soon as the platform accepted the create, printing the
+    /// CREATING state, instead of waiting until the environment runs.
     #[arg(long)]
     no_wait: bool,
     /// Command to run (default: the image's).
@@ -126,6 +150,10 @@ pub(crate) struct StopArgs {
     /// Seconds to wait before killing.
     #[arg(short, long)]
     timeout: Option<u32>,
+    /// Return as soon as the platform accepted the change, printing the
+    /// transitional state (STOPPING), instead of waiting.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// What `env get`/`ls -o json` print.
@@ -393,7 +421,8 @@ pub(crate) async fn run(
                 .start_environment(StartEnvironmentRequest { environment_id: id })
                 .await
                 .call()?;
-            done(resp.environment, format, "started");
+            let op = Operation::START;
+            finish(&mut client, resp.environment, op, a.no_wait, format).await?;
         }
         EnvCommand::Stop(a) => {
             let id = resolve_env(session, &a.env).await?;
@@ -404,7 +433,8 @@ pub(crate) async fn run(
                 })
                 .await
                 .call()?;
-            done(resp.environment, format, "stopped");
+            let op = Operation::STOP;
+            finish(&mut client, resp.environment, op, a.no_wait, format).await?;
         }
         EnvCommand::Restart(a) => {
             let id = resolve_env(session, &a.env).await?;
@@ -415,7 +445,8 @@ pub(crate) async fn run(
                 })
                 .await
                 .call()?;
-            done(resp.environment, format, "restarted");
+            let op = Operation::RESTART;
+            finish(&mut client, resp.environment, op, a.no_wait, format).await?;
         }
         EnvCommand::Rm(a) => {
             let id = resolve_env(session, &a.env).await?;
@@ -423,7 +454,8 @@ pub(crate) async fn run(
                 .delete_environment(DeleteEnvironmentRequest { environment_id: id })
                 .await
                 .call()?;
-            done(resp.environment, format, "deleted");
+            let op = Operation::DELETE;
+            finish(&mut client, resp.environment, op, a.no_wait, format).await?;
         }
         EnvCommand::Logs(a) => logs::run(a, session).await?,
         EnvCommand::Stats(a) => stats::run(a, session, format).await?,
@@ -464,10 +496,9 @@ pub(crate) async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn done(env: Option<Environment>, format: Format, verb: &str) {
-    let env = env.unwrap_or_default();
+fn done(env: &Environment, format: Format, verb: &str) {
     if format == Format::Json {
-        output::json(&EnvView::from(&env));
+        output::json(&EnvView::from(env));
     } else {
         println!(
             "{verb} {} ({}): {}",
@@ -476,6 +507,175 @@ fn done(env: Option<Environment>, format: Format, verb: &str) {
             state_name(env.state)
         );
     }
+}
+
+/// A long operation as the CLI reports it.
+#[derive(Clone, Copy)]
+struct Operation {
+    /// What is printed once it is done (`started web (id): running`).
+    done: &'static str,
+    /// What is printed with `--no-wait` (`starting web (id): starting`).
+    accepted: &'static str,
+    /// The state it ends in when it succeeds.
+    target: EnvironmentState,
+}
+
+impl Operation {
+    const CREATE: Operation = Operation {
+        done: "created",
+        accepted: "creating",
+        target: EnvironmentState::Running,
+    };
+    const START: Operation = Operation {
+        done: "started",
+        accepted: "starting",
+        target: EnvironmentState::Running,
+    };
+    const STOP: Operation = Operation {
+        done: "stopped",
+        accepted: "stopping",
+        target: EnvironmentState::Stopped,
+    };
+    const RESTART: Operation = Operation {
+        done: "restarted",
+        accepted: "restarting",
+        target: EnvironmentState::Running,
+    };
+    const DELETE: Operation = Operation {
+        done: "deleted",
+        accepted: "deleting",
+        target: EnvironmentState::Deleted,
+    };
+}
+
+/// `timeout` of one `WaitEnvironment` call when the progress is not shown
+/// live (stderr is not a terminal): below the gateway's deadline.
+const WAIT_CALL: Duration = Duration::from_secs(25);
+/// `timeout` of one `WaitEnvironment` call on a terminal: short, so that the
+/// progress line follows the operation (each answer is the environment as
+/// it is then).
+const WAIT_CALL_LIVE: Duration = Duration::from_secs(2);
+/// Time between `GetEnvironment` polls on a gateway without
+/// `WaitEnvironment`.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// Time between two frames of the spinner.
+const SPIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether `state` is one a long operation passes through.
+fn transitional(state: i32) -> bool {
+    [
+        EnvironmentState::Creating,
+        EnvironmentState::Starting,
+        EnvironmentState::Stopping,
+        EnvironmentState::Deleting,
+    ]
+    .iter()
+    .any(|s| *s as i32 == state)
+}
+
+/// Waits until `env` has settled (it is not CREATING, STARTING, STOPPING
+/// or DELETING), showing its progress: `WaitEnvironment` in a loop with a
+/// per-call timeout, or `GetEnvironment` polls while the gateway answers
+/// UNIMPLEMENTED.
+async fn wait_settled(
+    client: &mut EnvironmentServiceClient<Authed>,
+    mut env: Environment,
+    progress: &Progress,
+) -> Result<Environment> {
+    let mut wait_served = true;
+    loop {
+        if !transitional(env.state) {
+            return Ok(env);
+        }
+        progress.show(&env);
+        let next = if wait_served {
+            let timeout = if progress.tty {
+                WAIT_CALL_LIVE
+            } else {
+                WAIT_CALL
+            };
+            let mut request = tonic::Request::new(WaitEnvironmentRequest {
+                environment_id: env.id.clone(),
+                timeout: Some(prost_types::Duration {
+                    seconds: timeout.as_secs() as i64,
+                    nanos: 0,
+                }),
+            });
+            request.set_timeout(timeout + Duration::from_secs(10));
+            match progress.spin_while(client.wait_environment(request)).await {
+                Ok(answer) => answer.into_inner().environment,
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    wait_served = false;
+                    continue;
+                }
+                // Our own deadline or the gateway's: ask again.
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                    progress.spin_while(tokio::time::sleep(POLL_INTERVAL)).await;
+                    continue;
+                }
+                Err(s) => return Err(CallError(s).into()),
+            }
+        } else {
+            progress.spin_while(tokio::time::sleep(POLL_INTERVAL)).await;
+            client
+                .get_environment(GetEnvironmentRequest {
+                    environment_id: env.id.clone(),
+                })
+                .await
+                .call()?
+                .environment
+        };
+        env = next.ok_or_else(|| anyhow!("the platform answered without the environment"))?;
+    }
+}
+
+/// After a long operation was accepted: prints the transitional state
+/// (`--no-wait`), or waits until the environment has settled and prints
+/// it; an environment that did not end where the operation leads (FAILED,
+/// with its reason) is an error (non-zero exit).
+async fn finish(
+    client: &mut EnvironmentServiceClient<Authed>,
+    env: Option<Environment>,
+    op: Operation,
+    no_wait: bool,
+    format: Format,
+) -> Result<()> {
+    let env = env.ok_or_else(|| anyhow!("the platform answered without the environment"))?;
+    if no_wait {
+        done(&env, format, op.accepted);
+        return Ok(());
+    }
+    let progress = Progress::new(&env.name);
+    let settled = wait_settled(client, env, &progress).await;
+    progress.finish();
+    let env = settled?;
+    if env.state == op.target as i32 {
+        done(&env, format, op.done);
+        return Ok(());
+    }
+    if format == Format::Json {
+        output::json(&EnvView::from(&env));
+    }
+    let reason = if env.failure_reason.is_empty() {
+        &env.status_message
+    } else {
+        &env.failure_reason
+    };
+    if env.state == EnvironmentState::Failed as i32 {
+        bail!("environment {} ({}) failed: {reason}", env.name, env.id);
+    }
+    bail!(
+        "environment {} ({}) is {}, not {}{}",
+        env.name,
+        env.id,
+        state_name(env.state),
+        state_name(op.target as i32),
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        }
+    );
 }
 
 async fn create(
@@ -521,77 +721,51 @@ async fn create(
     let progress = Progress::new(&name);
     progress.say("submitting to the policy and the orchestrator");
     let mut client = session.environments();
-    let created = client
-        .create_environment(CreateEnvironmentRequest {
+    let created = progress
+        .spin_while(client.create_environment(CreateEnvironmentRequest {
             labels: Default::default(),
             request_id: uuid::Uuid::new_v4().to_string(),
             team_id,
             name: name.clone(),
             spec: Some(spec),
-        })
+        }))
         .await
         .call();
-    let mut env = match created {
-        Ok(r) => r.environment.unwrap_or_default(),
-        Err(e) => {
-            progress.finish();
-            return Err(e);
-        }
-    };
-    let mut last = String::new();
-    while !args.no_wait && env.state == EnvironmentState::Creating as i32 {
-        let msg = if env.status_message.is_empty() {
-            "creating".to_owned()
-        } else {
-            env.status_message.clone()
-        };
-        if msg != last {
-            progress.say(&msg);
-            last = msg;
-        }
-        progress.tick();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        env = client
-            .get_environment(GetEnvironmentRequest {
-                environment_id: env.id.clone(),
-            })
-            .await
-            .call()?
-            .environment
-            .unwrap_or_default();
-    }
     progress.finish();
-    if env.state == EnvironmentState::Failed as i32 {
-        bail!(
-            "environment {} ({}) failed: {}",
-            env.name,
-            env.id,
-            if env.failure_reason.is_empty() {
-                &env.status_message
-            } else {
-                &env.failure_reason
-            }
-        );
-    }
-    if format == Format::Json {
-        output::json(&EnvView::from(&env));
-    } else {
-        println!(
-            "created {} ({}): {}",
-            env.name,
-            env.id,
-            state_name(env.state)
-        );
-    }
+    let created = created?;
+    finish(
+        &mut client,
+        created.environment,
+        Operation::CREATE,
+        args.no_wait,
+        format,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Progress on stderr: a spinner on a terminal, plain lines otherwise.
+/// Progress on stderr: one updating line with a spinner on a terminal,
+/// plain lines otherwise.
 struct Progress {
     name: String,
     tty: bool,
     frame: std::cell::Cell<usize>,
     message: std::cell::RefCell<String>,
+}
+
+/// How an environment's progress reads: its state, then (while an
+/// operation runs) the percentage and the status message, e.g.
+/// `creating 40% pulling image vibebox/devbox:1`.
+fn progress_text(env: &Environment) -> String {
+    let mut text = state_name(env.state);
+    if transitional(env.state) && (1..100).contains(&env.progress_percent) {
+        text.push_str(&format!(" {}%", env.progress_percent));
+    }
+    if !env.status_message.is_empty() {
+        text.push(' ');
+        text.push_str(&env.status_message);
+    }
+    text
 }
 
 impl Progress {
@@ -603,6 +777,29 @@ impl Progress {
             tty: std::io::stderr().is_terminal(),
             frame: Default::default(),
             message: Default::default(),
+        }
+    }
+
+    /// Shows `env`'s progress when it changed.
+    fn show(&self, env: &Environment) {
+        let text = progress_text(env);
+        if *self.message.borrow() != text {
+            self.say(&text);
+        }
+    }
+
+    /// Runs `fut`, turning the spinner meanwhile (on a terminal).
+    async fn spin_while<F: std::future::Future>(&self, fut: F) -> F::Output {
+        if !self.tty {
+            return fut.await;
+        }
+        let mut fut = std::pin::pin!(fut);
+        let mut spin = tokio::time::interval(SPIN_INTERVAL);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = spin.tick() => self.tick(),
+            }
         }
     }
 

@@ -175,15 +175,23 @@ pub(crate) async fn run(cmd: TeamCommand, session: &Session, format: Format) -> 
         TeamCommand::Ls => print_teams(&list_teams(session).await?, format),
         TeamCommand::Members { team } => {
             let team_id = resolve_team(session, Some(&team), None).await?;
-            let r = client
-                .list_team_members(ListTeamMembersRequest {
-                    page_size: Default::default(),
-                    page_token: Default::default(),
-                    team_id,
-                })
-                .await
-                .call()?;
-            print_members(&r.memberships, format);
+            let members = all_pages(|page_token| {
+                let mut client = client.clone();
+                let team_id = team_id.clone();
+                async move {
+                    let r = client
+                        .list_team_members(ListTeamMembersRequest {
+                            page_size: 500,
+                            page_token,
+                            team_id,
+                        })
+                        .await
+                        .call()?;
+                    Ok((r.memberships, r.next_page_token))
+                }
+            })
+            .await?;
+            print_members(&members, format);
         }
         TeamCommand::Add { team, user, role } => {
             let team_id = resolve_team(session, Some(&team), None).await?;

@@ -45,7 +45,8 @@ impl Environments {
         let valid = validate::optional_id("request_id", &req.request_id)
             .and_then(|()| validate::id("team_id", &req.team_id))
             .and_then(|()| validate::environment_name("name", &req.name))
-            .and_then(|()| validate::container_spec("spec", req.spec.as_ref()));
+            .and_then(|()| validate::container_spec("spec", req.spec.as_ref()))
+            .and_then(|()| validate::labels("labels", &req.labels));
         if let Err(violation) = valid {
             let error = GatewayError::from(violation);
             let resource = Resource {
@@ -101,7 +102,7 @@ impl Environments {
                 spec: evaluation.hardened_spec,
                 clearance: cleared.clearance,
                 canonical_image: evaluation.canonical_image,
-                labels: Default::default(),
+                labels: req.labels,
             }))
             .await
             .map_err(upstream)?
@@ -132,6 +133,12 @@ impl Environments {
         validate::optional_id("team_id", &req.team_id)?;
         validate::page_size("page_size", req.page_size)?;
         validate::text("page_token", &req.page_token, 1024)?;
+        validate::listing(
+            &req.filter,
+            &req.order_by,
+            req.show_deleted,
+            &req.page_token,
+        )?;
         let team_ids = if req.team_id.is_empty() {
             // Every team the caller belongs to (and the token allows).
             gw.teams_allowed(&call).await?
@@ -161,8 +168,8 @@ impl Environments {
                 page_size: req.page_size,
                 page_token: req.page_token,
                 show_deleted: req.show_deleted,
-                filter: String::new(),
-                order_by: String::new(),
+                filter: req.filter,
+                order_by: req.order_by,
             }))
             .await
             .map_err(upstream)?
@@ -412,7 +419,7 @@ impl Environments {
 /// The environment as every read answers it: the spec's environment
 /// variables keep their names, never their values (write-only secrets; the
 /// container and Exec still get them).
-fn redact(mut environment: Environment) -> Environment {
+pub(super) fn redact(mut environment: Environment) -> Environment {
     if let Some(spec) = environment.spec.as_mut() {
         for value in spec.env.values_mut() {
             value.clear();
@@ -422,7 +429,7 @@ fn redact(mut environment: Environment) -> Environment {
 }
 
 /// What an environment's operations are authorized on.
-fn resource_of(environment: &Environment) -> Resource {
+pub(super) fn resource_of(environment: &Environment) -> Resource {
     Resource {
         kind: "environment".into(),
         team_id: environment.team_id.clone(),
@@ -577,18 +584,25 @@ impl EnvironmentService for Environments {
 
     async fn update_environment(
         &self,
-        _request: Request<vibebox_proto::environment::UpdateEnvironmentRequest>,
+        request: Request<vibebox_proto::environment::UpdateEnvironmentRequest>,
     ) -> std::result::Result<Response<vibebox_proto::environment::UpdateEnvironmentResponse>, Status>
     {
-        Err(Status::unimplemented("not implemented yet"))
+        observe(super::update::update(&self.gateway, request)).await
     }
 
+    /// Served by [`super::wait::LongUnary`] in the gateway (exempt from the
+    /// handler timeout); this path gives the same answer when the service
+    /// is mounted without it.
     async fn wait_environment(
         &self,
-        _request: Request<vibebox_proto::environment::WaitEnvironmentRequest>,
+        request: Request<vibebox_proto::environment::WaitEnvironmentRequest>,
     ) -> std::result::Result<Response<vibebox_proto::environment::WaitEnvironmentResponse>, Status>
     {
-        Err(Status::unimplemented("not implemented yet"))
+        let mut answer = super::wait::wait(&self.gateway, request).await?;
+        match answer.next().await {
+            Some(answer) => answer.map(Response::new),
+            None => Err(Status::internal("the wait ended without an answer")),
+        }
     }
 
     type WatchEnvironmentsStream =
@@ -596,8 +610,10 @@ impl EnvironmentService for Environments {
 
     async fn watch_environments(
         &self,
-        _request: Request<vibebox_proto::environment::WatchEnvironmentsRequest>,
+        request: Request<vibebox_proto::environment::WatchEnvironmentsRequest>,
     ) -> std::result::Result<Response<Self::WatchEnvironmentsStream>, Status> {
-        Err(Status::unimplemented("not implemented yet"))
+        super::watch::watch(&self.gateway, request)
+            .await
+            .map(Response::new)
     }
 }

@@ -25,6 +25,9 @@ pub(crate) mod environment;
 pub(crate) mod forward;
 pub(crate) mod identity;
 pub(crate) mod policy;
+pub(crate) mod update;
+pub(crate) mod wait;
+pub(crate) mod watch;
 
 /// A boxed response stream.
 pub(crate) type ProxyStream<T> = BoxStream<'static, std::result::Result<T, Status>>;
@@ -95,7 +98,7 @@ impl Recheck {
 }
 
 /// Longest time a stream stays open without a decision that allows it.
-const MAX_UNCHECKED: Duration = Duration::from_secs(2);
+pub(crate) const MAX_UNCHECKED: Duration = Duration::from_secs(2);
 
 /// Relays an upstream response stream item by item while re-authorizing it
 /// periodically (see [`Recheck`]). A relay task owns the upstream stream: it

@@ -151,31 +151,15 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
         .unwrap();
     assert_eq!(again.id, created.id);
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let env = environments
-            .get_environment(bearer(
-                GetEnvironmentRequest {
-                    environment_id: created.id.clone(),
-                },
-                &admin,
-            ))
-            .await
-            .expect("get")
-            .into_inner()
-            .environment
-            .unwrap();
-        if env.state == EnvironmentState::Running as i32 {
-            break;
-        }
-        assert!(
-            env.state != EnvironmentState::Failed as i32,
-            "environment failed: {}",
-            env.failure_reason
-        );
-        assert!(Instant::now() < deadline, "not running: {env:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Create answers CREATING (or, before it became a long operation,
+    // RUNNING); settled, the environment runs.
+    let settled = common::settle(&mut environments, &admin, &created.id).await;
+    assert_eq!(
+        settled.state,
+        EnvironmentState::Running as i32,
+        "environment did not run: {} ({settled:?})",
+        settled.failure_reason
+    );
 
     // Exec: stdout, stderr and the exit code come back through the proxy.
     let start = ExecRequest {
@@ -295,6 +279,12 @@ async fn create_exec_logs_stats_delete_through_the_gateway() {
         .environment
         .unwrap();
     assert_eq!(deleted.id, created.id);
+    let deleted = common::settle(&mut environments, &admin, &created.id).await;
+    assert_eq!(
+        deleted.state,
+        EnvironmentState::Deleted as i32,
+        "{deleted:?}"
+    );
     let metrics = gateway.scrape().await;
     assert!(
         metrics.contains(
@@ -373,15 +363,33 @@ async fn environment_reads_follow_the_orchestrator_feed() {
         .environment
         .unwrap();
     let id = created.id.clone();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while get(id.clone()).await.state != EnvironmentState::Running as i32 {
-        assert!(Instant::now() < deadline, "never running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let settled = common::settle(&mut environments, &admin, &id).await;
+    assert_eq!(
+        settled.state,
+        EnvironmentState::Running as i32,
+        "{settled:?}"
+    );
 
-    // Read-your-writes: each change is what the very next read returns.
+    // Read-your-writes: the very next read is never older than what a
+    // change answered. Stop and start are long operations: they answer
+    // STOPPING / STARTING (or, done already, STOPPED / RUNNING), and a read
+    // right after shows that state or the one it settles in, never the one
+    // before the change.
+    let (stopping, stopped, starting, running) = (
+        EnvironmentState::Stopping as i32,
+        EnvironmentState::Stopped as i32,
+        EnvironmentState::Starting as i32,
+        EnvironmentState::Running as i32,
+    );
+    let not_older = |answered: i32, read: i32, transitional: i32, settled: i32| {
+        if answered == transitional {
+            read == transitional || read == settled
+        } else {
+            read == settled
+        }
+    };
     for _ in 0..3 {
-        let stopped = environments
+        let answered = environments
             .stop_environment(bearer(
                 StopEnvironmentRequest {
                     environment_id: id.clone(),
@@ -394,12 +402,20 @@ async fn environment_reads_follow_the_orchestrator_feed() {
             .into_inner()
             .environment
             .unwrap();
-        assert_eq!(stopped.state, EnvironmentState::Stopped as i32);
-        assert_eq!(
-            get(id.clone()).await.state,
-            EnvironmentState::Stopped as i32
+        assert!(
+            answered.state == stopping || answered.state == stopped,
+            "{answered:?}"
         );
-        environments
+        let read = get(id.clone()).await;
+        assert!(
+            not_older(answered.state, read.state, stopping, stopped),
+            "answered {answered:?}, then read {read:?}"
+        );
+        let settled = common::settle(&mut environments, &admin, &id).await;
+        assert_eq!(settled.state, stopped, "{settled:?}");
+        assert_eq!(get(id.clone()).await.state, stopped);
+
+        let answered = environments
             .start_environment(bearer(
                 StartEnvironmentRequest {
                     environment_id: id.clone(),
@@ -407,11 +423,22 @@ async fn environment_reads_follow_the_orchestrator_feed() {
                 &admin,
             ))
             .await
-            .expect("start");
-        assert_eq!(
-            get(id.clone()).await.state,
-            EnvironmentState::Running as i32
+            .expect("start")
+            .into_inner()
+            .environment
+            .unwrap();
+        assert!(
+            answered.state == starting || answered.state == running,
+            "{answered:?}"
         );
+        let read = get(id.clone()).await;
+        assert!(
+            not_older(answered.state, read.state, starting, running),
+            "answered {answered:?}, then read {read:?}"
+        );
+        let settled = common::settle(&mut environments, &admin, &id).await;
+        assert_eq!(settled.state, running, "{settled:?}");
+        assert_eq!(get(id.clone()).await.state, running);
     }
 
     // Once the feed has caught up, reads are answered by the replica.

@@ -1,7 +1,9 @@
 //! `vibebox-orchestrator-bench`: create-to-running latency through the
 //! orchestrator (gRPC over mTLS, clearance check, admission, network, volume,
-//! container, start) next to raw Docker API calls (network create, container
-//! create, start) measured in the same run, and their ratio.
+//! container, start; the create answers `creating` at once and the clock
+//! stops when the background operation has settled it `running`) next to
+//! raw Docker API calls (network create, container create, start) measured
+//! in the same run, and their ratio.
 //!
 //! Usage: `vibebox-orchestrator-bench [iterations]` (default 10). Needs a
 //! local Docker engine; cleans up everything it labelled.
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
 use vibebox_orchestrator::docker::{self, Target};
+use vibebox_orchestrator::store::State;
 use vibebox_orchestrator::testkit::{self, Harness, hardened_spec};
 use vibebox_proto::runtime::{CreateEnvironmentRequest, DeleteEnvironmentRequest};
 
@@ -55,15 +58,21 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })
             .await?;
+        // The operation holds the environment until it has settled.
+        h.orchestrator.wait_operation(&env).await;
+        let elapsed = t.elapsed();
+        let state = h.orchestrator.get(&env).await?.state;
+        anyhow::ensure!(state == State::Running, "environment {env} is {state:?}");
         if i > 0 {
-            through.push(t.elapsed());
+            through.push(elapsed);
         }
         h.client()
             .delete_environment(DeleteEnvironmentRequest {
                 caller: None,
-                environment_id: env,
+                environment_id: env.clone(),
             })
             .await?;
+        h.orchestrator.wait_operation(&env).await;
 
         let env = uuid::Uuid::new_v4().to_string();
         let labels = [(testkit::TEST_LABEL.to_string(), h.installation.clone())];

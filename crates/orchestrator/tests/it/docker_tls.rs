@@ -136,6 +136,11 @@ async fn environments_are_created_on_an_engine_reached_over_mutual_tls() {
         .environment
         .unwrap();
     assert_eq!(created.id, env);
+    let running = crate::common::settled(&h.client(), &env).await;
+    assert_eq!(
+        running.state(),
+        vibebox_proto::environment::EnvironmentState::Running
+    );
     let objects = h.objects();
     assert!(
         objects.iter().any(|o| o.starts_with("container:")),
@@ -147,10 +152,11 @@ async fn environments_are_created_on_an_engine_reached_over_mutual_tls() {
                 user_id: "user-1".into(),
                 ..Default::default()
             }),
-            environment_id: env,
+            environment_id: env.clone(),
         })
         .await
         .expect("delete over TLS");
+    crate::common::settled(&h.client(), &env).await;
     assert!(
         h.objects().is_empty(),
         "delete leaves nothing: {:?}",

@@ -14,6 +14,8 @@ use vibebox_proto::environment as pb;
 use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
 use vibebox_proto::runtime::*;
 
+use crate::common::settled;
+
 const TEAM: &str = "team-a";
 
 fn create_req(
@@ -45,16 +47,26 @@ fn create_req(
     }
 }
 
+/// Creates an environment and waits until it runs.
 async fn create(h: &Harness, command: &[&str]) -> pb::Environment {
     let spec = hardened_spec(command);
     let env = uuid::Uuid::new_v4().to_string();
-    h.client()
+    let created = h
+        .client()
         .create_environment(create_req(h, &spec, &env, &env))
         .await
         .expect("create")
         .into_inner()
         .environment
-        .expect("environment")
+        .expect("environment");
+    assert_eq!(created.state(), pb::EnvironmentState::Creating);
+    let running = settled(&h.client(), &env).await;
+    assert_eq!(
+        running.state(),
+        pb::EnvironmentState::Running,
+        "{running:?}"
+    );
+    running
 }
 
 fn inspect(name: &str) -> serde_json::Value {
@@ -94,8 +106,10 @@ async fn cleared_spec_runs_hardened_and_create_is_idempotent() {
         .into_inner()
         .environment
         .unwrap();
-    assert_eq!(env.state, pb::EnvironmentState::Running as i32);
+    assert_eq!(env.state, pb::EnvironmentState::Creating as i32);
     assert_eq!(env.spec.as_ref(), Some(&spec));
+    let env = settled(&h.client(), &env_id).await;
+    assert_eq!(env.state, pb::EnvironmentState::Running as i32);
 
     let c = inspect(&format!("vibebox-{env_id}"));
     let hc = &c["HostConfig"];
@@ -267,6 +281,7 @@ async fn refused_clearances_create_nothing() {
     let env = uuid::Uuid::new_v4().to_string();
     let req = create_req(&h, &spec, &env, "r-first");
     client.create_environment(req.clone()).await.unwrap();
+    settled(&client, &env).await;
     let before = h.objects();
     let mut replay = req.clone();
     replay.request_id = "r-replay".into();
@@ -482,7 +497,7 @@ async fn lifecycle_and_delete_leaves_nothing() {
     let mut client = h.client();
     let name = format!("vibebox-{}", env.id);
 
-    let stopped = client
+    let stopping = client
         .stop_environment(StopEnvironmentRequest {
             caller: None,
             environment_id: env.id.clone(),
@@ -493,26 +508,50 @@ async fn lifecycle_and_delete_leaves_nothing() {
         .into_inner()
         .environment
         .unwrap();
+    assert_eq!(stopping.state, pb::EnvironmentState::Stopping as i32);
+    let stopped = settled(&client, &env.id).await;
     assert_eq!(stopped.state, pb::EnvironmentState::Stopped as i32);
     assert_eq!(inspect(&name)["State"]["Running"], false);
 
-    client
+    let starting = client
         .start_environment(StartEnvironmentRequest {
             caller: None,
             environment_id: env.id.clone(),
         })
         .await
+        .unwrap()
+        .into_inner()
+        .environment
         .unwrap();
+    assert_eq!(starting.state, pb::EnvironmentState::Starting as i32);
+    assert_eq!(
+        settled(&client, &env.id).await.state,
+        pb::EnvironmentState::Running as i32
+    );
     assert_eq!(inspect(&name)["State"]["Running"], true);
-    client
+    let started_at = inspect(&name)["State"]["StartedAt"].clone();
+    let restarting = client
         .restart_environment(RestartEnvironmentRequest {
             caller: None,
             environment_id: env.id.clone(),
             timeout_seconds: Some(1),
         })
         .await
+        .unwrap()
+        .into_inner()
+        .environment
         .unwrap();
+    assert_eq!(restarting.state, pb::EnvironmentState::Stopping as i32);
+    assert_eq!(
+        settled(&client, &env.id).await.state,
+        pb::EnvironmentState::Running as i32
+    );
     assert_eq!(inspect(&name)["State"]["Running"], true);
+    assert_ne!(
+        inspect(&name)["State"]["StartedAt"],
+        started_at,
+        "restarted"
+    );
 
     let other = create(&h, &["sleep", "3600"]).await;
     let page = client
@@ -549,7 +588,7 @@ async fn lifecycle_and_delete_leaves_nothing() {
     assert!(none.environments.is_empty());
 
     for id in [&env.id, &other.id] {
-        let deleted = client
+        let deleting = client
             .delete_environment(DeleteEnvironmentRequest {
                 caller: None,
                 environment_id: id.clone(),
@@ -559,7 +598,11 @@ async fn lifecycle_and_delete_leaves_nothing() {
             .into_inner()
             .environment
             .unwrap();
-        assert_eq!(deleted.state, pb::EnvironmentState::Deleted as i32);
+        assert_eq!(deleting.state, pb::EnvironmentState::Deleting as i32);
+        assert_eq!(
+            settled(&client, id).await.state,
+            pb::EnvironmentState::Deleted as i32
+        );
     }
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
     let all = client
@@ -596,12 +639,17 @@ async fn interrupted_creates_and_orphans_are_cleaned_by_reconcile() {
     for point in [CrashPoint::AfterNetwork, CrashPoint::AfterContainer] {
         h.orchestrator.set_crash_point(Some(point));
         let env = uuid::Uuid::new_v4().to_string();
-        let err = h
-            .client()
+        // Accepted: the crash comes in the background, and leaves the
+        // record `creating`.
+        h.client()
             .create_environment(create_req(&h, &spec, &env, &env))
             .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
+            .unwrap();
+        h.orchestrator.wait_operation(&env).await;
+        assert_eq!(
+            h.orchestrator.get(&env).await.unwrap().state,
+            State::Creating
+        );
         ids.push(env);
     }
     h.orchestrator.set_crash_point(None);
@@ -810,6 +858,24 @@ async fn quota_under_concurrency(database_url: &str) {
     }
     assert_eq!(codes.get(&Code::Ok), Some(&5), "{codes:?}");
     assert_eq!(codes.get(&Code::ResourceExhausted), Some(&45), "{codes:?}");
+    let admitted = h
+        .client()
+        .list_environments(ListEnvironmentsRequest {
+            team_ids: vec![TEAM.into()],
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .environments;
+    assert_eq!(admitted.len(), 5);
+    for env in &admitted {
+        assert_eq!(
+            settled(&h.client(), &env.id).await.state,
+            pb::EnvironmentState::Running as i32
+        );
+    }
     let containers = h
         .objects()
         .into_iter()
@@ -836,14 +902,17 @@ async fn more_environments_than_default_address_pools() {
         .count();
     assert_eq!(networks, 40);
     let mut client = h.client();
-    for id in ids {
+    for id in &ids {
         client
             .delete_environment(DeleteEnvironmentRequest {
                 caller: None,
-                environment_id: id,
+                environment_id: id.clone(),
             })
             .await
             .unwrap();
+    }
+    for id in &ids {
+        settled(&client, id).await;
     }
     assert!(h.objects().is_empty());
 }
@@ -854,20 +923,42 @@ async fn missing_image_fails_naming_it() {
     let mut spec = hardened_spec(&["sleep", "3600"]);
     spec.image = "registry.invalid/vibebox/nothing:1".into();
     let env = uuid::Uuid::new_v4().to_string();
-    let err = h
+    // Accepted (the pull runs in the background), then failed naming it.
+    let created = h
         .client()
         .create_environment(create_req(&h, &spec, &env, &env))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+        .unwrap()
+        .into_inner()
+        .environment
+        .unwrap();
+    assert_eq!(created.state(), pb::EnvironmentState::Creating);
+    let failed = settled(&h.client(), &env).await;
+    assert_eq!(failed.state(), pb::EnvironmentState::Failed);
     assert!(
-        err.message().contains("registry.invalid/vibebox/nothing:1"),
-        "{}",
-        err.message()
+        failed
+            .failure_reason
+            .contains("registry.invalid/vibebox/nothing:1"),
+        "{failed:?}"
     );
+    assert_eq!(failed.status_message, "");
     assert!(h.objects().is_empty(), "left behind: {:?}", h.objects());
     let rec = h.orchestrator.get(&env).await.unwrap();
     assert_eq!(rec.state, State::Failed);
+    assert_eq!(rec.subnet, None, "released with the failure");
+    // Its failure is audited (once, before `failed` was committed).
+    let failures: Vec<_> = h
+        .orchestrator
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|e| {
+            e.action == "environment.create"
+                && e.resource_id == env
+                && e.outcome == vibebox_proto::audit::Outcome::Failure as i32
+        })
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -882,6 +973,7 @@ async fn periodic_reconcile_removes_orphans_and_exec_needs_a_running_container()
         })
         .await
         .unwrap();
+    settled(&h.client(), &env.id).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(ExecRequest {
         caller: None,

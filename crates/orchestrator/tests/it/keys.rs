@@ -51,6 +51,19 @@ impl ClearanceService for Keys {
     }
 }
 
+/// Creates an environment with a clearance `signer` signed, and waits
+/// until it is running.
+async fn create(h: &Harness, signer: &ClearanceSigner) {
+    let req = request(signer);
+    let id = req.environment_id.clone();
+    h.client().create_environment(req).await.unwrap();
+    let env = crate::common::settled(&h.client(), &id).await;
+    assert_eq!(
+        env.state(),
+        vibebox_proto::environment::EnvironmentState::Running
+    );
+}
+
 fn request(signer: &ClearanceSigner) -> CreateEnvironmentRequest {
     let spec = hardened_spec(&["sleep", "3600"]);
     let env = uuid::Uuid::new_v4().to_string();
@@ -111,25 +124,16 @@ async fn keys_are_fetched_from_policy_and_refreshed_on_rotation() {
     let (h, keys, stop) = start(0).await;
     let first = ClearanceSigner::generate();
     keys.keys.lock().unwrap().push(first.public_key());
-    h.client()
-        .create_environment(request(&first))
-        .await
-        .unwrap();
+    create(&h, &first).await;
     assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
     // A known key needs no fetch.
-    h.client()
-        .create_environment(request(&first))
-        .await
-        .unwrap();
+    create(&h, &first).await;
     assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
 
     // Rotation: a new key appears at the policy service.
     let second = ClearanceSigner::generate();
     keys.keys.lock().unwrap().push(second.public_key());
-    h.client()
-        .create_environment(request(&second))
-        .await
-        .unwrap();
+    create(&h, &second).await;
     assert_eq!(keys.fetches.load(Ordering::SeqCst), 2);
 
     // A key the policy service never published is refused.
@@ -171,7 +175,7 @@ async fn a_key_policy_withdraws_is_refused_as_retired_without_a_restart() {
     let (h, keys, stop) = start_with(3600, 200, 5_000).await;
     let old = ClearanceSigner::generate();
     keys.keys.lock().unwrap().push(old.public_key());
-    h.client().create_environment(request(&old)).await.unwrap();
+    create(&h, &old).await;
     // Policy rotates and retires the old key: it publishes only the new one.
     let new = ClearanceSigner::generate();
     *keys.keys.lock().unwrap() = vec![new.public_key()];
@@ -186,7 +190,7 @@ async fn a_key_policy_withdraws_is_refused_as_retired_without_a_restart() {
         err.message().contains(old.key_id()) && err.message().contains("retired"),
         "{err:?}"
     );
-    h.client().create_environment(request(&new)).await.unwrap();
+    create(&h, &new).await;
     stop.cancel();
 }
 
@@ -195,10 +199,7 @@ async fn a_ring_policy_cannot_refresh_is_not_trusted() {
     let (h, keys, stop) = start_with(3600, 100, 400).await;
     let signer = ClearanceSigner::generate();
     keys.keys.lock().unwrap().push(signer.public_key());
-    h.client()
-        .create_environment(request(&signer))
-        .await
-        .unwrap();
+    create(&h, &signer).await;
     // Policy goes away; once the ring is older than its maximum age, no
     // clearance verifies (the key may have been retired meanwhile).
     stop.cancel();

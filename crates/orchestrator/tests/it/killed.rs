@@ -1,7 +1,9 @@
 //! A real `vibebox-orchestrator` process killed in the middle of a create
 //! (it aborts right after creating the network, or right after creating the
 //! container) leaves nothing behind once the restarted process has
-//! reconciled, and the environment is reported failed.
+//! reconciled, and the environment is reported failed. Killed in the middle
+//! of a stop or a start (after the engine acted, before the commit), the
+//! restarted process finishes the operation.
 
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -11,7 +13,10 @@ use vibebox_clearance::ClearanceSigner;
 use vibebox_orchestrator::testkit::{self, hardened_spec, labelled_objects, remove_labelled};
 use vibebox_proto::environment::EnvironmentState;
 use vibebox_proto::runtime::runtime_service_client::RuntimeServiceClient;
-use vibebox_proto::runtime::{CreateEnvironmentRequest, GetEnvironmentRequest};
+use vibebox_proto::runtime::{
+    CreateEnvironmentRequest, GetEnvironmentRequest, StartEnvironmentRequest,
+    StopEnvironmentRequest,
+};
 use vibebox_server_kit::testing::TestPki;
 
 struct Proc(Child);
@@ -131,7 +136,9 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
         wait_serving(&pki, port).await;
         let spec = hardened_spec(&["sleep", "3600"]);
         let env = uuid::Uuid::new_v4().to_string();
-        let err = client(&pki, port)
+        // Accepted (`creating`) before the background work reaches the
+        // crash point, or cut by the abort if it comes first.
+        let answer = client(&pki, port)
             .await
             .create_environment(CreateEnvironmentRequest {
                 request_id: env.clone(),
@@ -148,15 +155,20 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
                 spec: Some(spec),
                 ..Default::default()
             })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err.code(),
-                Code::Unavailable | Code::Unknown | Code::Internal
+            .await;
+        match answer {
+            Ok(created) => assert_eq!(
+                created.into_inner().environment.unwrap().state,
+                EnvironmentState::Creating as i32
             ),
-            "{err:?}"
-        );
+            Err(err) => assert!(
+                matches!(
+                    err.code(),
+                    Code::Unavailable | Code::Unknown | Code::Internal
+                ),
+                "{err:?}"
+            ),
+        }
         let status = first.0.wait().unwrap();
         assert!(!status.success(), "the process died");
         assert!(
@@ -206,6 +218,151 @@ async fn killed_mid_create_leaves_nothing_after_restart() {
             "{}",
             got.failure_reason
         );
+    }
+}
+
+/// Waits until the environment is in `state` (asking the process on `port`).
+async fn wait_state(
+    pki: &TestPki,
+    port: u16,
+    env: &str,
+    state: EnvironmentState,
+) -> vibebox_proto::environment::Environment {
+    let mut last = None;
+    for _ in 0..600 {
+        if let Ok(found) = client(pki, port)
+            .await
+            .get_environment(GetEnvironmentRequest {
+                environment_id: env.to_owned(),
+            })
+            .await
+        {
+            let found = found.into_inner().environment.unwrap();
+            if found.state == state as i32 {
+                return found;
+            }
+            last = Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{env} never reached {state:?}: {last:?}");
+}
+
+fn container_running(env: &str) -> bool {
+    let out = Command::new("docker")
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            &format!("vibebox-{env}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the container of {env} exists");
+    String::from_utf8_lossy(&out.stdout).trim() == "true"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_stop_or_mid_start_is_finished_after_restart() {
+    testkit::ensure_test_image().unwrap();
+    let pki = TestPki::new();
+    let data_dir = pki.path().join("data");
+    let signer = ClearanceSigner::generate();
+    let key_file = pki.path().join("clearance.pub");
+    std::fs::write(&key_file, hex::encode(signer.verifying_key().to_bytes())).unwrap();
+    let installation = format!("test-killed-{}", uuid::Uuid::new_v4());
+    // Dropped last: after every process is gone.
+    let _cleanup = Cleanup(installation.clone());
+    let start = |abort: Option<&str>| {
+        let port = free_port();
+        let proc = spawn(&pki, &data_dir, &key_file, &installation, port, abort, &[]);
+        (proc, port)
+    };
+
+    // Aborts after the engine stopped the container, before the commit.
+    let (mut first, port) = start(Some("stop"));
+    wait_serving(&pki, port).await;
+    let spec = hardened_spec(&["sleep", "3600"]);
+    let env = uuid::Uuid::new_v4().to_string();
+    client(&pki, port)
+        .await
+        .create_environment(CreateEnvironmentRequest {
+            request_id: env.clone(),
+            environment_id: env.clone(),
+            team_id: "team".into(),
+            owner_id: "owner".into(),
+            clearance: Some(testkit::clearance(
+                &signer,
+                &spec,
+                &env,
+                "team",
+                Duration::from_secs(60),
+            )),
+            spec: Some(spec),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    wait_state(&pki, port, &env, EnvironmentState::Running).await;
+    let answer = client(&pki, port)
+        .await
+        .stop_environment(StopEnvironmentRequest {
+            environment_id: env.clone(),
+            timeout_seconds: Some(1),
+            ..Default::default()
+        })
+        .await;
+    if let Ok(stopping) = answer {
+        assert_eq!(
+            stopping.into_inner().environment.unwrap().state,
+            EnvironmentState::Stopping as i32
+        );
+    }
+    assert!(!first.0.wait().unwrap().success(), "the process died");
+    assert!(!container_running(&env), "the engine stopped it");
+
+    // The restarted process finishes the stop.
+    let (second, port) = start(None);
+    wait_serving(&pki, port).await;
+    let stopped = wait_state(&pki, port, &env, EnvironmentState::Stopped).await;
+    assert_eq!(stopped.progress_percent, 100);
+    assert_eq!(stopped.failure_reason, "");
+    assert!(!container_running(&env));
+    drop(second);
+
+    // Aborts after the engine started the container, before the commit.
+    let (mut third, port) = start(Some("start"));
+    wait_serving(&pki, port).await;
+    let answer = client(&pki, port)
+        .await
+        .start_environment(StartEnvironmentRequest {
+            environment_id: env.clone(),
+            ..Default::default()
+        })
+        .await;
+    if let Ok(starting) = answer {
+        assert_eq!(
+            starting.into_inner().environment.unwrap().state,
+            EnvironmentState::Starting as i32
+        );
+    }
+    assert!(!third.0.wait().unwrap().success(), "the process died");
+
+    // The restarted process finishes the start.
+    let (_fourth, port) = start(None);
+    wait_serving(&pki, port).await;
+    let running = wait_state(&pki, port, &env, EnvironmentState::Running).await;
+    assert_eq!(running.progress_percent, 100);
+    assert!(container_running(&env));
+}
+
+/// Removes what an installation's processes created, however the test ends.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_labelled(&self.0);
     }
 }
 

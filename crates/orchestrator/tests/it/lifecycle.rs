@@ -14,6 +14,8 @@ use vibebox_proto::audit::AuditEvent;
 use vibebox_proto::environment as pb;
 use vibebox_proto::runtime::*;
 
+use crate::common::{error_info, settled};
+
 const TEAM: &str = "team-l";
 /// The sweep interval the tests pretend to run at.
 const INTERVAL: Duration = Duration::from_millis(300);
@@ -65,8 +67,10 @@ async fn create(h: &Harness, command: &[&str], l: pb::Lifetime) -> pb::Environme
         .into_inner()
         .environment
         .expect("environment");
-    assert_eq!(created.state(), pb::EnvironmentState::Running);
-    created
+    assert_eq!(created.state(), pb::EnvironmentState::Creating);
+    let running = settled(&h.client(), &env).await;
+    assert_eq!(running.state(), pb::EnvironmentState::Running);
+    running
 }
 
 async fn get(h: &Harness, env: &str) -> pb::Environment {
@@ -225,6 +229,8 @@ async fn idle_stop(database_url: &str) {
         .into_inner()
         .environment
         .unwrap();
+    assert_eq!(started.state(), pb::EnvironmentState::Starting);
+    let started = settled(&h.client(), &idle.id).await;
     assert_eq!(started.state(), pb::EnvironmentState::Running);
     assert_eq!(started.stop_reason, "");
     assert!(
@@ -454,6 +460,10 @@ async fn a_table_an_earlier_version_created_gains_the_lifecycle_columns() {
             let rec = store.get("e1").await.unwrap().expect("the old row");
             assert_eq!(rec.state, State::Stopped);
             assert_eq!(rec.stop_reason, "");
+            // Long-running operations: a settled row shows no operation.
+            assert_eq!(rec.progress_percent, 100);
+            assert_eq!(rec.operation, "");
+            assert_eq!(rec.operation_id, "");
             if round == 0 {
                 assert_eq!(rec.last_activity_ms, None);
             }
@@ -586,7 +596,14 @@ async fn exec_and_port_forward_are_refused_while_an_automatic_stop_is_under_way(
         .expect("no session open");
     let refused = exec_status(&h, &env.id, &["true"]).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(refused.message(), "environment is stopping; cannot exec");
+    assert_eq!(
+        refused.message(),
+        "environment is stopping (auto_stop in progress); cannot exec"
+    );
+    let (reason, metadata) = error_info(&refused);
+    assert_eq!(reason, "environment.operation_in_progress");
+    assert_eq!(metadata["operation"], "auto_stop");
+    assert_eq!(metadata["requested"], "exec");
     let start = PortForwardRequest {
         caller: caller(),
         request: Some(pb::PortForwardRequest {
@@ -607,7 +624,7 @@ async fn exec_and_port_forward_are_refused_while_an_automatic_stop_is_under_way(
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(
         refused.message(),
-        "environment is stopping; cannot port-forward"
+        "environment is stopping (auto_stop in progress); cannot port-forward"
     );
     assert_eq!(h.orchestrator.open_sessions(&env.id), 0, "nothing counted");
 

@@ -11,6 +11,8 @@ use vibebox_orchestrator::testkit::{self, Harness, hardened_spec};
 use vibebox_proto::audit::{AuditEvent, Outcome};
 use vibebox_proto::runtime::*;
 
+use crate::common::settled;
+
 const TEAM: &str = "team-r";
 
 async fn create(h: &Harness) -> String {
@@ -46,12 +48,16 @@ async fn create(h: &Harness) -> String {
         .expect("environment");
     assert_eq!(
         created.state(),
+        vibebox_proto::environment::EnvironmentState::Creating
+    );
+    assert_eq!(
+        settled(&h.client(), &env).await.state(),
         vibebox_proto::environment::EnvironmentState::Running
     );
     env
 }
 
-/// Deletes an environment as `user-r`.
+/// Deletes an environment as `user-r`, and waits until it is deleted.
 async fn delete(h: &Harness, env: &str) {
     h.client()
         .delete_environment(DeleteEnvironmentRequest {
@@ -63,6 +69,10 @@ async fn delete(h: &Harness, env: &str) {
         })
         .await
         .expect("delete");
+    assert_eq!(
+        settled(&h.client(), env).await.state(),
+        vibebox_proto::environment::EnvironmentState::Deleted
+    );
 }
 
 fn events<'a>(recent: &'a [AuditEvent], action: &str, env: &str) -> Vec<&'a AuditEvent> {

@@ -1,9 +1,10 @@
 //! Provisioning and lifecycle through the runtime seam, without Docker: an
 //! in-memory engine that records every call and refuses what a test tells
 //! it to. Shows that a create the engine refuses halfway is rolled back
-//! object by object, settles as failed with its subnet released, and comes
-//! back as the caller's to fix; and that lifecycle calls reach the engine
-//! with the container the record names.
+//! object by object and settles as failed with its subnet released and the
+//! refusal as its reason; that lifecycle calls reach the engine with the
+//! container the record names; and that a shutdown does not wait for an
+//! operation the engine never finishes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +30,10 @@ use vibebox_orchestrator::{Orchestrator, testkit};
 struct FakeEngine {
     calls: Mutex<Vec<String>>,
     refuse_start: Mutex<Option<String>>,
+    /// A stop that never returns.
+    hang_stop: std::sync::atomic::AtomicBool,
+    /// What `update` answers (a 400 with this message).
+    refuse_update: Mutex<Option<String>>,
 }
 
 impl FakeEngine {
@@ -101,6 +106,9 @@ impl Runtime for FakeEngine {
         timeout_secs: i32,
     ) -> BoxFuture<'a, EngineResult<()>> {
         self.log(format!("stop_container {id} t={timeout_secs}"));
+        if self.hang_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(futures::future::pending());
+        }
         ok(())
     }
     fn restart_container<'a>(
@@ -110,6 +118,30 @@ impl Runtime for FakeEngine {
     ) -> BoxFuture<'a, EngineResult<()>> {
         self.log(format!("restart_container {id} t={timeout_secs}"));
         ok(())
+    }
+    fn update_container<'a>(
+        &'a self,
+        id: &'a str,
+        body: bollard::models::ContainerUpdateBody,
+    ) -> BoxFuture<'a, EngineResult<()>> {
+        let limits = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        self.log(format!(
+            "update_container {id} nano_cpus={} memory={} swap={} pids={}",
+            limits(body.nano_cpus),
+            limits(body.memory),
+            limits(body.memory_swap),
+            limits(body.pids_limit),
+        ));
+        let refusal = self.refuse_update.lock().unwrap().clone();
+        Box::pin(async move {
+            match refusal {
+                Some(message) => Err(DockerError::DockerResponseServerError {
+                    status_code: 400,
+                    message,
+                }),
+                None => Ok(()),
+            }
+        })
     }
     fn remove_container<'a>(&'a self, name: &'a str) -> BoxFuture<'a, EngineResult<()>> {
         self.log(format!("remove_container {name}"));
@@ -219,6 +251,7 @@ fn request(seam: &Seam, name: &str) -> CreateRequest {
         team_id: "team-a".into(),
         owner_id: "user-1".into(),
         name: name.into(),
+        labels: Default::default(),
     }
 }
 
@@ -229,10 +262,16 @@ async fn a_start_the_engine_refuses_rolls_back_every_object_without_docker() {
         Some("failed to create task: no command specified".into());
     let req = request(&seam, "refused");
     let id = req.environment_id.clone();
-    let error = seam.orchestrator.create(req).await.unwrap_err();
+    // Accepted, then refused by the engine in the background.
+    let accepted = seam.orchestrator.create(req).await.unwrap();
+    assert_eq!(accepted.state, State::Creating);
+    let record = settled(&seam, &id).await;
+    assert_eq!(record.state, State::Failed);
     assert!(
-        matches!(&error, Error::EngineRefused { field, .. } if field == "spec.command"),
-        "{error:?}"
+        record
+            .failure_reason
+            .starts_with("the Docker Engine refused the spec (spec.command)"),
+        "{record:?}"
     );
 
     let calls = seam.engine.calls();
@@ -273,39 +312,85 @@ async fn a_start_the_engine_refuses_rolls_back_every_object_without_docker() {
     );
 }
 
+/// Waits for the operation in progress on `id`, and returns the record it
+/// left.
+async fn settled(seam: &Seam, id: &str) -> vibebox_orchestrator::store::EnvRecord {
+    seam.orchestrator.wait_operation(id).await;
+    let record = seam.orchestrator.get(id).await.unwrap();
+    assert!(!record.state.is_transitional(), "{record:?}");
+    assert_eq!(record.progress_percent, 100);
+    record
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_calls_reach_the_engine_with_the_recorded_container() {
     let seam = seam().await;
-    let created = seam
+    let accepted = seam
         .orchestrator
         .create(request(&seam, "life"))
         .await
         .unwrap();
+    let created = settled(&seam, &accepted.id).await;
     assert_eq!(created.state, State::Running);
     let cid = created.container_id.clone().unwrap();
     let caller = Caller::default();
-    let stopped = seam
+    let stopping = seam
         .orchestrator
         .stop(&caller, &created.id, Some(7))
         .await
         .unwrap();
-    assert_eq!(stopped.state, State::Stopped);
-    let started = seam.orchestrator.start(&caller, &created.id).await.unwrap();
-    assert_eq!(started.state, State::Running);
-    // An engine refusal of a start is the caller's to fix, as on create.
+    assert_eq!(stopping.state, State::Stopping);
+    assert_eq!(settled(&seam, &created.id).await.state, State::Stopped);
+    // A stop of a stopped environment is refused at once.
+    let again = seam
+        .orchestrator
+        .stop(&caller, &created.id, Some(7))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            again,
+            Error::BadState {
+                state: "stopped",
+                operation: "stop"
+            }
+        ),
+        "{again:?}"
+    );
+    let starting = seam.orchestrator.start(&caller, &created.id).await.unwrap();
+    assert_eq!(starting.state, State::Starting);
+    assert_eq!(settled(&seam, &created.id).await.state, State::Running);
+    // An engine refusal of a start is the caller's to fix, as on create: the
+    // environment stays stopped, with the refusal as its reason.
     seam.orchestrator
         .stop(&caller, &created.id, Some(7))
         .await
         .unwrap();
+    settled(&seam, &created.id).await;
     *seam.engine.refuse_start.lock().unwrap() = Some("no command specified".into());
-    let refused = seam
-        .orchestrator
-        .start(&caller, &created.id)
-        .await
-        .unwrap_err();
+    let starting = seam.orchestrator.start(&caller, &created.id).await.unwrap();
+    assert_eq!(starting.state, State::Starting);
+    let refused = settled(&seam, &created.id).await;
+    assert_eq!(refused.state, State::Stopped);
     assert!(
-        matches!(&refused, Error::EngineRefused { field, .. } if field == "spec.command"),
+        refused
+            .failure_reason
+            .starts_with("start failed: the Docker Engine refused the spec (spec.command)"),
         "{refused:?}"
+    );
+    // Each outcome is audited under its operation's own id.
+    let starts: Vec<_> = seam
+        .orchestrator
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|e| e.action == "environment.start" && e.resource_id == created.id)
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].id, starts[1].id);
+    assert_eq!(
+        starts[1].outcome,
+        vibebox_proto::audit::Outcome::Failure as i32
     );
     let calls = seam.engine.calls();
     assert!(
@@ -320,4 +405,392 @@ async fn lifecycle_calls_reach_the_engine_with_the_recorded_container() {
         3,
         "{calls:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_abandons_an_operation_the_engine_never_finishes() {
+    let seam = seam().await;
+    let accepted = seam
+        .orchestrator
+        .create(request(&seam, "hang"))
+        .await
+        .unwrap();
+    settled(&seam, &accepted.id).await;
+    seam.engine
+        .hang_stop
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let stopping = seam
+        .orchestrator
+        .stop(&Caller::default(), &accepted.id, None)
+        .await
+        .unwrap();
+    assert_eq!(stopping.state, State::Stopping);
+
+    // The stop never ends: the shutdown waits its grace, then abandons it.
+    let began = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        seam.orchestrator
+            .shutdown_operations(Duration::from_millis(200)),
+    )
+    .await
+    .expect("the shutdown does not hang");
+    assert!(began.elapsed() >= Duration::from_millis(200));
+    // Left as a crash would leave it (reconcile finishes it), and the
+    // environment is free again.
+    seam.orchestrator.wait_operation(&accepted.id).await;
+    let left = seam.orchestrator.get(&accepted.id).await.unwrap();
+    assert_eq!(left.state, State::Stopping);
+    assert_eq!(left.operation, "stop");
+    assert!(
+        !seam
+            .orchestrator
+            .audit()
+            .recent()
+            .iter()
+            .any(|e| e.action == "environment.stop"),
+        "nothing audited for a stop that did not finish"
+    );
+}
+
+/// In-place updates through the seam: the engine is asked before the
+/// audited commit, a refusal anywhere changes nothing, and only resources
+/// change in place.
+mod update {
+    use std::collections::BTreeMap;
+
+    use vibebox_orchestrator::service::Rejection;
+    use vibebox_orchestrator::store::EnvRecord;
+    use vibebox_orchestrator::update::{UpdateRefusal, UpdateRequest, labels_of};
+    use vibebox_proto::audit::{AuditEvent, Outcome};
+    use vibebox_proto::environment::ContainerSpec;
+
+    use super::*;
+
+    const MIB: i64 = 1024 * 1024;
+
+    async fn running(seam: &Seam, name: &str) -> EnvRecord {
+        let accepted = seam.orchestrator.create(request(seam, name)).await.unwrap();
+        let record = settled(seam, &accepted.id).await;
+        assert_eq!(record.state, State::Running);
+        record
+    }
+
+    fn resized(cpu: f64, memory_mb: i64, pids: i64) -> ContainerSpec {
+        ContainerSpec {
+            cpu_limit: Some(cpu),
+            memory_limit_mb: Some(memory_mb),
+            pids_limit: Some(pids),
+            ..testkit::hardened_spec(&["sleep", "60"])
+        }
+    }
+
+    fn resize(
+        seam: &Seam,
+        rec: &EnvRecord,
+        spec: ContainerSpec,
+        request_id: &str,
+    ) -> UpdateRequest {
+        UpdateRequest {
+            caller: Caller {
+                user_id: "user-1".into(),
+                ..Caller::default()
+            },
+            environment_id: rec.id.clone(),
+            update_mask: vec![
+                "spec.cpu_limit".into(),
+                "spec.memory_limit_mb".into(),
+                "spec.pids_limit".into(),
+            ],
+            clearance: Some(testkit::clearance(
+                &seam.signer,
+                &spec,
+                &rec.id,
+                "team-a",
+                Duration::from_secs(60),
+            )),
+            spec: Some(spec),
+            request_id: request_id.into(),
+            ..UpdateRequest::default()
+        }
+    }
+
+    fn events(seam: &Seam, env: &str) -> Vec<AuditEvent> {
+        seam.orchestrator
+            .audit()
+            .recent()
+            .into_iter()
+            .filter(|e| e.action == "environment.update" && e.resource_id == env)
+            .collect()
+    }
+
+    fn detail(e: &AuditEvent, key: &str) -> String {
+        use prost_types::value::Kind;
+        match e
+            .details
+            .as_ref()
+            .and_then(|d| d.fields.get(key))
+            .and_then(|v| v.kind.clone())
+        {
+            Some(Kind::StringValue(s)) => s,
+            other => panic!("detail {key}: {other:?}"),
+        }
+    }
+
+    fn updates(seam: &Seam) -> Vec<String> {
+        seam.engine
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("update_container"))
+            .collect()
+    }
+
+    /// The parts of a record an update may change.
+    fn changeable(r: &EnvRecord) -> (Vec<u8>, i64, i64, String, String, String, String, i64) {
+        (
+            r.spec.clone(),
+            r.nano_cpus,
+            r.memory_bytes,
+            r.name.clone(),
+            r.labels.clone(),
+            r.clearance_id.clone(),
+            r.pending_update.clone(),
+            r.update_time_ms,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resize_reaches_the_engine_before_its_audited_commit_once() {
+        let seam = seam().await;
+        let rec = running(&seam, "resize").await;
+        let cid = rec.container_id.clone().unwrap();
+        let spec = resized(1.5, 256, 200);
+        let mut req = resize(&seam, &rec, spec.clone(), "upd-1");
+        req.update_mask.extend(["name".into(), "labels".into()]);
+        req.name = "renamed".into();
+        req.labels = BTreeMap::from([("ci".into(), "true".into())]);
+        let updated = seam.orchestrator.update(req.clone()).await.unwrap();
+
+        assert_eq!(
+            updates(&seam),
+            [format!(
+                "update_container {cid} nano_cpus=1500000000 memory={} swap={} pids=200",
+                256 * MIB,
+                256 * MIB
+            )],
+            "swap pinned to memory"
+        );
+        let stored: ContainerSpec = prost::Message::decode(updated.spec.as_slice()).unwrap();
+        assert_eq!(stored, spec, "the stored spec is the cleared new one");
+        assert_eq!(
+            (updated.nano_cpus, updated.memory_bytes),
+            (1_500_000_000, 256 * MIB)
+        );
+        assert_eq!(updated.name, "renamed");
+        assert_eq!(labels_of(&updated), req.labels);
+        assert_eq!(updated.update_request_id, "upd-1");
+        assert_eq!(updated.pending_update, "", "nothing left pending");
+        assert_ne!(updated.clearance_id, rec.clearance_id);
+        assert!(updated.update_time_ms >= rec.update_time_ms);
+        assert_eq!(updated.state, State::Running);
+
+        let audited = events(&seam, &rec.id);
+        assert_eq!(audited.len(), 1, "{audited:?}");
+        assert_eq!(audited[0].outcome, Outcome::Success as i32);
+        assert_eq!(
+            detail(&audited[0], "paths"),
+            "name,labels,spec.cpu_limit,spec.memory_limit_mb,spec.pids_limit"
+        );
+        assert_eq!(detail(&audited[0], "spec.cpu_limit"), "0.25 -> 1.5");
+        assert_eq!(detail(&audited[0], "spec.memory_limit_mb"), "64 -> 256");
+        assert_eq!(detail(&audited[0], "spec.pids_limit"), "64 -> 200");
+        assert_eq!(detail(&audited[0], "name"), "resize -> renamed");
+        assert_eq!(detail(&audited[0], "labels"), r#"{} -> {"ci":"true"}"#);
+
+        // A retry of the same request: the record as it is, nothing again.
+        let again = seam.orchestrator.update(req.clone()).await.unwrap();
+        assert_eq!(changeable(&again), changeable(&updated));
+        assert_eq!(updates(&seam).len(), 1);
+        assert_eq!(events(&seam, &rec.id).len(), 1);
+        // The same clearance under another request id is a replay.
+        let replayed = seam
+            .orchestrator
+            .update(UpdateRequest {
+                request_id: "upd-2".into(),
+                ..req
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(replayed, Error::Clearance(Rejection::Replayed)),
+            "{replayed:?}"
+        );
+        assert_eq!(updates(&seam).len(), 1, "a replay never reaches the engine");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_by_the_engine_or_a_quota_changes_nothing_and_is_audited() {
+        let seam = seam().await;
+        let rec = running(&seam, "refused").await;
+        let before = changeable(&seam.orchestrator.get(&rec.id).await.unwrap());
+
+        *seam.engine.refuse_update.lock().unwrap() =
+            Some("Range of CPUs is from 0.01 to 2.00, as there are only 2 CPUs available".into());
+        let refused = seam
+            .orchestrator
+            .update(resize(&seam, &rec, resized(3.0, 64, 64), "too-many-cpus"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::EngineRefused { field, .. } if field == "spec.cpu_limit"),
+            "{refused:?}"
+        );
+        assert_eq!(updates(&seam).len(), 1);
+        let after = seam.orchestrator.get(&rec.id).await.unwrap();
+        assert_eq!(changeable(&after), before, "the reservation is given back");
+        *seam.engine.refuse_update.lock().unwrap() = None;
+
+        // 9 GiB is over the team's 8: refused before the engine is asked.
+        let over = seam
+            .orchestrator
+            .update(resize(
+                &seam,
+                &rec,
+                resized(0.25, 9 * 1024, 64),
+                "too-much-memory",
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(over, Error::Quota { .. }), "{over:?}");
+        assert_eq!(updates(&seam).len(), 1, "the engine was not asked");
+        let after = seam.orchestrator.get(&rec.id).await.unwrap();
+        assert_eq!(changeable(&after), before);
+
+        let audited = events(&seam, &rec.id);
+        assert_eq!(audited.len(), 2, "{audited:?}");
+        assert!(audited.iter().all(|e| e.outcome == Outcome::Failure as i32));
+        assert!(detail(&audited[0], "error").contains("CPUs"));
+        assert!(detail(&audited[1], "error").contains("quota"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_resources_change_in_place_and_a_stopped_environment_is_resized() {
+        let seam = seam().await;
+        let rec = running(&seam, "fields").await;
+
+        // A cleared spec that changes more than resources.
+        let mut image = resized(0.5, 64, 64);
+        image.image = "vibebox-test/other:1".into();
+        let refused = seam
+            .orchestrator
+            .update(resize(&seam, &rec, image, "image"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::Update(UpdateRefusal::RequiresRecreate { path }) if path == "spec.image"),
+            "{refused:?}"
+        );
+        // A path of the spec that is not a resource; one that is nothing.
+        let mut mask = resize(&seam, &rec, resized(0.5, 64, 64), "mask");
+        mask.update_mask = vec!["spec.mounts".into()];
+        let refused = seam.orchestrator.update(mask.clone()).await.unwrap_err();
+        assert!(
+            matches!(&refused, Error::Update(UpdateRefusal::RequiresRecreate { path }) if path == "spec.mounts"),
+            "{refused:?}"
+        );
+        mask.update_mask = vec!["team_id".into()];
+        let refused = seam.orchestrator.update(mask).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                Error::InvalidArgument {
+                    field: "update_mask",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        // Resources without a clearance.
+        let mut bare = resize(&seam, &rec, resized(0.5, 64, 64), "bare");
+        bare.clearance = None;
+        let refused = seam.orchestrator.update(bare).await.unwrap_err();
+        assert!(
+            matches!(refused, Error::Clearance(Rejection::Missing)),
+            "{refused:?}"
+        );
+        assert!(
+            updates(&seam).is_empty(),
+            "none of these reached the engine"
+        );
+
+        // Metadata alone needs no clearance and no engine.
+        let renamed = seam
+            .orchestrator
+            .update(UpdateRequest {
+                environment_id: rec.id.clone(),
+                update_mask: vec!["name".into()],
+                name: "fields-2".into(),
+                request_id: "rename".into(),
+                ..UpdateRequest::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(renamed.name, "fields-2");
+        assert_eq!(renamed.spec, rec.spec);
+        assert!(updates(&seam).is_empty());
+
+        // A stopped environment is resized too.
+        seam.orchestrator
+            .stop(&Caller::default(), &rec.id, Some(1))
+            .await
+            .unwrap();
+        assert_eq!(settled(&seam, &rec.id).await.state, State::Stopped);
+        let resized = seam
+            .orchestrator
+            .update(resize(&seam, &rec, resized(0.5, 96, 80), "stopped"))
+            .await
+            .unwrap();
+        assert_eq!(resized.state, State::Stopped);
+        assert_eq!(resized.memory_bytes, 96 * MIB);
+        assert_eq!(updates(&seam).len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_is_refused_while_an_operation_is_in_progress() {
+        let seam = seam().await;
+        let rec = running(&seam, "busy").await;
+        seam.engine
+            .hang_stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let stopping = seam
+            .orchestrator
+            .stop(&Caller::default(), &rec.id, None)
+            .await
+            .unwrap();
+        assert_eq!(stopping.state, State::Stopping);
+        let refused = tokio::time::timeout(
+            Duration::from_secs(2),
+            seam.orchestrator.update(UpdateRequest {
+                environment_id: rec.id.clone(),
+                update_mask: vec!["name".into()],
+                name: "later".into(),
+                request_id: "during-stop".into(),
+                ..UpdateRequest::default()
+            }),
+        )
+        .await
+        .expect("refused at once, not after the stop")
+        .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                Error::OperationInProgress {
+                    state: "stopping",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        seam.orchestrator.abandon_operations();
+    }
 }

@@ -2,7 +2,9 @@
 //! when `VIBEBOX_TEST_POSTGRES_URL` is set): idempotency and replay
 //! constraints, subnet uniqueness, state changes and paging.
 
-use vibebox_orchestrator::store::{EnvRecord, State, Store, now_ms};
+use vibebox_listing::{Bounds, MsRange};
+use vibebox_orchestrator::store::{EnvRecord, Scan, ScanBy, State, Store, now_ms};
+use vibebox_proto::environment::EnvironmentState;
 
 fn record(id: &str, request: &str, clearance: &str, subnet: Option<&str>, t: i64) -> EnvRecord {
     EnvRecord {
@@ -30,6 +32,12 @@ fn record(id: &str, request: &str, clearance: &str, subnet: Option<&str>, t: i64
         last_activity_ms: Some(t),
         keep_alive_until_ms: None,
         expire_at_ms: None,
+        labels: "{}".into(),
+        update_request_id: String::new(),
+        pending_update: String::new(),
+        progress_percent: 100,
+        operation: String::new(),
+        operation_id: String::new(),
     }
 }
 
@@ -86,26 +94,347 @@ async fn store_constraints_hold_on_every_database() {
             .set_state("e5", State::Deleted, None, None)
             .await
             .unwrap();
+        // Listing candidates: narrowed in the database, scanned in time
+        // order.
+        let ids = |records: &[EnvRecord]| -> Vec<String> {
+            let mut ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        let newest = Scan {
+            by: ScanBy::CreateTime,
+            descending: true,
+            limit: 2,
+        };
+        let live = Bounds::default();
         let page = store
-            .list("inst", &["team".into()], false, 0, 2)
+            .list("inst", &["team".into()], &live, Some(newest))
             .await
             .unwrap();
-        let ids: Vec<_> = page.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["e7", "e6"], "{:?}", db.kind);
-        let rest = store.list("inst", &[], false, 2, 10).await.unwrap();
+        let in_order: Vec<_> = page.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(in_order, ["e7", "e6"], "{:?}", db.kind);
+        let mut older = live.clone();
+        older.create_time_ms.max = Some(t + 2 - 1);
+        let rest = store.list("inst", &[], &older, Some(newest)).await.unwrap();
+        assert_eq!(ids(&rest), ["e1"]);
+        let all = Bounds {
+            include_deleted: true,
+            ..Bounds::default()
+        };
         assert_eq!(
-            rest.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["e1"]
+            ids(&store.list("inst", &[], &all, None).await.unwrap()),
+            ["e1", "e5", "e6", "e7"]
         );
-        let all = store.list("inst", &[], true, 0, 10).await.unwrap();
-        assert_eq!(all.len(), 4);
         assert!(
             store
-                .list("other", &[], true, 0, 10)
+                .list("other", &[], &all, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .list("inst", &["team-b".into()], &all, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let failed = Bounds {
+            state: Some(EnvironmentState::Failed),
+            ..all.clone()
+        };
+        assert_eq!(
+            ids(&store.list("inst", &[], &failed, None).await.unwrap()),
+            ["e1"]
+        );
+        let deleted = Bounds {
+            state: Some(EnvironmentState::Deleted),
+            ..all.clone()
+        };
+        assert_eq!(
+            ids(&store.list("inst", &[], &deleted, None).await.unwrap()),
+            ["e5"]
+        );
+        let never = Bounds {
+            state: Some(EnvironmentState::Unspecified),
+            ..all.clone()
+        };
+        assert!(
+            store
+                .list("inst", &[], &never, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let mut window = all.clone();
+        window.create_time_ms = MsRange {
+            min: Some(t + 1),
+            max: Some(t + 2),
+        };
+        window.owner_id = Some("owner".into());
+        assert_eq!(
+            ids(&store.list("inst", &[], &window, None).await.unwrap()),
+            ["e5", "e6"]
+        );
+        window.owner_id = Some("someone".into());
+        assert!(
+            store
+                .list("inst", &[], &window, None)
                 .await
                 .unwrap()
                 .is_empty()
         );
         assert_eq!(store.live("inst").await.unwrap().len(), 3);
+    }
+}
+
+/// Operations write only from the state they expect (a delete accepted
+/// meanwhile is never overwritten), and a settled state ends the operation.
+#[tokio::test]
+async fn transitions_move_only_from_the_states_they_expect() {
+    use vibebox_orchestrator::store::Transition;
+    for db in vibebox_db::testing::databases().await {
+        let store = Store::open(&db.url).await.unwrap();
+        let t = now_ms();
+        assert!(insert(&store, record("o1", "r1", "c1", Some("10.0.1.0/28"), t)).await);
+        // Creating -> Running, as a create's commit.
+        assert!(
+            store
+                .set_progress("o1", State::Creating, "creating the network", 65)
+                .await
+                .unwrap()
+        );
+        let rec = store.get("o1").await.unwrap().unwrap();
+        assert_eq!(
+            (rec.progress_percent, rec.status_message.as_str()),
+            (65, "creating the network")
+        );
+        assert!(
+            store
+                .transition(
+                    "o1",
+                    &[State::Creating],
+                    State::Running,
+                    Transition::default()
+                )
+                .await
+                .unwrap()
+        );
+        // Running -> Stopping, with the operation and its id.
+        let start = Transition {
+            status_message: Some("stopping"),
+            progress_percent: Some(5),
+            operation: Some(("stop", "op-1")),
+            ..Transition::default()
+        };
+        assert!(
+            store
+                .transition("o1", &[State::Running], State::Stopping, start)
+                .await
+                .unwrap()
+        );
+        let rec = store.get("o1").await.unwrap().unwrap();
+        assert_eq!(rec.state, State::Stopping);
+        assert_eq!(
+            (rec.operation.as_str(), rec.operation_id.as_str()),
+            ("stop", "op-1")
+        );
+        assert_eq!(rec.progress_percent, 5);
+        // A delete accepted meanwhile: the stop's writes no longer land.
+        store
+            .set_state("o1", State::Deleting, None, Some("deleting"))
+            .await
+            .unwrap();
+        assert!(
+            !store
+                .set_progress("o1", State::Stopping, "stopping the container", 30)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .transition(
+                    "o1",
+                    &[State::Stopping],
+                    State::Stopped,
+                    Transition::default()
+                )
+                .await
+                .unwrap()
+        );
+        let rec = store.get("o1").await.unwrap().unwrap();
+        assert_eq!(rec.state, State::Deleting, "{:?}", db.kind);
+        assert_eq!(rec.status_message, "deleting");
+        // Settled: progress 100, no operation, the subnet released.
+        let settle = Transition {
+            release_subnet: true,
+            ..Transition::default()
+        };
+        assert!(
+            store
+                .transition("o1", &[State::Deleting], State::Deleted, settle)
+                .await
+                .unwrap()
+        );
+        let rec = store.get("o1").await.unwrap().unwrap();
+        assert_eq!(rec.state, State::Deleted);
+        assert_eq!((rec.progress_percent, rec.operation.as_str()), (100, ""));
+        assert_eq!(rec.operation_id, "");
+        assert_eq!(rec.subnet, None);
+        // Stored as their names.
+        for state in [State::Starting, State::Stopping] {
+            store.set_state("o1", state, None, None).await.unwrap();
+            assert_eq!(store.get("o1").await.unwrap().unwrap().state, state);
+        }
+    }
+}
+
+/// Listing pages (`service::list_page`) read the database in chunks of the
+/// first sort key; whatever the chunk size (ties straddling a chunk's end
+/// included), walking the pages returns exactly the records the query
+/// selects, in its order, on every database.
+#[tokio::test]
+async fn listing_pages_scan_in_chunks_on_every_database() {
+    use vibebox_listing::Query;
+    use vibebox_orchestrator::grpc::environment_pb;
+    use vibebox_orchestrator::service::list_page;
+
+    for db in vibebox_db::testing::databases().await {
+        let store = Store::open(&db.url).await.unwrap();
+        let t = 1_767_225_600_000;
+        let mut all = Vec::new();
+        for i in 0..40i64 {
+            let mut r = record(
+                &format!("env-{i:02}"),
+                &format!("req-{i}"),
+                &format!("clr-{i}"),
+                None,
+                // Four records share each creation time.
+                t + i / 4,
+            );
+            r.owner_id = ["alice", "bob", "carol"][(i % 3) as usize].into();
+            r.state = [
+                State::Running,
+                State::Stopped,
+                State::Deleted,
+                State::Running,
+            ][(i % 4) as usize];
+            r.name = format!("n-{}", 39 - i);
+            // Update times run the other way, in pairs.
+            r.update_time_ms = t + 1000 - i / 2;
+            r.team_id = if i % 5 == 0 { "team-b" } else { "team" }.into();
+            all.push(r.clone());
+            assert!(insert(&store, r).await);
+        }
+        let teams = ["team".to_owned(), "team-b".to_owned()];
+        for (filter, order_by, show_deleted) in [
+            ("", "", false),
+            ("", "", true),
+            ("", "update_time", true),
+            ("owner_id = bob", "update_time desc", true),
+            ("state = RUNNING", "create_time", false),
+            ("state = DELETED", "", false),
+            (
+                "update_time >= \"2026-01-01T00:00:00.990Z\"",
+                "update_time",
+                true,
+            ),
+            (
+                "create_time < \"2026-01-01T00:00:00.004Z\" OR name = \"n-1*\"",
+                "",
+                true,
+            ),
+            ("team_id = team-b OR owner_id = carol", "name desc", true),
+            ("", "state, create_time desc", false),
+        ] {
+            let query = Query::new(filter, order_by, show_deleted).unwrap();
+            let expected: Vec<String> = query
+                .page(all.iter().map(environment_pb), 500, None)
+                .environments
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            assert!(!expected.is_empty(), "{filter:?} selects something");
+            for chunk in [1, 3, 5, 256] {
+                for size in [1, 3, 7] {
+                    let mut got = Vec::new();
+                    let mut token = String::new();
+                    loop {
+                        let cursor = query.cursor(&token).unwrap();
+                        let page =
+                            list_page(&store, "inst", &teams, &query, size, cursor.as_ref(), chunk)
+                                .await
+                                .unwrap();
+                        assert!(page.environments.len() <= size);
+                        got.extend(page.environments.into_iter().map(|e| e.id));
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    assert_eq!(
+                        got, expected,
+                        "{:?}: {filter:?} / {order_by:?} / {show_deleted}, chunk {chunk}, size {size}",
+                        db.kind
+                    );
+                }
+            }
+        }
+        // Only the teams asked for.
+        let query = Query::new("", "", true).unwrap();
+        let page = list_page(&store, "inst", &["team-b".into()], &query, 500, None, 3)
+            .await
+            .unwrap();
+        assert_eq!(page.environments.len(), 8);
+        assert!(page.environments.iter().all(|e| e.team_id == "team-b"));
+    }
+}
+
+/// A table an earlier version made (without labels and in-place updates)
+/// gains the columns on open, with their defaults for the rows it holds.
+#[tokio::test]
+async fn an_earlier_table_gains_labels_and_update_columns() {
+    use sea_orm::ConnectionTrait;
+    for db in vibebox_db::testing::databases().await {
+        let store = Store::open(&db.url).await.unwrap();
+        for column in ["labels", "update_request_id", "pending_update"] {
+            store
+                .db()
+                .execute_unprepared(&format!(
+                    "ALTER TABLE orchestrator_environments DROP COLUMN {column}"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("dropping {column} on {:?}: {e}", db.kind));
+        }
+        store
+            .db()
+            .execute_unprepared(
+                "INSERT INTO orchestrator_environments (id, installation_id, team_id, \
+                 owner_id, name, request_id, state, spec, canonical_image, policy_digest, \
+                 policy_version, clearance_id, nano_cpus, memory_bytes, failure_reason, \
+                 status_message, create_time_ms, update_time_ms) VALUES ('old', 'inst', \
+                 'team', 'owner', 'n', 'r-old', 'running', '', 'img', 'd', 'v', 'c-old', 1, \
+                 2, '', '', 1, 1)",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("an old row on {:?}: {e}", db.kind));
+
+        let store = Store::open(&db.url).await.unwrap();
+        let old = store.get("old").await.unwrap().expect("the old row");
+        assert_eq!(old.labels, "{}", "{:?}", db.kind);
+        assert!(vibebox_orchestrator::update::labels_of(&old).is_empty());
+        assert_eq!(old.update_request_id, "");
+        assert_eq!(old.pending_update, "");
+        // New rows carry theirs.
+        let mut new = record("new", "r-new", "c-new", None, now_ms());
+        new.labels = r#"{"ci":"true"}"#.into();
+        assert!(insert(&store, new).await);
+        let new = store.get("new").await.unwrap().unwrap();
+        assert_eq!(
+            vibebox_orchestrator::update::labels_of(&new)
+                .get("ci")
+                .map(String::as_str),
+            Some("true")
+        );
     }
 }

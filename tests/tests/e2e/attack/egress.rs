@@ -21,15 +21,14 @@ use simple_dns::rdata::{A, RData};
 use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
 use vibebox_proto::audit::{EventFilter, QueryEventsRequest};
 use vibebox_proto::environment::{
-    ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Egress, EgressMode,
-    EgressRule, Environment, EnvironmentState, StartEnvironmentRequest, StopEnvironmentRequest,
-    StreamStatsRequest,
+    ContainerSpec, CreateEnvironmentRequest, Egress, EgressMode, EgressRule, Environment,
+    EnvironmentState, StreamStatsRequest,
 };
 use vibebox_proto::identity::TeamRole;
 use vibebox_proto::policy::EvaluateSpecRequest;
 use vibebox_tests::attack::detail_strings;
 use vibebox_tests::cluster::{Cluster, Service, exec};
-use vibebox_tests::dev_image;
+use vibebox_tests::{Settle, dev_image};
 
 /// Docker objects of one test run, removed on drop.
 struct Objects {
@@ -177,7 +176,7 @@ impl Env {
         let env = self
             .cluster
             .environments(&self.token)
-            .create_environment(CreateEnvironmentRequest {
+            .create_settled(CreateEnvironmentRequest {
                 labels: Default::default(),
                 request_id: format!("egress-{name}"),
                 team_id: self.team.clone(),
@@ -189,10 +188,7 @@ impl Env {
                 }),
             })
             .await
-            .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
-            .into_inner()
-            .environment
-            .unwrap();
+            .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
         assert_eq!(env.state(), EnvironmentState::Running, "{env:?}");
         env
     }
@@ -603,14 +599,11 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
         assert!(Instant::now() < deadline, "the gate did not come back");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Stopping the environment stops its gate; starting it starts it again.
+    // Stopping the environment stops its gate; starting it starts it again
+    // (each settled first: they are long operations).
     let mut envs = ctx.cluster.environments(&ctx.token);
-    envs.stop_environment(StopEnvironmentRequest {
-        environment_id: listed.id.clone(),
-        timeout_seconds: Some(1),
-    })
-    .await
-    .unwrap();
+    let stopped = envs.stop_settled(&listed.id, Some(1)).await.unwrap();
+    assert_eq!(stopped.state(), EnvironmentState::Stopped, "{stopped:?}");
     let running = |name: &str| {
         let out = Command::new("docker")
             .args(["inspect", "-f", "{{.State.Running}}", name])
@@ -619,11 +612,8 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
         String::from_utf8_lossy(&out.stdout).trim() == "true"
     };
     assert!(!running(&gate), "a stopped environment's gate is stopped");
-    envs.start_environment(StartEnvironmentRequest {
-        environment_id: listed.id.clone(),
-    })
-    .await
-    .unwrap();
+    let started = envs.start_settled(&listed.id).await.unwrap();
+    assert_eq!(started.state(), EnvironmentState::Running, "{started:?}");
     assert!(running(&gate));
     assert_eq!(
         ctx.fetch(l, "http://public.test/", true).await.as_deref(),
@@ -631,13 +621,13 @@ async fn egress_reaches_what_policy_allows_and_nothing_forbidden() {
     );
 
     // Deleting the environment removes its gate.
-    ctx.cluster
+    let deleted = ctx
+        .cluster
         .environments(&ctx.token)
-        .delete_environment(DeleteEnvironmentRequest {
-            environment_id: open.id.clone(),
-        })
+        .delete_settled(&open.id)
         .await
         .unwrap();
+    assert_eq!(deleted.state(), EnvironmentState::Deleted, "{deleted:?}");
     assert!(
         !Command::new("docker")
             .args(["inspect", &format!("vibebox-gate-{}", open.id)])

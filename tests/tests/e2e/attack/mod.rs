@@ -75,7 +75,7 @@ use vibebox_tests::attack::{
     mtls, patiently, plaintext, tls_without_client_cert, with_id,
 };
 use vibebox_tests::report::SuiteReport;
-use vibebox_tests::{Platform, dev_image};
+use vibebox_tests::{Platform, Settle, dev_image};
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 // ---------------------------------------------------------------------------
@@ -103,7 +103,8 @@ fn spec(image: &str) -> ContainerSpec {
     }
 }
 
-/// Creates an environment through the gateway; it must come up running.
+/// Creates an environment through the gateway and waits until it has
+/// settled (create answers CREATING); it must come up running.
 async fn create_ok(
     p: &Platform,
     token: &str,
@@ -120,13 +121,10 @@ async fn create_ok(
             name: name.into(),
             spec: Some(spec.clone()),
         };
-        async move { client.create_environment(request).await }
+        async move { client.create_settled(request).await }
     })
     .await
-    .unwrap_or_else(|s| panic!("creating {name}: {s:?}"))
-    .into_inner()
-    .environment
-    .expect("environment");
+    .unwrap_or_else(|s| panic!("creating {name}: {s:?}"));
     assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
     created.id
 }

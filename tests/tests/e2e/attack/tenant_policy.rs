@@ -5,9 +5,12 @@
 //!   interfaces and engine-managed files, chosen uids/gids and an image with
 //!   no command, goes through `EvaluateSpec` (the dry run) and
 //!   `CreateEnvironment`, and the two must agree: refused by the dry run ⇒
-//!   the create is refused with the same rule ids; allowed by the dry run ⇒
-//!   the create succeeds, or fails with a caller-fixable code (never
-//!   INTERNAL) naming the field, leaving nothing behind;
+//!   the create is refused with the same rule ids (synchronously: policy
+//!   never lets a denied spec reach the engine); allowed by the dry run ⇒
+//!   the create runs once settled, or is refused with a caller-fixable code
+//!   (never INTERNAL) naming the field, or (what only the engine can tell)
+//!   settles in FAILED with a `failure_reason` naming the field, leaving
+//!   nothing behind;
 //! - the container's swap is pinned to its memory (Docker inspect);
 //! - `GetPolicy` shows a member only the overlays of its own teams;
 //! - a symlink planted through one environment's bind never lets a second
@@ -18,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tonic::Status;
+use vibebox_proto::environment::Environment;
 use vibebox_proto::policy::{Decision, EvaluateSpecRequest, Evaluation, GetPolicyRequest};
 use vibebox_tests::cluster::{Cluster, Service};
 
@@ -212,10 +216,30 @@ fn caller_fixable(code: Code) -> bool {
     )
 }
 
-/// Whether the dry run and the create agree; Err says how they do not.
-fn agree(dry: &Result<Evaluation, Status>, created: &Result<String, Status>) -> Result<(), String> {
+/// Whether a `failure_reason` names a field of the spec (`spec.command`,
+/// `spec.mounts[0].target`, ...), as a refusal's details would.
+fn names_spec_field(reason: &str) -> bool {
+    reason.contains("spec.")
+}
+
+/// Whether the dry run and the create (settled) agree; Err says how they do
+/// not.
+fn agree(
+    dry: &Result<Evaluation, Status>,
+    created: &Result<Environment, Status>,
+) -> Result<(), String> {
     match (dry, created) {
-        (Ok(e), Ok(_)) if e.decision() == Decision::Allow => Ok(()),
+        (Ok(e), Ok(env)) if e.decision() == Decision::Allow => match env.state() {
+            EnvironmentState::Running => Ok(()),
+            // Accepted, then refused by the engine: the reason names the
+            // field to fix.
+            EnvironmentState::Failed if names_spec_field(&env.failure_reason) => Ok(()),
+            _ => Err(format!(
+                "allowed by the dry run, but the create settled {:?} ({:?})",
+                env.state(),
+                env.failure_reason
+            )),
+        },
         (Ok(e), Err(s)) if e.decision() == Decision::Allow => {
             let r = Refusal::of(s);
             if caller_fixable(r.code) && (!r.fields.is_empty() || !r.rules.is_empty()) {
@@ -227,9 +251,11 @@ fn agree(dry: &Result<Evaluation, Status>, created: &Result<String, Status>) -> 
                 ))
             }
         }
-        (Ok(e), Ok(id)) => Err(format!(
-            "denied by the dry run ({:?}) but created as {id}",
-            e.violations
+        (Ok(e), Ok(env)) => Err(format!(
+            "denied by the dry run ({:?}) but created as {} ({:?})",
+            e.violations,
+            env.id,
+            env.state()
         )),
         (Ok(e), Err(s)) => {
             let want: BTreeSet<String> = e.violations.iter().map(|v| v.rule_id.clone()).collect();
@@ -253,31 +279,35 @@ fn agree(dry: &Result<Evaluation, Status>, created: &Result<String, Status>) -> 
     }
 }
 
+/// The create, and (once accepted) the environment as it settled.
 async fn try_create(
     p: &Platform,
     token: &str,
     header_id: &str,
     request: &CreateEnvironmentRequest,
-) -> Result<String, Status> {
-    patiently(|| {
+) -> Result<Environment, Status> {
+    let created = patiently(|| {
         let mut client = p.environments(token);
         let request = with_id(header_id, request.clone());
         async move { client.create_environment(request).await }
     })
-    .await
-    .map(|r| r.into_inner().environment.expect("environment").id)
+    .await?
+    .into_inner()
+    .environment
+    .expect("environment");
+    vibebox_tests::settle::settle(&mut p.environments(token), &created.id).await
 }
 
+/// Deletes and waits until the environment is gone.
 async fn delete(p: &Platform, token: &str, id: &str) {
-    patiently(|| {
+    let deleted = patiently(|| {
         let mut client = p.environments(token);
-        let request = DeleteEnvironmentRequest {
-            environment_id: id.into(),
-        };
-        async move { client.delete_environment(request).await }
+        let id = id.to_owned();
+        async move { client.delete_settled(&id).await }
     })
     .await
     .unwrap_or_else(|s| panic!("deleting {id}: {s:?}"));
+    assert_eq!(deleted.state(), EnvironmentState::Deleted, "{deleted:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,9 +373,11 @@ async fn dry_run_and_create_agree_on_every_attack_spec() {
         if case.what == "an image without a command, none given" {
             no_command_answer = Some(result.clone());
         }
-        if let Ok(id) = &result {
+        if let Ok(env) = &result
+            && env.state() != EnvironmentState::Failed
+        {
             // Deleted at once: the team's quota stays free for the next case.
-            delete(&p, &dev, id).await;
+            delete(&p, &dev, &env.id).await;
             created += 1;
         }
         report.case(ok);
@@ -353,8 +385,19 @@ async fn dry_run_and_create_agree_on_every_attack_spec() {
     report.note("corpus_specs", corpus);
     report.note("tenant_specs", cases.len() - corpus);
 
-    // The engine's refusal names what to fix.
+    // The engine's refusal names what to fix: in the create's answer, or
+    // (create being a long operation) in the failed environment's reason.
     match no_command_answer {
+        Some(Ok(env)) if env.state() == EnvironmentState::Failed => {
+            let reason = &env.failure_reason;
+            // The field, and the engine's own words about the command.
+            let engine_words = reason.to_lowercase().replace("spec.command", "");
+            if !(reason.contains("spec.command") && engine_words.contains("command")) {
+                failures.push(format!(
+                    "no command: want the engine's reason and spec.command, got {env:?}"
+                ));
+            }
+        }
         Some(Err(s)) => {
             let r = Refusal::of(&s);
             let subjects: Vec<String> =
@@ -618,17 +661,15 @@ async fn binds_never_escape_their_prefix_and_run_as_the_platform_user() {
             name: name.into(),
             spec: Some(spec),
         };
-        async move { client.create_environment(request).await }
+        async move { client.create_settled(request).await }
     };
 
     // Environment A binds the project and plants a symlink to the host's root.
     let a = create("planter", bind_spec(&image, &project, "/data", None))
         .await
-        .expect("the bind under the prefix is allowed")
-        .into_inner()
-        .environment
-        .expect("environment")
-        .id;
+        .expect("the bind under the prefix is allowed");
+    assert_eq!(a.state(), EnvironmentState::Running, "{a:?}");
+    let a = a.id;
     let planted = vibebox_tests::cluster::exec(
         &mut c.environments(&dev),
         &a,
@@ -665,8 +706,16 @@ async fn binds_never_escape_their_prefix_and_run_as_the_platform_user() {
                 r.code == Code::FailedPrecondition
                     && r.rules.iter().any(|x| x == "mount.bind_source")
             }
-            Ok(created) => {
-                let env = created.get_ref().environment.clone().expect("environment");
+            // Refused on the host after the create was accepted: failed,
+            // naming the bind source, never run.
+            Ok(env)
+                if env.state() == EnvironmentState::Failed
+                    && env.failure_reason.contains("bind source")
+                    && env.failure_reason.contains("(mount 0)") =>
+            {
+                true
+            }
+            Ok(env) => {
                 let seen = vibebox_tests::cluster::exec(
                     &mut c.environments(&dev),
                     &env.id,

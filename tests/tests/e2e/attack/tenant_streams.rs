@@ -77,10 +77,21 @@ async fn environment_variable_values_are_write_only() {
     .expect("environment");
     let env = created.id.clone();
     let expected_names = vec!["API_KEY".to_owned(), "GREETING".to_owned()];
+    // Create answers CREATING; the environment as it settled (the answer of
+    // WaitEnvironment, or of the GetEnvironment poll) is a read too.
+    let settled = p
+        .environments(&owner)
+        .settle(&env)
+        .await
+        .expect("settle the create");
+    assert_eq!(settled.state(), EnvironmentState::Running, "{settled:?}");
 
     // Every read: Create's own answer, Get and List (with and without a
     // team), by the owner and by a viewer, and a lifecycle call's answer.
-    let mut reads: Vec<(String, Environment)> = vec![("create response".into(), created)];
+    let mut reads: Vec<(String, Environment)> = vec![
+        ("create response".into(), created),
+        ("settled create".into(), settled),
+    ];
     for (who, token) in [("owner", &owner), ("viewer", &viewer)] {
         let got = p
             .environments(token)
@@ -124,6 +135,13 @@ async fn environment_variable_values_are_write_only() {
         .environment
         .expect("environment");
     reads.push(("restart response".into(), restarted));
+    let settled = p
+        .environments(&owner)
+        .settle(&env)
+        .await
+        .expect("settle the restart");
+    assert_eq!(settled.state(), EnvironmentState::Running, "{settled:?}");
+    reads.push(("settled restart".into(), settled));
 
     for (what, environment) in &reads {
         let leaked = leaked_values(environment);

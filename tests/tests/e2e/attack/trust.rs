@@ -715,7 +715,15 @@ async fn the_trust_chain_cannot_be_bypassed() {
         .into_inner()
         .environment
         .expect("environment");
-    assert_eq!(created.state(), EnvironmentState::Running);
+    assert_eq!(created.id, e1);
+    // Create is a long operation: it runs once it has settled (watched
+    // through the gateway, as its owner).
+    let created = p
+        .environments(&dev)
+        .settle(&e1)
+        .await
+        .expect("the created environment settles");
+    assert_eq!(created.state(), EnvironmentState::Running, "{created:?}");
     expected_objects.extend(objects_of(&e1));
     assert_hardened(&p, &dev, &e1, &small_expected(), &mut report).await;
     let replay_id = "trust-replay";

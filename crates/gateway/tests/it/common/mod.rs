@@ -196,3 +196,81 @@ pub fn bearer<T>(message: T, token: &str) -> Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
+
+/// Whether `state` is one a long operation passes through (CREATING,
+/// STARTING, STOPPING, DELETING).
+pub fn is_transitional(state: i32) -> bool {
+    use vibebox_proto::environment::EnvironmentState as S;
+    [S::Creating, S::Starting, S::Stopping, S::Deleting]
+        .iter()
+        .any(|s| *s as i32 == state)
+}
+
+/// Waits (at most 120 s) until environment `id` has settled: Create,
+/// Start, Stop, Restart and Delete answer with the transitional state and
+/// finish later. Asks `WaitEnvironment` (20 s a call) and polls
+/// `GetEnvironment` every 100 ms while the gateway answers UNIMPLEMENTED.
+/// Panics on an error or when it does not settle in time, naming the
+/// environment and its last state.
+pub async fn settle(
+    environments: &mut vibebox_proto::environment::environment_service_client::EnvironmentServiceClient<Channel>,
+    token: &str,
+    id: &str,
+) -> vibebox_proto::environment::Environment {
+    use vibebox_proto::environment::{GetEnvironmentRequest, WaitEnvironmentRequest};
+    let limit = Duration::from_secs(120);
+    let deadline = Instant::now() + limit;
+    let mut wait_served = true;
+    let mut last = None;
+    loop {
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "environment {id} did not settle within {limit:?}: last seen {last:?}"
+        );
+        let env = if wait_served {
+            let timeout = (deadline - now).min(Duration::from_secs(20));
+            let mut request = bearer(
+                WaitEnvironmentRequest {
+                    environment_id: id.into(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: timeout.as_secs() as i64,
+                        nanos: timeout.subsec_nanos() as i32,
+                    }),
+                },
+                token,
+            );
+            request.set_timeout(timeout + Duration::from_secs(5));
+            match environments.wait_environment(request).await {
+                Ok(answer) => answer.into_inner().environment,
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    wait_served = false;
+                    continue;
+                }
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(s) => panic!("waiting for environment {id}: {s:?}"),
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            environments
+                .get_environment(bearer(
+                    GetEnvironmentRequest {
+                        environment_id: id.into(),
+                    },
+                    token,
+                ))
+                .await
+                .unwrap_or_else(|s| panic!("getting environment {id}: {s:?}"))
+                .into_inner()
+                .environment
+        };
+        let env = env.unwrap_or_else(|| panic!("no environment {id} in the answer"));
+        if !is_transitional(env.state) {
+            return env;
+        }
+        last = Some(env);
+    }
+}
