@@ -35,7 +35,9 @@ python3 - "$repo/README.md" > "$work/examples.sh" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 section = text.split("## Use it with grpcurl", 1)[1].split("\n## ", 1)[0]
-for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+# Then the service-account examples (they reuse TOKEN and TEAM).
+accounts = text.split("### Service accounts and API tokens", 1)[1].split("\n## ", 1)[0]
+for block in re.findall(r"```sh\n(.*?)```", section + accounts, re.S):
     print(block)
 PY
 export PATH="$repo/scripts:$PATH"
@@ -54,23 +56,24 @@ while IFS= read -r line; do
     eval "$line"
   elif [[ "$line" == *"EnvironmentService/WaitEnvironment"* ]]; then
     # Create answers CREATING; WaitEnvironment returns once it has settled,
-    # and the README's next steps need it running. (A gateway that does not
-    # serve WaitEnvironment yet answers Unimplemented: GetEnvironment is
-    # polled instead, saying so.)
-    if out=$(eval "$line" 2>&1); then
-      :
-    elif grep -q "Unimplemented" <<<"$out"; then
-      echo "grpcurl smoke: WaitEnvironment is not served; polling GetEnvironment" >&2
-      get=${line//EnvironmentService\/WaitEnvironment/EnvironmentService\/GetEnvironment}
-      for _ in $(seq 1 600); do
-        out=$(eval "$get" 2>&1) || { echo "README example failed: $get" >&2; echo "$out" >&2; exit 1; }
-        grep -Eq 'ENVIRONMENT_STATE_(CREATING|STARTING|STOPPING|DELETING)' <<<"$out" || break
-        sleep 0.2
-      done
-    else
-      echo "README example failed: $line" >&2; echo "$out" >&2; exit 1
-    fi
+    # and the README's next steps need it running.
+    out=$(eval "$line" 2>&1) || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
     grep -q "ENVIRONMENT_STATE_RUNNING" <<<"$out" || { echo "not running after WaitEnvironment: $out" >&2; exit 1; }
+    echo "$out" | head -5
+  elif [[ "$line" == *"EnvironmentService/WatchEnvironments"* ]]; then
+    # A watch runs until -max-time ends it (grpcurl then exits non-zero):
+    # it must have listed the running environment and said it caught up.
+    out=$(eval "$line" 2>&1) || true
+    grep -q '"caughtUp": true' <<<"$out" || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
+    grep -q '"purpose": "demo"' <<<"$out" || { echo "the watch did not list the environment: $out" >&2; exit 1; }
+    echo "$out" | head -5
+  elif [[ "$line" == *"EnvironmentService/UpdateEnvironment"* ]]; then
+    out=$(eval "$line" 2>&1) || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
+    grep -q '"memoryLimitMb": "512"' <<<"$out" || { echo "the update did not apply: $out" >&2; exit 1; }
+    echo "$out" | head -5
+  elif [[ "$line" == *"filter"*"EnvironmentService/ListEnvironments"* ]]; then
+    out=$(eval "$line" 2>&1) || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
+    grep -q "\"id\": \"$ENV\"" <<<"$out" || { echo "the filter did not find the environment: $out" >&2; exit 1; }
     echo "$out" | head -5
   else
     out=$(eval "$line" 2>&1) || { echo "README example failed: $line" >&2; echo "$out" >&2; exit 1; }
