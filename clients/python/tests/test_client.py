@@ -256,6 +256,34 @@ class ClientTest(unittest.TestCase):
             server.stop(None)
 
 
+class UrlTest(unittest.TestCase):
+    def test_bare_addresses_are_tls_but_on_loopback(self) -> None:
+        from vibebox._client import _target
+        for loopback in ("127.0.0.1:7700", "127.8.9.10:1", "localhost:7700", "LocalHost",
+                         "[::1]:7700", "[::ffff:127.0.0.1]:7700"):
+            self.assertEqual(_target(loopback, False), (loopback, False), loopback)
+        for remote in ("vibebox.example.com:7700", "vibebox.example.com", "10.0.0.5:7700",
+                       "128.0.0.1:7700", "[2001:db8::1]:443", "localhost.example.com:7700"):
+            self.assertEqual(_target(remote, False), (remote, True), remote)
+
+    def test_plaintext_to_another_host_needs_the_opt_in(self) -> None:
+        from vibebox._client import _target
+        for url in ("http://127.0.0.1:7700", "http://[::1]:1", "HTTP://localhost:7700"):
+            self.assertEqual(_target(url, False), (url.partition("://")[2], False), url)
+        for url in ("http://10.0.0.5:7700", "http://vibebox.example.com"):
+            with self.assertRaisesRegex(ValueError, "in clear.*insecure=True"):
+                _target(url, False)
+            self.assertEqual(_target(url, True), (url.partition("://")[2], False), url)
+            with self.assertRaises(ValueError):
+                vibebox.Client(url, TOKEN)
+            vibebox.Client(url, TOKEN, insecure=True).close()
+        self.assertEqual(_target("https://10.0.0.5:7700", False), ("10.0.0.5:7700", True))
+        with self.assertRaises(ValueError):
+            _target("ftp://127.0.0.1", False)
+        # A remote bare address gets a TLS channel (no connection yet).
+        vibebox.Client("10.0.0.5:7700", TOKEN).close()
+
+
 class RetryPolicyTest(unittest.TestCase):
     def test_only_unavailable_is_retried_and_the_watch_also_reconnects_on_aborted(self) -> None:
         for code in grpc.StatusCode:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -150,6 +152,41 @@ def _exec_requests(start: pb.ExecStart, stdin: bytes | None) -> Iterator[pb.Exec
     yield pb.ExecRequest(close_stdin=True)
 
 
+def _host(target: str) -> str:
+    """The host of ``host:port`` (IPv6 in brackets), lower-case."""
+    return urllib.parse.urlsplit("//" + target).hostname or ""
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback: ``localhost``,
+    ``127.0.0.0/8`` or ``::1`` (also as an IPv4-mapped address)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _target(url: str, insecure: bool) -> tuple[str, bool]:
+    """The gRPC target of ``url`` and whether it is TLS (see :class:`Client`);
+    raises ``ValueError`` for a URL the client will not use."""
+    scheme, sep, target = url.partition("://")
+    if not sep:
+        target = url
+        scheme = "http" if _is_loopback(_host(url)) else "https"
+    scheme = scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"invalid URL {url!r}: the scheme must be http:// or https://")
+    if scheme == "http" and not insecure and not _is_loopback(_host(target)):
+        raise ValueError(
+            f"invalid URL {url!r}: plaintext http:// to {_host(target) or target} would send "
+            "the token in clear: use https://, or opt in with insecure=True")
+    return target, scheme == "https"
+
+
 class _Resume:
     """The position of a watch and its reconnect budget."""
 
@@ -183,10 +220,14 @@ class _Resume:
 class Client:
     """A connection to one VibeBox gateway as one caller.
 
-    ``url`` is ``http://host:port`` (plaintext, as ``vibebox up`` serves on
-    loopback), ``https://host:port`` (TLS, verified against gRPC's default
-    roots, or against ``ca_pem`` alone when given) or ``host:port``
-    (plaintext). ``token`` travels as ``authorization: Bearer <token>``.
+    ``url`` is ``https://host:port`` (TLS, verified against gRPC's default
+    roots, or against ``ca_pem`` alone when given); ``host:port`` (TLS too,
+    but plaintext on loopback: ``127.0.0.0/8``, ``::1``, ``localhost``); or
+    ``http://host:port`` (plaintext, as ``vibebox up`` serves on loopback).
+    ``token`` travels as ``authorization: Bearer <token>`` with every call,
+    so plaintext to a host other than loopback raises ``ValueError`` unless
+    ``insecure=True``: the token then travels in clear (only on a network
+    you trust).
     Calls that are safe to repeat (reads, waits, deletes, creates, which
     carry a ``request_id``) are retried after UNAVAILABLE with ``retry``;
     every other error raises :class:`VibeBoxError` with the google.rpc
@@ -198,23 +239,20 @@ class Client:
 
     def __init__(self, url: str = "http://127.0.0.1:7700", token: str | None = None, *,
                  ca_pem: bytes | None = None, retry: RetryPolicy | None = None,
-                 watch_retry: RetryPolicy | None = None, timeout: float = 30.0) -> None:
-        scheme, _, target = url.partition("://")
-        if not target:
-            scheme, target = "http", url
+                 watch_retry: RetryPolicy | None = None, timeout: float = 30.0,
+                 insecure: bool = False) -> None:
+        target, tls = _target(url, insecure)
         options = [
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.primary_user_agent", "vibebox-python"),
         ]
-        if scheme == "https":
+        if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        elif scheme == "http":
+        else:
             if ca_pem is not None:
                 raise ValueError("ca_pem was given for a plaintext URL: use https://")
             self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            raise ValueError(f"invalid URL {url!r}: the scheme must be http:// or https://")
         #: Metadata of every call: the bearer token.
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token.strip()}"),) if token else ()

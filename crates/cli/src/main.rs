@@ -5,11 +5,12 @@
 //! TLS with a development PKI generated into the data directory.
 //!
 //! Every other subcommand is a client of the gateway. [`cmd`] holds one
-//! module per command group (`login`, `context`, `user`, `team`, `token`,
-//! `env`, `exec`, `logs`, `stats`, `policy`, `audit`, `up`); the support they
-//! share stays outside it: [`config`] keeps the contexts (platforms and
-//! tokens), [`client`] connects and renders errors, [`output`] prints tables
-//! or JSON, [`prompt`] reads passwords, [`spec`] reads spec files.
+//! module per command group (`login`, `context`, `user`, `team`, `sa`,
+//! `token`, `env`, `exec`, `logs`, `stats`, `policy`, `audit`, `up`); the
+//! support they share stays outside it: [`config`] keeps the contexts
+//! (platforms and tokens), [`client`] connects and renders errors,
+//! [`output`] prints tables or JSON, [`prompt`] reads passwords, [`spec`]
+//! reads spec files.
 
 mod client;
 mod cmd;
@@ -24,7 +25,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::client::Session;
-use crate::cmd::{audit, context, env, login, policy, team, token, up, user};
+use crate::cmd::{audit, context, env, login, policy, sa, team, token, up, user};
 use crate::config::{Config, Context};
 use crate::output::Format;
 
@@ -78,7 +79,10 @@ enum Command {
     /// Users (platform admins).
     #[command(subcommand)]
     User(user::UserCommand),
-    /// API tokens: create, revoke, attenuate (offline).
+    /// A team's service accounts: create, list, delete, issue tokens.
+    #[command(subcommand)]
+    Sa(sa::SaCommand),
+    /// API tokens: create, list, revoke, attenuate (offline).
     #[command(subcommand)]
     Token(token::TokenCommand),
     /// The audit trail.
@@ -181,6 +185,10 @@ async fn dispatch(
         Command::User(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;
             user::run(cmd, &logged_in(&ctx)?, format).await?;
+        }
+        Command::Sa(cmd) => {
+            let (_, ctx) = current_context(context.as_deref(), server)?;
+            sa::run(cmd, &logged_in(&ctx)?, format).await?;
         }
         Command::Token(cmd) => {
             let (_, ctx) = current_context(context.as_deref(), server)?;

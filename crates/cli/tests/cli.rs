@@ -485,7 +485,9 @@ fn lifecycle_commands_wait_until_done_and_a_failed_environment_says_why() {
     // Each command returns once the environment has settled; its progress
     // goes to stderr as plain lines (stderr is not a terminal here),
     // starting with the transitional state the platform answered.
-    let run = cli.run(&["env", "create", "box", "--image", &image]);
+    let run = cli.run(&[
+        "env", "create", "box", "--image", &image, "--label", "ci=true",
+    ]);
     assert!(run.status.success(), "{}", stderr(&run));
     let out = stdout(&run);
     assert!(out.starts_with("created box ("), "{out}");
@@ -514,6 +516,53 @@ fn lifecycle_commands_wait_until_done_and_a_failed_environment_says_why() {
     assert_eq!(restarted["state"], "running", "{restarted}");
     let out = cli.run(&["env", "exec", "box", "--", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // Labels from create, listed through a filter; updated in place (name,
+    // labels kept and added, memory applied live), then named back.
+    let ls = |filter: &str| -> Vec<String> {
+        cli.json(&["env", "ls", "--filter", filter, "--order-by", "name"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ls(r#"labels.ci = "true""#), ["box"]);
+    assert!(ls("labels:tier").is_empty());
+    let updated = cli.json(&[
+        "env",
+        "update",
+        "box",
+        "--name",
+        "box-2",
+        "--label",
+        "tier=back",
+        "--memory",
+        "192m",
+    ]);
+    assert_eq!(updated["name"], "box-2", "{updated}");
+    assert_eq!(updated["memory_mb"], 192, "{updated}");
+    assert_eq!(updated["labels"]["ci"], "true", "{updated}");
+    assert_eq!(updated["labels"]["tier"], "back", "{updated}");
+    assert_eq!(ls("labels.tier = back AND state = RUNNING"), ["box-2"]);
+    let out = cli.ok(&["env", "update", "box-2", "--name", "box", "--clear-labels"]);
+    assert!(out.contains("name") && out.contains("box"), "{out}");
+    assert!(!out.contains("labels"), "no labels left: {out}");
+    // Nothing to update, or an order the platform refuses: one error line.
+    let out = cli.run(&["env", "update", "box"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nothing to update"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli.run(&["env", "ls", "--order-by", "owner_id"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("order_by"),
+        "{err}"
+    );
 
     // --no-wait returns as soon as the platform accepted the change, with
     // the state it answered (the transitional one, unless already done).
@@ -698,4 +747,77 @@ fn interactive_exec_through_a_pseudo_terminal() {
     let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
     assert!(text.lines().any(|l| l.trim() == "hi"), "{text:?}");
     cli.ok(&["env", "rm", "tty"]);
+}
+
+#[test]
+fn service_accounts_and_their_tokens_are_managed_and_listed_without_secrets() {
+    let p = Platform::start();
+    let cli = Cli::new();
+    let token_file = p.data_dir().join("admin.token");
+    cli.ok(&[
+        "login",
+        &format!("http://{}", p.gateway),
+        "--name",
+        "admin",
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    let admin_id = cli.json(&["whoami"])["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sa = cli.json(&["sa", "create", "default", "ci-bot", "--role", "developer"]);
+    let sa_id = sa[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(sa[0]["role"], "developer");
+    let out = cli.ok(&["sa", "ls", "default"]);
+    assert!(out.contains("ci-bot") && out.contains(&sa_id), "{out}");
+
+    // The secret alone on stdout, once; it acts as the service account.
+    let out = cli.run(&[
+        "sa",
+        "token",
+        &sa_id,
+        "--description",
+        "pipeline",
+        "--operation",
+        "identity.whoami",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = stdout(&out).trim().to_owned();
+    assert!(stderr(&out).contains("not shown again"), "{}", stderr(&out));
+    let who = cli.run_with(&["whoami"], "", &[("VIBEBOX_TOKEN", secret.as_str())]);
+    assert!(stdout(&who).contains("ci-bot"), "{}", stderr(&who));
+
+    // Listed with owner, kind, restrictions and issuer; never the secret.
+    let table = cli.ok(&["token", "ls", "--team", "default"]);
+    assert!(table.starts_with("ID  "), "{table}");
+    for want in [
+        "ci-bot",
+        "service_account",
+        "pipeline",
+        "ops=identity.whoami",
+    ] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    let listed = cli.json(&["token", "ls", "--team", "default"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let token_id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["created_by"], admin_id.as_str());
+    assert_eq!(listed[0]["owner_id"], sa_id.as_str());
+    for shown in [&table, &listed.to_string()] {
+        assert!(!shown.contains(&secret[..40]));
+    }
+
+    // Deleted: its token is revoked, listed only with --all.
+    cli.ok(&["sa", "rm", &sa_id]);
+    let listed = cli.json(&["token", "ls", "--team", "default"]);
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    let listed = cli.json(&["token", "ls", "--team", "default", "--all"]);
+    assert_eq!(
+        (listed[0]["id"].as_str(), listed[0]["revoked"].as_bool()),
+        (Some(token_id.as_str()), Some(true))
+    );
+    let who = cli.run_with(&["whoami"], "", &[("VIBEBOX_TOKEN", secret.as_str())]);
+    assert_eq!(who.status.code(), Some(1));
+    assert!(stderr(&who).contains("UNAUTHENTICATED"), "{}", stderr(&who));
 }

@@ -24,6 +24,14 @@
 //! [`policy`]. [`Client::retry`] gives any call that is safe to repeat the
 //! same retries as the helpers.
 //!
+//! Connecting: `https://host:port` is TLS (the system's roots, plus
+//! [`ClientBuilder::tls_ca`]). A bare `host:port` means TLS too, except on
+//! loopback (`127.0.0.0/8`, `::1`, `localhost`: `vibebox up` serves
+//! plaintext there), where it is plaintext. The bearer token goes with
+//! every call, so plaintext `http://` to any other host is refused unless
+//! [`ClientBuilder::insecure`] opts in (the token then travels in clear:
+//! only on a network you trust, such as a private link to a test gateway).
+//!
 //! Conventions of the API (Google's AIPs): create, start, stop, restart and
 //! delete return as soon as the change is accepted, with the environment in
 //! its transitional state (CREATING, ...); [`Client::wait`] blocks until it
@@ -138,14 +146,17 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     retry: RetryPolicy,
     watch_retry: RetryPolicy,
+    insecure: bool,
 }
 
 impl Client {
     /// Starts the configuration of a client of the gateway at `url`:
-    /// `http://host:port` (plaintext, as `vibebox up` serves on loopback),
     /// `https://host:port` (TLS, verified against the system's root
-    /// certificates and any [`ClientBuilder::tls_ca`]), or `host:port`
-    /// (plaintext).
+    /// certificates and any [`ClientBuilder::tls_ca`]); `host:port` (TLS
+    /// too, but plaintext on loopback: `127.0.0.0/8`, `::1`, `localhost`);
+    /// `http://host:port` (plaintext, as `vibebox up` serves on loopback;
+    /// to any other host only with [`ClientBuilder::insecure`], since the
+    /// token would travel in clear).
     ///
     /// ```no_run
     /// # async fn run() -> vibebox_client::Result<()> {
@@ -166,6 +177,7 @@ impl Client {
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             watch_retry: RetryPolicy::watch(),
+            insecure: false,
         }
     }
 
@@ -549,6 +561,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Allows plaintext `http://` to a host that is not loopback. The bearer
+    /// token, and everything else, then travels in clear: anyone on the path
+    /// can read it and act as the caller. Only for a network you trust (a
+    /// test gateway on a private link); loopback needs no opt-in.
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
     /// How long establishing a connection may take (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -587,18 +608,7 @@ impl ClientBuilder {
             url: self.url.clone(),
             message,
         };
-        let url = if self.url.contains("://") {
-            self.url.clone()
-        } else {
-            format!("http://{}", self.url)
-        };
-        let tls = if url.starts_with("https://") {
-            true
-        } else if url.starts_with("http://") {
-            false
-        } else {
-            return Err(invalid("the scheme must be http:// or https://".into()));
-        };
+        let (url, tls) = resolve(&self.url, self.insecure).map_err(invalid)?;
         let mut endpoint = Endpoint::from_shared(url)
             .map_err(|e| invalid(e.to_string()))?
             .user_agent(concat!("vibebox-client/", env!("CARGO_PKG_VERSION")))
@@ -632,6 +642,51 @@ impl ClientBuilder {
         };
         Ok((endpoint, bearer))
     }
+}
+
+/// The URL to dial for `url` as given, and whether it is TLS (see
+/// [`Client::connect`]); why it cannot be used otherwise.
+fn resolve(url: &str, insecure: bool) -> std::result::Result<(String, bool), String> {
+    let (url, tls) = match url.split_once("://") {
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => (url.to_owned(), true),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => (url.to_owned(), false),
+        Some(_) => return Err("the scheme must be http:// or https://".into()),
+        None if is_loopback(&host_of(&format!("http://{url}"))?) => {
+            (format!("http://{url}"), false)
+        }
+        None => (format!("https://{url}"), true),
+    };
+    if !tls && !insecure {
+        let host = host_of(&url)?;
+        if !is_loopback(&host) {
+            return Err(format!(
+                "plaintext http:// to {host} would send the token in clear: use https://, \
+                 or opt in with ClientBuilder::insecure"
+            ));
+        }
+    }
+    Ok((url, tls))
+}
+
+/// The host of a URL.
+fn host_of(url: &str) -> std::result::Result<String, String> {
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    uri.host()
+        .map(str::to_owned)
+        .ok_or_else(|| "the URL names no host".to_owned())
+}
+
+/// Whether `host` (a name, an IPv4 address or an IPv6 one, bracketed or
+/// not) is this machine's loopback: `localhost`, `127.0.0.0/8`, `::1`.
+fn is_loopback(host: &str) -> bool {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 impl IntoFuture for ClientBuilder {
@@ -675,10 +730,73 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bare_addresses_are_tls_but_on_loopback() {
+        let plain = |url: &str| Ok((format!("http://{url}"), false));
+        for loopback in [
+            "127.0.0.1:7700",
+            "127.8.9.10:1",
+            "localhost:7700",
+            "LocalHost",
+            "[::1]:7700",
+            "[::ffff:127.0.0.1]:7700",
+        ] {
+            assert_eq!(resolve(loopback, false), plain(loopback), "{loopback}");
+        }
+        for remote in [
+            "vibebox.example.com:7700",
+            "vibebox.example.com",
+            "10.0.0.5:7700",
+            "128.0.0.1:7700",
+            "[2001:db8::1]:443",
+            "localhost.example.com:7700",
+        ] {
+            assert_eq!(
+                resolve(remote, false),
+                Ok((format!("https://{remote}"), true)),
+                "{remote}"
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_to_another_host_needs_the_opt_in() {
+        for url in [
+            "http://127.0.0.1:7700",
+            "http://[::1]:1",
+            "HTTP://localhost:7700",
+        ] {
+            assert_eq!(resolve(url, false), Ok((url.to_owned(), false)), "{url}");
+        }
+        for url in ["http://10.0.0.5:7700", "http://vibebox.example.com"] {
+            let refused = resolve(url, false).unwrap_err();
+            assert!(
+                refused.contains("in clear") && refused.contains("insecure"),
+                "{refused}"
+            );
+            assert_eq!(resolve(url, true), Ok((url.to_owned(), false)), "{url}");
+        }
+        assert_eq!(
+            resolve("https://10.0.0.5:7700", false),
+            Ok(("https://10.0.0.5:7700".to_owned(), true))
+        );
+    }
+
     #[tokio::test]
     async fn urls_are_checked_and_tls_options_need_https() {
         assert!(Client::connect("127.0.0.1:7700").build().is_ok());
         assert!(Client::connect("http://127.0.0.1:7700").build().is_ok());
+        assert!(matches!(
+            Client::connect("http://10.0.0.5:7700").token("t").build(),
+            Err(Error::InvalidUrl { .. })
+        ));
+        assert!(
+            Client::connect("http://10.0.0.5:7700")
+                .token("t")
+                .insecure()
+                .build()
+                .is_ok()
+        );
         assert!(matches!(
             Client::connect("ftp://127.0.0.1").build(),
             Err(Error::InvalidUrl { .. })

@@ -14,6 +14,13 @@ use std::time::Duration;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
+/// How long a SQLite statement waits for the write lock before it fails as
+/// busy. A write whose values were computed before it waits (an update time
+/// stamped when the statement is built) commits up to this much later than
+/// its stamp: whoever reads changes by their stamp (a resumed
+/// `WatchEnvironments`) must look back further than this.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Errors opening a database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -105,7 +112,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
                 .map_sqlx_sqlite_opts(|o| {
                     o.journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Full)
-                        .busy_timeout(Duration::from_secs(10))
+                        .busy_timeout(SQLITE_BUSY_TIMEOUT)
                         .foreign_keys(true)
                         .create_if_missing(true)
                 });

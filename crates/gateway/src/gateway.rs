@@ -58,6 +58,8 @@ pub(crate) struct Settings {
     pub(crate) stream_recheck: Duration,
     /// How old a `WatchEnvironments` resume token may be.
     pub(crate) watch_retention: Duration,
+    /// How far a `WatchEnvironments` stream may fall behind.
+    pub(crate) watch_max_lag: Duration,
 }
 
 /// State shared by every handler.
@@ -85,6 +87,8 @@ pub(crate) struct Gateway {
     pub(crate) stream_recheck: Duration,
     /// How old a `WatchEnvironments` resume token may be.
     pub(crate) watch_retention: Duration,
+    /// How far a `WatchEnvironments` stream may fall behind.
+    pub(crate) watch_max_lag: Duration,
 }
 
 /// What is known about a call before it is authenticated.
@@ -260,6 +264,7 @@ impl Gateway {
             shares: Shares::new(settings.shares),
             stream_recheck: settings.stream_recheck,
             watch_retention: settings.watch_retention,
+            watch_max_lag: settings.watch_max_lag,
         }
     }
 

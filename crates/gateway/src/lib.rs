@@ -148,6 +148,14 @@ pub struct Config {
         default_value_t = 86_400_000
     )]
     pub watch_resume_retention_ms: u64,
+    /// How far, in milliseconds, a `WatchEnvironments` stream may fall
+    /// behind before it ends ABORTED with reason `watch.fell_behind` (the
+    /// client resumes with its last token): its client takes no message for
+    /// this long, or the change it is about to send is this much older than
+    /// the newest one. The gateway holds every change a watcher has not sent
+    /// yet: this bounds what one client that does not read can pin.
+    #[arg(long, env = "VIBEBOX_WATCH_MAX_LAG_MS", default_value_t = 10_000)]
+    pub watch_max_lag_ms: u64,
 }
 
 impl ServiceConfig for Config {
@@ -218,6 +226,7 @@ pub async fn run_with_listeners(
         },
         stream_recheck: Duration::from_millis(config.stream_recheck_ms.clamp(50, 500)),
         watch_retention: Duration::from_millis(config.watch_resume_retention_ms.max(1)),
+        watch_max_lag: Duration::from_millis(config.watch_max_lag_ms.max(100)),
     };
     let orchestrator = upstreams.orchestrator.clone();
     let gateway = Arc::new(Gateway::new(upstreams, audit_log, &settings));

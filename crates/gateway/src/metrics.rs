@@ -14,7 +14,11 @@
 //! - `vibebox_gateway_replica_reads_total{result}`: environment reads
 //!   answered by the replica (`hit`) or asked of the orchestrator (`miss`);
 //! - `vibebox_gateway_replica_synced`: 1 while the replica follows the
-//!   orchestrator's feed (`replica`).
+//!   orchestrator's feed (`replica`);
+//! - `vibebox_gateway_watch_fell_behind_total{cause}`: `WatchEnvironments`
+//!   streams ended ABORTED `watch.fell_behind` (`stalled`: the client took
+//!   nothing for `--watch-max-lag-ms`; `lagging`: the change to send was that
+//!   much older than the newest; `backlog`: past the replica's backlog).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -58,7 +58,10 @@ const SYNCED: &str = "vibebox_gateway_replica_synced";
 const FEED_SILENCE: Duration = Duration::from_secs(3);
 
 /// Changes kept for subscribers that have not read them yet (a subscriber
-/// further behind is told it lagged).
+/// further behind is told it lagged). Each is one `Arc` that every
+/// subscriber shares, dropped once all have read it: memory is held only for
+/// the slowest subscriber, and a watcher that falls behind is ended after
+/// `--watch-max-lag-ms` (WaitEnvironment reads as changes come).
 const CHANGE_BACKLOG: usize = 1024;
 
 /// The state-changing calls: one that ends without a change mark leaves the
@@ -211,6 +214,29 @@ impl Replica {
     pub(crate) fn position_after(&self, changes: &broadcast::Receiver<Arc<Change>>) -> Option<i64> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         (state.synced && changes.is_empty()).then_some(state.server_time_ms)
+    }
+
+    /// The orchestrator's clock of the last feed message applied (0 before
+    /// the first).
+    pub(crate) fn server_time_ms(&self) -> i64 {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .server_time_ms
+    }
+
+    /// The update time (Unix ms) of the newest version of a live environment
+    /// the feed delivered, whether or not the replica may serve it now; `None`
+    /// for one it does not hold (deleted, unknown, or the feed is down).
+    pub(crate) fn update_time_of(&self, id: &str) -> Option<i64> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.environments.get(id).map(|e| {
+            e.update_time.as_ref().map_or(0, |t| {
+                t.seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(t.nanos / 1_000_000))
+            })
+        })
     }
 
     /// The environment, when the replica can vouch for it being current.

@@ -1,5 +1,6 @@
 //! Audit events of the identity service (`auth.login`, `user.*`, `team.*`,
-//! `membership.*`, `service_account.*`, `token.create`, `token.revoke`),
+//! `membership.*`, `service_account.*`, `token.create`, `token.revoke`,
+//! `token.revoke_minted`),
 //! each naming its actor's kind (`user`, `service_account`, or `service`
 //! for bootstrap), recorded through the
 //! durable audit client. Mutations record their event inside their database

@@ -160,6 +160,7 @@ fn api_token_to_pb(t: ApiToken) -> pb::ApiToken {
         team_id: t.team_id,
         description: t.description,
         revoked: t.revoked,
+        created_by: t.created_by,
     }
 }
 

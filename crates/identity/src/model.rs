@@ -252,6 +252,9 @@ pub struct ApiToken {
     pub expires_at: DateTime<Utc>,
     pub restrictions: Restrictions,
     pub revoked: bool,
+    /// The principal that issued it (for a service account's token: the
+    /// admin who minted it; empty for the bootstrap token).
+    pub created_by: String,
 }
 
 /// A team.

@@ -5,7 +5,9 @@
 //! Invariant: every authentication re-reads the database (token revoked or
 //! expired, user disabled, current team role), so revocation, disabling and
 //! demotion take effect on the next call; the gateway caches decisions for at
-//! most [`DECISION_CACHE_TTL_MS`].
+//! most [`DECISION_CACHE_TTL_MS`]. Removing, demoting or disabling a team
+//! admin also revokes the service account tokens they minted (see
+//! [`accounts`]), in the same transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -834,6 +836,12 @@ impl Identity {
                 },
             )
             .await?;
+        if disabled {
+            // Whatever teams they were admin of: a disabled user's authority
+            // is gone everywhere.
+            self.revoke_minted(&txn, caller, ctx, &user.id, None, "user.disable")
+                .await?;
+        }
         txn.commit().await?;
         Ok(user)
     }
@@ -988,6 +996,29 @@ impl Identity {
             .await
     }
 
+    /// Revokes the tokens `user_id` issued for `team_id`'s service
+    /// accounts, now that they are no longer its admin (in the caller's
+    /// transaction). A platform admin keeps the authority to issue them,
+    /// so theirs stay.
+    async fn revoke_minted_in_team(
+        &self,
+        txn: &impl sea_orm::ConnectionTrait,
+        caller: &Caller,
+        ctx: &RequestContext,
+        team_id: &str,
+        user_id: &str,
+        cause: &str,
+    ) -> Result<usize> {
+        if store::user_by_id(txn, user_id)
+            .await?
+            .is_some_and(|u| u.platform_role == PlatformRole::Admin)
+        {
+            return Ok(0);
+        }
+        self.revoke_minted(txn, caller, ctx, user_id, Some(team_id), cause)
+            .await
+    }
+
     /// Adds a member (team admins, platform admins).
     pub async fn add_member(
         &self,
@@ -1068,6 +1099,10 @@ impl Identity {
             role.as_str(),
         )
         .await?;
+        if role != TeamRole::Admin {
+            self.revoke_minted_in_team(&txn, caller, ctx, team_id, user_id, "membership.set_role")
+                .await?;
+        }
         txn.commit().await?;
         store::membership(&self.db, team_id, user_id)
             .await?
@@ -1118,6 +1153,8 @@ impl Identity {
             current.as_str(),
         )
         .await?;
+        self.revoke_minted_in_team(&txn, caller, ctx, team_id, user_id, "membership.remove")
+            .await?;
         txn.commit().await?;
         Ok(())
     }

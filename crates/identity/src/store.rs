@@ -529,6 +529,82 @@ pub async fn revoke_all_of_user(
     Ok(count)
 }
 
+/// A service account's token revoked because its issuer lost the
+/// authority to issue it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedMinted {
+    pub id: String,
+    /// The service account holding it.
+    pub owner_id: String,
+    /// The service account's team.
+    pub team_id: String,
+}
+
+/// Revokes the active (unrevoked, unexpired) service account tokens that
+/// `minter` issued, only those of `team_id` when given, and every token
+/// derived from them. Returns the tokens `minter` issued, oldest first.
+pub async fn revoke_minted_by(
+    db: &impl ConnectionTrait,
+    minter: &str,
+    team_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<RevokedMinted>> {
+    let mut q = token::Entity::find()
+        .filter(token::Column::CreatedBy.eq(minter))
+        .filter(token::Column::UserId.ne(minter))
+        .filter(token::Column::RevokedAt.is_null())
+        .filter(token::Column::ExpiresAt.gt(now));
+    q = match team_id {
+        Some(team) => q.filter(token::Column::TeamId.eq(team)),
+        None => q.filter(token::Column::TeamId.is_not_null()),
+    };
+    let rows = q
+        .order_by_asc(token::Column::CreatedAt)
+        .order_by_asc(token::Column::Id)
+        .all(db)
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for t in rows {
+        revoke_tree(db, &t.id, now).await?;
+        out.push(RevokedMinted {
+            id: t.id,
+            owner_id: t.user_id,
+            team_id: t.team_id.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// A user read for a decision that a concurrent change must not slip
+/// past: on PostgreSQL the row is locked `FOR SHARE` until the
+/// transaction ends (a concurrent disable waits, or is waited for); SQLite
+/// write transactions are serialized already.
+pub async fn user_for_share(db: &impl ConnectionTrait, id: &str) -> Result<Option<User>> {
+    Ok(user::Entity::find_by_id(id.to_owned())
+        .lock_shared()
+        .all(db)
+        .await?
+        .pop()
+        .map(Into::into))
+}
+
+/// A user's role in a team, the membership row locked as in
+/// [`user_for_share`].
+pub async fn role_in_for_share(
+    db: &impl ConnectionTrait,
+    team_id: &str,
+    user_id: &str,
+) -> Result<Option<TeamRole>> {
+    Ok(
+        membership::Entity::find_by_id((team_id.to_owned(), user_id.to_owned()))
+            .lock_shared()
+            .all(db)
+            .await?
+            .pop()
+            .and_then(|m| TeamRole::parse(&m.role)),
+    )
+}
+
 /// Records that a token was used at `at` (never moves backwards).
 pub async fn touch_token(db: &impl ConnectionTrait, id: &str, at: DateTime<Utc>) -> Result<()> {
     token::Entity::update_many()
@@ -603,6 +679,7 @@ pub async fn list_api_tokens(
             expires_at: t.expires_at,
             restrictions: Restrictions::decode(&t.restrictions),
             revoked: t.revoked_at.is_some(),
+            created_by: t.created_by.unwrap_or_default(),
         });
     }
     Ok(out)

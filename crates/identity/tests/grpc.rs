@@ -1997,6 +1997,350 @@ async fn token_listing(mut h: Harness) {
 }
 
 #[tokio::test]
+async fn service_account_tokens_end_with_their_issuers_authority() {
+    for db in vibebox_db::testing::databases().await {
+        issuer_authority(Harness::start(Some(db.url.clone())).await).await;
+    }
+}
+
+async fn issuer_authority(mut h: Harness) {
+    let admin = h.admin_token.clone();
+    let root = h
+        .identity
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .id;
+    let team = h.create_team("team-m").await;
+    let other = h.create_team("team-m2").await;
+    let mut ids = std::collections::HashMap::new();
+    for name in ["alice", "bob", "carol", "keeper"] {
+        let id = h.create_user(name, PlatformRole::None).await;
+        h.add_member(&team, &id, TeamRole::Admin).await;
+        ids.insert(name, id);
+    }
+    h.add_member(&other, &ids["carol"], TeamRole::Admin).await;
+    // The platform admin is an admin of the teams it made.
+    let alice_t = h.login("alice").await.token;
+    let bob_t = h.login("bob").await.token;
+    let carol_t = h.login("carol").await.token;
+    let sa = h
+        .create_service_account(&alice_t, &team, "minted-bot", TeamRole::Developer, "")
+        .await
+        .unwrap();
+    let sa2 = h
+        .create_service_account(&carol_t, &other, "minted-bot-2", TeamRole::Viewer, "")
+        .await
+        .unwrap();
+    let mint = |h: &Harness, by: &str, sa: &str| {
+        let (by, sa) = (by.to_owned(), sa.to_owned());
+        let mut identity = h.identity.clone();
+        async move {
+            identity
+                .create_service_account_token(bearer(
+                    pb::CreateServiceAccountTokenRequest {
+                        service_account_id: sa,
+                        description: "ci".into(),
+                        ..Default::default()
+                    },
+                    &by,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let by_alice = mint(&h, &alice_t, &sa.id).await;
+    let by_alice_too = mint(&h, &alice_t, &sa.id).await;
+    let by_bob = mint(&h, &bob_t, &sa.id).await;
+    let by_carol = mint(&h, &carol_t, &sa.id).await;
+    let by_carol_elsewhere = mint(&h, &carol_t, &sa2.id).await;
+    let by_root = mint(&h, &admin, &sa.id).await;
+    let works = |h: &Harness, token: &str, team: &str| {
+        let (token, team) = (token.to_owned(), team.to_owned());
+        let mut authz = h.authz.clone();
+        async move {
+            authz
+                .authorize(AuthorizeRequest {
+                    token,
+                    operation: "environment.get".into(),
+                    resource: Some(team_resource(&team)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .allowed
+        }
+    };
+    for (t, in_team) in [
+        (&by_alice, &team),
+        (&by_alice_too, &team),
+        (&by_bob, &team),
+        (&by_carol, &team),
+        (&by_carol_elsewhere, &other),
+        (&by_root, &team),
+    ] {
+        assert!(works(&h, &t.token, in_team).await);
+    }
+    // Listed with their issuer.
+    let listed = h.list_tokens(&admin, "", &team, true).await.unwrap();
+    let issuer = |listed: &[pb::ApiToken], id: &str| {
+        let t = listed.iter().find(|t| t.id == id).unwrap();
+        (t.created_by.clone(), t.revoked)
+    };
+    assert_eq!(
+        issuer(&listed, &by_bob.token_id),
+        (ids["bob"].clone(), false)
+    );
+
+    // Removed from the team: what alice minted stops; the rest works.
+    h.identity
+        .remove_team_member(bearer(
+            pb::RemoveTeamMemberRequest {
+                team_id: team.clone(),
+                user_id: ids["alice"].clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    for t in [&by_alice, &by_alice_too] {
+        let took = h
+            .until_denied(&t.token, "environment.get", team_resource(&team))
+            .await;
+        assert!(took < Duration::from_secs(2), "removal took {took:?}");
+    }
+    assert!(works(&h, &by_bob.token, &team).await);
+    // Demoted to developer: what bob minted stops. Re-made admin, it stays
+    // revoked.
+    for role in [TeamRole::Developer, TeamRole::Admin] {
+        h.identity
+            .set_team_member_role(bearer(
+                pb::SetTeamMemberRoleRequest {
+                    team_id: team.clone(),
+                    user_id: ids["bob"].clone(),
+                    role: role as i32,
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    }
+    assert!(!works(&h, &by_bob.token, &team).await);
+    assert!(works(&h, &by_carol.token, &team).await);
+    // Disabled: what carol minted, in every team, stops.
+    h.identity
+        .set_user_disabled(bearer(
+            pb::SetUserDisabledRequest {
+                user_id: ids["carol"].clone(),
+                disabled: true,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    assert!(!works(&h, &by_carol.token, &team).await);
+    assert!(!works(&h, &by_carol_elsewhere.token, &other).await);
+    // A platform admin leaving the team keeps the authority to mint: theirs
+    // stays.
+    h.identity
+        .remove_team_member(bearer(
+            pb::RemoveTeamMemberRequest {
+                team_id: team.clone(),
+                user_id: root.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    assert!(works(&h, &by_root.token, &team).await);
+
+    // The registry shows each one revoked, with who minted it.
+    let listed = h.list_tokens(&admin, "", "", true).await.unwrap();
+    for (t, by, revoked) in [
+        (&by_alice, &ids["alice"], true),
+        (&by_alice_too, &ids["alice"], true),
+        (&by_bob, &ids["bob"], true),
+        (&by_carol, &ids["carol"], true),
+        (&by_carol_elsewhere, &ids["carol"], true),
+        (&by_root, &root, false),
+    ] {
+        assert_eq!(issuer(&listed, &t.token_id), (by.clone(), revoked));
+    }
+    // Audited: one event per cause and team, naming the tokens.
+    let events = outbox_events(&h.data_dir);
+    let mut revocations: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "token.revoke_minted")
+        .map(|e| {
+            let detail = |k: &str| match &e.details.as_ref().unwrap().fields[k].kind {
+                Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+                other => panic!("{k}: {other:?}"),
+            };
+            let mut tokens: Vec<String> =
+                detail("token_ids").split(',').map(str::to_owned).collect();
+            tokens.sort();
+            (
+                e.resource_id.clone(),
+                e.team_id.clone(),
+                detail("reason"),
+                detail("revoked"),
+                tokens,
+                e.actor.as_ref().unwrap().user_id.clone(),
+            )
+        })
+        .collect();
+    revocations.sort();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut want = vec![
+        (
+            ids["alice"].clone(),
+            team.clone(),
+            "membership.remove".to_owned(),
+            "2".to_owned(),
+            sorted(vec![
+                by_alice.token_id.clone(),
+                by_alice_too.token_id.clone(),
+            ]),
+            root.clone(),
+        ),
+        (
+            ids["bob"].clone(),
+            team.clone(),
+            "membership.set_role".to_owned(),
+            "1".to_owned(),
+            vec![by_bob.token_id.clone()],
+            root.clone(),
+        ),
+        (
+            ids["carol"].clone(),
+            team.clone(),
+            "user.disable".to_owned(),
+            "1".to_owned(),
+            vec![by_carol.token_id.clone()],
+            root.clone(),
+        ),
+        (
+            ids["carol"].clone(),
+            other.clone(),
+            "user.disable".to_owned(),
+            "1".to_owned(),
+            vec![by_carol_elsewhere.token_id.clone()],
+            root.clone(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(revocations, want);
+
+    // A service account made admin lists its own tokens only, by team too,
+    // and no other service account's.
+    let sa_admin = h
+        .create_service_account(&admin, &team, "admin-bot", TeamRole::Admin, "")
+        .await
+        .unwrap();
+    let sa_admin_t = mint(&h, &admin, &sa_admin.id).await;
+    let keeper_t = h.login("keeper").await.token;
+    let kept = mint(&h, &keeper_t, &sa.id).await;
+    for (owner, t) in [
+        ("", ""),
+        ("", team.as_str()),
+        (sa_admin.id.as_str(), team.as_str()),
+    ] {
+        let listed = h
+            .list_tokens(&sa_admin_t.token, owner, t, true)
+            .await
+            .unwrap();
+        let ids: Vec<_> = listed.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, [sa_admin_t.token_id.as_str()], "{owner:?} {t:?}");
+    }
+    let err = h
+        .list_tokens(&sa_admin_t.token, &sa.id, "", true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The team's human admin still sees them all.
+    let all = h.list_tokens(&keeper_t, "", &team, false).await.unwrap();
+    for id in [&sa_admin_t.token_id, &kept.token_id, &by_root.token_id] {
+        assert!(all.iter().any(|t| &t.id == id), "{all:?}");
+    }
+    h.stop().await;
+}
+
+/// Mints racing the issuer's removal: every token minted either comes
+/// before the removal (and is revoked by it) or is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mint_racing_the_issuers_removal_leaves_no_token_behind() {
+    for db in vibebox_db::testing::databases().await {
+        let mut h = Harness::start(Some(db.url.clone())).await;
+        let admin = h.admin_token.clone();
+        let team = h.create_team("team-race").await;
+        let alice = h.create_user("alice", PlatformRole::None).await;
+        h.add_member(&team, &alice, TeamRole::Admin).await;
+        let alice_t = h.login("alice").await.token;
+        let sa = h
+            .create_service_account(&alice_t, &team, "race-bot", TeamRole::Viewer, "")
+            .await
+            .unwrap();
+        let minters: Vec<_> = (0..4)
+            .map(|_| {
+                let mut identity = h.identity.clone();
+                let (token, sa) = (alice_t.clone(), sa.id.clone());
+                tokio::spawn(async move {
+                    let mut minted = 0;
+                    loop {
+                        let request = bearer(
+                            pb::CreateServiceAccountTokenRequest {
+                                service_account_id: sa.clone(),
+                                ..Default::default()
+                            },
+                            &token,
+                        );
+                        match identity.create_service_account_token(request).await {
+                            Ok(_) => minted += 1,
+                            Err(status) => return (minted, status.code()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.identity
+            .remove_team_member(bearer(
+                pb::RemoveTeamMemberRequest {
+                    team_id: team.clone(),
+                    user_id: alice.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+        let mut minted = 0;
+        for m in minters {
+            let (n, code) = m.await.unwrap();
+            assert!(
+                matches!(code, Code::PermissionDenied | Code::NotFound),
+                "{code:?}"
+            );
+            minted += n;
+        }
+        assert!(minted > 0, "no mint came before the removal");
+        let active = h.list_tokens(&admin, "", &team, false).await.unwrap();
+        assert!(
+            active.is_empty(),
+            "{} of {minted} left: {active:?}",
+            active.len()
+        );
+        h.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn creates_are_idempotent_by_request_id() {
     for db in vibebox_db::testing::databases().await {
         idempotent_creates(Harness::start(Some(db.url.clone())).await).await;

@@ -57,6 +57,19 @@
 //! request's filter, order_by and show_deleted: the next page starts right
 //! after that item whatever was created or deleted meanwhile, and a token
 //! offered with another filter, order or show_deleted is refused.
+//!
+//! # Cost
+//!
+//! Deleted environments are kept, so a team's history only grows. One call
+//! of a listing ordered by a time examines at most [`examine_limit`]
+//! environments (`max(10 × page_size, 1000)`): when a filter matches few of
+//! them, the page is short (even empty) and its token goes on from where
+//! the examination stopped ([`Query::partial_page`]); callers page until
+//! the token is empty. A listing ordered by `name` or `state` first is
+//! sorted in memory on every call, so it may select at most [`MAX_SORTED`]
+//! environments (after narrowing by team, state, owner, id and times);
+//! the orchestrator refuses a larger one. (A retention that purges deleted
+//! records is not there yet.)
 
 mod filter;
 mod order;
@@ -67,8 +80,8 @@ pub use filter::{
 };
 pub use order::{MAX_ORDER_BY_BYTES, OrderBy, OrderByError, OrderField, OrderKey};
 pub use page::{
-    Bounds, Cursor, DEFAULT_PAGE_SIZE, InvalidArgument, MAX_PAGE_SIZE, MAX_PAGE_TOKEN_BYTES,
-    MsRange, Page, Query, page_size,
+    Bounds, Cursor, DEFAULT_PAGE_SIZE, EXAMINED_PER_RESULT, InvalidArgument, MAX_PAGE_SIZE,
+    MAX_PAGE_TOKEN_BYTES, MAX_SORTED, MIN_EXAMINED, MsRange, Page, Query, examine_limit, page_size,
 };
 
 #[cfg(test)]

@@ -20,6 +20,26 @@ pub const MAX_PAGE_SIZE: usize = 500;
 /// Longest page token accepted, in bytes (tokens issued here are far
 /// shorter).
 pub const MAX_PAGE_TOKEN_BYTES: usize = 1024;
+/// Fewest environments one call of a listing ordered by a time may examine
+/// before it answers a short page (see [`examine_limit`]).
+pub const MIN_EXAMINED: usize = 1000;
+/// Environments one call of a listing ordered by a time may examine per
+/// result asked for (see [`examine_limit`]).
+pub const EXAMINED_PER_RESULT: usize = 10;
+/// Most environments a listing ordered by `name` or `state` first may
+/// select (they are sorted in memory on every call): a listing that selects
+/// more is refused, to be narrowed by a filter or ordered by a time.
+pub const MAX_SORTED: usize = 5000;
+
+/// How many environments one call of a listing ordered by a time examines
+/// at most (`max(10 × size, 1000)`), whatever its filter matches: a filter
+/// that matches few of a long history answers pages shorter than `size`,
+/// even empty ones, each with a token to go on from where it stopped
+/// ([`Query::partial_page`]). The cost of a call stays bounded however
+/// many environments a team ever had (deleted ones are kept).
+pub fn examine_limit(size: usize) -> usize {
+    size.saturating_mul(EXAMINED_PER_RESULT).max(MIN_EXAMINED)
+}
 
 /// A request field that cannot be used, and why (for a BadRequest field
 /// violation).
@@ -310,6 +330,42 @@ impl Query {
             environments: items,
             next_page_token,
         }
+    }
+
+    /// A page that stopped early, before every candidate that may follow
+    /// the cursor was examined (a scan in the order's first key that
+    /// reached its [`examine_limit`]): the matches among `candidates` as
+    /// [`Query::page`] makes them and, when they do not fill the page, a
+    /// token positioned right after `edge` so that the next page goes on
+    /// where the scan stopped (the page may be short, even empty).
+    ///
+    /// `edge` is the last environment examined, in this query's order,
+    /// whether it matches or not: every environment not examined must sort
+    /// after it, and it must sort after the cursor (so that paging always
+    /// moves on). Its token carries its id and sort keys only, like any
+    /// other.
+    pub fn partial_page(
+        &self,
+        candidates: impl IntoIterator<Item = Environment>,
+        size: usize,
+        cursor: Option<&Cursor>,
+        edge: &Environment,
+    ) -> Page {
+        let mut page = self.page(candidates, size, cursor);
+        if page.next_page_token.is_empty() {
+            page.next_page_token = self.token(edge);
+        }
+        page
+    }
+
+    /// Whether the order's first key is a time, so that a database can
+    /// read the candidates in that order and stop early (`create_time` or
+    /// `update_time`); `name` and `state` are sorted in memory.
+    pub fn scans_in_order(&self) -> bool {
+        matches!(
+            self.order.keys().first().map(|k| k.field),
+            Some(OrderField::CreateTime | OrderField::UpdateTime)
+        )
     }
 
     /// The token of the page after `last`.

@@ -773,3 +773,124 @@ fn page_sizes_are_bounded() {
     let e = Query::new("", "owner_id", false).unwrap_err();
     assert_eq!(e.field, "order_by");
 }
+
+/// Walks every page of a scan that examines at most `limit` candidates per
+/// call, in the query's order after the cursor (as a database reading in
+/// the order's first key does); the ids, and the number of pages.
+fn walk_capped(q: &Query, all: &[Environment], size: usize, limit: usize) -> (Vec<String>, usize) {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    for pages in 1..10_000 {
+        let cursor = q.cursor(&token).unwrap();
+        let mut after: Vec<&Environment> = all
+            .iter()
+            .filter(|e| {
+                cursor
+                    .as_ref()
+                    .is_none_or(|c| q.order().compare(c.last(), e).is_lt())
+            })
+            .collect();
+        after.sort_by(|a, b| q.order().compare(a, b));
+        let mut examined = 0;
+        let mut matched = Vec::new();
+        let mut stopped_at = None;
+        for e in &after {
+            examined += 1;
+            if q.matches(e) {
+                matched.push((*e).clone());
+            }
+            if matched.len() > size {
+                break;
+            }
+            if examined == limit {
+                stopped_at = Some((*e).clone());
+                break;
+            }
+        }
+        assert!(examined <= limit);
+        let page = match stopped_at {
+            Some(edge) if matched.len() <= size && examined < after.len() => {
+                q.partial_page(matched, size, cursor.as_ref(), &edge)
+            }
+            _ => q.page(matched, size, cursor.as_ref()),
+        };
+        assert!(page.environments.len() <= size);
+        out.extend(page.environments.iter().map(|e| e.id.clone()));
+        if page.next_page_token.is_empty() {
+            return (out, pages);
+        }
+        token = page.next_page_token;
+    }
+    panic!("paging did not end");
+}
+
+#[test]
+fn short_pages_of_a_capped_scan_still_collect_exactly_the_set() {
+    assert_eq!(examine_limit(1), MIN_EXAMINED);
+    assert_eq!(examine_limit(100), MIN_EXAMINED);
+    assert_eq!(examine_limit(500), 5000);
+    // A long history: mostly deleted, a few matches far apart.
+    let mut all = Vec::new();
+    for i in 0..300 {
+        let mut e = fixture()[i % 5].clone();
+        e.id = format!("h{i:03}");
+        e.state = if i % 50 == 7 {
+            EnvironmentState::Running as i32
+        } else {
+            EnvironmentState::Deleted as i32
+        };
+        e.create_time = Some(Timestamp {
+            seconds: 1_767_225_600 + i as i64,
+            nanos: 0,
+        });
+        all.push(e);
+    }
+    for (filter, order_by, show_deleted) in [
+        ("", "", false),
+        ("state = RUNNING", "create_time", true),
+        ("state = DELETED", "", false),
+        ("name = nothing", "", true),
+        ("", "update_time desc, name", true),
+    ] {
+        let q = Query::new(filter, order_by, show_deleted).unwrap();
+        let mut expected: Vec<Environment> = all.iter().filter(|e| q.matches(e)).cloned().collect();
+        expected.sort_by(|a, b| q.order().compare(a, b));
+        let expected: Vec<String> = expected.into_iter().map(|e| e.id).collect();
+        for (size, limit) in [(1, 1), (2, 7), (3, 40), (10, 1000)] {
+            let (got, pages) = walk_capped(&q, &all, size, limit);
+            assert_eq!(
+                got, expected,
+                "{filter:?} / {order_by:?} / {size} / {limit}"
+            );
+            // Every call moved on by at least `limit` candidates or a page.
+            assert!(
+                pages <= all.len().div_ceil(limit) + expected.len() / size + 1,
+                "{filter:?} / {size} / {limit}: {pages} pages"
+            );
+        }
+    }
+    // A partial page's token goes on right after the edge, which need not
+    // match the filter.
+    let q = Query::new("state = RUNNING", "create_time", true).unwrap();
+    let page = q.partial_page(Vec::new(), 5, None, &all[3]);
+    assert!(page.environments.is_empty());
+    let cursor = q.cursor(&page.next_page_token).unwrap().unwrap();
+    assert_eq!(cursor.last().id, "h003");
+    let rest = q.page(all.clone(), 1, Some(&cursor));
+    assert_eq!(ids(&rest.environments), ["h007"]);
+    // A full page keeps the token of its last item.
+    let full = q.partial_page(all.clone(), 1, None, &all[299]);
+    assert_eq!(ids(&full.environments), ["h007"]);
+    assert_eq!(
+        q.cursor(&full.next_page_token).unwrap().unwrap().last().id,
+        "h007"
+    );
+    assert!(q.scans_in_order());
+    assert!(Query::new("", "", false).unwrap().scans_in_order());
+    assert!(!Query::new("", "name", false).unwrap().scans_in_order());
+    assert!(
+        !Query::new("", "state, create_time", false)
+            .unwrap()
+            .scans_in_order()
+    );
+}

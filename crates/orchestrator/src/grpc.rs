@@ -34,6 +34,12 @@ pub const QUOTA_EXCEEDED: &str = "environment.quota_exceeded";
 /// `ErrorInfo.reason` of an environment held by a short platform action
 /// for longer than an operation waits (ABORTED: retry).
 pub const BUSY: &str = "environment.busy";
+/// `ErrorInfo.reason` of a create whose request id another owner's create
+/// in the team used (FAILED_PRECONDITION; metadata `request_id`).
+pub const REQUEST_ID_REUSED: &str = "request_id.reused";
+/// `ErrorInfo.reason` of a listing ordered by name or state that selects
+/// more than one call sorts (FAILED_PRECONDITION; metadata `max`).
+pub const TOO_MANY_TO_SORT: &str = "listing.too_many_to_sort";
 
 /// RESOURCE_EXHAUSTED for a team quota: a QuotaFailure naming the team
 /// (`team:<id>`) and the quota with its limit, and an ErrorInfo with the
@@ -179,6 +185,24 @@ impl From<Error> for Status {
             e @ Error::SimulatedCrash => status::internal(&e),
             e @ Error::Egress(_) => status::unavailable("egress gate", &e),
             Error::Update(refusal) => update_refusal(&refusal),
+            e @ Error::TooManyToSort { max } => status::with_reason(
+                tonic::Code::FailedPrecondition,
+                &e.to_string(),
+                TOO_MANY_TO_SORT,
+                &[("max", &max.to_string())],
+                &[(
+                    TOO_MANY_TO_SORT,
+                    "order_by",
+                    &format!("at most {max} environments are sorted by name or state"),
+                )],
+            ),
+            ref e @ Error::RequestIdReused { ref request_id } => status::with_reason(
+                tonic::Code::FailedPrecondition,
+                &e.to_string(),
+                REQUEST_ID_REUSED,
+                &[("request_id", request_id)],
+                &[],
+            ),
             Error::LifetimeCeiling { latest, max } => status::precondition_failure(
                 &format!(
                     "cannot extend past the maximum lifetime of {max}: the latest possible time is {latest}"

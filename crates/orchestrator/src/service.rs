@@ -117,6 +117,22 @@ pub enum Error {
     /// An in-place update refused (see [`crate::update`]).
     #[error(transparent)]
     Update(#[from] crate::update::UpdateRefusal),
+    /// A listing ordered by name or state first selects more records than
+    /// one call sorts in memory ([`ListLimits::sort`]).
+    #[error(
+        "ordering by name or state sorts at most {max} environments and this listing selects \
+         more (deleted ones included when asked for): narrow it with a filter (state, owner_id, \
+         create_time, update_time) or order by create_time or update_time"
+    )]
+    TooManyToSort { max: u64 },
+    /// A create retried with the request id of another owner's create in
+    /// the team: request ids are chosen by clients, so this is a reuse, not
+    /// a retry.
+    #[error(
+        "request_id {request_id:?} was already used by another create in this team: choose a \
+         new request_id"
+    )]
+    RequestIdReused { request_id: String },
 }
 
 /// Result alias of this module.
@@ -388,16 +404,16 @@ impl Orchestrator {
         size: usize,
         cursor: Option<&vibebox_listing::Cursor>,
     ) -> Result<vibebox_listing::Page> {
-        Ok(list_page(
+        list_page(
             &self.inner.store,
             &self.inner.settings.installation,
             team_ids,
             query,
             size,
             cursor,
-            LIST_CHUNK,
+            ListLimits::for_page(size),
         )
-        .await?)
+        .await
     }
 
     async fn reject(&self, req: &CreateRequest, why: Rejection) -> Error {
@@ -452,11 +468,13 @@ impl Orchestrator {
     }
 
     /// Creates and starts an environment for a cleared spec. Idempotent by
-    /// `(team_id, request_id)`. Returns once the environment is admitted and
-    /// recorded (`creating`); provisioning runs in the background and
-    /// settles the record `running` or `failed` (see
-    /// [`crate::operations`]). What can be decided at once is refused here:
-    /// arguments, clearance, the bind sources, admission.
+    /// `(team_id, request_id)` for its owner: a retry by the same owner is
+    /// answered with what the first call created, another owner's create
+    /// with the same key is refused ([`Error::RequestIdReused`]). Returns
+    /// once the environment is admitted and recorded (`creating`);
+    /// provisioning runs in the background and settles the record `running`
+    /// or `failed` (see [`crate::operations`]). What can be decided at once
+    /// is refused here: arguments, clearance, the bind sources, admission.
     pub async fn create(&self, req: CreateRequest) -> Result<EnvRecord> {
         required("request_id", &req.request_id)?;
         required("team_id", &req.team_id)?;
@@ -492,9 +510,10 @@ impl Orchestrator {
         };
         // A retried request (same team and request id; through the gateway
         // it comes with a fresh clearance) is answered with what it created,
-        // but only to a caller holding a valid clearance: no clearance, no
-        // answer.
-        if let Some(existing) = existing {
+        // but only to a caller holding a valid clearance (no clearance, no
+        // answer) and only to its owner: another member of the team reusing
+        // the request id is refused (and audited) at admission below.
+        if let Some(existing) = existing.filter(|e| e.owner_id == req.owner_id) {
             return Ok(existing);
         }
         // The image that runs is the one the clearance signed, nothing else.
@@ -559,7 +578,15 @@ impl Orchestrator {
 
         let guard = self.lock_env(&rec.id).await;
         match self.admit(&mut rec).await {
-            Ok(Some(existing)) => return Ok(existing),
+            Ok(Some(existing)) if existing.owner_id == req.owner_id => return Ok(existing),
+            Ok(Some(_)) => {
+                let result = Err(Error::RequestIdReused {
+                    request_id: req.request_id.clone(),
+                });
+                self.audit_op("environment.create", Some(&req.caller), &rec, &result)
+                    .await?;
+                return result;
+            }
             Ok(None) => {}
             Err(Error::Clearance(why)) => return Err(self.reject(&req, why).await),
             Err(e) => {
@@ -1104,17 +1131,52 @@ pub(crate) fn docker_message(e: &DockerError) -> String {
 /// Records read per database query of a listing scan (see [`list_page`]).
 pub const LIST_CHUNK: u64 = 256;
 
+/// What one call of a listing may read (see [`list_page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListLimits {
+    /// Records per database read of a scan in time order.
+    pub chunk: u64,
+    /// Records a scan in time order examines per call before it answers
+    /// what matched so far (a short page with a token).
+    pub examine: u64,
+    /// Candidates a listing ordered by name or state first sorts at most;
+    /// more is refused ([`Error::TooManyToSort`]).
+    pub sort: u64,
+}
+
+impl ListLimits {
+    /// The limits of a call asking for `size` results: chunks of
+    /// [`LIST_CHUNK`], [`vibebox_listing::examine_limit`] examined,
+    /// [`vibebox_listing::MAX_SORTED`] sorted.
+    pub fn for_page(size: usize) -> Self {
+        ListLimits {
+            chunk: LIST_CHUNK,
+            examine: vibebox_listing::examine_limit(size) as u64,
+            sort: vibebox_listing::MAX_SORTED as u64,
+        }
+    }
+}
+
 /// A page of a listing of `installation`'s records of `team_ids` (every
 /// team when empty).
 ///
 /// The database narrows by installation, teams, deleted and what the filter
 /// requires of owner, id, state and times (see [`vibebox_listing::Bounds`]);
-/// the filter is judged exactly on the wire form. When the order starts with
-/// a time, records are read in that order, `chunk` at a time, until the page
-/// is full: a listing of a long history (`show_deleted`, or
-/// `update_time >= T` to replay the changes since T) reads about one page,
-/// not the whole table. Ordered by name or state first, every candidate is
-/// read.
+/// the filter is judged exactly on the wire form. The cost of a call is
+/// bounded whatever the team's history (deleted records are kept):
+/// - when the order starts with a time, records are read in that order,
+///   `limits.chunk` at a time, until the page is full or `limits.examine`
+///   records were examined (plus the rest of the records sharing the
+///   millisecond the last read ended on, read with it so that the next
+///   read starts strictly after it); stopped by the limit, the page holds what
+///   matched so far, maybe nothing, with a token right after the last
+///   record examined ([`vibebox_listing::Query::partial_page`]);
+/// - ordered by name or state first, the candidates are sorted in memory:
+///   at most `limits.sort` of them are read, and a listing that selects
+///   more is refused ([`Error::TooManyToSort`]).
+///
+/// (Keyset reads in SQL for name, and a retention that purges deleted
+/// records, would lift both; neither is there yet.)
 pub async fn list_page(
     store: &Store,
     installation: &str,
@@ -1122,46 +1184,67 @@ pub async fn list_page(
     query: &vibebox_listing::Query,
     size: usize,
     cursor: Option<&vibebox_listing::Cursor>,
-    chunk: u64,
-) -> std::result::Result<vibebox_listing::Page, StoreError> {
+    limits: ListLimits,
+) -> Result<vibebox_listing::Page> {
     use crate::grpc::environment_pb;
     use vibebox_listing::OrderField;
     use vibebox_proto::environment::Environment;
 
-    let chunk = chunk.max(1);
+    let chunk = limits.chunk.max(1);
     let mut bounds = query.bounds(cursor);
     let first = query.order().keys()[0];
     let by = match first.field {
         OrderField::CreateTime => store::ScanBy::CreateTime,
         OrderField::UpdateTime => store::ScanBy::UpdateTime,
         OrderField::Name | OrderField::State => {
-            let records = store.list(installation, team_ids, &bounds, None).await?;
+            let records = store
+                .list_at_most(
+                    installation,
+                    team_ids,
+                    &bounds,
+                    limits.sort.saturating_add(1),
+                )
+                .await?;
+            if records.len() as u64 > limits.sort {
+                return Err(Error::TooManyToSort { max: limits.sort });
+            }
             return Ok(query.page(records.iter().map(environment_pb), size, cursor));
         }
     };
+    let order = query.order();
     let after_cursor =
-        |env: &Environment| cursor.is_none_or(|c| query.order().compare(c.last(), env).is_lt());
+        |env: &Environment| cursor.is_none_or(|c| order.compare(c.last(), env).is_lt());
     // Candidates by id: a record changed between two reads may come twice;
     // the later read wins.
     let mut found: HashMap<String, Environment> = HashMap::new();
+    let mut examined: u64 = 0;
+    // The last record examined after the cursor, in the query's order
+    // (matching or not): where a call stopped by the limit goes on.
+    let mut edge_env: Option<Environment> = None;
     loop {
+        let limit = chunk.min(limits.examine.saturating_sub(examined)).max(1);
         let scan = store::Scan {
             by,
             descending: first.descending,
-            limit: chunk,
+            limit,
         };
         let mut records = store
             .list(installation, team_ids, &bounds, Some(scan))
             .await?;
+        examined += records.len() as u64;
         let Some(edge) = records.last().map(|r| by.of(r)) else {
             break;
         };
-        let complete = (records.len() as u64) < chunk;
+        let complete = (records.len() as u64) < limit;
         if !complete {
             // The read may end inside the records sharing its last time:
-            // read all of those, so that the next read starts strictly
+            // read the rest of those, so that the next read starts strictly
             // after that time.
-            records.retain(|r| by.of(r) != edge);
+            let seen: Vec<String> = records
+                .iter()
+                .filter(|r| by.of(r) == edge)
+                .map(|r| r.id.clone())
+                .collect();
             let mut ties = bounds.clone();
             let range = match by {
                 store::ScanBy::CreateTime => &mut ties.create_time_ms,
@@ -1169,12 +1252,27 @@ pub async fn list_page(
             };
             range.min = Some(edge);
             range.max = Some(edge);
-            records.extend(store.list(installation, team_ids, &ties, None).await?);
+            let tied = store
+                .list_unseen(installation, team_ids, &ties, &seen)
+                .await?;
+            examined += tied.len() as u64;
+            records.extend(tied);
         }
         for record in &records {
             let env = environment_pb(record);
-            if query.matches(&env) && after_cursor(&env) {
+            if !after_cursor(&env) {
+                continue;
+            }
+            let further = edge_env
+                .as_ref()
+                .is_none_or(|e| order.compare(e, &env).is_lt());
+            if query.matches(&env) {
+                if further {
+                    edge_env = Some(env.clone());
+                }
                 found.insert(env.id.clone(), env);
+            } else if further {
+                edge_env = Some(env);
             }
         }
         // Every record not read yet sorts after every record read (its first
@@ -1182,6 +1280,14 @@ pub async fn list_page(
         // page is known.
         if complete || found.len() > size {
             break;
+        }
+        if examined >= limits.examine {
+            // Stopped by the limit, with what matched so far; a call that
+            // examined nothing after the cursor yet (a millisecond of ties
+            // at the cursor) reads on, so that paging always moves.
+            if let Some(edge_env) = &edge_env {
+                return Ok(query.partial_page(found.into_values(), size, cursor, edge_env));
+            }
         }
         let range = match by {
             store::ScanBy::CreateTime => &mut bounds.create_time_ms,

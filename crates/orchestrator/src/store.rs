@@ -146,8 +146,9 @@ pub mod environment {
         /// object of strings.
         #[sea_orm(column_type = "Text", default_value = "{}")]
         pub labels: String,
-        /// Request id of the last update applied (a retry with it is
-        /// answered with the record as it is).
+        /// Key of the last update applied: its caller and request id
+        /// (`crate::update::update_key`; a retry with it is answered with
+        /// the record as it is).
         #[sea_orm(default_value = "")]
         pub update_request_id: String,
         /// Request id of a resource update whose engine change is not
@@ -288,6 +289,8 @@ impl Changes {
 pub struct Store {
     db: DatabaseConnection,
     changes: std::sync::Arc<Changes>,
+    /// Records the listing reads returned ([`Store::records_listed`]).
+    listed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -297,6 +300,7 @@ impl Store {
         let store = Store {
             db,
             changes: std::sync::Arc::new(Changes::new()),
+            listed: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -509,8 +513,59 @@ impl Store {
         bounds: &vibebox_listing::Bounds,
         scan: Option<Scan>,
     ) -> Result<Vec<EnvRecord>> {
+        self.list_limited(installation, team_ids, bounds, scan, None, &[])
+            .await
+    }
+
+    /// Candidates of a listing as [`Store::list`] reads them without a
+    /// scan, but at most `limit` of them, unordered (a listing sorted in
+    /// memory reads one more than it may sort, to know it may not).
+    pub async fn list_at_most(
+        &self,
+        installation: &str,
+        team_ids: &[String],
+        bounds: &vibebox_listing::Bounds,
+        limit: u64,
+    ) -> Result<Vec<EnvRecord>> {
+        self.list_limited(installation, team_ids, bounds, None, Some(limit), &[])
+            .await
+    }
+
+    /// Candidates of a listing as [`Store::list`] reads them without a
+    /// scan, but for the ids in `seen` (read already): the rest of the
+    /// records sharing the time a scan's read ended on.
+    pub async fn list_unseen(
+        &self,
+        installation: &str,
+        team_ids: &[String],
+        bounds: &vibebox_listing::Bounds,
+        seen: &[String],
+    ) -> Result<Vec<EnvRecord>> {
+        self.list_limited(installation, team_ids, bounds, None, None, seen)
+            .await
+    }
+
+    /// How many records the listing reads ([`Store::list`],
+    /// [`Store::list_at_most`]) returned since the store was opened: what
+    /// listings cost (for tests and metrics).
+    pub fn records_listed(&self) -> u64 {
+        self.listed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn list_limited(
+        &self,
+        installation: &str,
+        team_ids: &[String],
+        bounds: &vibebox_listing::Bounds,
+        scan: Option<Scan>,
+        limit: Option<u64>,
+        seen: &[String],
+    ) -> Result<Vec<EnvRecord>> {
         use environment::Column;
         let mut q = environment::Entity::find().filter(Column::InstallationId.eq(installation));
+        if !seen.is_empty() {
+            q = q.filter(Column::Id.is_not_in(seen.iter().cloned()));
+        }
         if !team_ids.is_empty() {
             q = q.filter(Column::TeamId.is_in(team_ids.iter().cloned()));
         }
@@ -557,8 +612,13 @@ impl Store {
                 q.order_by_asc(column)
             };
             q = q.limit(scan.limit);
+        } else if let Some(limit) = limit {
+            q = q.limit(limit);
         }
-        Ok(q.all(&self.db).await?)
+        let records = q.all(&self.db).await?;
+        self.listed
+            .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(records)
     }
 
     /// Number of records (for tests and metrics).
@@ -790,6 +850,11 @@ impl Store {
 
     /// Moves the last activity of records forward to `at` (never back).
     /// Returns how many records changed.
+    ///
+    /// A change of the record like any other: its update time moves to now
+    /// (the activity changes `last_activity_time` and `idle_stop_time`), so
+    /// that a watch resumed from a token taken before it, which replays the
+    /// records updated since, sends it.
     pub async fn record_activity(&self, ids: &[String], at: i64) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
@@ -813,6 +878,7 @@ impl Store {
             }
             let done = environment::Entity::update_many()
                 .col_expr(environment::Column::LastActivityMs, Expr::value(Some(at)))
+                .col_expr(environment::Column::UpdateTimeMs, Expr::value(now_ms()))
                 .filter(environment::Column::Id.is_in(changed_ids.iter().cloned()))
                 .filter(behind)
                 .exec(&self.db)

@@ -26,8 +26,9 @@
 //!   before it compares the container with the stored spec, so an updated
 //!   container is never mistaken for drift.
 //!
-//! An update is idempotent by its request id: a retry of the last update
-//! applied is answered with the record as it is. It is refused while an
+//! An update is idempotent by its request id and its caller: a retry of the
+//! last update applied (same caller, same request id, see [`update_key`])
+//! is answered with the record as it is. It is refused while an
 //! operation is in progress on the environment
 //! ([`crate::operations::not_in_progress`]:
 //! `environment.operation_in_progress`), on deleted environments, and for
@@ -144,6 +145,16 @@ pub struct UpdateRequest {
     pub clearance: Option<Clearance>,
     /// Idempotency key.
     pub request_id: String,
+}
+
+/// The idempotency key of an update as the record keeps it
+/// (`update_request_id`): the caller's user id with the request id (a JSON
+/// array of the two, unambiguous whatever they hold). Request ids are the
+/// clients' to choose, so a retry is the same caller with the same request
+/// id; another caller's update with that request id is applied, not
+/// answered as a retry.
+pub fn update_key(caller: &Caller, request_id: &str) -> String {
+    serde_json::to_string(&[caller.user_id.as_str(), request_id]).unwrap_or_default()
 }
 
 /// The stored form of labels (a JSON object, keys in order).
@@ -370,7 +381,7 @@ struct Plan {
 
 impl Orchestrator {
     /// Applies an update (see the module documentation). Idempotent by
-    /// `request_id`.
+    /// the caller's `request_id` ([`update_key`]).
     pub async fn update(&self, req: UpdateRequest) -> Result<EnvRecord> {
         if req.request_id.trim().is_empty() {
             return Err(Error::InvalidArgument {
@@ -379,7 +390,7 @@ impl Orchestrator {
             });
         }
         let rec = self.get(&req.environment_id).await?;
-        if rec.update_request_id == req.request_id {
+        if rec.update_request_id == update_key(&req.caller, &req.request_id) {
             return Ok(rec);
         }
         let result = self.update_audited(rec.clone(), &req).await;
@@ -410,7 +421,7 @@ impl Orchestrator {
         updatable(&rec, resources)?;
         // An operation in progress is refused, never waited for.
         let (_guard, mut rec) = self.lock_settled(&rec.id, "update").await?;
-        if rec.update_request_id == req.request_id {
+        if rec.update_request_id == update_key(&req.caller, &req.request_id) {
             return Ok(rec);
         }
         updatable(&rec, resources)?;
@@ -691,7 +702,7 @@ impl Orchestrator {
         let mut q = environment::Entity::update_many()
             .col_expr(
                 environment::Column::UpdateRequestId,
-                Expr::value(req.request_id.as_str()),
+                Expr::value(update_key(&req.caller, &req.request_id)),
             )
             .col_expr(environment::Column::PendingUpdate, Expr::value(""))
             .col_expr(

@@ -3,7 +3,8 @@
 //! restrictions, is audited as the service account itself
 //! (`actor.kind = service_account`), is listed (never its secret) with its
 //! last use, and stops when revoked or when the account is deleted. Creates
-//! are idempotent by `request_id`.
+//! are idempotent by `request_id`. A token ends with its issuer's authority:
+//! removing or demoting the admin who minted it revokes it.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,8 @@ use vibebox_proto::identity::{
     ApiToken, CreateServiceAccountRequest, CreateServiceAccountTokenRequest,
     CreateServiceAccountTokenResponse, CreateTeamRequest, CreateUserRequest,
     DeleteServiceAccountRequest, ListApiTokensRequest, PlatformRole, PrincipalKind,
-    RevokeTokenRequest, TeamRole, TokenRestrictions, WhoAmIRequest,
+    RemoveTeamMemberRequest, RevokeTokenRequest, SetTeamMemberRoleRequest, TeamRole,
+    TokenRestrictions, WhoAmIRequest,
 };
 use vibebox_tests::{Platform, Settle, dev_image};
 
@@ -363,6 +365,134 @@ async fn a_service_account_works_in_its_team_audited_as_itself_until_revoked() {
         .delete_settled(&created.id)
         .await
         .unwrap();
+}
+
+/// Every API token `token` may list in `team`, revoked ones included.
+async fn team_tokens(p: &Platform, token: &str, team: &str) -> Vec<ApiToken> {
+    p.identity(token)
+        .list_api_tokens(ListApiTokensRequest {
+            owner_id: String::new(),
+            team_id: team.into(),
+            show_inactive: true,
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+}
+
+/// How long until `token` is refused (UNAUTHENTICATED) through the gateway.
+async fn until_refused(p: &Platform, token: &str) -> Duration {
+    until_code(
+        || {
+            let mut identity = p.identity(token);
+            async move { identity.who_am_i(WhoAmIRequest {}).await }
+        },
+        Code::Unauthenticated,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_ends_with_its_minters_authority_and_a_service_account_lists_its_own() {
+    let p = Platform::start();
+    let root = p.admin_token();
+    let team = p.team(&root, "minted").await;
+    let (lead_id, lead) = p.member(&root, "minted-lead", &team, TeamRole::Admin).await;
+    let (second_id, second) = p
+        .member(&root, "minted-second", &team, TeamRole::Admin)
+        .await;
+    let sa = p
+        .identity(&lead)
+        .create_service_account(CreateServiceAccountRequest {
+            team_id: team.clone(),
+            name: "minted-bot".into(),
+            display_name: String::new(),
+            role: TeamRole::Developer as i32,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service_account
+        .unwrap();
+    let by_lead = sa_token(&p, &lead, &sa.id, &[]).await;
+    let by_second = sa_token(&p, &second, &sa.id, &[]).await;
+    for t in [&by_lead, &by_second] {
+        // Used once, so the gateway has a decision cached for it.
+        p.identity(&t.token)
+            .who_am_i(WhoAmIRequest {})
+            .await
+            .unwrap();
+    }
+    let state = |listed: &[ApiToken], id: &str| {
+        let t = listed.iter().find(|t| t.id == id).expect("listed");
+        (t.created_by.clone(), t.revoked)
+    };
+
+    // The admin who minted it leaves the team: it stops within the
+    // platform's two seconds; the other admin's keeps working.
+    p.identity(&root)
+        .remove_team_member(RemoveTeamMemberRequest {
+            team_id: team.clone(),
+            user_id: lead_id.clone(),
+        })
+        .await
+        .unwrap();
+    let took = until_refused(&p, &by_lead.token).await;
+    assert!(took < Duration::from_secs(2), "removal took {took:?}");
+    p.identity(&by_second.token)
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .unwrap();
+    let listed = team_tokens(&p, &root, &team).await;
+    assert_eq!(state(&listed, &by_lead.token_id), (lead_id, true));
+    assert_eq!(
+        state(&listed, &by_second.token_id),
+        (second_id.clone(), false)
+    );
+
+    // The other is demoted to developer: its token stops too.
+    p.identity(&root)
+        .set_team_member_role(SetTeamMemberRoleRequest {
+            team_id: team.clone(),
+            user_id: second_id.clone(),
+            role: TeamRole::Developer as i32,
+        })
+        .await
+        .unwrap();
+    let took = until_refused(&p, &by_second.token).await;
+    assert!(took < Duration::from_secs(2), "demotion took {took:?}");
+    let listed = team_tokens(&p, &root, &team).await;
+    assert_eq!(state(&listed, &by_second.token_id), (second_id, true));
+
+    // A service account with the admin role sees its own tokens only.
+    let admin_bot = p
+        .identity(&root)
+        .create_service_account(CreateServiceAccountRequest {
+            team_id: team.clone(),
+            name: "admin-bot".into(),
+            display_name: String::new(),
+            role: TeamRole::Admin as i32,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service_account
+        .unwrap();
+    let own = sa_token(&p, &root, &admin_bot.id, &[]).await;
+    let peer = sa_token(&p, &root, &sa.id, &[]).await;
+    let seen: Vec<String> = team_tokens(&p, &own.token, &team)
+        .await
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(seen, std::slice::from_ref(&own.token_id));
+    let all = team_tokens(&p, &root, &team).await;
+    assert!(all.iter().any(|t| t.id == peer.token_id), "{all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,12 @@
 //! - a create slower than the gateway's 30 s deadline (a Docker socket
 //!   proxy the test owns holds the container create back) returns CREATING
 //!   at once, a short wait answers CREATING promptly, and a long wait
-//!   answers RUNNING once the engine is done.
+//!   answers RUNNING once the engine is done;
+//! - a watcher whose client stops reading is ended ABORTED
+//!   `watch.fell_behind` after `--watch-max-lag-ms` while another watcher
+//!   of the same changes goes on, and its last token resumes it; activity
+//!   alone (an exec in a running environment moves its
+//!   `last_activity_time`) is a change a resume replays.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,10 +30,12 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
+use vibebox_proto::environment::environment_service_client::EnvironmentServiceClient;
 use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
-    EnvironmentState, StartEnvironmentRequest, StopEnvironmentRequest, WaitEnvironmentRequest,
-    WatchEnvironmentsRequest, WatchEnvironmentsResponse,
+    EnvironmentState, GetEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
+    UpdateEnvironmentRequest, WaitEnvironmentRequest, WatchEnvironmentsRequest,
+    WatchEnvironmentsResponse,
 };
 use vibebox_proto::identity::{
     RemoveTeamMemberRequest, SetUserDisabledRequest, TeamRole, WhoAmIRequest,
@@ -126,8 +133,22 @@ struct Watch {
 
 impl Watch {
     async fn open(c: &Cluster, token: &str, team: &str, resume: &str) -> Result<Watch, Status> {
-        let stream = c
-            .environments(token)
+        Watch::open_on(c.environments(token), team, resume).await
+    }
+
+    /// Opens a watch through `client` (a connection of the test's own).
+    async fn open_on<T>(
+        mut client: EnvironmentServiceClient<T>,
+        team: &str,
+        resume: &str,
+    ) -> Result<Watch, Status>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<tonic::codegen::StdError>,
+        T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    {
+        let stream = client
             .watch_environments(WatchEnvironmentsRequest {
                 team_id: team.into(),
                 resume_token: resume.into(),
@@ -724,4 +745,273 @@ async fn a_create_slower_than_the_gateway_deadline_settles_through_wait() {
         Some(&EnvironmentState::Running),
         "{states:?}"
     );
+}
+
+/// The resume token's position (Unix ms; the test knows the encoding the
+/// gateway documents: base64url of `v1:<ms>`).
+fn position(token: &str) -> i64 {
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .expect("base64url token");
+    String::from_utf8(text)
+        .expect("utf-8 token")
+        .strip_prefix("v1:")
+        .expect("v1 token")
+        .parse()
+        .expect("a position")
+}
+
+fn millis_of(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+}
+
+async fn get(c: &Cluster, token: &str, id: &str) -> Environment {
+    c.environments(token)
+        .get_environment(GetEnvironmentRequest {
+            environment_id: id.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .environment
+        .expect("environment")
+}
+
+/// Sets `round` (and labels enough to make each change about 2 KiB on the
+/// wire) on `id`'s labels.
+async fn relabel(c: &Cluster, token: &str, id: &str, round: usize) {
+    let mut labels: std::collections::BTreeMap<String, String> = (0..32)
+        .map(|i| (format!("pad-{i:02}"), "x".repeat(60)))
+        .collect();
+    labels.insert("round".into(), round.to_string());
+    c.environments(token)
+        .update_environment(UpdateEnvironmentRequest {
+            environment: Some(Environment {
+                id: id.into(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels".into()],
+            }),
+            request_id: format!("relabel-{id}-{round}"),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("relabel {round}: {e:?}"));
+}
+
+fn round_of(env: &Environment) -> Option<usize> {
+    env.labels.get("round").and_then(|r| r.parse().ok())
+}
+
+impl Watch {
+    /// Reads until `id` is seen with label round `round`.
+    async fn until_round(&mut self, id: &str, round: usize) {
+        loop {
+            let message = self.next().await.expect("watch message");
+            if let Some(env) = message.environment
+                && env.id == id
+                && round_of(&env) == Some(round)
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// `vibebox_gateway_watch_fell_behind_total{cause}` as the gateway's
+/// metrics endpoint shows it now (0 when absent).
+fn fell_behind(c: &Cluster, cause: &str) -> u64 {
+    use std::io::{Read, Write};
+    let rest = c
+        .metrics_url
+        .strip_prefix("http://")
+        .expect("metrics URL is http");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read metrics");
+    let series = format!("vibebox_gateway_watch_fell_behind_total{{cause=\"{cause}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse::<f64>().expect("a count") as u64)
+}
+
+/// The bound the gateway is started with (`--watch-max-lag-ms`).
+const MAX_LAG: Duration = Duration::from_secs(2);
+
+/// Longer than the gateway's resume slack (15 s): a resume from a token
+/// taken this long after an environment's last update does not replay that
+/// update.
+const PAST_THE_SLACK: Duration = Duration::from_secs(16);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watcher_ends_alone_and_activity_is_replayed_on_resume() {
+    let image = dev_image();
+    let c = Cluster::builder()
+        .arg(
+            Service::Gateway,
+            format!("--watch-max-lag-ms={}", MAX_LAG.as_millis()),
+        )
+        // Activity is written every sweep.
+        .arg(Service::Orchestrator, "--lifecycle-interval=1s")
+        .start()
+        .await;
+    let team = c.team("stall").await;
+    let alice = c.user("stall-alice", &team, TeamRole::Developer).await;
+    let quiet = create(&c, &alice, &team, "quiet", &image).await.id;
+    let busy = create(&c, &alice, &team, "busy", &image).await.id;
+    settled(&c, &alice, &quiet, EnvironmentState::Running).await;
+    settled(&c, &alice, &busy, EnvironmentState::Running).await;
+    let quiet_updated = millis_of(get(&c, &alice, &quiet).await.update_time.as_ref());
+
+    // (1) Two watchers of the same changes: one reads, one stops reading
+    // after the listing. The stalled one has a connection of its own with a
+    // 1 KiB flow-control window, so that what it does not read backs up to
+    // the gateway after a few changes (not after megabytes).
+    let mut reader = Watch::open_when_ready(&c, &alice, &team, "").await;
+    reader.until_caught_up().await;
+    let tiny = tonic::transport::Endpoint::from_shared(c.url(Service::Gateway))
+        .expect("gateway url")
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(64 * 1024)
+        .connect()
+        .await
+        .expect("a connection of the stalled watcher's own");
+    let mut stalled = Watch::open_on(
+        EnvironmentServiceClient::with_interceptor(tiny, vibebox_tests::bearer(&alice)),
+        &team,
+        "",
+    )
+    .await
+    .expect("the stalled watch");
+    stalled.until_caught_up().await;
+
+    const ROUNDS: usize = 30;
+    for round in 0..ROUNDS {
+        relabel(&c, &alice, &busy, round).await;
+        reader.until_round(&busy, round).await;
+    }
+    // The stalled watcher has been unable to deliver for a while now: past
+    // the bound it is ended, and nothing else is.
+    tokio::time::sleep(MAX_LAG * 2 + Duration::from_secs(1)).await;
+    relabel(&c, &alice, &busy, ROUNDS).await;
+    reader.until_round(&busy, ROUNDS).await;
+
+    // Ended while its client still reads nothing (what it did not read is
+    // no longer held for it), and it alone.
+    assert_eq!(
+        fell_behind(&c, "stalled"),
+        1,
+        "the gateway did not end the stalled watcher while it was not read"
+    );
+    assert_eq!(fell_behind(&c, "lagging") + fell_behind(&c, "backlog"), 0);
+
+    // What reached the stalled client's buffers before it stopped, then the
+    // status: it fell behind; resume.
+    let ended = async {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), stalled.stream.message())
+                .await
+                .expect("the stalled watch was not ended: it kept waiting for its client");
+            match message {
+                Ok(Some(message)) => {
+                    if let Some(env) = message.environment {
+                        stalled.seen.push(env);
+                    }
+                    stalled.token = message.resume_token;
+                }
+                Ok(None) => panic!("the stalled watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    };
+    let status = ended.await;
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().map(|i| i.reason),
+        Some("watch.fell_behind".to_owned()),
+        "{status:?}"
+    );
+    let delivered = stalled
+        .seen
+        .iter()
+        .filter_map(round_of)
+        .max()
+        .map_or(0, |r| r + 1);
+    assert!(
+        delivered < ROUNDS,
+        "the stalled client got every change ({delivered}): it never stalled the gateway"
+    );
+    // The reader goes on.
+    relabel(&c, &alice, &busy, ROUNDS + 1).await;
+    reader.until_round(&busy, ROUNDS + 1).await;
+    // The stalled client resumes with its last token and misses nothing.
+    let mut resumed = Watch::open_when_ready(&c, &alice, &team, &stalled.token).await;
+    let replayed = resumed.until_caught_up().await;
+    assert_eq!(
+        replayed
+            .iter()
+            .rev()
+            .find(|e| e.id == busy)
+            .and_then(round_of),
+        Some(ROUNDS + 1),
+        "the resume replays the changes the stalled client missed"
+    );
+    drop((reader, resumed));
+
+    // (2) Activity alone is a change a resume replays. `quiet` has not
+    // changed since it settled; a token taken more than the resume slack
+    // after that does not replay its settling.
+    // (Two seconds more: a token is the position of the gateway's replica,
+    // which the feed's heartbeat moves every second.)
+    let wait = (quiet_updated + PAST_THE_SLACK.as_millis() as i64 + 2_000)
+        - chrono::Utc::now().timestamp_millis();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+    let mut watch = Watch::open_when_ready(&c, &alice, &team, "").await;
+    watch.until_caught_up().await;
+    let token = watch.token.clone();
+    drop(watch);
+    let before = get(&c, &alice, &quiet).await;
+    assert_eq!(
+        millis_of(before.update_time.as_ref()),
+        quiet_updated,
+        "quiet changed meanwhile: {before:?}"
+    );
+    assert!(
+        position(&token) - quiet_updated >= PAST_THE_SLACK.as_millis() as i64,
+        "the token is past the slack after quiet's last update"
+    );
+    let out = vibebox_tests::cluster::exec(&mut c.environments(&alice), &quiet, &["true"])
+        .await
+        .expect("exec");
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    // The next sweep writes the activity.
+    let deadline = Instant::now() + PATIENCE;
+    let active = loop {
+        let env = get(&c, &alice, &quiet).await;
+        if millis_of(env.last_activity_time.as_ref()) >= position(&token) {
+            break env;
+        }
+        assert!(Instant::now() < deadline, "no activity recorded: {env:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut resumed = Watch::open_when_ready(&c, &alice, &team, &token).await;
+    let replayed = resumed.until_caught_up().await;
+    let seen = replayed
+        .iter()
+        .rev()
+        .find(|e| e.id == quiet)
+        .unwrap_or_else(|| {
+            let names: Vec<&str> = replayed.iter().map(|e| e.name.as_str()).collect();
+            panic!("the activity is not replayed; the replay sent {names:?}")
+        });
+    assert_eq!(
+        seen.last_activity_time, active.last_activity_time,
+        "the replay carries the activity"
+    );
+    assert_eq!(seen.state(), EnvironmentState::Running);
 }

@@ -1,5 +1,5 @@
-//! `vibebox env ...`: create, ls, get, start/stop/restart/rm; `logs`, `exec`
-//! and `stats` live in their own modules.
+//! `vibebox env ...`: create, ls, get, update, start/stop/restart/rm;
+//! `logs`, `exec` and `stats` live in their own modules.
 //!
 //! Create, start, stop, restart and rm are long operations on the platform:
 //! the call answers at once with the environment in its transitional state
@@ -9,6 +9,7 @@
 //! fail naming the reason when it ends FAILED; `--no-wait` prints the
 //! transitional state and returns.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +23,7 @@ use vibebox_proto::environment::{
     ContainerSpec, CreateEnvironmentRequest, DeleteEnvironmentRequest, Environment,
     EnvironmentState, ExtendEnvironmentRequest, GetEnvironmentRequest, ListEnvironmentsRequest,
     RestartEnvironmentRequest, StartEnvironmentRequest, StopEnvironmentRequest,
-    WaitEnvironmentRequest,
+    UpdateEnvironmentRequest, WaitEnvironmentRequest,
 };
 use vibebox_server_kit::Authed;
 
@@ -43,6 +44,10 @@ pub(crate) enum EnvCommand {
     Ls(LsArgs),
     /// Show one environment.
     Get(EnvArg),
+    /// Change an environment in place: its name, its labels, its CPUs,
+    /// memory and process limit (applied live, judged by policy and
+    /// quotas).
+    Update(UpdateArgs),
     /// Start a stopped environment and wait until it runs.
     Start(OpArgs),
     /// Stop a running environment and wait until it has stopped.
@@ -118,6 +123,10 @@ pub(crate) struct CreateArgs {
     /// Environment variables KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env_vars: Vec<String>,
+    /// Labels of the environment KEY=VALUE (repeatable), for `env ls
+    /// --filter 'labels.KEY = VALUE'`.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// Working directory.
     #[arg(short, long)]
     workdir: Option<String>,
@@ -141,6 +150,40 @@ pub(crate) struct LsArgs {
     /// Include deleted environments.
     #[arg(short, long)]
     all: bool,
+    /// Only the environments this filter selects, e.g. `state = RUNNING AND
+    /// labels.ci = "true"` (fields: name, id, owner_id, team_id, state,
+    /// image, create_time, update_time, labels.KEY; see the API reference).
+    #[arg(long, value_name = "EXPR")]
+    filter: Option<String>,
+    /// Sort order, e.g. `name` or `state, create_time desc` (create_time,
+    /// update_time, name, state; default: newest first).
+    #[arg(long, value_name = "EXPR")]
+    order_by: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct UpdateArgs {
+    /// Environment id or name.
+    env: String,
+    /// New name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Set a label KEY=VALUE, keeping the other labels (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Remove every label (with --label: the labels become exactly those
+    /// given).
+    #[arg(long)]
+    clear_labels: bool,
+    /// CPUs, e.g. 1.5.
+    #[arg(long, visible_alias = "cpu", value_name = "X")]
+    cpus: Option<f64>,
+    /// Memory, e.g. 512m or 2g (a bare number is MiB).
+    #[arg(long, value_name = "MB")]
+    memory: Option<String>,
+    /// Maximum number of processes.
+    #[arg(long, visible_alias = "pids-limit", value_name = "N")]
+    pids: Option<i64>,
 }
 
 #[derive(Args, Debug)]
@@ -181,6 +224,8 @@ pub(crate) struct EnvView {
     last_activity_time: String,
     idle_stop_time: String,
     expire_time: String,
+    /// Labels of the environment itself.
+    labels: BTreeMap<String, String>,
 }
 
 fn state_name(state: i32) -> String {
@@ -214,6 +259,7 @@ impl From<&Environment> for EnvView {
             last_activity_time: output::time(e.last_activity_time.as_ref()),
             idle_stop_time: output::time(e.idle_stop_time.as_ref()),
             expire_time: output::time(e.expire_time.as_ref()),
+            labels: e.labels.clone().into_iter().collect(),
         }
     }
 }
@@ -261,6 +307,10 @@ fn print_env(e: &Environment, format: Format) {
         ("created", v.create_time),
         ("updated", v.update_time),
     ];
+    if !v.labels.is_empty() {
+        let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.push(("labels", labels.join(", ")));
+    }
     if !v.status_message.is_empty() {
         pairs.push(("status", v.status_message));
     }
@@ -300,24 +350,31 @@ pub(crate) fn parse_kv(items: &[String]) -> Result<std::collections::BTreeMap<St
         .collect()
 }
 
-/// All environments visible to the caller (every page).
-async fn list_all(
-    session: &Session,
+/// What a listing asks for.
+#[derive(Debug, Clone, Default)]
+struct Listing {
+    /// Empty: every team of the caller.
     team_id: String,
     show_deleted: bool,
-) -> Result<Vec<Environment>> {
+    filter: String,
+    order_by: String,
+}
+
+/// All environments a listing selects (every page; a page may be short,
+/// even empty, with a token to go on).
+async fn list_all(session: &Session, listing: Listing) -> Result<Vec<Environment>> {
     let client = session.environments();
     all_pages(|page_token| {
-        let (mut client, team_id) = (client.clone(), team_id.clone());
+        let (mut client, listing) = (client.clone(), listing.clone());
         async move {
             let r = client
                 .list_environments(ListEnvironmentsRequest {
-                    filter: Default::default(),
-                    order_by: Default::default(),
-                    team_id,
+                    filter: listing.filter,
+                    order_by: listing.order_by,
+                    team_id: listing.team_id,
                     page_size: 200,
                     page_token,
-                    show_deleted,
+                    show_deleted: listing.show_deleted,
                 })
                 .await
                 .call()?;
@@ -327,12 +384,31 @@ async fn list_all(
     .await
 }
 
+/// A filter value quoted for `ListEnvironments` (`"..."`, with `\\`, `\"`
+/// and `\*` escaped: matched exactly, never as a prefix).
+fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if matches!(c, '\\' | '"' | '*') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 /// Resolves an environment id or name to an id.
 pub(crate) async fn resolve_env(session: &Session, env: &str) -> Result<String> {
     if uuid::Uuid::parse_str(env).is_ok() {
         return Ok(env.to_owned());
     }
-    let matches: Vec<_> = list_all(session, String::new(), false)
+    let listing = Listing {
+        filter: format!("name = {}", quoted(env)),
+        ..Listing::default()
+    };
+    let matches: Vec<_> = list_all(session, listing)
         .await?
         .into_iter()
         .filter(|e| e.name == env)
@@ -366,7 +442,13 @@ pub(crate) async fn run(
                 Some(t) => resolve_team(session, Some(t), None).await?,
                 None => String::new(),
             };
-            let envs = list_all(session, team_id, args.all).await?;
+            let listing = Listing {
+                team_id,
+                show_deleted: args.all,
+                filter: args.filter.unwrap_or_default(),
+                order_by: args.order_by.unwrap_or_default(),
+            };
+            let envs = list_all(session, listing).await?;
             if format == Format::Json {
                 output::json(&envs.iter().map(EnvView::from).collect::<Vec<_>>());
             } else {
@@ -413,6 +495,27 @@ pub(crate) async fn run(
                 .get_environment(GetEnvironmentRequest { environment_id: id })
                 .await
                 .call()?;
+            print_env(&resp.environment.unwrap_or_default(), format);
+        }
+        EnvCommand::Update(a) => {
+            // Checked before anything is asked of the platform.
+            update_request(String::new(), &a, None)?;
+            let id = resolve_env(session, &a.env).await?;
+            // `--label` keeps the other labels: the mask's `labels` replaces
+            // them all, so the current ones are read first.
+            let current = if !a.labels.is_empty() && !a.clear_labels {
+                let got = client
+                    .get_environment(GetEnvironmentRequest {
+                        environment_id: id.clone(),
+                    })
+                    .await
+                    .call()?;
+                Some(got.environment.unwrap_or_default().labels)
+            } else {
+                None
+            };
+            let request = update_request(id, &a, current.as_ref())?;
+            let resp = client.update_environment(request).await.call()?;
             print_env(&resp.environment.unwrap_or_default(), format);
         }
         EnvCommand::Start(a) => {
@@ -494,6 +597,73 @@ pub(crate) async fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `UpdateEnvironment` request of `env update` for environment `id`:
+/// the new values and the mask naming exactly the fields given (`name`,
+/// `labels`, `spec.cpu_limit`, `spec.memory_limit_mb`, `spec.pids_limit`,
+/// in that order). `--label` adds to `current` (the labels the environment
+/// has; `None` with `--clear-labels`, or when no label is given).
+fn update_request(
+    id: String,
+    args: &UpdateArgs,
+    current: Option<&BTreeMap<String, String>>,
+) -> Result<UpdateEnvironmentRequest> {
+    let mut paths = Vec::new();
+    let mut environment = Environment {
+        id,
+        ..Environment::default()
+    };
+    if let Some(name) = &args.name {
+        if name.trim().is_empty() {
+            bail!("--name must not be empty");
+        }
+        environment.name = name.clone();
+        paths.push("name");
+    }
+    if args.clear_labels || !args.labels.is_empty() {
+        let mut labels = match (args.clear_labels, current) {
+            (false, Some(current)) => current.clone(),
+            _ => BTreeMap::new(),
+        };
+        labels.extend(parse_kv(&args.labels).map_err(|e| anyhow!("--label: {e}"))?);
+        environment.labels = labels;
+        paths.push("labels");
+    }
+    let mut spec = ContainerSpec::default();
+    if let Some(cpus) = args.cpus {
+        if !(cpus.is_finite() && cpus > 0.0) {
+            bail!("--cpus must be a positive number of CPUs, e.g. 0.5 or 2");
+        }
+        spec.cpu_limit = Some(cpus);
+        paths.push("spec.cpu_limit");
+    }
+    if let Some(memory) = &args.memory {
+        spec.memory_limit_mb = Some(parse_memory_mb(memory).map_err(|e| anyhow!("--memory: {e}"))?);
+        paths.push("spec.memory_limit_mb");
+    }
+    if let Some(pids) = args.pids {
+        if pids <= 0 {
+            bail!("--pids must be a positive number of processes");
+        }
+        spec.pids_limit = Some(pids);
+        paths.push("spec.pids_limit");
+    }
+    if paths.is_empty() {
+        bail!(
+            "nothing to update: give --name, --label, --clear-labels, --cpus, --memory or --pids"
+        );
+    }
+    if paths.iter().any(|p| p.starts_with("spec.")) {
+        environment.spec = Some(spec);
+    }
+    Ok(UpdateEnvironmentRequest {
+        environment: Some(environment),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.into_iter().map(str::to_owned).collect(),
+        }),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
 }
 
 fn done(env: &Environment, format: Format, verb: &str) {
@@ -717,13 +887,14 @@ async fn create(
     let team = args.team.or_else(|| file.team.clone());
     let team_id = resolve_team(session, team.as_deref(), ctx.team.as_deref()).await?;
     let spec: ContainerSpec = file.to_proto()?;
+    let labels = parse_kv(&args.labels)?;
 
     let progress = Progress::new(&name);
     progress.say("submitting to the policy and the orchestrator");
     let mut client = session.environments();
     let created = progress
         .spin_while(client.create_environment(CreateEnvironmentRequest {
-            labels: Default::default(),
+            labels,
             request_id: uuid::Uuid::new_v4().to_string(),
             team_id,
             name: name.clone(),
@@ -832,6 +1003,164 @@ impl Progress {
     fn finish(&self) {
         if self.tty {
             let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Update {
+        #[command(flatten)]
+        args: UpdateArgs,
+    }
+
+    fn args(argv: &[&str]) -> UpdateArgs {
+        Update::try_parse_from(["update", "web"].iter().chain(argv))
+            .unwrap()
+            .args
+    }
+
+    fn mask(request: &UpdateEnvironmentRequest) -> Vec<&str> {
+        request
+            .update_mask
+            .as_ref()
+            .unwrap()
+            .paths
+            .iter()
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn update_masks_name_exactly_the_fields_given() {
+        let current = BTreeMap::from([
+            ("ci".to_owned(), "true".to_owned()),
+            ("tier".to_owned(), "front".to_owned()),
+        ]);
+        let all = args(&[
+            "--name",
+            "web-2",
+            "--label",
+            "tier=back",
+            "--label",
+            "new=1",
+            "--cpus",
+            "1.5",
+            "--memory",
+            "1g",
+            "--pids",
+            "200",
+        ]);
+        let r = update_request("id-1".into(), &all, Some(&current)).unwrap();
+        assert_eq!(
+            mask(&r),
+            [
+                "name",
+                "labels",
+                "spec.cpu_limit",
+                "spec.memory_limit_mb",
+                "spec.pids_limit"
+            ]
+        );
+        let env = r.environment.as_ref().unwrap();
+        assert_eq!(env.id, "id-1");
+        assert_eq!(env.name, "web-2");
+        // --label keeps the other labels and overrides the same key.
+        assert_eq!(
+            env.labels,
+            BTreeMap::from([
+                ("ci".to_owned(), "true".to_owned()),
+                ("new".to_owned(), "1".to_owned()),
+                ("tier".to_owned(), "back".to_owned()),
+            ])
+            .into_iter()
+            .collect()
+        );
+        let spec = env.spec.as_ref().unwrap();
+        assert_eq!(
+            (spec.cpu_limit, spec.memory_limit_mb, spec.pids_limit),
+            (Some(1.5), Some(1024), Some(200))
+        );
+        assert!(!r.request_id.is_empty());
+
+        // One resource: one path, no name, no labels.
+        let r = update_request("id-1".into(), &args(&["--memory", "512"]), None).unwrap();
+        assert_eq!(mask(&r), ["spec.memory_limit_mb"]);
+        let env = r.environment.unwrap();
+        assert_eq!(env.spec.unwrap().memory_limit_mb, Some(512));
+        assert!(env.name.is_empty() && env.labels.is_empty());
+        // Aliases of the create flags.
+        let r = update_request(
+            "id-1".into(),
+            &args(&["--cpu", "2", "--pids-limit", "64"]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(mask(&r), ["spec.cpu_limit", "spec.pids_limit"]);
+
+        // Metadata only: no spec sent.
+        let r = update_request("id-1".into(), &args(&["--name", "x"]), None).unwrap();
+        assert_eq!(mask(&r), ["name"]);
+        assert!(r.environment.unwrap().spec.is_none());
+
+        // --clear-labels: exactly the labels given, or none.
+        let cleared = args(&["--clear-labels"]);
+        let r = update_request("id-1".into(), &cleared, Some(&current)).unwrap();
+        assert_eq!(mask(&r), ["labels"]);
+        assert!(r.environment.unwrap().labels.is_empty());
+        let replaced = args(&["--clear-labels", "--label", "only=this"]);
+        let r = update_request("id-1".into(), &replaced, Some(&current)).unwrap();
+        assert_eq!(
+            r.environment
+                .unwrap()
+                .labels
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [("only".to_owned(), "this".to_owned())]
+        );
+    }
+
+    #[test]
+    fn update_refuses_what_it_cannot_send() {
+        for (argv, error) in [
+            (&[][..], "nothing to update"),
+            (
+                &["--label", "novalue"][..],
+                "--label: \"novalue\" is not KEY=VALUE",
+            ),
+            (&["--cpus", "0"][..], "--cpus must be a positive"),
+            (&["--cpus", "NaN"][..], "--cpus must be a positive"),
+            (&["--memory", "lots"][..], "--memory: invalid memory size"),
+            (&["--pids", "0"][..], "--pids must be a positive"),
+            (&["--pids=-1"][..], "--pids must be a positive"),
+            (&["--name", " "][..], "--name must not be empty"),
+        ] {
+            let e = update_request("id".into(), &args(argv), None).unwrap_err();
+            assert!(e.to_string().starts_with(error), "{argv:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn filter_values_are_quoted_exactly() {
+        assert_eq!(quoted("web-1"), r#""web-1""#);
+        assert_eq!(quoted(r#"a"b\c*"#), r#""a\"b\\c\*""#);
+        // Read back by the platform's parser: the exact name, not a prefix.
+        for name in ["web-*", r#"a"b\c*"#, "plain"] {
+            let filter = format!("name = {}", quoted(name));
+            let query = vibebox_listing::Query::new(&filter, "", false).unwrap();
+            let env = |name: &str| Environment {
+                id: "x".into(),
+                name: name.into(),
+                state: EnvironmentState::Running as i32,
+                ..Environment::default()
+            };
+            assert!(query.matches(&env(name)), "{filter}");
+            assert!(!query.matches(&env(&format!("{name}-more"))), "{filter}");
         }
     }
 }

@@ -12,6 +12,7 @@ pub(crate) mod forward;
 pub(crate) mod login;
 pub(crate) mod logs;
 pub(crate) mod policy;
+pub(crate) mod sa;
 pub(crate) mod stats;
 pub(crate) mod team;
 pub(crate) mod token;

@@ -45,7 +45,8 @@ pub(crate) enum TeamCommand {
     Remove { team: String, user: String },
 }
 
-fn parse_team_role(s: &str) -> Result<i32> {
+/// A team role's name (`viewer`, `developer`, `admin`) as its enum value.
+pub(crate) fn parse_team_role(s: &str) -> Result<i32> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "viewer" => TeamRole::Viewer,
         "developer" | "dev" => TeamRole::Developer,
@@ -75,7 +76,8 @@ pub(crate) struct MembershipView {
     pub(crate) role: String,
 }
 
-fn role_name(r: i32) -> String {
+/// A team role's short name (`viewer`, `developer`, `admin`).
+pub(crate) fn role_name(r: i32) -> String {
     TeamRole::try_from(r)
         .map(|r| output::enum_name(r.as_str_name(), "TEAM_ROLE_"))
         .unwrap_or_default()

@@ -15,44 +15,60 @@
 //!   The change subscription is taken before the listing is read, so that
 //!   nothing falls between the two; the watch is level-based (each message
 //!   is the environment as it is at or after the change), so a change that
-//!   is in both comes twice, harmlessly.
+//!   is in both comes twice, harmlessly. A live change that the replay
+//!   already sent a newer version of is left out, so that no environment
+//!   goes back to an older state on the stream.
 //! - **Resume tokens.** Opaque to clients: base64url of `v1:<ms>`, a
 //!   position on the orchestrator's clock such that every change stamped
-//!   before it has been sent. Every message carries one (a message that is
-//!   not the last of its feed batch carries the position before the batch);
-//!   a heartbeat (no environment) every [`HEARTBEAT`] carries a fresh one.
-//!   A malformed token is INVALID_ARGUMENT on `resume_token`; one older than
-//!   `--watch-resume-retention-ms` is FAILED_PRECONDITION, reason
-//!   `watch.resume_token_expired`: list again, then watch without a token.
+//!   before it has been sent (less the slack: a resume looks back
+//!   [`RESUME_SLACK`] for changes that committed late). Every message
+//!   carries one: a listed or replayed environment the position of its own
+//!   update (at most the start's: changes after it are still to come live),
+//!   a live one the position before its feed batch (the batch's last, after
+//!   it); a heartbeat (no environment) every [`HEARTBEAT`] carries a fresh
+//!   one. A replay interrupted halfway resumes near where it stopped, not
+//!   from its beginning. A malformed token is INVALID_ARGUMENT on
+//!   `resume_token`; one older than `--watch-resume-retention-ms` is
+//!   FAILED_PRECONDITION, reason `watch.resume_token_expired`: list again,
+//!   then watch without a token.
 //! - **Interruptions.** When the replica's feed breaks or starts over (an
 //!   orchestrator restart), the stream ends UNAVAILABLE (reason
-//!   `watch.feed_interrupted`); when the watcher falls more than the
-//!   replica's backlog behind (a client that does not read), ABORTED (reason
-//!   `watch.fell_behind`). Either way the client watches again with the last
-//!   token it received, and the replay fills the gap.
+//!   `watch.feed_interrupted`); when the watcher falls behind (its client
+//!   takes no message for `--watch-max-lag-ms`, the change it is about to
+//!   send is that much older than the newest one, or it is more than the
+//!   replica's backlog behind), ABORTED (reason `watch.fell_behind`). Either
+//!   way the client watches again with the last token it received, and the
+//!   replay fills the gap. An ending status goes ahead of the message still
+//!   queued for the client (at most one): that message's token was not
+//!   received, so the resume covers it.
 //! - **Rights.** Re-checked every `--stream-recheck-ms`. A watch of one team
 //!   ends PERMISSION_DENIED when the caller may no longer watch it; a watch
 //!   of every team stops sending a team the caller has lost (and goes on
 //!   with the others); either ends UNAUTHENTICATED when the token or its
-//!   user is no longer valid. Each stream takes a share of the caller's
-//!   streams (`--user-max-streams`).
+//!   user is no longer valid. At most one message is queued for the client,
+//!   and an ending status is sent ahead of it, as for every relayed stream.
+//!   Each stream takes a share of the caller's streams
+//!   (`--user-max-streams`).
 //! - **Memory.** A watcher holds its subscription to the replica's shared,
-//!   bounded backlog, one replay page at a time and a few messages for the
-//!   client: nothing grows with the number of changes or environments
-//!   beyond one page and one feed batch.
+//!   bounded backlog (changes it has not read stay there, shared with every
+//!   other subscriber: the lag bound above limits how long), one replay
+//!   page at a time and one message for the client; after a replay, the
+//!   update time of each environment it sent that changed within the slack
+//!   of the start (one entry per environment, dropped once a live version
+//!   at least as new has been sent).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use vibebox_proto::authz::Resource;
 use vibebox_proto::environment::{
-    Environment, WatchEnvironmentsRequest, WatchEnvironmentsResponse,
+    Environment, EnvironmentState, WatchEnvironmentsRequest, WatchEnvironmentsResponse,
 };
 use vibebox_proto::runtime::ListEnvironmentsRequest;
 
@@ -67,10 +83,20 @@ use crate::validate;
 /// A message (without an environment) at least this often.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
-/// A resume replays from this long before its token: a change is stamped
-/// before it commits, so one stamped a little before a position may reach
-/// the feed after it.
-pub(crate) const RESUME_SLACK: Duration = Duration::from_secs(5);
+/// How long the orchestrator's SQLite store lets a write wait for the
+/// write lock (`vibebox_db::SQLITE_BUSY_TIMEOUT`, checked by a test: the
+/// gateway does not link the database crate).
+const STORE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A resume replays from this long before its token. A change's update
+/// time is stamped when its statement is built, not when it commits: the
+/// statement may wait up to [`STORE_BUSY_TIMEOUT`] for the write lock, then
+/// run, commit and be read by the feed. A change stamped before a position
+/// can thus reach the feed after it, by up to that wait plus the time to
+/// commit and forward it: the slack is the busy timeout plus five seconds
+/// for the rest. (PostgreSQL bounds no lock wait; a longer one there could
+/// be missed by a resume: its stores keep writes short.)
+pub(crate) const RESUME_SLACK: Duration = STORE_BUSY_TIMEOUT.saturating_add(Duration::from_secs(5));
 
 /// A token this far ahead of the orchestrator's clock was not issued by
 /// this platform.
@@ -82,8 +108,11 @@ const SYNC_PATIENCE: Duration = Duration::from_secs(5);
 /// Environments per replay page.
 const REPLAY_PAGE: i32 = 200;
 
-/// Messages queued for the client at most.
-const QUEUE: usize = 16;
+/// Messages queued for the client at most: one, as for every relayed
+/// stream, so that a caller whose rights are gone gets nothing queued
+/// before the check (the ending status goes ahead of it), and a client that
+/// does not read holds one message here.
+const QUEUE: usize = 1;
 
 /// `ErrorInfo.reason` of a token older than the retention.
 pub(crate) const TOKEN_EXPIRED: &str = "watch.resume_token_expired";
@@ -184,6 +213,19 @@ fn fell_behind() -> Status {
         FELL_BEHIND,
         &[],
     )
+}
+
+/// Watches ended as fallen behind, by cause (`stalled`: the client took
+/// nothing for the bound; `lagging`: the change about to be sent was older
+/// than the newest by the bound; `backlog`: more than the replica's backlog
+/// behind).
+const FELL_BEHIND_TOTAL: &str = "vibebox_gateway_watch_fell_behind_total";
+
+/// Ends a watch as fallen behind, counting it by `cause`.
+fn fell_behind_because(cause: &'static str) -> End {
+    tracing::debug!(cause, "watch fell behind");
+    metrics::counter!(FELL_BEHIND_TOTAL, "cause" => cause).increment(1);
+    End::Status(fell_behind())
 }
 
 fn humanize(d: Duration) -> String {
@@ -321,24 +363,47 @@ pub(crate) async fn watch(
         }
     };
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (ending, ended) = oneshot::channel();
     let watcher = Watcher {
         gateway: gw.clone(),
         tx,
+        ending: Some(ending),
         rights,
         last_allowed: Instant::now(),
         tick: recheck_interval(gw.stream_recheck),
         token: String::new(),
+        start_position: start.server_time_ms,
+        replayed: HashMap::new(),
     };
     let guard = StreamGuard::new(watcher.rights.call().info.method);
     tokio::spawn(async move {
         let _active = guard;
-        watcher
-            .run(first, start.changes, start.server_time_ms)
-            .await;
+        watcher.run(first, start.changes).await;
     });
-    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })))
+    Ok(Box::pin(outlet(rx, ended)))
+}
+
+/// The client's side of a watch: the queued messages, then the status that
+/// ended the watcher. That status goes ahead of a message still queued:
+/// the client resumes from the last token it received (the queued message
+/// comes again), and a caller who lost its rights gets nothing more. A
+/// watcher gone without a status (the gateway is stopping) ends the stream
+/// as an interrupted feed: the client resumes.
+fn outlet(
+    rx: mpsc::Receiver<WatchEnvironmentsResponse>,
+    ended: oneshot::Receiver<Status>,
+) -> impl futures::Stream<Item = Result<WatchEnvironmentsResponse, Status>> + Send + 'static {
+    futures::stream::unfold(Some((rx, ended)), |state| async move {
+        let (mut rx, mut ended) = state?;
+        tokio::select! {
+            biased;
+            status = &mut ended => Some((Err(status.unwrap_or_else(|_| interrupted())), None)),
+            message = rx.recv() => match message {
+                Some(message) => Some((Ok(message), Some((rx, ended)))),
+                None => Some((Err(ended.try_recv().unwrap_or_else(|_| interrupted())), None)),
+            },
+        }
+    })
 }
 
 fn recheck_interval(period: Duration) -> tokio::time::Interval {
@@ -389,28 +454,90 @@ impl From<GatewayError> for End {
     }
 }
 
+/// The position a replayed environment updated at `update_ms` carries,
+/// for a replay from the client's position `since` of a watch whose live
+/// changes start at `start`.
+///
+/// The replay is ordered by update time: once the environment stamped `t`
+/// is sent, every one stamped before `t` that the replay could see has
+/// been, so `t` is covered. Ties need no care: a resume replays from its
+/// position on (`>=`, less the slack), so an unsent environment stamped
+/// `t` too comes again. One the replay could not see (a change committed
+/// after the cursor passed its stamp) comes live, and so is stamped after
+/// `start` less the commit delay the slack absorbs: the position never
+/// passes `start` until the live changes are being sent. Nor does it go
+/// back before the client's own position.
+fn replayed_position(since: i64, update_ms: i64, start: i64) -> i64 {
+    since.max(update_ms.min(start))
+}
+
+/// Whether a live change stamped `change_ms` comes too late for a watcher
+/// that has been sending live changes since `live_since` (both on the
+/// orchestrator's clock), the newest change being at `newest_ms`: the
+/// watcher is more than `max_lag` behind the feed.
+fn lags(newest_ms: i64, change_ms: i64, live_since: i64, max_lag: Duration) -> bool {
+    newest_ms.saturating_sub(change_ms.max(live_since)) > millis(max_lag)
+}
+
+/// Whether a live change is older than the version of the environment the
+/// replay sent (`replayed`: the feed read it before the replay did): it is
+/// left out, lest the environment go back to an older state on the stream
+/// and forward again. Update times order the versions of a record but for
+/// one case: two writes of one record where the one stamped first waited
+/// for the lock and committed last. Then the newest version is the
+/// older-stamped one, and it is sent when it is the newest the replica
+/// holds (`newest`: its update time there) or the record's deletion;
+/// otherwise a newer version is still on its way and this one is skipped.
+fn superseded(
+    replayed: &mut HashMap<String, i64>,
+    environment: &Environment,
+    newest: impl FnOnce(&str) -> Option<i64>,
+) -> bool {
+    let Some(&sent) = replayed.get(&environment.id) else {
+        return false;
+    };
+    let update_ms = update_time_ms(environment);
+    if update_ms >= sent {
+        // From here on the feed's order holds: later versions are newer.
+        replayed.remove(&environment.id);
+        return false;
+    }
+    environment.state() != EnvironmentState::Deleted && newest(&environment.id) != Some(update_ms)
+}
+
 struct Watcher {
     gateway: Arc<Gateway>,
-    tx: mpsc::Sender<Result<WatchEnvironmentsResponse, Status>>,
+    tx: mpsc::Sender<WatchEnvironmentsResponse>,
+    /// Where the status that ends the stream goes (see [`outlet`]).
+    ending: Option<oneshot::Sender<Status>>,
     rights: Rights,
     last_allowed: Instant,
     tick: tokio::time::Interval,
     /// The token of the last message sent (every change before its position
     /// has been sent).
     token: String,
+    /// The orchestrator's clock the start reflects: every change after it is
+    /// on the subscription.
+    start_position: i64,
+    /// Environments the replay sent that a live change may be older than
+    /// (updated within [`RESUME_SLACK`] of the start or later), by id: the
+    /// update time sent. Emptied as live versions at least as new are sent.
+    replayed: HashMap<String, i64>,
 }
 
 impl Watcher {
-    async fn run(
-        mut self,
-        first: First,
-        changes: broadcast::Receiver<Arc<Change>>,
-        start_position: i64,
-    ) {
-        let result = self.stream(first, changes, start_position).await;
+    async fn run(mut self, first: First, changes: broadcast::Receiver<Arc<Change>>) {
+        // The subscription goes with `stream`: what the watcher did not
+        // read is no longer held for it.
+        let result = self.stream(first, changes).await;
         if let Err(End::Status(status)) = result {
             tracing::debug!(code = ?status.code(), message = status.message(), "watch ended");
-            let _ = self.tx.send(Err(status)).await;
+            if let Some(ending) = self.ending.take() {
+                let _ = ending.send(status);
+            }
+            // The stream (and the caller's share of streams) lasts until the
+            // client has the status or goes away.
+            self.tx.closed().await;
         }
     }
 
@@ -418,8 +545,8 @@ impl Watcher {
         &mut self,
         first: First,
         mut changes: broadcast::Receiver<Arc<Change>>,
-        start_position: i64,
     ) -> Result<(), End> {
+        let start_position = self.start_position;
         match first {
             First::Listing(environments) => {
                 // Oldest update first: every environment updated before the
@@ -436,10 +563,8 @@ impl Watcher {
                 }
             }
             First::Replay(since) => {
-                // Until caught up, the client's own position stands.
                 self.token = encode_token(since);
-                self.replay(since.saturating_sub(millis(RESUME_SLACK)).max(0))
-                    .await?;
+                self.replay(since).await?;
             }
         }
         // Everything committed before the subscription is in the listing
@@ -451,6 +576,10 @@ impl Watcher {
             caught_up: true,
         })
         .await?;
+        // Changes waiting since before now were held by the replay, not by
+        // this watcher falling behind.
+        let live_since = self.gateway.replica.server_time_ms();
+        let max_lag = self.gateway.watch_max_lag;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -472,8 +601,19 @@ impl Watcher {
                 change = changes.recv() => match change {
                     Ok(change) => match &*change {
                         Change::Applied { server_time_ms, environments } => {
-                            let visible: Vec<&Environment> =
-                                environments.iter().filter(|e| self.rights.sees(e)).collect();
+                            let newest = self.gateway.replica.server_time_ms();
+                            if lags(newest, *server_time_ms, live_since, max_lag) {
+                                return Err(fell_behind_because("lagging"));
+                            }
+                            let visible: Vec<&Environment> = environments
+                                .iter()
+                                .filter(|e| {
+                                    self.rights.sees(e)
+                                        && !superseded(&mut self.replayed, e, |id| {
+                                            self.gateway.replica.update_time_of(id)
+                                        })
+                                })
+                                .collect();
                             let last = visible.len();
                             let after = encode_token(*server_time_ms);
                             for (i, environment) in visible.into_iter().enumerate() {
@@ -489,7 +629,7 @@ impl Watcher {
                         }
                         Change::Lost => return Err(End::Status(interrupted())),
                     },
-                    Err(RecvError::Lagged(_)) => return Err(End::Status(fell_behind())),
+                    Err(RecvError::Lagged(_)) => return Err(fell_behind_because("backlog")),
                     Err(RecvError::Closed) => return Err(End::Status(interrupted())),
                 },
             }
@@ -497,13 +637,19 @@ impl Watcher {
     }
 
     /// Sends every environment of the visible teams updated at or after
-    /// `since` (deleted ones included), oldest update first, a page at a
-    /// time. The orchestrator's page tokens are keyset tokens (the last
-    /// item's update time and id): an environment updated while the replay
-    /// runs moves behind the cursor (or comes live) and cannot shift an
-    /// unsent one out of the replay.
+    /// `since` less [`RESUME_SLACK`] (deleted ones included), oldest update
+    /// first, a page at a time, each with the position it covers
+    /// ([`replayed_position`]). The orchestrator's page tokens are keyset
+    /// tokens (the last item's update time and id): an environment updated
+    /// while the replay runs moves behind the cursor (or comes live) and
+    /// cannot shift an unsent one out of the replay.
     async fn replay(&mut self, since: i64) -> Result<(), End> {
-        let filter = format!("update_time >= \"{}\"", rfc3339(since));
+        let from = since.saturating_sub(millis(RESUME_SLACK)).max(0);
+        // A live change is stamped at least this late (less than the slack
+        // before the start): older replayed versions cannot be newer than
+        // any live change.
+        let superseding = self.start_position.saturating_sub(millis(RESUME_SLACK));
+        let filter = format!("update_time >= \"{}\"", rfc3339(from));
         let mut page_token = String::new();
         loop {
             let teams = self.rights.teams();
@@ -528,6 +674,13 @@ impl Watcher {
                 .into_inner();
             for environment in listed.environments {
                 if self.rights.sees(&environment) {
+                    let update_ms = update_time_ms(&environment);
+                    let position = replayed_position(since, update_ms, self.start_position);
+                    self.token = encode_token(position);
+                    if update_ms >= superseding {
+                        let known = self.replayed.entry(environment.id.clone()).or_default();
+                        *known = (*known).max(update_ms);
+                    }
                     let token = self.token.clone();
                     self.send_environment(environment, token).await?;
                 }
@@ -563,16 +716,21 @@ impl Watcher {
     }
 
     /// Queues one message for the client, re-checking the rights while the
-    /// client does not read.
+    /// client does not read; a client that takes nothing for
+    /// `--watch-max-lag-ms` ends the watch (fell behind: what it has not
+    /// taken would otherwise pile up in the replica's backlog).
     async fn send(&mut self, message: WatchEnvironmentsResponse) -> Result<(), End> {
+        let patience = tokio::time::sleep(self.gateway.watch_max_lag);
+        tokio::pin!(patience);
         loop {
             tokio::select! {
                 slot = self.tx.clone().reserve_owned() => {
                     let slot = slot.map_err(|_| End::Gone)?;
-                    slot.send(Ok(message));
+                    slot.send(message);
                     return Ok(());
                 }
                 _ = self.tick.tick() => self.recheck().await?,
+                () = &mut patience => return Err(fell_behind_because("stalled")),
             }
         }
     }
@@ -624,6 +782,139 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(update_time_ms(&env), 1_767_225_600_123);
+    }
+
+    #[test]
+    fn the_resume_slack_outlasts_the_stores_busy_timeout() {
+        assert_eq!(STORE_BUSY_TIMEOUT, vibebox_db::SQLITE_BUSY_TIMEOUT);
+        assert!(
+            RESUME_SLACK >= STORE_BUSY_TIMEOUT + Duration::from_secs(5),
+            "{RESUME_SLACK:?}"
+        );
+    }
+
+    #[test]
+    fn a_replay_advances_its_position_up_to_the_start() {
+        let (since, start) = (10_000, 50_000);
+        // Environments older than the client's own position (within the
+        // slack) leave it where it is.
+        assert_eq!(replayed_position(since, 6_000, start), since);
+        // Each one covers its own update time; an equal one after it is
+        // replayed again by a resume (`>=`).
+        assert_eq!(replayed_position(since, 20_000, start), 20_000);
+        assert_eq!(replayed_position(since, 20_000, start), 20_000);
+        // Never past the start: live changes after it are still to come.
+        assert_eq!(replayed_position(since, 60_000, start), start);
+        // A client position ahead of the start (clock skew within the
+        // tolerance) is not moved back.
+        assert_eq!(replayed_position(70_000, 60_000, start), 70_000);
+    }
+
+    #[test]
+    fn a_watcher_lags_when_a_change_waits_longer_than_the_bound_since_it_went_live() {
+        let bound = Duration::from_secs(10);
+        assert!(!lags(100_000, 99_000, 0, bound));
+        assert!(!lags(100_000, 90_000, 0, bound), "exactly the bound");
+        assert!(lags(100_000, 89_999, 0, bound));
+        // Changes held back by the replay count from when it went live.
+        assert!(!lags(100_000, 10_000, 95_000, bound));
+        assert!(lags(100_000, 10_000, 85_000, bound));
+    }
+
+    fn version(id: &str, update_ms: i64, state: EnvironmentState) -> Environment {
+        Environment {
+            id: id.into(),
+            state: state as i32,
+            update_time: Some(prost_types::Timestamp {
+                seconds: update_ms / 1000,
+                nanos: i32::try_from(update_ms % 1000).unwrap() * 1_000_000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn live_versions_older_than_the_replayed_one_are_left_out() {
+        use EnvironmentState::{Deleted, Running, Stopping};
+        let mut replayed = HashMap::from([("x".to_owned(), 9_000)]);
+        let nothing_newer = |_: &str| panic!("not asked");
+        // Another environment, or none replayed: sent.
+        assert!(!superseded(
+            &mut replayed,
+            &version("y", 1, Running),
+            nothing_newer
+        ));
+        // Older than what the replay sent while the replica holds a newer
+        // one (on its way here): left out.
+        let older = version("x", 8_000, Stopping);
+        assert!(superseded(&mut replayed, &older, |_| Some(9_500)));
+        assert!(superseded(&mut replayed, &older, |_| None));
+        // Older-stamped but the newest there is (a write that waited for the
+        // lock committed last), or the deletion: sent.
+        assert!(!superseded(&mut replayed, &older, |_| Some(8_000)));
+        assert!(!superseded(
+            &mut replayed,
+            &version("x", 8_000, Deleted),
+            |_| None
+        ));
+        // At least as new: sent, and from then on the feed's order holds.
+        assert!(!superseded(
+            &mut replayed,
+            &version("x", 9_000, Running),
+            nothing_newer
+        ));
+        assert!(replayed.is_empty());
+        assert!(!superseded(&mut replayed, &older, nothing_newer));
+    }
+
+    #[tokio::test]
+    async fn the_ending_status_goes_ahead_of_a_queued_message() {
+        use futures::StreamExt;
+        let message = |n: &str| WatchEnvironmentsResponse {
+            resume_token: n.into(),
+            ..Default::default()
+        };
+        // Messages flow; then the status, ahead of the queued message.
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (ending, ended) = oneshot::channel();
+        let mut out = Box::pin(outlet(rx, ended));
+        tx.send(message("1")).await.unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap().resume_token, "1");
+        tx.send(message("2")).await.unwrap();
+        assert!(
+            tx.try_send(message("3")).is_err(),
+            "one message queued at most"
+        );
+        ending.send(fell_behind()).unwrap();
+        let status = out.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Aborted);
+        assert!(out.next().await.is_none());
+        assert!(
+            tx.is_closed(),
+            "the client side is gone once it has the status"
+        );
+
+        // A status while the client waits for a message wakes it.
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (ending, ended) = oneshot::channel();
+        let mut out = Box::pin(outlet(rx, ended));
+        let waiting = tokio::spawn(async move { out.next().await });
+        tokio::task::yield_now().await;
+        ending.send(interrupted()).unwrap();
+        let status = waiting.await.unwrap().unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        drop(tx);
+
+        // A watcher gone without a status: an interrupted feed (resume).
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (ending, ended) = oneshot::channel::<Status>();
+        let mut out = Box::pin(outlet(rx, ended));
+        drop((tx, ending));
+        let status = out.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            FEED_INTERRUPTED
+        );
     }
 
     #[test]

@@ -21,6 +21,16 @@
 //! working, and their lifetime (default 30 days) is capped by the platform
 //! maximum only. The calling token must still be unattenuated.
 //!
+//! **Their issuer's authority bounds them.** A token records who minted it
+//! (`created_by`); when that person loses the authority to mint it, the
+//! tokens they minted are revoked in the same transaction, and audited
+//! (`token.revoke_minted`): removed from the team or demoted below admin
+//! (that team's tokens; not for a platform admin, who may still mint them),
+//! or disabled (every team's). Minting re-checks the issuer's authority
+//! inside its own transaction, under a shared lock of the rows those
+//! changes write (PostgreSQL; SQLite serializes writers), so a mint racing
+//! a removal either sees it or is revoked by it.
+//!
 //! **Restrictions** (`TokenRestrictions`, on both kinds of API token) are
 //! checked (at most 16 values a list, known operations) and baked into the
 //! token as one attenuation block of `check if team(..) or team(..)` checks,
@@ -28,10 +38,11 @@
 //!
 //! **The registry.** Every API token (never login sessions) is listed by
 //! `ListApiTokens` with its owner, team, description, times and
-//! restrictions, never its secret: the caller's own; a team admin's view of
-//! the team's service accounts' tokens (`team_id`, or `owner_id` of one of
-//! them); any principal's for platform admins, who see every API token when
-//! naming neither.
+//! restrictions and issuer, never its secret: the caller's own; a team
+//! admin's view of the team's service accounts' tokens (`team_id`, or
+//! `owner_id` of one of them); any principal's for platform admins, who see
+//! every API token when naming neither. A service account sees its own
+//! only, whatever its role (as `RevokeToken` lets it revoke its own only).
 //!
 //! **Idempotency.** A create with a `request_id` records `(caller, operation,
 //! request_id)` with a SHA-256 fingerprint of its fields for 24 hours. A
@@ -65,6 +76,8 @@ use crate::store;
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// Longest description of an API token.
 const MAX_DESCRIPTION: usize = 256;
+/// Token ids named by one `token.revoke_minted` event (about 19 KB).
+const REVOKED_IDS_PER_EVENT: usize = 500;
 
 static NO_RESTRICTIONS: Restrictions = Restrictions {
     team_ids: Vec::new(),
@@ -555,6 +568,9 @@ impl Identity {
         loop {
             attempts += 1;
             let txn = vibebox_db::begin_write(&self.db).await?;
+            if let Some(team) = new.team_id {
+                self.recheck_minter(&txn, caller, team, new.user_id).await?;
+            }
             let earlier = key.find(&txn).await?;
             let now = Utc::now();
             if let Some(old) = &earlier {
@@ -613,6 +629,90 @@ impl Identity {
             txn.commit().await?;
             return Ok(issued);
         }
+    }
+
+    /// Re-checks, inside the minting transaction, what `create_service_account_token`
+    /// checked before it: the caller is still enabled and an admin of
+    /// `team_id` (or a platform admin), and the service account is still
+    /// enabled. The rows read stay share-locked (PostgreSQL) until the
+    /// transaction ends, so a concurrent removal, demotion, disabling or
+    /// deletion either comes first (and this refuses) or waits for the
+    /// token and then revokes it.
+    async fn recheck_minter(
+        &self,
+        txn: &impl sea_orm::ConnectionTrait,
+        caller: &Caller,
+        team_id: &str,
+        service_account_id: &str,
+    ) -> Result<()> {
+        let minter = store::user_for_share(txn, &caller.user.id)
+            .await?
+            .filter(|u| !u.disabled)
+            .ok_or_else(|| Error::Unauthenticated("user disabled".into()))?;
+        if minter.platform_role != PlatformRole::Admin
+            && store::role_in_for_share(txn, team_id, &minter.id).await? != Some(TeamRole::Admin)
+        {
+            return Err(Error::PermissionDenied(
+                "no longer an admin of the service account's team".into(),
+            ));
+        }
+        if store::user_for_share(txn, service_account_id)
+            .await?
+            .is_none_or(|sa| sa.disabled)
+        {
+            return Err(Error::FailedPrecondition(
+                "the service account is disabled or deleted".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Revokes the service account tokens `minter` issued (in `team_id`
+    /// only, when given: see the module's documentation), inside the
+    /// caller's transaction, with one audit event per team (token ids in
+    /// chunks, so that no event grows without bound). `cause` is the
+    /// action that took the authority away. Returns the number revoked.
+    pub(super) async fn revoke_minted(
+        &self,
+        txn: &impl sea_orm::ConnectionTrait,
+        caller: &Caller,
+        ctx: &RequestContext,
+        minter: &str,
+        team_id: Option<&str>,
+        cause: &str,
+    ) -> Result<usize> {
+        let revoked = store::revoke_minted_by(txn, minter, team_id, Utc::now()).await?;
+        let mut by_team: std::collections::BTreeMap<&str, Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for t in &revoked {
+            by_team.entry(&t.team_id).or_default().push(&t.id);
+        }
+        for (team, ids) in by_team {
+            for chunk in ids.chunks(REVOKED_IDS_PER_EVENT) {
+                let count = chunk.len().to_string();
+                let token_ids = chunk.join(",");
+                self.audit
+                    .record(
+                        &caller.origin(&ctx.client_address, &ctx.request_id),
+                        Event {
+                            action: "token.revoke_minted",
+                            resource_type: "user",
+                            resource_id: minter,
+                            team_id: team,
+                            outcome: Outcome::Success,
+                            severity: Severity::Medium,
+                            details: &[
+                                ("reason", cause),
+                                ("minted_by", minter),
+                                ("revoked", &count),
+                                ("token_ids", &token_ids),
+                            ],
+                        },
+                    )
+                    .await?;
+            }
+        }
+        Ok(revoked.len())
     }
 
     /// The lifetime of an API token minted by `caller` at `now`: see
@@ -700,7 +800,8 @@ impl Identity {
     /// with `team_id`, the team's service accounts' (its admins); with
     /// `owner_id`, that principal's (platform admins, or a team admin for
     /// one of the team's service accounts); every API token for platform
-    /// admins naming neither.
+    /// admins naming neither. A service account, whatever its role, sees
+    /// its own only (`team_id` narrows them; another `owner_id` is refused).
     pub async fn list_api_tokens(
         &self,
         caller: &Caller,
@@ -718,9 +819,13 @@ impl Identity {
             show_inactive: query.show_inactive,
             ..store::TokenFilter::default()
         };
+        let service_account = caller.user.is_service_account();
         if !query.team_id.is_empty() {
             self.visible_team(caller, &query.team_id).await?;
-            if !platform_admin
+            if service_account {
+                // Its own tokens in its team, never its peers'.
+                filter.owner_id = Some(caller.user.id.clone());
+            } else if !platform_admin
                 && store::role_in(&self.db, &query.team_id, &caller.user.id).await?
                     != Some(TeamRole::Admin)
             {
@@ -732,6 +837,11 @@ impl Identity {
         }
         if !query.owner_id.is_empty() {
             validate_id("owner_id", &query.owner_id)?;
+            if query.owner_id != caller.user.id && service_account {
+                return Err(Error::PermissionDenied(
+                    "a service account lists its own tokens only".into(),
+                ));
+            }
             if query.owner_id != caller.user.id && !platform_admin {
                 // A team admin, for one of the team's service accounts.
                 let team_of_owner = store::user_by_id(&self.db, &query.owner_id)

@@ -485,6 +485,53 @@ async fn a_table_an_earlier_version_created_gains_the_lifecycle_columns() {
     }
 }
 
+/// Activity is a change of the record (`last_activity_time`,
+/// `idle_stop_time`): it moves the update time, which a resumed watch
+/// replays from; activity that moves nothing leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_activity_moves_the_update_time_and_is_announced() {
+    use sea_orm::ConnectionTrait;
+    for db in vibebox_db::testing::databases().await {
+        let conn = db.connect().await;
+        let bytes = match conn.get_database_backend() {
+            sea_orm::DbBackend::Postgres => "bytea",
+            _ => "blob",
+        };
+        conn.execute_unprepared(&OLD_TABLE.replace("BYTES", bytes))
+            .await
+            .unwrap();
+        conn.execute_unprepared(
+            "INSERT INTO orchestrator_environments VALUES ('e1', 'i', 't', 'o', 'n', 'r', \
+             'running', '', 'img', 'd', 'v', 'c', NULL, NULL, 1, 2, '', '', 1000, 2000)",
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&db.url).await.expect("migrated");
+        let mut announced = store.changes().subscribe().receiver;
+        let before = vibebox_orchestrator::store::now_ms();
+        let ids = ["e1".to_owned()];
+        assert_eq!(store.record_activity(&ids, 5000).await.unwrap(), 1);
+        let rec = store.get("e1").await.unwrap().unwrap();
+        assert_eq!(rec.last_activity_ms, Some(5000));
+        assert!(
+            rec.update_time_ms >= before,
+            "the update time moved from 2000 to now ({before}): {}",
+            rec.update_time_ms
+        );
+        assert_eq!(announced.try_recv().unwrap().1, "e1");
+        // Older activity changes nothing: neither the record nor its time.
+        let stamped = rec.update_time_ms;
+        assert_eq!(store.record_activity(&ids, 4000).await.unwrap(), 0);
+        let rec = store.get("e1").await.unwrap().unwrap();
+        assert_eq!(
+            (rec.last_activity_ms, rec.update_time_ms),
+            (Some(5000), stamped)
+        );
+        assert!(announced.try_recv().is_err(), "nothing to announce");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_keeps_an_environment_from_idling_at_most_a_day_ahead() {
     for db in vibebox_db::testing::databases().await {

@@ -312,6 +312,68 @@ async fn a_start_the_engine_refuses_rolls_back_every_object_without_docker() {
     );
 }
 
+/// A create's request id is its owner's: retried by the same owner it
+/// answers what the first call created; reused by another member of the
+/// team it is refused (`request_id.reused`) and audited, and nothing of
+/// the first environment is handed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_retried_by_its_owner_and_refused_to_anyone_else() {
+    use vibebox_proto::audit::Outcome;
+    let seam = seam().await;
+    let first = request(&seam, "mine");
+    let created = seam.orchestrator.create(first.clone()).await.unwrap();
+    settled(&seam, &created.id).await;
+
+    // The owner's retry (a fresh clearance for a fresh id, as through the
+    // gateway): the same environment.
+    let retry = CreateRequest {
+        request_id: first.request_id.clone(),
+        ..request(&seam, "mine")
+    };
+    let again = seam.orchestrator.create(retry).await.unwrap();
+    assert_eq!(again.id, created.id);
+
+    // Another owner with the same request id: refused, whatever they hold.
+    let mut stolen = CreateRequest {
+        request_id: first.request_id.clone(),
+        ..request(&seam, "theirs")
+    };
+    stolen.owner_id = "user-2".into();
+    stolen.caller.user_id = "user-2".into();
+    let refused = seam.orchestrator.create(stolen.clone()).await.unwrap_err();
+    assert!(
+        matches!(&refused, Error::RequestIdReused { request_id } if *request_id == first.request_id),
+        "{refused:?}"
+    );
+    let status = tonic::Status::from(refused);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        vibebox_server_kit::status::error_reason(&status).as_deref(),
+        Some("request_id.reused")
+    );
+    assert!(!status.message().contains(&created.id), "{status:?}");
+    // Nothing was created for them, and the refusal is audited.
+    assert!(matches!(
+        seam.orchestrator.get(&stolen.environment_id).await,
+        Err(Error::NotFound)
+    ));
+    let audited: Vec<_> = seam
+        .orchestrator
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|e| e.resource_id == stolen.environment_id)
+        .collect();
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0].action, "environment.create");
+    assert_eq!(audited[0].outcome, Outcome::Failure as i32);
+    assert_eq!(
+        seam.orchestrator.store().count("seam").await.unwrap(),
+        1,
+        "one environment"
+    );
+}
+
 /// Waits for the operation in progress on `id`, and returns the record it
 /// left.
 async fn settled(seam: &Seam, id: &str) -> vibebox_orchestrator::store::EnvRecord {
@@ -588,7 +650,11 @@ mod update {
         );
         assert_eq!(updated.name, "renamed");
         assert_eq!(labels_of(&updated), req.labels);
-        assert_eq!(updated.update_request_id, "upd-1");
+        assert_eq!(
+            updated.update_request_id,
+            vibebox_orchestrator::update::update_key(&req.caller, "upd-1"),
+            "the key is the caller's"
+        );
         assert_eq!(updated.pending_update, "", "nothing left pending");
         assert_ne!(updated.clearance_id, rec.clearance_id);
         assert!(updated.update_time_ms >= rec.update_time_ms);
@@ -617,7 +683,7 @@ mod update {
             .orchestrator
             .update(UpdateRequest {
                 request_id: "upd-2".into(),
-                ..req
+                ..req.clone()
             })
             .await
             .unwrap_err();
@@ -626,6 +692,31 @@ mod update {
             "{replayed:?}"
         );
         assert_eq!(updates(&seam).len(), 1, "a replay never reaches the engine");
+
+        // Another caller reusing the request id is not retrying: the update
+        // is applied, not answered as a no-op.
+        let mut other = resize(&seam, &rec, resized(1.0, 256, 200), "upd-1");
+        other.caller.user_id = "user-2".into();
+        let by_other = seam.orchestrator.update(other.clone()).await.unwrap();
+        assert_eq!(updates(&seam).len(), 2, "applied by the engine");
+        assert_eq!(by_other.nano_cpus, 1_000_000_000);
+        assert_eq!(
+            by_other.update_request_id,
+            vibebox_orchestrator::update::update_key(&other.caller, "upd-1")
+        );
+        assert_eq!(events(&seam, &rec.id).len(), 2);
+        // The first caller's retry now is not the last update applied
+        // either: with its used clearance it is a replay, never a silent
+        // success over the other caller's change.
+        let stale = seam.orchestrator.update(req.clone()).await.unwrap_err();
+        assert!(
+            matches!(stale, Error::Clearance(Rejection::Replayed)),
+            "{stale:?}"
+        );
+        // And the other caller's own retry is one.
+        let again = seam.orchestrator.update(other).await.unwrap();
+        assert_eq!(changeable(&again), changeable(&by_other));
+        assert_eq!(updates(&seam).len(), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

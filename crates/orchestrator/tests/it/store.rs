@@ -297,7 +297,7 @@ async fn transitions_move_only_from_the_states_they_expect() {
 async fn listing_pages_scan_in_chunks_on_every_database() {
     use vibebox_listing::Query;
     use vibebox_orchestrator::grpc::environment_pb;
-    use vibebox_orchestrator::service::list_page;
+    use vibebox_orchestrator::service::{ListLimits, list_page};
 
     for db in vibebox_db::testing::databases().await {
         let store = Store::open(&db.url).await.unwrap();
@@ -361,10 +361,21 @@ async fn listing_pages_scan_in_chunks_on_every_database() {
                     let mut token = String::new();
                     loop {
                         let cursor = query.cursor(&token).unwrap();
-                        let page =
-                            list_page(&store, "inst", &teams, &query, size, cursor.as_ref(), chunk)
-                                .await
-                                .unwrap();
+                        let limits = ListLimits {
+                            chunk,
+                            ..ListLimits::for_page(size)
+                        };
+                        let page = list_page(
+                            &store,
+                            "inst",
+                            &teams,
+                            &query,
+                            size,
+                            cursor.as_ref(),
+                            limits,
+                        )
+                        .await
+                        .unwrap();
                         assert!(page.environments.len() <= size);
                         got.extend(page.environments.into_iter().map(|e| e.id));
                         if page.next_page_token.is_empty() {
@@ -382,11 +393,192 @@ async fn listing_pages_scan_in_chunks_on_every_database() {
         }
         // Only the teams asked for.
         let query = Query::new("", "", true).unwrap();
-        let page = list_page(&store, "inst", &["team-b".into()], &query, 500, None, 3)
-            .await
-            .unwrap();
+        let limits = ListLimits {
+            chunk: 3,
+            ..ListLimits::for_page(500)
+        };
+        let page = list_page(
+            &store,
+            "inst",
+            &["team-b".into()],
+            &query,
+            500,
+            None,
+            limits,
+        )
+        .await
+        .unwrap();
         assert_eq!(page.environments.len(), 8);
         assert!(page.environments.iter().all(|e| e.team_id == "team-b"));
+    }
+}
+
+/// The cost of one listing call is capped, however long the history: with
+/// more records than the cap (mostly deleted, as a team's history is), a
+/// scan in time order examines at most `examine` records per call (the
+/// store's own count of the records it returned), answering short or empty
+/// pages with a token, and walking the pages still collects exactly the
+/// matching set; records sharing a millisecond add only themselves. A
+/// listing ordered by name or state reads at most `sort + 1` candidates and
+/// is refused when it selects more.
+#[tokio::test]
+async fn listing_cost_per_call_is_capped_on_every_database() {
+    use vibebox_listing::Query;
+    use vibebox_orchestrator::grpc::environment_pb;
+    use vibebox_orchestrator::service::{Error, ListLimits, list_page};
+
+    for db in vibebox_db::testing::databases().await {
+        let store = Store::open(&db.url).await.unwrap();
+        let t = 1_767_225_600_000;
+        let mut all = Vec::new();
+        // 150 records; the first 100 at distinct times, the last 50 in ties
+        // of 5.
+        for i in 0..150i64 {
+            let at = if i < 100 {
+                t + i
+            } else {
+                t + 100 + (i - 100) / 5
+            };
+            let mut r = record(
+                &format!("env-{i:03}"),
+                &format!("req-{i}"),
+                &format!("clr-{i}"),
+                None,
+                at,
+            );
+            r.state = if i % 23 == 4 {
+                State::Running
+            } else {
+                State::Deleted
+            };
+            r.name = format!("{}-{}", if i % 31 == 0 { "keep" } else { "gone" }, 149 - i);
+            r.update_time_ms = t + 10_000 - at;
+            all.push(r.clone());
+            assert!(insert(&store, r).await);
+        }
+        let cap = ListLimits {
+            chunk: 8,
+            examine: 30,
+            sort: 40,
+        };
+        let teams = ["team".to_owned()];
+        for (filter, order_by, show_deleted) in [
+            ("", "", true),
+            ("state = RUNNING", "", true),
+            ("state = DELETED", "create_time", false),
+            ("name = \"keep-*\"", "update_time", true),
+            (
+                "name = \"keep-*\" OR state = RUNNING",
+                "create_time desc, name",
+                true,
+            ),
+            ("name = nothing", "", true),
+        ] {
+            let query = Query::new(filter, order_by, show_deleted).unwrap();
+            let expected: Vec<String> = query
+                .page(all.iter().map(environment_pb), 500, None)
+                .environments
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            for size in [1, 4] {
+                let mut got = Vec::new();
+                let mut token = String::new();
+                let mut calls = 0;
+                let mut short = 0;
+                loop {
+                    calls += 1;
+                    assert!(calls < 200, "paging does not end");
+                    let cursor = query.cursor(&token).unwrap();
+                    let before = store.records_listed();
+                    let page =
+                        list_page(&store, "inst", &teams, &query, size, cursor.as_ref(), cap)
+                            .await
+                            .unwrap();
+                    let read = store.records_listed() - before;
+                    // The cap, and at most the rest of one tie of 5.
+                    assert!(
+                        read <= cap.examine + 4,
+                        "{:?}: {filter:?} / {order_by:?}: {read} records read",
+                        db.kind
+                    );
+                    assert!(page.environments.len() <= size);
+                    got.extend(page.environments.iter().map(|e| e.id.clone()));
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    if page.environments.len() < size {
+                        short += 1;
+                    }
+                    token = page.next_page_token;
+                }
+                assert_eq!(
+                    got, expected,
+                    "{:?}: {filter:?} / {order_by:?} / {show_deleted}, size {size}",
+                    db.kind
+                );
+                if expected.len() < 5 {
+                    assert!(short > 0, "{filter:?}: a sparse match answers short pages");
+                }
+            }
+        }
+        // Where times are distinct, no call reads a record beyond the cap.
+        let query = Query::new("name = nothing", "create_time", true).unwrap();
+        let mut token = String::new();
+        let mut calls = 0;
+        loop {
+            let cursor = query.cursor(&token).unwrap();
+            let before = store.records_listed();
+            let page = list_page(&store, "inst", &teams, &query, 1, cursor.as_ref(), cap)
+                .await
+                .unwrap();
+            let read = store.records_listed() - before;
+            assert!(page.environments.is_empty());
+            calls += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            if calls <= 3 {
+                assert_eq!(read, cap.examine, "{:?}: call {calls}", db.kind);
+            }
+            token = page.next_page_token;
+        }
+        assert!(
+            (5..=7).contains(&calls),
+            "150 records, 30 a call: {calls} calls"
+        );
+
+        // Ordered by name: at most `sort` candidates.
+        let by_name = Query::new("", "name", true).unwrap();
+        let before = store.records_listed();
+        let refused = list_page(&store, "inst", &teams, &by_name, 10, None, cap)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, Error::TooManyToSort { max: 40 }),
+            "{refused:?}"
+        );
+        assert_eq!(store.records_listed() - before, cap.sort + 1);
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            vibebox_server_kit::status::error_reason(&status).as_deref(),
+            Some("listing.too_many_to_sort")
+        );
+        // Narrowed (live ones only, or a state the database filters by),
+        // the same order is served.
+        for (filter, show_deleted) in [("", false), ("state = RUNNING", true)] {
+            let narrowed = Query::new(filter, "name desc", show_deleted).unwrap();
+            let page = list_page(&store, "inst", &teams, &narrowed, 100, None, cap)
+                .await
+                .unwrap();
+            let mut expected: Vec<&EnvRecord> =
+                all.iter().filter(|r| r.state == State::Running).collect();
+            expected.sort_by(|a, b| b.name.cmp(&a.name));
+            let expected: Vec<&str> = expected.iter().map(|r| r.id.as_str()).collect();
+            let got: Vec<&str> = page.environments.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(got, expected, "{filter:?}");
+        }
     }
 }
 

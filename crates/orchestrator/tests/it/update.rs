@@ -201,7 +201,17 @@ async fn an_update_is_live_and_an_interrupted_one_is_rolled_back_not_quarantined
         (rolled_back.nano_cpus, rolled_back.memory_bytes),
         (500_000_000, 96 * MIB)
     );
-    assert_eq!(rolled_back.update_request_id, "resize-1");
+    assert_eq!(
+        rolled_back.update_request_id,
+        vibebox_orchestrator::update::update_key(
+            &vibebox_orchestrator::audit::Caller {
+                user_id: "user-u".into(),
+                ..Default::default()
+            },
+            "resize-1"
+        ),
+        "the last update committed, with its caller"
+    );
     assert_eq!(
         limits(&h, &env).await,
         (500_000_000, 96 * MIB, 96 * MIB, 100),

@@ -238,7 +238,10 @@ class CreateEnvironmentRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the client: a retried create with the same
-    request_id returns the same environment.
+    request_id (in the same team, by the same caller) returns the same
+    environment. Another caller's create in the team with a request_id
+    already used is refused with FAILED_PRECONDITION (ErrorInfo reason
+    `request_id.reused`).
     """
     team_id: _builtins.str
     name: _builtins.str
@@ -337,12 +340,19 @@ class ListEnvironmentsRequest(_message.Message):
     team_id: _builtins.str
     """Only environments of this team; empty lists every team the caller is in."""
     page_size: _builtins.int
-    """Maximum number of results (default 50, at most 500; more is refused)."""
+    """Maximum number of results (default 50, at most 500; more is refused).
+    A page may hold fewer results than page_size, even none, with a
+    next_page_token: keep paging until the token is empty (AIP-158). One
+    call examines at most max(10 x page_size, 1000) environments (deleted
+    ones are kept, so a team's history only grows): a filter that matches
+    few of them answers short pages that go on from where it stopped.
+    """
     page_token: _builtins.str
     """From a previous response's `next_page_token`: the page after its last
-    item (a keyset: items created or deleted meanwhile do not shift it).
-    Valid only with the same filter, order_by and show_deleted
-    (INVALID_ARGUMENT on `page_token` otherwise).
+    item, or after the last environment the call examined (a keyset: items
+    created or deleted meanwhile do not shift it). Valid only with the same
+    filter, order_by and show_deleted (INVALID_ARGUMENT on `page_token`
+    otherwise).
     """
     show_deleted: _builtins.bool
     """Include deleted environments (a filter naming the state DELETED, such
@@ -373,7 +383,12 @@ class ListEnvironmentsRequest(_message.Message):
     " asc", the default): `create_time`, `update_time`, `name`, `state` (by
     enum number). Empty: `create_time desc`, newest first. Ties are broken
     by `id`, ascending. Another field is refused (INVALID_ARGUMENT on
-    `order_by`).
+    `order_by`). Ordered by `name` or `state` first, the selected
+    environments are sorted on every call: a listing that selects more
+    than 5000 (after narrowing by team, deleted, and what the filter
+    requires of state, owner_id, id, create_time and update_time) is
+    refused with FAILED_PRECONDITION (ErrorInfo reason
+    `listing.too_many_to_sort`): narrow it, or order by a time.
     """
     def __init__(
         self,
@@ -1146,8 +1161,9 @@ class UpdateEnvironmentRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key: a retry with the same key is answered with the
-    environment as it is, without changing it again.
+    """Idempotency key: a retry by the same caller with the same key is
+    answered with the environment as it is, without changing it again
+    (another caller's update with that key is applied).
     """
     @_builtins.property
     def environment(self) -> Global___Environment:

@@ -1078,6 +1078,7 @@ class ApiToken(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RESTRICTIONS_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     owner_id: _builtins.str
     owner_kind: Global___PrincipalKind.ValueType
@@ -1086,6 +1087,10 @@ class ApiToken(_message.Message):
     """The owning team of a service account's token."""
     description: _builtins.str
     revoked: _builtins.bool
+    created_by: _builtins.str
+    """The principal that issued the token (for a service account's token: the
+    admin who minted it).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1110,10 +1115,11 @@ class ApiToken(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         restrictions: Global___TokenRestrictions | None = ...,
         revoked: _builtins.bool = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "restrictions", b"restrictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "owner_name", b"owner_name", "restrictions", b"restrictions", "revoked", b"revoked", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "owner_name", b"owner_name", "restrictions", b"restrictions", "revoked", b"revoked", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

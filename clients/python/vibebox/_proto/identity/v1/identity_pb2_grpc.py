@@ -160,7 +160,9 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetUserDisabled(self, request, context):
-        """Disables or re-enables a user; a disabled user's tokens stop working.
+        """Disables or re-enables a user; a disabled user's tokens stop working,
+        and the service account tokens they issued are revoked (re-enabling
+        the user restores none of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +187,10 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetTeamMemberRole(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Demoting a member below admin, or removing one, revokes the tokens
+        they issued for the team's service accounts (not a platform admin's,
+        who keeps the authority to issue them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -258,7 +263,8 @@ class IdentityServiceServicer:
         """API tokens (never their secret): the caller's own; with `team_id`, the
         tokens of that team's service accounts (team admins); with `owner_id`,
         that principal's (platform admins, or a team admin for the team's
-        service accounts). Platform admins with neither see all.
+        service accounts). Platform admins with neither see all. A service
+        account sees only its own tokens, whatever its role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

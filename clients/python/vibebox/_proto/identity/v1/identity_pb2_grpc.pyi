@@ -42,11 +42,18 @@ class IdentityServiceStub:
     CreateUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.CreateUserRequest, _identity_pb2.CreateUserResponse]
     ListUsers: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListUsersRequest, _identity_pb2.ListUsersResponse]
     SetUserDisabled: _grpc.UnaryUnaryMultiCallable[_identity_pb2.SetUserDisabledRequest, _identity_pb2.SetUserDisabledResponse]
-    """Disables or re-enables a user; a disabled user's tokens stop working."""
+    """Disables or re-enables a user; a disabled user's tokens stop working,
+    and the service account tokens they issued are revoked (re-enabling
+    the user restores none of them).
+    """
     CreateTeam: _grpc.UnaryUnaryMultiCallable[_identity_pb2.CreateTeamRequest, _identity_pb2.CreateTeamResponse]
     ListTeams: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListTeamsRequest, _identity_pb2.ListTeamsResponse]
     AddTeamMember: _grpc.UnaryUnaryMultiCallable[_identity_pb2.AddTeamMemberRequest, _identity_pb2.AddTeamMemberResponse]
     SetTeamMemberRole: _grpc.UnaryUnaryMultiCallable[_identity_pb2.SetTeamMemberRoleRequest, _identity_pb2.SetTeamMemberRoleResponse]
+    """Demoting a member below admin, or removing one, revokes the tokens
+    they issued for the team's service accounts (not a platform admin's,
+    who keeps the authority to issue them).
+    """
     RemoveTeamMember: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RemoveTeamMemberRequest, _identity_pb2.RemoveTeamMemberResponse]
     ListTeamMembers: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListTeamMembersRequest, _identity_pb2.ListTeamMembersResponse]
     """A team's members, ordered by username, a page at a time."""
@@ -79,7 +86,8 @@ class IdentityServiceStub:
     """API tokens (never their secret): the caller's own; with `team_id`, the
     tokens of that team's service accounts (team admins); with `owner_id`,
     that principal's (platform admins, or a team admin for the team's
-    service accounts). Platform admins with neither see all.
+    service accounts). Platform admins with neither see all. A service
+    account sees only its own tokens, whatever its role.
     """
 
 @_typing.type_check_only
@@ -96,11 +104,18 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     CreateUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.CreateUserRequest, _identity_pb2.CreateUserResponse]  # type: ignore[assignment]
     ListUsers: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListUsersRequest, _identity_pb2.ListUsersResponse]  # type: ignore[assignment]
     SetUserDisabled: _aio.UnaryUnaryMultiCallable[_identity_pb2.SetUserDisabledRequest, _identity_pb2.SetUserDisabledResponse]  # type: ignore[assignment]
-    """Disables or re-enables a user; a disabled user's tokens stop working."""
+    """Disables or re-enables a user; a disabled user's tokens stop working,
+    and the service account tokens they issued are revoked (re-enabling
+    the user restores none of them).
+    """
     CreateTeam: _aio.UnaryUnaryMultiCallable[_identity_pb2.CreateTeamRequest, _identity_pb2.CreateTeamResponse]  # type: ignore[assignment]
     ListTeams: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListTeamsRequest, _identity_pb2.ListTeamsResponse]  # type: ignore[assignment]
     AddTeamMember: _aio.UnaryUnaryMultiCallable[_identity_pb2.AddTeamMemberRequest, _identity_pb2.AddTeamMemberResponse]  # type: ignore[assignment]
     SetTeamMemberRole: _aio.UnaryUnaryMultiCallable[_identity_pb2.SetTeamMemberRoleRequest, _identity_pb2.SetTeamMemberRoleResponse]  # type: ignore[assignment]
+    """Demoting a member below admin, or removing one, revokes the tokens
+    they issued for the team's service accounts (not a platform admin's,
+    who keeps the authority to issue them).
+    """
     RemoveTeamMember: _aio.UnaryUnaryMultiCallable[_identity_pb2.RemoveTeamMemberRequest, _identity_pb2.RemoveTeamMemberResponse]  # type: ignore[assignment]
     ListTeamMembers: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListTeamMembersRequest, _identity_pb2.ListTeamMembersResponse]  # type: ignore[assignment]
     """A team's members, ordered by username, a page at a time."""
@@ -133,7 +148,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """API tokens (never their secret): the caller's own; with `team_id`, the
     tokens of that team's service accounts (team admins); with `owner_id`,
     that principal's (platform admins, or a team admin for the team's
-    service accounts). Platform admins with neither see all.
+    service accounts). Platform admins with neither see all. A service
+    account sees only its own tokens, whatever its role.
     """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -177,7 +193,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.SetUserDisabledRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.SetUserDisabledResponse, _abc.Awaitable[_identity_pb2.SetUserDisabledResponse]]:
-        """Disables or re-enables a user; a disabled user's tokens stop working."""
+        """Disables or re-enables a user; a disabled user's tokens stop working,
+        and the service account tokens they issued are revoked (re-enabling
+        the user restores none of them).
+        """
 
     @_abc_1.abstractmethod
     def CreateTeam(
@@ -205,7 +224,11 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _identity_pb2.SetTeamMemberRoleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.SetTeamMemberRoleResponse, _abc.Awaitable[_identity_pb2.SetTeamMemberRoleResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.SetTeamMemberRoleResponse, _abc.Awaitable[_identity_pb2.SetTeamMemberRoleResponse]]:
+        """Demoting a member below admin, or removing one, revokes the tokens
+        they issued for the team's service accounts (not a platform admin's,
+        who keeps the authority to issue them).
+        """
 
     @_abc_1.abstractmethod
     def RemoveTeamMember(
@@ -292,7 +315,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         """API tokens (never their secret): the caller's own; with `team_id`, the
         tokens of that team's service accounts (team admins); with `owner_id`,
         that principal's (platform admins, or a team admin for the team's
-        service accounts). Platform admins with neither see all.
+        service accounts). Platform admins with neither see all. A service
+        account sees only its own tokens, whatever its role.
         """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
