@@ -215,21 +215,67 @@ fn hash_password_blocking(password: &str) -> Result<String> {
         .map_err(|e| Error::Internal(format!("hashing a password: {e}")))
 }
 
-/// Hashes a password with Argon2id (on the blocking pool).
+/// Argon2 computations allowed at once in the process. Each one holds its
+/// memory cost (19 MiB with the default parameters) for its whole run, so a
+/// login storm would otherwise cost 19 MiB per concurrent attempt (262 MiB
+/// measured in the load suite); beyond this, attempts queue (fairly, in
+/// arrival order) instead of failing. Two keep both cores of a small host
+/// busy while bounding the memory at 38 MiB.
+pub const MAX_CONCURRENT_HASHES: usize = 2;
+
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_HASHES);
+
+/// Runs one Argon2 computation on the blocking pool once a hashing slot is
+/// free.
+async fn argon2<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    // The semaphore is never closed.
+    let _slot = HASHING.acquire().await.ok()?;
+    #[cfg(test)]
+    let _running = hashing_probe::Running::enter();
+    tokio::task::spawn_blocking(work).await.ok()
+}
+
+/// Hashes a password with Argon2id (on the blocking pool, at most
+/// [`MAX_CONCURRENT_HASHES`] at once).
 pub async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || hash_password_blocking(&password))
+    argon2(move || hash_password_blocking(&password))
         .await
-        .map_err(|e| Error::Internal(e.to_string()))?
+        .ok_or_else(|| Error::Internal("hashing a password did not complete".into()))?
 }
 
 async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
+    argon2(move || {
         Argon2::default()
             .verify_password(password.as_bytes(), hash.as_str())
             .is_ok()
     })
     .await
     .unwrap_or(false)
+}
+
+/// Counts the Argon2 computations running at once (tests only).
+#[cfg(test)]
+pub(crate) mod hashing_probe {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static RUNNING: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    pub(crate) struct Running;
+
+    impl Running {
+        pub(crate) fn enter() -> Self {
+            let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+            PEAK.fetch_max(now, Ordering::SeqCst);
+            Running
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The identity service.
@@ -1232,5 +1278,28 @@ impl Identity {
             .await?;
         txn.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod hashing_tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn argon2_runs_at_most_the_bound_at_once_and_queues_the_rest() {
+        let attempts: Vec<_> = (0..8)
+            .map(|i| tokio::spawn(hash_password(format!("password number {i}"))))
+            .collect();
+        for attempt in attempts {
+            let hash = attempt.await.expect("task").expect("queued, never refused");
+            assert!(hash.starts_with("$argon2id$"));
+        }
+        assert_eq!(
+            hashing_probe::PEAK.load(Ordering::SeqCst),
+            MAX_CONCURRENT_HASHES,
+            "eight concurrent hashes must run two at a time"
+        );
     }
 }
